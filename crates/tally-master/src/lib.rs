@@ -4,11 +4,35 @@
 //! This file pins the public API that the rest of tally is written against. Bodies marked
 //! `unimplemented!` are filled in by the implementation; signatures change only by agreement.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tally_core::{Event, Seq};
 use thiserror::Error;
+use tokio::sync::{oneshot, watch};
+
+mod epochs;
+mod parquet_io;
+mod paths;
+mod seal;
+mod wal;
+mod writer;
+
+pub use parquet_io::{
+    master_schema, read_master_file, read_master_file_range, write_master_file, ROW_GROUP_ROWS,
+};
+pub use paths::{
+    list_master_files, master_file_name, parse_master_file_name, EPOCHS_FILE, MASTER_DIR, WAL_DIR,
+};
+
+use epochs::Epochs;
+use paths::{io_err, DataPaths, SegmentPath};
+use seal::{Sealer, SealerCmd};
+use writer::{OpenSegment, Writer, WriterCmd};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -23,9 +47,16 @@ pub enum Error {
     Closed,
     /// A WAL record with a bad checksum that is not the torn tail.
     #[error("corrupt WAL record in {file} at offset {offset}: {reason}")]
-    CorruptWal { file: PathBuf, offset: u64, reason: String },
+    CorruptWal {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
     #[error("i/o error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parquet error on {path}: {message}")]
     Parquet { path: PathBuf, message: String },
 }
@@ -88,10 +119,155 @@ pub struct MasterStatus {
     pub master_files: usize,
 }
 
+/// State shared by the handle, the writer thread and the sealer thread.
+pub(crate) struct Shared {
+    pub(crate) paths: DataPaths,
+    pub(crate) fsync: bool,
+    pub(crate) acked: AtomicU64,
+    pub(crate) sealed: AtomicU64,
+    pub(crate) wal_bytes: AtomicU64,
+    pub(crate) master_files: AtomicUsize,
+    /// First seq of the open segment: every segment named below it is closed.
+    pub(crate) open_first: AtomicU64,
+    /// Recent acknowledged events; `acked` is stored under this lock too.
+    pub(crate) tail: Mutex<VecDeque<Arc<SeqEvent>>>,
+    pub(crate) tail_capacity: usize,
+    pub(crate) epochs: Epochs,
+    pub(crate) watch: watch::Sender<Seq>,
+    pub(crate) closed: AtomicBool,
+    /// Test hook: fail this many group writes (see [`Master::inject_write_failures`]).
+    pub(crate) fail_writes: AtomicUsize,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<WriterCmd>,
+    sealer: mpsc::Sender<SealerCmd>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
 /// Handle to the master dataset. Cheap to clone; all clones share one WAL writer.
 #[derive(Clone)]
 pub struct Master {
-    _private: (),
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master")
+            .field("data_dir", &self.inner.shared.paths.root)
+            .field("acked_seq", &self.acked_seq())
+            .finish()
+    }
+}
+
+/// What replaying the WAL at start-up found.
+struct Recovered {
+    next_seq: u64,
+    open: Option<OpenSegment>,
+    closed_segments: usize,
+    oldest_unsealed: Option<Seq>,
+    wal_bytes: u64,
+    tail: VecDeque<Arc<SeqEvent>>,
+}
+
+fn recover(paths: &DataPaths, cfg: &MasterConfig, epochs: &Epochs) -> Result<Recovered> {
+    let all_files = paths::list_all_master_files(&paths.master)?;
+    let max_sealed = all_files.iter().map(|f| f.last.0).max().unwrap_or(0);
+    let fully_sealed =
+        |first: Seq, last: Seq| all_files.iter().any(|f| f.first <= first && f.last >= last);
+    let segments = paths::list_segments(&paths.wal)?;
+    let last_name = segments.last().map(|s| s.first);
+    let mut kept: Vec<(SegmentPath, wal::SegmentScan, Vec<SeqEvent>)> = Vec::new();
+    let mut prev_last = 0u64;
+    let mut removed = false;
+    for seg in segments {
+        let is_last = Some(seg.first) == last_name;
+        let (scan, events) = wal::recover_segment(&seg, is_last && cfg.tail_capacity > 0)?;
+        match scan.last_seq() {
+            Some(last) if fully_sealed(seg.first, last) => {
+                tracing::info!(file = %seg.path.display(), "removing wal segment already sealed");
+                std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+                removed = true;
+                prev_last = prev_last.max(last.0);
+            }
+            Some(last) => {
+                if seg.first.0 <= prev_last {
+                    return Err(Error::CorruptWal {
+                        file: seg.path.clone(),
+                        offset: 0,
+                        reason: format!(
+                            "segment starts at seq {} but seq {prev_last} came before",
+                            seg.first
+                        ),
+                    });
+                }
+                prev_last = last.0;
+                kept.push((seg, scan, events));
+            }
+            None if !is_last => {
+                std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+                removed = true;
+            }
+            None => kept.push((seg, scan, events)),
+        }
+    }
+    if removed {
+        paths::fsync_dir(&paths.wal)?;
+    }
+    let name_hwm = last_name.map_or(0, |s| s.0);
+    let next_seq = 1u64
+        .max(max_sealed + 1)
+        .max(prev_last + 1)
+        .max(epochs.last_start().0)
+        .max(name_hwm);
+
+    let mut open = None;
+    let mut tail = VecDeque::new();
+    if let Some((seg, scan, _)) = kept.last() {
+        if scan.next_seq.0 == next_seq {
+            let (seg, scan, events) = kept.pop().expect("last exists");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&seg.path)
+                .map_err(io_err(&seg.path))?;
+            let skip = events.len().saturating_sub(cfg.tail_capacity);
+            tail.extend(events.into_iter().skip(skip).map(Arc::new));
+            let since = (scan.events > 0).then(std::time::Instant::now);
+            open = Some((
+                OpenSegment {
+                    file,
+                    seg,
+                    len: scan.good_len,
+                    events: scan.events,
+                    since,
+                },
+                scan,
+            ));
+        } else if scan.events == 0 {
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            kept.pop();
+        }
+    }
+    let mut wal_bytes: u64 = kept.iter().map(|(_, s, _)| s.file_len).sum();
+    let mut oldest_unsealed = kept.first().map(|(s, _, _)| s.first);
+    let closed_segments = kept.len();
+    let open = open.map(|(o, scan)| {
+        wal_bytes += scan.file_len;
+        if scan.events > 0 {
+            oldest_unsealed.get_or_insert(o.seg.first);
+        }
+        o
+    });
+    Ok(Recovered {
+        next_seq,
+        open,
+        closed_segments,
+        oldest_unsealed,
+        wal_bytes,
+        tail,
+    })
 }
 
 impl Master {
@@ -99,75 +275,264 @@ impl Master {
     /// (truncating a torn tail), and starts the writer and sealer. Must be called inside a
     /// tokio runtime.
     pub fn open(cfg: MasterConfig) -> Result<Master> {
-        let _ = cfg;
-        unimplemented!()
+        let paths = DataPaths::new(&cfg.data_dir);
+        paths.create_dirs()?;
+        let swept = paths::sweep_tmp(&paths.master)? + paths::sweep_tmp(&paths.wal)?;
+        let epochs_tmp = paths.root.join(format!("{EPOCHS_FILE}.tmp"));
+        let _ = std::fs::remove_file(&epochs_tmp);
+        if swept > 0 {
+            tracing::info!(files = swept, "removed leftover temporary files");
+        }
+        let epochs = Epochs::load(&paths.epochs)?;
+        let rec = recover(&paths, &cfg, &epochs)?;
+        let acked = rec.next_seq - 1;
+        let sealed = rec.oldest_unsealed.map_or(acked, |s| s.0 - 1);
+        let master_files = list_master_files(&paths.root)?.len();
+        let open_first = rec.open.as_ref().map_or(rec.next_seq, |o| o.seg.first.0);
+        tracing::info!(
+            acked_seq = acked,
+            sealed_seq = sealed,
+            master_files,
+            "master dataset opened"
+        );
+
+        let (watch_tx, _) = watch::channel(Seq(acked));
+        let shared = Arc::new(Shared {
+            paths,
+            fsync: cfg.fsync,
+            acked: AtomicU64::new(acked),
+            sealed: AtomicU64::new(sealed),
+            wal_bytes: AtomicU64::new(rec.wal_bytes),
+            master_files: AtomicUsize::new(master_files),
+            open_first: AtomicU64::new(open_first),
+            tail: Mutex::new(rec.tail),
+            tail_capacity: cfg.tail_capacity,
+            epochs,
+            watch: watch_tx,
+            closed: AtomicBool::new(false),
+            fail_writes: AtomicUsize::new(0),
+        });
+        let (sealer_tx, sealer_rx) = mpsc::channel();
+        let (writer_tx, writer_rx) = mpsc::channel();
+        let sealer = Sealer {
+            shared: shared.clone(),
+            retry: cfg.seal_interval.max(Duration::from_millis(10)),
+        };
+        let writer = Writer {
+            shared: shared.clone(),
+            seal_interval: cfg.seal_interval,
+            seal_max_events: cfg.seal_max_events.max(1) as u64,
+            seg: rec.open,
+            next_seq: rec.next_seq,
+            needs_repair: false,
+            sealer: sealer_tx.clone(),
+            buf: Vec::with_capacity(1 << 20),
+        };
+        let spawn_err = |e| Error::Io {
+            path: cfg.data_dir.clone(),
+            source: e,
+        };
+        let h1 = std::thread::Builder::new()
+            .name("tally-sealer".into())
+            .spawn(move || sealer.run(sealer_rx))
+            .map_err(spawn_err)?;
+        let h2 = std::thread::Builder::new()
+            .name("tally-wal-writer".into())
+            .spawn(move || writer.run(writer_rx))
+            .map_err(spawn_err)?;
+        if rec.closed_segments > 0 {
+            let _ = sealer_tx.send(SealerCmd::Kick);
+        }
+        Ok(Master {
+            inner: Arc::new(Inner {
+                shared,
+                writer: writer_tx,
+                sealer: sealer_tx,
+                threads: Mutex::new(vec![h1, h2]),
+            }),
+        })
+    }
+
+    async fn ask_writer<T>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<T>>) -> WriterCmd,
+    ) -> Result<T> {
+        if self.inner.shared.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner.writer.send(cmd(tx)).map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    async fn ask_sealer(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .sealer
+            .send(SealerCmd::SealNow { reply: tx })
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Appends the events as one all-or-nothing record. Resolves after the fsync that covers
     /// them (group commit: concurrent appends share one fsync).
     pub async fn append(&self, events: Vec<Event>) -> Result<SeqRange> {
-        let _ = events;
-        unimplemented!()
+        self.ask_writer(|reply| WriterCmd::Append { events, reply })
+            .await
     }
 
     /// Closes the open speed-layer epoch: returns `C`, the last `seq` appended so far, and
     /// durably records that a new epoch starts at `C + 1`. Atomic with respect to appends.
     pub async fn cut_epoch(&self) -> Result<Seq> {
-        unimplemented!()
+        self.ask_writer(|reply| WriterCmd::CutEpoch { reply }).await
     }
 
     /// Start `seq`s of the known epochs, ascending. The first epoch starts at `Seq(1)`.
     pub fn epochs(&self) -> Vec<Seq> {
-        unimplemented!()
+        self.inner.shared.epochs.get()
     }
 
     /// Forgets the epochs that end at or before `start` (every epoch with a start below it,
-    /// except that the list always keeps the epoch containing `start`).
+    /// except that the list always keeps the epoch containing `start`). Writes `epochs.json`
+    /// durably (a small blocking write).
     pub fn forget_epochs_before(&self, start: Seq) -> Result<()> {
-        let _ = start;
-        unimplemented!()
+        self.inner.shared.epochs.forget_before(start)
     }
 
     /// Seals everything acknowledged so far into Parquet; returns the sealed-through `seq`.
     pub async fn seal(&self) -> Result<Seq> {
-        unimplemented!()
+        let info = self.ask_writer(|reply| WriterCmd::Rotate { reply }).await?;
+        self.ask_sealer().await?;
+        Ok(info.through)
     }
 
     /// The last acknowledged (durable) `seq`.
     pub fn acked_seq(&self) -> Seq {
-        unimplemented!()
+        Seq(self.inner.shared.acked.load(Ordering::SeqCst))
     }
 
     /// Notified with the acknowledged `seq` after every group commit.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Seq> {
-        unimplemented!()
+    pub fn subscribe(&self) -> watch::Receiver<Seq> {
+        self.inner.shared.watch.subscribe()
     }
 
     /// Recent events after `after`, from memory.
     pub fn tail_after(&self, after: Seq, max: usize) -> Tail {
-        let _ = (after, max);
-        unimplemented!()
+        let tail = self.inner.shared.tail.lock().expect("tail lock");
+        let acked = self.inner.shared.acked.load(Ordering::SeqCst);
+        if after.0 >= acked {
+            return Tail::Events(Vec::new());
+        }
+        let want = after.0 + 1;
+        match tail.front() {
+            Some(front) if front.seq.0 <= want => {
+                let start = (want - front.seq.0) as usize;
+                let end = tail.len().min(start.saturating_add(max));
+                Tail::Events(tail.range(start..end).cloned().collect())
+            }
+            _ => Tail::Gone,
+        }
     }
 
     /// The events with `after < seq <= through`, in `seq` order, read from the sealed files and
-    /// the WAL. Blocking: call from `spawn_blocking`.
+    /// the WAL. Blocking: call from `spawn_blocking`. `through` is capped at the acknowledged
+    /// `seq`.
     pub fn read_range(&self, after: Seq, through: Seq) -> Result<Vec<SeqEvent>> {
-        let _ = (after, through);
-        unimplemented!()
+        let through = through.min(self.acked_seq());
+        if through <= after {
+            return Ok(Vec::new());
+        }
+        let paths = &self.inner.shared.paths;
+        let mut attempt = 0;
+        'retry: loop {
+            attempt += 1;
+            // Segments first, then files: a segment sealed in between is then found as a file.
+            let segments = paths::list_segments(&paths.wal)?;
+            let files = list_master_files(&paths.root)?;
+            let mut out = Vec::new();
+            for f in files
+                .iter()
+                .filter(|f| f.last > after && f.first <= through)
+            {
+                out.extend(read_master_file_range(&f.path, after, through)?);
+            }
+            let in_file = |seq: Seq| {
+                let i = files.partition_point(|f| f.first <= seq);
+                i > 0 && files[i - 1].last >= seq
+            };
+            for (i, seg) in segments.iter().enumerate() {
+                let next_first = segments.get(i + 1).map_or(u64::MAX, |s| s.first.0);
+                if seg.first > through || next_first <= after.0 + 1 {
+                    continue;
+                }
+                match wal::read_segment_events(seg, after, through)? {
+                    Some((_, events)) => out.extend(events.into_iter().filter(|e| !in_file(e.seq))),
+                    None if attempt < 10 => continue 'retry,
+                    None => {
+                        return Err(Error::Io {
+                            path: seg.path.clone(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                "wal segment vanished while reading",
+                            ),
+                        })
+                    }
+                }
+            }
+            out.sort_unstable_by_key(|e| e.seq);
+            return Ok(out);
+        }
     }
 
     /// The sealed files that make up the master dataset now (files covered by a compacted file
     /// are left out), ordered by `first`.
     pub fn snapshot(&self) -> Result<Vec<MasterFile>> {
-        unimplemented!()
+        list_master_files(&self.inner.shared.paths.root)
     }
 
     pub fn status(&self) -> MasterStatus {
-        unimplemented!()
+        let s = &self.inner.shared;
+        MasterStatus {
+            acked_seq: self.acked_seq(),
+            sealed_seq: Seq(s.sealed.load(Ordering::SeqCst)),
+            wal_bytes: s.wal_bytes.load(Ordering::Relaxed),
+            master_files: s.master_files.load(Ordering::Relaxed),
+        }
     }
 
     /// Seals what is left and stops the writer. Appends after this fail with `Closed`.
     pub async fn shutdown(&self) -> Result<()> {
-        unimplemented!()
+        let first = !self.inner.shared.closed.swap(true, Ordering::SeqCst);
+        let mut result = Ok(());
+        if first {
+            let (tx, rx) = oneshot::channel();
+            if self
+                .inner
+                .writer
+                .send(WriterCmd::Shutdown { reply: tx })
+                .is_ok()
+            {
+                let _ = rx.await;
+            }
+            result = self.ask_sealer().await;
+            let _ = self.inner.sealer.send(SealerCmd::Stop);
+        }
+        let handles: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        if !handles.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                for h in handles {
+                    let _ = h.join();
+                }
+            })
+            .await;
+        }
+        result
+    }
+
+    /// Test hook: the next `n` group writes fail half-way, as on a full disk.
+    #[doc(hidden)]
+    pub fn inject_write_failures(&self, n: usize) {
+        self.inner.shared.fail_writes.store(n, Ordering::SeqCst);
     }
 }

@@ -1,0 +1,246 @@
+//! The master file format: Arrow schema, writing a sealed file, reading one back.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{
+    Array, ArrayRef, StringArray, StringBuilder, TimestampMillisecondArray, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use tally_core::{Event, Seq};
+
+use crate::paths::{fsync_dir, io_err, master_file_name, TMP_SUFFIX};
+use crate::{Error, MasterFile, Result, SeqEvent};
+
+/// Rows per Parquet row group.
+pub const ROW_GROUP_ROWS: usize = 1 << 20;
+/// Rows per Arrow batch when writing and reading.
+const BATCH_ROWS: usize = 64 * 1024;
+
+/// The Arrow schema of every master file: `seq` UInt64, `ts` Timestamp(ms, UTC), `url` Utf8,
+/// `visitor`/`referrer`/`id` nullable Utf8, `received_at` Timestamp(ms, UTC).
+pub fn master_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+            Arc::new(Schema::new(vec![
+                Field::new("seq", DataType::UInt64, false),
+                Field::new("ts", ts.clone(), false),
+                Field::new("url", DataType::Utf8, false),
+                Field::new("visitor", DataType::Utf8, true),
+                Field::new("referrer", DataType::Utf8, true),
+                Field::new("id", DataType::Utf8, true),
+                Field::new("received_at", ts, false),
+            ]))
+        })
+        .clone()
+}
+
+fn writer_props() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid zstd level"),
+        ))
+        .set_dictionary_enabled(true)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_created_by("tally".to_owned())
+        .build()
+}
+
+fn pq_err(path: &Path) -> impl FnOnce(parquet::errors::ParquetError) -> Error + '_ {
+    move |e| Error::Parquet {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn arrow_err(path: &Path) -> impl FnOnce(arrow::error::ArrowError) -> Error + '_ {
+    move |e| Error::Parquet {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Builds one Arrow batch of the events at `idx` (in that order).
+fn build_batch(
+    events: &[SeqEvent],
+    idx: &[u32],
+) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+    let n = idx.len();
+    let mut seq = Vec::with_capacity(n);
+    let mut ts = Vec::with_capacity(n);
+    let mut rec = Vec::with_capacity(n);
+    let url_bytes: usize = idx
+        .iter()
+        .map(|&i| events[i as usize].event.url.len())
+        .sum();
+    let mut url = StringBuilder::with_capacity(n, url_bytes);
+    let mut visitor = StringBuilder::with_capacity(n, 0);
+    let mut referrer = StringBuilder::with_capacity(n, 0);
+    let mut id = StringBuilder::with_capacity(n, 0);
+    for &i in idx {
+        let e = &events[i as usize];
+        seq.push(e.seq.0);
+        ts.push(e.event.ts);
+        rec.push(e.event.received_at);
+        url.append_value(&e.event.url);
+        visitor.append_option(e.event.visitor.as_deref());
+        referrer.append_option(e.event.referrer.as_deref());
+        id.append_option(e.event.id.as_deref());
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from(seq)),
+        Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+        Arc::new(url.finish()),
+        Arc::new(visitor.finish()),
+        Arc::new(referrer.finish()),
+        Arc::new(id.finish()),
+        Arc::new(TimestampMillisecondArray::from(rec).with_timezone("UTC")),
+    ];
+    RecordBatch::try_new(master_schema(), cols)
+}
+
+/// Writes `events` (any order, non-empty, unique seqs) to `path` as a master file: rows sorted
+/// by (url, ts), zstd, ~1M-row row groups. Writes `path.tmp`, fsyncs, renames, fsyncs the
+/// directory. Returns the file's size.
+pub(crate) fn write_parquet_atomic(path: &Path, events: &[SeqEvent], fsync: bool) -> Result<u64> {
+    let mut idx: Vec<u32> = (0..events.len() as u32).collect();
+    idx.sort_unstable_by(|&a, &b| {
+        let (a, b) = (&events[a as usize], &events[b as usize]);
+        (a.event.url.as_str(), a.event.ts, a.seq).cmp(&(b.event.url.as_str(), b.event.ts, b.seq))
+    });
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(TMP_SUFFIX);
+    let tmp = PathBuf::from(tmp);
+    let res = (|| {
+        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut w = ArrowWriter::try_new(&mut file, master_schema(), Some(writer_props()))
+            .map_err(pq_err(&tmp))?;
+        for chunk in idx.chunks(BATCH_ROWS) {
+            let batch = build_batch(events, chunk).map_err(arrow_err(&tmp))?;
+            w.write(&batch).map_err(pq_err(&tmp))?;
+        }
+        w.close().map_err(pq_err(&tmp))?;
+        if fsync {
+            file.sync_all().map_err(io_err(&tmp))?;
+        }
+        let size = file.metadata().map_err(io_err(&tmp))?.len();
+        drop(file);
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        if fsync {
+            if let Some(dir) = path.parent() {
+                fsync_dir(dir)?;
+            }
+        }
+        Ok(size)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Writes `events` (any order, non-empty, unique seqs) as a sealed master file in `master_dir`,
+/// named by its seq range, atomically and durably. For tools and tests that need master files.
+pub fn write_master_file(master_dir: &Path, events: &[SeqEvent]) -> Result<MasterFile> {
+    let first = events.iter().map(|e| e.seq).min().unwrap_or(Seq::ZERO);
+    let last = events.iter().map(|e| e.seq).max().unwrap_or(Seq::ZERO);
+    if events.is_empty() {
+        return Err(Error::Parquet {
+            path: master_dir.to_path_buf(),
+            message: "a master file cannot be empty".into(),
+        });
+    }
+    fs::create_dir_all(master_dir).map_err(io_err(master_dir))?;
+    let path = master_dir.join(master_file_name(first, last));
+    let size = write_parquet_atomic(&path, events, true)?;
+    Ok(MasterFile {
+        path,
+        first,
+        last,
+        size,
+    })
+}
+
+fn utf8_column(batch: &RecordBatch, name: &str, path: &Path) -> Result<StringArray> {
+    let col = batch.column_by_name(name).ok_or_else(|| Error::Parquet {
+        path: path.to_path_buf(),
+        message: format!("column {name} is missing"),
+    })?;
+    let col = if col.data_type() == &DataType::Utf8 {
+        col.clone()
+    } else {
+        arrow::compute::cast(col, &DataType::Utf8).map_err(arrow_err(path))?
+    };
+    Ok(col
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("cast to Utf8")
+        .clone())
+}
+
+fn typed_column<'a, T: Array + 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<&'a T> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| Error::Parquet {
+            path: path.to_path_buf(),
+            message: format!("column {name} is missing or has the wrong type"),
+        })
+}
+
+/// Reads the events of a master file with `after < seq <= through`, in file order.
+pub fn read_master_file_range(path: &Path, after: Seq, through: Seq) -> Result<Vec<SeqEvent>> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(pq_err(path))?
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(pq_err(path))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(arrow_err(path))?;
+        let seq = typed_column::<UInt64Array>(&batch, "seq", path)?;
+        let ts = typed_column::<TimestampMillisecondArray>(&batch, "ts", path)?;
+        let rec = typed_column::<TimestampMillisecondArray>(&batch, "received_at", path)?;
+        let url = utf8_column(&batch, "url", path)?;
+        let visitor = utf8_column(&batch, "visitor", path)?;
+        let referrer = utf8_column(&batch, "referrer", path)?;
+        let id = utf8_column(&batch, "id", path)?;
+        let opt = |a: &StringArray, i: usize| a.is_valid(i).then(|| a.value(i).to_owned());
+        for i in 0..batch.num_rows() {
+            let s = Seq(seq.value(i));
+            if s <= after || s > through {
+                continue;
+            }
+            out.push(SeqEvent {
+                seq: s,
+                event: Event {
+                    ts: ts.value(i),
+                    url: url.value(i).to_owned(),
+                    visitor: opt(&visitor, i),
+                    referrer: opt(&referrer, i),
+                    id: opt(&id, i),
+                    received_at: rec.value(i),
+                },
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Reads every event of a master file, in file order (sorted by url, ts).
+pub fn read_master_file(path: &Path) -> Result<Vec<SeqEvent>> {
+    read_master_file_range(path, Seq::ZERO, Seq(u64::MAX))
+}

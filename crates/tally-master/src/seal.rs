@@ -1,0 +1,111 @@
+//! The sealer thread: turns closed WAL segments into immutable Parquet master files.
+//!
+//! A segment is closed once the writer has moved on to a newer one (its first seq is below
+//! `Shared::open_first`). Sealing one: read and validate it, write
+//! `master/{first:020}-{last:020}.parquet` (temp name, fsync, rename, fsync dir), THEN delete
+//! the segment. One thread, so one seal at a time; appends keep flowing meanwhile.
+
+use std::fs;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_core::Seq;
+use tokio::sync::oneshot;
+
+use crate::paths::{fsync_dir, io_err, list_segments, master_file_name, SegmentPath};
+use crate::{parquet_io, wal, Result, Shared};
+
+pub(crate) enum SealerCmd {
+    /// A segment was closed: seal what is closed.
+    Kick,
+    /// Seal everything closed now and answer.
+    SealNow { reply: oneshot::Sender<Result<()>> },
+    /// Exit the thread.
+    Stop,
+}
+
+pub(crate) struct Sealer {
+    pub(crate) shared: Arc<Shared>,
+    /// How often to retry after a failure (and to look for closed segments anyway).
+    pub(crate) retry: Duration,
+}
+
+impl Sealer {
+    pub(crate) fn run(self, rx: Receiver<SealerCmd>) {
+        let mut failing = false;
+        loop {
+            let timeout = if failing {
+                self.retry.min(Duration::from_secs(5))
+            } else {
+                self.retry
+            };
+            match rx.recv_timeout(timeout) {
+                Ok(SealerCmd::Kick) | Err(RecvTimeoutError::Timeout) => {
+                    failing = self.seal_closed().is_err();
+                }
+                Ok(SealerCmd::SealNow { reply }) => {
+                    let r = self.seal_closed();
+                    failing = r.is_err();
+                    let _ = reply.send(r);
+                }
+                Ok(SealerCmd::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
+
+    /// Seals every closed segment, oldest first; stops at the first failure.
+    pub(crate) fn seal_closed(&self) -> Result<()> {
+        let open_first = self.shared.open_first.load(Ordering::SeqCst);
+        let segments = list_segments(&self.shared.paths.wal)?;
+        for seg in segments.iter().filter(|s| s.first.0 < open_first) {
+            if let Err(e) = self.seal_segment(seg) {
+                tracing::warn!(error = %e, file = %seg.path.display(), "sealing failed; will retry");
+                self.shared
+                    .sealed
+                    .store(seg.first.0.saturating_sub(1), Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        // Everything below the open segment is sealed now.
+        let sealed = match segments.iter().find(|s| s.first.0 >= open_first) {
+            Some(open) => open.first.0 - 1,
+            None => open_first.min(self.shared.acked.load(Ordering::SeqCst) + 1) - 1,
+        };
+        self.shared.sealed.fetch_max(sealed, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn seal_segment(&self, seg: &SegmentPath) -> Result<()> {
+        let Some((scan, events)) = wal::read_segment_events(seg, Seq::ZERO, Seq(u64::MAX))? else {
+            return Ok(()); // already gone
+        };
+        let fsync = self.shared.fsync;
+        if let Some(last) = scan.last_seq() {
+            let first = seg.first;
+            let path = self.shared.paths.master.join(master_file_name(first, last));
+            let t = std::time::Instant::now();
+            parquet_io::write_parquet_atomic(&path, &events, fsync)?;
+            self.shared.master_files.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                first = first.0,
+                last = last.0,
+                events = events.len(),
+                ms = t.elapsed().as_millis() as u64,
+                "sealed wal segment"
+            );
+        }
+        fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+        if fsync {
+            fsync_dir(&self.shared.paths.wal)?;
+        }
+        let _ = self
+            .shared
+            .wal_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(scan.file_len))
+            });
+        Ok(())
+    }
+}

@@ -1,0 +1,358 @@
+//! The group-commit writer thread: the one place that assigns `seq`, owns the open WAL segment
+//! and cuts epochs.
+//!
+//! It blocks on its command channel, drains every pending request, writes all their records
+//! with one `write` and one `sync_data`, then acknowledges each request, publishes the events
+//! to the in-memory tail and the new acknowledged seq on the watch channel.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally_core::{Event, Seq};
+use tokio::sync::oneshot;
+
+use crate::paths::SegmentPath;
+use crate::seal::SealerCmd;
+use crate::wal::{self, HEADER_LEN};
+use crate::{Error, Result, SeqEvent, SeqRange, Shared};
+
+/// Stop draining and commit once a group holds this many events.
+const MAX_GROUP_EVENTS: usize = 512 * 1024;
+
+pub(crate) struct RotateInfo {
+    /// Everything up to here is acknowledged and in closed segments.
+    pub(crate) through: Seq,
+}
+
+pub(crate) enum WriterCmd {
+    Append {
+        events: Vec<Event>,
+        reply: oneshot::Sender<Result<SeqRange>>,
+    },
+    CutEpoch {
+        reply: oneshot::Sender<Result<Seq>>,
+    },
+    Rotate {
+        reply: oneshot::Sender<Result<RotateInfo>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// The open segment.
+pub(crate) struct OpenSegment {
+    pub(crate) file: File,
+    pub(crate) seg: SegmentPath,
+    /// Length of the durable, acknowledged prefix.
+    pub(crate) len: u64,
+    pub(crate) events: u64,
+    /// When the first event went into it.
+    pub(crate) since: Option<Instant>,
+}
+
+pub(crate) struct Writer {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) seal_interval: Duration,
+    pub(crate) seal_max_events: u64,
+    pub(crate) seg: Option<OpenSegment>,
+    pub(crate) next_seq: u64,
+    /// The open segment holds bytes past `len` that must be cut before the next write.
+    pub(crate) needs_repair: bool,
+    pub(crate) sealer: Sender<SealerCmd>,
+    pub(crate) buf: Vec<u8>,
+}
+
+type Pending = Vec<(Vec<Event>, oneshot::Sender<Result<SeqRange>>)>;
+
+impl Writer {
+    pub(crate) fn run(mut self, rx: Receiver<WriterCmd>) {
+        let mut pending: Pending = Vec::new();
+        loop {
+            let first = match rx.recv_timeout(self.time_to_rotation()) {
+                Ok(cmd) => cmd,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.maybe_rotate();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut next = Some(first);
+            let mut group_events = 0usize;
+            let mut stop = false;
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    WriterCmd::Append { events, reply } => {
+                        group_events += events.len();
+                        pending.push((events, reply));
+                        if group_events >= MAX_GROUP_EVENTS {
+                            self.commit(&mut pending);
+                            group_events = 0;
+                        }
+                    }
+                    other => {
+                        // Control commands see every append queued before them committed.
+                        self.commit(&mut pending);
+                        group_events = 0;
+                        if self.control(other) {
+                            stop = true;
+                            break;
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            self.commit(&mut pending);
+            if stop {
+                // Answer whatever is still queued, then drop the receiver.
+                while let Ok(cmd) = rx.try_recv() {
+                    reject(cmd);
+                }
+                break;
+            }
+            self.maybe_rotate();
+        }
+        self.shared.open_first.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    fn time_to_rotation(&self) -> Duration {
+        match self.seg.as_ref().and_then(|s| s.since) {
+            Some(since) => self.seal_interval.saturating_sub(since.elapsed()),
+            None => Duration::from_secs(3600),
+        }
+    }
+
+    /// Handles a control command; `true` means stop.
+    fn control(&mut self, cmd: WriterCmd) -> bool {
+        match cmd {
+            WriterCmd::Append { .. } => unreachable!("appends are grouped"),
+            WriterCmd::CutEpoch { reply } => {
+                let c = Seq(self.next_seq - 1);
+                let _ = reply.send(self.shared.epochs.cut(c));
+                false
+            }
+            WriterCmd::Rotate { reply } => {
+                self.rotate();
+                let _ = reply.send(Ok(RotateInfo {
+                    through: Seq(self.next_seq - 1),
+                }));
+                false
+            }
+            WriterCmd::Shutdown { reply } => {
+                if let Err(e) = self.repair() {
+                    tracing::warn!(error = %e, "could not truncate the wal segment at shutdown");
+                }
+                if let Some(s) = self.seg.take() {
+                    if let Err(e) = s.file.sync_all() {
+                        tracing::warn!(error = %e, "fsync of the wal segment at shutdown failed");
+                    }
+                }
+                self.shared.open_first.store(u64::MAX, Ordering::SeqCst);
+                let _ = reply.send(Ok(()));
+                true
+            }
+        }
+    }
+
+    fn maybe_rotate(&mut self) {
+        let Some(s) = &self.seg else { return };
+        let full = s.events >= self.seal_max_events;
+        let old = s.since.is_some_and(|t| t.elapsed() >= self.seal_interval);
+        if s.events > 0 && (full || old) {
+            self.rotate();
+        }
+    }
+
+    /// Closes the open segment if it holds events and starts a new one; tells the sealer.
+    fn rotate(&mut self) {
+        match &self.seg {
+            Some(s) if s.events == 0 => return,
+            Some(_) => {
+                // Never close a segment with an unacknowledged partial record at its end.
+                if let Err(e) = self.repair() {
+                    tracing::warn!(error = %e, "could not truncate the wal segment; not rotating");
+                    return;
+                }
+                self.seg = None;
+            }
+            None => {}
+        }
+        self.shared
+            .open_first
+            .store(self.next_seq, Ordering::SeqCst);
+        if let Err(e) = self.ensure_segment() {
+            tracing::warn!(error = %e, "could not start a new wal segment; will retry");
+        }
+        let _ = self.sealer.send(SealerCmd::Kick);
+    }
+
+    /// Cuts the open segment back to its acknowledged length if a failed write left bytes.
+    fn repair(&mut self) -> std::io::Result<()> {
+        if self.needs_repair {
+            let s = self.seg.as_mut().expect("repair needs a segment");
+            s.file.set_len(s.len)?;
+            if self.shared.fsync {
+                s.file.sync_all()?;
+            }
+            self.needs_repair = false;
+        }
+        Ok(())
+    }
+
+    /// Makes sure there is an open segment whose file ends at `len`.
+    fn ensure_segment(&mut self) -> std::io::Result<()> {
+        self.repair()?;
+        if self.seg.is_none() {
+            let seg = SegmentPath::new(&self.shared.paths.wal, Seq(self.next_seq));
+            let file = wal::create_segment(&seg, self.shared.fsync)?;
+            self.shared
+                .wal_bytes
+                .fetch_add(HEADER_LEN, Ordering::Relaxed);
+            self.shared
+                .open_first
+                .store(self.next_seq, Ordering::SeqCst);
+            self.seg = Some(OpenSegment {
+                file,
+                seg,
+                len: HEADER_LEN,
+                events: 0,
+                since: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn write_group(&mut self) -> std::io::Result<()> {
+        let s = self.seg.as_mut().expect("segment ensured");
+        if self.shared.fail_writes.load(Ordering::Relaxed) > 0 {
+            self.shared.fail_writes.fetch_sub(1, Ordering::Relaxed);
+            // Simulate a disk that fills up half-way through the write.
+            let half = self.buf.len() / 2;
+            s.file.write_all_at(&self.buf[..half], s.len)?;
+            return Err(std::io::Error::other(
+                "injected write failure (no space left on device)",
+            ));
+        }
+        s.file.write_all_at(&self.buf, s.len)?;
+        if self.shared.fsync {
+            s.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every pending append as one group: one write, one fsync, then the answers.
+    fn commit(&mut self, pending: &mut Pending) {
+        if pending.is_empty() {
+            return;
+        }
+        if let Err(e) = self.ensure_segment() {
+            let msg = format!("wal segment in {}: {e}", self.shared.paths.wal.display());
+            tracing::warn!(error = %e, "wal unavailable");
+            for (_, reply) in pending.drain(..) {
+                let _ = reply.send(Err(Error::Unavailable(msg.clone())));
+            }
+            return;
+        }
+        let start = self.next_seq;
+        self.buf.clear();
+        let mut ranges = Vec::with_capacity(pending.len());
+        for (events, _) in pending.iter() {
+            let first = self.next_seq;
+            if !events.is_empty() {
+                wal::encode_record(&mut self.buf, Seq(first), events);
+                self.next_seq += events.len() as u64;
+            }
+            ranges.push(SeqRange {
+                first: Seq(first),
+                last: Seq(self.next_seq - 1),
+            });
+        }
+        if self.buf.is_empty() {
+            for ((_, reply), r) in pending.drain(..).zip(ranges) {
+                let _ = reply.send(Ok(r));
+            }
+            return;
+        }
+        if let Err(e) = self.write_group() {
+            self.next_seq = start;
+            let s = self.seg.as_mut().expect("segment ensured");
+            let msg = format!("writing {}: {e}", s.seg.path.display());
+            tracing::warn!(error = %e, file = %s.seg.path.display(), "wal write failed");
+            // Cut the partial record away so nothing of it can ever be replayed.
+            let repaired = s.file.set_len(s.len).and_then(|()| {
+                if self.shared.fsync {
+                    s.file.sync_all()
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = repaired {
+                tracing::warn!(error = %e, "could not truncate the wal segment; will retry");
+                self.needs_repair = true;
+            }
+            for (_, reply) in pending.drain(..) {
+                let _ = reply.send(Err(Error::Unavailable(msg.clone())));
+            }
+            return;
+        }
+        let s = self.seg.as_mut().expect("segment ensured");
+        s.len += self.buf.len() as u64;
+        s.events += self.next_seq - start;
+        s.since.get_or_insert_with(Instant::now);
+        self.shared
+            .wal_bytes
+            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        let acked = Seq(self.next_seq - 1);
+
+        // Publish: tail and acked seq together (under the tail lock), then the watch, then the
+        // answers, so a client that got its answer sees `acked_seq()` covering it.
+        let cap = self.shared.tail_capacity;
+        let mut replies = Vec::with_capacity(pending.len());
+        {
+            let mut tail = self.shared.tail.lock().expect("tail lock");
+            let total = (self.next_seq - start) as usize;
+            let mut skip = total.saturating_sub(cap);
+            for ((events, reply), r) in pending.drain(..).zip(ranges) {
+                let n = events.len();
+                if skip >= n {
+                    skip -= n;
+                } else {
+                    for (i, event) in events.into_iter().enumerate().skip(skip) {
+                        let seq = Seq(r.first.0 + i as u64);
+                        tail.push_back(Arc::new(SeqEvent { seq, event }));
+                    }
+                    skip = 0;
+                }
+                replies.push((reply, r));
+            }
+            while tail.len() > cap {
+                tail.pop_front();
+            }
+            self.shared.acked.store(acked.0, Ordering::SeqCst);
+        }
+        self.shared.watch.send_replace(acked);
+        for (reply, r) in replies {
+            let _ = reply.send(Ok(r));
+        }
+        if self
+            .seg
+            .as_ref()
+            .is_some_and(|s| s.events >= self.seal_max_events)
+        {
+            self.rotate();
+        }
+    }
+}
+
+fn reject(cmd: WriterCmd) {
+    match cmd {
+        WriterCmd::Append { reply, .. } => drop(reply.send(Err(Error::Closed))),
+        WriterCmd::CutEpoch { reply } => drop(reply.send(Err(Error::Closed))),
+        WriterCmd::Rotate { reply } => drop(reply.send(Err(Error::Closed))),
+        WriterCmd::Shutdown { reply } => drop(reply.send(Ok(()))),
+    }
+}
