@@ -1,1 +1,26 @@
-//! tally-batch
+//! tally-batch: the batch layer.
+//!
+//! - [`kernel`]: the computation over a snapshot of the master dataset, up to a cutoff `seq`;
+//! - [`store`]: versioned view directories with manifests, `CURRENT`, verify, discard, gc;
+//! - [`view`]: the in-memory [`BatchView`] the serving layer answers from;
+//! - [`sketch`]: mergeable visitor sketches per (URL, day);
+//! - [`runner`]: one run at a time, retries, progress and history.
+
+pub mod error;
+pub mod kernel;
+pub mod runner;
+pub mod sketch;
+pub mod store;
+#[doc(hidden)]
+pub mod testing;
+pub mod view;
+
+pub use error::{Error, Result};
+pub use kernel::{compute, ComputeStats, Progress, ProgressSnapshot, SketchData, ViewData};
+pub use runner::{
+    BatchRunner, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig, RunningInfo,
+    StageTimings, StartedRun, Trigger,
+};
+pub use sketch::{relative_error, visitor_hash, VisitorSketch};
+pub use store::{Manifest, ManifestFile, ViewInfo, ViewStatus, ViewStore};
+pub use view::BatchView;

@@ -1,0 +1,204 @@
+//! Generates a master dataset and times the batch kernel per stage.
+//!
+//! ```text
+//! cargo run --release -p tally-batch --example batch_bench -- \
+//!     --events 5000000 --urls 100000 --days 90 --dir DIR [--generate-only] \
+//!     [--files 5] [--reps 3] [--sketch-precision 14] [--no-write]
+//! ```
+//! Writes `DIR/master/*.parquet` (seq ranges of `events/files` events each, rows sorted by
+//! (url, ts), URLs Zipf(1.0)-skewed over 50 hosts, 90% of events with a visitor id). Without
+//! `--generate-only` it then times `compute` without and with sketches, the view write and the
+//! view load, and prints one JSON object per measurement.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tally_batch::testing::{write_master_file, MasterRow, Rng};
+use tally_batch::{compute, Progress, ViewStore};
+use tally_core::{Seq, DAY_MS};
+use tally_master::MasterFile;
+
+struct Args {
+    events: u64,
+    urls: u64,
+    days: u64,
+    files: u64,
+    dir: PathBuf,
+    generate_only: bool,
+    reps: usize,
+    precision: u8,
+    write: bool,
+}
+
+fn parse() -> Args {
+    let mut a = Args {
+        events: 5_000_000,
+        urls: 100_000,
+        days: 90,
+        files: 5,
+        dir: PathBuf::from("bench-data"),
+        generate_only: false,
+        reps: 3,
+        precision: 14,
+        write: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--events" => a.events = val().parse().expect("--events"),
+            "--urls" => a.urls = val().parse().expect("--urls"),
+            "--days" => a.days = val().parse().expect("--days"),
+            "--files" => a.files = val().parse().expect("--files"),
+            "--dir" => a.dir = PathBuf::from(val()),
+            "--reps" => a.reps = val().parse().expect("--reps"),
+            "--sketch-precision" => a.precision = val().parse().expect("--sketch-precision"),
+            "--generate-only" => a.generate_only = true,
+            "--no-write" => a.write = false,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn generate(a: &Args) -> Vec<MasterFile> {
+    let master = a.dir.join("master");
+    let _ = std::fs::remove_dir_all(&master);
+    let t = Instant::now();
+    // Zipf(1.0) CDF over URL ranks.
+    let mut cdf = Vec::with_capacity(a.urls as usize);
+    let mut acc = 0.0;
+    for r in 0..a.urls {
+        acc += 1.0 / (r as f64 + 1.0);
+        cdf.push(acc);
+    }
+    let names: Vec<String> = (0..a.urls)
+        .map(|r| {
+            format!(
+                "https://site{}.example.com/articles/{:x}/page-{r}",
+                r % 50,
+                r.wrapping_mul(2654435761) % 1_000_003
+            )
+        })
+        .collect();
+    let start = 1_760_000_000_000i64 - (1_760_000_000_000i64 % DAY_MS);
+    let span = (a.days as i64) * DAY_MS;
+    let mut rng = Rng::new(42);
+    let per_file = a.events.div_ceil(a.files.max(1));
+    let mut out = Vec::new();
+    let mut seq = 1u64;
+    while seq <= a.events {
+        let last = (seq + per_file - 1).min(a.events);
+        let mut rows = Vec::with_capacity((last - seq + 1) as usize);
+        for s in seq..=last {
+            let x = rng.unit() * acc;
+            let r = cdf.partition_point(|&c| c < x).min(a.urls as usize - 1);
+            // Time grows with seq (with an hour of jitter), like real ingestion.
+            let ts = start + ((s as f64 / a.events as f64) * span as f64) as i64
+                - rng.below(3_600_000) as i64;
+            let visitor =
+                (rng.below(10) != 0).then(|| format!("visitor-{:08x}", rng.below(2_000_000)));
+            rows.push(MasterRow {
+                seq: s,
+                ts,
+                url: names[r].clone(),
+                visitor,
+            });
+        }
+        out.push(write_master_file(&master, rows, 1 << 20).expect("write master file"));
+        seq = last + 1;
+    }
+    let bytes: u64 = out.iter().map(|f| f.size).sum();
+    println!(
+        "{{\"stage\":\"generate\",\"events\":{},\"urls\":{},\"days\":{},\"files\":{},\"bytes\":{},\"ms\":{:.1}}}",
+        a.events,
+        a.urls,
+        a.days,
+        out.len(),
+        bytes,
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    out
+}
+
+fn existing(a: &Args) -> Vec<MasterFile> {
+    let master = a.dir.join("master");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&master) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(stem) = name.strip_suffix(".parquet") else {
+                continue;
+            };
+            let Some((f, l)) = stem.split_once('-') else {
+                continue;
+            };
+            let (Some(first), Some(last)) = (Seq::parse_padded(f), Seq::parse_padded(l)) else {
+                continue;
+            };
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push(MasterFile {
+                path: e.path(),
+                first,
+                last,
+                size,
+            });
+        }
+    }
+    out.sort_by_key(|f| f.first);
+    out
+}
+
+fn main() {
+    let a = parse();
+    let mut files = existing(&a);
+    if a.generate_only || files.is_empty() {
+        files = generate(&a);
+    }
+    if a.generate_only {
+        return;
+    }
+    let cutoff = files.iter().map(|f| f.last).max().unwrap_or(Seq::ZERO);
+    for (label, precision) in [("counts", None), ("counts+sketches", Some(a.precision))] {
+        for rep in 0..a.reps {
+            let t = Instant::now();
+            let data = compute(&files, cutoff, precision, &Progress::new()).expect("compute");
+            let compute_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let s = &data.stats;
+            let mut line = format!(
+                "{{\"stage\":\"compute\",\"mode\":\"{label}\",\"rep\":{rep},\"events\":{},\"urls\":{},\"cells\":{},\"compute_ms\":{compute_ms:.1},\"open_ms\":{:.1},\"scan_ms\":{:.1},\"read_decode_cpu_ms\":{:.1},\"aggregate_cpu_ms\":{:.1},\"merge_ms\":{:.1},\"url_dictionaries\":{}",
+                data.events,
+                data.urls.len(),
+                data.cells(),
+                s.open_wall_ms,
+                s.scan_wall_ms,
+                s.read_decode_cpu_ms,
+                s.aggregate_cpu_ms,
+                s.merge_wall_ms,
+                s.url_dictionaries
+            );
+            if a.write && rep == a.reps - 1 {
+                let root = a
+                    .dir
+                    .join(format!("views-bench-{}", label.replace('+', "-")));
+                let _ = std::fs::remove_dir_all(&root);
+                let store = ViewStore::open(&root).expect("store");
+                let t = Instant::now();
+                let info = store
+                    .write(&data, cutoff, tally_core::now_ms())
+                    .expect("write");
+                let write_ms = t.elapsed().as_secs_f64() * 1000.0;
+                let t = Instant::now();
+                let view = store.load(&info.version).expect("load");
+                let load_ms = t.elapsed().as_secs_f64() * 1000.0;
+                assert_eq!(view.events, data.events);
+                line += &format!(
+                    ",\"write_ms\":{write_ms:.1},\"view_bytes\":{},\"load_ms\":{load_ms:.1},\"recompute_total_ms\":{:.1}",
+                    info.size_bytes,
+                    compute_ms + write_ms
+                );
+            }
+            println!("{line}}}");
+        }
+    }
+}

@@ -1,0 +1,691 @@
+//! The batch computation: per URL, views per UTC hour (and optionally a visitor sketch per UTC
+//! day) over the master files, counting exactly the events with `seq <= cutoff`.
+//!
+//! How it stays fast:
+//! - one task per (file, row group), spread over the rayon pool;
+//! - only the needed columns are decoded (`ts`, `url`; `seq` only for files that straddle the
+//!   cutoff; `visitor` only with sketches);
+//! - `url` is read as `Dictionary(Int32, Utf8)` and aggregated on dictionary keys: a URL string
+//!   is looked at once per dictionary, never per row; rows are sorted by (url, ts) in master
+//!   files, so a row group becomes a short run-length list of (url, hour, count) cells;
+//! - partial results are merged by a counting sort on the global URL rank (no string work per
+//!   cell), then each URL's few runs are sorted by hour in parallel.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{Array, AsArray, DictionaryArray, StringArray};
+use arrow::datatypes::{
+    DataType, Field, Int32Type, Int64Type, Schema, TimeUnit, TimestampMillisecondType, UInt64Type,
+};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use parquet::arrow::ProjectionMask;
+use rayon::prelude::*;
+use serde::Serialize;
+use tally_core::{Seq, DAY_MS, HOUR_MS};
+use tally_master::MasterFile;
+
+use crate::error::{Error, Result};
+use crate::sketch::{self, VisitorSketch};
+
+/// Rows decoded per Arrow batch.
+const BATCH_ROWS: usize = 64 * 1024;
+
+/// Live progress of a computation (read by `GET /v1/admin/batch`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub events_done: AtomicU64,
+}
+
+/// A copy of [`Progress`] at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ProgressSnapshot {
+    pub files_done: u64,
+    pub files_total: u64,
+    pub events_done: u64,
+}
+
+impl Progress {
+    pub fn new() -> Progress {
+        Progress::default()
+    }
+
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            files_done: self.files_done.load(Ordering::Relaxed),
+            files_total: self.files_total.load(Ordering::Relaxed),
+            events_done: self.events_done.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where the time of one computation went. `*_cpu_ms` are summed over the worker threads;
+/// `*_wall_ms` are elapsed time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ComputeStats {
+    pub files: usize,
+    pub row_groups: usize,
+    /// Rows decoded (including rows after the cutoff in straddling files).
+    pub rows_read: u64,
+    /// `url` dictionaries seen (one per row group when the master file keeps `url`
+    /// dictionary-encoded; more means the writer fell back to plain pages).
+    pub url_dictionaries: u64,
+    /// Opening files and reading footers.
+    pub open_wall_ms: f64,
+    /// Parquet read + decompress + decode into Arrow.
+    pub read_decode_cpu_ms: f64,
+    /// Per-row-group aggregation on dictionary keys.
+    pub aggregate_cpu_ms: f64,
+    /// The parallel scan (read + decode + aggregate).
+    pub scan_wall_ms: f64,
+    /// Merging the partial results into the final, sorted view data.
+    pub merge_wall_ms: f64,
+    pub total_wall_ms: f64,
+}
+
+/// The result of [`compute`]: the content of a batch view, column-wise.
+///
+/// URL `i` is `urls[i]` (ascending, distinct); its cells are `hours[offsets[i]..offsets[i+1]]`
+/// (ascending, distinct, hours since the epoch, UTC) with `views[..]` (non-zero).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ViewData {
+    pub urls: Vec<String>,
+    pub offsets: Vec<usize>,
+    pub hours: Vec<i64>,
+    pub views: Vec<u64>,
+    pub sketches: Option<SketchData>,
+    /// Number of events counted (`seq <= cutoff`).
+    pub events: u64,
+    pub stats: ComputeStats,
+}
+
+/// Visitor sketches per (URL, UTC day): URL `i` has `days[offsets[i]..offsets[i+1]]`
+/// (ascending, days since the epoch) with `sketches[..]`. URLs are those of [`ViewData::urls`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SketchData {
+    pub precision: u8,
+    pub offsets: Vec<usize>,
+    pub days: Vec<i64>,
+    pub sketches: Vec<VisitorSketch>,
+}
+
+impl ViewData {
+    /// Number of (url, hour) cells.
+    pub fn cells(&self) -> usize {
+        self.hours.len()
+    }
+}
+
+/// Maps an `i64` bucket into a `u32` that sorts the same way.
+#[inline]
+fn bias(b: i64) -> Option<u32> {
+    i32::try_from(b).ok().map(|v| (v as u32) ^ 0x8000_0000)
+}
+
+#[inline]
+fn unbias(b: u32) -> i64 {
+    i64::from((b ^ 0x8000_0000) as i32)
+}
+
+/// The result of one row group.
+#[derive(Default)]
+struct Partial {
+    /// The `url` dictionaries of the row group (normally one).
+    dicts: Vec<StringArray>,
+    /// Local URL id -> (dictionary number, index in it).
+    urls: Vec<(u32, u32)>,
+    /// `(local id << 32 | biased hour, count)`, sorted by key, distinct keys.
+    cells: Vec<(u64, u32)>,
+    /// `(local id << 32 | biased day, visitor hash)`.
+    visitors: Vec<(u64, u64)>,
+    rows: u64,
+    events: u64,
+    dictionaries: u64,
+    decode_ns: u64,
+    agg_ns: u64,
+}
+
+struct FilePlan {
+    file: MasterFile,
+    meta: ArrowReaderMetadata,
+    mask: ProjectionMask,
+    need_seq: bool,
+    row_groups: usize,
+    remaining: AtomicU64,
+}
+
+/// Computes the batch view over `files` for exactly the events with `seq <= cutoff`.
+///
+/// `sketch_precision`: `Some(p)` also builds a visitor sketch per (URL, UTC day) with
+/// precision `p` (4..=18); `None` skips sketches (and never reads `visitor`).
+/// Blocking and CPU-heavy: call it from `spawn_blocking` or a dedicated thread.
+pub fn compute(
+    files: &[MasterFile],
+    cutoff: Seq,
+    sketch_precision: Option<u8>,
+    progress: &Progress,
+) -> Result<ViewData> {
+    let t0 = Instant::now();
+    if let Some(p) = sketch_precision {
+        VisitorSketch::new(p)?;
+    }
+    let mut files: Vec<MasterFile> = files
+        .iter()
+        .filter(|f| f.first <= cutoff)
+        .cloned()
+        .collect();
+    files.sort_by_key(|f| f.first);
+    for w in files.windows(2) {
+        if w[1].first <= w[0].last {
+            return Err(Error::Snapshot(format!(
+                "master files {} and {} overlap",
+                w[0].path.display(),
+                w[1].path.display()
+            )));
+        }
+    }
+    progress
+        .files_total
+        .store(files.len() as u64, Ordering::Relaxed);
+
+    let plans: Vec<FilePlan> = files
+        .into_par_iter()
+        .map(|f| plan_file(f, cutoff, sketch_precision.is_some()))
+        .collect::<Result<_>>()?;
+    let open_ms = ms(t0);
+    let empty_files = plans.iter().filter(|p| p.row_groups == 0).count();
+    progress
+        .files_done
+        .fetch_add(empty_files as u64, Ordering::Relaxed);
+    let tasks: Vec<(usize, usize)> = plans
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| (0..p.row_groups).map(move |rg| (i, rg)))
+        .collect();
+
+    let t_scan = Instant::now();
+    let partials: Vec<Partial> = tasks
+        .par_iter()
+        .with_max_len(1)
+        .map(|&(fi, rg)| {
+            let plan = &plans[fi];
+            let part = scan_row_group(plan, rg, cutoff, sketch_precision.is_some(), progress)?;
+            if plan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(part)
+        })
+        .collect::<Result<_>>()?;
+    let scan_ms = ms(t_scan);
+
+    let t_merge = Instant::now();
+    let mut data = merge(partials, sketch_precision);
+    let merge_ms = ms(t_merge);
+    data.stats.files = plans.len();
+    data.stats.row_groups = tasks.len();
+    data.stats.open_wall_ms = open_ms;
+    data.stats.scan_wall_ms = scan_ms;
+    data.stats.merge_wall_ms = merge_ms;
+    data.stats.total_wall_ms = ms(t0);
+    tracing::debug!(
+        files = data.stats.files,
+        row_groups = data.stats.row_groups,
+        events = data.events,
+        urls = data.urls.len(),
+        cells = data.cells(),
+        scan_ms,
+        merge_ms,
+        "batch kernel done"
+    );
+    Ok(data)
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn plan_file(file: MasterFile, cutoff: Seq, visitors: bool) -> Result<FilePlan> {
+    let path = file.path.clone();
+    let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let plain = ArrowReaderMetadata::load(&f, ArrowReaderOptions::new())
+        .map_err(|e| Error::parquet(&path, e))?;
+    let schema = plain.schema();
+    let schema_err = |reason: String| Error::Schema {
+        path: path.clone(),
+        reason,
+    };
+    let need_seq = file.last > cutoff;
+    let mut wanted = vec!["ts", "url"];
+    if need_seq {
+        wanted.push("seq");
+    }
+    if visitors {
+        wanted.push("visitor");
+    }
+    let mut indices = Vec::new();
+    for name in &wanted {
+        let i = schema
+            .index_of(name)
+            .map_err(|_| schema_err(format!("missing column {name:?}")))?;
+        indices.push(i);
+    }
+    // Ask for `url` as a dictionary so that the reader keeps the Parquet dictionary.
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == "url" && matches!(f.data_type(), DataType::Utf8) {
+                f.as_ref().clone().with_data_type(DataType::Dictionary(
+                    Box::new(DataType::Int32),
+                    Box::new(DataType::Utf8),
+                ))
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    let hint = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    let meta = ArrowReaderMetadata::try_new(
+        plain.metadata().clone(),
+        ArrowReaderOptions::new().with_schema(hint),
+    )
+    .map_err(|e| Error::parquet(&path, e))?;
+    let mask = ProjectionMask::roots(meta.parquet_schema(), indices);
+    let row_groups = meta.metadata().num_row_groups();
+    Ok(FilePlan {
+        file,
+        meta,
+        mask,
+        need_seq,
+        row_groups,
+        remaining: AtomicU64::new(row_groups as u64),
+    })
+}
+
+impl Partial {
+    fn url(&self, lid: usize) -> &str {
+        let (d, i) = self.urls[lid];
+        self.dicts[d as usize].value(i as usize)
+    }
+}
+
+fn same_strings(a: &StringArray, b: &StringArray) -> bool {
+    a.len() == b.len()
+        && a.values().as_ptr() == b.values().as_ptr()
+        && a.value_offsets().as_ptr() == b.value_offsets().as_ptr()
+}
+
+fn scan_row_group(
+    plan: &FilePlan,
+    rg: usize,
+    cutoff: Seq,
+    visitors: bool,
+    progress: &Progress,
+) -> Result<Partial> {
+    let path = &plan.file.path;
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, plan.meta.clone())
+        .with_projection(plan.mask.clone())
+        .with_row_groups(vec![rg])
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| Error::parquet(path, e))?;
+    let schema_err = |reason: &str| Error::Schema {
+        path: path.clone(),
+        reason: reason.to_string(),
+    };
+    let cutoff = cutoff.get();
+
+    let mut part = Partial::default();
+    // URL -> local id, only built if the row group has more than one dictionary (a writer
+    // that fell back to plain pages); with one dictionary, distinct keys are distinct URLs.
+    let mut index: Option<HashMap<Box<str>, u32>> = None;
+    // Key -> local id for the current (last) dictionary (u32::MAX = not yet seen).
+    let mut map: Vec<u32> = Vec::new();
+    let mut prev_key = u64::MAX;
+    let mut prev_cnt = 0u32;
+
+    loop {
+        let td = Instant::now();
+        let batch = match reader.next() {
+            None => break,
+            Some(b) => b.map_err(|e| Error::parquet(path, e))?,
+        };
+        part.decode_ns += td.elapsed().as_nanos() as u64;
+        let ta = Instant::now();
+        let n = batch.num_rows();
+        part.rows += n as u64;
+
+        let url = batch
+            .column_by_name("url")
+            .ok_or_else(|| schema_err("missing url"))?;
+        if url.null_count() > 0 {
+            return Err(schema_err("url has nulls"));
+        }
+        let keys: &[i32] = match url.as_any().downcast_ref::<DictionaryArray<Int32Type>>() {
+            Some(d) => {
+                let values = d
+                    .values()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| schema_err("url dictionary values are not Utf8"))?;
+                if !part
+                    .dicts
+                    .last()
+                    .is_some_and(|old| same_strings(old, values))
+                {
+                    part.dictionaries += 1;
+                    map.clear();
+                    map.resize(values.len(), u32::MAX);
+                    if !part.dicts.is_empty() && index.is_none() {
+                        let idx = (0..part.urls.len())
+                            .map(|l| (Box::from(part.url(l)), l as u32))
+                            .collect();
+                        index = Some(idx);
+                    }
+                    part.dicts.push(values.clone());
+                }
+                d.keys().values()
+            }
+            None => return Err(schema_err("url is not a string column")),
+        };
+        let dict_no = (part.dicts.len() - 1) as u32;
+
+        let ts_col = batch
+            .column_by_name("ts")
+            .ok_or_else(|| schema_err("missing ts"))?;
+        if ts_col.null_count() > 0 {
+            return Err(schema_err("ts has nulls"));
+        }
+        let ts: &[i64] = match ts_col.data_type() {
+            DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                ts_col.as_primitive::<TimestampMillisecondType>().values()
+            }
+            DataType::Int64 => ts_col.as_primitive::<Int64Type>().values(),
+            _ => return Err(schema_err("ts is not Timestamp(ms)")),
+        };
+        let seq: Option<&[u64]> = if plan.need_seq {
+            let c = batch
+                .column_by_name("seq")
+                .ok_or_else(|| schema_err("missing seq"))?;
+            match c.data_type() {
+                DataType::UInt64 => Some(c.as_primitive::<UInt64Type>().values()),
+                _ => return Err(schema_err("seq is not UInt64")),
+            }
+        } else {
+            None
+        };
+        let visitor: Option<&StringArray> = if visitors {
+            let c = batch
+                .column_by_name("visitor")
+                .ok_or_else(|| schema_err("missing visitor"))?;
+            Some(
+                c.as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| schema_err("visitor is not Utf8"))?,
+            )
+        } else {
+            None
+        };
+
+        let mut events = 0u64;
+        for i in 0..n {
+            if let Some(seq) = seq {
+                if seq[i] > cutoff {
+                    continue;
+                }
+            }
+            events += 1;
+            let k = keys[i] as usize;
+            let mut lid = *map
+                .get(k)
+                .ok_or_else(|| schema_err("url dictionary key out of range"))?;
+            if lid == u32::MAX {
+                lid = match &mut index {
+                    None => {
+                        part.urls.push((dict_no, k as u32));
+                        (part.urls.len() - 1) as u32
+                    }
+                    Some(index) => {
+                        let s = part.dicts[dict_no as usize].value(k);
+                        match index.get(s) {
+                            Some(&id) => id,
+                            None => {
+                                part.urls.push((dict_no, k as u32));
+                                let id = (part.urls.len() - 1) as u32;
+                                index.insert(Box::from(s), id);
+                                id
+                            }
+                        }
+                    }
+                };
+                map[k] = lid;
+            }
+            let t = ts[i];
+            let hour = bias(t.div_euclid(HOUR_MS)).ok_or_else(|| schema_err("ts out of range"))?;
+            let key = (u64::from(lid) << 32) | u64::from(hour);
+            if key == prev_key {
+                prev_cnt += 1;
+            } else {
+                if prev_cnt > 0 {
+                    part.cells.push((prev_key, prev_cnt));
+                }
+                prev_key = key;
+                prev_cnt = 1;
+            }
+            if let Some(v) = visitor {
+                if v.is_valid(i) {
+                    let day = bias(t.div_euclid(DAY_MS)).expect("day range within hour range");
+                    part.visitors.push((
+                        (u64::from(lid) << 32) | u64::from(day),
+                        sketch::visitor_hash(v.value(i)),
+                    ));
+                }
+            }
+        }
+        part.events += events;
+        progress.events_done.fetch_add(events, Ordering::Relaxed);
+        part.agg_ns += ta.elapsed().as_nanos() as u64;
+    }
+    let ta = Instant::now();
+    if prev_cnt > 0 {
+        part.cells.push((prev_key, prev_cnt));
+    }
+    // Sorted input (the master's (url, ts) order) makes this a linear check.
+    part.cells.sort_unstable_by_key(|c| c.0);
+    part.cells.dedup_by(|b, a| {
+        if a.0 == b.0 {
+            a.1 += b.1;
+            true
+        } else {
+            false
+        }
+    });
+    part.agg_ns += ta.elapsed().as_nanos() as u64;
+    Ok(part)
+}
+
+/// Splits `buf` into consecutive mutable slices of the given lengths.
+fn split_segments<'a, T>(mut buf: &'a mut [T], offsets: &[usize]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for w in offsets.windows(2) {
+        let (a, b) = std::mem::take(&mut buf).split_at_mut(w[1] - w[0]);
+        out.push(a);
+        buf = b;
+    }
+    out
+}
+
+fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
+    let mut stats = ComputeStats::default();
+    let mut events = 0u64;
+    for p in &partials {
+        stats.rows_read += p.rows;
+        stats.url_dictionaries += p.dictionaries;
+        stats.read_decode_cpu_ms += p.decode_ns as f64 / 1e6;
+        stats.aggregate_cpu_ms += p.agg_ns as f64 / 1e6;
+        events += p.events;
+    }
+    // 1. Global URL ranks by a k-way merge of the partials' URL lists in URL order (already
+    //    sorted when the master file is sorted by url; sorted here otherwise).
+    let perms: Vec<Vec<u32>> = partials
+        .par_iter()
+        .map(|p| {
+            let mut perm: Vec<u32> = (0..p.urls.len() as u32).collect();
+            if !(1..p.urls.len()).all(|l| p.url(l - 1) < p.url(l)) {
+                perm.sort_unstable_by(|&a, &b| p.url(a as usize).cmp(p.url(b as usize)));
+            }
+            perm
+        })
+        .collect();
+    let mut l2r: Vec<Vec<u32>> = partials.iter().map(|p| vec![0u32; p.urls.len()]).collect();
+    let mut urls: Vec<String> = Vec::new();
+    {
+        let mut heap: BinaryHeap<Reverse<(&str, usize)>> =
+            BinaryHeap::with_capacity(partials.len());
+        let mut pos = vec![0usize; partials.len()];
+        for (pi, p) in partials.iter().enumerate() {
+            if let Some(&l) = perms[pi].first() {
+                heap.push(Reverse((p.url(l as usize), pi)));
+            }
+        }
+        while let Some(Reverse((u, pi))) = heap.pop() {
+            if urls.last().map(String::as_str) != Some(u) {
+                urls.push(u.to_string());
+            }
+            let lid = perms[pi][pos[pi]] as usize;
+            l2r[pi][lid] = (urls.len() - 1) as u32;
+            pos[pi] += 1;
+            if let Some(&l) = perms[pi].get(pos[pi]) {
+                heap.push(Reverse((partials[pi].url(l as usize), pi)));
+            }
+        }
+    }
+    let nurls = urls.len();
+
+    // 2. Counting sort of all cells by URL rank.
+    let mut offsets = vec![0usize; nurls + 1];
+    for (p, l2r) in partials.iter().zip(&l2r) {
+        for &(k, _) in &p.cells {
+            offsets[l2r[(k >> 32) as usize] as usize + 1] += 1;
+        }
+    }
+    for i in 0..nurls {
+        offsets[i + 1] += offsets[i];
+    }
+    let mut buf: Vec<(u32, u64)> = vec![(0, 0); offsets[nurls]];
+    let mut pos = offsets.clone();
+    for (p, l2r) in partials.iter().zip(&l2r) {
+        for &(k, c) in &p.cells {
+            let r = l2r[(k >> 32) as usize] as usize;
+            buf[pos[r]] = (k as u32, u64::from(c));
+            pos[r] += 1;
+        }
+    }
+    // 3. Per URL: sort its runs by hour and add duplicates, in parallel.
+    let lens: Vec<usize> = split_segments(&mut buf, &offsets)
+        .into_par_iter()
+        .map(|seg| {
+            seg.sort_unstable_by_key(|c| c.0);
+            let mut w = 0;
+            for r in 0..seg.len() {
+                if w > 0 && seg[w - 1].0 == seg[r].0 {
+                    seg[w - 1].1 += seg[r].1;
+                } else {
+                    seg[w] = seg[r];
+                    w += 1;
+                }
+            }
+            w
+        })
+        .collect();
+    let total: usize = lens.iter().sum();
+    let mut hours = Vec::with_capacity(total);
+    let mut views = Vec::with_capacity(total);
+    let mut out_offsets = Vec::with_capacity(nurls + 1);
+    out_offsets.push(0);
+    for (u, &len) in lens.iter().enumerate() {
+        for &(h, c) in &buf[offsets[u]..offsets[u] + len] {
+            hours.push(unbias(h));
+            views.push(c);
+        }
+        out_offsets.push(hours.len());
+    }
+    drop(buf);
+
+    // 4. Sketches: the same counting sort, then per URL sort by (day, hash) and build.
+    let sketches = sketch_precision.map(|precision| {
+        let mut soff = vec![0usize; nurls + 1];
+        for (p, l2r) in partials.iter().zip(&l2r) {
+            for &(k, _) in &p.visitors {
+                soff[l2r[(k >> 32) as usize] as usize + 1] += 1;
+            }
+        }
+        for i in 0..nurls {
+            soff[i + 1] += soff[i];
+        }
+        let mut sbuf: Vec<(u32, u64)> = vec![(0, 0); soff[nurls]];
+        let mut pos = soff.clone();
+        for (p, l2r) in partials.iter().zip(&l2r) {
+            for &(k, h) in &p.visitors {
+                let r = l2r[(k >> 32) as usize] as usize;
+                sbuf[pos[r]] = (k as u32, h);
+                pos[r] += 1;
+            }
+        }
+        let per_url: Vec<Vec<(i64, VisitorSketch)>> = split_segments(&mut sbuf, &soff)
+            .into_par_iter()
+            .map(|seg| {
+                seg.sort_unstable();
+                let mut out = Vec::new();
+                let mut i = 0;
+                while i < seg.len() {
+                    let day = seg[i].0;
+                    let mut hashes = Vec::new();
+                    while i < seg.len() && seg[i].0 == day {
+                        if hashes.last() != Some(&seg[i].1) {
+                            hashes.push(seg[i].1);
+                        }
+                        i += 1;
+                    }
+                    out.push((
+                        unbias(day),
+                        VisitorSketch::from_sorted_distinct(precision, hashes),
+                    ));
+                }
+                out
+            })
+            .collect();
+        let mut sd = SketchData {
+            precision,
+            offsets: vec![0],
+            ..Default::default()
+        };
+        for v in per_url {
+            for (d, s) in v {
+                sd.days.push(d);
+                sd.sketches.push(s);
+            }
+            sd.offsets.push(sd.days.len());
+        }
+        sd
+    });
+
+    ViewData {
+        urls,
+        offsets: out_offsets,
+        hours,
+        views,
+        sketches,
+        events,
+        stats,
+    }
+}

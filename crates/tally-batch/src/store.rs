@@ -1,0 +1,831 @@
+//! The view store: `views/batch/<version>/` directories, each with `counts.parquet`, optionally
+//! `sketches.parquet`, and `manifest.json` (the commit, written last); `views/batch/CURRENT`
+//! names the serving version.
+//!
+//! Layout of a version directory:
+//! - `counts.parquet`: `url` Utf8 (dictionary-encoded), `hour` Int64 (hours since the epoch,
+//!   UTC), `views` UInt64; sorted by (url, hour); one row per non-zero cell.
+//! - `sketches.parquet` (when sketches were computed): `url` Utf8, `day` Int64 (days since the
+//!   epoch, UTC), `sketch` Binary ([`VisitorSketch::to_bytes`]); sorted by (url, day).
+//! - `manifest.json`: see [`Manifest`].
+//! - `DISCARDED` (only after a discard): the reason; the data is kept for inspection.
+//!
+//! A version is written into `.tmp-<version>-<pid>`, every file and the directory fsynced, then
+//! renamed into place and the parent fsynced. A directory without a valid manifest is garbage.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, DictionaryArray, Int32Array, Int64Array, RecordBatch,
+    StringArray, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+use serde::{Deserialize, Serialize};
+use tally_core::Seq;
+
+use crate::error::{Error, Result};
+use crate::kernel::{SketchData, ViewData};
+use crate::sketch::VisitorSketch;
+use crate::view::BatchView;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const COUNTS_FILE: &str = "counts.parquet";
+pub const SKETCHES_FILE: &str = "sketches.parquet";
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const DISCARDED_FILE: &str = "DISCARDED";
+pub const CURRENT_FILE: &str = "CURRENT";
+const TMP_PREFIX: &str = ".tmp-";
+const ROWS_PER_BATCH: usize = 256 * 1024;
+
+/// One file of a version, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub name: String,
+    pub size: u64,
+    /// Hex BLAKE3 of the whole file.
+    pub blake3: String,
+}
+
+/// `manifest.json`: the commit record of a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub version: String,
+    pub cutoff_seq: Seq,
+    pub events: u64,
+    pub urls: u64,
+    pub cells: u64,
+    pub sketch_precision: Option<u8>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub created_at_ms: i64,
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewStatus {
+    /// A valid manifest and not discarded (checksums are checked by `verify`/`load`, not `list`).
+    Good,
+    Discarded,
+    /// No valid manifest: garbage.
+    Invalid,
+}
+
+/// A version as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewInfo {
+    pub version: String,
+    pub cutoff_seq: Seq,
+    pub created_at: String,
+    pub created_at_ms: i64,
+    pub events: u64,
+    pub urls: u64,
+    pub size_bytes: u64,
+    pub status: ViewStatus,
+}
+
+/// The name of a new version: `{cutoff:020}-{unix_ms:013}`, so that name order is cutoff order,
+/// then creation order.
+pub fn version_name(cutoff: Seq, unix_ms: i64) -> String {
+    format!("{}-{:013}", cutoff.padded(), unix_ms.max(0))
+}
+
+/// Parses a version name into `(cutoff, unix_ms)`.
+pub fn parse_version(name: &str) -> Option<(Seq, i64)> {
+    let (a, b) = name.split_once('-')?;
+    let cutoff = Seq::parse_padded(a)?;
+    if b.len() != 13 || !b.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some((cutoff, b.parse().ok()?))
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Writes through to a file while hashing and counting.
+struct HashingWriter {
+    inner: BufWriter<File>,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The batch view store under `data_dir/views/batch`.
+#[derive(Debug, Clone)]
+pub struct ViewStore {
+    root: PathBuf,
+}
+
+impl ViewStore {
+    /// Opens (creating it if needed) the store at `root` (normally `data_dir/views/batch`).
+    pub fn open(root: impl Into<PathBuf>) -> Result<ViewStore> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        Ok(ViewStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn version_dir(&self, version: &str) -> PathBuf {
+        self.root.join(version)
+    }
+
+    /// Writes `data` as a new version (not yet CURRENT) and returns it.
+    pub fn write(&self, data: &ViewData, cutoff: Seq, created_at_ms: i64) -> Result<ViewInfo> {
+        let mut ms = created_at_ms;
+        let mut version = version_name(cutoff, ms);
+        while self.version_dir(&version).exists() {
+            ms += 1;
+            version = version_name(cutoff, ms);
+        }
+        let tmp = self
+            .root
+            .join(format!("{TMP_PREFIX}{version}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let result = self.write_into(&tmp, &version, data, cutoff, ms);
+        let manifest = match result {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let dst = self.version_dir(&version);
+        fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        fsync_dir(&self.root)?;
+        let size_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>();
+        tracing::info!(version = %version, cutoff_seq = cutoff.get(), events = data.events, urls = data.urls.len(), size_bytes, "batch view written");
+        Ok(info_of(&manifest, size_bytes, ViewStatus::Good))
+    }
+
+    fn write_into(
+        &self,
+        dir: &Path,
+        version: &str,
+        data: &ViewData,
+        cutoff: Seq,
+        created_at_ms: i64,
+    ) -> Result<Manifest> {
+        let counts_path = dir.join(COUNTS_FILE);
+        let sketch_path = dir.join(SKETCHES_FILE);
+        let (counts, sketches) = rayon::join(
+            || write_counts(&counts_path, data),
+            || match &data.sketches {
+                Some(s) if !s.days.is_empty() => {
+                    write_sketches(&sketch_path, &data.urls, s).map(Some)
+                }
+                _ => Ok(None),
+            },
+        );
+        let mut files = vec![counts?];
+        files.extend(sketches?);
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            version: version.to_string(),
+            cutoff_seq: cutoff,
+            events: data.events,
+            urls: data.urls.len() as u64,
+            cells: data.hours.len() as u64,
+            sketch_precision: data.sketches.as_ref().map(|s| s.precision),
+            created_at: tally_core::format_rfc3339(created_at_ms),
+            created_at_ms,
+            files,
+        };
+        let mpath = dir.join(MANIFEST_FILE);
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        write_file_synced(&mpath, &json)?;
+        fsync_dir(dir)?;
+        Ok(manifest)
+    }
+
+    /// Points `CURRENT` at `version` atomically (temp file, fsync, rename, fsync directory).
+    pub fn set_current(&self, version: &str) -> Result<()> {
+        let m = self.read_manifest(version)?;
+        if self.is_discarded(version) {
+            return Err(Error::Invalid(format!("version {version} is discarded")));
+        }
+        let tmp = self
+            .root
+            .join(format!("{TMP_PREFIX}{CURRENT_FILE}-{}", std::process::id()));
+        write_file_synced(&tmp, format!("{}\n", m.version).as_bytes())?;
+        let dst = self.root.join(CURRENT_FILE);
+        fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        fsync_dir(&self.root)?;
+        tracing::info!(version, "batch view is current");
+        Ok(())
+    }
+
+    /// The version `CURRENT` names, if any.
+    pub fn current(&self) -> Result<Option<String>> {
+        let p = self.root.join(CURRENT_FILE);
+        match fs::read_to_string(&p) {
+            Ok(s) => {
+                let v = s.trim();
+                Ok((!v.is_empty()).then(|| v.to_string()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&p, e)),
+        }
+    }
+
+    fn clear_current(&self) -> Result<()> {
+        let p = self.root.join(CURRENT_FILE);
+        match fs::remove_file(&p) {
+            Ok(()) => fsync_dir(&self.root),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&p, e)),
+        }
+    }
+
+    /// Reads and checks the manifest of `version` (missing or invalid: `Corrupt`).
+    pub fn read_manifest(&self, version: &str) -> Result<Manifest> {
+        let dir = self.version_dir(version);
+        if !dir.is_dir() {
+            return Err(Error::NoSuchVersion(version.to_string()));
+        }
+        let p = dir.join(MANIFEST_FILE);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::corrupt(&p, "manifest is missing"))
+            }
+            Err(e) => return Err(Error::io(&p, e)),
+        };
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(&p, format!("manifest is not valid: {e}")))?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(Error::corrupt(
+                &p,
+                format!("unknown format_version {}", m.format_version),
+            ));
+        }
+        if m.version != version {
+            return Err(Error::corrupt(
+                &p,
+                format!("manifest names version {}", m.version),
+            ));
+        }
+        if !m.files.iter().any(|f| f.name == COUNTS_FILE)
+            || m.files
+                .iter()
+                .any(|f| f.name.contains(['/', '\\']) || f.name.starts_with('.'))
+        {
+            return Err(Error::corrupt(&p, "manifest file list is not valid"));
+        }
+        Ok(m)
+    }
+
+    /// Checks every file of `version` against the manifest (size and BLAKE3).
+    pub fn verify(&self, version: &str) -> Result<Manifest> {
+        let m = self.read_manifest(version)?;
+        let dir = self.version_dir(version);
+        for f in &m.files {
+            let p = dir.join(&f.name);
+            let mut file = match File::open(&p) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::corrupt(&p, "file is missing"))
+                }
+                Err(e) => return Err(Error::io(&p, e)),
+            };
+            let size = file.metadata().map_err(|e| Error::io(&p, e))?.len();
+            if size != f.size {
+                return Err(Error::corrupt(
+                    &p,
+                    format!("size is {size}, manifest says {}", f.size),
+                ));
+            }
+            let mut h = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| Error::io(&p, e))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            let got = h.finalize().to_hex().to_string();
+            if got != f.blake3 {
+                return Err(Error::corrupt(&p, "checksum does not match the manifest"));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn is_discarded(&self, version: &str) -> bool {
+        self.version_dir(version).join(DISCARDED_FILE).exists()
+    }
+
+    /// Verifies `version`, then loads it into memory. A discarded version is refused.
+    pub fn load(&self, version: &str) -> Result<BatchView> {
+        let m = self.verify(version)?;
+        if self.is_discarded(version) {
+            return Err(Error::Invalid(format!("version {version} is discarded")));
+        }
+        let dir = self.version_dir(version);
+        let mut data = read_counts(&dir.join(COUNTS_FILE))?;
+        if data.urls.len() as u64 != m.urls || data.hours.len() as u64 != m.cells {
+            return Err(Error::corrupt(
+                dir.join(COUNTS_FILE),
+                "url or cell count differs from the manifest",
+            ));
+        }
+        data.events = m.events;
+        if let Some(p) = m.sketch_precision {
+            data.sketches = Some(if m.files.iter().any(|f| f.name == SKETCHES_FILE) {
+                read_sketches(&dir.join(SKETCHES_FILE), &data.urls, p)?
+            } else {
+                SketchData {
+                    precision: p,
+                    offsets: vec![0; data.urls.len() + 1],
+                    ..Default::default()
+                }
+            });
+        }
+        Ok(BatchView::from_data(
+            m.version,
+            m.cutoff_seq,
+            m.created_at_ms,
+            data,
+        ))
+    }
+
+    /// Marks `version` discarded (keeps its files). If it was `CURRENT`, `CURRENT` moves to the
+    /// newest good earlier version, or is removed. Returns the version `CURRENT` names after.
+    pub fn discard(&self, version: &str, reason: &str) -> Result<Option<String>> {
+        let dir = self.version_dir(version);
+        if !dir.is_dir() {
+            return Err(Error::NoSuchVersion(version.to_string()));
+        }
+        write_file_synced(&dir.join(DISCARDED_FILE), format!("{reason}\n").as_bytes())?;
+        fsync_dir(&dir)?;
+        tracing::warn!(version, reason, "batch view discarded");
+        let current = self.current()?;
+        if current.as_deref() == Some(version) {
+            match self.newest_good_before(version)? {
+                Some(prev) => {
+                    self.set_current(&prev)?;
+                    Ok(Some(prev))
+                }
+                None => {
+                    self.clear_current()?;
+                    Ok(None)
+                }
+            }
+        } else {
+            Ok(current)
+        }
+    }
+
+    /// The newest good version whose name sorts before `version`.
+    pub fn newest_good_before(&self, version: &str) -> Result<Option<String>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .rev()
+            .find(|v| v.status == ViewStatus::Good && v.version.as_str() < version)
+            .map(|v| v.version))
+    }
+
+    /// The newest good version.
+    pub fn newest_good(&self) -> Result<Option<String>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .rev()
+            .find(|v| v.status == ViewStatus::Good)
+            .map(|v| v.version))
+    }
+
+    /// Every version directory, ascending by name. Temporary directories are not listed.
+    pub fn list(&self) -> Result<Vec<ViewInfo>> {
+        let mut out = Vec::new();
+        let rd = fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io(&self.root, e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') || !entry.path().is_dir() {
+                continue;
+            }
+            let size_bytes = dir_size(&entry.path());
+            let info = match self.read_manifest(&name) {
+                Ok(m) => {
+                    let status = if self.is_discarded(&name) {
+                        ViewStatus::Discarded
+                    } else {
+                        ViewStatus::Good
+                    };
+                    info_of(&m, size_bytes, status)
+                }
+                Err(_) => {
+                    let (cutoff_seq, ms) = parse_version(&name).unwrap_or_default();
+                    ViewInfo {
+                        version: name.clone(),
+                        cutoff_seq,
+                        created_at: tally_core::format_rfc3339(ms),
+                        created_at_ms: ms,
+                        events: 0,
+                        urls: 0,
+                        size_bytes,
+                        status: ViewStatus::Invalid,
+                    }
+                }
+            };
+            out.push(info);
+        }
+        out.sort_by(|a, b| a.version.cmp(&b.version));
+        Ok(out)
+    }
+
+    /// Deletes good versions older than the newest `keep_versions` good ones (never `CURRENT`)
+    /// and leftover temporary directories and files. Discarded and invalid versions are kept
+    /// for inspection. Returns the deleted version names.
+    pub fn gc(&self, keep_versions: usize) -> Result<Vec<String>> {
+        let current = self.current()?;
+        let mut deleted = Vec::new();
+        let rd = fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(TMP_PREFIX) {
+                let p = entry.path();
+                let r = if p.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove temporary view file");
+                }
+            }
+        }
+        let good: Vec<ViewInfo> = self
+            .list()?
+            .into_iter()
+            .filter(|v| v.status == ViewStatus::Good)
+            .collect();
+        let n = good.len();
+        for v in good.into_iter().take(n.saturating_sub(keep_versions)) {
+            if current.as_deref() == Some(v.version.as_str()) {
+                continue;
+            }
+            let p = self.version_dir(&v.version);
+            fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            deleted.push(v.version);
+        }
+        if !deleted.is_empty() {
+            fsync_dir(&self.root)?;
+            tracing::info!(deleted = deleted.len(), "old batch views deleted");
+        }
+        Ok(deleted)
+    }
+}
+
+fn info_of(m: &Manifest, size_bytes: u64, status: ViewStatus) -> ViewInfo {
+    ViewInfo {
+        version: m.version.clone(),
+        cutoff_seq: m.cutoff_seq,
+        created_at: m.created_at.clone(),
+        created_at_ms: m.created_at_ms,
+        events: m.events,
+        urls: m.urls,
+        size_bytes,
+        status,
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn writer_props() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).expect("valid zstd level"),
+        ))
+        .set_column_dictionary_page_size_limit(ColumnPath::from("url"), 256 << 20)
+        .set_max_row_group_row_count(Some(1 << 20))
+        .build()
+}
+
+fn url_dict_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// Writes batches produced by `batches` to `path` through a hashing writer, fsynced.
+fn write_parquet(
+    path: &Path,
+    schema: SchemaRef,
+    mut batches: impl FnMut(&mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()>,
+) -> Result<ManifestFile> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let hw = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: blake3::Hasher::new(),
+        size: 0,
+    };
+    let mut w = ArrowWriter::try_new(hw, schema, Some(writer_props()))
+        .map_err(|e| Error::parquet(path, e))?;
+    batches(&mut |b| w.write(&b).map_err(|e| Error::parquet(path, e)))?;
+    let hw = w.into_inner().map_err(|e| Error::parquet(path, e))?;
+    let HashingWriter {
+        inner,
+        hasher,
+        size,
+    } = hw;
+    let file = inner
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(path, e))?;
+    Ok(ManifestFile {
+        name: path
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .to_string(),
+        size,
+        blake3: hasher.finalize().to_hex().to_string(),
+    })
+}
+
+fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("url", url_dict_type(), false),
+        Field::new("hour", DataType::Int64, false),
+        Field::new("views", DataType::UInt64, false),
+    ]));
+    let values: ArrayRef = Arc::new(StringArray::from_iter_values(data.urls.iter()));
+    // Row -> URL index.
+    let mut keys: Vec<i32> = Vec::with_capacity(data.hours.len());
+    for u in 0..data.urls.len() {
+        keys.extend(std::iter::repeat_n(
+            u as i32,
+            data.offsets[u + 1] - data.offsets[u],
+        ));
+    }
+    write_parquet(path, schema.clone(), |sink| {
+        let n = data.hours.len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + ROWS_PER_BATCH).min(n);
+            let url = DictionaryArray::<Int32Type>::try_new(
+                Int32Array::from(keys[start..end].to_vec()),
+                values.clone(),
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            let b = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(url),
+                    Arc::new(Int64Array::from(data.hours[start..end].to_vec())),
+                    Arc::new(UInt64Array::from(data.views[start..end].to_vec())),
+                ],
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            sink(b)?;
+            start = end;
+        }
+        Ok(())
+    })
+}
+
+fn write_sketches(path: &Path, urls: &[String], s: &SketchData) -> Result<ManifestFile> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("url", url_dict_type(), false),
+        Field::new("day", DataType::Int64, false),
+        Field::new("sketch", DataType::Binary, false),
+    ]));
+    let values: ArrayRef = Arc::new(StringArray::from_iter_values(urls.iter()));
+    let mut keys: Vec<i32> = Vec::with_capacity(s.days.len());
+    for u in 0..urls.len() {
+        keys.extend(std::iter::repeat_n(
+            u as i32,
+            s.offsets[u + 1] - s.offsets[u],
+        ));
+    }
+    write_parquet(path, schema.clone(), |sink| {
+        let n = s.days.len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + ROWS_PER_BATCH / 4).min(n);
+            let url = DictionaryArray::<Int32Type>::try_new(
+                Int32Array::from(keys[start..end].to_vec()),
+                values.clone(),
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            let bytes: Vec<Vec<u8>> = s.sketches[start..end]
+                .iter()
+                .map(|k| k.to_bytes())
+                .collect();
+            let b = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(url),
+                    Arc::new(Int64Array::from(s.days[start..end].to_vec())),
+                    Arc::new(BinaryArray::from_iter_values(bytes.iter())),
+                ],
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            sink(b)?;
+            start = end;
+        }
+        Ok(())
+    })
+}
+
+/// Reads a view file with `url` as a dictionary; calls `f(url_changed_to, batch)` per batch.
+fn read_view_file(
+    path: &Path,
+    mut f: impl FnMut(&StringArray, &[i32], &RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let plain =
+        parquet::arrow::arrow_reader::ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+            .map_err(|e| Error::parquet(path, e))?;
+    let fields: Vec<Field> = plain
+        .schema()
+        .fields()
+        .iter()
+        .map(|fl| {
+            if fl.name() == "url" && matches!(fl.data_type(), DataType::Utf8) {
+                fl.as_ref().clone().with_data_type(url_dict_type())
+            } else {
+                fl.as_ref().clone()
+            }
+        })
+        .collect();
+    let opts = ArrowReaderOptions::new().with_schema(Arc::new(Schema::new(fields)));
+    let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(file, opts)
+        .and_then(|b| b.with_batch_size(ROWS_PER_BATCH).build())
+        .map_err(|e| Error::parquet(path, e))?;
+    for b in reader {
+        let b = b.map_err(|e| Error::parquet(path, e))?;
+        let url = b
+            .column_by_name("url")
+            .and_then(|c| c.as_any().downcast_ref::<DictionaryArray<Int32Type>>())
+            .ok_or_else(|| Error::corrupt(path, "no url dictionary column"))?;
+        let values = url
+            .values()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| Error::corrupt(path, "url values are not Utf8"))?;
+        if url.null_count() > 0 {
+            return Err(Error::corrupt(path, "url has nulls"));
+        }
+        f(values, url.keys().values(), &b)?;
+    }
+    Ok(())
+}
+
+fn i64_col<'a>(path: &Path, b: &'a RecordBatch, name: &str) -> Result<&'a [i64]> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| Error::corrupt(path, format!("no {name} column")))?;
+    if c.data_type() != &DataType::Int64 || c.null_count() > 0 {
+        return Err(Error::corrupt(
+            path,
+            format!("{name} is not a non-null Int64"),
+        ));
+    }
+    Ok(c.as_primitive::<Int64Type>().values())
+}
+
+fn read_counts(path: &Path) -> Result<ViewData> {
+    let mut d = ViewData {
+        offsets: vec![0],
+        ..Default::default()
+    };
+    read_view_file(path, |values, keys, b| {
+        let hours = i64_col(path, b, "hour")?;
+        let vc = b
+            .column_by_name("views")
+            .ok_or_else(|| Error::corrupt(path, "no views column"))?;
+        if vc.data_type() != &DataType::UInt64 || vc.null_count() > 0 {
+            return Err(Error::corrupt(path, "views is not a non-null UInt64"));
+        }
+        let views = vc.as_primitive::<UInt64Type>().values();
+        let mut prev_key = -1i32;
+        for i in 0..keys.len() {
+            let k = keys[i];
+            if k != prev_key {
+                let u = values.value(k as usize);
+                prev_key = k;
+                if d.urls.last().map(String::as_str) != Some(u) {
+                    if d.urls.last().is_some_and(|last| last.as_str() >= u) {
+                        return Err(Error::corrupt(path, "urls are not sorted"));
+                    }
+                    if !d.urls.is_empty() {
+                        d.offsets.push(d.hours.len());
+                    }
+                    d.urls.push(u.to_string());
+                }
+            }
+            let start = *d.offsets.last().expect("non-empty");
+            if d.hours.len() > start && d.hours[d.hours.len() - 1] >= hours[i] {
+                return Err(Error::corrupt(path, "hours are not sorted"));
+            }
+            if views[i] == 0 {
+                return Err(Error::corrupt(path, "a cell has zero views"));
+            }
+            d.hours.push(hours[i]);
+            d.views.push(views[i]);
+        }
+        Ok(())
+    })?;
+    if !d.urls.is_empty() {
+        d.offsets.push(d.hours.len());
+    }
+    Ok(d)
+}
+
+fn read_sketches(path: &Path, urls: &[String], precision: u8) -> Result<SketchData> {
+    let mut s = SketchData {
+        precision,
+        offsets: vec![0; urls.len() + 1],
+        ..Default::default()
+    };
+    // Sketch rows are sorted by url; walk the URL list alongside.
+    let mut ui = 0usize;
+    let mut counts = vec![0usize; urls.len()];
+    read_view_file(path, |values, keys, b| {
+        let days = i64_col(path, b, "day")?;
+        let sc = b
+            .column_by_name("sketch")
+            .and_then(|c| c.as_any().downcast_ref::<BinaryArray>())
+            .ok_or_else(|| Error::corrupt(path, "no sketch Binary column"))?;
+        for i in 0..keys.len() {
+            let u = values.value(keys[i] as usize);
+            while ui < urls.len() && urls[ui].as_str() < u {
+                ui += 1;
+            }
+            if ui == urls.len() || urls[ui] != u {
+                return Err(Error::corrupt(
+                    path,
+                    "sketch url is unknown or out of order",
+                ));
+            }
+            if counts[ui] > 0 && s.days.last().is_some_and(|&d| d >= days[i]) {
+                return Err(Error::corrupt(path, "days are not sorted"));
+            }
+            let sk = VisitorSketch::from_bytes(sc.value(i))
+                .map_err(|e| Error::corrupt(path, e.to_string()))?;
+            if sk.precision() != precision {
+                return Err(Error::corrupt(
+                    path,
+                    "sketch precision differs from the manifest",
+                ));
+            }
+            counts[ui] += 1;
+            s.days.push(days[i]);
+            s.sketches.push(sk);
+        }
+        Ok(())
+    })?;
+    for (i, c) in counts.iter().enumerate() {
+        s.offsets[i + 1] = s.offsets[i] + c;
+    }
+    Ok(s)
+}

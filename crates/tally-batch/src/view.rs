@@ -1,0 +1,294 @@
+//! The in-memory batch view the serving layer answers from. Immutable once built; the server
+//! holds it as `ArcSwap<Option<Arc<BatchView>>>` and swaps it in one step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tally_core::Seq;
+
+use crate::error::Result;
+use crate::kernel::ViewData;
+use crate::sketch::VisitorSketch;
+
+/// A loaded batch view: per URL, views per UTC hour with prefix sums, totals in top-N order,
+/// and (when computed) visitor sketches per UTC day.
+#[derive(Debug)]
+pub struct BatchView {
+    pub version: String,
+    pub cutoff_seq: Seq,
+    pub computed_at_ms: i64,
+    pub events: u64,
+    pub urls: u64,
+    names: Vec<Arc<str>>,
+    index: HashMap<Arc<str>, u32>,
+    /// URL `i` owns cells `offsets[i]..offsets[i+1]`.
+    offsets: Vec<usize>,
+    hours: Vec<i64>,
+    /// `prefix[j]` = sum of views of cells `0..j` (over all URLs); `len = cells + 1`.
+    prefix: Vec<u64>,
+    /// URL ids by total views desc, then url asc.
+    by_total: Vec<u32>,
+    /// Host -> URL ids with that host.
+    hosts: HashMap<Box<str>, Vec<u32>>,
+    sketch_precision: Option<u8>,
+    sketch_offsets: Vec<usize>,
+    sketch_days: Vec<i64>,
+    sketches: Vec<VisitorSketch>,
+}
+
+impl BatchView {
+    /// Builds the in-memory index from computed or loaded view data.
+    pub fn from_data(
+        version: String,
+        cutoff_seq: Seq,
+        computed_at_ms: i64,
+        data: ViewData,
+    ) -> BatchView {
+        let ViewData {
+            urls,
+            offsets,
+            hours,
+            views,
+            sketches,
+            events,
+            ..
+        } = data;
+        let names: Vec<Arc<str>> = urls.into_iter().map(Arc::from).collect();
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.clone(), i as u32))
+            .collect();
+        let mut prefix = Vec::with_capacity(views.len() + 1);
+        let mut acc = 0u64;
+        prefix.push(0);
+        for v in &views {
+            acc += v;
+            prefix.push(acc);
+        }
+        let total = |i: usize| prefix[offsets[i + 1]] - prefix[offsets[i]];
+        let mut by_total: Vec<u32> = (0..names.len() as u32).collect();
+        // URL ids are in URL order already, so a stable sort by total keeps url asc for ties.
+        by_total.sort_by_key(|&i| std::cmp::Reverse(total(i as usize)));
+        let mut hosts: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        for (i, u) in names.iter().enumerate() {
+            if let Some(h) = tally_core::url::host_of(u) {
+                match hosts.get_mut(h) {
+                    Some(v) => v.push(i as u32),
+                    None => {
+                        hosts.insert(h.into(), vec![i as u32]);
+                    }
+                }
+            }
+        }
+        let (sketch_precision, sketch_offsets, sketch_days, sketches) = match sketches {
+            Some(s) => (Some(s.precision), s.offsets, s.days, s.sketches),
+            None => (None, Vec::new(), Vec::new(), Vec::new()),
+        };
+        BatchView {
+            version,
+            cutoff_seq,
+            computed_at_ms,
+            events,
+            urls: names.len() as u64,
+            names,
+            index,
+            offsets,
+            hours,
+            prefix,
+            by_total,
+            hosts,
+            sketch_precision,
+            sketch_offsets,
+            sketch_days,
+            sketches,
+        }
+    }
+
+    fn id(&self, url: &str) -> Option<usize> {
+        self.index.get(url).map(|&i| i as usize)
+    }
+
+    /// Cell index range `[a, b)` of URL `i` with hours in `[from_hour, to_hour)`.
+    fn cell_range(&self, i: usize, from_hour: i64, to_hour: i64) -> (usize, usize) {
+        let (s, e) = (self.offsets[i], self.offsets[i + 1]);
+        if from_hour >= to_hour {
+            return (s, s);
+        }
+        let hours = &self.hours[s..e];
+        let a = hours.partition_point(|&h| h < from_hour);
+        let b = a + hours[a..].partition_point(|&h| h < to_hour);
+        (s + a, s + b)
+    }
+
+    /// Views of `url` with hour in `[from_hour, to_hour)` (hours since the epoch, UTC).
+    pub fn range_views(&self, url: &str, from_hour: i64, to_hour: i64) -> u64 {
+        match self.id(url) {
+            Some(i) => {
+                let (a, b) = self.cell_range(i, from_hour, to_hour);
+                self.prefix[b] - self.prefix[a]
+            }
+            None => 0,
+        }
+    }
+
+    /// The non-zero `(hour, views)` of `url` in `[from_hour, to_hour)`, ascending.
+    pub fn hour_counts(&self, url: &str, from_hour: i64, to_hour: i64) -> Vec<(i64, u64)> {
+        match self.id(url) {
+            Some(i) => {
+                let (a, b) = self.cell_range(i, from_hour, to_hour);
+                (a..b)
+                    .map(|j| (self.hours[j], self.prefix[j + 1] - self.prefix[j]))
+                    .collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Total views of `url` in this view.
+    pub fn total_views(&self, url: &str) -> u64 {
+        self.id(url).map_or(0, |i| self.total(i))
+    }
+
+    fn total(&self, i: usize) -> u64 {
+        self.prefix[self.offsets[i + 1]] - self.prefix[self.offsets[i]]
+    }
+
+    /// Every URL with its total views, by views desc then url asc.
+    pub fn totals_desc(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.by_total
+            .iter()
+            .map(move |&i| (&*self.names[i as usize], self.total(i as usize)))
+    }
+
+    /// Calls `f(url, views)` for every URL (whose host is `host`, when given; see
+    /// `tally_core::url::host_of`) with non-zero views in `[from_hour, to_hour)`. URLs come in
+    /// ascending order.
+    pub fn range_totals(
+        &self,
+        from_hour: i64,
+        to_hour: i64,
+        host: Option<&str>,
+        mut f: impl FnMut(&str, u64),
+    ) {
+        let mut visit = |i: usize| {
+            let (a, b) = self.cell_range(i, from_hour, to_hour);
+            let v = self.prefix[b] - self.prefix[a];
+            if v > 0 {
+                f(&self.names[i], v);
+            }
+        };
+        match host {
+            Some(h) => {
+                if let Some(ids) = self.hosts.get(h) {
+                    ids.iter().for_each(|&i| visit(i as usize));
+                }
+            }
+            None => (0..self.names.len()).for_each(visit),
+        }
+    }
+
+    /// All URLs, ascending.
+    pub fn url_list(&self) -> impl Iterator<Item = &str> + '_ {
+        self.names.iter().map(|u| &**u)
+    }
+
+    /// Precision of the visitor sketches, `None` when the view has none.
+    pub fn sketch_precision(&self) -> Option<u8> {
+        self.sketch_precision
+    }
+
+    /// The visitor sketch of `url` on UTC day `day` (days since the epoch), if any visitor.
+    pub fn day_sketch(&self, url: &str, day: i64) -> Option<&VisitorSketch> {
+        self.sketch_precision?;
+        let i = self.id(url)?;
+        let (s, e) = (self.sketch_offsets[i], self.sketch_offsets[i + 1]);
+        let j = self.sketch_days[s..e].binary_search(&day).ok()?;
+        Some(&self.sketches[s + j])
+    }
+
+    /// The sketches of `url` for the days in `[from_day, to_day)`, merged (union of visitors);
+    /// `None` when the view has no sketches or no visitor of `url` in the range. Merge the result
+    /// with speed-layer sketches through [`VisitorSketch::merge`].
+    pub fn uniques_sketch(
+        &self,
+        url: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Option<VisitorSketch>> {
+        let (Some(_), Some(i)) = (self.sketch_precision, self.id(url)) else {
+            return Ok(None);
+        };
+        let (s, e) = (self.sketch_offsets[i], self.sketch_offsets[i + 1]);
+        let days = &self.sketch_days[s..e];
+        let a = days.partition_point(|&d| d < from_day);
+        let b = a + days[a..].partition_point(|&d| d < to_day);
+        let mut acc: Option<VisitorSketch> = None;
+        for sk in &self.sketches[s + a..s + b] {
+            match &mut acc {
+                None => acc = Some(sk.clone()),
+                Some(m) => m.merge(sk)?,
+            }
+        }
+        Ok(acc)
+    }
+
+    /// Number of (url, hour) cells (memory grows with this).
+    pub fn cells(&self) -> usize {
+        self.hours.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> ViewData {
+        ViewData {
+            urls: vec![
+                "http://a.com/".into(),
+                "http://b.com/x".into(),
+                "http://b.com/y".into(),
+            ],
+            offsets: vec![0, 3, 4, 6],
+            hours: vec![10, 12, 20, 11, 10, 30],
+            views: vec![1, 2, 3, 9, 5, 1],
+            events: 21,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ranges_totals_and_hosts() {
+        let v = BatchView::from_data("v".into(), Seq(21), 0, data());
+        assert_eq!(v.range_views("http://a.com/", 0, 100), 6);
+        assert_eq!(v.range_views("http://a.com/", 11, 20), 2);
+        assert_eq!(v.range_views("http://a.com/", 12, 12), 0);
+        assert_eq!(v.range_views("http://a.com/", 20, 10), 0);
+        assert_eq!(v.range_views("http://zzz/", 0, 100), 0);
+        assert_eq!(
+            v.hour_counts("http://a.com/", 10, 20),
+            vec![(10, 1), (12, 2)]
+        );
+        let top: Vec<_> = v.totals_desc().collect();
+        assert_eq!(
+            top,
+            vec![
+                ("http://b.com/x", 9),
+                ("http://a.com/", 6),
+                ("http://b.com/y", 6)
+            ]
+        );
+        let mut got = Vec::new();
+        v.range_totals(10, 12, Some("b.com"), |u, n| got.push((u.to_string(), n)));
+        assert_eq!(
+            got,
+            vec![
+                ("http://b.com/x".to_string(), 9),
+                ("http://b.com/y".to_string(), 5)
+            ]
+        );
+        assert!(v.day_sketch("http://a.com/", 0).is_none());
+        assert!(v.uniques_sketch("http://a.com/", 0, 10).unwrap().is_none());
+    }
+}

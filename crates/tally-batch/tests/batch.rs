@@ -1,0 +1,553 @@
+//! Integration tests of the batch layer on real files in a temporary directory.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use tally_batch::store::{ViewStatus, COUNTS_FILE, MANIFEST_FILE};
+use tally_batch::testing::{write_master_file, MasterRow, Rng};
+use tally_batch::{compute, BatchView, Error, Progress, ViewStore};
+use tally_core::{Seq, DAY_MS, HOUR_MS};
+use tally_master::MasterFile;
+
+const BASE_MS: i64 = 1_763_700_000_000; // 2025-11-21
+
+struct Dataset {
+    files: Vec<MasterFile>,
+    rows: Vec<MasterRow>,
+}
+
+fn urls() -> Vec<String> {
+    let hosts = [
+        "a.example.com",
+        "b.example.com",
+        "c.example.org",
+        "[::1]:8080",
+    ];
+    let mut out = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        for j in 0..(5 + 3 * i) {
+            out.push(format!("http://{h}/p/{j}?q={}", j % 3));
+        }
+    }
+    out
+}
+
+/// Random events, seq 1..=n, several files, small row groups.
+fn dataset(dir: &Path, seed: u64, n: u64, nfiles: u64) -> Dataset {
+    let mut rng = Rng::new(seed);
+    let urls = urls();
+    let mut rows = Vec::new();
+    for seq in 1..=n {
+        // Skewed URL choice, hours spread over ~10 days, some exactly on hour boundaries.
+        let u = (rng.below(urls.len() as u64) * rng.below(urls.len() as u64) / urls.len() as u64)
+            as usize;
+        let hour = rng.below(240) as i64;
+        let ts = BASE_MS - BASE_MS % HOUR_MS
+            + hour * HOUR_MS
+            + if rng.below(5) == 0 {
+                0
+            } else {
+                rng.below(HOUR_MS as u64) as i64
+            };
+        let visitor = (rng.below(4) != 0).then(|| format!("v{}", rng.below(40)));
+        rows.push(MasterRow {
+            seq,
+            ts,
+            url: urls[u].clone(),
+            visitor,
+        });
+    }
+    let per = n.div_ceil(nfiles);
+    let mut files = Vec::new();
+    for chunk in rows.chunks(per as usize) {
+        let rg = 1 + rng.below(chunk.len() as u64 / 2 + 1) as usize;
+        files.push(write_master_file(&dir.join("master"), chunk.to_vec(), rg).unwrap());
+    }
+    Dataset { files, rows }
+}
+
+struct Model {
+    cells: BTreeMap<String, BTreeMap<i64, u64>>,
+    visitors: HashMap<(String, i64), BTreeSet<String>>,
+    events: u64,
+}
+
+fn model(rows: &[MasterRow], cutoff: u64) -> Model {
+    let mut m = Model {
+        cells: BTreeMap::new(),
+        visitors: HashMap::new(),
+        events: 0,
+    };
+    for r in rows.iter().filter(|r| r.seq <= cutoff) {
+        m.events += 1;
+        *m.cells
+            .entry(r.url.clone())
+            .or_default()
+            .entry(r.ts.div_euclid(HOUR_MS))
+            .or_default() += 1;
+        if let Some(v) = &r.visitor {
+            m.visitors
+                .entry((r.url.clone(), r.ts.div_euclid(DAY_MS)))
+                .or_default()
+                .insert(v.clone());
+        }
+    }
+    m
+}
+
+fn check_view(view: &BatchView, m: &Model, seed: u64) {
+    let mut rng = Rng::new(seed ^ 0xabc);
+    assert_eq!(view.events, m.events);
+    assert_eq!(view.urls as usize, m.cells.len());
+    let all_hours: Vec<i64> = m.cells.values().flat_map(|h| h.keys().copied()).collect();
+    let (lo, hi) = (
+        *all_hours.iter().min().unwrap() - 3,
+        *all_hours.iter().max().unwrap() + 3,
+    );
+    for _ in 0..300 {
+        let a = lo + rng.below((hi - lo) as u64) as i64;
+        let b = a + rng.below((hi - a) as u64 + 1) as i64;
+        let host =
+            ["a.example.com", "c.example.org", "[::1]", "nope.example"][rng.below(4) as usize];
+        // range_views and hour_counts for every URL, plus an unknown one.
+        for (url, hours) in &m.cells {
+            let expect: Vec<(i64, u64)> = hours.range(a..b.max(a)).map(|(&h, &c)| (h, c)).collect();
+            assert_eq!(
+                view.range_views(url, a, b),
+                expect.iter().map(|x| x.1).sum::<u64>(),
+                "{url} [{a},{b})"
+            );
+            assert_eq!(view.hour_counts(url, a, b), expect);
+        }
+        assert_eq!(view.range_views("http://unknown.example/", a, b), 0);
+        // range_totals with and without host.
+        for h in [None, Some(host)] {
+            let mut got = BTreeMap::new();
+            view.range_totals(a, b, h, |u, v| {
+                assert!(got.insert(u.to_string(), v).is_none());
+            });
+            let expect: BTreeMap<String, u64> = m
+                .cells
+                .iter()
+                .filter(|(u, _)| h.is_none() || tally_core::url::host_of(u) == h)
+                .map(|(u, hs)| (u.clone(), hs.range(a..b.max(a)).map(|x| *x.1).sum::<u64>()))
+                .filter(|x| x.1 > 0)
+                .collect();
+            assert_eq!(got, expect, "range_totals {h:?} [{a},{b})");
+        }
+    }
+    // totals_desc: views desc, then url asc.
+    let mut expect: Vec<(String, u64)> = m
+        .cells
+        .iter()
+        .map(|(u, h)| (u.clone(), h.values().sum()))
+        .collect();
+    expect.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+    let got: Vec<(String, u64)> = view
+        .totals_desc()
+        .map(|(u, v)| (u.to_string(), v))
+        .collect();
+    assert_eq!(got, expect);
+    // Sketches (sparse, so exact here) per day and merged over day ranges.
+    if view.sketch_precision().is_some() {
+        let days: BTreeSet<i64> = m.visitors.keys().map(|k| k.1).collect();
+        let (d0, d1) = (*days.first().unwrap(), *days.last().unwrap() + 1);
+        for url in m.cells.keys() {
+            for d in d0..d1 {
+                let want = m.visitors.get(&(url.clone(), d)).map(|s| s.len());
+                assert_eq!(
+                    view.day_sketch(url, d).map(|s| s.estimate() as usize),
+                    want,
+                    "{url} day {d}"
+                );
+            }
+            let a = d0 + rng.below((d1 - d0) as u64) as i64;
+            let b = a + 1 + rng.below((d1 - a) as u64) as i64;
+            let mut union = BTreeSet::new();
+            for d in a..b {
+                if let Some(s) = m.visitors.get(&(url.clone(), d)) {
+                    union.extend(s.iter().cloned());
+                }
+            }
+            let got = view
+                .uniques_sketch(url, a, b)
+                .unwrap()
+                .map_or(0, |s| s.estimate() as usize);
+            assert_eq!(got, union.len(), "{url} days [{a},{b})");
+        }
+    }
+}
+
+#[test]
+fn kernel_and_view_match_reference_model() {
+    for seed in 1..=4u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3000 + seed * 500;
+        let ds = dataset(dir.path(), seed, n, 4);
+        // A cutoff in the middle of the second file.
+        let f = &ds.files[1];
+        let cutoff = (f.first.get() + f.last.get()) / 2;
+        let m = model(&ds.rows, cutoff);
+        let progress = Progress::new();
+        let sketches = (seed % 2 == 1).then_some(10);
+        let data = compute(&ds.files, Seq(cutoff), sketches, &progress).unwrap();
+        assert_eq!(data.events, m.events);
+        let p = progress.snapshot();
+        assert_eq!(
+            (p.files_done, p.files_total, p.events_done),
+            (2, 2, m.events)
+        );
+        let mem = BatchView::from_data("mem".into(), Seq(cutoff), 0, data.clone());
+        check_view(&mem, &m, seed);
+
+        // Round trip through the store gives the same answers.
+        let store = ViewStore::open(dir.path().join("views/batch")).unwrap();
+        let info = store.write(&data, Seq(cutoff), 1_000).unwrap();
+        let loaded = store.load(&info.version).unwrap();
+        assert_eq!(loaded.cutoff_seq, Seq(cutoff));
+        check_view(&loaded, &m, seed);
+
+        // Every event (cutoff beyond the last file) and a cutoff before everything.
+        let all = compute(&ds.files, Seq(n + 10), None, &Progress::new()).unwrap();
+        assert_eq!(all.events, n);
+        let none = compute(&ds.files, Seq::ZERO, None, &Progress::new()).unwrap();
+        assert_eq!((none.events, none.urls.len()), (0, 0));
+    }
+}
+
+#[test]
+fn overlapping_or_unreadable_master_files_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path(), 9, 400, 2);
+    let mut files = ds.files.clone();
+    files.push(MasterFile {
+        first: Seq(10),
+        last: Seq(20),
+        ..files[0].clone()
+    });
+    assert!(matches!(
+        compute(&files, Seq(1000), None, &Progress::new()),
+        Err(Error::Snapshot(_))
+    ));
+    std::fs::write(&ds.files[1].path, b"not parquet").unwrap();
+    match compute(&ds.files, Seq(1000), None, &Progress::new()) {
+        Err(Error::Parquet { path, .. }) => assert_eq!(path, ds.files[1].path),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn small_data(dir: &Path, seed: u64) -> (tally_batch::ViewData, u64) {
+    let ds = dataset(dir, seed, 2000, 2);
+    (
+        compute(&ds.files, Seq(2000), Some(8), &Progress::new()).unwrap(),
+        2000,
+    )
+}
+
+#[test]
+fn store_manifest_verify_and_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, cutoff) = small_data(dir.path(), 3);
+    let store = ViewStore::open(dir.path().join("views/batch")).unwrap();
+    assert_eq!(store.current().unwrap(), None);
+    let info = store.write(&data, Seq(cutoff), 1_700_000_000_000).unwrap();
+    assert_eq!(info.version, format!("{:020}-1700000000000", cutoff));
+    assert_eq!(info.status, ViewStatus::Good);
+    store.set_current(&info.version).unwrap();
+    assert_eq!(
+        store.current().unwrap().as_deref(),
+        Some(info.version.as_str())
+    );
+
+    let vdir = store.version_dir(&info.version);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vdir.join(MANIFEST_FILE)).unwrap()).unwrap();
+    assert_eq!(m["format_version"], 1);
+    assert_eq!(m["version"], info.version.as_str());
+    assert_eq!(m["cutoff_seq"], cutoff);
+    assert_eq!(m["events"], data.events);
+    assert_eq!(m["urls"], data.urls.len() as u64);
+    assert_eq!(m["created_at"], "2023-11-14T22:13:20Z");
+    let files = m["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    for f in files {
+        let bytes = std::fs::read(vdir.join(f["name"].as_str().unwrap())).unwrap();
+        assert_eq!(f["size"], bytes.len() as u64);
+        assert_eq!(f["blake3"], blake3::hash(&bytes).to_hex().as_str());
+    }
+    store.verify(&info.version).unwrap();
+    assert!(store.load(&info.version).is_ok());
+
+    // Flip bytes in the largest file: verify names it, load refuses.
+    let largest = files
+        .iter()
+        .max_by_key(|f| f["size"].as_u64().unwrap())
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p = vdir.join(&largest);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    bytes[mid + 1] ^= 0x55;
+    std::fs::write(&p, &bytes).unwrap();
+    match store.verify(&info.version) {
+        Err(Error::Corrupt { file, .. }) => assert_eq!(file, p),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(
+        store.load(&info.version),
+        Err(Error::Corrupt { .. })
+    ));
+
+    // A missing or invalid manifest is corruption too.
+    std::fs::write(vdir.join(MANIFEST_FILE), b"{").unwrap();
+    assert!(
+        matches!(store.verify(&info.version), Err(Error::Corrupt { file, .. }) if file.ends_with(MANIFEST_FILE))
+    );
+    std::fs::remove_file(vdir.join(MANIFEST_FILE)).unwrap();
+    assert!(matches!(
+        store.verify(&info.version),
+        Err(Error::Corrupt { .. })
+    ));
+    assert_eq!(store.list().unwrap()[0].status, ViewStatus::Invalid);
+}
+
+#[test]
+fn store_discard_gc_and_temp_dirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, cutoff) = small_data(dir.path(), 4);
+    let store = ViewStore::open(dir.path().join("views/batch")).unwrap();
+    let mut versions = Vec::new();
+    for i in 0..6 {
+        let v = store
+            .write(&data, Seq(cutoff + i), 1_700_000_000_000 + i as i64)
+            .unwrap()
+            .version;
+        store.set_current(&v).unwrap();
+        versions.push(v);
+    }
+    // Leftovers of a crash: a temp dir and a version-named dir without a manifest.
+    let tmp = store
+        .root()
+        .join(".tmp-00000000000000000001-0000000000001-77");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join(COUNTS_FILE), b"half").unwrap();
+    let garbage = format!("{:020}-9999999999999", cutoff + 100);
+    std::fs::create_dir_all(store.root().join(&garbage)).unwrap();
+    let list = store.list().unwrap();
+    assert_eq!(list.len(), 7);
+    assert!(list.iter().all(|v| !v.version.starts_with('.')));
+    assert_eq!(
+        list.iter().find(|v| v.version == garbage).unwrap().status,
+        ViewStatus::Invalid
+    );
+    assert_eq!(
+        store.newest_good().unwrap().as_deref(),
+        Some(versions[5].as_str())
+    );
+
+    // Discard CURRENT: it moves back to the newest good earlier version.
+    assert_eq!(
+        store.discard(&versions[5], "test").unwrap().as_deref(),
+        Some(versions[4].as_str())
+    );
+    assert_eq!(
+        store.current().unwrap().as_deref(),
+        Some(versions[4].as_str())
+    );
+    assert!(store.load(&versions[5]).is_err());
+    assert!(store.set_current(&versions[5]).is_err());
+    let st: HashMap<String, ViewStatus> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.status))
+        .collect();
+    assert_eq!(st[&versions[5]], ViewStatus::Discarded);
+    // Discarding a non-current version leaves CURRENT alone.
+    assert_eq!(
+        store.discard(&versions[3], "test").unwrap().as_deref(),
+        Some(versions[4].as_str())
+    );
+    assert_eq!(
+        store.newest_good_before(&versions[4]).unwrap().as_deref(),
+        Some(versions[2].as_str())
+    );
+
+    // gc keeps the newest 2 good versions (and never CURRENT), discarded/invalid stay, temp goes.
+    store.set_current(&versions[0]).unwrap();
+    let deleted = store.gc(2).unwrap();
+    assert_eq!(deleted, vec![versions[1].clone()]);
+    assert!(!tmp.exists());
+    let left: Vec<String> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.version)
+        .collect();
+    let mut want = vec![
+        versions[0].clone(),
+        versions[2].clone(),
+        versions[3].clone(),
+        versions[4].clone(),
+        versions[5].clone(),
+        garbage.clone(),
+    ];
+    want.sort();
+    assert_eq!(left, want);
+
+    // Discarding the only good chain empties CURRENT.
+    store.set_current(&versions[2]).unwrap();
+    for v in [&versions[4], &versions[0]] {
+        store.discard(v, "test").unwrap();
+    }
+    assert_eq!(store.discard(&versions[2], "test").unwrap(), None);
+    assert_eq!(store.current().unwrap(), None);
+    assert!(matches!(store.load("nope"), Err(Error::NoSuchVersion(_))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runner tests against a real `tally_master::Master`.
+
+mod runner {
+    use std::time::Duration;
+
+    use tally_batch::{BatchRunner, RunError, RunStatus, RunnerConfig, Trigger, ViewStore};
+    use tally_core::{Event, HOUR_MS};
+    use tally_master::{Master, MasterConfig};
+
+    fn open_master(dir: &std::path::Path) -> Master {
+        Master::open(MasterConfig {
+            data_dir: dir.to_path_buf(),
+            seal_interval: Duration::from_secs(3600),
+            seal_max_events: 1_000_000,
+            fsync: false,
+            tail_capacity: 10_000,
+        })
+        .unwrap()
+    }
+
+    fn events(n: usize, salt: usize) -> Vec<Event> {
+        (0..n)
+            .map(|i| Event {
+                ts: super::BASE_MS + ((i * 7 + salt) % 48) as i64 * HOUR_MS,
+                url: format!("http://example.com/{}", (i + salt) % 5),
+                visitor: Some(format!("v{}", i % 11)),
+                referrer: None,
+                id: None,
+                received_at: super::BASE_MS,
+            })
+            .collect()
+    }
+
+    fn cfg() -> RunnerConfig {
+        RunnerConfig {
+            keep_versions: 2,
+            sketch_precision: Some(10),
+            retry_backoff: Duration::from_millis(10),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs tally-master"]
+    async fn runs_publish_versions_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = open_master(dir.path());
+        master.append(events(500, 0)).await.unwrap();
+        let store = ViewStore::open(dir.path().join("views/batch")).unwrap();
+        let runner = BatchRunner::new(store.clone(), master.clone(), cfg());
+
+        let o1 = runner.run(Trigger::Admin).await.unwrap();
+        assert_eq!((o1.events, o1.urls), (500, 5));
+        assert_eq!(
+            store.current().unwrap().as_deref(),
+            Some(o1.version.as_str())
+        );
+        let v1 = store.load(&o1.version).unwrap();
+        let total: u64 = v1.totals_desc().map(|x| x.1).sum();
+        assert_eq!(total, 500);
+        assert!(runner.running().is_none());
+
+        // A second run sees the new events and moves CURRENT; gc keeps 2 versions.
+        master.append(events(300, 3)).await.unwrap();
+        let o2 = runner.run(Trigger::Cli).await.unwrap();
+        assert!(o2.version > o1.version);
+        assert_eq!(o2.events, 800);
+        assert_eq!(o2.cutoff_seq.get(), 800);
+        runner.run(Trigger::Schedule).await.unwrap();
+        let o4 = runner.run(Trigger::Schedule).await.unwrap();
+        assert_eq!(store.list().unwrap().len(), 2);
+        assert_eq!(
+            store.current().unwrap().as_deref(),
+            Some(o4.version.as_str())
+        );
+
+        // One run at a time.
+        let started = runner.try_start(Trigger::Admin).unwrap();
+        match runner.try_start(Trigger::Admin) {
+            Err(RunError::AlreadyRunning { run_id }) => assert_eq!(run_id, started.run_id),
+            Ok(_) => {
+                // The first run may already be over on a fast machine; then this one got the slot.
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let o5 = started.handle.await.unwrap().unwrap();
+
+        // Discard the current version: CURRENT moves back, history says so.
+        let (gone, now) = runner.discard_current("test").await.unwrap().unwrap();
+        assert_eq!(gone, o5.version);
+        assert_eq!(now.as_deref(), Some(o4.version.as_str()));
+        let h = runner.history();
+        assert_eq!(h[0].status, RunStatus::Discarded);
+        assert_eq!(h[0].version.as_deref(), Some(o5.version.as_str()));
+        assert!(h[1..].iter().all(|e| e.status == RunStatus::Ok));
+
+        // History is persisted.
+        let again = BatchRunner::new(store.clone(), master.clone(), cfg());
+        assert_eq!(again.history(), h);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs tally-master"]
+    async fn failing_run_is_retried_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = open_master(dir.path());
+        master.append(events(100, 0)).await.unwrap();
+        let store = ViewStore::open(dir.path().join("views/batch")).unwrap();
+        let runner = BatchRunner::new(
+            store.clone(),
+            master.clone(),
+            RunnerConfig {
+                max_retries: 2,
+                ..cfg()
+            },
+        );
+        let good = runner.run(Trigger::Admin).await.unwrap();
+        // Make a master file unreadable.
+        master.append(events(10, 1)).await.unwrap();
+        master.seal().await.unwrap();
+        for f in master.snapshot().unwrap() {
+            std::fs::write(&f.path, b"garbage").unwrap();
+        }
+        let err = runner
+            .run_with_retries(Trigger::Schedule)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RunError::Failed { .. }), "{err}");
+        let h = runner.history();
+        assert_eq!(
+            h.iter().filter(|e| e.status == RunStatus::Failed).count(),
+            3
+        );
+        assert!(h[0].error.as_deref().unwrap().contains("parquet"));
+        // The old view is still current and loads.
+        assert_eq!(
+            store.current().unwrap().as_deref(),
+            Some(good.version.as_str())
+        );
+        store.load(&good.version).unwrap();
+    }
+}
