@@ -1,0 +1,152 @@
+//! Pre-aggregation of an apply batch: events → per (epoch, url, hour) counts and per (epoch,
+//! url) totals. Pure; the applier turns each [`EpochDelta`] into one Redis transaction and, once
+//! it committed, into one mirror update.
+
+use std::borrow::Borrow;
+use std::collections::BTreeMap;
+
+use tally_core::{hour_of, Seq};
+use tally_master::SeqEvent;
+
+/// The increments of one URL in one epoch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct UrlDelta {
+    /// hour number → views.
+    pub(crate) hours: BTreeMap<i64, u64>,
+    /// Sum of `hours`.
+    pub(crate) total: u64,
+    // Issue 5 goes here: `days: BTreeMap<i64, Vec<String>>` (visitors per UTC day) → one `PFADD`
+    // per (url, day) in the same script.
+}
+
+/// The increments of one apply batch that fall into one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EpochDelta {
+    /// Start seq of the epoch.
+    pub(crate) epoch: Seq,
+    /// Seq of the first and last event of the batch in this epoch.
+    pub(crate) first: Seq,
+    pub(crate) last: Seq,
+    pub(crate) urls: BTreeMap<String, UrlDelta>,
+}
+
+impl EpochDelta {
+    pub(crate) fn events(&self) -> u64 {
+        self.urls.values().map(|u| u.total).sum()
+    }
+}
+
+/// The epoch (its start) that `seq` falls in: the largest start `<= seq`. `None` when `seq` is
+/// before every live epoch (its epoch was forgotten: nobody needs it).
+pub(crate) fn epoch_of(epochs: &[Seq], seq: Seq) -> Option<Seq> {
+    let i = epochs.partition_point(|s| *s <= seq);
+    (i > 0).then(|| epochs[i - 1])
+}
+
+/// Groups `events` (ascending seq) by epoch (`epochs`: start seqs ascending) and pre-aggregates
+/// each group. Events before the first epoch are skipped. The deltas come out in epoch order.
+pub(crate) fn aggregate<I>(events: I, epochs: &[Seq]) -> Vec<EpochDelta>
+where
+    I: IntoIterator,
+    I::Item: Borrow<SeqEvent>,
+{
+    let mut out: Vec<EpochDelta> = Vec::new();
+    for ev in events {
+        let ev = ev.borrow();
+        let Some(epoch) = epoch_of(epochs, ev.seq) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some(d) if d.epoch == epoch => {
+                debug_assert!(ev.seq > d.last, "events must come in seq order");
+                d.last = ev.seq;
+            }
+            _ => out.push(EpochDelta {
+                epoch,
+                first: ev.seq,
+                last: ev.seq,
+                urls: BTreeMap::new(),
+            }),
+        }
+        let d = out.last_mut().expect("pushed above");
+        let u = match d.urls.get_mut(ev.event.url.as_str()) {
+            Some(u) => u,
+            None => d.urls.entry(ev.event.url.clone()).or_default(),
+        };
+        *u.hours.entry(hour_of(ev.event.ts)).or_insert(0) += 1;
+        u.total += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use tally_core::{Event, HOUR_MS};
+
+    pub(crate) fn ev(seq: u64, url: &str, ts: i64) -> SeqEvent {
+        SeqEvent {
+            seq: Seq(seq),
+            event: Event {
+                ts,
+                url: url.to_string(),
+                visitor: None,
+                referrer: None,
+                id: None,
+                received_at: ts,
+            },
+        }
+    }
+
+    #[test]
+    fn epoch_of_picks_the_largest_start_not_after_seq() {
+        let epochs = [Seq(1), Seq(11), Seq(21)];
+        assert_eq!(epoch_of(&epochs, Seq(1)), Some(Seq(1)));
+        assert_eq!(epoch_of(&epochs, Seq(10)), Some(Seq(1)));
+        assert_eq!(epoch_of(&epochs, Seq(11)), Some(Seq(11)));
+        assert_eq!(epoch_of(&epochs, Seq(500)), Some(Seq(21)));
+        assert_eq!(epoch_of(&[Seq(5)], Seq(4)), None);
+        assert_eq!(epoch_of(&[], Seq(4)), None);
+    }
+
+    #[test]
+    fn aggregates_per_url_hour_and_splits_at_epoch_starts() {
+        let h = 100 * HOUR_MS;
+        let events = vec![
+            ev(9, "a", h),
+            ev(10, "a", h + 5),
+            ev(11, "b", h + HOUR_MS),
+            ev(12, "a", h + 2 * HOUR_MS),
+            ev(14, "a", h + 3),
+        ];
+        let deltas = aggregate(&events, &[Seq(1), Seq(12)]);
+        assert_eq!(deltas.len(), 2);
+        let d0 = &deltas[0];
+        assert_eq!((d0.epoch, d0.first, d0.last), (Seq(1), Seq(9), Seq(11)));
+        assert_eq!(d0.urls["a"].hours, BTreeMap::from([(100, 2)]));
+        assert_eq!(d0.urls["a"].total, 2);
+        assert_eq!(d0.urls["b"].hours, BTreeMap::from([(101, 1)]));
+        assert_eq!(d0.events(), 3);
+        let d1 = &deltas[1];
+        assert_eq!((d1.epoch, d1.first, d1.last), (Seq(12), Seq(12), Seq(14)));
+        assert_eq!(d1.urls["a"].hours, BTreeMap::from([(100, 1), (102, 1)]));
+        assert_eq!(d1.urls.len(), 1);
+    }
+
+    #[test]
+    fn skips_events_of_forgotten_epochs_and_takes_arcs() {
+        let events: Vec<std::sync::Arc<SeqEvent>> = vec![
+            ev(3, "a", 0).into(),
+            ev(4, "a", -1).into(),
+            ev(5, "a", 0).into(),
+        ];
+        let deltas = aggregate(events.iter().map(|e| &**e), &[Seq(5)]);
+        assert_eq!(deltas.len(), 1);
+        assert_eq!(deltas[0].first, Seq(5));
+        assert_eq!(deltas[0].events(), 1);
+        assert!(aggregate(Vec::<SeqEvent>::new(), &[Seq(1)]).is_empty());
+        // Negative timestamps floor to the previous hour.
+        let d = aggregate([ev(1, "a", -1)], &[Seq(1)]);
+        assert_eq!(d[0].urls["a"].hours, BTreeMap::from([(-1, 1)]));
+    }
+}

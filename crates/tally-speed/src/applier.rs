@@ -1,0 +1,438 @@
+//! The applier: the one task that writes speed state. It waits for acknowledged events (notified
+//! by the master dataset's watch channel), reads them from the in-memory tail (or from storage
+//! when the tail no longer has them, and always while rebuilding), pre-aggregates them, applies
+//! each epoch's delta with one compare-and-set script, and then updates the mirror.
+//!
+//! States: `Sync` (check the instance marker and the applied seqs; load the mirror from Redis
+//! when it differs) → `Run` (apply); `Rebuild` when Redis lost our state. Any error goes back to
+//! `Sync` after a backoff (50 ms doubling to 1 s).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tally_core::Seq;
+use tally_master::{Master, Tail};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::aggregate::{aggregate, epoch_of, EpochDelta};
+use crate::keys::Keys;
+use crate::mirror::Mirror;
+use crate::store::{ApplyOutcome, Store};
+use crate::{Error, Result, Shared, SpeedConfig};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// While idle, check Redis (reachable, still holding our state) this often.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Events read per `read_range` call while rebuilding.
+const REBUILD_CHUNK: usize = 100_000;
+/// Batches larger than this are aggregated off the runtime.
+const INLINE_AGGREGATE_MAX: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Sync,
+    Rebuild,
+    Run,
+}
+
+struct Applier {
+    cfg: SpeedConfig,
+    master: Master,
+    shared: Arc<Shared>,
+    store: Store,
+    acked: watch::Receiver<Seq>,
+    /// Our instance id, as written in `{prefix}instance`.
+    instance: Option<String>,
+    /// The mirror holds what Redis holds (set by a load or a rebuild).
+    loaded: bool,
+    /// Every event with `seq <= pos` has been applied (or skipped as belonging to a forgotten
+    /// epoch).
+    pos: Seq,
+    /// While rebuilding: reads stay unavailable until `pos` reaches this.
+    rebuild_target: Option<Seq>,
+    /// Epochs starting before this are garbage.
+    floor: Seq,
+    gc_done: u64,
+}
+
+pub(crate) async fn run(
+    cfg: SpeedConfig,
+    master: Master,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let client = match redis::Client::open(cfg.redis_url.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "speed layer disabled: invalid redis url");
+            return;
+        }
+    };
+    let mgr_cfg = ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_min_delay(BACKOFF_MIN)
+        .set_max_delay(BACKOFF_MAX)
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let conn = match ConnectionManager::new_lazy_with_config(client, mgr_cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "speed layer disabled: cannot create the redis connection manager");
+            return;
+        }
+    };
+    let mut a = Applier {
+        store: Store::new(conn, Keys::new(&cfg.key_prefix)),
+        acked: master.subscribe(),
+        cfg,
+        master,
+        shared,
+        instance: None,
+        loaded: false,
+        pos: Seq::ZERO,
+        rebuild_target: None,
+        floor: Seq::ZERO,
+        gc_done: 0,
+    };
+    let mut phase = Phase::Sync;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let res = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = a.step(phase) => r,
+        };
+        match res {
+            Ok(next) => {
+                phase = next;
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                if matches!(e, Error::Redis(_)) {
+                    a.shared.redis_up.store(false, Ordering::Release);
+                }
+                warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "speed applier failed; retrying");
+                phase = Phase::Sync;
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    debug!("speed applier stopped");
+}
+
+/// The live epochs: the master dataset's list without the garbage below `floor`.
+fn live_epochs(master: &Master, floor: Seq) -> Vec<Seq> {
+    let mut v: Vec<Seq> = master
+        .epochs()
+        .into_iter()
+        .filter(|s| *s >= floor)
+        .collect();
+    if v.is_empty() {
+        v.push(floor.max(Seq(1)));
+    }
+    v
+}
+
+fn new_instance_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{:x}-{:x}-{:x}",
+        nanos,
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Applier {
+    async fn step(&mut self, phase: Phase) -> Result<Phase> {
+        match phase {
+            Phase::Sync => self.sync().await,
+            Phase::Rebuild => self.rebuild().await,
+            Phase::Run => self.run_once().await,
+        }
+    }
+
+    fn set_ready(&mut self) {
+        if let Some(t) = self.rebuild_target {
+            if self.pos >= t {
+                info!(applied_seq = self.pos.0, "speed layer rebuild caught up");
+                self.rebuild_target = None;
+            }
+        }
+        self.shared.ready.store(
+            self.loaded && self.rebuild_target.is_none(),
+            Ordering::Release,
+        );
+    }
+
+    fn set_pos(&mut self, pos: Seq) {
+        self.pos = pos;
+        self.shared.applied.store(pos.0, Ordering::Release);
+    }
+
+    fn mirror_write(&self) -> std::sync::RwLockWriteGuard<'_, Mirror> {
+        self.shared
+            .mirror
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mirror_applied(&self, epoch: Seq) -> Seq {
+        self.shared
+            .mirror
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .applied_in(epoch)
+    }
+
+    /// Checks that Redis still holds our state; reloads the mirror from Redis when it differs.
+    async fn sync(&mut self) -> Result<Phase> {
+        let inst = self.store.instance().await?;
+        self.shared.redis_up.store(true, Ordering::Release);
+        let Some(inst) = inst else {
+            warn!("redis holds no speed state (restarted empty?); rebuilding");
+            return Ok(Phase::Rebuild);
+        };
+        let live = live_epochs(&self.master, self.floor);
+        if self.loaded && self.instance.as_deref() == Some(inst.as_str()) {
+            let in_redis = self.store.applied_of(&live).await?;
+            let same = live
+                .iter()
+                .zip(&in_redis)
+                .all(|(e, r)| self.mirror_applied(*e) == *r);
+            if same {
+                self.set_ready();
+                return Ok(Phase::Run);
+            }
+            info!("speed state in redis differs from the mirror; reloading");
+        }
+        self.load(inst, live).await
+    }
+
+    /// Replaces the mirror with what Redis holds for the live epochs and resumes after it.
+    async fn load(&mut self, inst: String, live: Vec<Seq>) -> Result<Phase> {
+        self.shared.ready.store(false, Ordering::Release);
+        for e in self.store.listed_epochs().await? {
+            if !live.contains(&e) {
+                info!(
+                    epoch = e.0,
+                    "deleting a speed epoch the master dataset no longer lists"
+                );
+                self.store.delete_epoch(e).await?;
+            }
+        }
+        let mut m = Mirror::default();
+        let mut pos = Seq(live[0].0.saturating_sub(1));
+        for e in &live {
+            if let Some(state) = self.store.load_epoch(*e).await? {
+                pos = pos.max(state.applied);
+                m.epochs.insert(*e, state);
+            }
+        }
+        let acked = self.master.acked_seq();
+        if pos > acked {
+            warn!(
+                applied_seq = pos.0,
+                acked_seq = acked.0,
+                "redis holds seqs the master dataset does not have; rebuilding"
+            );
+            return Ok(Phase::Rebuild);
+        }
+        let urls: usize = m.epochs.values().map(|e| e.urls.len()).sum();
+        *self.mirror_write() = m;
+        self.instance = Some(inst);
+        self.loaded = true;
+        self.set_pos(pos);
+        self.set_ready();
+        info!(
+            applied_seq = pos.0,
+            epochs = live.len(),
+            urls,
+            "speed state loaded from redis"
+        );
+        Ok(Phase::Run)
+    }
+
+    /// Deletes every epoch's keys and reapplies the live epochs from the master dataset.
+    async fn rebuild(&mut self) -> Result<Phase> {
+        self.shared.ready.store(false, Ordering::Release);
+        let live = live_epochs(&self.master, self.floor);
+        let mut doomed: BTreeSet<Seq> = self.store.listed_epochs().await?.into_iter().collect();
+        doomed.extend(live.iter().copied());
+        for e in doomed {
+            self.store.delete_epoch(e).await?;
+        }
+        let id = new_instance_id();
+        self.store.set_instance(&id).await?;
+        *self.mirror_write() = Mirror::default();
+        self.instance = Some(id);
+        self.loaded = true;
+        self.set_pos(Seq(live[0].0.saturating_sub(1)));
+        let target = self.master.acked_seq();
+        self.rebuild_target = Some(target);
+        info!(
+            from_seq = self.pos.0,
+            target_seq = target.0,
+            "speed layer rebuild started"
+        );
+        self.set_ready();
+        Ok(Phase::Run)
+    }
+
+    async fn run_once(&mut self) -> Result<Phase> {
+        self.maybe_gc().await?;
+        let acked = *self.acked.borrow_and_update();
+        if acked <= self.pos {
+            self.set_ready();
+            tokio::select! {
+                r = self.acked.changed() => {
+                    if r.is_err() {
+                        // The master dataset is closed: nothing more will come.
+                        tokio::time::sleep(HEARTBEAT).await;
+                    }
+                }
+                _ = self.shared.gc_wake.notified() => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {
+                    let inst = self.store.instance().await?;
+                    self.shared.redis_up.store(true, Ordering::Release);
+                    if inst != self.instance {
+                        return Ok(Phase::Sync);
+                    }
+                }
+            }
+            return Ok(Phase::Run);
+        }
+        let (through, deltas) = self.read_batch(acked).await?;
+        let instance = self.instance.clone().unwrap_or_default();
+        let events: u64 = deltas.iter().map(EpochDelta::events).sum();
+        debug!(
+            after = self.pos.0,
+            through = through.0,
+            events,
+            "speed applier batch"
+        );
+        for d in deltas {
+            let expected = self.mirror_applied(d.epoch);
+            match self.store.apply(&instance, expected, &d).await? {
+                ApplyOutcome::Applied => {}
+                // An earlier attempt of this very batch committed but its reply was lost.
+                ApplyOutcome::Mismatch(cur) if cur == d.last => {
+                    info!(
+                        epoch = d.epoch.0,
+                        applied_seq = cur.0,
+                        "apply had committed before; not applying again"
+                    );
+                }
+                ApplyOutcome::Mismatch(cur) => {
+                    warn!(
+                        epoch = d.epoch.0,
+                        expected = expected.0,
+                        in_redis = cur.0,
+                        "speed applied seq mismatch; resyncing"
+                    );
+                    return Ok(Phase::Sync);
+                }
+                ApplyOutcome::InstanceLost => {
+                    warn!("redis lost the speed state; resyncing");
+                    return Ok(Phase::Sync);
+                }
+            }
+            self.mirror_write().apply(&d);
+            self.set_pos(d.last);
+        }
+        self.shared.redis_up.store(true, Ordering::Release);
+        self.set_pos(self.pos.max(through));
+        self.set_ready();
+        Ok(Phase::Run)
+    }
+
+    /// The next events after `pos`, aggregated: `(through, deltas)` where every event with
+    /// `pos < seq <= through` is in `deltas` (or in a forgotten epoch).
+    async fn read_batch(&mut self, acked: Seq) -> Result<(Seq, Vec<EpochDelta>)> {
+        let max = self.cfg.apply_batch_max.max(1);
+        let floor = self.floor;
+        if self.rebuild_target.is_none() {
+            if let Tail::Events(v) = self.master.tail_after(self.pos, max) {
+                if let Some(last) = v.last() {
+                    let through = last.seq;
+                    // Read after the events, so the list holds the epoch of each of them.
+                    let epochs = live_epochs(&self.master, floor);
+                    let deltas = if v.len() <= INLINE_AGGREGATE_MAX {
+                        aggregate(v.iter().map(|e| &**e), &epochs)
+                    } else {
+                        tokio::task::spawn_blocking(move || {
+                            aggregate(v.iter().map(|e| &**e), &epochs)
+                        })
+                        .await
+                        .map_err(|e| Error::Task(e.to_string()))?
+                    };
+                    return Ok((through, deltas));
+                }
+            }
+        }
+        let chunk = if self.rebuild_target.is_some() {
+            max.max(REBUILD_CHUNK)
+        } else {
+            max
+        };
+        let after = self.pos;
+        let through = Seq(acked.0.min(after.0.saturating_add(chunk as u64)));
+        let master = self.master.clone();
+        let deltas = tokio::task::spawn_blocking(move || -> Result<Vec<EpochDelta>> {
+            let events = master.read_range(after, through)?;
+            let epochs = live_epochs(&master, floor);
+            Ok(aggregate(&events, &epochs))
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+        debug!(
+            after = after.0,
+            through = through.0,
+            "speed applier read from storage"
+        );
+        Ok((through, deltas))
+    }
+
+    /// Deletes the epochs below the requested GC floor from Redis and the mirror, then lets the
+    /// master dataset forget them.
+    async fn maybe_gc(&mut self) -> Result<()> {
+        let requested = self.shared.gc_floor.load(Ordering::Acquire);
+        if requested <= self.gc_done || !self.loaded {
+            return Ok(());
+        }
+        // Never cut into an epoch: keep the one that contains the requested floor.
+        let starts = self.master.epochs();
+        let floor = epoch_of(&starts, Seq(requested)).unwrap_or(Seq(requested));
+        let mut doomed: BTreeSet<Seq> = self.store.listed_epochs().await?.into_iter().collect();
+        doomed.extend(
+            self.shared
+                .mirror
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .epochs
+                .keys()
+                .copied(),
+        );
+        for e in doomed.into_iter().filter(|e| *e < floor) {
+            self.store.delete_epoch(e).await?;
+            self.mirror_write().epochs.remove(&e);
+            info!(epoch = e.0, "speed epoch deleted");
+        }
+        self.floor = self.floor.max(floor);
+        self.master.forget_epochs_before(floor)?;
+        self.gc_done = requested;
+        Ok(())
+    }
+}
