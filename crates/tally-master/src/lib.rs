@@ -530,6 +530,32 @@ impl Master {
         result
     }
 
+    /// Stops the writer and the sealer WITHOUT sealing, as a crash right after the last
+    /// acknowledgement would (everything acknowledged is in the WAL). For tests of replay.
+    #[doc(hidden)]
+    pub async fn close_unsealed(&self) {
+        if !self.inner.shared.closed.swap(true, Ordering::SeqCst) {
+            let (tx, rx) = oneshot::channel();
+            if self
+                .inner
+                .writer
+                .send(WriterCmd::Shutdown { reply: tx })
+                .is_ok()
+            {
+                let _ = rx.await;
+            }
+            let _ = self.inner.sealer.send(SealerCmd::Stop);
+        }
+        let handles: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        let _ = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                let _ = h.join();
+            }
+        })
+        .await;
+    }
+
     /// Test hook: the next `n` group writes fail half-way, as on a full disk.
     #[doc(hidden)]
     pub fn inject_write_failures(&self, n: usize) {

@@ -121,7 +121,10 @@ impl Writer {
 
     fn time_to_rotation(&self) -> Duration {
         match self.seg.as_ref().and_then(|s| s.since) {
-            Some(since) => self.seal_interval.saturating_sub(since.elapsed()),
+            Some(since) => self
+                .seal_interval
+                .saturating_sub(since.elapsed())
+                .max(Duration::from_millis(5)),
             None => Duration::from_secs(3600),
         }
     }

@@ -1,8 +1,16 @@
 //! Integration tests of the master dataset: WAL replay, group commit, sealing, epochs.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::array::{Array, StringArray, TimestampMillisecondArray, UInt64Array};
+use arrow::datatypes::{DataType, TimeUnit};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, Encoding};
+use proptest::prelude::*;
 use tally_core::{Event, Seq};
 use tally_master::{Error, Master, MasterConfig, SeqEvent, SeqRange, Tail};
 
@@ -31,10 +39,26 @@ fn evs(range: std::ops::Range<u64>) -> Vec<Event> {
     range.map(ev).collect()
 }
 
-fn wal_files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir.join("wal"))
+fn seqs(events: &[SeqEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.seq.0).collect()
+}
+
+/// WAL segment files, ascending.
+fn wal_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("wal"))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir.join("master"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
         .collect();
     v.sort();
     v
@@ -73,24 +97,580 @@ async fn append_seal_reopen_smoke() {
         }
     );
     let all = m.read_range(Seq(0), Seq(100)).unwrap();
-    assert_eq!(
-        all.iter().map(|e| e.seq.0).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4, 5]
-    );
+    assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5]);
     assert_eq!(all[3].event, ev(3));
     m.shutdown().await.unwrap();
     assert!(matches!(m.append(evs(0..1)).await, Err(Error::Closed)));
+    assert!(matches!(m.cut_epoch().await, Err(Error::Closed)));
 
     let m = Master::open(cfg(dir.path())).unwrap();
     assert_eq!(m.acked_seq(), Seq(5));
     assert_eq!(m.status().sealed_seq, Seq(5));
     let r = m.append(evs(5..6)).await.unwrap();
     assert_eq!(r.first, Seq(6));
-    let all: Vec<SeqEvent> = m.read_range(Seq(2), Seq(6)).unwrap();
+    let all = m.read_range(Seq(2), Seq(6)).unwrap();
+    assert_eq!(seqs(&all), vec![3, 4, 5, 6]);
+    m.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// WAL replay
+
+fn gen_event() -> impl Strategy<Value = Event> {
+    (
+        0i64..1_000_000,
+        "[a-z]{1,12}",
+        proptest::option::of("[a-zA-Z0-9]{0,20}"),
+        proptest::option::of(".{0,30}"),
+        proptest::option::of("[a-z0-9-]{0,10}"),
+    )
+        .prop_map(|(ts, path, visitor, referrer, id)| Event {
+            ts: 1_790_000_000_000 + ts,
+            url: format!("http://example.com/{path}"),
+            visitor,
+            referrer,
+            id,
+            received_at: 1_790_000_000_000,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random appends, a crash that cuts the segment at a random byte, reopen: exactly the
+    /// records written whole before the cut come back, and new appends get larger seqs.
+    #[test]
+    fn wal_replay_matches_model_after_random_cut(
+        batches in proptest::collection::vec(proptest::collection::vec(gen_event(), 1..8), 1..12),
+        cut_frac in 0.0f64..=1.0,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let c = MasterConfig { fsync: false, ..cfg(dir.path()) };
+            let m = Master::open(c.clone()).unwrap();
+            // (end offset of the record in the segment, events of the record)
+            let mut model: Vec<(u64, Vec<Event>)> = Vec::new();
+            for b in &batches {
+                m.append(b.clone()).await.unwrap();
+                let seg = wal_files(dir.path()).pop().unwrap();
+                model.push((fs::metadata(&seg).unwrap().len(), b.clone()));
+            }
+            m.close_unsealed().await;
+            let seg = wal_files(dir.path()).pop().unwrap();
+            let len = fs::metadata(&seg).unwrap().len();
+            let cut = (len as f64 * cut_frac) as u64;
+            OpenOptions::new().write(true).open(&seg).unwrap().set_len(cut).unwrap();
+
+            let expected: Vec<Event> = model
+                .iter()
+                .filter(|(end, _)| *end <= cut)
+                .flat_map(|(_, b)| b.clone())
+                .collect();
+            let m = Master::open(c).unwrap();
+            let n = expected.len() as u64;
+            prop_assert_eq!(m.acked_seq(), Seq(n));
+            let got = m.read_range(Seq(0), Seq(u64::MAX)).unwrap();
+            prop_assert_eq!(seqs(&got), (1..=n).collect::<Vec<_>>());
+            prop_assert_eq!(got.into_iter().map(|e| e.event).collect::<Vec<_>>(), expected);
+            let r = m.append(evs(0..2)).await.unwrap();
+            prop_assert_eq!(r, SeqRange { first: Seq(n + 1), last: Seq(n + 2) });
+            m.close_unsealed().await;
+            // And once more: the repaired segment replays cleanly.
+            let m = Master::open(MasterConfig { fsync: false, ..cfg(dir.path()) }).unwrap();
+            prop_assert_eq!(m.acked_seq(), Seq(n + 2));
+            m.shutdown().await.unwrap();
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test]
+async fn corruption_in_the_middle_is_an_error_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    let mut ends = Vec::new();
+    for i in 0..3 {
+        m.append(evs(i * 4..i * 4 + 4)).await.unwrap();
+        ends.push(
+            fs::metadata(wal_files(dir.path()).pop().unwrap())
+                .unwrap()
+                .len(),
+        );
+    }
+    m.close_unsealed().await;
+    let seg = wal_files(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&seg).unwrap();
+    // Flip a payload byte of the second record.
+    let second = ends[0] as usize;
+    bytes[second + 30] ^= 0xff;
+    fs::write(&seg, &bytes).unwrap();
+    match Master::open(cfg(dir.path())) {
+        Err(Error::CorruptWal { file, offset, .. }) => {
+            assert_eq!(file, seg);
+            assert_eq!(offset, ends[0]);
+        }
+        other => panic!("expected CorruptWal, got {other:?}"),
+    }
+    // The same damage in the LAST record is a torn tail: truncated away.
+    bytes[second + 30] ^= 0xff;
+    let third = ends[1] as usize;
+    bytes[third + 30] ^= 0xff;
+    fs::write(&seg, &bytes).unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.acked_seq(), Seq(8));
+    assert_eq!(fs::metadata(&seg).unwrap().len(), ends[1]);
+    m.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_unique_increasing_seqs_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let m = m.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for k in 0..20u64 {
+                let base = t * 1000 + k * 10;
+                let n = 1 + (t + k) % 5;
+                let r = m.append(evs(base..base + n)).await.unwrap();
+                assert_eq!(r.last.0 - r.first.0 + 1, n);
+                out.push((r, base));
+            }
+            out
+        }));
+    }
+    let mut all: Vec<(SeqRange, u64)> = Vec::new();
+    for t in tasks {
+        let mine = t.await.unwrap();
+        // One client's appends get increasing seqs.
+        assert!(mine.windows(2).all(|w| w[0].0.last < w[1].0.first));
+        all.extend(mine);
+    }
+    all.sort_by_key(|(r, _)| r.first);
+    let mut next = 1;
+    let mut expected: HashMap<u64, Event> = HashMap::new();
+    for (r, base) in &all {
+        assert_eq!(
+            r.first.0, next,
+            "ranges must tile 1..=N without gaps or overlaps"
+        );
+        for (i, s) in (r.first.0..=r.last.0).enumerate() {
+            expected.insert(s, ev(base + i as u64));
+        }
+        next = r.last.0 + 1;
+    }
+    let total = next - 1;
+    assert_eq!(m.acked_seq(), Seq(total));
+    m.close_unsealed().await;
+
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.acked_seq(), Seq(total));
+    let got = m.read_range(Seq(0), Seq(total)).unwrap();
+    assert_eq!(got.len() as u64, total);
+    for e in got {
+        assert_eq!(Some(&e.event), expected.get(&e.seq.0));
+    }
+    m.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealing
+
+#[tokio::test]
+async fn seal_writes_parquet_with_every_event_once_and_the_right_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    let mut expected: HashMap<u64, Event> = HashMap::new();
+    for b in 0..10u64 {
+        let r = m.append(evs(b * 50..b * 50 + 50)).await.unwrap();
+        for (i, s) in (r.first.0..=r.last.0).enumerate() {
+            expected.insert(s, ev(b * 50 + i as u64));
+        }
+    }
+    assert_eq!(m.seal().await.unwrap(), Seq(500));
+    assert_eq!(m.status().sealed_seq, Seq(500));
+    // The closed segment is gone; only the new, empty open segment remains.
+    let wal = wal_files(dir.path());
+    assert!(
+        wal.iter().all(|p| fs::metadata(p).unwrap().len() <= 12),
+        "{wal:?}"
+    );
+
+    let files = parquet_files(dir.path());
+    assert_eq!(files.len(), 1);
+    assert!(files[0].ends_with("master/00000000000000000001-00000000000000000500.parquet"));
+    let file = fs::File::open(&files[0]).unwrap();
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let schema = builder.schema().clone();
+    let utc = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    let want = [
+        ("seq", DataType::UInt64, false),
+        ("ts", utc.clone(), false),
+        ("url", DataType::Utf8, false),
+        ("visitor", DataType::Utf8, true),
+        ("referrer", DataType::Utf8, true),
+        ("id", DataType::Utf8, true),
+        ("received_at", utc, false),
+    ];
+    assert_eq!(schema.fields().len(), want.len());
+    for (f, (name, ty, nullable)) in schema.fields().iter().zip(want) {
+        assert_eq!(
+            (f.name().as_str(), f.data_type(), f.is_nullable()),
+            (name, &ty, nullable)
+        );
+    }
+    let meta = builder.metadata().clone();
+    let url_col = meta.row_group(0).column(2);
+    assert!(matches!(url_col.compression(), Compression::ZSTD(_)));
+    assert!(
+        url_col
+            .encodings()
+            .any(|e| e == Encoding::RLE_DICTIONARY || e == Encoding::PLAIN_DICTIONARY),
+        "url must be dictionary-encoded"
+    );
+    let mut rows: Vec<(u64, Event)> = Vec::new();
+    for batch in builder.build().unwrap() {
+        let batch = batch.unwrap();
+        let col = |n: &str| batch.column_by_name(n).unwrap().clone();
+        let seq = col("seq");
+        let seq = seq.as_any().downcast_ref::<UInt64Array>().unwrap();
+        let ts = col("ts");
+        let ts = ts
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .unwrap();
+        let rec = col("received_at");
+        let rec = rec
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .unwrap();
+        let s = |n: &str| {
+            col(n)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone()
+        };
+        let (url, visitor, referrer, id) = (s("url"), s("visitor"), s("referrer"), s("id"));
+        let opt = |a: &StringArray, i| a.is_valid(i).then(|| a.value(i).to_owned());
+        for i in 0..batch.num_rows() {
+            rows.push((
+                seq.value(i),
+                Event {
+                    ts: ts.value(i),
+                    url: url.value(i).to_owned(),
+                    visitor: opt(&visitor, i),
+                    referrer: opt(&referrer, i),
+                    id: opt(&id, i),
+                    received_at: rec.value(i),
+                },
+            ));
+        }
+    }
+    assert_eq!(rows.len(), 500);
+    // Sorted by (url, ts).
+    assert!(rows
+        .windows(2)
+        .all(|w| (&w[0].1.url, w[0].1.ts) <= (&w[1].1.url, w[1].1.ts)));
+    let mut by_seq: HashMap<u64, Event> = HashMap::new();
+    for (s, e) in rows {
+        assert!(by_seq.insert(s, e).is_none(), "seq {s} twice");
+    }
+    assert_eq!(by_seq, expected);
+    // The helper reads the same thing.
     assert_eq!(
-        all.iter().map(|e| e.seq.0).collect::<Vec<_>>(),
-        vec![3, 4, 5, 6]
+        tally_master::read_master_file(&files[0]).unwrap().len(),
+        500
     );
     m.shutdown().await.unwrap();
-    let _ = wal_files(dir.path());
+}
+
+#[tokio::test]
+async fn tmp_files_are_swept_and_seq_survives_everything_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.append(evs(0..7)).await.unwrap();
+    m.shutdown().await.unwrap();
+    assert_eq!(parquet_files(dir.path()).len(), 1);
+    // Leftovers of a crash mid-seal, and no WAL at all.
+    fs::write(
+        dir.path()
+            .join("master/00000000000000000008-00000000000000000009.parquet.tmp"),
+        b"junk",
+    )
+    .unwrap();
+    fs::create_dir_all(dir.path().join("master/sub")).unwrap();
+    fs::write(dir.path().join("master/sub/x.parquet.tmp"), b"junk").unwrap();
+    fs::remove_dir_all(dir.path().join("wal")).unwrap();
+
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert!(!dir
+        .path()
+        .join("master/00000000000000000008-00000000000000000009.parquet.tmp")
+        .exists());
+    assert!(!dir.path().join("master/sub/x.parquet.tmp").exists());
+    assert_eq!(m.acked_seq(), Seq(7));
+    assert_eq!(m.append(evs(7..9)).await.unwrap().first, Seq(8));
+    m.shutdown().await.unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.append(evs(9..10)).await.unwrap().first, Seq(10));
+    assert_eq!(
+        seqs(&m.read_range(Seq(0), Seq(10)).unwrap()),
+        (1..=10).collect::<Vec<_>>()
+    );
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn segment_already_sealed_is_removed_at_open() {
+    // A crash between the Parquet rename and the segment delete.
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.append(evs(0..5)).await.unwrap();
+    m.close_unsealed().await;
+    let seg = wal_files(dir.path()).pop().unwrap();
+    let saved = fs::read(&seg).unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.shutdown().await.unwrap();
+    assert!(!seg.exists());
+    fs::write(&seg, saved).unwrap();
+
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert!(!seg.exists(), "the sealed segment must be deleted at open");
+    assert_eq!(m.acked_seq(), Seq(5));
+    assert_eq!(
+        seqs(&m.read_range(Seq(0), Seq(5)).unwrap()),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(m.append(evs(5..6)).await.unwrap().first, Seq(6));
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn size_and_interval_triggers_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = MasterConfig {
+        seal_max_events: 10,
+        ..cfg(dir.path())
+    };
+    let m = Master::open(c).unwrap();
+    for i in 0..5 {
+        m.append(evs(i * 5..i * 5 + 5)).await.unwrap();
+    }
+    wait_for(|| parquet_files(dir.path()).len() >= 2).await;
+    m.shutdown().await.unwrap();
+    assert_eq!(
+        seqs(
+            &Master::open(cfg(dir.path()))
+                .unwrap()
+                .read_range(Seq(0), Seq(25))
+                .unwrap()
+        ),
+        (1..=25).collect::<Vec<_>>()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = MasterConfig {
+        seal_interval: Duration::from_millis(50),
+        ..cfg(dir.path())
+    };
+    let m = Master::open(c).unwrap();
+    m.append(evs(0..3)).await.unwrap();
+    wait_for(|| parquet_files(dir.path()).len() == 1).await;
+    wait_for(|| m.status().sealed_seq == Seq(3)).await;
+    m.shutdown().await.unwrap();
+}
+
+async fn wait_for(mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_range_across_sealed_and_unsealed_also_while_sealing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.append(evs(0..10)).await.unwrap();
+    m.seal().await.unwrap();
+    m.append(evs(10..20)).await.unwrap();
+    let got = m.read_range(Seq(5), Seq(15)).unwrap();
+    assert_eq!(seqs(&got), (6..=15).collect::<Vec<_>>());
+    assert_eq!(got[0].event, ev(5));
+    assert_eq!(got[9].event, ev(14));
+    assert!(m.read_range(Seq(20), Seq(30)).unwrap().is_empty());
+    // through is capped at the acknowledged seq.
+    assert_eq!(m.read_range(Seq(18), Seq(1000)).unwrap().len(), 2);
+
+    // Appends and seals racing with readers: always exactly 1..=acked.
+    let writer = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            for i in 0..30u64 {
+                m.append(evs(100 + i * 3..103 + i * 3)).await.unwrap();
+                if i % 3 == 0 {
+                    m.seal().await.unwrap();
+                }
+            }
+        })
+    };
+    for _ in 0..40 {
+        let m2 = m.clone();
+        let (acked, got) = tokio::task::spawn_blocking(move || {
+            let acked = m2.acked_seq();
+            (acked, m2.read_range(Seq(0), acked).unwrap())
+        })
+        .await
+        .unwrap();
+        assert_eq!(seqs(&got), (1..=acked.0).collect::<Vec<_>>());
+    }
+    writer.await.unwrap();
+    let snap = m.snapshot().unwrap();
+    assert!(snap.windows(2).all(|w| w[0].last < w[1].first));
+    m.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epochs, tail, failures
+
+#[tokio::test]
+async fn cut_epoch_is_durable_and_never_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.epochs(), vec![Seq(1)]);
+    assert_eq!(m.cut_epoch().await.unwrap(), Seq(0));
+    assert_eq!(m.epochs(), vec![Seq(1)]);
+    m.append(evs(0..5)).await.unwrap();
+    assert_eq!(m.cut_epoch().await.unwrap(), Seq(5));
+    assert_eq!(m.cut_epoch().await.unwrap(), Seq(5));
+    assert_eq!(m.epochs(), vec![Seq(1), Seq(6)]);
+    m.append(evs(5..8)).await.unwrap();
+    m.close_unsealed().await;
+
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.epochs(), vec![Seq(1), Seq(6)]);
+    assert_eq!(m.cut_epoch().await.unwrap(), Seq(8));
+    m.forget_epochs_before(Seq(6)).unwrap();
+    assert_eq!(m.epochs(), vec![Seq(6), Seq(9)]);
+    m.shutdown().await.unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.epochs(), vec![Seq(6), Seq(9)]);
+    assert_eq!(m.append(evs(0..1)).await.unwrap().first, Seq(9));
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_epoch_is_atomic_with_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(MasterConfig {
+        fsync: false,
+        ..cfg(dir.path())
+    })
+    .unwrap();
+    let appender = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            let mut ranges = Vec::new();
+            for i in 0..200 {
+                ranges.push(m.append(evs(i..i + 3)).await.unwrap());
+            }
+            ranges
+        })
+    };
+    let mut cuts = Vec::new();
+    for _ in 0..20 {
+        cuts.push(m.cut_epoch().await.unwrap());
+        tokio::task::yield_now().await;
+    }
+    let ranges = appender.await.unwrap();
+    // No append straddles a cut: each cut falls on a record boundary.
+    for c in &cuts {
+        assert!(
+            ranges.iter().all(|r| !(r.first <= *c && *c < r.last)),
+            "cut {c} splits a record"
+        );
+    }
+    let e = m.epochs();
+    assert!(e.windows(2).all(|w| w[0] < w[1]));
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn tail_after_serves_recent_events_or_says_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(MasterConfig {
+        tail_capacity: 5,
+        ..cfg(dir.path())
+    })
+    .unwrap();
+    assert!(matches!(m.tail_after(Seq(0), 10), Tail::Events(v) if v.is_empty()));
+    m.append(evs(0..10)).await.unwrap();
+    assert!(matches!(m.tail_after(Seq(0), 10), Tail::Gone));
+    assert!(matches!(m.tail_after(Seq(4), 10), Tail::Gone));
+    match m.tail_after(Seq(5), 3) {
+        Tail::Events(v) => {
+            assert_eq!(v.iter().map(|e| e.seq.0).collect::<Vec<_>>(), vec![6, 7, 8]);
+            assert_eq!(v[0].event, ev(5));
+        }
+        Tail::Gone => panic!("gone"),
+    }
+    assert!(matches!(m.tail_after(Seq(10), 3), Tail::Events(v) if v.is_empty()));
+    m.close_unsealed().await;
+    // After a restart the tail is preloaded from the WAL.
+    let m = Master::open(MasterConfig {
+        tail_capacity: 5,
+        ..cfg(dir.path())
+    })
+    .unwrap();
+    assert!(matches!(m.tail_after(Seq(7), 10), Tail::Events(v) if v.len() == 3));
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn write_failure_is_unavailable_then_recovers_without_losing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.append(evs(0..4)).await.unwrap();
+    m.inject_write_failures(2);
+    assert!(matches!(
+        m.append(evs(100..110)).await,
+        Err(Error::Unavailable(_))
+    ));
+    assert!(matches!(
+        m.append(evs(100..110)).await,
+        Err(Error::Unavailable(_))
+    ));
+    assert_eq!(m.acked_seq(), Seq(4));
+    // Nothing of the failed records is left in the segment.
+    let r = m.append(evs(4..6)).await.unwrap();
+    assert_eq!(
+        r,
+        SeqRange {
+            first: Seq(5),
+            last: Seq(6)
+        }
+    );
+    let watch = Arc::new(m.subscribe());
+    assert_eq!(*watch.borrow(), Seq(6));
+    m.close_unsealed().await;
+
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.acked_seq(), Seq(6));
+    let got = m.read_range(Seq(0), Seq(100)).unwrap();
+    assert_eq!(
+        got.into_iter().map(|e| e.event).collect::<Vec<_>>(),
+        evs(0..6)
+    );
+    m.shutdown().await.unwrap();
+    assert_eq!(parquet_files(dir.path()).len(), 1);
 }
