@@ -316,7 +316,7 @@ pub(crate) fn recover_segment(
         })
         .ok_or_else(|| corrupt(&seg.path, 0, format!("undecodable record at seq {first}")))
     })?;
-    if scan.torn() {
+    if scan.torn() || scan.good_len < HEADER_LEN {
         tracing::warn!(
             file = %seg.path.display(),
             good_len = scan.good_len,

@@ -186,6 +186,34 @@ proptest! {
 }
 
 #[tokio::test]
+async fn segment_torn_during_creation_gets_a_header_again() {
+    for len in [0usize, 5] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Master::open(cfg(dir.path())).unwrap();
+        m.append(evs(0..3)).await.unwrap();
+        m.close_unsealed().await;
+        // A crash right after creating the next segment, before its header was written.
+        fs::write(
+            dir.path().join("wal/00000000000000000004.wal"),
+            &b"TALLYWAL"[..len],
+        )
+        .unwrap();
+        let m = Master::open(cfg(dir.path())).unwrap();
+        assert_eq!(m.acked_seq(), Seq(3));
+        assert_eq!(m.append(evs(3..4)).await.unwrap().first, Seq(4));
+        m.close_unsealed().await;
+        let m = Master::open(cfg(dir.path())).unwrap();
+        assert_eq!(m.acked_seq(), Seq(4));
+        let got = m.read_range(Seq(0), Seq(100)).unwrap();
+        assert_eq!(
+            got.into_iter().map(|e| e.event).collect::<Vec<_>>(),
+            evs(0..4)
+        );
+        m.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn corruption_in_the_middle_is_an_error_naming_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let m = Master::open(cfg(dir.path())).unwrap();
