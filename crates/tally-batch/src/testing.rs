@@ -44,17 +44,35 @@ pub fn master_schema() -> Arc<Schema> {
 /// `master_dir`, sorted by (url, ts), with row groups of at most `row_group_rows`.
 pub fn write_master_file(
     master_dir: &Path,
+    rows: Vec<MasterRow>,
+    row_group_rows: usize,
+) -> Result<MasterFile> {
+    write_master_file_with(master_dir, rows, row_group_rows, 256 << 20)
+}
+
+/// [`write_master_file`] with a given dictionary page size limit for `url` (a small limit makes
+/// the writer fall back to plain pages, as the default 1 MiB does with many long URLs).
+pub fn write_master_file_with(
+    master_dir: &Path,
     mut rows: Vec<MasterRow>,
     row_group_rows: usize,
+    url_dictionary_limit: usize,
 ) -> Result<MasterFile> {
     std::fs::create_dir_all(master_dir).map_err(|e| Error::io(master_dir, e))?;
     let first = rows.iter().map(|r| r.seq).min().unwrap_or(0);
     let last = rows.iter().map(|r| r.seq).max().unwrap_or(0);
     rows.sort_by(|a, b| a.url.cmp(&b.url).then(a.ts.cmp(&b.ts)));
     let path = master_dir.join(format!("{:020}-{:020}.parquet", first, last));
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder();
+    if url_dictionary_limit < 1 << 20 {
+        // Small pages, so that the fallback to plain pages happens within a row group.
+        props = props
+            .set_data_page_row_count_limit(4096)
+            .set_write_batch_size(1024);
+    }
+    let props = props
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level")))
-        .set_column_dictionary_page_size_limit(ColumnPath::from("url"), 256 << 20)
+        .set_column_dictionary_page_size_limit(ColumnPath::from("url"), url_dictionary_limit)
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .build();
     let schema = master_schema();

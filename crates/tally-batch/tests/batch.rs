@@ -452,7 +452,6 @@ mod runner {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "needs tally-master"]
     async fn runs_publish_versions_and_history() {
         let dir = tempfile::tempdir().unwrap();
         let master = open_master(dir.path());
@@ -511,7 +510,6 @@ mod runner {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "needs tally-master"]
     async fn failing_run_is_retried_and_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let master = open_master(dir.path());
@@ -550,4 +548,36 @@ mod runner {
         );
         store.load(&good.version).unwrap();
     }
+}
+
+#[test]
+fn plain_fallback_for_url_dictionary_is_exact() {
+    // A tiny dictionary page limit makes the writer fall back to plain pages; the reader then
+    // hands out several dictionaries per row group, and the kernel must still merge URLs exactly.
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(77);
+    let rows: Vec<MasterRow> = (1..=150_000u64)
+        .map(|seq| MasterRow {
+            seq,
+            ts: BASE_MS + rng.below(100) as i64 * HOUR_MS,
+            url: format!("http://h{}.example/{}", rng.below(7), rng.below(300)),
+            visitor: None,
+        })
+        .collect();
+    let f = tally_batch::testing::write_master_file_with(
+        &dir.path().join("master"),
+        rows.clone(),
+        1 << 20,
+        512,
+    )
+    .unwrap();
+    let data = compute(&[f], Seq(120_000), None, &Progress::new()).unwrap();
+    assert!(
+        data.stats.url_dictionaries > 1,
+        "fallback not exercised: {:?}",
+        data.stats
+    );
+    let m = model(&rows, 120_000);
+    let view = BatchView::from_data("v".into(), Seq(120_000), 0, data);
+    check_view(&view, &m, 5);
 }
