@@ -23,7 +23,7 @@ use crate::aggregate::{aggregate, epoch_of, EpochDelta};
 use crate::keys::Keys;
 use crate::mirror::Mirror;
 use crate::store::{ApplyOutcome, Store};
-use crate::{Error, Result, Shared, SpeedConfig};
+use crate::{Counters, Error, Result, Shared, SpeedConfig};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -113,6 +113,7 @@ pub(crate) async fn run(
                 backoff = BACKOFF_MIN;
             }
             Err(e) => {
+                Counters::bump(&a.shared.counters.errors, 1);
                 if matches!(e, Error::Redis(_)) {
                     a.shared.redis_up.store(false, Ordering::Release);
                 }
@@ -251,6 +252,7 @@ impl Applier {
             return Ok(Phase::Rebuild);
         }
         let urls: usize = m.epochs.values().map(|e| e.urls.len()).sum();
+        Counters::bump(&self.shared.counters.loads, 1);
         *self.mirror_write() = m;
         self.instance = Some(inst);
         self.loaded = true;
@@ -282,6 +284,7 @@ impl Applier {
         self.set_pos(Seq(live[0].0.saturating_sub(1)));
         let target = self.master.acked_seq();
         self.rebuild_target = Some(target);
+        Counters::bump(&self.shared.counters.rebuilds, 1);
         info!(
             from_seq = self.pos.0,
             target_seq = target.0,
@@ -351,6 +354,8 @@ impl Applier {
             }
             self.mirror_write().apply(&d);
             self.set_pos(d.last);
+            Counters::bump(&self.shared.counters.applies, 1);
+            Counters::bump(&self.shared.counters.events_applied, d.events());
         }
         self.shared.redis_up.store(true, Ordering::Release);
         self.set_pos(self.pos.max(through));
@@ -431,7 +436,10 @@ impl Applier {
             info!(epoch = e.0, "speed epoch deleted");
         }
         self.floor = self.floor.max(floor);
-        self.master.forget_epochs_before(floor)?;
+        let master = self.master.clone();
+        tokio::task::spawn_blocking(move || master.forget_epochs_before(floor))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))??;
         self.gc_done = requested;
         Ok(())
     }

@@ -72,6 +72,36 @@ pub struct EpochInfo {
     pub urls: usize,
 }
 
+/// Counters of the applier since start, for `/metrics` and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpeedStats {
+    /// Apply scripts committed (one per epoch touched by a batch).
+    pub applies: u64,
+    /// Events whose increments were committed.
+    pub events_applied: u64,
+    /// Times the mirror was (re)loaded from Redis (start, or Redis differed from the mirror).
+    pub loads: u64,
+    /// Rebuilds from the master dataset (Redis had lost our state).
+    pub rebuilds: u64,
+    /// Failed attempts (Redis unreachable, timeouts, storage errors), each followed by a backoff.
+    pub errors: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) applies: AtomicU64,
+    pub(crate) events_applied: AtomicU64,
+    pub(crate) loads: AtomicU64,
+    pub(crate) rebuilds: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// State shared by the handle and the applier task.
 pub(crate) struct Shared {
     pub(crate) mirror: RwLock<Mirror>,
@@ -83,6 +113,7 @@ pub(crate) struct Shared {
     /// Epochs starting before this may be deleted (0: nothing requested).
     pub(crate) gc_floor: AtomicU64,
     pub(crate) gc_wake: Notify,
+    pub(crate) counters: Counters,
 }
 
 struct Inner {
@@ -118,6 +149,7 @@ impl SpeedLayer {
             ready: AtomicBool::new(false),
             gc_floor: AtomicU64::new(0),
             gc_wake: Notify::new(),
+            counters: Counters::default(),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(applier::run(
@@ -208,6 +240,18 @@ impl SpeedLayer {
     /// Whether reads answer (Redis reachable, mirror loaded, no rebuild going on).
     pub fn available(&self) -> bool {
         self.redis_up() && self.inner.shared.ready.load(Ordering::Acquire)
+    }
+
+    /// Counters of the applier since start.
+    pub fn stats(&self) -> SpeedStats {
+        let c = &self.inner.shared.counters;
+        SpeedStats {
+            applies: c.applies.load(Ordering::Relaxed),
+            events_applied: c.events_applied.load(Ordering::Relaxed),
+            loads: c.loads.load(Ordering::Relaxed),
+            rebuilds: c.rebuilds.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
     }
 
     /// The live epochs (as the master dataset lists them) with their applied seq and URL count.
