@@ -1,1 +1,95 @@
-fn main() {}
+//! `tally`: the page-view analytics server and its command line.
+
+mod batch_cli;
+mod config;
+mod lock;
+mod serve;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Exact page-view analytics on the Lambda architecture"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: ingestion, speed layer, serving layer and batch scheduler.
+    Serve {
+        /// Configuration file (overrides the built-in defaults; TALLY_* variables override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Work with the batch layer (on the files, or through the running server).
+    Batch {
+        #[command(subcommand)]
+        command: BatchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum BatchCommand {
+    /// One batch recompute; exits 0 once the new view is published.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check the current view against its manifest; exit 1 naming the bad file.
+    Verify {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Mark the current view discarded and rerun the batch layer.
+    Discard {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List view versions with their cutoff, status and size.
+    List {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+impl BatchCommand {
+    fn config(&self) -> Option<&PathBuf> {
+        match self {
+            BatchCommand::Run { config }
+            | BatchCommand::Verify { config }
+            | BatchCommand::Discard { config }
+            | BatchCommand::List { config } => config.as_ref(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => config::Config::load(config.as_deref()).and_then(|cfg| {
+            telemetry::init(&cfg.log, false);
+            serve::run(cfg)
+        }),
+        Command::Batch { command } => config::Config::load(command.config().map(PathBuf::as_path))
+            .and_then(|cfg| {
+                telemetry::init(&cfg.log, true);
+                batch_cli::run(cfg, command)
+            }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Operations: `/v1/admin/*`, `/healthz`, `/readyz`.
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::{AppState, ViewManager};
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Admin endpoints need `Authorization: Bearer <auth.admin_token>` when a token is set.
+pub(crate) async fn require_admin(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => {}
+            _ => return ApiError::Unauthorized.into_response(),
+        }
+    }
+    next.run(req).await
+}
+
+pub(crate) async fn flush(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let sealed = state.master.seal().await?;
+    Ok(Json(json!({ "sealed_through_seq": sealed.get() })))
+}
+
+pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
+    let m = state.master.status();
+    let view = state.views.current();
+    let epochs: Vec<Value> = state
+        .speed
+        .epochs()
+        .into_iter()
+        .map(|e| json!({ "start_seq": e.start.get(), "applied_seq": e.applied.get(), "urls": e.urls }))
+        .collect();
+    Json(json!({
+        "acked_seq": m.acked_seq.get(),
+        "sealed_seq": m.sealed_seq.get(),
+        "speed_applied_seq": state.speed.applied_seq().get(),
+        "batch_cutoff_seq": view.as_ref().map(|v| v.cutoff_seq.get()),
+        "batch_version": view.as_ref().map(|v| v.version.clone()),
+        "speed_epochs": epochs,
+        "redis": if state.speed.redis_up() { "up" } else { "down" },
+        "speed_available": state.speed.available(),
+        "wal_bytes": m.wal_bytes,
+        "master_files": m.master_files,
+        "uptime_s": state.started.elapsed().as_secs(),
+    }))
+}
+
+pub(crate) async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when queries can be answered exactly: a view is not blocked and the speed layer is
+/// available (or there is nothing it would have to add).
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    if state.views.blocked() {
+        reasons.push("no good batch view after a discard; a rerun is in progress");
+    }
+    if !state.speed.redis_up() {
+        reasons.push("redis is unreachable");
+    } else if !state.speed.available() {
+        reasons.push("the speed layer is rebuilding");
+    }
+    let cutoff = ViewManager::cutoff(state.views.current().as_ref());
+    if reasons.is_empty() {
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "batch_cutoff_seq": cutoff.get() })),
+        )
+            .into_response()
+    } else {
+        let error = format!("Not ready: {}.", reasons.join("; "));
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": error, "reasons": reasons })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,179 @@
+//! `/v1/admin/batch`: start a run, watch it, discard a bad view.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+pub use tally_batch::Trigger;
+use tally_batch::{RunError, RunOutcome};
+use tally_core::format_rfc3339;
+
+use crate::error::{ApiError, ApiResult};
+use crate::query::{params, Params};
+use crate::state::AppState;
+
+fn wants_wait(q: &std::collections::HashMap<String, String>) -> ApiResult<bool> {
+    match q.get("wait").map(String::as_str) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(other) => Err(ApiError::bad(format!(
+            "wait must be true or false, not {other:?}."
+        ))),
+    }
+}
+
+fn outcome_json(o: &RunOutcome) -> Value {
+    json!({
+        "run_id": o.run_id,
+        "version": o.version,
+        "cutoff_seq": o.cutoff_seq.get(),
+        "events": o.events,
+        "urls": o.urls,
+        "duration_ms": o.duration_ms,
+        "timings": o.timings,
+    })
+}
+
+fn run_error(e: RunError) -> ApiError {
+    match e {
+        RunError::AlreadyRunning { run_id } => ApiError::Conflict {
+            message: "A batch run is already going; wait for it to finish.".into(),
+            run_id,
+        },
+        RunError::Failed { run_id, source } => {
+            ApiError::Internal(format!("batch run {run_id} failed: {source}"))
+        }
+    }
+}
+
+/// Awaits a started run and, once its view is `CURRENT`, swaps it in for serving.
+async fn finish(state: &AppState, started: tally_batch::StartedRun) -> ApiResult<RunOutcome> {
+    let outcome = started
+        .handle
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(run_error)?;
+    state.views.load_current().await;
+    metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "ok").increment(1);
+    metrics::histogram!(crate::metrics::BATCH_DURATION).record(outcome.duration_ms as f64 / 1000.0);
+    Ok(outcome)
+}
+
+async fn start(state: &AppState, trigger: Trigger, wait: bool) -> ApiResult<Response> {
+    let started = state.runner.try_start(trigger).map_err(run_error)?;
+    if wait {
+        let outcome = finish(state, started).await?;
+        return Ok((StatusCode::OK, Json(outcome_json(&outcome))).into_response());
+    }
+    let run_id = started.run_id.clone();
+    let s = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = finish(&s, started).await {
+            metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "failed").increment(1);
+            tracing::error!(error = ?e, "batch run failed");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response())
+}
+
+pub(crate) async fn post_batch(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let wait = wants_wait(&q)?;
+    start(&state, Trigger::Admin, wait).await
+}
+
+pub(crate) async fn post_discard(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let wait = wants_wait(&q)?;
+    let discarded = state
+        .views
+        .discard_current("discarded by an operator")
+        .await
+        .map_err(ApiError::internal)?;
+    // Rerun from the master dataset. If a run is already going, it publishes the new view.
+    match state.runner.try_start(Trigger::Discard) {
+        Ok(started) => {
+            let run_id = started.run_id.clone();
+            if wait {
+                let outcome = finish(&state, started).await?;
+                let mut body = outcome_json(&outcome);
+                body["discarded"] = json!(discarded);
+                return Ok((StatusCode::OK, Json(body)).into_response());
+            }
+            let s = state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = finish(&s, started).await {
+                    tracing::error!(error = ?e, "rerun after discard failed");
+                }
+            });
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "run_id": run_id, "discarded": discarded })),
+            )
+                .into_response())
+        }
+        Err(RunError::AlreadyRunning { run_id }) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run_id": run_id, "discarded": discarded })),
+        )
+            .into_response()),
+        Err(e) => Err(run_error(e)),
+    }
+}
+
+pub(crate) async fn get_batch(State(state): State<AppState>) -> Json<Value> {
+    let current = state.views.current().map(|v| {
+        json!({
+            "version": v.version,
+            "cutoff_seq": v.cutoff_seq.get(),
+            "computed_at": format_rfc3339(v.computed_at_ms),
+            "events": v.events,
+            "urls": v.urls,
+        })
+    });
+    let running = state.runner.running().map(|r| {
+        json!({
+            "run_id": r.run_id,
+            "started_at": format_rfc3339(r.started_at_ms),
+            "trigger": r.trigger,
+            "progress": r.progress(),
+        })
+    });
+    let next = state.next_run_ms.load(std::sync::atomic::Ordering::Relaxed);
+    Json(json!({
+        "current": current,
+        "running": running,
+        "history": state.runner.history(),
+        "schedule": state.schedule,
+        "next_run": (next > 0).then(|| format_rfc3339(next)),
+    }))
+}
+
+/// A scheduled run: retried with backoff; a run already going is left alone.
+pub async fn scheduled_run(state: AppState) {
+    run_in_background(state, Trigger::Schedule).await;
+}
+
+/// Starts a rerun (after a discarded view) in the background.
+pub fn spawn_rerun(state: AppState, trigger: Trigger) {
+    tokio::spawn(run_in_background(state, trigger));
+}
+
+async fn run_in_background(state: AppState, trigger: Trigger) {
+    match state.runner.run_with_retries(trigger).await {
+        Ok(outcome) => {
+            state.views.load_current().await;
+            metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "ok").increment(1);
+            metrics::histogram!(crate::metrics::BATCH_DURATION)
+                .record(outcome.duration_ms as f64 / 1000.0);
+        }
+        Err(RunError::AlreadyRunning { run_id }) => {
+            tracing::info!(%run_id, ?trigger, "batch run skipped: another run is going");
+        }
+        Err(e) => {
+            metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "failed").increment(1);
+            tracing::error!(error = %e, ?trigger, "batch run failed after retries; the old view keeps serving");
+        }
+    }
+}

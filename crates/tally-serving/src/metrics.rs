@@ -1,0 +1,63 @@
+//! Metric names (Prometheus, `tally_` prefix) and the per-request middleware. Labels are
+//! bounded: route templates and status codes, never a URL.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::state::{AppState, ViewManager};
+
+pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
+pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
+pub const EVENTS_ACCEPTED: &str = "tally_events_accepted_total";
+pub const EVENTS_REJECTED: &str = "tally_events_rejected_total";
+pub const ACKED_SEQ: &str = "tally_acked_seq";
+pub const SEALED_SEQ: &str = "tally_sealed_seq";
+pub const WAL_BYTES: &str = "tally_wal_bytes";
+pub const SPEED_APPLIED_SEQ: &str = "tally_speed_applied_seq";
+pub const SPEED_LAG_EVENTS: &str = "tally_speed_apply_lag_events";
+pub const REDIS_UP: &str = "tally_redis_up";
+pub const VIEW_CUTOFF_SEQ: &str = "tally_batch_view_cutoff_seq";
+pub const VIEW_AGE_SECONDS: &str = "tally_batch_view_age_seconds";
+pub const BATCH_RUNS: &str = "tally_batch_runs_total";
+pub const BATCH_DURATION: &str = "tally_batch_run_duration_seconds";
+
+/// Counts and times every request by its route template.
+pub(crate) async fn track(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().as_str().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    let secs = start.elapsed().as_secs_f64();
+    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!(HTTP_DURATION, "route" => route).record(secs);
+    resp
+}
+
+/// `GET /metrics`: refreshes the gauges, then renders the Prometheus text.
+pub(crate) async fn render(State(state): State<AppState>) -> Response {
+    let m = state.master.status();
+    metrics::gauge!(ACKED_SEQ).set(m.acked_seq.get() as f64);
+    metrics::gauge!(SEALED_SEQ).set(m.sealed_seq.get() as f64);
+    metrics::gauge!(WAL_BYTES).set(m.wal_bytes as f64);
+    let applied = state.speed.applied_seq();
+    metrics::gauge!(SPEED_APPLIED_SEQ).set(applied.get() as f64);
+    metrics::gauge!(SPEED_LAG_EVENTS).set(m.acked_seq.get().saturating_sub(applied.get()) as f64);
+    metrics::gauge!(REDIS_UP).set(if state.speed.redis_up() { 1.0 } else { 0.0 });
+    let view = state.views.current();
+    metrics::gauge!(VIEW_CUTOFF_SEQ).set(ViewManager::cutoff(view.as_ref()).get() as f64);
+    if let Some(v) = &view {
+        let age = (tally_core::now_ms() - v.computed_at_ms).max(0) as f64 / 1000.0;
+        metrics::gauge!(VIEW_AGE_SECONDS).set(age);
+    }
+    let text = (state.render_metrics)();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,259 @@
+//! `POST /api/event`: what the official Plausible trackers send, so a site can point them at
+//! tally unchanged. Visitor ids are derived as Plausible does: a keyed hash of a daily-rotating
+//! secret salt, the domain, the client IP and the User-Agent. The raw IP is never stored.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde_json::Value;
+use tally_core::{day_of, normalize_url, now_ms, Event};
+
+use crate::error::{ApiError, ApiResult};
+use crate::ingest::body_rejection;
+use crate::state::AppState;
+
+/// The secret salt of the current UTC day, persisted so that restarts within a day keep
+/// visitor ids stable, and replaced at UTC midnight so that ids cannot be linked across days.
+pub struct DailySalt {
+    path: PathBuf,
+    current: Mutex<Option<(i64, [u8; 32])>>,
+}
+
+impl DailySalt {
+    pub fn new(path: PathBuf) -> DailySalt {
+        DailySalt {
+            path,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The salt for `day` (days since the epoch), creating and persisting a new one when the
+    /// day changed.
+    pub fn for_day(&self, day: i64) -> [u8; 32] {
+        let mut guard = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((d, salt)) = *guard {
+            if d == day {
+                return salt;
+            }
+        }
+        let salt = self.read(day).unwrap_or_else(|| {
+            let salt: [u8; 32] = rand::random();
+            self.write(day, &salt);
+            salt
+        });
+        *guard = Some((day, salt));
+        salt
+    }
+
+    fn read(&self, day: i64) -> Option<[u8; 32]> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        if v.get("day")?.as_i64()? != day {
+            return None;
+        }
+        let hex = v.get("salt")?.as_str()?;
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()?;
+        bytes.try_into().ok()
+    }
+
+    fn write(&self, day: i64, salt: &[u8; 32]) {
+        let hex: String = salt.iter().map(|b| format!("{b:02x}")).collect();
+        let body = serde_json::json!({ "day": day, "salt": hex }).to_string();
+        let tmp = self.path.with_extension("tmp");
+        let result = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot persist the daily salt; visitor ids change on restart today");
+        }
+    }
+}
+
+/// The visitor id: keyed BLAKE3 of domain, IP and User-Agent under the day's salt.
+pub fn visitor_id(salt: &[u8; 32], domain: &str, ip: &IpAddr, user_agent: &str) -> String {
+    let mut h = blake3::Hasher::new_keyed(salt);
+    h.update(domain.as_bytes());
+    h.update(&[0]);
+    h.update(ip.to_string().as_bytes());
+    h.update(&[0]);
+    h.update(user_agent.as_bytes());
+    let out = h.finalize();
+    out.as_bytes()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The first valid address of `X-Forwarded-For`, else the peer.
+pub fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|s| s.trim().parse::<IpAddr>().ok())
+        .or_else(|| peer.map(|p| p.ip()))
+}
+
+fn field<'a>(v: &'a Value, short: &str, long: &str) -> Option<&'a Value> {
+    v.get(short)
+        .or_else(|| v.get(long))
+        .filter(|x| !x.is_null())
+}
+
+fn cors(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    resp
+}
+
+pub(crate) async fn preflight() -> Response {
+    cors(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(crate) async fn post_event(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    cors(
+        match accept(
+            &state,
+            peer.map(|Extension(ConnectInfo(p))| p),
+            &headers,
+            body,
+        )
+        .await
+        {
+            Ok(()) => (StatusCode::ACCEPTED, "ok").into_response(),
+            Err(e) => e.into_response(),
+        },
+    )
+}
+
+async fn accept(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<()> {
+    let body = body.map_err(|r| body_rejection(r, state.limits.max_body_bytes))?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad(format!("Request body is not valid JSON: {e}.")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("Request body must be a JSON object."));
+    }
+    let name = field(&v, "n", "name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ApiError::bad("The event name (n or name) is required and must be a string.")
+        })?;
+    let raw_url = field(&v, "u", "url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ApiError::bad("The page URL (u or url) is required and must be a string.")
+        })?;
+    let url = normalize_url(raw_url)
+        .map_err(|e| ApiError::bad(format!("The page URL is invalid: {e}.")))?;
+    if name != "pageview" {
+        // Engagement and custom events are accepted and not counted as views.
+        return Ok(());
+    }
+    let domain = field(&v, "d", "domain")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| tally_core::url::host_of(&url).map(str::to_string))
+        .unwrap_or_default();
+    let referrer = field(&v, "r", "referrer")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty())
+        .map(|r| r.chars().take(2048).collect::<String>());
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let now = now_ms();
+    let visitor = client_ip(headers, peer)
+        .map(|ip| visitor_id(&state.salt.for_day(day_of(now)), &domain, &ip, user_agent));
+    let event = Event {
+        ts: now,
+        url,
+        visitor,
+        referrer,
+        id: None,
+        received_at: now,
+    };
+    state.master.append(vec![event]).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visitor_ids_depend_on_ip_ua_domain_and_salt() {
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let other: IpAddr = "203.0.113.8".parse().unwrap();
+        let s1 = [1u8; 32];
+        let s2 = [2u8; 32];
+        let a = visitor_id(&s1, "x.com", &ip, "UA");
+        assert_eq!(a, visitor_id(&s1, "x.com", &ip, "UA"));
+        assert_ne!(a, visitor_id(&s1, "x.com", &other, "UA"));
+        assert_ne!(a, visitor_id(&s1, "x.com", &ip, "UA2"));
+        assert_ne!(a, visitor_id(&s1, "y.com", &ip, "UA"));
+        assert_ne!(a, visitor_id(&s2, "x.com", &ip, "UA"));
+        assert!(!a.contains("203"));
+    }
+
+    #[test]
+    fn forwarded_for_first_valid_address_wins() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("garbage, 198.51.100.1, 10.0.0.1"),
+        );
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(
+            client_ip(&h, Some(peer)),
+            Some("198.51.100.1".parse().unwrap())
+        );
+        assert_eq!(client_ip(&HeaderMap::new(), Some(peer)), Some(peer.ip()));
+    }
+
+    #[test]
+    fn salt_is_kept_within_a_day_and_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("salt.json");
+        let a = DailySalt::new(path.clone()).for_day(100);
+        assert_eq!(DailySalt::new(path.clone()).for_day(100), a);
+        assert_ne!(DailySalt::new(path).for_day(101), a);
+    }
+}

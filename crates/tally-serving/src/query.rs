@@ -1,0 +1,205 @@
+//! `GET /v1/views` and `GET /v1/top`: the batch view plus the speed epochs after its cutoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tally_batch::BatchView;
+use tally_core::{format_rfc3339, hour_of, normalize_url, now_ms, parse_ts_param, HOUR_MS};
+
+use crate::error::{ApiError, ApiResult};
+use crate::merge::{bucket_series, top_from_maps, top_merge, Granularity};
+use crate::state::{AppState, ViewManager};
+
+pub(crate) type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+pub(crate) fn params(p: Params) -> ApiResult<HashMap<String, String>> {
+    p.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad(format!("The query string is invalid: {e}.")))
+}
+
+/// An hour-aligned range `[from_hour, to_hour)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HourRange {
+    pub from_hour: i64,
+    pub to_hour: i64,
+    /// Neither bound was given: the whole dataset.
+    pub unbounded: bool,
+}
+
+/// `from`/`to` truncated to the hour; missing `from` is the beginning of time, missing `to` is
+/// now rounded up to the next hour (counting the furthest accepted future timestamp).
+pub(crate) fn hour_range(q: &HashMap<String, String>, max_future_ms: i64) -> ApiResult<HourRange> {
+    let parse = |name: &str| -> ApiResult<Option<i64>> {
+        match q.get(name) {
+            None => Ok(None),
+            Some(s) => parse_ts_param(s).map(Some).ok_or_else(|| {
+                ApiError::bad(format!(
+                    "{name} must be an RFC 3339 timestamp or epoch milliseconds, not {s:?}."
+                ))
+            }),
+        }
+    };
+    let from = parse("from")?;
+    let to = parse("to")?;
+    let from_hour = from.map_or(0, hour_of);
+    let to_hour = match to {
+        Some(t) => hour_of(t),
+        None => hour_of(now_ms().saturating_add(max_future_ms)) + 1,
+    };
+    if from_hour >= to_hour {
+        return Err(ApiError::bad(
+            "from must be earlier than to (after truncating both to the hour).",
+        ));
+    }
+    Ok(HourRange {
+        from_hour,
+        to_hour,
+        unbounded: from.is_none() && to.is_none(),
+    })
+}
+
+pub(crate) fn url_param(q: &HashMap<String, String>) -> ApiResult<String> {
+    let raw = q
+        .get("url")
+        .ok_or_else(|| ApiError::bad("The url parameter is required."))?;
+    normalize_url(raw).map_err(|e| ApiError::bad(format!("The url parameter is invalid: {e}.")))
+}
+
+pub(crate) fn provenance(view: Option<&Arc<BatchView>>) -> Value {
+    match view {
+        Some(v) => json!({
+            "version": v.version,
+            "cutoff_seq": v.cutoff_seq.get(),
+            "computed_at": format_rfc3339(v.computed_at_ms),
+        }),
+        None => Value::Null,
+    }
+}
+
+/// Adds `X-Tally-Degraded: speed` when the speed layer could not be read.
+pub(crate) fn respond(body: Value, speed_available: bool) -> Response {
+    let mut resp = Json(body).into_response();
+    if !speed_available {
+        resp.headers_mut().insert(
+            HeaderName::from_static("x-tally-degraded"),
+            HeaderValue::from_static("speed"),
+        );
+    }
+    resp
+}
+
+/// The serving view, or 503 while a discarded view left nothing exact to answer from.
+pub(crate) fn serving_view(state: &AppState) -> ApiResult<Option<Arc<BatchView>>> {
+    if state.views.blocked() {
+        return Err(ApiError::Unavailable(
+            "The batch view was discarded and no earlier good view exists; a rerun is in progress."
+                .into(),
+        ));
+    }
+    Ok(state.views.current())
+}
+
+pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let url = url_param(&q)?;
+    let granularity = match q.get("granularity") {
+        None => Granularity::Total,
+        Some(g) => Granularity::parse(g).ok_or_else(|| {
+            ApiError::bad(format!(
+                "granularity must be total, hour, day or month, not {g:?}."
+            ))
+        })?,
+    };
+    let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
+    let view = serving_view(&state)?;
+    let cutoff = ViewManager::cutoff(view.as_ref());
+    let batch_views = view
+        .as_ref()
+        .map_or(0, |v| v.range_views(&url, range.from_hour, range.to_hour));
+    let speed = &state.speed;
+    let speed_views = speed.views(&url, cutoff, range.from_hour, range.to_hour);
+    let speed_available = speed_views.is_some();
+    let speed_views = speed_views.unwrap_or(0);
+    let mut body = json!({
+        "url": url,
+        "from": format_rfc3339(range.from_hour * HOUR_MS),
+        "to": format_rfc3339(range.to_hour * HOUR_MS),
+        "views": batch_views + speed_views,
+        "batch_views": batch_views,
+        "speed_views": speed_views,
+        "batch": provenance(view.as_ref()),
+        "speed_available": speed_available,
+    });
+    if granularity != Granularity::Total {
+        let batch_hours = view
+            .as_ref()
+            .map(|v| v.hour_counts(&url, range.from_hour, range.to_hour))
+            .unwrap_or_default();
+        let speed_hours = if speed_available {
+            speed
+                .hour_counts(&url, cutoff, range.from_hour, range.to_hour)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let series = bucket_series(batch_hours.into_iter().chain(speed_hours), granularity);
+        body["series"] = series
+            .into_iter()
+            .map(|(start, views)| json!({ "start": format_rfc3339(start), "views": views }))
+            .collect();
+    }
+    Ok(respond(body, speed_available))
+}
+
+pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let limit = match q.get("limit") {
+        None => 10,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad(format!(
+                    "limit must be an integer from 1 to 1000, not {s:?}."
+                )))
+            }
+        },
+    };
+    let host = match q.get("host") {
+        None => None,
+        Some(h) if h.trim().is_empty() => return Err(ApiError::bad("host must not be empty.")),
+        Some(h) => Some(h.trim().trim_end_matches('.').to_ascii_lowercase()),
+    };
+    let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
+    let view = serving_view(&state)?;
+    let cutoff = ViewManager::cutoff(view.as_ref());
+    let speed = state
+        .speed
+        .range_totals(cutoff, range.from_hour, range.to_hour, host.as_deref());
+    let speed_available = speed.is_some();
+    let speed = speed.unwrap_or_default();
+    let items = match view.as_ref() {
+        None => top_from_maps(HashMap::new(), speed, limit),
+        Some(v) if range.unbounded && host.is_none() => top_merge(v.totals_desc(), &speed, limit),
+        Some(v) => {
+            let mut batch = HashMap::new();
+            v.range_totals(range.from_hour, range.to_hour, host.as_deref(), |url, n| {
+                batch.insert(url.to_string(), n);
+            });
+            top_from_maps(batch, speed, limit)
+        }
+    };
+    let body = json!({
+        "from": format_rfc3339(range.from_hour * HOUR_MS),
+        "to": format_rfc3339(range.to_hour * HOUR_MS),
+        "items": items.into_iter().map(|(url, views)| json!({ "url": url, "views": views })).collect::<Vec<_>>(),
+        "batch": provenance(view.as_ref()),
+        "speed_available": speed_available,
+    });
+    Ok(respond(body, speed_available))
+}

@@ -1,0 +1,261 @@
+//! Configuration: built-in defaults (`config/default.toml`, compiled in), then the file given
+//! with `--config`, then `TALLY_<SECTION>_<KEY>` environment variables, highest last.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+
+/// The documented defaults; `config/default.toml` is the single source of them.
+pub(crate) const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+const SECTIONS: &[&str] = &[
+    "http", "storage", "ingest", "redis", "speed", "batch", "uniques", "auth", "log",
+];
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) http: HttpConfig,
+    pub(crate) storage: StorageConfig,
+    pub(crate) ingest: IngestConfig,
+    pub(crate) redis: RedisConfig,
+    pub(crate) speed: SpeedConfig,
+    pub(crate) batch: BatchConfig,
+    pub(crate) uniques: UniquesConfig,
+    pub(crate) auth: AuthConfig,
+    pub(crate) log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HttpConfig {
+    pub(crate) addr: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_concurrency: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StorageConfig {
+    pub(crate) data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct IngestConfig {
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_batch_events: usize,
+    #[serde(with = "humantime_serde")]
+    pub(crate) max_future: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(crate) seal_interval: Duration,
+    pub(crate) seal_max_events: usize,
+    pub(crate) fsync: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RedisConfig {
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) url: String,
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) key_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SpeedConfig {
+    #[serde(with = "humantime_serde")]
+    pub(crate) gc_grace: Duration,
+    pub(crate) apply_batch_max: usize,
+    pub(crate) tail_capacity: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchConfig {
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) schedule: String,
+    pub(crate) keep_versions: usize,
+    pub(crate) max_retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub(crate) retry_backoff: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UniquesConfig {
+    pub(crate) precision: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuthConfig {
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) admin_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogConfig {
+    pub(crate) format: LogFormat,
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Environment values are parsed as TOML-ish scalars (`TALLY_AUTH_ADMIN_TOKEN=1234` is a
+/// number); string keys accept either.
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum S {
+        S(String),
+        I(i64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match S::deserialize(d)? {
+        S::S(s) => s,
+        S::I(i) => i.to_string(),
+        S::F(f) => f.to_string(),
+        S::B(b) => b.to_string(),
+    })
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then the environment.
+    pub(crate) fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        Self::load_with_env(file, Env::prefixed("TALLY_"))
+    }
+
+    fn load_with_env(file: Option<&Path>, env: Env) -> anyhow::Result<Config> {
+        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!("config file {} does not exist", path.display());
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        // TALLY_STORAGE_DATA_DIR -> storage.data_dir: split at the first underscore only, and
+        // only for known sections, so unrelated TALLY_* variables are not configuration.
+        let env = env.filter_map(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            let (section, rest) = key.split_once('_')?;
+            SECTIONS
+                .contains(&section)
+                .then(|| format!("{section}.{rest}").into())
+        });
+        let cfg: Config = fig.merge(env).extract().context("invalid configuration")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot.
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        if !self.http.addr.ip().is_loopback() && self.auth.admin_token.is_empty() {
+            bail!(
+                "refusing to listen on non-loopback address {} without auth.admin_token \
+                 (set TALLY_AUTH_ADMIN_TOKEN)",
+                self.http.addr
+            );
+        }
+        if !(4..=18).contains(&self.uniques.precision) {
+            bail!(
+                "uniques.precision must be between 4 and 18, not {}",
+                self.uniques.precision
+            );
+        }
+        if self.ingest.max_batch_events == 0 || self.ingest.max_body_bytes == 0 {
+            bail!("ingest.max_batch_events and ingest.max_body_bytes must be positive");
+        }
+        if self.batch.keep_versions == 0 {
+            bail!("batch.keep_versions must be at least 1");
+        }
+        if self.speed.tail_capacity == 0 || self.speed.apply_batch_max == 0 {
+            bail!("speed.tail_capacity and speed.apply_batch_max must be positive");
+        }
+        if self.ingest.seal_max_events == 0 {
+            bail!("ingest.seal_max_events must be positive");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn admin_token(&self) -> Option<String> {
+        (!self.auth.admin_token.is_empty()).then(|| self.auth.admin_token.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Env {
+        Env::prefixed("TALLY_TEST_NOTHING_SET_")
+    }
+
+    #[test]
+    fn default_toml_loads_and_equals_builtin_defaults() {
+        let cfg = Config::load_with_env(None, no_env()).unwrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
+        let from_file = Config::load_with_env(Some(&path), no_env()).unwrap();
+        assert_eq!(cfg, from_file);
+        assert_eq!(cfg.http.addr.port(), 8080);
+        assert_eq!(cfg.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(cfg.ingest.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(cfg.ingest.max_future, Duration::from_secs(300));
+        assert_eq!(cfg.ingest.max_age, Duration::from_secs(3650 * 86400));
+        assert_eq!(cfg.batch.schedule, "0 0 */8 * * *");
+        assert_eq!(cfg.batch.keep_versions, 5);
+        assert_eq!(cfg.uniques.precision, 14);
+        assert_eq!(cfg.admin_token(), None);
+    }
+
+    #[test]
+    fn env_overrides_file_and_unknown_keys_fail() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "t.toml",
+                "[http]\naddr = \"127.0.0.1:9000\"\n[batch]\nkeep_versions = 2\n",
+            )?;
+            jail.set_env("TALLY_HTTP_ADDR", "127.0.0.1:0");
+            jail.set_env("TALLY_STORAGE_DATA_DIR", "./data-test");
+            jail.set_env("TALLY_AUTH_ADMIN_TOKEN", "12345");
+            jail.set_env("TALLY_BIN", "/not/config");
+            let cfg = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.http.addr.port(), 0);
+            assert_eq!(cfg.batch.keep_versions, 2);
+            assert_eq!(cfg.storage.data_dir, PathBuf::from("./data-test"));
+            assert_eq!(cfg.admin_token().as_deref(), Some("12345"));
+            jail.set_env("TALLY_HTTP_NOPE", "1");
+            assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn non_loopback_without_token_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TALLY_HTTP_ADDR", "0.0.0.0:8080");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("admin_token"), "{err}");
+            jail.set_env("TALLY_AUTH_ADMIN_TOKEN", "secret");
+            assert!(Config::load(None).is_ok());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,223 @@
+//! `tally serve`: wiring, the batch scheduler, and ordered graceful shutdown.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tally_batch::{BatchRunner, RunnerConfig, ViewStore};
+use tally_core::event::IngestLimits;
+use tally_master::{Master, MasterConfig};
+use tally_serving::batch::{spawn_rerun, Trigger};
+use tally_serving::{AppState, Inner, Limits, ViewManager};
+use tally_speed::SpeedLayer;
+use tokio::net::TcpListener;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use crate::config::Config;
+use crate::lock::DataDirLock;
+
+/// How long in-flight requests get to finish after the first signal.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+pub(crate) fn master_config(cfg: &Config) -> MasterConfig {
+    MasterConfig {
+        data_dir: cfg.storage.data_dir.clone(),
+        seal_interval: cfg.ingest.seal_interval,
+        seal_max_events: cfg.ingest.seal_max_events,
+        fsync: cfg.ingest.fsync,
+        tail_capacity: cfg.speed.tail_capacity,
+    }
+}
+
+pub(crate) fn runner_config(cfg: &Config) -> RunnerConfig {
+    RunnerConfig {
+        keep_versions: cfg.batch.keep_versions,
+        max_retries: cfg.batch.max_retries,
+        retry_backoff: cfg.batch.retry_backoff,
+        sketch_precision: Some(cfg.uniques.precision),
+        ..RunnerConfig::default()
+    }
+}
+
+pub(crate) fn view_store(cfg: &Config) -> anyhow::Result<ViewStore> {
+    let dir = cfg.storage.data_dir.join("views").join("batch");
+    ViewStore::open(&dir)
+        .with_context(|| format!("cannot open the view store at {}", dir.display()))
+}
+
+pub(crate) fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tally")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let mut lock = DataDirLock::acquire(&cfg.storage.data_dir)?;
+    let master = Master::open(master_config(&cfg)).context("cannot open the master dataset")?;
+    let speed = SpeedLayer::start(
+        tally_speed::SpeedConfig {
+            redis_url: cfg.redis.url.clone(),
+            key_prefix: cfg.redis.key_prefix.clone(),
+            gc_grace: cfg.speed.gc_grace,
+            apply_batch_max: cfg.speed.apply_batch_max,
+        },
+        master.clone(),
+    )
+    .await;
+    let store = view_store(&cfg)?;
+    let runner = BatchRunner::new(store, master.clone(), runner_config(&cfg));
+    let views = Arc::new(ViewManager::new(runner.clone(), speed.clone()));
+    let discarded_at_start = views.load_current().await;
+
+    let state = AppState::new(Inner {
+        master: master.clone(),
+        speed: speed.clone(),
+        views: views.clone(),
+        runner: runner.clone(),
+        limits: Limits {
+            ingest: IngestLimits {
+                max_future_ms: cfg.ingest.max_future.as_millis() as i64,
+                max_age_ms: cfg.ingest.max_age.as_millis() as i64,
+                max_batch_events: cfg.ingest.max_batch_events,
+            },
+            max_body_bytes: cfg.ingest.max_body_bytes,
+        },
+        admin_token: cfg.admin_token(),
+        started,
+        schedule: cfg.batch.schedule.clone(),
+        next_run_ms: AtomicI64::new(0),
+        render_metrics: Box::new(move || prometheus.render()),
+        salt: tally_serving::plausible::DailySalt::new(
+            cfg.storage.data_dir.join("plausible_salt.json"),
+        ),
+    });
+
+    let listener = TcpListener::bind(cfg.http.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.http.addr))?;
+    let addr = listener.local_addr()?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{addr}")?;
+        out.flush()?;
+    }
+    lock.write_address(&format!("http://{addr}"))?;
+    tracing::info!(%addr, data_dir = %cfg.storage.data_dir.display(), "tally serving");
+
+    if discarded_at_start {
+        spawn_rerun(state.clone(), Trigger::Recovery);
+    }
+    let mut scheduler = start_scheduler(&cfg, state.clone()).await?;
+    let watcher = tokio::spawn(watch_current(views.clone()));
+
+    let app =
+        tally_serving::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    server.await.context("http server failed")?;
+
+    tracing::info!("shutting down: stopping the scheduler and sealing the WAL");
+    watcher.abort();
+    if let Err(e) = scheduler.shutdown().await {
+        tracing::warn!(error = %e, "scheduler did not stop cleanly");
+    }
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, master.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "sealing at shutdown failed; the WAL keeps the events")
+        }
+        Err(_) => tracing::error!("sealing at shutdown timed out; the WAL keeps the events"),
+    }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the batch layer on `batch.schedule` (UTC, 6 fields with seconds).
+async fn start_scheduler(cfg: &Config, state: AppState) -> anyhow::Result<JobScheduler> {
+    let sched = JobScheduler::new()
+        .await
+        .context("cannot create the scheduler")?;
+    let job_state = state.clone();
+    let job = Job::new_async(cfg.batch.schedule.as_str(), move |_id, _lock| {
+        let state = job_state.clone();
+        Box::pin(async move {
+            tally_serving::batch::scheduled_run(state).await;
+        })
+    })
+    .with_context(|| {
+        format!(
+            "batch.schedule {:?} is not a valid cron expression",
+            cfg.batch.schedule
+        )
+    })?;
+    let id = sched.add(job).await.context("cannot add the batch job")?;
+    sched.start().await.context("cannot start the scheduler")?;
+    let mut probe = sched.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Ok(Some(next)) = probe.next_tick_for_job(id).await {
+                state
+                    .next_run_ms
+                    .store(next.timestamp_millis(), Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    Ok(sched)
+}
+
+/// Picks up a `CURRENT` changed by someone else (a CLI run on the files) within a second.
+async fn watch_current(views: Arc<ViewManager>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        views.refresh_if_changed().await;
+    }
+}
+
+/// Resolves on the first SIGINT/SIGTERM; a second one exits at once.
+async fn shutdown_signal() {
+    wait_signal().await;
+    tracing::info!("signal received: finishing in-flight requests (send again to exit at once)");
+    tokio::spawn(async {
+        wait_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    tokio::spawn(async {
+        tokio::time::sleep(SHUTDOWN_DEADLINE + Duration::from_secs(5)).await;
+        tracing::error!("shutdown deadline passed: exiting");
+        std::process::exit(1);
+    });
+}
+
+async fn wait_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
