@@ -201,11 +201,13 @@ impl Applier {
     /// Checks that Redis still holds our state; reloads the mirror from Redis when it differs.
     async fn sync(&mut self) -> Result<Phase> {
         let inst = self.store.instance().await?;
-        self.shared.redis_up.store(true, Ordering::Release);
         let Some(inst) = inst else {
+            self.shared.ready.store(false, Ordering::Release);
+            self.shared.redis_up.store(true, Ordering::Release);
             warn!("redis holds no speed state (restarted empty?); rebuilding");
             return Ok(Phase::Rebuild);
         };
+        self.shared.redis_up.store(true, Ordering::Release);
         let live = live_epochs(&self.master, self.floor);
         if self.loaded && self.instance.as_deref() == Some(inst.as_str()) {
             let in_redis = self.store.applied_of(&live).await?;

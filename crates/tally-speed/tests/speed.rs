@@ -421,6 +421,18 @@ async fn redis_killed_then_restarted_empty_rebuilds_exactly() {
         .await
         .unwrap();
     assert_eq!(applied.map(Seq), Some(master.acked_seq()));
+
+    // Redis restarts empty again while the applier is idle: the heartbeat notices the missing
+    // instance marker and rebuilds without any new event arriving.
+    redis.restart_empty();
+    wait_until("the idle applier rebuilt", Duration::from_secs(10), || {
+        speed.stats().rebuilds == 3
+    })
+    .await;
+    caught_up(&speed, &master).await;
+    for after in [Seq(0), c1] {
+        assert_exact(&speed, &model, after, &mut rng);
+    }
     speed.shutdown().await;
 }
 
