@@ -144,8 +144,23 @@ impl Store {
         Ok(v.into_iter().map(|x| Seq(x.unwrap_or(0))).collect())
     }
 
-    /// Loads one epoch's state (`None` when Redis has no applied seq for it).
+    /// Loads one epoch's state (`None` when Redis has no applied seq for it). The hour hashes
+    /// are read in several round trips; if the applied seq moved meanwhile (another applier
+    /// overlapping during a restart), the load starts over so counts and applied seq match.
     pub(crate) async fn load_epoch(&mut self, epoch: Seq) -> Result<Option<EpochState>> {
+        loop {
+            let state = self.load_epoch_once(epoch).await?;
+            let applied: Option<u64> = redis::cmd("GET")
+                .arg(self.keys.applied(epoch))
+                .query_async(&mut self.conn)
+                .await?;
+            if state.as_ref().map(|s| s.applied.0) == applied {
+                return Ok(state);
+            }
+        }
+    }
+
+    async fn load_epoch_once(&mut self, epoch: Seq) -> Result<Option<EpochState>> {
         let (applied, urls): (Option<u64>, HashMap<String, String>) = redis::pipe()
             .atomic()
             .cmd("GET")
