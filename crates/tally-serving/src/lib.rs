@@ -10,9 +10,13 @@ pub mod plausible;
 pub mod query;
 pub mod state;
 
-use axum::extract::DefaultBodyLimit;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{BoxError, Router};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::ServiceBuilder;
+use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 pub use state::{AppState, Inner, Limits, ViewManager};
@@ -31,7 +35,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             admin::require_admin,
         ));
-    Router::new()
+    // Public routes answer within `http.request_timeout`; admin routes may wait for a batch run.
+    let public = Router::new()
         .route("/v1/events", post(ingest::post_events))
         .route("/v1/views", get(query::get_views))
         .route("/v1/top", get(query::get_top))
@@ -42,10 +47,46 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(overload_error))
+                .timeout(state.limits.request_timeout),
+        );
+    // The concurrency limit is one semaphore for the whole server (a plain
+    // `ConcurrencyLimitLayer` would be cloned per route).
+    let limit = GlobalConcurrencyLimitLayer::new(state.limits.max_concurrency);
+    Router::new()
+        .merge(public)
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("There is no such endpoint; see API.md.".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(overload_error))
+                .load_shed()
+                .layer(limit),
+        )
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", MatchedPath::as_str);
+            tracing::info_span!("request", method = %req.method(), route)
+        }))
         .with_state(state)
+}
+
+/// Load shedding and timeouts answer 503 with `Retry-After`, like every other 503.
+async fn overload_error(err: BoxError) -> ApiError {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        ApiError::Unavailable(
+            "The request took longer than the server's time limit; retry later.".into(),
+        )
+    } else if err.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::Unavailable("The server is at its concurrency limit; retry shortly.".into())
+    } else {
+        ApiError::Internal(format!("middleware error: {err}"))
+    }
 }

@@ -17,6 +17,8 @@ use tally_speed::SpeedLayer;
 pub struct Limits {
     pub ingest: IngestLimits,
     pub max_body_bytes: usize,
+    pub request_timeout: std::time::Duration,
+    pub max_concurrency: usize,
 }
 
 #[derive(Clone)]

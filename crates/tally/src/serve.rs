@@ -91,6 +91,8 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
                 max_batch_events: cfg.ingest.max_batch_events,
             },
             max_body_bytes: cfg.ingest.max_body_bytes,
+            request_timeout: cfg.http.request_timeout,
+            max_concurrency: cfg.http.max_concurrency,
         },
         admin_token: cfg.admin_token(),
         started,
