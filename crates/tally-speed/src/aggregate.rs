@@ -3,10 +3,12 @@
 //! it committed, into one mirror update.
 
 use std::borrow::Borrow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use tally_core::{hour_of, Seq};
+use tally_core::{day_of, hour_of, Seq};
 use tally_master::SeqEvent;
+
+use crate::sketch::visitor_hash;
 
 /// The increments of one URL in one epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -15,8 +17,8 @@ pub(crate) struct UrlDelta {
     pub(crate) hours: BTreeMap<i64, u64>,
     /// Sum of `hours`.
     pub(crate) total: u64,
-    // Issue 5 goes here: `days: BTreeMap<i64, Vec<String>>` (visitors per UTC day) → one `PFADD`
-    // per (url, day) in the same script.
+    /// UTC day number → distinct visitor hashes (events without a visitor do not count).
+    pub(crate) days: BTreeMap<i64, BTreeSet<u64>>,
 }
 
 /// The increments of one apply batch that fall into one epoch.
@@ -75,6 +77,12 @@ where
         };
         *u.hours.entry(hour_of(ev.event.ts)).or_insert(0) += 1;
         u.total += 1;
+        if let Some(v) = &ev.event.visitor {
+            u.days
+                .entry(day_of(ev.event.ts))
+                .or_default()
+                .insert(visitor_hash(v));
+        }
     }
     out
 }
@@ -131,6 +139,28 @@ pub(crate) mod tests {
         assert_eq!((d1.epoch, d1.first, d1.last), (Seq(12), Seq(12), Seq(14)));
         assert_eq!(d1.urls["a"].hours, BTreeMap::from([(100, 1), (102, 1)]));
         assert_eq!(d1.urls.len(), 1);
+    }
+
+    #[test]
+    fn collects_distinct_visitor_hashes_per_day() {
+        use tally_core::DAY_MS;
+        let mut a = ev(1, "a", 0);
+        a.event.visitor = Some("v1".into());
+        let mut b = ev(2, "a", 5);
+        b.event.visitor = Some("v1".into());
+        let mut c = ev(3, "a", DAY_MS);
+        c.event.visitor = Some("v2".into());
+        let d = ev(4, "a", DAY_MS); // no visitor
+        let deltas = aggregate([a, b, c, d], &[Seq(1)]);
+        let u = &deltas[0].urls["a"];
+        assert_eq!(u.total, 4);
+        assert_eq!(
+            u.days,
+            BTreeMap::from([
+                (0, BTreeSet::from([visitor_hash("v1")])),
+                (1, BTreeSet::from([visitor_hash("v2")])),
+            ])
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //! | `P e:{start}:top` | zset | url → views in the epoch (top-N) |
 //! | `P e:{start}:urls` | hash | url_hash → url (so the hour keys can be mapped back and deleted) |
 //!
-//! Reserved for issue 5: `P e:{start}:u:{url_hash}:{day}` HyperLogLog per (epoch, url, day), to be
-//! `PFADD`ed by the same apply script.
+//! | `P e:{start}:v:{url_hash}:{day}` | set | distinct visitor hashes (as i64) of the url on that UTC day |
+//! | `P e:{start}:vkeys` | set | names of the epoch's visitor sets (to load and delete them) |
 
 use tally_core::Seq;
 
@@ -51,6 +51,25 @@ impl Keys {
     pub(crate) fn hours(&self, epoch: Seq, url_hash: &str) -> String {
         format!("{}e:{}:h:{}", self.prefix, epoch.0, url_hash)
     }
+
+    pub(crate) fn visitor_keys(&self, epoch: Seq) -> String {
+        format!("{}e:{}:vkeys", self.prefix, epoch.0)
+    }
+
+    fn visitors_prefix(&self, epoch: Seq) -> String {
+        format!("{}e:{}:v:", self.prefix, epoch.0)
+    }
+
+    pub(crate) fn visitors(&self, epoch: Seq, url_hash: &str, day: i64) -> String {
+        format!("{}{}:{}", self.visitors_prefix(epoch), url_hash, day)
+    }
+
+    /// `(url_hash, day)` of a key made by [`Keys::visitors`].
+    pub(crate) fn parse_visitors(&self, epoch: Seq, key: &str) -> Option<(String, i64)> {
+        let rest = key.strip_prefix(&self.visitors_prefix(epoch))?;
+        let (h, day) = rest.split_once(':')?;
+        Some((h.to_string(), day.parse().ok()?))
+    }
 }
 
 /// 16 lowercase hex chars of a stable 64-bit hash of the URL (FNV-1a followed by the
@@ -87,6 +106,14 @@ mod tests {
             k.hours(Seq(7), "0123456789abcdef"),
             "tally:e:7:h:0123456789abcdef"
         );
+        assert_eq!(k.visitor_keys(Seq(7)), "tally:e:7:vkeys");
+        let v = k.visitors(Seq(7), "0123456789abcdef", -3);
+        assert_eq!(v, "tally:e:7:v:0123456789abcdef:-3");
+        assert_eq!(
+            k.parse_visitors(Seq(7), &v),
+            Some(("0123456789abcdef".to_string(), -3))
+        );
+        assert_eq!(k.parse_visitors(Seq(8), &v), None);
     }
 
     #[test]

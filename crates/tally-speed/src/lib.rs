@@ -19,6 +19,7 @@ mod aggregate;
 mod applier;
 mod keys;
 mod mirror;
+pub mod sketch;
 mod store;
 
 use std::collections::HashMap;
@@ -224,6 +225,23 @@ impl SpeedLayer {
         Some(
             self.mirror()?
                 .range_totals(after_cutoff, from_hour, to_hour, host),
+        )
+    }
+
+    /// Distinct visitor hashes ([`sketch::visitor_hash`], identical to the batch layer's) of
+    /// `url` on the UTC days `[from_day, to_day)`, over the live epochs starting after
+    /// `after_cutoff`, ascending. The serving layer builds a sketch from them and merges it with
+    /// the batch view's day sketches. `None` when the speed layer is not available.
+    pub fn visitor_hashes(
+        &self,
+        url: &str,
+        after_cutoff: Seq,
+        from_day: i64,
+        to_day: i64,
+    ) -> Option<Vec<u64>> {
+        Some(
+            self.mirror()?
+                .visitor_hashes(url, after_cutoff, from_day, to_day),
         )
     }
 

@@ -6,7 +6,7 @@
 //! is `> C`. Epoch starts are always `cutoff + 1` of some batch run, so the epochs summed hold
 //! exactly the events with `seq > C` (up to the applied seq): none missed, none counted twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tally_core::Seq;
 
@@ -18,6 +18,8 @@ pub(crate) struct UrlCounts {
     /// hour number → views (no zero entries).
     pub(crate) hours: BTreeMap<i64, u64>,
     pub(crate) total: u64,
+    /// UTC day number → distinct visitor hashes.
+    pub(crate) visitors: BTreeMap<i64, HashSet<u64>>,
 }
 
 impl UrlCounts {
@@ -63,6 +65,12 @@ impl Mirror {
                 *c.hours.entry(*h).or_insert(0) += n;
             }
             c.total += ud.total;
+            for (day, hashes) in &ud.days {
+                c.visitors
+                    .entry(*day)
+                    .or_default()
+                    .extend(hashes.iter().copied());
+            }
         }
         e.applied = e.applied.max(d.last);
     }
@@ -104,6 +112,31 @@ impl Mirror {
             }
         }
         out.into_iter().filter(|(_, n)| *n > 0).collect()
+    }
+
+    /// Distinct visitor hashes of `url` on the UTC days `[from_day, to_day)`, ascending.
+    pub(crate) fn visitor_hashes(
+        &self,
+        url: &str,
+        after_cutoff: Seq,
+        from_day: i64,
+        to_day: i64,
+    ) -> Vec<u64> {
+        if from_day >= to_day {
+            return Vec::new();
+        }
+        let mut out: Vec<u64> = Vec::new();
+        for c in self
+            .live_after(after_cutoff)
+            .filter_map(|e| e.urls.get(url))
+        {
+            for (_, hashes) in c.visitors.range(from_day..to_day) {
+                out.extend(hashes.iter().copied());
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// url → views in `[from_hour, to_hour)` for every URL with views there, optionally only
@@ -158,6 +191,7 @@ mod tests {
         let c = UrlCounts {
             hours: BTreeMap::from([(1, 2), (3, 5), (7, 1)]),
             total: 8,
+            visitors: BTreeMap::new(),
         };
         assert_eq!(c.range(i64::MIN, i64::MAX), 8);
         assert_eq!(c.range(1, 8), 8);
@@ -207,6 +241,32 @@ mod tests {
         let host_b = m.range_totals(Seq(0), 0, 10, Some("b.com"));
         assert_eq!(host_b, HashMap::from([("http://b.com/y".into(), 2)]));
         assert!(m.range_totals(Seq(0), 5, 10, None).is_empty());
+    }
+
+    #[test]
+    fn visitor_hashes_are_a_union_over_epochs_and_days() {
+        use crate::sketch::visitor_hash;
+        use tally_core::DAY_MS;
+        let mut events = Vec::new();
+        for (seq, v, day) in [
+            (1, "x", 0),
+            (2, "y", 0),
+            (3, "x", 1),
+            (4, "x", 0),
+            (5, "z", 2),
+        ] {
+            let mut e = ev(seq, "u", day * DAY_MS);
+            e.event.visitor = Some(v.to_string());
+            events.push(e);
+        }
+        let m = mirror_of(&events, &[Seq(1), Seq(4)]);
+        let mut want = vec![visitor_hash("x"), visitor_hash("y")];
+        want.sort_unstable();
+        assert_eq!(m.visitor_hashes("u", Seq(0), 0, 2), want);
+        assert_eq!(m.visitor_hashes("u", Seq(3), 0, 2), vec![visitor_hash("x")]);
+        assert_eq!(m.visitor_hashes("u", Seq(3), 2, 3), vec![visitor_hash("z")]);
+        assert_eq!(m.visitor_hashes("u", Seq(0), 3, 9), Vec::<u64>::new());
+        assert_eq!(m.visitor_hashes("nope", Seq(0), 0, 9), Vec::<u64>::new());
     }
 
     #[test]

@@ -17,9 +17,10 @@ use crate::keys::{url_hash, Keys};
 use crate::mirror::{EpochState, UrlCounts};
 use crate::Result;
 
-/// KEYS: 1 instance, 2 applied, 3 top, 4 urls, 5 epochs set, 5+i hour hash of url i.
-/// ARGV: 1 instance id, 2 expected applied ("0" = none), 3 new applied, 4 epoch start,
-/// then per url i: url, url hash, total, n, then n (hour, views) pairs.
+/// KEYS: 1 instance, 2 applied, 3 top, 4 urls, 5 epochs set, 6 visitor-keys set, then per url:
+/// its hour hash, then one visitor set per day it has visitors on.
+/// ARGV: 1 instance id, 2 expected applied ("0" = none), 3 new applied, 4 epoch start, then per
+/// url: url, url hash, total, nh, nd, nh (hour, views) pairs, then nd times (m, m hashes).
 /// Returns {0, ""} instance missing or different, {1, cur} applied is not the expected one
 /// (nothing written), {2, new} applied.
 const APPLY_LUA: &str = r#"
@@ -28,15 +29,31 @@ if inst ~= ARGV[1] then return {0, ''} end
 local cur = redis.call('GET', KEYS[2])
 if not cur then cur = '0' end
 if cur ~= ARGV[2] then return {1, cur} end
+local k = 7
 local a = 5
-for i = 6, #KEYS do
-  local url, h, total, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  a = a + 4
+while a <= #ARGV do
+  local url, h, total = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local nh, nd = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  a = a + 5
   redis.call('HSET', KEYS[4], h, url)
   redis.call('ZINCRBY', KEYS[3], total, url)
-  for _ = 1, n do
-    redis.call('HINCRBY', KEYS[i], ARGV[a], ARGV[a + 1])
+  local hk = KEYS[k]
+  k = k + 1
+  for _ = 1, nh do
+    redis.call('HINCRBY', hk, ARGV[a], ARGV[a + 1])
     a = a + 2
+  end
+  for _ = 1, nd do
+    local vk = KEYS[k]
+    k = k + 1
+    local last = a + tonumber(ARGV[a])
+    a = a + 1
+    while a <= last do
+      local j = math.min(a + 999, last)
+      redis.call('SADD', vk, unpack(ARGV, a, j))
+      a = j + 1
+    end
+    redis.call('SADD', KEYS[6], vk)
   end
 end
 redis.call('SADD', KEYS[5], ARGV[4])
@@ -99,7 +116,8 @@ impl Store {
             .key(k.applied(d.epoch))
             .key(k.top(d.epoch))
             .key(k.urls(d.epoch))
-            .key(k.epochs());
+            .key(k.epochs())
+            .key(k.visitor_keys(d.epoch));
         inv.arg(instance)
             .arg(expected.0)
             .arg(d.last.0)
@@ -107,9 +125,21 @@ impl Store {
         for (url, u) in &d.urls {
             let h = url_hash(url);
             inv.key(k.hours(d.epoch, &h));
-            inv.arg(url.as_str()).arg(h).arg(u.total).arg(u.hours.len());
+            inv.arg(url.as_str())
+                .arg(&h)
+                .arg(u.total)
+                .arg(u.hours.len())
+                .arg(u.days.len());
             for (hour, n) in &u.hours {
                 inv.arg(*hour).arg(*n);
+            }
+            for (day, hashes) in &u.days {
+                inv.key(k.visitors(d.epoch, &h, *day));
+                inv.arg(hashes.len());
+                for x in hashes {
+                    // As i64, so that small sets are intset-encoded by Redis.
+                    inv.arg(*x as i64);
+                }
             }
         }
         let (code, cur): (i64, String) = inv.invoke_async(&mut self.conn).await?;
@@ -194,6 +224,31 @@ impl Store {
                 state.urls.insert(url.clone(), c);
             }
         }
+        let vkeys: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.visitor_keys(epoch))
+            .query_async(&mut self.conn)
+            .await?;
+        let url_of: HashMap<&str, &str> =
+            urls.iter().map(|(h, u)| (h.as_str(), u.as_str())).collect();
+        for chunk in vkeys.chunks(512) {
+            let mut p = redis::pipe();
+            for key in chunk {
+                p.cmd("SMEMBERS").arg(key);
+            }
+            let sets: Vec<Vec<i64>> = p.query_async(&mut self.conn).await?;
+            for (key, set) in chunk.iter().zip(sets) {
+                let Some((h, day)) = self.keys.parse_visitors(epoch, key) else {
+                    continue;
+                };
+                let Some(c) = url_of.get(h.as_str()).and_then(|u| state.urls.get_mut(*u)) else {
+                    continue;
+                };
+                c.visitors
+                    .entry(day)
+                    .or_default()
+                    .extend(set.into_iter().map(|x| x as u64));
+            }
+        }
         Ok(Some(state))
     }
 
@@ -203,7 +258,13 @@ impl Store {
             .arg(self.keys.urls(epoch))
             .query_async(&mut self.conn)
             .await?;
+        let vkeys: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.visitor_keys(epoch))
+            .query_async(&mut self.conn)
+            .await?;
         let mut keys: Vec<String> = hashes.iter().map(|h| self.keys.hours(epoch, h)).collect();
+        keys.extend(vkeys);
+        keys.push(self.keys.visitor_keys(epoch));
         keys.push(self.keys.urls(epoch));
         keys.push(self.keys.top(epoch));
         keys.push(self.keys.applied(epoch));

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tally_core::{hour_of, Event, Seq, HOUR_MS};
 use tally_master::{Master, MasterConfig};
+use tally_speed::sketch::visitor_hash;
 use tally_speed::{SpeedConfig, SpeedLayer};
 use tempfile::TempDir;
 
@@ -135,7 +136,7 @@ impl Rng {
 }
 
 const BASE_TS: i64 = 1_795_000_000_000; // 2026-11-18
-const HOURS: i64 = 12;
+const HOURS: i64 = 30;
 
 fn url(i: u64) -> String {
     format!("http://h{}.example.com/p{}", i % 3, i)
@@ -160,19 +161,23 @@ fn random_events(rng: &mut Rng, n: usize) -> Vec<Event> {
 /// The reference: every acknowledged event with its seq.
 #[derive(Default)]
 struct Model {
-    events: Vec<(Seq, String, i64)>,
+    /// (seq, url, hour, visitor hash)
+    events: Vec<(Seq, String, i64, Option<u64>)>,
 }
 
 impl Model {
     async fn ingest(&mut self, master: &Master, events: Vec<Event>) {
-        let hours: Vec<(String, i64)> = events
+        let hours: Vec<(String, i64, Option<u64>)> = events
             .iter()
-            .map(|e| (e.url.clone(), hour_of(e.ts)))
+            .map(|e| {
+                let v = e.visitor.as_deref().map(visitor_hash);
+                (e.url.clone(), hour_of(e.ts), v)
+            })
             .collect();
         let r = master.append(events).await.unwrap();
         assert_eq!(r.last.0 - r.first.0 + 1, hours.len() as u64);
-        for (i, (u, h)) in hours.into_iter().enumerate() {
-            self.events.push((Seq(r.first.0 + i as u64), u, h));
+        for (i, (u, h, v)) in hours.into_iter().enumerate() {
+            self.events.push((Seq(r.first.0 + i as u64), u, h, v));
         }
     }
 
@@ -181,21 +186,35 @@ impl Model {
         after: Seq,
         from: i64,
         to: i64,
-    ) -> impl Iterator<Item = &(Seq, String, i64)> {
+    ) -> impl Iterator<Item = &(Seq, String, i64, Option<u64>)> {
         self.events
             .iter()
-            .filter(move |(s, _, h)| *s > after && *h >= from && *h < to)
+            .filter(move |(s, _, h, _)| *s > after && *h >= from && *h < to)
+    }
+
+    /// Distinct visitor hashes of `u` on the days `[from_day, to_day)`, ascending.
+    fn visitors(&self, u: &str, after: Seq, from_day: i64, to_day: i64) -> Vec<u64> {
+        let set: std::collections::BTreeSet<u64> = self
+            .events
+            .iter()
+            .filter(|(s, x, h, _)| {
+                let day = h.div_euclid(24);
+                *s > after && x == u && day >= from_day && day < to_day
+            })
+            .filter_map(|(_, _, _, v)| *v)
+            .collect();
+        set.into_iter().collect()
     }
 
     fn views(&self, u: &str, after: Seq, from: i64, to: i64) -> u64 {
         self.matching(after, from, to)
-            .filter(|(_, x, _)| x == u)
+            .filter(|(_, x, _, _)| x == u)
             .count() as u64
     }
 
     fn hour_counts(&self, u: &str, after: Seq, from: i64, to: i64) -> Vec<(i64, u64)> {
         let mut m = std::collections::BTreeMap::new();
-        for (_, _, h) in self.matching(after, from, to).filter(|(_, x, _)| x == u) {
+        for (_, _, h, _) in self.matching(after, from, to).filter(|(_, x, _, _)| x == u) {
             *m.entry(*h).or_insert(0u64) += 1;
         }
         m.into_iter().collect()
@@ -209,7 +228,7 @@ impl Model {
         host: Option<&str>,
     ) -> HashMap<String, u64> {
         let mut m = HashMap::new();
-        for (_, u, _) in self.matching(after, from, to) {
+        for (_, u, _, _) in self.matching(after, from, to) {
             if host.is_none_or(|h| tally_core::url::host_of(u) == Some(h)) {
                 *m.entry(u.clone()).or_insert(0u64) += 1;
             }
@@ -235,6 +254,17 @@ async fn caught_up(speed: &SpeedLayer, master: &Master) {
 
 /// Compares every read of the speed layer with the model, for batch cutoff `after`.
 fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
+    let d0 = tally_core::day_of(BASE_TS);
+    for (from, to) in [(i64::MIN, i64::MAX), (d0, d0 + 1), (d0 + 1, d0 + 2)] {
+        for i in 0..26 {
+            let u = url(i);
+            assert_eq!(
+                speed.visitor_hashes(&u, after, from, to),
+                Some(model.visitors(&u, after, from, to)),
+                "visitors of {u} after {after} on days [{from}, {to})"
+            );
+        }
+    }
     let h0 = hour_of(BASE_TS);
     let ranges = [
         (i64::MIN, i64::MAX),
