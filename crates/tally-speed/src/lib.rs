@@ -4,8 +4,10 @@
 //!   each batch per (epoch, url, hour) and applies it to the epoch's Redis keys with one Lua
 //!   script per epoch touched. The script also sets the epoch's applied seq, as a compare-and-set
 //!   on the previous one, so a crash, timeout or reconnect never applies a batch twice or skips
-//!   one ([`store`]).
-//! - After each committed script the applier updates an in-process **mirror** ([`mirror`]);
+//!   one (`store.rs`).
+//! - Per (epoch, URL, UTC day) the script also adds the distinct visitor hashes to a Redis set
+//!   ([`sketch`]), so `/v1/uniques` can merge them with the batch view's day sketches.
+//! - After each committed script the applier updates an in-process **mirror** (`mirror.rs`);
 //!   queries read the mirror, never Redis, so they cost a read lock and a few map lookups.
 //! - **Exactness**: a query answered with a batch view of cutoff `C` passes `after_cutoff = C`
 //!   and gets the sum of exactly the epochs starting after `C`. Every epoch start is `cutoff + 1`
