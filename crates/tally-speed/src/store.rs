@@ -282,3 +282,97 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::aggregate;
+    use crate::aggregate::tests::ev;
+    use std::process::{Child, Command, Stdio};
+
+    struct Redis(Child, tempfile::TempDir);
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    async fn store() -> (Redis, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("redis.sock");
+        let child = Command::new("/usr/bin/redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&sock)
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let redis = Redis(child, dir);
+        let client = redis::Client::open(format!("unix://{}", sock.display())).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let conn = loop {
+            match ConnectionManager::new(client.clone()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "redis: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        };
+        (redis, Store::new(conn, Keys::new("t:")))
+    }
+
+    #[tokio::test]
+    async fn apply_is_a_compare_and_set_on_the_applied_seq_and_the_instance() {
+        let (_redis, mut s) = store().await;
+        let mut events = vec![
+            ev(1, "http://a/x", 0),
+            ev(2, "http://a/x", 5),
+            ev(3, "http://a/y", 0),
+        ];
+        events[0].event.visitor = Some("v".into());
+        let d = aggregate(&events, &[Seq(1)]).remove(0);
+        // No instance marker yet: nothing is written.
+        assert_eq!(
+            s.apply("i1", Seq(0), &d).await.unwrap(),
+            ApplyOutcome::InstanceLost
+        );
+        assert_eq!(s.listed_epochs().await.unwrap(), Vec::<Seq>::new());
+        s.set_instance("i1").await.unwrap();
+        assert_eq!(
+            s.apply("i1", Seq(0), &d).await.unwrap(),
+            ApplyOutcome::Applied
+        );
+        // The retry of a batch whose reply was lost is refused and says it had committed.
+        assert_eq!(
+            s.apply("i1", Seq(0), &d).await.unwrap(),
+            ApplyOutcome::Mismatch(Seq(3))
+        );
+        // Another process's instance id is refused.
+        assert_eq!(
+            s.apply("other", Seq(3), &d).await.unwrap(),
+            ApplyOutcome::InstanceLost
+        );
+        let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
+        assert_eq!(loaded.applied, Seq(3));
+        assert_eq!(loaded.urls["http://a/x"].total, 2);
+        assert_eq!(loaded.urls["http://a/y"].total, 1);
+        assert_eq!(loaded.urls["http://a/x"].visitors[&0].len(), 1);
+        assert_eq!(
+            s.applied_of(&[Seq(1), Seq(9)]).await.unwrap(),
+            vec![Seq(3), Seq(0)]
+        );
+        assert_eq!(s.listed_epochs().await.unwrap(), vec![Seq(1)]);
+        s.delete_epoch(Seq(1)).await.unwrap();
+        assert_eq!(s.load_epoch(Seq(1)).await.unwrap(), None);
+        assert_eq!(s.listed_epochs().await.unwrap(), Vec::<Seq>::new());
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg("t:e:*")
+            .query_async(&mut s.conn)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
