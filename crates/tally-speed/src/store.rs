@@ -290,7 +290,8 @@ mod tests {
     use crate::aggregate::tests::ev;
     use std::process::{Child, Command, Stdio};
 
-    struct Redis(Child, tempfile::TempDir);
+    /// The child, and the directory of its socket (kept until the child is gone).
+    struct Redis(Child, #[allow(dead_code)] tempfile::TempDir);
 
     impl Drop for Redis {
         fn drop(&mut self) {
