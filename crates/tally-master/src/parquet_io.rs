@@ -12,7 +12,9 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use tally_core::{Event, Seq};
 
 use crate::paths::{fsync_dir, io_err, master_file_name, TMP_SUFFIX};
@@ -44,14 +46,25 @@ pub fn master_schema() -> SchemaRef {
 }
 
 fn writer_props() -> WriterProperties {
-    WriterProperties::builder()
+    let sorted = |column_idx| SortingColumn {
+        column_idx,
+        descending: false,
+        nulls_first: false,
+    };
+    let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).expect("valid zstd level"),
         ))
         .set_dictionary_enabled(true)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_created_by("tally".to_owned())
-        .build()
+        // Rows are sorted by (url, ts): columns 2 then 1.
+        .set_sorting_columns(Some(vec![sorted(2), sorted(1)]))
+        .set_created_by("tally".to_owned());
+    // Unique or near-unique columns gain nothing from a dictionary.
+    for col in ["seq", "ts", "received_at", "id"] {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(col), false);
+    }
+    b.build()
 }
 
 fn pq_err(path: &Path) -> impl FnOnce(parquet::errors::ParquetError) -> Error + '_ {
