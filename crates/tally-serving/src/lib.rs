@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(ingest::post_events))
         .route("/v1/views", get(query::get_views))
         .route("/v1/top", get(query::get_top))
+        .route("/v1/uniques", get(query::get_uniques))
         .route(
             "/api/event",
             post(plausible::post_event).options(plausible::preflight),

@@ -9,8 +9,8 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
-use tally_batch::BatchView;
-use tally_core::{format_rfc3339, hour_of, normalize_url, now_ms, parse_ts_param, HOUR_MS};
+use tally_batch::{relative_error, BatchView, VisitorSketch};
+use tally_core::{format_rfc3339, hour_of, normalize_url, now_ms, parse_ts_param, DAY_MS, HOUR_MS};
 
 use crate::error::{ApiError, ApiResult};
 use crate::merge::{bucket_series, top_from_maps, top_merge, Granularity};
@@ -198,6 +198,50 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
         "from": format_rfc3339(range.from_hour * HOUR_MS),
         "to": format_rfc3339(range.to_hour * HOUR_MS),
         "items": items.into_iter().map(|(url, views)| json!({ "url": url, "views": views })).collect::<Vec<_>>(),
+        "batch": provenance(view.as_ref()),
+        "speed_available": speed_available,
+    });
+    Ok(respond(body, speed_available))
+}
+
+/// `GET /v1/uniques`: day sketches of the range from the batch view, merged with the visitor
+/// hashes of the live speed epochs, so a visitor seen by both layers counts once.
+pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let url = url_param(&q)?;
+    let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
+    // Day-aligned: `from` down to its midnight, `to` up to the next one.
+    let from_day = (range.from_hour * HOUR_MS).div_euclid(DAY_MS);
+    let to_day = (range.to_hour * HOUR_MS + DAY_MS - 1).div_euclid(DAY_MS);
+    let view = serving_view(&state)?;
+    let cutoff = ViewManager::cutoff(view.as_ref());
+    let precision = view
+        .as_ref()
+        .and_then(|v| v.sketch_precision())
+        .unwrap_or(state.sketch_precision);
+    let batch = match view.as_ref() {
+        Some(v) => v
+            .uniques_sketch(&url, from_day, to_day)
+            .map_err(ApiError::internal)?,
+        None => None,
+    };
+    let hashes = state.speed.visitor_hashes(&url, cutoff, from_day, to_day);
+    let speed_available = hashes.is_some();
+    let mut merged = match batch {
+        Some(s) => s,
+        None => VisitorSketch::new(precision).map_err(ApiError::internal)?,
+    };
+    if let Some(hashes) = hashes.filter(|h| !h.is_empty()) {
+        let speed = VisitorSketch::from_hashes(precision, hashes).map_err(ApiError::internal)?;
+        merged.merge(&speed).map_err(ApiError::internal)?;
+    }
+    let body = json!({
+        "url": url,
+        "from": format_rfc3339(from_day * DAY_MS),
+        "to": format_rfc3339(to_day * DAY_MS),
+        "uniques": merged.estimate().round() as u64,
+        "relative_error": relative_error(precision),
+        "exact": merged.is_sparse(),
         "batch": provenance(view.as_ref()),
         "speed_available": speed_available,
     });

@@ -33,6 +33,8 @@ pub struct Inner {
     pub admin_token: Option<String>,
     pub started: Instant,
     pub schedule: String,
+    /// HyperLogLog precision for unique visitors (`uniques.precision`).
+    pub sketch_precision: u8,
     /// Next scheduled batch run, epoch ms (0: unknown).
     pub next_run_ms: AtomicI64,
     /// Daily salt of Plausible-compatible visitor ids.

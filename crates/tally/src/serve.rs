@@ -97,6 +97,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
         admin_token: cfg.admin_token(),
         started,
         schedule: cfg.batch.schedule.clone(),
+        sketch_precision: cfg.uniques.precision,
         next_run_ms: AtomicI64::new(0),
         render_metrics: Box::new(move || prometheus.render()),
         salt: tally_serving::plausible::DailySalt::new(
