@@ -1,0 +1,881 @@
+//! Issue 3: the batch layer end to end against the real binary — exact views after batch runs,
+//! versioned views and `CURRENT`, corruption never served, discard, the schedule, failing runs,
+//! and the `tally batch` CLI (API.md: Queries, Operations, Files, Command line; DESIGN.md
+//! invariants 4–7).
+//!
+//! Every assertion compares the server against a reference model of the events it acknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tally_e2e::{master_files, poll_until, tally_bin, ServerOpts, TestServer, DEADLINE};
+
+const JSON: &str = "application/json";
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+// ---------------------------------------------------------------------------------------------
+// The reference model
+// ---------------------------------------------------------------------------------------------
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .expect("valid timestamp")
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn parse_ms(s: &Value) -> i64 {
+    let s = s
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time string: {s}"));
+    DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("bad time {s:?}: {e}"))
+        .timestamp_millis()
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986 unreserved characters).
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").expect("absolute url").1;
+    rest.split(['/', '?']).next().unwrap()
+}
+
+/// A `[from, to)` range in epoch ms; `None` is open.
+#[derive(Debug, Clone, Copy, Default)]
+struct Range {
+    from: Option<i64>,
+    to: Option<i64>,
+}
+
+impl Range {
+    fn all() -> Range {
+        Range::default()
+    }
+
+    fn contains(&self, ts: i64) -> bool {
+        self.from.is_none_or(|f| ts >= f) && self.to.is_none_or(|t| ts < t)
+    }
+
+    fn query(&self) -> String {
+        let mut q = String::new();
+        if let Some(f) = self.from {
+            q.push_str(&format!("&from={}", enc(&rfc3339(f))));
+        }
+        if let Some(t) = self.to {
+            q.push_str(&format!("&to={}", enc(&rfc3339(t))));
+        }
+        q
+    }
+}
+
+/// What the server acknowledged: `(url, ts ms)` per event.
+#[derive(Default, Clone)]
+struct Model {
+    events: Vec<(String, i64)>,
+}
+
+impl Model {
+    fn views(&self, url: &str, r: Range) -> u64 {
+        self.events
+            .iter()
+            .filter(|(u, ts)| u == url && r.contains(*ts))
+            .count() as u64
+    }
+
+    fn day_series(&self, url: &str, r: Range) -> Vec<(i64, u64)> {
+        let mut days: BTreeMap<i64, u64> = BTreeMap::new();
+        for (u, ts) in &self.events {
+            if u == url && r.contains(*ts) {
+                *days.entry(ts.div_euclid(DAY_MS) * DAY_MS).or_insert(0) += 1;
+            }
+        }
+        days.into_iter().collect()
+    }
+
+    fn top(&self, limit: usize, host: Option<&str>, r: Range) -> Vec<(String, u64)> {
+        let mut counts: HashMap<&str, u64> = HashMap::new();
+        for (u, ts) in &self.events {
+            if r.contains(*ts) && host.is_none_or(|h| host_of(u) == h) {
+                *counts.entry(u.as_str()).or_insert(0) += 1;
+            }
+        }
+        let mut items: Vec<(String, u64)> = counts
+            .into_iter()
+            .map(|(u, n)| (u.to_string(), n))
+            .collect();
+        items.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        items.truncate(limit);
+        items
+    }
+}
+
+/// URLs over several hosts, some with a query string.
+fn make_urls(n: usize, hosts: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let host = format!("site{}.test", i % hosts);
+            if i % 5 == 0 {
+                format!("https://{host}/p/{i}?ref=x{i}")
+            } else {
+                format!("https://{host}/p/{i}")
+            }
+        })
+        .collect()
+}
+
+/// Posts `n` events on random URLs with `ts` in the last ~30 days; records them in the model.
+fn ingest_random(
+    server: &TestServer,
+    model: &mut Model,
+    rng: &mut StdRng,
+    urls: &[String],
+    n: usize,
+) {
+    let now = now_ms();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(500);
+        let mut batch = Vec::with_capacity(k);
+        let mut events = Vec::with_capacity(k);
+        for _ in 0..k {
+            // Skewed: low indexes are hotter, so top-N has a clear order and ties too.
+            let i = rng.random_range(0..urls.len());
+            let i = rng.random_range(0..=i);
+            let url = urls[i].clone();
+            let ts = now - rng.random_range(0..30 * DAY_MS);
+            events.push(json!({"url": url, "ts": ts}));
+            batch.push((url, ts));
+        }
+        let (code, body) = server.post_events(Value::Array(events).to_string(), JSON);
+        assert_eq!(code, 202, "ingest: {body}");
+        assert_eq!(body["accepted"].as_u64(), Some(k as u64), "{body}");
+        model.events.extend(batch);
+        sent += k;
+    }
+}
+
+/// Posts events for these URLs with these timestamps.
+fn ingest_exact(server: &TestServer, model: &mut Model, events: &[(String, i64)]) {
+    let body: Vec<Value> = events
+        .iter()
+        .map(|(u, ts)| json!({"url": u, "ts": ts}))
+        .collect();
+    let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
+    assert_eq!(code, 202, "ingest: {resp}");
+    model.events.extend_from_slice(events);
+}
+
+/// A random hour-aligned range within the last ~31 days (sometimes open on one side).
+fn random_range(rng: &mut StdRng) -> Range {
+    let now_h = now_ms().div_euclid(HOUR_MS) * HOUR_MS;
+    let from = now_h - rng.random_range(0..31 * 24) * HOUR_MS;
+    let to = from + rng.random_range(1..=20 * 24) * HOUR_MS;
+    match rng.random_range(0..6) {
+        0 => Range {
+            from: Some(from),
+            to: None,
+        },
+        1 => Range {
+            from: None,
+            to: Some(to),
+        },
+        _ => Range {
+            from: Some(from),
+            to: Some(to),
+        },
+    }
+}
+
+fn views_query(url: &str, r: Range, granularity: &str) -> String {
+    format!(
+        "/v1/views?url={}{}&granularity={granularity}",
+        enc(url),
+        r.query()
+    )
+}
+
+/// `GET /v1/views` asserting `200` and the internal consistency of the answer.
+fn get_views(server: &TestServer, url: &str, r: Range, granularity: &str) -> Value {
+    let q = views_query(url, r, granularity);
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    let (v, b, s) = (
+        body["views"].as_u64(),
+        body["batch_views"].as_u64(),
+        body["speed_views"].as_u64(),
+    );
+    assert!(v.is_some() && b.is_some() && s.is_some(), "GET {q}: {body}");
+    assert_eq!(
+        v.unwrap(),
+        b.unwrap() + s.unwrap(),
+        "views != batch + speed: {q}: {body}"
+    );
+    body
+}
+
+fn assert_views(server: &TestServer, model: &Model, url: &str, r: Range) -> Value {
+    let body = get_views(server, url, r, "total");
+    assert_eq!(
+        body["views"].as_u64().unwrap(),
+        model.views(url, r),
+        "views of {url} in {r:?}: {body}"
+    );
+    body
+}
+
+fn assert_day_series(server: &TestServer, model: &Model, url: &str, r: Range) {
+    let body = get_views(server, url, r, "day");
+    let got: Vec<(i64, u64)> = body["series"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no series: {body}"))
+        .iter()
+        .map(|p| (parse_ms(&p["start"]), p["views"].as_u64().expect("views")))
+        .collect();
+    assert_eq!(
+        got,
+        model.day_series(url, r),
+        "day series of {url} in {r:?}: {body}"
+    );
+    assert_eq!(
+        body["views"].as_u64().unwrap(),
+        model.views(url, r),
+        "{body}"
+    );
+}
+
+fn assert_top(server: &TestServer, model: &Model, limit: usize, host: Option<&str>, r: Range) {
+    let mut q = format!("/v1/top?limit={limit}{}", r.query());
+    if let Some(h) = host {
+        q.push_str(&format!("&host={}", enc(h)));
+    }
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    let got: Vec<(String, u64)> = body["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no items: {body}"))
+        .iter()
+        .map(|i| {
+            (
+                i["url"].as_str().unwrap().to_string(),
+                i["views"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, model.top(limit, host, r), "GET {q}: {body}");
+}
+
+/// Probes views (total + random ranges), day series and top-N against the model.
+fn assert_exact(server: &TestServer, model: &Model, rng: &mut StdRng, urls: &[String]) {
+    let hosts: Vec<&str> = {
+        let mut h: Vec<&str> = urls.iter().map(|u| host_of(u)).collect();
+        h.sort();
+        h.dedup();
+        h
+    };
+    for url in urls.choose_multiple(rng, 8) {
+        assert_views(server, model, url, Range::all());
+        for _ in 0..3 {
+            let r = random_range(rng);
+            assert_views(server, model, url, r);
+        }
+        assert_day_series(server, model, url, Range::all());
+        let r = random_range(rng);
+        assert_day_series(server, model, url, r);
+    }
+    assert_views(server, model, "https://never.seen.test/x", Range::all());
+    for limit in [1, 3, 10, 1000] {
+        assert_top(server, model, limit, None, Range::all());
+    }
+    for host in &hosts {
+        assert_top(server, model, 5, Some(host), Range::all());
+    }
+    for _ in 0..3 {
+        let r = random_range(rng);
+        assert_top(server, model, 10, None, r);
+        assert_top(server, model, 10, Some(hosts.choose(rng).unwrap()), r);
+    }
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("TALLY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed = {seed} (set TALLY_TEST_SEED to replay)");
+    seed
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /v1/admin/batch?wait=true`, asserting `200`; returns the response.
+fn batch_run(server: &TestServer) -> Value {
+    let (code, body) = server.post("/v1/admin/batch?wait=true");
+    assert_eq!(code, 200, "POST /v1/admin/batch?wait=true: {body}");
+    assert!(body["version"].is_string(), "{body}");
+    body
+}
+
+fn batch_status(server: &TestServer) -> Value {
+    let (code, body) = server.get("/v1/admin/batch");
+    assert_eq!(code, 200, "GET /v1/admin/batch: {body}");
+    body
+}
+
+fn current_version(server: &TestServer) -> Option<String> {
+    batch_status(server)["current"]["version"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn history(server: &TestServer) -> Vec<Value> {
+    batch_status(server)["history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn views_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("views").join("batch")
+}
+
+fn current_file(data_dir: &Path) -> String {
+    fs::read_to_string(views_root(data_dir).join("CURRENT"))
+        .expect("read views/batch/CURRENT")
+        .trim()
+        .to_string()
+}
+
+/// Version directories under `views/batch/` (temporary ones, starting with `.`, excluded).
+fn version_dirs(data_dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = fs::read_dir(views_root(data_dir))
+        .expect("read views/batch")
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with('.') && !n.contains("tmp"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Output of one `tally batch …` invocation.
+struct CliOut {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `tally batch <sub>` on `data_dir` (environment configuration only, no `--config`),
+/// with a deadline.
+fn tally_batch(sub: &str, data_dir: &Path, redis_url: &str) -> CliOut {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(tally_bin())
+        .args(["batch", sub])
+        .env("TALLY_STORAGE_DATA_DIR", data_dir)
+        // Never the machine's Redis: the test's own (the CLI may not need it at all).
+        .env("TALLY_REDIS_URL", redis_url)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn tally batch");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "tally batch {sub} did not finish within {DEADLINE:?}: {}{}",
+                fs::read_to_string(&out).unwrap_or_default(),
+                fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    CliOut {
+        code: status.code().unwrap_or(-1),
+        stdout: fs::read_to_string(&out).unwrap_or_default(),
+        stderr: fs::read_to_string(&err).unwrap_or_default(),
+    }
+}
+
+fn redis_url(server: &mut TestServer) -> String {
+    server.redis().expect("the server owns its redis").url()
+}
+
+/// The largest file of a view directory.
+fn largest_file(dir: &Path) -> PathBuf {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .expect("a view has files")
+        .path()
+}
+
+/// Flips 16 bytes in the middle of a file (size unchanged).
+fn flip_bytes(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
+    assert!(
+        bytes.len() > 32,
+        "{} is too small to corrupt",
+        path.display()
+    );
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid - 8..mid + 8] {
+        *b ^= 0xA5;
+    }
+    fs::write(path, bytes).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// Random URLs on several hosts, events over 30 days: after a batch run every views total,
+/// hour-aligned range, day series and top-N (with/without host, with a range) equals the model;
+/// the batch/speed split follows the new events.
+#[test]
+fn exact_answers_after_a_batch_run() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(ServerOpts::default());
+    let urls = make_urls(60, 4);
+    let mut model = Model::default();
+
+    // Before any batch view: `batch` is null, everything comes from the speed layer.
+    ingest_random(&server, &mut model, &mut rng, &urls, 1500);
+    server.wait_caught_up();
+    let body = assert_views(&server, &model, &urls[0], Range::all());
+    assert!(body["batch"].is_null(), "no batch view yet: {body}");
+
+    ingest_random(&server, &mut model, &mut rng, &urls, 1500);
+    let run = batch_run(&server);
+    let acked = server.acked_seq();
+    assert_eq!(
+        run["cutoff_seq"].as_u64(),
+        Some(acked),
+        "the run covers everything acked: {run}"
+    );
+    assert_eq!(
+        run["events"].as_u64(),
+        Some(model.events.len() as u64),
+        "{run}"
+    );
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // Right after the run, nothing is in the speed layer: speed_views == 0 everywhere.
+    for url in &urls {
+        let body = get_views(&server, url, Range::all(), "total");
+        assert_eq!(body["speed_views"].as_u64(), Some(0), "{url}: {body}");
+        assert_eq!(
+            body["batch_views"].as_u64(),
+            Some(model.views(url, Range::all())),
+            "{body}"
+        );
+        assert_eq!(body["batch"]["version"], run["version"], "{body}");
+        assert_eq!(body["batch"]["cutoff_seq"], run["cutoff_seq"], "{body}");
+        assert_eq!(body["speed_available"], json!(true), "{body}");
+    }
+
+    // New events (old and recent ts) on a few URLs: speed_views counts exactly the new ones.
+    let before = model.clone();
+    let now = now_ms();
+    let touched: Vec<String> = urls[..10].to_vec();
+    let mut new_events = Vec::new();
+    for (i, url) in touched.iter().enumerate() {
+        for k in 0..=i {
+            new_events.push((url.clone(), now - (k as i64) * 37 * HOUR_MS % (25 * DAY_MS)));
+        }
+    }
+    ingest_exact(&server, &mut model, &new_events);
+    server.wait_caught_up();
+    for url in &urls {
+        let body = get_views(&server, url, Range::all(), "total");
+        let old = before.views(url, Range::all());
+        let total = model.views(url, Range::all());
+        assert_eq!(body["batch_views"].as_u64(), Some(old), "{url}: {body}");
+        assert_eq!(
+            body["speed_views"].as_u64(),
+            Some(total - old),
+            "{url}: {body}"
+        );
+        assert_eq!(body["views"].as_u64(), Some(total), "{url}: {body}");
+    }
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // And after another run the new events move into the batch view.
+    batch_run(&server);
+    server.wait_caught_up();
+    for url in &touched {
+        let body = get_views(&server, url, Range::all(), "total");
+        assert_eq!(body["speed_views"].as_u64(), Some(0), "{body}");
+        assert_eq!(
+            body["views"].as_u64(),
+            Some(model.views(url, Range::all())),
+            "{body}"
+        );
+    }
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
+/// Each run publishes a new version and moves `CURRENT`; with `keep_versions = 2` only the two
+/// newest good versions stay on disk; `tally batch list` shows them.
+#[test]
+fn runs_publish_new_versions_and_old_ones_go() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(ServerOpts::default().env("TALLY_BATCH_KEEP_VERSIONS", 2));
+    let urls = make_urls(20, 2);
+    let mut model = Model::default();
+    let mut versions: Vec<String> = Vec::new();
+    for _ in 0..4 {
+        ingest_random(&server, &mut model, &mut rng, &urls, 200);
+        let run = batch_run(&server);
+        let v = run["version"].as_str().unwrap().to_string();
+        assert!(
+            !versions.contains(&v),
+            "run reused version {v}: {versions:?}"
+        );
+        assert_eq!(
+            current_file(server.data_dir()),
+            v,
+            "CURRENT follows the run"
+        );
+        assert_eq!(current_version(&server).as_deref(), Some(v.as_str()));
+        versions.push(v);
+        server.wait_caught_up();
+        let body = assert_views(&server, &model, &urls[0], Range::all());
+        assert_eq!(
+            body["batch"]["version"].as_str(),
+            Some(versions.last().unwrap().as_str())
+        );
+    }
+    let data_dir = server.data_dir().to_path_buf();
+    let want = versions[2..].to_vec();
+    poll_until("only the 2 newest versions on disk", DEADLINE, || {
+        (version_dirs(&data_dir) == want).then_some(())
+    });
+    let ok_runs = history(&server)
+        .iter()
+        .filter(|h| h["status"] == "ok")
+        .count();
+    assert_eq!(ok_runs, 4, "history: {:?}", history(&server));
+
+    let url = redis_url(&mut server);
+    let list = tally_batch("list", &data_dir, &url);
+    assert_eq!(
+        list.code, 0,
+        "tally batch list: {}{}",
+        list.stdout, list.stderr
+    );
+    for v in &want {
+        assert!(list.stdout.contains(v), "list lacks {v}: {}", list.stdout);
+    }
+    assert!(
+        !list.stdout.contains(&versions[0]),
+        "deleted version listed: {}",
+        list.stdout
+    );
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
+/// Corrupt the serving view: `verify` fails naming the file; a restarted server never answers
+/// from it (every answer exact or 503), falls back, reruns, is exact again, and records
+/// `discarded`. Then discarding a good view rebuilds a new version.
+#[test]
+fn a_corrupted_view_is_never_served_and_discard_rebuilds() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_SPEED_GC_GRACE", "10m")
+            .env("TALLY_BATCH_RETRY_BACKOFF", "200ms"),
+    );
+    let urls = make_urls(40, 3);
+    let mut model = Model::default();
+    let data_dir = server.data_dir().to_path_buf();
+    let redis = redis_url(&mut server);
+
+    ingest_random(&server, &mut model, &mut rng, &urls, 1000);
+    let first = batch_run(&server)["version"].as_str().unwrap().to_string();
+    ingest_random(&server, &mut model, &mut rng, &urls, 1000);
+    let bad = batch_run(&server)["version"].as_str().unwrap().to_string();
+    ingest_random(&server, &mut model, &mut rng, &urls, 300);
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    let verify = tally_batch("verify", &data_dir, &redis);
+    assert_eq!(
+        verify.code, 0,
+        "a good view verifies: {}{}",
+        verify.stdout, verify.stderr
+    );
+
+    assert!(server.stop(), "graceful stop:\n{}", server.log());
+    assert_eq!(current_file(&data_dir), bad);
+    let victim = largest_file(&views_root(&data_dir).join(&bad));
+    let victim_name = victim.file_name().unwrap().to_string_lossy().to_string();
+    flip_bytes(&victim);
+
+    let verify = tally_batch("verify", &data_dir, &redis);
+    assert_eq!(
+        verify.code, 1,
+        "verify of a corrupted view: {}{}",
+        verify.stdout, verify.stderr
+    );
+    assert!(
+        format!("{}{}", verify.stdout, verify.stderr).contains(&victim_name),
+        "verify names {victim_name}: {}{}",
+        verify.stdout,
+        verify.stderr
+    );
+
+    // Restart: from the first answer on, never a number from the corrupted view.
+    server.restart();
+    let probe: Vec<String> = urls.choose_multiple(&mut rng, 10).cloned().collect();
+    let mut answers_503 = 0;
+    let mut versions_seen = Vec::new();
+    let recovered = poll_until("a rerun after the discarded view", DEADLINE, || {
+        server.wait_caught_up();
+        for url in &probe {
+            let q = views_query(url, Range::all(), "total");
+            let (code, body) = server.get(&q);
+            match code {
+                503 => answers_503 += 1,
+                200 => {
+                    assert_eq!(
+                        body["views"].as_u64(),
+                        Some(model.views(url, Range::all())),
+                        "a wrong number after restart with a corrupted view: {q}: {body}"
+                    );
+                    let v = body["batch"]["version"].as_str().map(str::to_string);
+                    assert_ne!(
+                        v.as_deref(),
+                        Some(bad.as_str()),
+                        "served the corrupted view: {body}"
+                    );
+                    if !versions_seen.contains(&v) {
+                        versions_seen.push(v);
+                    }
+                }
+                _ => panic!("GET {q}: {code} {body}"),
+            }
+        }
+        let cur = current_version(&server)?;
+        (cur != bad && cur != first).then_some(cur)
+    });
+    eprintln!("503 answers: {answers_503}; versions served: {versions_seen:?}");
+    let hist = history(&server);
+    assert!(
+        hist.iter()
+            .any(|h| h["status"] == "discarded" && h["version"].as_str() == Some(bad.as_str())),
+        "history records the corrupted view as discarded: {hist:?}"
+    );
+    assert_eq!(current_file(&data_dir), recovered);
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+    let list = tally_batch("list", &data_dir, &redis);
+    assert_eq!(list.code, 0, "{}{}", list.stdout, list.stderr);
+    assert!(
+        list.stdout.contains(&bad),
+        "the discarded view stays on disk: {}",
+        list.stdout
+    );
+
+    // Discard a good view: a new version is built; history records `discarded`.
+    ingest_random(&server, &mut model, &mut rng, &urls, 100);
+    let (code, body) = server.post("/v1/admin/batch/discard?wait=true");
+    assert_eq!(code, 200, "POST /v1/admin/batch/discard?wait=true: {body}");
+    let rebuilt = current_version(&server).expect("a view serves after discard");
+    assert_ne!(rebuilt, recovered, "discard builds a new version");
+    let hist = history(&server);
+    assert!(
+        hist.iter().any(
+            |h| h["status"] == "discarded" && h["version"].as_str() == Some(recovered.as_str())
+        ),
+        "history records the discarded good view: {hist:?}"
+    );
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
+/// A 2-second schedule produces views by itself; a run over an unreadable master file fails,
+/// is retried and recorded `failed`, and the old view keeps serving exactly.
+#[test]
+fn the_schedule_runs_and_a_failing_run_keeps_the_old_view() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_BATCH_SCHEDULE", "*/2 * * * * *")
+            .env("TALLY_BATCH_MAX_RETRIES", 2)
+            .env("TALLY_BATCH_RETRY_BACKOFF", "200ms")
+            .env("TALLY_SPEED_GC_GRACE", "10m"),
+    );
+    let urls = make_urls(30, 3);
+    let mut model = Model::default();
+    ingest_random(&server, &mut model, &mut rng, &urls, 500);
+    assert_eq!(
+        batch_status(&server)["schedule"].as_str(),
+        Some("*/2 * * * * *"),
+        "{}",
+        batch_status(&server)
+    );
+
+    // Two scheduled runs, the second after more events.
+    let v1 = poll_until("a scheduled run", DEADLINE, || {
+        let h = history(&server);
+        h.iter()
+            .find(|e| e["status"] == "ok")
+            .map(|e| e["version"].as_str().unwrap().to_string())
+    });
+    ingest_random(&server, &mut model, &mut rng, &urls, 300);
+    let acked = server.acked_seq();
+    poll_until("a scheduled run covering the new events", DEADLINE, || {
+        let s = batch_status(&server);
+        let c = &s["current"];
+        (c["version"].as_str() != Some(v1.as_str())
+            && c["cutoff_seq"].as_u64().is_some_and(|c| c >= acked))
+        .then_some(())
+    });
+    assert!(history(&server).iter().all(|h| h["status"] == "ok"));
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // A sealed master file becomes unreadable (only in this test's temp dir).
+    ingest_random(&server, &mut model, &mut rng, &urls, 300);
+    server.flush();
+    let files = master_files(server.data_dir());
+    let victim = files.last().expect("a sealed master file").clone();
+    let tmp = victim.with_extension("garbage-tmp");
+    fs::write(&tmp, b"this is not a parquet file, not even close to one").unwrap();
+    fs::rename(&tmp, &victim).unwrap();
+    let good = poll_until("a failed run, then a retry", DEADLINE, || {
+        let h = history(&server);
+        let failed: Vec<&Value> = h.iter().filter(|e| e["status"] == "failed").collect();
+        (failed.len() >= 2).then(|| {
+            for f in &failed {
+                assert!(
+                    f["error"].as_str().is_some_and(|e| !e.is_empty()),
+                    "a failed run has an error: {f}"
+                );
+            }
+        })?;
+        current_version(&server)
+    });
+    // The old view keeps serving, exactly, while runs keep failing.
+    server.wait_caught_up();
+    for _ in 0..3 {
+        for url in urls.choose_multiple(&mut rng, 10) {
+            let body = assert_views(&server, &model, url, Range::all());
+            assert_eq!(
+                body["batch"]["version"].as_str(),
+                Some(good.as_str()),
+                "{body}"
+            );
+        }
+        assert_top(&server, &model, 10, None, Range::all());
+    }
+    assert_eq!(current_version(&server).as_deref(), Some(good.as_str()));
+}
+
+/// `tally batch list|run` with the server running (delegated) and stopped (on the files).
+#[test]
+fn the_cli_runs_with_the_server_running_and_stopped() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(ServerOpts::default());
+    let data_dir = server.data_dir().to_path_buf();
+    let redis = redis_url(&mut server);
+    let urls = make_urls(20, 2);
+    let mut model = Model::default();
+
+    ingest_random(&server, &mut model, &mut rng, &urls, 400);
+    let v1 = batch_run(&server)["version"].as_str().unwrap().to_string();
+    let list = tally_batch("list", &data_dir, &redis);
+    assert_eq!(list.code, 0, "{}{}", list.stdout, list.stderr);
+    assert!(
+        list.stdout.contains(&v1),
+        "list shows {v1}: {}",
+        list.stdout
+    );
+
+    // Running server: the CLI delegates; the server's view changes.
+    ingest_random(&server, &mut model, &mut rng, &urls, 200);
+    let run = tally_batch("run", &data_dir, &redis);
+    assert_eq!(
+        run.code, 0,
+        "tally batch run (server up): {}{}",
+        run.stdout, run.stderr
+    );
+    let v2 = poll_until("the server serving the CLI's view", DEADLINE, || {
+        current_version(&server).filter(|v| *v != v1)
+    });
+    assert_eq!(current_file(&data_dir), v2);
+    server.wait_caught_up();
+    let body = assert_views(&server, &model, &urls[0], Range::all());
+    assert_eq!(
+        body["batch"]["version"].as_str(),
+        Some(v2.as_str()),
+        "{body}"
+    );
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // Stopped server: the CLI works on the files and publishes a view.
+    ingest_random(&server, &mut model, &mut rng, &urls, 200);
+    assert!(server.stop(), "graceful stop:\n{}", server.log());
+    let run = tally_batch("run", &data_dir, &redis);
+    assert_eq!(
+        run.code, 0,
+        "tally batch run (server down): {}{}",
+        run.stdout, run.stderr
+    );
+    let v3 = current_file(&data_dir);
+    assert!(v3 != v1 && v3 != v2, "a new view was published: {v3}");
+    let list = tally_batch("list", &data_dir, &redis);
+    assert_eq!(list.code, 0, "{}{}", list.stdout, list.stderr);
+    assert!(
+        list.stdout.contains(&v3),
+        "list shows {v3}: {}",
+        list.stdout
+    );
+
+    server.restart();
+    assert_eq!(current_version(&server).as_deref(), Some(v3.as_str()));
+    server.wait_caught_up();
+    let body = assert_views(&server, &model, &urls[0], Range::all());
+    assert_eq!(
+        body["batch"]["version"].as_str(),
+        Some(v3.as_str()),
+        "{body}"
+    );
+    assert_exact(&server, &model, &mut rng, &urls);
+}
