@@ -82,7 +82,12 @@ pub enum BodyFormat {
 impl BodyFormat {
     /// The format for a `Content-Type` header value, or `None` for an unsupported type.
     pub fn from_content_type(ct: &str) -> Option<BodyFormat> {
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match essence.as_str() {
             "application/json" => Some(BodyFormat::Json),
             "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
@@ -168,7 +173,8 @@ pub fn parse_event(text: &str, now_ms: i64, limits: &IngestLimits) -> Result<Eve
             Err(e) => Err(EventError::Json(e.to_string())),
         };
     }
-    let raw: RawEvent<'_> = serde_json::from_str(text).map_err(|e| EventError::Json(e.to_string()))?;
+    let raw: RawEvent<'_> =
+        serde_json::from_str(text).map_err(|e| EventError::Json(e.to_string()))?;
     let url_raw = raw.url.ok_or(EventError::MissingUrl)?;
     let url_str: Option<Cow<'_, str>> =
         serde_json::from_str(url_raw.get()).map_err(|_| EventError::UrlType)?;
@@ -198,8 +204,8 @@ pub fn parse_body(
         BodyFormat::Json => {
             let trimmed = text.trim_start();
             if trimmed.starts_with('[') {
-                let raws: Vec<&RawValue> = serde_json::from_str(text)
-                    .map_err(|e| BodyError::Malformed(e.to_string()))?;
+                let raws: Vec<&RawValue> =
+                    serde_json::from_str(text).map_err(|e| BodyError::Malformed(e.to_string()))?;
                 raws.into_iter().map(RawValue::get).collect()
             } else if trimmed.starts_with('{') {
                 let raw: &RawValue =
@@ -244,12 +250,24 @@ mod tests {
 
     #[test]
     fn parses_object_array_and_ndjson() {
-        let one = parse_body(br#"{"url":"HTTP://A.com:80/x#f","visitor":"v"}"#, BodyFormat::Json, NOW, &lim()).unwrap();
+        let one = parse_body(
+            br#"{"url":"HTTP://A.com:80/x#f","visitor":"v"}"#,
+            BodyFormat::Json,
+            NOW,
+            &lim(),
+        )
+        .unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].url, "http://a.com/x");
         assert_eq!(one[0].ts, NOW);
         assert_eq!(one[0].visitor.as_deref(), Some("v"));
-        let arr = parse_body(br#"[{"url":"http://a.com/"},{"url":"http://b.com/","ts":1794999999000}]"#, BodyFormat::Json, NOW, &lim()).unwrap();
+        let arr = parse_body(
+            br#"[{"url":"http://a.com/"},{"url":"http://b.com/","ts":1794999999000}]"#,
+            BodyFormat::Json,
+            NOW,
+            &lim(),
+        )
+        .unwrap();
         assert_eq!(arr[1].ts, 1_794_999_999_000);
         let nd = parse_body(b"{\"url\":\"http://a.com/\"}\n\n{\"url\":\"http://b.com/\",\"ts\":\"2026-11-18T00:00:00Z\"}\n", BodyFormat::Ndjson, NOW, &lim()).unwrap();
         assert_eq!(nd.len(), 2);
@@ -257,7 +275,13 @@ mod tests {
 
     #[test]
     fn one_bad_event_fails_the_body_with_its_index() {
-        let err = parse_body(br#"[{"url":"http://a.com/"},{"url":"nope"},{"url":"http://b.com/","ts":true}]"#, BodyFormat::Json, NOW, &lim()).unwrap_err();
+        let err = parse_body(
+            br#"[{"url":"http://a.com/"},{"url":"nope"},{"url":"http://b.com/","ts":true}]"#,
+            BodyFormat::Json,
+            NOW,
+            &lim(),
+        )
+        .unwrap_err();
         match err {
             BodyError::Invalid(errs) => {
                 assert_eq!(errs.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
@@ -270,30 +294,68 @@ mod tests {
     #[test]
     fn bounds_and_types() {
         let e = |s: &str| parse_event(s, NOW, &lim()).unwrap_err();
-        assert_eq!(e(r#"{"url":"http://a.com/","ts":9999999999999}"#), EventError::TsFuture(300));
-        assert_eq!(e(r#"{"url":"http://a.com/","ts":0}"#), EventError::TsTooOld(3650));
+        assert_eq!(
+            e(r#"{"url":"http://a.com/","ts":9999999999999}"#),
+            EventError::TsFuture(300)
+        );
+        assert_eq!(
+            e(r#"{"url":"http://a.com/","ts":0}"#),
+            EventError::TsTooOld(3650)
+        );
         assert_eq!(e(r#"{"url":"http://a.com/","ts":1.5}"#), EventError::TsType);
         assert_eq!(e(r#"{"ts":1}"#), EventError::MissingUrl);
         assert_eq!(e(r#"{"url":5}"#), EventError::UrlType);
         assert_eq!(e("[1]"), EventError::NotObject);
         let long = format!(r#"{{"url":"http://a.com/","id":"{}"}}"#, "x".repeat(129));
-        assert_eq!(e(&long), EventError::FieldTooLong { field: "id", max: 128 });
-        assert!(parse_event(r#"{"url":"http://a.com/","visitor":null,"extra":[1]}"#, NOW, &lim()).is_ok());
+        assert_eq!(
+            e(&long),
+            EventError::FieldTooLong {
+                field: "id",
+                max: 128
+            }
+        );
+        assert!(parse_event(
+            r#"{"url":"http://a.com/","visitor":null,"extra":[1]}"#,
+            NOW,
+            &lim()
+        )
+        .is_ok());
     }
 
     #[test]
     fn malformed_and_wrong_shapes() {
-        assert!(matches!(parse_body(b"{", BodyFormat::Json, NOW, &lim()), Err(BodyError::Malformed(_))));
-        assert_eq!(parse_body(b"42", BodyFormat::Json, NOW, &lim()), Err(BodyError::NotEvents));
-        assert!(matches!(parse_body(b"{oops\n", BodyFormat::Ndjson, NOW, &lim()), Err(BodyError::Invalid(_))));
-        let many = IngestLimits { max_batch_events: 1, ..lim() };
-        assert_eq!(parse_body(b"[{},{}]", BodyFormat::Json, NOW, &many), Err(BodyError::TooManyEvents(1)));
+        assert!(matches!(
+            parse_body(b"{", BodyFormat::Json, NOW, &lim()),
+            Err(BodyError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_body(b"42", BodyFormat::Json, NOW, &lim()),
+            Err(BodyError::NotEvents)
+        );
+        assert!(matches!(
+            parse_body(b"{oops\n", BodyFormat::Ndjson, NOW, &lim()),
+            Err(BodyError::Invalid(_))
+        ));
+        let many = IngestLimits {
+            max_batch_events: 1,
+            ..lim()
+        };
+        assert_eq!(
+            parse_body(b"[{},{}]", BodyFormat::Json, NOW, &many),
+            Err(BodyError::TooManyEvents(1))
+        );
     }
 
     #[test]
     fn content_types() {
-        assert_eq!(BodyFormat::from_content_type("application/json; charset=utf-8"), Some(BodyFormat::Json));
-        assert_eq!(BodyFormat::from_content_type("application/x-ndjson"), Some(BodyFormat::Ndjson));
+        assert_eq!(
+            BodyFormat::from_content_type("application/json; charset=utf-8"),
+            Some(BodyFormat::Json)
+        );
+        assert_eq!(
+            BodyFormat::from_content_type("application/x-ndjson"),
+            Some(BodyFormat::Ndjson)
+        );
         assert_eq!(BodyFormat::from_content_type("text/plain"), None);
     }
 }

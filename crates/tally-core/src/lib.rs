@@ -8,5 +8,8 @@ pub mod url;
 
 pub use event::{parse_body, BodyError, BodyFormat, Event, EventError, IngestLimits};
 pub use seq::Seq;
-pub use time::{day_of, format_rfc3339, hour_of, month_start, now_ms, parse_ts_param, parse_ts_str, DAY_MS, HOUR_MS};
+pub use time::{
+    day_of, format_rfc3339, hour_of, month_start, now_ms, parse_ts_param, parse_ts_str, DAY_MS,
+    HOUR_MS,
+};
 pub use url::{normalize_url, UrlError};

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 ///
 /// Strictly increasing, never reused, across restarts too. The first event gets `Seq(1)`;
 /// `Seq(0)` means "nothing" (e.g. nothing acknowledged yet, or a cutoff before any event).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 

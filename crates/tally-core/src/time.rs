@@ -36,7 +36,11 @@ pub fn parse_ts_str(s: &str) -> Option<i64> {
 /// Parses a query-string timestamp: RFC 3339 or integer epoch milliseconds.
 pub fn parse_ts_param(s: &str) -> Option<i64> {
     let s = s.trim();
-    if !s.is_empty() && s.bytes().enumerate().all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-')) {
+    if !s.is_empty()
+        && s.bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+    {
         return s.parse().ok();
     }
     parse_ts_str(s)

@@ -64,16 +64,31 @@ mod tests {
     fn spellings_of_one_url_agree() {
         let a = normalize_url("HTTP://Example.COM:80/a#top").unwrap();
         assert_eq!(a, "http://example.com/a");
-        assert_eq!(normalize_url("https://EXAMPLE.com:443").unwrap(), "https://example.com/");
-        assert_eq!(normalize_url("http://example.com:8080/A?b=C").unwrap(), "http://example.com:8080/A?b=C");
-        assert_eq!(normalize_url("http://example.com/a b").unwrap(), "http://example.com/a%20b");
+        assert_eq!(
+            normalize_url("https://EXAMPLE.com:443").unwrap(),
+            "https://example.com/"
+        );
+        assert_eq!(
+            normalize_url("http://example.com:8080/A?b=C").unwrap(),
+            "http://example.com:8080/A?b=C"
+        );
+        assert_eq!(
+            normalize_url("http://example.com/a b").unwrap(),
+            "http://example.com/a%20b"
+        );
     }
 
     #[test]
     fn rejects_what_is_not_a_web_page() {
         assert_eq!(normalize_url(""), Err(UrlError::Empty));
-        assert!(matches!(normalize_url("ftp://x.org/"), Err(UrlError::Scheme(_))));
-        assert!(matches!(normalize_url("/relative"), Err(UrlError::Invalid(_))));
+        assert!(matches!(
+            normalize_url("ftp://x.org/"),
+            Err(UrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            normalize_url("/relative"),
+            Err(UrlError::Invalid(_))
+        ));
         let long = format!("http://example.com/{}", "a".repeat(MAX_URL_BYTES));
         assert_eq!(normalize_url(&long), Err(UrlError::TooLong));
     }
