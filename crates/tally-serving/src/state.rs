@@ -67,6 +67,8 @@ pub struct ViewManager {
     /// Set when a discard left no good view: the speed layer may no longer hold the epochs a
     /// query would need, so queries answer 503 until a rerun publishes a view.
     blocked: AtomicBool,
+    /// Serialises discards: two at once would both rewrite `CURRENT` from the same state.
+    discarding: tokio::sync::Mutex<()>,
 }
 
 impl ViewManager {
@@ -77,6 +79,7 @@ impl ViewManager {
             speed,
             loading: tokio::sync::Mutex::new(()),
             blocked: AtomicBool::new(false),
+            discarding: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -161,6 +164,7 @@ impl ViewManager {
         &self,
         reason: &str,
     ) -> Result<Option<String>, tally_batch::Error> {
+        let _one_at_a_time = self.discarding.lock().await;
         let discarded = self.runner.discard_current(reason).await?;
         if discarded.is_some() {
             self.load_current().await;
