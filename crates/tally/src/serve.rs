@@ -59,7 +59,16 @@ pub(crate) fn run(cfg: Config) -> anyhow::Result<ExitCode> {
 
 async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    // Durations are Prometheus histograms (aggregatable across replicas), not summaries.
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 300.0, 1800.0,
+            ],
+        )
+        .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     let mut lock = DataDirLock::acquire(&cfg.storage.data_dir)?;
