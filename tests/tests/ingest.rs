@@ -723,6 +723,10 @@ fn status_reports_the_ingest_state() {
     );
     assert_eq!(Some(sealed), status["acked_seq"].as_u64());
     server.wait_caught_up();
+    // The harness's private Redis (a unix socket URL) is the server's speed layer.
+    poll_until("redis: up in the status", DEADLINE, || {
+        (server.status()["redis"] == "up").then_some(())
+    });
 }
 
 #[test]
