@@ -1,0 +1,763 @@
+//! Issue 4: the speed layer and the exact merge end to end against the real binary and a
+//! private `redis-server` — model-based interleavings of ingest, flush, batch runs and queries;
+//! hot URLs through batch swaps; Redis loss; `kill -9` (API.md: Queries, Operations;
+//! DESIGN.md: epochs, invariant 4, failure table).
+//!
+//! Every assertion compares the server against a reference model of the events it acknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tally_e2e::{count_by_url, poll_until, read_master, ServerOpts, TestServer, DEADLINE};
+
+const JSON: &str = "application/json";
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+// ---------------------------------------------------------------------------------------------
+// The reference model
+// ---------------------------------------------------------------------------------------------
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .expect("valid timestamp")
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn parse_ms(s: &Value) -> i64 {
+    let s = s
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time string: {s}"));
+    DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("bad time {s:?}: {e}"))
+        .timestamp_millis()
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986 unreserved characters).
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").expect("absolute url").1;
+    rest.split(['/', '?']).next().unwrap()
+}
+
+/// A `[from, to)` range in epoch ms; `None` is open.
+#[derive(Debug, Clone, Copy, Default)]
+struct Range {
+    from: Option<i64>,
+    to: Option<i64>,
+}
+
+impl Range {
+    fn all() -> Range {
+        Range::default()
+    }
+
+    fn contains(&self, ts: i64) -> bool {
+        self.from.is_none_or(|f| ts >= f) && self.to.is_none_or(|t| ts < t)
+    }
+
+    fn query(&self) -> String {
+        let mut q = String::new();
+        if let Some(f) = self.from {
+            q.push_str(&format!("&from={}", enc(&rfc3339(f))));
+        }
+        if let Some(t) = self.to {
+            q.push_str(&format!("&to={}", enc(&rfc3339(t))));
+        }
+        q
+    }
+}
+
+/// What the server acknowledged: `(url, ts ms)` per event.
+#[derive(Default, Clone)]
+struct Model {
+    events: Vec<(String, i64)>,
+}
+
+impl Model {
+    fn views(&self, url: &str, r: Range) -> u64 {
+        self.events
+            .iter()
+            .filter(|(u, ts)| u == url && r.contains(*ts))
+            .count() as u64
+    }
+
+    fn day_series(&self, url: &str, r: Range) -> Vec<(i64, u64)> {
+        let mut days: BTreeMap<i64, u64> = BTreeMap::new();
+        for (u, ts) in &self.events {
+            if u == url && r.contains(*ts) {
+                *days.entry(ts.div_euclid(DAY_MS) * DAY_MS).or_insert(0) += 1;
+            }
+        }
+        days.into_iter().collect()
+    }
+
+    fn top(&self, limit: usize, host: Option<&str>, r: Range) -> Vec<(String, u64)> {
+        let mut counts: HashMap<&str, u64> = HashMap::new();
+        for (u, ts) in &self.events {
+            if r.contains(*ts) && host.is_none_or(|h| host_of(u) == h) {
+                *counts.entry(u.as_str()).or_insert(0) += 1;
+            }
+        }
+        let mut items: Vec<(String, u64)> = counts
+            .into_iter()
+            .map(|(u, n)| (u.to_string(), n))
+            .collect();
+        items.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        items.truncate(limit);
+        items
+    }
+}
+
+/// URLs over several hosts, some with a query string.
+fn make_urls(n: usize, hosts: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let host = format!("site{}.test", i % hosts);
+            if i % 5 == 0 {
+                format!("https://{host}/p/{i}?ref=x{i}")
+            } else {
+                format!("https://{host}/p/{i}")
+            }
+        })
+        .collect()
+}
+
+/// Posts events for these URLs with these timestamps.
+fn ingest_exact(server: &TestServer, model: &mut Model, events: &[(String, i64)]) {
+    let body: Vec<Value> = events
+        .iter()
+        .map(|(u, ts)| json!({"url": u, "ts": ts}))
+        .collect();
+    let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
+    assert_eq!(code, 202, "ingest: {resp}");
+    model.events.extend_from_slice(events);
+}
+
+/// A random hour-aligned range within the last ~31 days (sometimes open on one side).
+fn random_range(rng: &mut StdRng) -> Range {
+    let now_h = now_ms().div_euclid(HOUR_MS) * HOUR_MS;
+    let from = now_h - rng.random_range(0..31 * 24) * HOUR_MS;
+    let to = from + rng.random_range(1..=20 * 24) * HOUR_MS;
+    match rng.random_range(0..6) {
+        0 => Range {
+            from: Some(from),
+            to: None,
+        },
+        1 => Range {
+            from: None,
+            to: Some(to),
+        },
+        _ => Range {
+            from: Some(from),
+            to: Some(to),
+        },
+    }
+}
+
+fn views_query(url: &str, r: Range, granularity: &str) -> String {
+    format!(
+        "/v1/views?url={}{}&granularity={granularity}",
+        enc(url),
+        r.query()
+    )
+}
+
+/// `GET /v1/views` asserting `200` and the internal consistency of the answer.
+fn get_views(server: &TestServer, url: &str, r: Range, granularity: &str) -> Value {
+    let q = views_query(url, r, granularity);
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    let (v, b, s) = (
+        body["views"].as_u64(),
+        body["batch_views"].as_u64(),
+        body["speed_views"].as_u64(),
+    );
+    assert!(v.is_some() && b.is_some() && s.is_some(), "GET {q}: {body}");
+    assert_eq!(
+        v.unwrap(),
+        b.unwrap() + s.unwrap(),
+        "views != batch + speed: {q}: {body}"
+    );
+    body
+}
+
+fn assert_views(server: &TestServer, model: &Model, url: &str, r: Range) -> Value {
+    let body = get_views(server, url, r, "total");
+    assert_eq!(
+        body["views"].as_u64().unwrap(),
+        model.views(url, r),
+        "views of {url} in {r:?}: {body}"
+    );
+    body
+}
+
+fn assert_day_series(server: &TestServer, model: &Model, url: &str, r: Range) {
+    let body = get_views(server, url, r, "day");
+    let got: Vec<(i64, u64)> = body["series"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no series: {body}"))
+        .iter()
+        .map(|p| (parse_ms(&p["start"]), p["views"].as_u64().expect("views")))
+        .collect();
+    assert_eq!(
+        got,
+        model.day_series(url, r),
+        "day series of {url} in {r:?}: {body}"
+    );
+    assert_eq!(
+        body["views"].as_u64().unwrap(),
+        model.views(url, r),
+        "{body}"
+    );
+}
+
+fn assert_top(server: &TestServer, model: &Model, limit: usize, host: Option<&str>, r: Range) {
+    let mut q = format!("/v1/top?limit={limit}{}", r.query());
+    if let Some(h) = host {
+        q.push_str(&format!("&host={}", enc(h)));
+    }
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    let got: Vec<(String, u64)> = body["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no items: {body}"))
+        .iter()
+        .map(|i| {
+            (
+                i["url"].as_str().unwrap().to_string(),
+                i["views"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, model.top(limit, host, r), "GET {q}: {body}");
+}
+
+/// Probes views (total + random ranges), day series and top-N against the model.
+fn assert_exact(server: &TestServer, model: &Model, rng: &mut StdRng, urls: &[String]) {
+    let hosts: Vec<&str> = {
+        let mut h: Vec<&str> = urls.iter().map(|u| host_of(u)).collect();
+        h.sort();
+        h.dedup();
+        h
+    };
+    for url in urls.choose_multiple(rng, 8) {
+        assert_views(server, model, url, Range::all());
+        for _ in 0..3 {
+            let r = random_range(rng);
+            assert_views(server, model, url, r);
+        }
+        assert_day_series(server, model, url, Range::all());
+        let r = random_range(rng);
+        assert_day_series(server, model, url, r);
+    }
+    assert_views(server, model, "https://never.seen.test/x", Range::all());
+    for limit in [1, 3, 10, 1000] {
+        assert_top(server, model, limit, None, Range::all());
+    }
+    for host in &hosts {
+        assert_top(server, model, 5, Some(host), Range::all());
+    }
+    for _ in 0..3 {
+        let r = random_range(rng);
+        assert_top(server, model, 10, None, r);
+        assert_top(server, model, 10, Some(hosts.choose(rng).unwrap()), r);
+    }
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("TALLY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed = {seed} (set TALLY_TEST_SEED to replay)");
+    seed
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /v1/admin/batch?wait=true`, asserting `200`; returns the response.
+fn batch_run(server: &TestServer) -> Value {
+    let (code, body) = server.post("/v1/admin/batch?wait=true");
+    assert_eq!(code, 200, "POST /v1/admin/batch?wait=true: {body}");
+    assert!(body["version"].is_string(), "{body}");
+    body
+}
+
+/// Posts `n` events: half in the last minutes (the current hour, the speed layer's own), half
+/// spread over 30 days.
+fn ingest_mixed(
+    server: &TestServer,
+    model: &mut Model,
+    rng: &mut StdRng,
+    urls: &[String],
+    n: usize,
+) {
+    let now = now_ms();
+    let events: Vec<(String, i64)> = (0..n)
+        .map(|_| {
+            let i = rng.random_range(0..urls.len());
+            let url = urls[rng.random_range(0..=i)].clone();
+            let ts = if rng.random_bool(0.5) {
+                now - rng.random_range(0..10 * 60_000)
+            } else {
+                now - rng.random_range(0..30 * DAY_MS)
+            };
+            (url, ts)
+        })
+        .collect();
+    ingest_exact(server, model, &events);
+}
+
+/// `GET path` with the response headers: `(status, X-Tally-Degraded, body)`.
+fn get_with_degraded(server: &TestServer, path: &str) -> (u16, Option<String>, Value) {
+    let resp = server
+        .client()
+        .get(format!("{}{}", server.base_url(), path))
+        .send()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let code = resp.status().as_u16();
+    let degraded = resp
+        .headers()
+        .get("x-tally-degraded")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = resp.text().unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (code, degraded, body)
+}
+
+/// Sets the flag when dropped, so that helper threads stop even when the test panics.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// Random interleavings (seeded) of ingest, flush, batch runs (waited for or not) and queries:
+/// after each catch-up every probed URL/range and top-N equals the model; before catch-up no
+/// answer ever exceeds what was acknowledged.
+#[test]
+fn model_based_random_interleavings() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    // A short grace so that epoch GC happens during the test too.
+    let server = TestServer::start(ServerOpts::default().env("TALLY_SPEED_GC_GRACE", "2s"));
+    let urls = make_urls(40, 4);
+    let mut model = Model::default();
+    let (mut runs, mut probes) = (0, 0);
+    let mut ops = Vec::new();
+    for _ in 0..150 {
+        match rng.random_range(0..100) {
+            0..45 => {
+                let n = rng.random_range(1..=150);
+                ingest_mixed(&server, &mut model, &mut rng, &urls, n);
+                ops.push(format!("ingest {n}"));
+            }
+            45..55 => {
+                server.flush();
+                ops.push("flush".into());
+            }
+            55..65 if runs < 16 => {
+                // 409 when a run started without waiting is still going.
+                let (code, run) = server.post("/v1/admin/batch?wait=true");
+                assert!(
+                    code == 200 || code == 409,
+                    "POST /v1/admin/batch?wait=true: {run}"
+                );
+                runs += 1;
+                ops.push(format!("batch wait ({code}, cutoff {})", run["cutoff_seq"]));
+            }
+            65..72 if runs < 16 => {
+                let (code, body) = server.post("/v1/admin/batch");
+                assert!(
+                    code == 202 || code == 409,
+                    "POST /v1/admin/batch: {code} {body}"
+                );
+                runs += 1;
+                ops.push(format!("batch nowait ({code})"));
+            }
+            72..82 => {
+                // Not caught up yet: whatever is visible was acknowledged.
+                for url in urls.choose_multiple(&mut rng, 5) {
+                    let r = random_range(&mut rng);
+                    let body = get_views(&server, url, r, "total");
+                    let v = body["views"].as_u64().unwrap();
+                    assert!(
+                        v <= model.views(url, r),
+                        "more than acknowledged: {url} {r:?}: {body} (ops: {ops:?})"
+                    );
+                }
+                ops.push("query (no catch-up)".into());
+            }
+            _ => {
+                server.wait_caught_up();
+                assert_exact(&server, &model, &mut rng, &urls);
+                probes += 1;
+                ops.push("catch up + probe".into());
+            }
+        }
+    }
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+    for url in &urls {
+        assert_views(&server, &model, url, Range::all());
+    }
+    eprintln!(
+        "{runs} batch runs, {probes} probes, {} events; ops: {ops:?}",
+        model.events.len()
+    );
+    // One more run after everything: still exact, and the speed layer is empty for all URLs.
+    poll_until("no batch run going", DEADLINE, || {
+        let (code, body) = server.get("/v1/admin/batch");
+        assert_eq!(code, 200, "{body}");
+        body["running"].is_null().then_some(())
+    });
+    batch_run(&server);
+    server.wait_caught_up();
+    for url in &urls {
+        let body = assert_views(&server, &model, url, Range::all());
+        assert_eq!(body["speed_views"].as_u64(), Some(0), "{body}");
+    }
+}
+
+/// Two writers ingest hot URLs while three batch runs swap views and a prober queries every
+/// few milliseconds: a total never goes down, never exceeds what was sent (acknowledged + in
+/// flight), and at the end equals what was acknowledged.
+#[test]
+fn hot_urls_never_go_down_through_batch_swaps() {
+    let seed = seed();
+    let server = TestServer::start(ServerOpts::default().env("TALLY_SPEED_GC_GRACE", "2s"));
+    let hot = [
+        "https://hot.test/a",
+        "https://hot.test/b?x=1",
+        "https://hot2.test/",
+    ];
+    let sent: [AtomicU64; 3] = Default::default();
+    let acked: [AtomicU64; 3] = Default::default();
+    let stop = AtomicBool::new(false);
+    let probes = AtomicU64::new(0);
+    let versions_seen = Mutex::new(Vec::<Value>::new());
+    let acked_total = || acked.iter().map(|a| a.load(Ordering::SeqCst)).sum::<u64>();
+
+    thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        for w in 0..2u64 {
+            let (server, sent, acked, stop, hot) = (&server, &sent, &acked, &stop, &hot);
+            s.spawn(move || {
+                let _stop = StopOnDrop(stop);
+                let mut rng = StdRng::seed_from_u64(seed ^ (w + 1));
+                while !stop.load(Ordering::SeqCst) {
+                    let i = rng.random_range(0..hot.len());
+                    let k = rng.random_range(1..=20u64);
+                    let now = now_ms();
+                    let events: Vec<Value> = (0..k)
+                        .map(|j| json!({"url": hot[i], "ts": now - (j as i64) * 1000}))
+                        .collect();
+                    sent[i].fetch_add(k, Ordering::SeqCst);
+                    let (code, body) = server.post_events(Value::Array(events).to_string(), JSON);
+                    assert_eq!(code, 202, "writer {w}: {body}");
+                    acked[i].fetch_add(k, Ordering::SeqCst);
+                }
+            });
+        }
+        {
+            let (server, sent, stop, hot, probes, versions_seen) =
+                (&server, &sent, &stop, &hot, &probes, &versions_seen);
+            s.spawn(move || {
+                let _stop = StopOnDrop(stop);
+                let mut last = [0u64; 3];
+                while !stop.load(Ordering::SeqCst) {
+                    for (i, url) in hot.iter().enumerate() {
+                        let body = get_views(server, url, Range::all(), "total");
+                        let v = body["views"].as_u64().unwrap();
+                        let bound = sent[i].load(Ordering::SeqCst);
+                        assert!(
+                            v >= last[i],
+                            "{url} went down from {} to {v}: {body}",
+                            last[i]
+                        );
+                        assert!(v <= bound, "{url}: {v} > {bound} sent: {body}");
+                        last[i] = v;
+                        probes.fetch_add(1, Ordering::Relaxed);
+                        let mut seen = versions_seen.lock().unwrap();
+                        if !seen.contains(&body["batch"]["version"]) {
+                            seen.push(body["batch"]["version"].clone());
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(3));
+                }
+            });
+        }
+        for _ in 0..3 {
+            let before = acked_total();
+            poll_until("writers to make progress", DEADLINE, || {
+                (acked_total() >= before + 1000 || stop.load(Ordering::SeqCst)).then_some(())
+            });
+            assert!(
+                !stop.load(Ordering::SeqCst),
+                "a helper thread stopped early"
+            );
+            batch_run(&server);
+        }
+        let before = acked_total();
+        poll_until("writers to make progress", DEADLINE, || {
+            (acked_total() >= before + 1000 || stop.load(Ordering::SeqCst)).then_some(())
+        });
+        stop.store(true, Ordering::SeqCst);
+    });
+
+    server.wait_caught_up();
+    let mut want_top: Vec<(String, u64)> = Vec::new();
+    for (i, url) in hot.iter().enumerate() {
+        let n = acked[i].load(Ordering::SeqCst);
+        let body = get_views(&server, url, Range::all(), "total");
+        assert_eq!(body["views"].as_u64(), Some(n), "{url}: {body}");
+        want_top.push((url.to_string(), n));
+    }
+    want_top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let (code, body) = server.get("/v1/top?limit=3");
+    assert_eq!(code, 200, "{body}");
+    let got: Vec<(String, u64)> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["url"].as_str().unwrap().to_string(),
+                i["views"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want_top, "{body}");
+    let seen = versions_seen.lock().unwrap();
+    eprintln!(
+        "{} probes, {} events, batch versions seen by the prober: {seen:?}",
+        probes.load(Ordering::Relaxed),
+        acked_total()
+    );
+    assert!(probes.load(Ordering::Relaxed) > 30, "the prober ran");
+    assert!(seen.len() >= 3, "the prober saw the swaps: {seen:?}");
+}
+
+/// Redis killed: queries `200` batch-only with `speed_available: false` and
+/// `X-Tally-Degraded: speed`, ingestion `202`. Redis back empty: exact again after catch-up.
+#[test]
+fn redis_down_degrades_and_redis_back_empty_is_rebuilt() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(ServerOpts::default());
+    let urls = make_urls(30, 3);
+    let mut model = Model::default();
+    ingest_mixed(&server, &mut model, &mut rng, &urls, 600);
+    batch_run(&server);
+    let batch_model = model.clone();
+    ingest_mixed(&server, &mut model, &mut rng, &urls, 300);
+    server.flush(); // part of the speed layer's events sealed in master files, part in the WAL
+    ingest_mixed(&server, &mut model, &mut rng, &urls, 200);
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    server.redis().unwrap().kill();
+    let probe: Vec<String> = urls.choose_multiple(&mut rng, 8).cloned().collect();
+    poll_until("a degraded answer", DEADLINE, || {
+        let (code, _, body) =
+            get_with_degraded(&server, &views_query(&probe[0], Range::all(), "total"));
+        assert_eq!(code, 200, "{body}");
+        (body["speed_available"] == json!(false)).then_some(())
+    });
+    let check_degraded = |batch_model: &Model| {
+        for url in &probe {
+            let q = views_query(url, Range::all(), "total");
+            let (code, degraded, body) = get_with_degraded(&server, &q);
+            assert_eq!(code, 200, "{q}: {body}");
+            assert_eq!(degraded.as_deref(), Some("speed"), "{q}: {body}");
+            assert_eq!(body["speed_available"], json!(false), "{body}");
+            assert_eq!(body["speed_views"].as_u64(), Some(0), "{body}");
+            let want = batch_model.views(url, Range::all());
+            assert_eq!(body["views"].as_u64(), Some(want), "batch only: {body}");
+            assert_eq!(body["batch_views"].as_u64(), Some(want), "{body}");
+        }
+        let (code, degraded, body) = get_with_degraded(&server, "/v1/top?limit=10");
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(degraded.as_deref(), Some("speed"), "{body}");
+        assert_eq!(body["speed_available"], json!(false), "{body}");
+        let got: Vec<(String, u64)> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["url"].as_str().unwrap().to_string(),
+                    i["views"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, batch_model.top(10, None, Range::all()), "{body}");
+    };
+    check_degraded(&batch_model);
+    // Ingestion goes on while Redis is down.
+    ingest_mixed(&server, &mut model, &mut rng, &urls, 200);
+    check_degraded(&batch_model);
+    poll_until("status redis: down", DEADLINE, || {
+        (server.status()["redis"] == "down").then_some(())
+    });
+
+    // Redis back, empty: the live epochs are rebuilt from master files and the WAL.
+    server.redis().unwrap().restart_empty();
+    ingest_mixed(&server, &mut model, &mut rng, &urls, 50);
+    poll_until("redis up and caught up", DEADLINE, || {
+        let s = server.status();
+        (s["redis"] == "up" && s["speed_applied_seq"] == s["acked_seq"]).then_some(())
+    });
+    for url in &urls {
+        let body = assert_views(&server, &model, url, Range::all());
+        assert_eq!(body["speed_available"], json!(true), "{body}");
+    }
+    assert_exact(&server, &model, &mut rng, &urls);
+    // And the next batch run still lines up with the rebuilt speed layer.
+    ingest_mixed(&server, &mut model, &mut rng, &urls, 50);
+    batch_run(&server);
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
+/// `kill -9` while two writers ingest (and after a batch run): after restart, once caught up,
+/// every URL counts each stored event exactly once (no double apply), every acknowledged
+/// event is there, and ranges/top equal the master dataset.
+#[test]
+fn kill9_while_ingesting_is_exact_after_restart() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut server = TestServer::start(ServerOpts::default());
+    let urls = make_urls(12, 2);
+    let acked_total = std::sync::Arc::new(AtomicU64::new(0));
+    let base = server.base_url();
+
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (urls, base, acked_total) = (urls.clone(), base.clone(), acked_total.clone());
+            thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap();
+                let mut rng = StdRng::seed_from_u64(seed ^ (w + 7));
+                let mut acked: HashMap<String, u64> = HashMap::new();
+                let mut uncertain: HashMap<String, u64> = HashMap::new();
+                loop {
+                    let now = now_ms();
+                    let batch: Vec<(String, i64)> = (0..rng.random_range(20..100))
+                        .map(|_| {
+                            let url = urls.choose(&mut rng).unwrap().clone();
+                            (url, now - rng.random_range(0..2 * DAY_MS))
+                        })
+                        .collect();
+                    let body: Vec<Value> = batch
+                        .iter()
+                        .map(|(u, ts)| json!({"url": u, "ts": ts}))
+                        .collect();
+                    let resp = client
+                        .post(format!("{base}/v1/events"))
+                        .header("content-type", JSON)
+                        .body(Value::Array(body).to_string())
+                        .send();
+                    let ok = matches!(&resp, Ok(r) if r.status().as_u16() == 202);
+                    let into = if ok { &mut acked } else { &mut uncertain };
+                    for (u, _) in &batch {
+                        *into.entry(u.clone()).or_insert(0) += 1;
+                    }
+                    if !ok {
+                        return (acked, uncertain);
+                    }
+                    acked_total.fetch_add(batch.len() as u64, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+
+    poll_until("1500 events acknowledged", DEADLINE, || {
+        (acked_total.load(Ordering::SeqCst) >= 1500).then_some(())
+    });
+    batch_run(&server);
+    let after_run = acked_total.load(Ordering::SeqCst);
+    poll_until("1500 more events acknowledged", DEADLINE, || {
+        (acked_total.load(Ordering::SeqCst) >= after_run + 1500).then_some(())
+    });
+    server.kill9();
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut uncertain: HashMap<String, u64> = HashMap::new();
+    for w in writers {
+        let (a, u) = w.join().expect("writer thread");
+        for (k, v) in a {
+            *acked.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in u {
+            *uncertain.entry(k).or_insert(0) += v;
+        }
+    }
+
+    server.restart();
+    server.wait_caught_up();
+    server.flush();
+    let rows = read_master(server.data_dir());
+    let stored = count_by_url(&rows);
+    let mut seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), rows.len(), "each event stored once");
+    assert_eq!(
+        rows.len() as u64,
+        server.acked_seq(),
+        "master holds every acked seq"
+    );
+    for url in &urls {
+        let (a, u, s) = (
+            acked.get(url).copied().unwrap_or(0),
+            uncertain.get(url).copied().unwrap_or(0),
+            stored.get(url).copied().unwrap_or(0),
+        );
+        assert!(
+            a <= s && s <= a + u,
+            "{url}: acked {a}, in flight {u}, stored {s}"
+        );
+    }
+    let model = Model {
+        events: rows.iter().map(|r| (r.url.clone(), r.ts)).collect(),
+    };
+    for url in &urls {
+        assert_views(&server, &model, url, Range::all());
+    }
+    assert_exact(&server, &model, &mut rng, &urls);
+    batch_run(&server);
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+}
