@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p tally-batch --example batch_bench -- \
 //!     --events 5000000 --urls 100000 --days 90 --dir DIR [--generate-only] \
-//!     [--files 5] [--reps 3] [--sketch-precision 14] [--no-write]
+//!     [--files 5] [--reps 3] [--sketch-precision 14] [--no-write] [--no-sketches|--only-sketches]
 //! ```
 //! Writes `DIR/master/*.parquet` (seq ranges of `events/files` events each, rows sorted by
 //! (url, ts), URLs Zipf(1.0)-skewed over 50 hosts, 90% of events with a visitor id). Without
@@ -28,6 +28,7 @@ struct Args {
     reps: usize,
     precision: u8,
     write: bool,
+    modes: Vec<&'static str>,
 }
 
 fn parse() -> Args {
@@ -41,6 +42,7 @@ fn parse() -> Args {
         reps: 3,
         precision: 14,
         write: true,
+        modes: vec!["counts", "counts+sketches"],
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -55,6 +57,8 @@ fn parse() -> Args {
             "--sketch-precision" => a.precision = val().parse().expect("--sketch-precision"),
             "--generate-only" => a.generate_only = true,
             "--no-write" => a.write = false,
+            "--no-sketches" => a.modes = vec!["counts"],
+            "--only-sketches" => a.modes = vec!["counts+sketches"],
             other => panic!("unknown argument {other}"),
         }
     }
@@ -159,7 +163,8 @@ fn main() {
         return;
     }
     let cutoff = files.iter().map(|f| f.last).max().unwrap_or(Seq::ZERO);
-    for (label, precision) in [("counts", None), ("counts+sketches", Some(a.precision))] {
+    for label in a.modes.clone() {
+        let precision = (label != "counts").then_some(a.precision);
         for rep in 0..a.reps {
             let t = Instant::now();
             let data = compute(&files, cutoff, precision, &Progress::new()).expect("compute");

@@ -145,7 +145,7 @@ struct Partial {
     /// `(local id << 32 | biased hour, count)`, sorted by key, distinct keys.
     cells: Vec<(u64, u32)>,
     /// `(local id << 32 | biased day, visitor hash)`.
-    visitors: Vec<(u64, u64)>,
+    visitors: Vec<(u64, u32)>,
     rows: u64,
     events: u64,
     dictionaries: u64,
@@ -632,7 +632,7 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
         for i in 0..nurls {
             soff[i + 1] += soff[i];
         }
-        let mut sbuf: Vec<(u32, u64)> = vec![(0, 0); soff[nurls]];
+        let mut sbuf: Vec<(u32, u32)> = vec![(0, 0); soff[nurls]];
         let mut pos = soff.clone();
         for (p, l2r) in partials.iter().zip(&l2r) {
             for &(k, h) in &p.visitors {

@@ -3,10 +3,11 @@
 //! A [`VisitorSketch`] is what the batch view stores, what the speed layer can build the same
 //! way, and what the serving layer merges across days and layers:
 //!
-//! - every visitor id is hashed with [`visitor_hash`]: SipHash-1-3 with the fixed keys
-//!   [`SKETCH_KEYS`] over the UTF-8 bytes of the id, so sketches built by any process merge;
-//! - **sparse** while small: the sorted distinct 64-bit hashes (exact count), until it would be
-//!   larger than the dense form (`2^p / 8` hashes);
+//! - every visitor id is hashed with [`visitor_hash`]: the high 32 bits of SipHash-1-3 with the
+//!   fixed keys [`SKETCH_KEYS`] over the UTF-8 bytes of the id, so sketches built by any process
+//!   merge (32 bits are plenty for per-URL-day cardinalities and halve the stored size);
+//! - **sparse** while small: the sorted distinct hashes (exact count up to 32-bit collisions),
+//!   until it would be larger than the dense form (`2^p / 4` hashes);
 //! - **dense** after that: `2^p` one-byte registers (index = top `p` bits of the hash, value =
 //!   leading zeros of the remaining bits + 1), estimated like HyperLogLog++ (linear counting
 //!   below the empirical threshold of the HLL++ paper, raw estimate above). Standard error
@@ -33,16 +34,17 @@ const FORMAT_V1: u8 = 1;
 const KIND_SPARSE: u8 = 0;
 const KIND_DENSE: u8 = 1;
 
-/// The 64-bit hash of a visitor id that every sketch is built from.
-pub fn visitor_hash(visitor: &str) -> u64 {
+/// The 32-bit hash of a visitor id that every sketch is built from: the high 32 bits of
+/// SipHash-1-3 with [`SKETCH_KEYS`] over the UTF-8 bytes.
+pub fn visitor_hash(visitor: &str) -> u32 {
     visitor_hash_bytes(visitor.as_bytes())
 }
 
 /// [`visitor_hash`] over raw bytes.
-pub fn visitor_hash_bytes(bytes: &[u8]) -> u64 {
+pub fn visitor_hash_bytes(bytes: &[u8]) -> u32 {
     let mut h = SipHasher13::new_with_keys(SKETCH_KEYS.0, SKETCH_KEYS.1);
     h.write(bytes);
-    h.finish()
+    (h.finish() >> 32) as u32
 }
 
 /// `1.04 / sqrt(2^p)`: the relative standard error of a sketch of precision `p`.
@@ -53,7 +55,7 @@ pub fn relative_error(precision: u8) -> f64 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Repr {
     /// Sorted, distinct hashes.
-    Sparse(Vec<u64>),
+    Sparse(Vec<u32>),
     /// `2^p` registers.
     Dense(Box<[u8]>),
 }
@@ -76,7 +78,7 @@ impl VisitorSketch {
     }
 
     /// Builds a sketch from hashes in any order (duplicates allowed).
-    pub fn from_hashes(precision: u8, mut hashes: Vec<u64>) -> Result<VisitorSketch> {
+    pub fn from_hashes(precision: u8, mut hashes: Vec<u32>) -> Result<VisitorSketch> {
         check_precision(precision)?;
         hashes.sort_unstable();
         hashes.dedup();
@@ -84,7 +86,7 @@ impl VisitorSketch {
     }
 
     /// Builds a sketch from sorted distinct hashes (caller guarantees it).
-    pub(crate) fn from_sorted_distinct(precision: u8, hashes: Vec<u64>) -> VisitorSketch {
+    pub(crate) fn from_sorted_distinct(precision: u8, hashes: Vec<u32>) -> VisitorSketch {
         let mut s = VisitorSketch {
             precision,
             repr: Repr::Sparse(hashes),
@@ -102,7 +104,7 @@ impl VisitorSketch {
     }
 
     fn sparse_limit(&self) -> usize {
-        (1usize << self.precision) / 8
+        (1usize << self.precision) / 4
     }
 
     fn maybe_densify(&mut self) {
@@ -123,7 +125,7 @@ impl VisitorSketch {
     }
 
     /// Adds a visitor hash (see [`visitor_hash`]).
-    pub fn insert_hash(&mut self, hash: u64) {
+    pub fn insert_hash(&mut self, hash: u32) {
         match &mut self.repr {
             Repr::Sparse(h) => {
                 if let Err(i) = h.binary_search(&hash) {
@@ -198,14 +200,14 @@ impl VisitorSketch {
         }
     }
 
-    /// Compact binary form: `[1, precision, kind]` then either the sparse hashes as u64 LE or
+    /// Compact binary form: `[1, precision, kind]` then either the sparse hashes as u32 LE or
     /// the `2^p` dense registers.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = vec![FORMAT_V1, self.precision];
         match &self.repr {
             Repr::Sparse(h) => {
                 out.push(KIND_SPARSE);
-                out.reserve(h.len() * 8);
+                out.reserve(h.len() * 4);
                 for x in h {
                     out.extend_from_slice(&x.to_le_bytes());
                 }
@@ -229,12 +231,12 @@ impl VisitorSketch {
         let body = &b[3..];
         match b[2] {
             KIND_SPARSE => {
-                if body.len() % 8 != 0 {
+                if body.len() % 4 != 0 {
                     return Err(bad("sparse length"));
                 }
-                let h: Vec<u64> = body
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                let h: Vec<u32> = body
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
                     .collect();
                 if h.windows(2).any(|w| w[0] >= w[1]) {
                     return Err(bad("sparse hashes not sorted"));
@@ -269,10 +271,10 @@ fn check_precision(p: u8) -> Result<()> {
 }
 
 #[inline]
-fn set_register(regs: &mut [u8], p: u8, hash: u64) {
-    let idx = (hash >> (64 - p)) as usize;
+fn set_register(regs: &mut [u8], p: u8, hash: u32) {
+    let idx = (hash >> (32 - p)) as usize;
     let rest = hash << p;
-    let rank = (rest.leading_zeros() as u8).min(64 - p) + 1;
+    let rank = (rest.leading_zeros() as u8).min(32 - p) + 1;
     if regs[idx] < rank {
         regs[idx] = rank;
     }

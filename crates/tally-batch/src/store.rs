@@ -25,7 +25,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
@@ -547,6 +547,14 @@ fn writer_props() -> WriterProperties {
             ZstdLevel::try_new(1).expect("valid zstd level"),
         ))
         .set_column_dictionary_page_size_limit(ColumnPath::from("url"), 256 << 20)
+        // Only `url` benefits from a dictionary; hashing every hour/views/day value costs
+        // more than it saves. Hours and days ascend within a URL: delta encoding.
+        .set_column_dictionary_enabled(ColumnPath::from("hour"), false)
+        .set_column_encoding(ColumnPath::from("hour"), Encoding::DELTA_BINARY_PACKED)
+        .set_column_dictionary_enabled(ColumnPath::from("day"), false)
+        .set_column_encoding(ColumnPath::from("day"), Encoding::DELTA_BINARY_PACKED)
+        .set_column_dictionary_enabled(ColumnPath::from("views"), false)
+        .set_column_dictionary_enabled(ColumnPath::from("sketch"), false)
         .set_max_row_group_row_count(Some(1 << 20))
         .build()
 }
