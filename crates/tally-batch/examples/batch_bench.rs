@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p tally-batch --example batch_bench -- \
 //!     --events 5000000 --urls 100000 --days 90 --dir DIR [--generate-only] \
-//!     [--files 5] [--reps 3] [--sketch-precision 14] [--no-write] [--no-sketches|--only-sketches]
+//!     [--url-dict-limit BYTES] [--files 5] [--reps 3] [--sketch-precision 14] [--no-write] [--no-sketches|--only-sketches]
 //! ```
 //! Writes `DIR/master/*.parquet` (seq ranges of `events/files` events each, rows sorted by
 //! (url, ts), URLs Zipf(1.0)-skewed over 50 hosts, 90% of events with a visitor id). Without
@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tally_batch::testing::{write_master_file, MasterRow, Rng};
+use tally_batch::testing::{write_master_file_with, MasterRow, Rng};
 use tally_batch::{compute, Progress, ViewStore};
 use tally_core::{Seq, DAY_MS};
 use tally_master::MasterFile;
@@ -29,6 +29,7 @@ struct Args {
     precision: u8,
     write: bool,
     modes: Vec<&'static str>,
+    url_dict_limit: usize,
 }
 
 fn parse() -> Args {
@@ -43,6 +44,7 @@ fn parse() -> Args {
         precision: 14,
         write: true,
         modes: vec!["counts", "counts+sketches"],
+        url_dict_limit: 256 << 20,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -57,6 +59,7 @@ fn parse() -> Args {
             "--sketch-precision" => a.precision = val().parse().expect("--sketch-precision"),
             "--generate-only" => a.generate_only = true,
             "--no-write" => a.write = false,
+            "--url-dict-limit" => a.url_dict_limit = val().parse().expect("--url-dict-limit"),
             "--no-sketches" => a.modes = vec!["counts"],
             "--only-sketches" => a.modes = vec!["counts+sketches"],
             other => panic!("unknown argument {other}"),
@@ -109,7 +112,10 @@ fn generate(a: &Args) -> Vec<MasterFile> {
                 visitor,
             });
         }
-        out.push(write_master_file(&master, rows, 1 << 20).expect("write master file"));
+        out.push(
+            write_master_file_with(&master, rows, 1 << 20, a.url_dict_limit)
+                .expect("write master file"),
+        );
         seq = last + 1;
     }
     let bytes: u64 = out.iter().map(|f| f.size).sum();

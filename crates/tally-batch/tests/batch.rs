@@ -504,6 +504,22 @@ mod runner {
         assert_eq!(h[0].version.as_deref(), Some(o5.version.as_str()));
         assert!(h[1..].iter().all(|e| e.status == RunStatus::Ok));
 
+        // A corrupted current view is never served: discarded, the previous good one loads.
+        runner.run(Trigger::Admin).await.unwrap();
+        let cur = store.current().unwrap().unwrap();
+        let counts = store
+            .version_dir(&cur)
+            .join(tally_batch::store::COUNTS_FILE);
+        let mut bytes = std::fs::read(&counts).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&counts, bytes).unwrap();
+        let loaded = runner.load_current_view().await.unwrap();
+        assert_eq!(loaded.discarded, vec![cur.clone()]);
+        assert_eq!(loaded.view.unwrap().version, o4.version);
+        assert_eq!(runner.history()[0].status, RunStatus::Discarded);
+        let h = runner.history();
+
         // History is persisted.
         let again = BatchRunner::new(store.clone(), master.clone(), cfg());
         assert_eq!(again.history(), h);
