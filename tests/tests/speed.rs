@@ -105,14 +105,31 @@ impl Model {
             .count() as u64
     }
 
-    fn day_series(&self, url: &str, r: Range) -> Vec<(i64, u64)> {
-        let mut days: BTreeMap<i64, u64> = BTreeMap::new();
+    fn series(&self, url: &str, r: Range, granularity: &str) -> Vec<(i64, u64)> {
+        let bucket = |ts: i64| -> i64 {
+            match granularity {
+                "hour" => ts.div_euclid(HOUR_MS) * HOUR_MS,
+                "day" => ts.div_euclid(DAY_MS) * DAY_MS,
+                "month" => {
+                    use chrono::Datelike;
+                    let d = DateTime::from_timestamp_millis(ts).unwrap().date_naive();
+                    chrono::NaiveDate::from_ymd_opt(d.year(), d.month(), 1)
+                        .unwrap()
+                        .and_hms_opt(0, 0, 0)
+                        .unwrap()
+                        .and_utc()
+                        .timestamp_millis()
+                }
+                g => panic!("granularity {g}"),
+            }
+        };
+        let mut buckets: BTreeMap<i64, u64> = BTreeMap::new();
         for (u, ts) in &self.events {
             if u == url && r.contains(*ts) {
-                *days.entry(ts.div_euclid(DAY_MS) * DAY_MS).or_insert(0) += 1;
+                *buckets.entry(bucket(*ts)).or_insert(0) += 1;
             }
         }
-        days.into_iter().collect()
+        buckets.into_iter().collect()
     }
 
     fn top(&self, limit: usize, host: Option<&str>, r: Range) -> Vec<(String, u64)> {
@@ -215,8 +232,8 @@ fn assert_views(server: &TestServer, model: &Model, url: &str, r: Range) -> Valu
     body
 }
 
-fn assert_day_series(server: &TestServer, model: &Model, url: &str, r: Range) {
-    let body = get_views(server, url, r, "day");
+fn assert_series(server: &TestServer, model: &Model, url: &str, r: Range, granularity: &str) {
+    let body = get_views(server, url, r, granularity);
     let got: Vec<(i64, u64)> = body["series"]
         .as_array()
         .unwrap_or_else(|| panic!("no series: {body}"))
@@ -225,8 +242,8 @@ fn assert_day_series(server: &TestServer, model: &Model, url: &str, r: Range) {
         .collect();
     assert_eq!(
         got,
-        model.day_series(url, r),
-        "day series of {url} in {r:?}: {body}"
+        model.series(url, r, granularity),
+        "{granularity} series of {url} in {r:?}: {body}"
     );
     assert_eq!(
         body["views"].as_u64().unwrap(),
@@ -270,9 +287,17 @@ fn assert_exact(server: &TestServer, model: &Model, rng: &mut StdRng, urls: &[St
             let r = random_range(rng);
             assert_views(server, model, url, r);
         }
-        assert_day_series(server, model, url, Range::all());
+        assert_series(server, model, url, Range::all(), "day");
         let r = random_range(rng);
-        assert_day_series(server, model, url, r);
+        assert_series(server, model, url, r, "day");
+        let r = random_range(rng);
+        assert_series(
+            server,
+            model,
+            url,
+            r,
+            ["hour", "month"][rng.random_range(0..2)],
+        );
     }
     assert_views(server, model, "https://never.seen.test/x", Range::all());
     for limit in [1, 3, 10, 1000] {
