@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
+        .route("/openapi.json", get(openapi))
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(overload_error))
@@ -77,6 +78,18 @@ pub fn router(state: AppState) -> Router {
             tracing::info_span!("request", method = %req.method(), route)
         }))
         .with_state(state)
+}
+
+/// The OpenAPI 3.0 description of this router (`docs/openapi.json`; `tests/openapi.rs` checks
+/// that it and the routes agree).
+pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
+
+/// `GET /openapi.json`.
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON,
+    )
 }
 
 /// Load shedding and timeouts answer 503 with `Retry-After`, like every other 503.
