@@ -1,5 +1,6 @@
 //! The master file format: Arrow schema, writing a sealed file, reading one back.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -53,7 +54,7 @@ fn writer_props() -> WriterProperties {
     };
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid zstd level"),
+            ZstdLevel::try_new(1).expect("valid zstd level"),
         ))
         .set_dictionary_enabled(true)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
@@ -120,15 +121,37 @@ fn build_batch(
     RecordBatch::try_new(master_schema(), cols)
 }
 
+/// The order of `events` by (url, ts, seq). URLs repeat a lot, so each distinct URL gets its
+/// rank once and the sort compares plain integers.
+fn sort_order(events: &[SeqEvent]) -> Vec<u32> {
+    let mut ids: HashMap<&str, u32> = HashMap::new();
+    let url_id: Vec<u32> = events
+        .iter()
+        .map(|e| {
+            let next = ids.len() as u32;
+            *ids.entry(e.event.url.as_str()).or_insert(next)
+        })
+        .collect();
+    let mut distinct: Vec<(&str, u32)> = ids.into_iter().collect();
+    distinct.sort_unstable();
+    let mut rank = vec![0u32; distinct.len()];
+    for (r, (_, id)) in distinct.iter().enumerate() {
+        rank[*id as usize] = r as u32;
+    }
+    let mut keyed: Vec<(u32, i64, u64, u32)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (rank[url_id[i] as usize], e.event.ts, e.seq.0, i as u32))
+        .collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|k| k.3).collect()
+}
+
 /// Writes `events` (any order, non-empty, unique seqs) to `path` as a master file: rows sorted
 /// by (url, ts), zstd, ~1M-row row groups. Writes `path.tmp`, fsyncs, renames, fsyncs the
 /// directory. Returns the file's size.
 pub(crate) fn write_parquet_atomic(path: &Path, events: &[SeqEvent], fsync: bool) -> Result<u64> {
-    let mut idx: Vec<u32> = (0..events.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| {
-        let (a, b) = (&events[a as usize], &events[b as usize]);
-        (a.event.url.as_str(), a.event.ts, a.seq).cmp(&(b.event.url.as_str(), b.event.ts, b.seq))
-    });
+    let idx = sort_order(events);
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(TMP_SUFFIX);
     let tmp = PathBuf::from(tmp);
