@@ -199,9 +199,19 @@ impl ViewManager {
                 .and_then(|p| tally_batch::store::parse_version(&p))
                 .map(|(cutoff, _)| cutoff);
             tracing::info!(version = %v.version, cutoff_seq = v.cutoff_seq.get(), "serving batch view");
+            // The speed layer must hold an epoch starting right after the view's cutoff. A
+            // fallback past a discarded view may be older than that: the epochs after it were
+            // collected once newer views covered them. Merging would then miss those events,
+            // so answer 503 until a rerun publishes a view.
+            let epochs = self.speed.epochs();
+            let exact = epochs.is_empty() || epochs.iter().any(|e| e.start == v.cutoff_seq.next());
+            if !exact {
+                tracing::error!(version = %v.version, cutoff_seq = v.cutoff_seq.get(),
+                    "the speed epochs after this view were collected; queries answer 503 until a rerun");
+            }
             // Register the new view before the speed layer may collect what it covers.
             self.current.store(view.clone());
-            self.blocked.store(false, Ordering::Release);
+            self.blocked.store(!exact, Ordering::Release);
             self.speed.view_published(v.cutoff_seq, previous_good);
         } else {
             self.current.store(None);
