@@ -106,14 +106,31 @@ impl Model {
             .count() as u64
     }
 
-    fn day_series(&self, url: &str, r: Range) -> Vec<(i64, u64)> {
-        let mut days: BTreeMap<i64, u64> = BTreeMap::new();
+    fn series(&self, url: &str, r: Range, granularity: &str) -> Vec<(i64, u64)> {
+        let bucket = |ts: i64| -> i64 {
+            match granularity {
+                "hour" => ts.div_euclid(HOUR_MS) * HOUR_MS,
+                "day" => ts.div_euclid(DAY_MS) * DAY_MS,
+                "month" => {
+                    use chrono::Datelike;
+                    let d = DateTime::from_timestamp_millis(ts).unwrap().date_naive();
+                    chrono::NaiveDate::from_ymd_opt(d.year(), d.month(), 1)
+                        .unwrap()
+                        .and_hms_opt(0, 0, 0)
+                        .unwrap()
+                        .and_utc()
+                        .timestamp_millis()
+                }
+                g => panic!("granularity {g}"),
+            }
+        };
+        let mut buckets: BTreeMap<i64, u64> = BTreeMap::new();
         for (u, ts) in &self.events {
             if u == url && r.contains(*ts) {
-                *days.entry(ts.div_euclid(DAY_MS) * DAY_MS).or_insert(0) += 1;
+                *buckets.entry(bucket(*ts)).or_insert(0) += 1;
             }
         }
-        days.into_iter().collect()
+        buckets.into_iter().collect()
     }
 
     fn top(&self, limit: usize, host: Option<&str>, r: Range) -> Vec<(String, u64)> {
@@ -247,8 +264,8 @@ fn assert_views(server: &TestServer, model: &Model, url: &str, r: Range) -> Valu
     body
 }
 
-fn assert_day_series(server: &TestServer, model: &Model, url: &str, r: Range) {
-    let body = get_views(server, url, r, "day");
+fn assert_series(server: &TestServer, model: &Model, url: &str, r: Range, granularity: &str) {
+    let body = get_views(server, url, r, granularity);
     let got: Vec<(i64, u64)> = body["series"]
         .as_array()
         .unwrap_or_else(|| panic!("no series: {body}"))
@@ -257,8 +274,8 @@ fn assert_day_series(server: &TestServer, model: &Model, url: &str, r: Range) {
         .collect();
     assert_eq!(
         got,
-        model.day_series(url, r),
-        "day series of {url} in {r:?}: {body}"
+        model.series(url, r, granularity),
+        "{granularity} series of {url} in {r:?}: {body}"
     );
     assert_eq!(
         body["views"].as_u64().unwrap(),
@@ -302,9 +319,17 @@ fn assert_exact(server: &TestServer, model: &Model, rng: &mut StdRng, urls: &[St
             let r = random_range(rng);
             assert_views(server, model, url, r);
         }
-        assert_day_series(server, model, url, Range::all());
+        assert_series(server, model, url, Range::all(), "day");
         let r = random_range(rng);
-        assert_day_series(server, model, url, r);
+        assert_series(server, model, url, r, "day");
+        let r = random_range(rng);
+        assert_series(
+            server,
+            model,
+            url,
+            r,
+            ["hour", "month"][rng.random_range(0..2)],
+        );
     }
     assert_views(server, model, "https://never.seen.test/x", Range::all());
     for limit in [1, 3, 10, 1000] {
@@ -877,5 +902,109 @@ fn the_cli_runs_with_the_server_running_and_stopped() {
         Some(v3.as_str()),
         "{body}"
     );
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
+/// Epochs are collected once neither the serving view nor its fallback needs them (here a 1 s
+/// grace). Discarding by API then falls back exactly; corrupting both the serving view and its
+/// fallback leaves only a view whose following epoch is gone: every answer is still exact or
+/// `503` — never a number missing the collected epoch — until a rerun serves exactly.
+#[test]
+fn discard_after_epoch_gc_never_answers_a_wrong_number() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(ServerOpts::default().env("TALLY_SPEED_GC_GRACE", "1s"));
+    let urls = make_urls(30, 3);
+    let mut model = Model::default();
+    let data_dir = server.data_dir().to_path_buf();
+
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        ingest_random(&server, &mut model, &mut rng, &urls, 500);
+        let run = batch_run(&server);
+        runs.push((
+            run["version"].as_str().unwrap().to_string(),
+            run["cutoff_seq"].as_u64().unwrap(),
+        ));
+    }
+    ingest_random(&server, &mut model, &mut rng, &urls, 200);
+    let c2 = runs[1].1;
+    poll_until(
+        "the epoch between runs 1 and 2 to be collected",
+        DEADLINE,
+        || {
+            let s = server.status();
+            let epochs = s["speed_epochs"].as_array().cloned().unwrap_or_default();
+            epochs
+                .iter()
+                .all(|e| e["start_seq"].as_u64().is_some_and(|st| st > c2))
+                .then_some(())
+        },
+    );
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    let probe: Vec<String> = urls.choose_multiple(&mut rng, 6).cloned().collect();
+    let check = |server: &TestServer, answers: &mut [u32; 2]| {
+        for url in &probe {
+            let q = views_query(url, Range::all(), "total");
+            let (code, body) = server.get(&q);
+            match code {
+                503 => answers[1] += 1,
+                200 => {
+                    answers[0] += 1;
+                    assert_eq!(
+                        body["views"].as_u64(),
+                        Some(model.views(url, Range::all())),
+                        "a wrong number while the view is being replaced: {q}: {body}"
+                    );
+                }
+                _ => panic!("GET {q}: {code} {body}"),
+            }
+        }
+    };
+
+    // Discard run 3 by API, probing from another thread meanwhile: run 2 + epochs serve.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut answers = [0u32; 2];
+    thread::scope(|s| {
+        let prober = s.spawn(|| {
+            let mut answers = [0u32; 2];
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                check(&server, &mut answers);
+                thread::sleep(Duration::from_millis(2));
+            }
+            answers
+        });
+        let (code, body) = server.post("/v1/admin/batch/discard?wait=true");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(code, 200, "POST /v1/admin/batch/discard?wait=true: {body}");
+        answers = prober.join().expect("prober");
+    });
+    eprintln!(
+        "during discard: {} exact answers, {} 503",
+        answers[0], answers[1]
+    );
+    let v4 = current_version(&server).unwrap();
+    assert!(runs.iter().all(|(v, _)| *v != v4));
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // Corrupt the serving view and its fallback (run 2); only run 1 is left, and the epoch
+    // after its cutoff is gone.
+    assert!(server.stop(), "graceful stop:\n{}", server.log());
+    flip_bytes(&largest_file(&views_root(&data_dir).join(&v4)));
+    flip_bytes(&largest_file(&views_root(&data_dir).join(&runs[1].0)));
+    server.restart();
+    let mut answers = [0u32; 2];
+    let v5 = poll_until("a new view after the corrupted ones", DEADLINE, || {
+        server.wait_caught_up();
+        check(&server, &mut answers);
+        current_version(&server).filter(|v| *v != v4 && runs.iter().all(|(r, _)| r != v))
+    });
+    eprintln!(
+        "after restart: {} exact answers, {} 503; now {v5}",
+        answers[0], answers[1]
+    );
+    server.wait_caught_up();
     assert_exact(&server, &model, &mut rng, &urls);
 }
