@@ -702,3 +702,34 @@ async fn write_failure_is_unavailable_then_recovers_without_losing_anything() {
     m.shutdown().await.unwrap();
     assert_eq!(parquet_files(dir.path()).len(), 1);
 }
+
+#[tokio::test]
+async fn snapshot_leaves_out_files_covered_by_a_compacted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.append(evs(0..10)).await.unwrap();
+    m.seal().await.unwrap();
+    m.append(evs(10..20)).await.unwrap();
+    m.seal().await.unwrap();
+    let before = m.snapshot().unwrap();
+    assert_eq!(
+        before
+            .iter()
+            .map(|f| (f.first.0, f.last.0))
+            .collect::<Vec<_>>(),
+        vec![(1, 10), (11, 20)]
+    );
+    // What compaction would do: one file covering both, inputs still present.
+    let all = m.read_range(Seq(0), Seq(20)).unwrap();
+    let merged = tally_master::write_master_file(&dir.path().join("master"), &all).unwrap();
+    assert_eq!((merged.first, merged.last), (Seq(1), Seq(20)));
+    let snap = m.snapshot().unwrap();
+    assert_eq!(snap, vec![merged]);
+    assert_eq!(tally_master::list_master_files(dir.path()).unwrap(), snap);
+    m.append(evs(20..22)).await.unwrap();
+    assert_eq!(
+        seqs(&m.read_range(Seq(0), Seq(22)).unwrap()),
+        (1..=22).collect::<Vec<_>>()
+    );
+    m.shutdown().await.unwrap();
+}
