@@ -18,14 +18,9 @@
 //! hashes / max of registers), and the registers here are stored compactly
 //! ([`VisitorSketch::to_bytes`]).
 
-use std::hash::Hasher;
-
-use siphasher::sip::SipHasher13;
-
 use crate::error::{Error, Result};
 
-/// Fixed SipHash-1-3 keys for visitor hashes. Never change them: stored sketches depend on them.
-pub const SKETCH_KEYS: (u64, u64) = (0x7461_6c6c_7973_6b31, 0x9e37_79b9_7f4a_7c15);
+pub use tally_core::sketch::SKETCH_KEYS;
 
 pub const MIN_PRECISION: u8 = 4;
 pub const MAX_PRECISION: u8 = 18;
@@ -34,17 +29,15 @@ const FORMAT_V1: u8 = 1;
 const KIND_SPARSE: u8 = 0;
 const KIND_DENSE: u8 = 1;
 
-/// The 32-bit hash of a visitor id that every sketch is built from: the high 32 bits of
-/// SipHash-1-3 with [`SKETCH_KEYS`] over the UTF-8 bytes.
+/// The 32-bit hash of a visitor id that every sketch is built from (see
+/// [`tally_core::sketch`]: the high 32 bits of SipHash-1-3 under [`SKETCH_KEYS`]).
 pub fn visitor_hash(visitor: &str) -> u32 {
-    visitor_hash_bytes(visitor.as_bytes())
+    tally_core::sketch::visitor_hash32(visitor.as_bytes())
 }
 
 /// [`visitor_hash`] over raw bytes.
 pub fn visitor_hash_bytes(bytes: &[u8]) -> u32 {
-    let mut h = SipHasher13::new_with_keys(SKETCH_KEYS.0, SKETCH_KEYS.1);
-    h.write(bytes);
-    (h.finish() >> 32) as u32
+    tally_core::sketch::visitor_hash32(bytes)
 }
 
 /// `1.04 / sqrt(2^p)`: the relative standard error of a sketch of precision `p`.

@@ -3,6 +3,7 @@
 
 pub mod event;
 pub mod seq;
+pub mod sketch;
 pub mod time;
 pub mod url;
 

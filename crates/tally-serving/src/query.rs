@@ -234,7 +234,7 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     if let Some(hashes) = hashes.filter(|h| !h.is_empty()) {
         // The speed layer keeps 64-bit SipHash values; sketches use their high 32 bits
         // (`tally_batch::sketch::visitor_hash`), so a visitor in both layers is one hash.
-        let hashes = hashes.into_iter().map(|h| (h >> 32) as u32).collect();
+        let hashes = hashes.into_iter().map(tally_core::sketch::narrow).collect();
         let speed = VisitorSketch::from_hashes(precision, hashes).map_err(ApiError::internal)?;
         merged.merge(&speed).map_err(ApiError::internal)?;
     }
