@@ -1,8 +1,24 @@
 //! The master dataset: the write-ahead log (append with group commit, replay), sealing WAL
 //! segments into immutable Parquet files under `data_dir/master/`, and reading a snapshot.
 //!
-//! This file pins the public API that the rest of tally is written against. Bodies marked
-//! `unimplemented!` are filled in by the implementation; signatures change only by agreement.
+//! This file pins the public API that the rest of tally is written against; signatures change
+//! only by agreement.
+//!
+//! Layout under `data_dir`:
+//!
+//! - `wal/{first_seq:020}.wal` — WAL segments (framing in [`wal`](self) docs: header, then
+//!   `len | crc32c | first_seq | payload` records, one per [`Master::append`]);
+//! - `master/{first:020}-{last:020}.parquet` — sealed files, schema [`master_schema`];
+//! - `epochs.json` — the speed-layer epoch starts.
+//!
+//! Threads: one writer (`writer.rs`) assigns `seq`, owns the open segment and does group
+//! commit (one write + one `fdatasync` per group); one sealer (`seal.rs`) turns closed
+//! segments into Parquet. The async methods only talk to them through channels.
+//!
+//! `seq` never goes back across restarts: at open the next `seq` is the largest of the WAL
+//! contents, the segment names (the open segment is named by the next `seq` even while
+//! empty), the sealed file names and the last epoch start. Sealed files are never deleted
+//! here, so no separate high-water mark file is needed.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

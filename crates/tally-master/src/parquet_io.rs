@@ -65,6 +65,10 @@ fn writer_props() -> WriterProperties {
     for col in ["seq", "ts", "received_at", "id"] {
         b = b.set_column_dictionary_enabled(ColumnPath::from(col), false);
     }
+    // Keep `url` dictionary-encoded for a whole row group even with ~100k distinct URLs: the
+    // batch kernel aggregates on dictionary keys, and the default 1 MiB dictionary page limit
+    // falls back to plain pages (measured: scan 3x slower over 5M events, 100k URLs).
+    b = b.set_column_dictionary_page_size_limit(ColumnPath::from("url"), 64 << 20);
     b.build()
 }
 
