@@ -733,3 +733,119 @@ async fn snapshot_leaves_out_files_covered_by_a_compacted_one() {
     );
     m.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A real crash: `kill -9` of a process that is appending and sealing.
+
+const CHILD_ENV: &str = "TALLY_MASTER_CRASH_CHILD_DIR";
+const CHILD_BATCH: u64 = 7;
+
+/// The child side of `kill_9_loses_no_acknowledged_event_and_stores_no_partial_append`: a
+/// no-op unless started by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_appends_until_killed() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let c = MasterConfig {
+        seal_max_events: 300,
+        ..cfg(Path::new(&dir))
+    };
+    let m = Master::open(c).unwrap();
+    let start = m.acked_seq().0;
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let m = m.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                let b = start * 10 + t + i * 4; // unique batch id
+                let events = (0..CHILD_BATCH)
+                    .map(|k| Event {
+                        id: Some(format!("b{b}-{k}")),
+                        ..ev(b)
+                    })
+                    .collect();
+                let r = m.append(events).await.unwrap();
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "acked {} {}", r.last.0, b).unwrap();
+                out.flush().unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_event_and_stores_no_partial_append() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut max_acked = 0u64;
+    for round in 0..3 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "crash_child_appends_until_killed",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut acks = 0;
+        while acks < 150 + round * 50 {
+            let line = lines.next().expect("child output").unwrap();
+            if let Some(rest) = line.strip_prefix("acked ") {
+                let last: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+                max_acked = max_acked.max(last);
+                acks += 1;
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Everything the child printed after this point was acknowledged too; read it.
+        for line in lines.map_while(|l| l.ok()) {
+            if let Some(rest) = line.strip_prefix("acked ") {
+                max_acked = max_acked.max(rest.split(' ').next().unwrap().parse().unwrap());
+            }
+        }
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let m = Master::open(cfg(dir.path())).unwrap();
+            let acked = m.acked_seq().0;
+            assert!(
+                acked >= max_acked,
+                "acked {acked} < acknowledged {max_acked}"
+            );
+            let got = m.read_range(Seq(0), Seq(acked)).unwrap();
+            assert_eq!(seqs(&got), (1..=acked).collect::<Vec<_>>());
+            // Every append is there whole: ids b{batch}-0..CHILD_BATCH on consecutive seqs.
+            let mut per_batch: HashMap<String, Vec<u64>> = HashMap::new();
+            for e in &got {
+                let id = e.event.id.clone().unwrap();
+                let (b, _) = id.split_once('-').unwrap();
+                per_batch.entry(b.to_owned()).or_default().push(e.seq.0);
+            }
+            for (b, s) in per_batch {
+                assert_eq!(s.len() as u64, CHILD_BATCH, "append {b} is partial");
+                assert!(s.windows(2).all(|w| w[1] == w[0] + 1));
+            }
+            m.close_unsealed().await;
+            // (The sealer may be writing a temporary file while it runs; once stopped, none.)
+            for entry in fs::read_dir(dir.path().join("master")).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                assert!(!name.ends_with(".tmp"), "tmp file {name} left behind");
+            }
+        });
+    }
+}
