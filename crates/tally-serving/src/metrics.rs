@@ -24,6 +24,11 @@ pub const VIEW_CUTOFF_SEQ: &str = "tally_batch_view_cutoff_seq";
 pub const VIEW_AGE_SECONDS: &str = "tally_batch_view_age_seconds";
 pub const BATCH_RUNS: &str = "tally_batch_runs_total";
 pub const BATCH_DURATION: &str = "tally_batch_run_duration_seconds";
+pub const MASTER_FILES: &str = "tally_master_files";
+pub const REDIS_ERRORS: &str = "tally_redis_errors_total";
+pub const SPEED_APPLIES: &str = "tally_speed_applies_total";
+pub const SPEED_EVENTS_APPLIED: &str = "tally_speed_events_applied_total";
+pub const SPEED_REBUILDS: &str = "tally_speed_rebuilds_total";
 
 /// Counts and times every request by its route template.
 pub(crate) async fn track(req: Request, next: Next) -> Response {
@@ -52,6 +57,12 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
     metrics::gauge!(SPEED_APPLIED_SEQ).set(applied.get() as f64);
     metrics::gauge!(SPEED_LAG_EVENTS).set(m.acked_seq.get().saturating_sub(applied.get()) as f64);
     metrics::gauge!(REDIS_UP).set(if state.speed.redis_up() { 1.0 } else { 0.0 });
+    metrics::gauge!(MASTER_FILES).set(m.master_files as f64);
+    let speed = state.speed.stats();
+    metrics::counter!(REDIS_ERRORS).absolute(speed.errors);
+    metrics::counter!(SPEED_APPLIES).absolute(speed.applies);
+    metrics::counter!(SPEED_EVENTS_APPLIED).absolute(speed.events_applied);
+    metrics::counter!(SPEED_REBUILDS).absolute(speed.rebuilds);
     let view = state.views.current();
     metrics::gauge!(VIEW_CUTOFF_SEQ).set(ViewManager::cutoff(view.as_ref()).get() as f64);
     if let Some(v) = &view {
