@@ -97,6 +97,13 @@ fn metrics_after_traffic_and_readiness_follows_redis() {
         "tally_speed_applied_seq",
         "tally_redis_up",
         "tally_batch_view_cutoff_seq",
+        "tally_batch_view_age_seconds",
+        "tally_batch_runs_total",
+        "tally_speed_apply_lag_events",
+        "tally_wal_bytes",
+        "tally_sealed_seq",
+        "tally_redis_errors_total",
+        "tally_speed_events_applied_total",
     ] {
         assert!(
             sample(&text, name).is_some(),
@@ -108,6 +115,12 @@ fn metrics_after_traffic_and_readiness_follows_redis() {
     assert_eq!(sample(&text, "tally_acked_seq"), Some(acked));
     assert_eq!(sample(&text, "tally_redis_up"), Some(1.0));
     assert_eq!(sample(&text, "tally_batch_view_cutoff_seq"), Some(acked));
+    assert_eq!(sample(&text, "tally_speed_apply_lag_events"), Some(0.0));
+    assert_eq!(
+        sample(&text, "tally_speed_events_applied_total"),
+        Some(acked),
+        "every acknowledged event was applied once"
+    );
     // Request latency is a Prometheus histogram per route template (never a URL).
     assert!(
         text.lines().any(
@@ -139,6 +152,17 @@ fn metrics_after_traffic_and_readiness_follows_redis() {
     poll_until("tally_redis_up 0", DEADLINE, || {
         (sample(&metrics_text(&server), "tally_redis_up") == Some(0.0)).then_some(())
     });
+    let ids: Vec<String> = (0..5).map(|i| format!("down{i}")).collect();
+    let (code, body) = server.post_events(events_body(&ids), JSON);
+    assert_eq!(code, 202, "ingestion continues while Redis is down: {body}");
+    poll_until(
+        "tally_redis_errors_total to count the failures",
+        DEADLINE,
+        || {
+            (sample(&metrics_text(&server), "tally_redis_errors_total").unwrap_or(0.0) > 0.0)
+                .then_some(())
+        },
+    );
     server.redis().expect("private redis").restart_empty();
     poll_until("/readyz to answer 200 again", DEADLINE, || {
         (readyz(&server).0 == 200).then_some(())
