@@ -373,6 +373,19 @@ fn sigterm_while_clients_ingest_exits_0_and_loses_nothing() {
         acked.lock().unwrap().len()
     );
 
+    // The graceful shutdown sealed the WAL: the master files alone hold every acknowledged event.
+    let sealed: HashSet<String> = read_master(server.data_dir())
+        .into_iter()
+        .filter_map(|r| r.id)
+        .collect();
+    let unsealed = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|id| !sealed.contains(*id))
+        .count();
+    assert_eq!(unsealed, 0, "acknowledged events not sealed at shutdown");
+
     server.restart();
     server.flush();
     let rows = read_master(server.data_dir());
