@@ -234,9 +234,13 @@ impl ViewStore {
         if self.is_discarded(version) {
             return Err(Error::Invalid(format!("version {version} is discarded")));
         }
-        let tmp = self
-            .root
-            .join(format!("{TMP_PREFIX}{CURRENT_FILE}-{}", std::process::id()));
+        // Unique per call: two publishes/discards in one process must not share a temp file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.root.join(format!(
+            "{TMP_PREFIX}{CURRENT_FILE}-{}-{n}",
+            std::process::id()
+        ));
         write_file_synced(&tmp, format!("{}\n", m.version).as_bytes())?;
         let dst = self.root.join(CURRENT_FILE);
         fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
