@@ -257,6 +257,180 @@ section_ingest() {
     md "tally status after the run: \`$status\`" ""
 }
 
+# ================================================================================================
+# Section: queries (owned by the speed-layer/serving work, issue 4; appended, the ingest section
+# above is another engineer's). `scripts/bench.sh queries`.
+#
+# 1M events over 10 000 URLs (ts spread over 30 days): 90% ingested, then a batch run, then 10%
+# (so queries merge the batch view and the speed layer). wrk at 32 connections on
+# /v1/views?url=<random of the 10 000> and /v1/top?limit=10, beside the bare axum handler in the
+# same run; then ingest-to-visible latency (POST one event, poll /v1/views until it counts).
+# Knobs: BENCH_QUERY_EVENTS (default 1000000), BENCH_QUERY_URLS (default 10000).
+# ================================================================================================
+
+# Loads events into tally with a keep-alive client: PHASE is "batch" (first 90%) or "speed" (10%).
+queries_load() { # BASE_URL PHASE
+    python3 - "$1" "$2" "${BENCH_QUERY_EVENTS:-1000000}" "${BENCH_QUERY_URLS:-10000}" <<'PY'
+import http.client, json, random, sys, time, urllib.parse
+base, phase, total, nurls = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+u = urllib.parse.urlparse(base)
+conn = http.client.HTTPConnection(u.hostname, u.port)
+n = total * 9 // 10 if phase == "batch" else total - total * 9 // 10
+rng = random.Random(1 if phase == "batch" else 2)
+now = int(time.time() * 1000)
+sent, per = 0, 10000
+while sent < n:
+    k = min(per, n - sent)
+    lines = []
+    for _ in range(k):
+        i = rng.randrange(nurls)
+        lines.append('{"url":"https://q%d.bench/page/%d","ts":%d,"visitor":"v%d"}'
+                     % (i % 50, i, now - rng.randrange(30 * 86400000), rng.randrange(100000)))
+    conn.request("POST", "/v1/events", body="\n".join(lines) + "\n",
+                 headers={"Content-Type": "application/x-ndjson"})
+    r = conn.getresponse(); body = r.read()
+    if r.status != 202:
+        sys.exit("ingest failed: %d %s" % (r.status, body[:200]))
+    sent += k
+print(sent)
+PY
+}
+
+# Polls the status until every acknowledged event is visible to queries.
+queries_wait_caught_up() { # BASE_URL
+    local s _
+    for _ in $(seq 1 600); do
+        s=$(curl -sf "$1/v1/admin/status" || echo '{}')
+        if python3 -c 'import json,sys; s=json.loads(sys.argv[1]); sys.exit(0 if s.get("acked_seq") is not None and s.get("acked_seq")==s.get("speed_applied_seq") else 1)' "$s"; then
+            return
+        fi
+        sleep 0.1
+    done
+    echo "the speed layer did not catch up: $s" >&2
+    exit 1
+}
+
+# POST one new event, poll /v1/views until it counts; N samples; prints "p50 p99 max" in ms.
+queries_visible_latency() { # BASE_URL N
+    python3 - "$1" "$2" <<'PY'
+import http.client, json, sys, time, urllib.parse
+base, n = sys.argv[1], int(sys.argv[2])
+u = urllib.parse.urlparse(base)
+post = http.client.HTTPConnection(u.hostname, u.port)
+get = http.client.HTTPConnection(u.hostname, u.port)
+tag = int(time.time())
+lat = []
+for k in range(n):
+    url = "https://latency.bench/%d/%d" % (tag, k)
+    q = "/v1/views?url=" + urllib.parse.quote(url, safe="")
+    t0 = time.perf_counter()
+    post.request("POST", "/v1/events", body=json.dumps({"url": url}),
+                 headers={"Content-Type": "application/json"})
+    r = post.getresponse(); r.read()
+    if r.status != 202:
+        sys.exit("POST: %d" % r.status)
+    while True:
+        get.request("GET", q)
+        r = get.getresponse(); b = json.loads(r.read())
+        if r.status == 200 and b.get("views") == 1:
+            break
+        if time.perf_counter() - t0 > 10:
+            sys.exit("event not visible after 10 s: %s" % b)
+    lat.append((time.perf_counter() - t0) * 1000)
+lat.sort()
+pick = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
+print("%.2fms %.2fms %.2fms" % (pick(0.50), pick(0.99), lat[-1]))
+PY
+}
+
+section_queries() {
+    log "building release binaries"
+    cargo build --release --bin tally
+    cargo build --release -p tally-e2e --example bare_axum
+    local tally="$root/target/release/tally" bare="$root/target/release/examples/bare_axum"
+    local events=${BENCH_QUERY_EVENTS:-1000000} urls=${BENCH_QUERY_URLS:-10000}
+
+    start_redis
+    local redis_pid=${PIDS[-1]}
+    local data="$BENCH_DIR/data-queries"
+    rm -rf "$data" && mkdir -p "$data"
+    log "starting tally serve (release) on $data"
+    TALLY_HTTP_ADDR=127.0.0.1:0 TALLY_STORAGE_DATA_DIR="$data" TALLY_REDIS_URL="unix://$REDIS_SOCK" \
+        start_http tally-queries "$tally" serve --config "$root/config/default.toml"
+    local tally_pid=${PIDS[-1]} tally_url="http://$LISTEN_ADDR"
+
+    log "loading 90% of $events events over $urls URLs, batch run, then 10%"
+    local t0 t1 t2
+    t0=$(date +%s.%N)
+    queries_load "$tally_url" batch >/dev/null
+    t1=$(date +%s.%N)
+    local run
+    run=$(curl -sf -X POST "$tally_url/v1/admin/batch?wait=true")
+    t2=$(date +%s.%N)
+    queries_load "$tally_url" speed >/dev/null
+    queries_wait_caught_up "$tally_url"
+    local load_s run_s
+    load_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
+    run_s=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.1f", b - a }')
+
+    cat >"$BENCH_DIR/views.lua" <<EOF
+math.randomseed(7)
+request = function()
+  local i = math.random(0, $urls - 1)
+  return wrk.format("GET", string.format("/v1/views?url=https%%3A%%2F%%2Fq%d.bench%%2Fpage%%2F%d", i % 50, i))
+end
+EOF
+    cat >"$BENCH_DIR/top.lua" <<'EOF'
+request = function() return wrk.format("GET", "/v1/top?limit=10") end
+EOF
+    cat >"$BENCH_DIR/bare.lua" <<'EOF'
+request = function() return wrk.format("POST", "/v1/events", {["Content-Type"] = "application/json"}, '{"url":"https://q1.bench/page/1"}') end
+EOF
+
+    run_wrk tally-views 32 "$BENCH_DIR/views.lua" "$tally_url"
+    local views_rps=$RPS views_p50=$P50 views_p99=$P99 views_cmd=$WRK_CMD views_bad=$NON2XX
+    run_wrk tally-top 32 "$BENCH_DIR/top.lua" "$tally_url"
+    local top_rps=$RPS top_p50=$P50 top_p99=$P99 top_cmd=$WRK_CMD top_bad=$NON2XX
+
+    log "ingest-to-visible latency"
+    local vis
+    vis=$(queries_visible_latency "$tally_url" 500)
+    local sample status
+    sample=$(curl -sf "$tally_url/v1/views?url=https%3A%2F%2Fq1.bench%2Fpage%2F1")
+    status=$(curl -sf "$tally_url/v1/admin/status" || echo '{}')
+    stop_pid "$tally_pid"
+
+    log "starting the bare axum handler"
+    start_http bare_axum-queries "$bare"
+    local bare_pid=${PIDS[-1]}
+    run_wrk bare-queries 32 "$BENCH_DIR/bare.lua" "http://$LISTEN_ADDR"
+    local bare_rps=$RPS bare_p50=$P50 bare_p99=$P99 bare_cmd=$WRK_CMD
+    stop_pid "$bare_pid"
+    stop_pid "$redis_pid"
+
+    local vis_p50 vis_p99 vis_max
+    read -r vis_p50 vis_p99 vis_max <<<"$vis"
+    md "## Queries: /v1/views and /v1/top vs a bare axum handler; ingest-to-visible latency" ""
+    md "One run of \`scripts/bench.sh queries\`: $events events over $urls URLs (ts spread over 30 days)," \
+        "90% ingested (${load_s} s) then a batch run (${run_s} s: \`$(echo "$run" | tr -d '\n' | cut -c1-160)…\`)," \
+        "then 10% left in the speed layer, so every query merges the batch view with the speed layer." \
+        "wrk ${DURATION} s per line, ${THREADS} wrk threads, 32 connections, on the same machine as the server." \
+        "The bare axum handler (\`tests/examples/bare_axum.rs\`) only has POST routes, so its baseline is a" \
+        "POST of one small body answered \`202\` without any work." ""
+    md "| what | command | requests/s | p50 | p99 | non-2xx |" \
+        "|---|---|---:|---:|---:|---:|" \
+        "| \`GET /v1/views?url=<random of $urls>\` | \`$views_cmd\` | $views_rps | $views_p50 | $views_p99 | $views_bad |" \
+        "| \`GET /v1/top?limit=10\` | \`$top_cmd\` | $top_rps | $top_p50 | $top_p99 | $top_bad |" \
+        "| bare axum handler | \`$bare_cmd\` | $bare_rps | $bare_p50 | $bare_p99 | – |" ""
+    md "| measure | value | goal |" "|---|---:|---|" \
+        "| views requests/s ÷ bare axum requests/s | $(ratio "$views_rps" "$bare_rps") | ≥ 0.5 |" \
+        "| views p99 at 32 connections | $views_p99 | ≤ 2 ms |" \
+        "| top (limit 10) p99 at 32 connections | $top_p99 | ≤ 5 ms |" \
+        "| ingest-to-visible p50 / p99 / max (500 events, POST then poll views, python keep-alive client) | $vis_p50 / $vis_p99 / $vis_max | p99 ≤ 10 ms |" ""
+    md "A sample answer: \`$sample\`" "" "tally status after the run: \`$status\`" ""
+}
+SECTIONS+=(queries)
+
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
@@ -271,6 +445,7 @@ for s in "${want[@]}"; do
 done
 
 need_tools
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 body="$BENCH_DIR/sections.md"
 : >"$body"
 for s in "${want[@]}"; do
@@ -290,6 +465,7 @@ ram=$(free -h | awk '/^Mem:/ {print $2}')
     echo "- machine: $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores, $ram RAM"
     echo "- kernel: $(uname -sr); $(rustc --version); $(wrk -v 2>&1 | head -n 1 | awk '{print $1, $2}'); $(redis-server --version | awk '{print $1, $2, $3}')"
     echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- load average (1, 5, 15 min) before / after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     cat "$body"
 } >"$OUT"
