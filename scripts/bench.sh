@@ -343,6 +343,22 @@ print("%.2fms %.2fms %.2fms" % (pick(0.50), pick(0.99), lat[-1]))
 PY
 }
 
+# start_redis, checked on the unix socket tally uses: its TCP ping can be answered by another
+# redis-server that took the same free port a moment earlier. Retries on a new port.
+queries_start_redis() {
+    local attempt _
+    for attempt in 1 2 3; do
+        start_redis
+        for _ in $(seq 1 50); do
+            if [ "$(redis-cli -s "$REDIS_SOCK" ping 2>/dev/null)" = PONG ]; then return; fi
+            sleep 0.1
+        done
+        log "redis-server on port $REDIS_PORT did not answer on $REDIS_SOCK (attempt $attempt)"
+    done
+    echo "could not start a private redis-server" >&2
+    exit 1
+}
+
 section_queries() {
     log "building release binaries"
     cargo build --release --bin tally
@@ -350,7 +366,7 @@ section_queries() {
     local tally="$root/target/release/tally" bare="$root/target/release/examples/bare_axum"
     local events=${BENCH_QUERY_EVENTS:-1000000} urls=${BENCH_QUERY_URLS:-10000}
 
-    start_redis
+    queries_start_redis
     local redis_pid=${PIDS[-1]}
     local data="$BENCH_DIR/data-queries"
     rm -rf "$data" && mkdir -p "$data"
