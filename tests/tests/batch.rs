@@ -903,6 +903,46 @@ fn the_cli_runs_with_the_server_running_and_stopped() {
         "{body}"
     );
     assert_exact(&server, &model, &mut rng, &urls);
+    // `tally batch discard` with the server running: the server discards and reruns.
+    ingest_random(&server, &mut model, &mut rng, &urls, 100);
+    let discard = tally_batch("discard", &data_dir, &redis);
+    assert_eq!(
+        discard.code, 0,
+        "tally batch discard (server up): {}{}",
+        discard.stdout, discard.stderr
+    );
+    let v4 = poll_until("a rerun after the CLI discard", DEADLINE, || {
+        current_version(&server).filter(|v| *v != v3)
+    });
+    assert!(
+        history(&server)
+            .iter()
+            .any(|h| h["status"] == "discarded" && h["version"].as_str() == Some(v3.as_str())),
+        "{:?}",
+        history(&server)
+    );
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // `tally batch discard` with the server stopped: on the files; the server serves the rerun.
+    assert!(server.stop(), "graceful stop:\n{}", server.log());
+    let discard = tally_batch("discard", &data_dir, &redis);
+    assert_eq!(
+        discard.code, 0,
+        "tally batch discard (server down): {}{}",
+        discard.stdout, discard.stderr
+    );
+    let v5 = current_file(&data_dir);
+    assert!(
+        ![&v1, &v2, &v3, &v4].contains(&&v5),
+        "a new view after discard: {v5}"
+    );
+    let list = tally_batch("list", &data_dir, &redis);
+    assert!(list.stdout.contains(&v4), "{}", list.stdout);
+    server.restart();
+    assert_eq!(current_version(&server).as_deref(), Some(v5.as_str()));
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
 }
 
 /// Epochs are collected once neither the serving view nor its fallback needs them (here a 1 s
