@@ -546,7 +546,7 @@ fn hot_urls_never_go_down_through_batch_swaps() {
         for _ in 0..3 {
             let before = acked_total();
             poll_until("writers to make progress", DEADLINE, || {
-                (acked_total() >= before + 1000 || stop.load(Ordering::SeqCst)).then_some(())
+                (acked_total() >= before + 4000 || stop.load(Ordering::SeqCst)).then_some(())
             });
             assert!(
                 !stop.load(Ordering::SeqCst),
@@ -556,7 +556,7 @@ fn hot_urls_never_go_down_through_batch_swaps() {
         }
         let before = acked_total();
         poll_until("writers to make progress", DEADLINE, || {
-            (acked_total() >= before + 1000 || stop.load(Ordering::SeqCst)).then_some(())
+            (acked_total() >= before + 4000 || stop.load(Ordering::SeqCst)).then_some(())
         });
         stop.store(true, Ordering::SeqCst);
     });
