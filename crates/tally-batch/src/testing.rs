@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -26,19 +25,8 @@ pub struct MasterRow {
     pub visitor: Option<String>,
 }
 
-/// The master file schema.
-pub fn master_schema() -> Arc<Schema> {
-    let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
-    Arc::new(Schema::new(vec![
-        Field::new("seq", DataType::UInt64, false),
-        Field::new("ts", ts.clone(), false),
-        Field::new("url", DataType::Utf8, false),
-        Field::new("visitor", DataType::Utf8, true),
-        Field::new("referrer", DataType::Utf8, true),
-        Field::new("id", DataType::Utf8, true),
-        Field::new("received_at", ts, false),
-    ]))
-}
+/// The master file schema: the one tally-master writes.
+pub use tally_master::master_schema;
 
 /// Writes `rows` (any order; a contiguous or gappy seq range) as one master file under
 /// `master_dir`, sorted by (url, ts), with row groups of at most `row_group_rows`.
