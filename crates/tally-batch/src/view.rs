@@ -164,12 +164,12 @@ impl BatchView {
     /// Calls `f(url, views)` for every URL (whose host is `host`, when given; see
     /// `tally_core::url::host_of`) with non-zero views in `[from_hour, to_hour)`. URLs come in
     /// ascending order.
-    pub fn range_totals(
-        &self,
+    pub fn range_totals<'a>(
+        &'a self,
         from_hour: i64,
         to_hour: i64,
         host: Option<&str>,
-        mut f: impl FnMut(&str, u64),
+        mut f: impl FnMut(&'a str, u64),
     ) {
         let mut visit = |i: usize| {
             let (a, b) = self.cell_range(i, from_hour, to_hour);

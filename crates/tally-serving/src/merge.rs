@@ -1,7 +1,8 @@
 //! The merge: pure functions that combine the batch view and the speed layer. They know
 //! nothing of how either is computed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use tally_core::{month_start, DAY_MS, HOUR_MS};
 
@@ -51,57 +52,113 @@ where
     buckets.into_iter().collect()
 }
 
-/// Orders by views descending, then URL ascending, and keeps `limit`.
-pub fn rank(mut items: Vec<(String, u64)>, limit: usize) -> Vec<(String, u64)> {
-    items.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    items.truncate(limit);
-    items
+/// One candidate of a top-N, ordered so that the *worse* entry is the greater: fewer views,
+/// then (on a tie) the larger URL. A max-heap of these then has the worst kept entry on top.
+#[derive(Debug, PartialEq, Eq)]
+struct Ranked<'a> {
+    views: u64,
+    url: &'a str,
 }
 
-/// Exact top-N of `batch + speed` where `batch_desc` lists the batch counts already ordered by
-/// views descending then URL ascending, and `speed` holds the speed-layer counts (usually few
-/// URLs). A URL absent from `speed` keeps its batch count, so among those the batch order is
-/// the merged order: it is enough to take the first `limit` of them plus every URL in `speed`.
+impl Ord for Ranked<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .views
+            .cmp(&self.views)
+            .then_with(|| self.url.cmp(other.url))
+    }
+}
+
+impl PartialOrd for Ranked<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Keeps the `limit` best `(url, views)` seen — views descending, then URL ascending — in
+/// `O(n log limit)` without copying URLs until the end.
+pub struct TopN<'a> {
+    limit: usize,
+    heap: BinaryHeap<Ranked<'a>>,
+}
+
+impl<'a> TopN<'a> {
+    pub fn new(limit: usize) -> TopN<'a> {
+        TopN {
+            limit,
+            heap: BinaryHeap::with_capacity(limit + 1),
+        }
+    }
+
+    pub fn push(&mut self, url: &'a str, views: u64) {
+        if views == 0 || self.limit == 0 {
+            return;
+        }
+        let entry = Ranked { views, url };
+        if self.heap.len() < self.limit {
+            self.heap.push(entry);
+        } else if self.heap.peek().is_some_and(|worst| entry < *worst) {
+            self.heap.pop();
+            self.heap.push(entry);
+        }
+    }
+
+    /// Best first.
+    pub fn into_vec(self) -> Vec<(String, u64)> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|r| (r.url.to_string(), r.views))
+            .collect()
+    }
+}
+
+/// Exact top-N of `batch + speed` over the whole dataset. `batch_desc` lists the batch totals
+/// ordered by views descending then URL ascending, `batch_total` looks one up, and `speed` holds
+/// the speed-layer totals (URLs of the live epochs). A URL absent from `speed` keeps its batch
+/// count, so among those the batch order is the merged order: the first `limit` of them plus
+/// every URL of `speed` (with its batch count added) hold the answer.
 pub fn top_merge<'a, I>(
     batch_desc: I,
-    speed: &HashMap<String, u64>,
+    batch_total: impl Fn(&str) -> u64,
+    speed: &HashMap<&'a str, u64>,
     limit: usize,
 ) -> Vec<(String, u64)>
 where
     I: IntoIterator<Item = (&'a str, u64)>,
 {
-    let mut out: Vec<(String, u64)> = Vec::with_capacity(limit + speed.len());
-    let mut seen: HashSet<&str> = HashSet::with_capacity(speed.len());
-    let mut others = 0usize;
+    let mut top = TopN::new(limit);
+    for (&url, &s) in speed {
+        top.push(url, batch_total(url) + s);
+    }
+    let mut others = 0;
     for (url, views) in batch_desc {
-        if let Some(extra) = speed.get(url) {
-            seen.insert(url);
-            out.push((url.to_string(), views + extra));
-        } else if others < limit {
-            others += 1;
-            out.push((url.to_string(), views));
-        } else if seen.len() == speed.len() {
+        if others >= limit {
             break;
         }
-    }
-    for (url, views) in speed {
-        if !seen.contains(url.as_str()) {
-            out.push((url.clone(), *views));
+        if !speed.contains_key(url) {
+            top.push(url, views);
+            others += 1;
         }
     }
-    rank(out.into_iter().filter(|(_, v)| *v > 0).collect(), limit)
+    top.into_vec()
 }
 
-/// Exact top-N from two complete per-URL maps of the range.
-pub fn top_from_maps(
-    mut batch: HashMap<String, u64>,
-    speed: HashMap<String, u64>,
+/// Exact top-N of a range from two per-URL maps of it.
+pub fn top_from_maps<'a>(
+    batch: impl IntoIterator<Item = (&'a str, u64)>,
+    speed: &HashMap<&'a str, u64>,
     limit: usize,
 ) -> Vec<(String, u64)> {
-    for (url, v) in speed {
-        *batch.entry(url).or_default() += v;
+    let mut merged: HashMap<&'a str, u64> = speed.clone();
+    for (url, n) in batch {
+        *merged.entry(url).or_default() += n;
     }
-    rank(batch.into_iter().filter(|(_, v)| *v > 0).collect(), limit)
+    let mut top = TopN::new(limit);
+    for (url, n) in merged {
+        top.push(url, n);
+    }
+    top.into_vec()
 }
 
 #[cfg(test)]
@@ -121,18 +178,42 @@ mod tests {
         assert_eq!(d, vec![((h1 + 1) * HOUR_MS, 2)]);
     }
 
+    /// The obvious answer: sum both maps, sort everything.
+    fn reference(
+        batch: &HashMap<String, u64>,
+        speed: &HashMap<String, u64>,
+        limit: usize,
+    ) -> Vec<(String, u64)> {
+        let mut all = batch.clone();
+        for (u, v) in speed {
+            *all.entry(u.clone()).or_default() += v;
+        }
+        let mut v: Vec<(String, u64)> = all.into_iter().filter(|x| x.1 > 0).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(limit);
+        v
+    }
+
     proptest! {
         #[test]
-        fn top_merge_equals_full_merge(
+        fn top_merge_and_top_from_maps_equal_the_full_sort(
             batch in proptest::collection::hash_map("[a-f]{1,2}", 0u64..20, 0..30),
             speed in proptest::collection::hash_map("[a-h]{1,2}", 1u64..20, 0..10),
             limit in 1usize..12,
         ) {
             let mut desc: Vec<(String, u64)> = batch.clone().into_iter().filter(|x| x.1 > 0).collect();
             desc.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            let fast = top_merge(desc.iter().map(|(u, v)| (u.as_str(), *v)), &speed, limit);
-            let full = top_from_maps(batch, speed, limit);
-            prop_assert_eq!(fast, full);
+            let speed_ref: HashMap<&str, u64> = speed.iter().map(|(u, v)| (u.as_str(), *v)).collect();
+            let expected = reference(&batch, &speed, limit);
+            let fast = top_merge(
+                desc.iter().map(|(u, v)| (u.as_str(), *v)),
+                |u| batch.get(u).copied().unwrap_or(0),
+                &speed_ref,
+                limit,
+            );
+            prop_assert_eq!(&fast, &expected);
+            let maps = top_from_maps(batch.iter().map(|(u, v)| (u.as_str(), *v)), &speed_ref, limit);
+            prop_assert_eq!(&maps, &expected);
         }
     }
 }

@@ -178,21 +178,32 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
     let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
     let view = serving_view(&state)?;
     let cutoff = ViewManager::cutoff(view.as_ref());
-    let speed = state
-        .speed
-        .range_totals(cutoff, range.from_hour, range.to_hour, host.as_deref());
-    let speed_available = speed.is_some();
-    let speed = speed.unwrap_or_default();
-    let items = match view.as_ref() {
-        None => top_from_maps(HashMap::new(), speed, limit),
-        Some(v) if range.unbounded && host.is_none() => top_merge(v.totals_desc(), &speed, limit),
+    let empty = HashMap::new();
+    let rank = |speed: &HashMap<&str, u64>| match view.as_ref() {
+        None => top_from_maps(std::iter::empty(), speed, limit),
+        Some(v) if range.unbounded && host.is_none() => {
+            top_merge(v.totals_desc(), |u| v.total_views(u), speed, limit)
+        }
         Some(v) => {
-            let mut batch = HashMap::new();
+            let mut batch = Vec::new();
             v.range_totals(range.from_hour, range.to_hour, host.as_deref(), |url, n| {
-                batch.insert(url.to_string(), n);
+                batch.push((url, n));
             });
             top_from_maps(batch, speed, limit)
         }
+    };
+    // Ranked under the speed mirror's read lock, without copying its URLs.
+    let ranked = state.speed.with_range_totals(
+        cutoff,
+        range.from_hour,
+        range.to_hour,
+        host.as_deref(),
+        |speed| rank(speed),
+    );
+    let speed_available = ranked.is_some();
+    let items = match ranked {
+        Some(items) => items,
+        None => rank(&empty),
     };
     let body = json!({
         "from": format_rfc3339(range.from_hour * HOUR_MS),

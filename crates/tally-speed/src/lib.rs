@@ -215,6 +215,21 @@ impl SpeedLayer {
         )
     }
 
+    /// Like [`range_totals`](Self::range_totals), but hands `f` a map whose URL keys borrow
+    /// from the speed layer's mirror (no copies), under its read lock: keep `f` short.
+    pub fn with_range_totals<R>(
+        &self,
+        after_cutoff: Seq,
+        from_hour: i64,
+        to_hour: i64,
+        host: Option<&str>,
+        f: impl FnOnce(&HashMap<&str, u64>) -> R,
+    ) -> Option<R> {
+        let mirror = self.mirror()?;
+        let totals = mirror.range_totals_borrowed(after_cutoff, from_hour, to_hour, host);
+        Some(f(&totals))
+    }
+
     /// Speed views per URL in `[from_hour, to_hour)` for every URL with views there (optionally
     /// only those whose host is `host`), for an exact top-N merge with the batch view.
     pub fn range_totals(

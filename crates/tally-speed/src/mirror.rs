@@ -148,7 +148,22 @@ impl Mirror {
         to_hour: i64,
         host: Option<&str>,
     ) -> HashMap<String, u64> {
-        let mut out: HashMap<String, u64> = HashMap::new();
+        self.range_totals_borrowed(after_cutoff, from_hour, to_hour, host)
+            .into_iter()
+            .map(|(u, n)| (u.to_string(), n))
+            .collect()
+    }
+
+    /// [`range_totals`](Self::range_totals) without copying URLs: the keys borrow from the
+    /// mirror (the caller holds its read lock).
+    pub(crate) fn range_totals_borrowed(
+        &self,
+        after_cutoff: Seq,
+        from_hour: i64,
+        to_hour: i64,
+        host: Option<&str>,
+    ) -> HashMap<&str, u64> {
+        let mut out: HashMap<&str, u64> = HashMap::new();
         for e in self.live_after(after_cutoff) {
             for (url, c) in &e.urls {
                 if let Some(h) = host {
@@ -158,12 +173,7 @@ impl Mirror {
                 }
                 let n = c.range(from_hour, to_hour);
                 if n > 0 {
-                    match out.get_mut(url.as_str()) {
-                        Some(v) => *v += n,
-                        None => {
-                            out.insert(url.clone(), n);
-                        }
-                    }
+                    *out.entry(url.as_str()).or_default() += n;
                 }
             }
         }
