@@ -32,6 +32,7 @@ use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 
 mod epochs;
+pub mod metrics;
 mod parquet_io;
 mod paths;
 mod seal;

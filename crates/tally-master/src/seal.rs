@@ -88,6 +88,8 @@ impl Sealer {
             let t = std::time::Instant::now();
             parquet_io::write_parquet_atomic(&path, &events, fsync)?;
             self.shared.master_files.fetch_add(1, Ordering::Relaxed);
+            metrics::histogram!(crate::metrics::SEAL_SECONDS).record(t.elapsed().as_secs_f64());
+            metrics::counter!(crate::metrics::SEALED_EVENTS).increment(events.len() as u64);
             tracing::info!(
                 first = first.0,
                 last = last.0,

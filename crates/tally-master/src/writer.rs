@@ -242,7 +242,10 @@ impl Writer {
         }
         s.file.write_all_at(&self.buf, s.len)?;
         if self.shared.fsync {
+            let t = Instant::now();
             s.file.sync_data()?;
+            metrics::histogram!(crate::metrics::WAL_FSYNC_SECONDS)
+                .record(t.elapsed().as_secs_f64());
         }
         Ok(())
     }
@@ -280,7 +283,11 @@ impl Writer {
             }
             return;
         }
+        metrics::histogram!(crate::metrics::WAL_GROUP_EVENTS)
+            .record((self.next_seq - start) as f64);
+        metrics::histogram!(crate::metrics::WAL_GROUP_REQUESTS).record(pending.len() as f64);
         if let Err(e) = self.write_group() {
+            metrics::counter!(crate::metrics::WAL_WRITE_ERRORS).increment(1);
             self.next_seq = start;
             let s = self.seg.as_mut().expect("segment ensured");
             let msg = format!("writing {}: {e}", s.seg.path.display());
