@@ -7,6 +7,8 @@
 //!   the process output in a log file and prints it when the test fails, kills the process on
 //!   `Drop`.
 //! - [`read_master`] reads every row of `master/**/*.parquet` with the parquet crate.
+//! - [`Model`] (module `model`) is the reference model of acknowledged events the query tests
+//!   compare the server against, with the helpers that send events and assert the answers.
 //!
 //! The binary is `$TALLY_BIN` when set, else `<workspace>/target/debug/tally`, built once with
 //! `cargo build -p tally --bin tally` when it is missing. `scripts/test.sh` builds it first.
@@ -27,6 +29,9 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type, SchemaRef, UInt64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
+
+mod model;
+pub use model::*;
 
 /// How long the harness waits for a process to come up or for a condition to hold.
 pub const DEADLINE: Duration = Duration::from_secs(60);

@@ -5,164 +5,25 @@
 //!
 //! Every assertion compares the server against a reference model of the events it acknowledged.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tally_e2e::{master_files, poll_until, tally_bin, ServerOpts, TestServer, DEADLINE};
-
-const JSON: &str = "application/json";
-const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 24 * HOUR_MS;
+use tally_e2e::{
+    assert_exact, assert_top, assert_views, batch_run, get_views, ingest_exact, make_urls,
+    master_files, now_ms, poll_until, seed, tally_bin, views_query, Model, Range, ServerOpts,
+    TestServer, DAY_MS, DEADLINE, HOUR_MS, JSON,
+};
 
 // ---------------------------------------------------------------------------------------------
-// The reference model
+// Sending events (the reference model and its helpers are in `tally_e2e::model`)
 // ---------------------------------------------------------------------------------------------
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn rfc3339(ms: i64) -> String {
-    DateTime::from_timestamp_millis(ms)
-        .expect("valid timestamp")
-        .to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-fn parse_ms(s: &Value) -> i64 {
-    let s = s
-        .as_str()
-        .unwrap_or_else(|| panic!("not a time string: {s}"));
-    DateTime::parse_from_rfc3339(s)
-        .unwrap_or_else(|e| panic!("bad time {s:?}: {e}"))
-        .timestamp_millis()
-}
-
-/// Percent-encodes a query parameter value (everything but RFC 3986 unreserved characters).
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn host_of(url: &str) -> &str {
-    let rest = url.split_once("://").expect("absolute url").1;
-    rest.split(['/', '?']).next().unwrap()
-}
-
-/// A `[from, to)` range in epoch ms; `None` is open.
-#[derive(Debug, Clone, Copy, Default)]
-struct Range {
-    from: Option<i64>,
-    to: Option<i64>,
-}
-
-impl Range {
-    fn all() -> Range {
-        Range::default()
-    }
-
-    fn contains(&self, ts: i64) -> bool {
-        self.from.is_none_or(|f| ts >= f) && self.to.is_none_or(|t| ts < t)
-    }
-
-    fn query(&self) -> String {
-        let mut q = String::new();
-        if let Some(f) = self.from {
-            q.push_str(&format!("&from={}", enc(&rfc3339(f))));
-        }
-        if let Some(t) = self.to {
-            q.push_str(&format!("&to={}", enc(&rfc3339(t))));
-        }
-        q
-    }
-}
-
-/// What the server acknowledged: `(url, ts ms)` per event.
-#[derive(Default, Clone)]
-struct Model {
-    events: Vec<(String, i64)>,
-}
-
-impl Model {
-    fn views(&self, url: &str, r: Range) -> u64 {
-        self.events
-            .iter()
-            .filter(|(u, ts)| u == url && r.contains(*ts))
-            .count() as u64
-    }
-
-    fn series(&self, url: &str, r: Range, granularity: &str) -> Vec<(i64, u64)> {
-        let bucket = |ts: i64| -> i64 {
-            match granularity {
-                "hour" => ts.div_euclid(HOUR_MS) * HOUR_MS,
-                "day" => ts.div_euclid(DAY_MS) * DAY_MS,
-                "month" => {
-                    use chrono::Datelike;
-                    let d = DateTime::from_timestamp_millis(ts).unwrap().date_naive();
-                    chrono::NaiveDate::from_ymd_opt(d.year(), d.month(), 1)
-                        .unwrap()
-                        .and_hms_opt(0, 0, 0)
-                        .unwrap()
-                        .and_utc()
-                        .timestamp_millis()
-                }
-                g => panic!("granularity {g}"),
-            }
-        };
-        let mut buckets: BTreeMap<i64, u64> = BTreeMap::new();
-        for (u, ts) in &self.events {
-            if u == url && r.contains(*ts) {
-                *buckets.entry(bucket(*ts)).or_insert(0) += 1;
-            }
-        }
-        buckets.into_iter().collect()
-    }
-
-    fn top(&self, limit: usize, host: Option<&str>, r: Range) -> Vec<(String, u64)> {
-        let mut counts: HashMap<&str, u64> = HashMap::new();
-        for (u, ts) in &self.events {
-            if r.contains(*ts) && host.is_none_or(|h| host_of(u) == h) {
-                *counts.entry(u.as_str()).or_insert(0) += 1;
-            }
-        }
-        let mut items: Vec<(String, u64)> = counts
-            .into_iter()
-            .map(|(u, n)| (u.to_string(), n))
-            .collect();
-        items.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        items.truncate(limit);
-        items
-    }
-}
-
-/// URLs over several hosts, some with a query string.
-fn make_urls(n: usize, hosts: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let host = format!("site{}.test", i % hosts);
-            if i % 5 == 0 {
-                format!("https://{host}/p/{i}?ref=x{i}")
-            } else {
-                format!("https://{host}/p/{i}")
-            }
-        })
-        .collect()
-}
 
 /// Posts `n` events on random URLs with `ts` in the last ~30 days; records them in the model.
 fn ingest_random(
@@ -195,176 +56,9 @@ fn ingest_random(
     }
 }
 
-/// Posts events for these URLs with these timestamps.
-fn ingest_exact(server: &TestServer, model: &mut Model, events: &[(String, i64)]) {
-    let body: Vec<Value> = events
-        .iter()
-        .map(|(u, ts)| json!({"url": u, "ts": ts}))
-        .collect();
-    let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
-    assert_eq!(code, 202, "ingest: {resp}");
-    model.events.extend_from_slice(events);
-}
-
-/// A random hour-aligned range within the last ~31 days (sometimes open on one side).
-fn random_range(rng: &mut StdRng) -> Range {
-    let now_h = now_ms().div_euclid(HOUR_MS) * HOUR_MS;
-    let from = now_h - rng.random_range(0..31 * 24) * HOUR_MS;
-    let to = from + rng.random_range(1..=20 * 24) * HOUR_MS;
-    match rng.random_range(0..6) {
-        0 => Range {
-            from: Some(from),
-            to: None,
-        },
-        1 => Range {
-            from: None,
-            to: Some(to),
-        },
-        _ => Range {
-            from: Some(from),
-            to: Some(to),
-        },
-    }
-}
-
-fn views_query(url: &str, r: Range, granularity: &str) -> String {
-    format!(
-        "/v1/views?url={}{}&granularity={granularity}",
-        enc(url),
-        r.query()
-    )
-}
-
-/// `GET /v1/views` asserting `200` and the internal consistency of the answer.
-fn get_views(server: &TestServer, url: &str, r: Range, granularity: &str) -> Value {
-    let q = views_query(url, r, granularity);
-    let (code, body) = server.get(&q);
-    assert_eq!(code, 200, "GET {q}: {body}");
-    let (v, b, s) = (
-        body["views"].as_u64(),
-        body["batch_views"].as_u64(),
-        body["speed_views"].as_u64(),
-    );
-    assert!(v.is_some() && b.is_some() && s.is_some(), "GET {q}: {body}");
-    assert_eq!(
-        v.unwrap(),
-        b.unwrap() + s.unwrap(),
-        "views != batch + speed: {q}: {body}"
-    );
-    body
-}
-
-fn assert_views(server: &TestServer, model: &Model, url: &str, r: Range) -> Value {
-    let body = get_views(server, url, r, "total");
-    assert_eq!(
-        body["views"].as_u64().unwrap(),
-        model.views(url, r),
-        "views of {url} in {r:?}: {body}"
-    );
-    body
-}
-
-fn assert_series(server: &TestServer, model: &Model, url: &str, r: Range, granularity: &str) {
-    let body = get_views(server, url, r, granularity);
-    let got: Vec<(i64, u64)> = body["series"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no series: {body}"))
-        .iter()
-        .map(|p| (parse_ms(&p["start"]), p["views"].as_u64().expect("views")))
-        .collect();
-    assert_eq!(
-        got,
-        model.series(url, r, granularity),
-        "{granularity} series of {url} in {r:?}: {body}"
-    );
-    assert_eq!(
-        body["views"].as_u64().unwrap(),
-        model.views(url, r),
-        "{body}"
-    );
-}
-
-fn assert_top(server: &TestServer, model: &Model, limit: usize, host: Option<&str>, r: Range) {
-    let mut q = format!("/v1/top?limit={limit}{}", r.query());
-    if let Some(h) = host {
-        q.push_str(&format!("&host={}", enc(h)));
-    }
-    let (code, body) = server.get(&q);
-    assert_eq!(code, 200, "GET {q}: {body}");
-    let got: Vec<(String, u64)> = body["items"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no items: {body}"))
-        .iter()
-        .map(|i| {
-            (
-                i["url"].as_str().unwrap().to_string(),
-                i["views"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(got, model.top(limit, host, r), "GET {q}: {body}");
-}
-
-/// Probes views (total + random ranges), day series and top-N against the model.
-fn assert_exact(server: &TestServer, model: &Model, rng: &mut StdRng, urls: &[String]) {
-    let hosts: Vec<&str> = {
-        let mut h: Vec<&str> = urls.iter().map(|u| host_of(u)).collect();
-        h.sort();
-        h.dedup();
-        h
-    };
-    for url in urls.choose_multiple(rng, 8) {
-        assert_views(server, model, url, Range::all());
-        for _ in 0..3 {
-            let r = random_range(rng);
-            assert_views(server, model, url, r);
-        }
-        assert_series(server, model, url, Range::all(), "day");
-        let r = random_range(rng);
-        assert_series(server, model, url, r, "day");
-        let r = random_range(rng);
-        assert_series(
-            server,
-            model,
-            url,
-            r,
-            ["hour", "month"][rng.random_range(0..2)],
-        );
-    }
-    assert_views(server, model, "https://never.seen.test/x", Range::all());
-    for limit in [1, 3, 10, 1000] {
-        assert_top(server, model, limit, None, Range::all());
-    }
-    for host in &hosts {
-        assert_top(server, model, 5, Some(host), Range::all());
-    }
-    for _ in 0..3 {
-        let r = random_range(rng);
-        assert_top(server, model, 10, None, r);
-        assert_top(server, model, 10, Some(hosts.choose(rng).unwrap()), r);
-    }
-}
-
-fn seed() -> u64 {
-    let seed = std::env::var("TALLY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("seed = {seed} (set TALLY_TEST_SEED to replay)");
-    seed
-}
-
 // ---------------------------------------------------------------------------------------------
 // Batch helpers
 // ---------------------------------------------------------------------------------------------
-
-/// `POST /v1/admin/batch?wait=true`, asserting `200`; returns the response.
-fn batch_run(server: &TestServer) -> Value {
-    let (code, body) = server.post("/v1/admin/batch?wait=true");
-    assert_eq!(code, 200, "POST /v1/admin/batch?wait=true: {body}");
-    assert!(body["version"].is_string(), "{body}");
-    body
-}
 
 fn batch_status(server: &TestServer) -> Value {
     let (code, body) = server.get("/v1/admin/batch");
