@@ -17,13 +17,11 @@ use rand::{Rng, SeedableRng};
 use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
-use tally_e2e::{poll_until, read_master, tally_bin, ServerOpts, TestServer, DEADLINE};
+use tally_e2e::{
+    enc, now_ms, poll_until, read_master, tally_bin, ServerOpts, TestServer, DEADLINE,
+};
 
 const JSON: &str = "application/json";
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 fn events_body(ids: &[String]) -> String {
     let events: Vec<Value> = ids
@@ -496,18 +494,6 @@ fn random_string(rng: &mut StdRng) -> String {
         s.push_str(&"x".repeat(rng.random_range(0..5000)));
     }
     s
-}
-
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn random_query(rng: &mut StdRng) -> String {

@@ -9,40 +9,16 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, SecondsFormat};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tally_e2e::{ServerOpts, TestServer};
+use tally_e2e::{enc, now_ms, rfc3339, ServerOpts, TestServer};
 
 const NDJSON: &str = "application/x-ndjson";
 const DAY_MS: i64 = 86_400_000;
 const HOUR_MS: i64 = 3_600_000;
 const CHUNK: usize = 10_000;
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn rfc3339(ms: i64) -> String {
-    DateTime::from_timestamp_millis(ms)
-        .expect("valid timestamp")
-        .to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-/// Percent-encodes a query parameter value.
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// One page view the test sends (and remembers).
 #[derive(Debug, Clone)]
