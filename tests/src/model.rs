@@ -271,7 +271,13 @@ pub fn assert_top(server: &TestServer, model: &Model, limit: usize, host: Option
     }
     let (code, body) = server.get(&q);
     assert_eq!(code, 200, "GET {q}: {body}");
-    let got: Vec<(String, u64)> = body["items"]
+    let got = top_items(&body);
+    assert_eq!(got, model.top(limit, host, r), "GET {q}: {body}");
+}
+
+/// The `(url, views)` items of a `GET /v1/top` answer, in order.
+pub fn top_items(body: &Value) -> Vec<(String, u64)> {
+    body["items"]
         .as_array()
         .unwrap_or_else(|| panic!("no items: {body}"))
         .iter()
@@ -281,8 +287,7 @@ pub fn assert_top(server: &TestServer, model: &Model, limit: usize, host: Option
                 i["views"].as_u64().unwrap(),
             )
         })
-        .collect();
-    assert_eq!(got, model.top(limit, host, r), "GET {q}: {body}");
+        .collect()
 }
 
 /// Probes views (total + random ranges), day series and top-N against the model.

@@ -17,8 +17,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::{
     assert_exact, assert_views, batch_run, count_by_url, get_views, ingest_exact, make_urls,
-    now_ms, poll_until, random_range, read_master, seed, views_query, Model, Range, ServerOpts,
-    TestServer, DAY_MS, DEADLINE, JSON,
+    now_ms, poll_until, random_range, read_master, seed, top_items, views_query, Model, Range,
+    ServerOpts, TestServer, DAY_MS, DEADLINE, JSON,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -76,6 +76,36 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// A seeded random generator, a server with its own Redis, 30 URLs over 3 hosts and an empty
+/// model.
+fn start_with_30_urls() -> (StdRng, TestServer, Vec<String>, Model) {
+    let rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(ServerOpts::default());
+    (rng, server, make_urls(30, 3), Model::default())
+}
+
+/// Waits until Redis is up again and the speed layer has applied every acknowledged event.
+fn wait_redis_up_and_caught_up(server: &TestServer) {
+    poll_until("redis up and caught up", DEADLINE, || {
+        let s = server.status();
+        (s["redis"] == "up" && s["speed_applied_seq"] == s["acked_seq"]).then_some(())
+    });
+}
+
+/// The total of every URL, then [`assert_exact`]'s probes, against the model.
+fn assert_every_url_exact(server: &TestServer, model: &Model, rng: &mut StdRng, urls: &[String]) {
+    for url in urls {
+        assert_views(server, model, url, Range::all());
+    }
+    assert_exact(server, model, rng, urls);
+}
+
+/// A batch run, then [`assert_exact`] once the speed layer has caught up.
+fn batch_run_then_exact(server: &TestServer, model: &Model, rng: &mut StdRng, urls: &[String]) {
+    batch_run(server);
+    server.wait_caught_up();
+    assert_exact(server, model, rng, urls);
+}
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -263,17 +293,7 @@ fn hot_urls_never_go_down_through_batch_swaps() {
     want_top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let (code, body) = server.get("/v1/top?limit=3");
     assert_eq!(code, 200, "{body}");
-    let got: Vec<(String, u64)> = body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["url"].as_str().unwrap().to_string(),
-                i["views"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let got = top_items(&body);
     assert_eq!(got, want_top, "{body}");
     let seen = versions_seen.lock().unwrap();
     eprintln!(
@@ -289,10 +309,7 @@ fn hot_urls_never_go_down_through_batch_swaps() {
 /// `X-Tally-Degraded: speed`, ingestion `202`. Redis back empty: exact again after catch-up.
 #[test]
 fn redis_down_degrades_and_redis_back_empty_is_rebuilt() {
-    let mut rng = StdRng::seed_from_u64(seed());
-    let mut server = TestServer::start(ServerOpts::default());
-    let urls = make_urls(30, 3);
-    let mut model = Model::default();
+    let (mut rng, mut server, urls, mut model) = start_with_30_urls();
     ingest_mixed(&server, &mut model, &mut rng, &urls, 600);
     batch_run(&server);
     let batch_model = model.clone();
@@ -326,17 +343,7 @@ fn redis_down_degrades_and_redis_back_empty_is_rebuilt() {
         assert_eq!(code, 200, "{body}");
         assert_eq!(degraded.as_deref(), Some("speed"), "{body}");
         assert_eq!(body["speed_available"], json!(false), "{body}");
-        let got: Vec<(String, u64)> = body["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| {
-                (
-                    i["url"].as_str().unwrap().to_string(),
-                    i["views"].as_u64().unwrap(),
-                )
-            })
-            .collect();
+        let got = top_items(&body);
         assert_eq!(got, batch_model.top(10, None, Range::all()), "{body}");
     };
     check_degraded(&batch_model);
@@ -350,10 +357,7 @@ fn redis_down_degrades_and_redis_back_empty_is_rebuilt() {
     // Redis back, empty: the live epochs are rebuilt from master files and the WAL.
     server.redis().unwrap().restart_empty();
     ingest_mixed(&server, &mut model, &mut rng, &urls, 50);
-    poll_until("redis up and caught up", DEADLINE, || {
-        let s = server.status();
-        (s["redis"] == "up" && s["speed_applied_seq"] == s["acked_seq"]).then_some(())
-    });
+    wait_redis_up_and_caught_up(&server);
     for url in &urls {
         let body = assert_views(&server, &model, url, Range::all());
         assert_eq!(body["speed_available"], json!(true), "{body}");
@@ -361,9 +365,7 @@ fn redis_down_degrades_and_redis_back_empty_is_rebuilt() {
     assert_exact(&server, &model, &mut rng, &urls);
     // And the next batch run still lines up with the rebuilt speed layer.
     ingest_mixed(&server, &mut model, &mut rng, &urls, 50);
-    batch_run(&server);
-    server.wait_caught_up();
-    assert_exact(&server, &model, &mut rng, &urls);
+    batch_run_then_exact(&server, &model, &mut rng, &urls);
 }
 
 /// `kill -9` while two writers ingest (and after a batch run): after restart, once caught up,
@@ -469,23 +471,15 @@ fn kill9_while_ingesting_is_exact_after_restart() {
     let model = Model {
         events: rows.iter().map(|r| (r.url.clone(), r.ts)).collect(),
     };
-    for url in &urls {
-        assert_views(&server, &model, url, Range::all());
-    }
-    assert_exact(&server, &model, &mut rng, &urls);
-    batch_run(&server);
-    server.wait_caught_up();
-    assert_exact(&server, &model, &mut rng, &urls);
+    assert_every_url_exact(&server, &model, &mut rng, &urls);
+    batch_run_then_exact(&server, &model, &mut rng, &urls);
 }
 
 /// `kill -9` while a batch run is going (its epoch closed, its view not published), and Redis
 /// restarted empty during another run: after restart and catch-up, exact; the next run too.
 #[test]
 fn crashes_during_batch_runs_stay_exact() {
-    let mut rng = StdRng::seed_from_u64(seed());
-    let mut server = TestServer::start(ServerOpts::default());
-    let urls = make_urls(30, 3);
-    let mut model = Model::default();
+    let (mut rng, mut server, urls, mut model) = start_with_30_urls();
     ingest_mixed(&server, &mut model, &mut rng, &urls, 2000);
     batch_run(&server);
     for round in 0..3 {
@@ -496,10 +490,7 @@ fn crashes_during_batch_runs_stay_exact() {
         server.kill9();
         server.restart();
         server.wait_caught_up();
-        for url in &urls {
-            assert_views(&server, &model, url, Range::all());
-        }
-        assert_exact(&server, &model, &mut rng, &urls);
+        assert_every_url_exact(&server, &model, &mut rng, &urls);
         eprintln!("round {round}: exact after kill -9 during a run");
     }
     // Redis lost while a run is going.
@@ -512,27 +503,16 @@ fn crashes_during_batch_runs_stay_exact() {
         let (_, body) = server.get("/v1/admin/batch");
         body["running"].is_null().then_some(())
     });
-    poll_until("redis up and caught up", DEADLINE, || {
-        let s = server.status();
-        (s["redis"] == "up" && s["speed_applied_seq"] == s["acked_seq"]).then_some(())
-    });
-    for url in &urls {
-        assert_views(&server, &model, url, Range::all());
-    }
-    assert_exact(&server, &model, &mut rng, &urls);
-    batch_run(&server);
-    server.wait_caught_up();
-    assert_exact(&server, &model, &mut rng, &urls);
+    wait_redis_up_and_caught_up(&server);
+    assert_every_url_exact(&server, &model, &mut rng, &urls);
+    batch_run_then_exact(&server, &model, &mut rng, &urls);
 }
 
 /// Redis emptied while the server is down (stopped gracefully, then `kill -9`): at start-up the
 /// live epochs are rebuilt from the master dataset and the WAL; exact once caught up.
 #[test]
 fn redis_emptied_while_the_server_is_down_is_rebuilt_at_start() {
-    let mut rng = StdRng::seed_from_u64(seed());
-    let mut server = TestServer::start(ServerOpts::default());
-    let urls = make_urls(30, 3);
-    let mut model = Model::default();
+    let (mut rng, mut server, urls, mut model) = start_with_30_urls();
     ingest_mixed(&server, &mut model, &mut rng, &urls, 800);
     batch_run(&server);
     ingest_mixed(&server, &mut model, &mut rng, &urls, 400);
@@ -545,21 +525,13 @@ fn redis_emptied_while_the_server_is_down_is_rebuilt_at_start() {
     server.redis().unwrap().restart_empty();
     server.restart();
     server.wait_caught_up();
-    for url in &urls {
-        assert_views(&server, &model, url, Range::all());
-    }
-    assert_exact(&server, &model, &mut rng, &urls);
+    assert_every_url_exact(&server, &model, &mut rng, &urls);
 
     ingest_mixed(&server, &mut model, &mut rng, &urls, 300);
     server.kill9();
     server.redis().unwrap().restart_empty();
     server.restart();
     server.wait_caught_up();
-    for url in &urls {
-        assert_views(&server, &model, url, Range::all());
-    }
-    assert_exact(&server, &model, &mut rng, &urls);
-    batch_run(&server);
-    server.wait_caught_up();
-    assert_exact(&server, &model, &mut rng, &urls);
+    assert_every_url_exact(&server, &model, &mut rng, &urls);
+    batch_run_then_exact(&server, &model, &mut rng, &urls);
 }
