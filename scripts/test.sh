@@ -50,20 +50,8 @@ summary() {
 }
 trap summary EXIT
 
-apt_install() {
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "need $* but not root: install it (apt-get install -y $*) and rerun" >&2
-        return 1
-    fi
-    apt-get update -qq
-    # policy-rc.d keeps Debian from starting the system redis-server on install.
-    local policy=/usr/sbin/policy-rc.d created_policy=""
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1
-    fi
-    apt-get install -y -qq --no-install-recommends "$@" </dev/null
-    if [ -n "$created_policy" ]; then rm -f "$policy"; fi
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh # apt_install
 
 current="installing test dependencies"
 step "$current"
