@@ -70,12 +70,16 @@ pub fn router(state: AppState) -> Router {
                 .load_shed()
                 .layer(limit),
         )
+        // The request span is at DEBUG: at the default `info` level it is disabled and costs
+        // nothing, where an INFO span cost ~4% of the CPU of single-event ingest (the fmt layer
+        // formats and stores its fields for every request; BENCHMARKS.md, ingest profile).
+        // `RUST_LOG=tally_serving=debug` brings it back.
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or("unmatched", MatchedPath::as_str);
-            tracing::info_span!("request", method = %req.method(), route)
+            tracing::debug_span!("request", method = %req.method(), route)
         }))
         .with_state(state)
 }
