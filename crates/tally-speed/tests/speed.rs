@@ -1,106 +1,25 @@
 //! Integration tests of the speed layer against a real master dataset (in a tempdir) and a real
-//! `redis-server` per test (private unix socket, killed on drop).
+//! `redis-server` per test (`tally_e2e::TestRedis`: private unix socket, killed on drop).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tally_core::{hour_of, Event, Seq, HOUR_MS};
+use tally_e2e::TestRedis;
 use tally_master::{Master, MasterConfig};
 use tally_speed::sketch::visitor_hash;
 use tally_speed::{SpeedConfig, SpeedLayer};
-use tempfile::TempDir;
 
-const REDIS_SERVER: &str = "/usr/bin/redis-server";
 const PREFIX: &str = "tally:";
 
-/// A private `redis-server` on a unix socket in a tempdir; killed on drop.
-struct TestRedis {
-    _dir: TempDir,
-    sock: PathBuf,
-    child: Option<Child>,
-}
-
-impl TestRedis {
-    fn start() -> TestRedis {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("redis.sock");
-        let mut r = TestRedis {
-            _dir: dir,
-            sock,
-            child: None,
-        };
-        r.spawn();
-        r
-    }
-
-    fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let _ = std::fs::remove_file(&self.sock);
-        let child = Command::new(REDIS_SERVER)
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&self.sock)
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if ping(&self.sock) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts a new, empty redis-server on the same socket.
-    fn restart_empty(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn url(&self) -> String {
-        format!("unix://{}", self.sock.display())
-    }
-
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn ping(sock: &Path) -> bool {
-    let Ok(mut s) = UnixStream::connect(sock) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+/// A connection to the test's Redis.
+async fn conn(redis: &TestRedis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
 }
 
 fn master_config(dir: &Path) -> MasterConfig {
@@ -326,7 +245,7 @@ async fn model_random_ingest_matches_views_and_range_totals() {
     assert_eq!(epochs[0].urls, 25);
 
     // Redis holds exactly what the mirror holds.
-    let mut c = redis.conn().await;
+    let mut c = conn(&redis).await;
     let applied: u64 = redis::cmd("GET")
         .arg("tally:e:1:applied")
         .query_async(&mut c)
@@ -380,7 +299,7 @@ async fn cut_epoch_splits_reads_exactly_and_gc_deletes_only_unneeded_epochs() {
     })
     .await;
     assert_eq!(master.epochs(), vec![c1.next(), c2.next()]);
-    let mut c = redis.conn().await;
+    let mut c = conn(&redis).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("tally:e:1:*")
         .query_async(&mut c)
@@ -444,7 +363,7 @@ async fn redis_killed_then_restarted_empty_rebuilds_exactly() {
     // One at the start (a fresh Redis holds no state), one after the restart.
     assert_eq!(stats.rebuilds, 2, "{stats:?}");
     assert!(stats.errors > 0, "{stats:?}");
-    let mut c = redis.conn().await;
+    let mut c = conn(&redis).await;
     let applied: Option<u64> = redis::cmd("GET")
         .arg(format!("tally:e:{}:applied", c1.next()))
         .query_async(&mut c)
@@ -479,7 +398,7 @@ async fn redis_down_at_start_then_up_catches_up() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!speed.available());
     assert!(!speed.redis_up());
-    redis.spawn();
+    redis.restart_empty();
     caught_up(&speed, &master).await;
     assert_exact(&speed, &model, Seq(0), &mut rng);
     speed.shutdown().await;
@@ -497,7 +416,7 @@ async fn restarting_the_speed_layer_resumes_without_double_apply() {
     let c1 = master.cut_epoch().await.unwrap();
     model.ingest(&master, random_events(&mut rng, 50)).await;
     caught_up(&speed, &master).await;
-    let mut c = redis.conn().await;
+    let mut c = conn(&redis).await;
     let instance: String = redis::cmd("GET")
         .arg("tally:instance")
         .query_async(&mut c)
@@ -545,7 +464,7 @@ async fn redis_state_behind_the_mirror_is_reloaded_not_double_counted() {
     caught_up(&speed, &master).await;
     // Simulate a Redis restored from an older snapshot: the state of epoch 1 is gone but the
     // instance marker is still there.
-    let mut c = redis.conn().await;
+    let mut c = conn(&redis).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("tally:e:1:*")
         .query_async(&mut c)
