@@ -5,21 +5,64 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use redis::aio::MultiplexedConnection;
 use tally_core::{hour_of, Event, Seq, HOUR_MS};
 use tally_e2e::TestRedis;
 use tally_master::{Master, MasterConfig};
 use tally_speed::sketch::visitor_hash;
 use tally_speed::{SpeedConfig, SpeedLayer};
+use tempfile::TempDir;
 
 const PREFIX: &str = "tally:";
 
 /// A connection to the test's Redis.
-async fn conn(redis: &TestRedis) -> redis::aio::MultiplexedConnection {
+async fn conn(redis: &TestRedis) -> MultiplexedConnection {
     redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap()
+}
+
+/// `GET key` on the test's Redis.
+async fn get<T: redis::FromRedisValue>(
+    c: &mut MultiplexedConnection,
+    key: impl redis::ToRedisArgs,
+) -> T {
+    redis::cmd("GET").arg(key).query_async(c).await.unwrap()
+}
+
+/// `KEYS pattern` on the test's Redis.
+async fn redis_keys(c: &mut MultiplexedConnection, pattern: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
+/// Redis holds exactly what the model says for epoch 1 (the only one): applied up to the
+/// acknowledged seq, and the top set equals the range totals of every event.
+async fn assert_redis_epoch_1_exact(c: &mut MultiplexedConnection, master: &Master, model: &Model) {
+    let applied: u64 = get(c, "tally:e:1:applied").await;
+    assert_eq!(Seq(applied), master.acked_seq());
+    let top: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg("tally:e:1:top")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(c)
+        .await
+        .unwrap();
+    let top: HashMap<String, u64> = top.into_iter().collect();
+    assert_eq!(top, model.range_totals(Seq(0), i64::MIN, i64::MAX, None));
+}
+
+/// A master dataset in a fresh temporary directory (kept as long as the `TempDir`).
+fn open_master() -> (TempDir, Master) {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Master::open(master_config(dir.path())).unwrap();
+    (dir, master)
 }
 
 fn master_config(dir: &Path) -> MasterConfig {
@@ -222,8 +265,7 @@ fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_random_ingest_matches_views_and_range_totals() {
     let redis = TestRedis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut model = Model::default();
@@ -246,30 +288,14 @@ async fn model_random_ingest_matches_views_and_range_totals() {
 
     // Redis holds exactly what the mirror holds.
     let mut c = conn(&redis).await;
-    let applied: u64 = redis::cmd("GET")
-        .arg("tally:e:1:applied")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(Seq(applied), master.acked_seq());
-    let top: Vec<(String, u64)> = redis::cmd("ZRANGE")
-        .arg("tally:e:1:top")
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let top: HashMap<String, u64> = top.into_iter().collect();
-    assert_eq!(top, model.range_totals(Seq(0), i64::MIN, i64::MAX, None));
+    assert_redis_epoch_1_exact(&mut c, &master, &model).await;
     speed.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_epoch_splits_reads_exactly_and_gc_deletes_only_unneeded_epochs() {
     let redis = TestRedis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
     let mut rng = Rng(42);
     let mut model = Model::default();
@@ -300,11 +326,7 @@ async fn cut_epoch_splits_reads_exactly_and_gc_deletes_only_unneeded_epochs() {
     .await;
     assert_eq!(master.epochs(), vec![c1.next(), c2.next()]);
     let mut c = conn(&redis).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("tally:e:1:*")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let keys = redis_keys(&mut c, "tally:e:1:*").await;
     assert!(keys.is_empty(), "epoch 1 keys left: {keys:?}");
     let listed: Vec<u64> = redis::cmd("SMEMBERS")
         .arg("tally:epochs")
@@ -328,8 +350,7 @@ async fn cut_epoch_splits_reads_exactly_and_gc_deletes_only_unneeded_epochs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_then_restarted_empty_rebuilds_exactly() {
     let mut redis = TestRedis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
     let mut rng = Rng(7);
     let mut model = Model::default();
@@ -364,11 +385,7 @@ async fn redis_killed_then_restarted_empty_rebuilds_exactly() {
     assert_eq!(stats.rebuilds, 2, "{stats:?}");
     assert!(stats.errors > 0, "{stats:?}");
     let mut c = conn(&redis).await;
-    let applied: Option<u64> = redis::cmd("GET")
-        .arg(format!("tally:e:{}:applied", c1.next()))
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let applied: Option<u64> = get(&mut c, format!("tally:e:{}:applied", c1.next())).await;
     assert_eq!(applied.map(Seq), Some(master.acked_seq()));
 
     // Redis restarts empty again while the applier is idle: the heartbeat notices the missing
@@ -389,8 +406,7 @@ async fn redis_killed_then_restarted_empty_rebuilds_exactly() {
 async fn redis_down_at_start_then_up_catches_up() {
     let mut redis = TestRedis::start();
     redis.kill();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
     let mut rng = Rng(11);
     let mut model = Model::default();
@@ -407,8 +423,7 @@ async fn redis_down_at_start_then_up_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_speed_layer_resumes_without_double_apply() {
     let redis = TestRedis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let mut rng = Rng(5);
     let mut model = Model::default();
     let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
@@ -417,11 +432,7 @@ async fn restarting_the_speed_layer_resumes_without_double_apply() {
     model.ingest(&master, random_events(&mut rng, 50)).await;
     caught_up(&speed, &master).await;
     let mut c = conn(&redis).await;
-    let instance: String = redis::cmd("GET")
-        .arg("tally:instance")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let instance: String = get(&mut c, "tally:instance").await;
     speed.shutdown().await;
     drop(speed);
 
@@ -436,11 +447,7 @@ async fn restarting_the_speed_layer_resumes_without_double_apply() {
     let stats = speed.stats();
     assert_eq!((stats.loads, stats.rebuilds), (1, 0), "{stats:?}");
     assert_eq!(stats.events_applied, 70);
-    let again: String = redis::cmd("GET")
-        .arg("tally:instance")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let again: String = get(&mut c, "tally:instance").await;
     assert_eq!(again, instance);
 
     // Dropping the last handle stops the applier too; a third start is still exact.
@@ -455,8 +462,7 @@ async fn restarting_the_speed_layer_resumes_without_double_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_state_behind_the_mirror_is_reloaded_not_double_counted() {
     let redis = TestRedis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
     let mut rng = Rng(99);
     let mut model = Model::default();
@@ -465,11 +471,7 @@ async fn redis_state_behind_the_mirror_is_reloaded_not_double_counted() {
     // Simulate a Redis restored from an older snapshot: the state of epoch 1 is gone but the
     // instance marker is still there.
     let mut c = conn(&redis).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("tally:e:1:*")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let keys = redis_keys(&mut c, "tally:e:1:*").await;
     let _: () = redis::cmd("DEL")
         .arg(&keys)
         .query_async(&mut c)
@@ -480,22 +482,7 @@ async fn redis_state_behind_the_mirror_is_reloaded_not_double_counted() {
     // Redis and re-applies from what Redis holds: afterwards Redis and the mirror agree and are
     // exact, nothing counted twice.
     caught_up(&speed, &master).await;
-    let applied: u64 = redis::cmd("GET")
-        .arg("tally:e:1:applied")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(Seq(applied), master.acked_seq());
-    let top: Vec<(String, u64)> = redis::cmd("ZRANGE")
-        .arg("tally:e:1:top")
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let top: HashMap<String, u64> = top.into_iter().collect();
-    assert_eq!(top, model.range_totals(Seq(0), i64::MIN, i64::MAX, None));
+    assert_redis_epoch_1_exact(&mut c, &master, &model).await;
     assert_exact(&speed, &model, Seq(0), &mut rng);
     let stats = speed.stats();
     // The initial rebuild (fresh Redis), then a reload, never a second rebuild.
@@ -513,8 +500,7 @@ fn total_views(speed: &SpeedLayer) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_at_random_moments_mid_apply_never_double_counts() {
     let redis = TestRedis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let mut rng = Rng(1234);
     let mut model = Model::default();
     let mut c1 = Seq(0);
@@ -549,8 +535,7 @@ async fn stopping_at_random_moments_mid_apply_never_double_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reads_never_go_down_nor_exceed_what_was_acknowledged() {
     let redis = TestRedis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let master = Master::open(master_config(dir.path())).unwrap();
+    let (_dir, master) = open_master();
     let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
     caught_up(&speed, &master).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
