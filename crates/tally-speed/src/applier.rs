@@ -377,7 +377,18 @@ impl Applier {
     /// The next events after `pos`, aggregated: `(through, deltas)` where every event with
     /// `pos < seq <= through` is in `deltas` (or in a forgotten epoch).
     async fn read_batch(&mut self, acked: Seq) -> Result<(Seq, Vec<EpochDelta>)> {
-        let max = self.cfg.apply_batch_max.max(1);
+        // With a backlog (a burst of batched ingest), catch up in batches as large as a
+        // rebuild's: each batch costs one script whose fixed part grows with the URLs it touches,
+        // not with its events. Measured with 1000-event bodies at ~1M events/s: 20 000-event
+        // batches fell further and further behind (past the tail, onto storage reads); 100 000
+        // kept up. Without a backlog batches stay small, so ingest-to-visible latency is unchanged.
+        let backlog = acked.0.saturating_sub(self.pos.0);
+        let configured = self.cfg.apply_batch_max.max(1);
+        let max = if backlog > configured as u64 {
+            configured.max(REBUILD_CHUNK)
+        } else {
+            configured
+        };
         let floor = self.floor;
         if self.rebuild_target.is_none() {
             if let Tail::Events(v) = self.master.tail_after(self.pos, max) {
