@@ -3,6 +3,8 @@
 #
 #   scripts/bench.sh                 # every section
 #   scripts/bench.sh ingest          # durable ingest vs redis-benchmark INCR and a bare axum handler
+#   scripts/bench.sh batch           # batch layer (full recompute) vs DuckDB on the same files
+#   scripts/bench.sh uniques         # /v1/uniques over 30 days for a busy URL, 32 connections
 #
 # Knobs (environment): BENCH_DURATION (wrk seconds per run, default 10), BENCH_THREADS (wrk
 # threads, default 2), BENCH_DIR (scratch directory on the real disk, default target/bench),
@@ -435,6 +437,219 @@ EOF
 }
 SECTIONS+=(queries)
 
+# ================================================================================================
+# Section: batch (issue 3, and issue 5's sketch goal): the batch layer vs DuckDB on the same
+# master files, in the same run. `scripts/bench.sh batch`.
+#
+# Generates a master dataset (BENCH_BATCH_EVENTS, default 5 000 000 events over BENCH_BATCH_URLS,
+# default 100 000 URLs, Zipf(1.0), BENCH_BATCH_DAYS, default 90 days, 5 files) with the
+# tally-batch `batch_bench` example, then on those files:
+#   - tally: `batch_bench` computes the batch view (per (url, hour) counts and per-URL totals;
+#     with sketches also one HLL sketch per (url, day)) and writes the view (Parquet, zstd,
+#     fsynced, manifest); best of BENCH_BATCH_REPS compute runs + the write of the last one.
+#   - DuckDB (pip, in target/venv-bench, `SET threads=2`): the same outputs from the same files
+#     (`seq <= cutoff`, per (url, hour) counts sorted by (url, hour), zstd Parquet, fsynced; with
+#     sketches also `approx_count_distinct(visitor)` per (url, day)); best of BENCH_BATCH_REPS.
+# ================================================================================================
+
+batch_duckdb() { # MASTER_DIR OUT_DIR CUTOFF REPS -> JSON lines on stdout
+    "$root/target/venv-bench/bin/python" - "$@" <<'PY'
+import json, os, sys, time
+import duckdb
+master, out, cutoff, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+os.makedirs(out, exist_ok=True)
+files = os.path.join(master, "*.parquet")
+con = duckdb.connect()
+con.execute("SET threads=2")
+con.execute("SET TimeZone='UTC'")
+src = f"read_parquet('{files}')"
+hours = (f"SELECT url, epoch_ms(ts) // 3600000 AS hour, count(*)::UBIGINT AS views FROM {src} "
+         f"WHERE seq <= {cutoff} GROUP BY ALL ORDER BY url, hour")
+days = (f"SELECT url, epoch_ms(ts) // 86400000 AS day, approx_count_distinct(visitor) AS uniques "
+        f"FROM {src} WHERE seq <= {cutoff} GROUP BY ALL ORDER BY url, day")
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+def copy(query, path):
+    con.execute(f"COPY ({query}) TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
+    fsync(path)
+for mode in ("counts", "counts+sketches"):
+    for rep in range(reps):
+        # End to end, as one would run it: read + decode + aggregate + sort + write, per output.
+        t = time.perf_counter()
+        copy(hours, os.path.join(out, "counts.parquet"))
+        if mode != "counts":
+            copy(days, os.path.join(out, "uniques.parquet"))
+        total_ms = (time.perf_counter() - t) * 1000
+        # The same split into stages: aggregate (incl. read + decode) into memory, then write.
+        t = time.perf_counter()
+        con.execute(f"CREATE OR REPLACE TEMP TABLE h AS {hours}")
+        if mode != "counts":
+            con.execute(f"CREATE OR REPLACE TEMP TABLE d AS {days}")
+        agg_ms = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        copy("SELECT * FROM h", os.path.join(out, "counts2.parquet"))
+        if mode != "counts":
+            copy("SELECT * FROM d", os.path.join(out, "uniques2.parquet"))
+        write_ms = (time.perf_counter() - t) * 1000
+        cells, events = con.execute("SELECT count(*), sum(views) FROM h").fetchone()
+        line = {"engine": "duckdb", "mode": mode, "rep": rep, "total_ms": round(total_ms, 1),
+                "read_decode_aggregate_ms": round(agg_ms, 1), "write_ms": round(write_ms, 1),
+                "cells": cells, "events": int(events)}
+        if mode != "counts":
+            line["day_cells"] = con.execute("SELECT count(*) FROM d").fetchone()[0]
+        print(json.dumps(line), flush=True)
+print(json.dumps({"engine": "duckdb", "version": duckdb.__version__}))
+PY
+}
+
+# Best-of summary of the JSON lines: prints "tally_ms duckdb_ms" etc. for one mode.
+batch_summary() { # TALLY_JSON DUCKDB_JSON MODE
+    python3 - "$@" <<'PY'
+import json, sys
+tally = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+duck = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
+mode = sys.argv[3]
+t = [x for x in tally if x.get("stage") == "compute" and x.get("mode") == mode]
+d = [x for x in duck if x.get("mode") == mode]
+best = min(t, key=lambda x: x["compute_ms"])
+write = [x for x in t if "write_ms" in x][-1]
+tally_total = best["compute_ms"] + write["write_ms"]
+dbest = min(d, key=lambda x: x["total_ms"])
+dagg = min(x["read_decode_aggregate_ms"] for x in d)
+dwrite = min(x["write_ms"] for x in d)
+reps_t = "/".join("%.0f" % x["compute_ms"] for x in t)
+reps_d = "/".join("%.0f" % x["total_ms"] for x in d)
+print("\t".join(str(v) for v in [
+    "%.0f" % tally_total, "%.0f" % best["compute_ms"], "%.0f" % best["open_ms"],
+    "%.0f" % best["scan_ms"], "%.0f" % best["read_decode_cpu_ms"], "%.0f" % best["aggregate_cpu_ms"],
+    "%.0f" % best["merge_ms"], "%.0f" % write["write_ms"], reps_t,
+    "%.0f" % dbest["total_ms"], "%.0f" % dagg, "%.0f" % dwrite, reps_d,
+    "%.2f" % (dbest["total_ms"] / tally_total),
+    best["cells"], best["events"], dbest["cells"], dbest["events"]]))
+PY
+}
+
+section_batch() {
+    local events=${BENCH_BATCH_EVENTS:-5000000} urls=${BENCH_BATCH_URLS:-100000}
+    local days=${BENCH_BATCH_DAYS:-90} reps=${BENCH_BATCH_REPS:-3}
+    local dir="$BENCH_DIR/batch" venv="$root/target/venv-bench"
+    log "building the batch_bench example (release)"
+    cargo build --release -p tally-batch --example batch_bench
+    local bb="$root/target/release/examples/batch_bench"
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+        log "installing duckdb (pip) into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q duckdb
+    fi
+    mkdir -p "$dir"
+    local gen_cmd="cargo run --release -p tally-batch --example batch_bench -- --events $events --urls $urls --days $days --dir DIR --generate-only"
+    log "$gen_cmd"
+    "$bb" --events "$events" --urls "$urls" --days "$days" --dir "$dir" --generate-only | tee "$dir/generate.json" >&2
+    local cutoff=$events
+
+    local tally_cmd="cargo run --release -p tally-batch --example batch_bench -- --dir DIR --reps $reps"
+    log "tally: $tally_cmd"
+    "$bb" --dir "$dir" --reps "$reps" | tee "$dir/tally.json" >&2
+    log "duckdb: same outputs, same files"
+    batch_duckdb "$dir/master" "$dir/duckdb-out" "$cutoff" "$reps" | tee "$dir/duckdb.json" >&2
+    local duck_version
+    duck_version=$(sed -n 's/.*"version": "\([^"]*\)".*/\1/p' "$dir/duckdb.json")
+
+    local c s
+    c=$(batch_summary "$dir/tally.json" "$dir/duckdb.json" counts)
+    s=$(batch_summary "$dir/tally.json" "$dir/duckdb.json" counts+sketches)
+    local ct cc co cs crd cag cme cw creps dt dag dw dreps cr ccells cev dcells dev
+    IFS=$'\t' read -r ct cc co cs crd cag cme cw creps dt dag dw dreps cr ccells cev dcells dev <<<"$c"
+    local st sc so ss srd sag sme sw sreps sdt sdag sdw sdreps sr scells sev sdcells sdev
+    IFS=$'\t' read -r st sc so ss srd sag sme sw sreps sdt sdag sdw sdreps sr scells sev sdcells sdev <<<"$s"
+    local bytes
+    bytes=$(sed -n 's/.*"bytes":\([0-9]*\).*/\1/p' "$dir/generate.json")
+
+    md "## Batch layer vs DuckDB: full recompute on the same master files" ""
+    md "One run of \`scripts/bench.sh batch\` ($(date -u +%Y-%m-%dT%H:%MZ), $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores," \
+        "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), load average before the section $(cut -d' ' -f1-3 /proc/loadavg))." \
+        "Master dataset: \`$gen_cmd\` — $events events, $urls URLs (Zipf 1.0 over 50 hosts), $days days," \
+        "5 Parquet files ($bytes bytes, url dictionary-encoded, zstd, sorted by (url, ts), 1M-row row groups)." \
+        "Both engines read the same files in the same run, one after the other, and produce the same outputs:" \
+        "per (url, hour) view counts (\`seq <= cutoff\`), sorted by (url, hour), written as zstd Parquet and fsynced;" \
+        "with sketches also per (url, day) unique visitors (tally: its HLL sketch per (url, day), precision 14;" \
+        "DuckDB: \`approx_count_distinct(visitor)\`). tally: \`$tally_cmd\` (the kernel of \`tally batch run\`:" \
+        "read + decode + aggregate on rayon, merge, then the view store write with manifest), best compute of $reps" \
+        "plus the write. DuckDB $duck_version from pip in \`target/venv-bench\`, \`SET threads=2\`, one \`COPY (SELECT … GROUP BY … ORDER BY …) TO … (FORMAT parquet, COMPRESSION zstd)\`" \
+        "per output, best of $reps. Per-stage times: tally's from the example's JSON (CPU ms summed over threads for" \
+        "read+decode and aggregate, wall ms for the rest); DuckDB's split is aggregate-into-a-temp-table, then write." ""
+    md "| what | tally total ms | DuckDB total ms | DuckDB ÷ tally | goal |" "|---|---:|---:|---:|---|" \
+        "| per (url, hour) counts | $ct | $dt | ${cr}× | ≥ 2× |" \
+        "| counts + uniques per (url, day) | $st | $sdt | ${sr}× | ≥ 2× |" ""
+    md "| stage (ms) | tally counts | tally counts + sketches |" "|---|---:|---:|" \
+        "| open files + metadata (wall) | $co | $so |" \
+        "| scan: read + decode + aggregate (wall) | $cs | $ss |" \
+        "| … read + decode (CPU, all threads) | $crd | $srd |" \
+        "| … aggregate (CPU, all threads) | $cag | $sag |" \
+        "| merge per-file results (wall) | $cme | $sme |" \
+        "| compute total (wall; reps $creps / $sreps) | $cc | $sc |" \
+        "| write the view (wall) | $cw | $sw |" ""
+    md "| stage (ms) | DuckDB counts | DuckDB counts + uniques |" "|---|---:|---:|" \
+        "| read + decode + aggregate + sort into a temp table | $dag | $sdag |" \
+        "| write Parquet (zstd) + fsync | $dw | $sdw |" \
+        "| end to end, \`COPY (query) TO\` (reps $dreps / $sdreps) | $dt | $sdt |" ""
+    md "Same answer: tally $ccells (url, hour) cells over $cev events; DuckDB $dcells cells over $dev events." ""
+}
+SECTIONS+=(batch)
+
+# ================================================================================================
+# Section: uniques (issue 5's goal): `GET /v1/uniques` over a 30-day range for one busy URL at 32
+# connections. `scripts/bench.sh uniques`. Reuses the queries section's loader with one URL:
+# BENCH_UNIQUES_EVENTS (default 300 000) events on https://q0.bench/page/0, visitors drawn from
+# 100 000, ts spread over 30 days; 90% then a batch run, then 10% in the speed layer, so every
+# answer merges the batch view's day sketches with the speed layer's visitor sets (30 days each).
+# ================================================================================================
+
+section_uniques() {
+    log "building release binaries"
+    cargo build --release --bin tally
+    local tally="$root/target/release/tally" events=${BENCH_UNIQUES_EVENTS:-300000}
+    queries_start_redis
+    local redis_pid=${PIDS[-1]}
+    local data="$BENCH_DIR/data-uniques"
+    rm -rf "$data" && mkdir -p "$data"
+    TALLY_HTTP_ADDR=127.0.0.1:0 TALLY_STORAGE_DATA_DIR="$data" TALLY_REDIS_URL="unix://$REDIS_SOCK" \
+        start_http tally-uniques "$tally" serve --config "$root/config/default.toml"
+    local tally_pid=${PIDS[-1]} tally_url="http://$LISTEN_ADDR"
+    log "loading $events events on one URL (90%, batch run, 10%)"
+    BENCH_QUERY_EVENTS=$events BENCH_QUERY_URLS=1 queries_load "$tally_url" batch >/dev/null
+    local run
+    run=$(curl -sf -X POST "$tally_url/v1/admin/batch?wait=true")
+    BENCH_QUERY_EVENTS=$events BENCH_QUERY_URLS=1 queries_load "$tally_url" speed >/dev/null
+    queries_wait_caught_up "$tally_url"
+    local from to q
+    from=$(date -u -d '30 days ago' +%Y-%m-%dT%H:%M:%SZ)
+    to=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    q="/v1/uniques?url=https%3A%2F%2Fq0.bench%2Fpage%2F0&from=$from&to=$to"
+    cat >"$BENCH_DIR/uniques.lua" <<LUA
+request = function() return wrk.format("GET", "$q") end
+LUA
+    local sample
+    sample=$(curl -sf "$tally_url$q")
+    run_wrk tally-uniques 32 "$BENCH_DIR/uniques.lua" "$tally_url"
+    local status
+    status=$(curl -sf "$tally_url/v1/admin/status" || echo '{}')
+    stop_pid "$tally_pid"
+    stop_pid "$redis_pid"
+    md "## Uniques: /v1/uniques over 30 days for a busy URL" ""
+    md "One run of \`scripts/bench.sh uniques\` ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))," \
+        "$events events on one URL (visitors drawn from 100 000, ts over 30 days): 90% then a batch run" \
+        "(\`$(echo "$run" | tr -d '\n' | cut -c1-100)…\`), then 10% left in the speed layer, so each answer merges" \
+        "31 batch day sketches with the speed layer's visitor sets. wrk ${DURATION} s, ${THREADS} threads, 32 connections," \
+        "on the same machine as the server; \`$q\`." ""
+    md "| what | command | requests/s | p50 | p99 | non-2xx | goal |" "|---|---|---:|---:|---:|---:|---|" \
+        "| \`GET /v1/uniques\`, 30 days, busy URL | \`$WRK_CMD\` | $RPS | $P50 | $P99 | $NON2XX | p99 ≤ 5 ms |" ""
+    md "A sample answer: \`$sample\`" "" "tally status after the run: \`$status\`" ""
+}
+SECTIONS+=(uniques)
+
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
@@ -459,6 +674,7 @@ for s in "${want[@]}"; do
 done
 
 ram=$(free -h | awk '/^Mem:/ {print $2}')
+new="$BENCH_DIR/new-report.md"
 {
     echo "# Benchmarks"
     echo
@@ -472,5 +688,36 @@ ram=$(free -h | awk '/^Mem:/ {print $2}')
     echo "- load average (1, 5, 15 min) before / after: $load_before / $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     cat "$body"
-} >"$OUT"
+} >"$new"
+# Sections of $OUT that this run did not produce (and hand-written ones) are kept in place; a
+# section this run produced replaces the one with the same heading, or is appended.
+# BENCH_REPLACE=1 writes this run's report alone.
+if [ -f "$OUT" ] && [ "${BENCH_REPLACE:-0}" != 1 ]; then
+    python3 - "$OUT" "$new" >"$OUT.tmp" <<'PY'
+import sys
+def split(path):
+    head, blocks, cur = [], [], None
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("## "):
+            cur = [line]
+            blocks.append(cur)
+        elif cur is None:
+            head.append(line)
+        else:
+            cur.append(line)
+    return head, blocks
+_, old = split(sys.argv[1])
+head, new = split(sys.argv[2])
+fresh = {b[0]: b for b in new}
+out = []
+for b in old:
+    out.append(fresh.pop(b[0], b))
+out.extend(b for b in new if b[0] in fresh)
+head.append("Sections this run did not produce are kept from earlier runs (see the run each names).\n\n")
+sys.stdout.write("".join(head) + "".join("".join(b) for b in out))
+PY
+    mv "$OUT.tmp" "$OUT"
+else
+    mv "$new" "$OUT"
+fi
 log "wrote $OUT"
