@@ -178,37 +178,43 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
     let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
     let view = serving_view(&state)?;
     let cutoff = ViewManager::cutoff(view.as_ref());
-    let empty = HashMap::new();
-    let rank = |speed: &HashMap<&str, u64>| match view.as_ref() {
-        None => top_from_maps(std::iter::empty(), speed, limit),
-        Some(v) if range.unbounded && host.is_none() => {
-            top_merge(v.totals_desc(), |u| v.total_views(u), speed, limit)
-        }
-        Some(v) => {
-            let mut batch = Vec::new();
-            v.range_totals(range.from_hour, range.to_hour, host.as_deref(), |url, n| {
-                batch.push((url, n));
-            });
-            top_from_maps(batch, speed, limit)
-        }
+    // A ranking is a pure function of the batch view, the speed state (which changes only
+    // when the applied seq does) and the parameters: answer repeats from a small cache.
+    let key = TopKey {
+        version: view.as_ref().map(|v| v.version.clone()),
+        applied: state.speed.applied_seq(),
+        limit,
+        host: host.clone(),
+        from_hour: range.from_hour,
+        to_hour: range.to_hour,
     };
-    // Ranked under the speed mirror's read lock, without copying its URLs.
-    let ranked = state.speed.with_range_totals(
-        cutoff,
-        range.from_hour,
-        range.to_hour,
-        host.as_deref(),
-        |speed| rank(speed),
-    );
-    let speed_available = ranked.is_some();
-    let items = match ranked {
-        Some(items) => items,
-        None => rank(&empty),
+    let cached = state
+        .speed
+        .available()
+        .then(|| state.top_cache.get(&key))
+        .flatten();
+    let (items, speed_available) = match cached {
+        Some(items) => (items, true),
+        None => {
+            let (items, speed_available) = rank_top(
+                &state,
+                view.as_ref(),
+                cutoff,
+                &range,
+                host.as_deref(),
+                limit,
+            );
+            let items = Arc::new(items);
+            if speed_available {
+                state.top_cache.put(key, items.clone());
+            }
+            (items, speed_available)
+        }
     };
     let body = json!({
         "from": format_rfc3339(range.from_hour * HOUR_MS),
         "to": format_rfc3339(range.to_hour * HOUR_MS),
-        "items": items.into_iter().map(|(url, views)| json!({ "url": url, "views": views })).collect::<Vec<_>>(),
+        "items": items.iter().map(|(url, views)| json!({ "url": url, "views": views })).collect::<Vec<_>>(),
         "batch": provenance(view.as_ref()),
         "speed_available": speed_available,
     });
@@ -260,4 +266,82 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
         "speed_available": speed_available,
     });
     Ok(respond(body, speed_available))
+}
+
+/// Exact top-N of the batch view plus the speed epochs after its cutoff; the flag says whether
+/// the speed layer could be read.
+fn rank_top(
+    state: &AppState,
+    view: Option<&Arc<BatchView>>,
+    cutoff: tally_core::Seq,
+    range: &HourRange,
+    host: Option<&str>,
+    limit: usize,
+) -> (Vec<(String, u64)>, bool) {
+    let empty = HashMap::new();
+    let rank = |speed: &HashMap<&str, u64>| match view {
+        None => top_from_maps(std::iter::empty(), speed, limit),
+        Some(v) if range.unbounded && host.is_none() => {
+            top_merge(v.totals_desc(), |u| v.total_views(u), speed, limit)
+        }
+        Some(v) => {
+            let mut batch = Vec::new();
+            v.range_totals(range.from_hour, range.to_hour, host, |url, n| {
+                batch.push((url, n));
+            });
+            top_from_maps(batch, speed, limit)
+        }
+    };
+    // Ranked under the speed mirror's read lock, without copying its URLs.
+    match state
+        .speed
+        .with_range_totals(cutoff, range.from_hour, range.to_hour, host, |speed| {
+            rank(speed)
+        }) {
+        Some(items) => (items, true),
+        None => (rank(&empty), false),
+    }
+}
+
+/// What a top-N ranking depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct TopKey {
+    version: Option<String>,
+    applied: tally_core::Seq,
+    limit: usize,
+    host: Option<String>,
+    from_hour: i64,
+    to_hour: i64,
+}
+
+/// Recent top-N rankings. Entries for an older applied seq or view are never hit again and are
+/// dropped when the cache is full.
+#[derive(Default)]
+pub struct TopCache(std::sync::Mutex<HashMap<TopKey, Ranking>>);
+
+/// A ranked list of `(url, views)`, best first.
+type Ranking = Arc<Vec<(String, u64)>>;
+
+const TOP_CACHE_ENTRIES: usize = 256;
+
+impl TopCache {
+    fn get(&self, key: &TopKey) -> Option<Ranking> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put(&self, key: TopKey, items: Ranking) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= TOP_CACHE_ENTRIES {
+            let applied = key.applied;
+            map.retain(|k, _| k.applied == applied);
+            if map.len() >= TOP_CACHE_ENTRIES {
+                map.clear();
+            }
+        }
+        map.insert(key, items);
+    }
 }

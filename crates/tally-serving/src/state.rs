@@ -41,6 +41,8 @@ pub struct Inner {
     pub salt: crate::plausible::DailySalt,
     /// Renders the Prometheus text of every recorded metric.
     pub render_metrics: Box<dyn Fn() -> String + Send + Sync>,
+    /// Recent `/v1/top` rankings, keyed by what they depend on.
+    pub top_cache: crate::query::TopCache,
 }
 
 impl std::ops::Deref for AppState {

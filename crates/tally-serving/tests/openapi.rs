@@ -59,6 +59,7 @@ async fn state(dir: &std::path::Path) -> AppState {
         sketch_precision: 14,
         next_run_ms: AtomicI64::new(0),
         salt: tally_serving::plausible::DailySalt::new(dir.join("salt.json")),
+        top_cache: Default::default(),
         render_metrics: Box::new(String::new),
     })
 }
