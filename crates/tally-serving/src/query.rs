@@ -236,32 +236,55 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
         .as_ref()
         .and_then(|v| v.sketch_precision())
         .unwrap_or(state.sketch_precision);
-    let batch = match view.as_ref() {
-        Some(v) => v
-            .uniques_sketch(&url, from_day, to_day)
-            .map_err(ApiError::internal)?,
-        None => None,
+    let key = UniquesKey {
+        version: view.as_ref().map(|v| v.version.clone()),
+        applied: state.speed.applied_seq(),
+        url: url.clone(),
+        from_day,
+        to_day,
     };
-    let hashes = state.speed.visitor_hashes(&url, cutoff, from_day, to_day);
-    let speed_available = hashes.is_some();
-    let mut merged = match batch {
-        Some(s) => s,
-        None => VisitorSketch::new(precision).map_err(ApiError::internal)?,
+    let cached = state
+        .speed
+        .available()
+        .then(|| state.uniques_cache.get(&key))
+        .flatten();
+    let ((uniques, exact), speed_available) = match cached {
+        Some(answer) => (*answer, true),
+        None => {
+            let batch = match view.as_ref() {
+                Some(v) => v
+                    .uniques_sketch(&url, from_day, to_day)
+                    .map_err(ApiError::internal)?,
+                None => None,
+            };
+            let hashes = state.speed.visitor_hashes(&url, cutoff, from_day, to_day);
+            let speed_available = hashes.is_some();
+            let mut merged = match batch {
+                Some(s) => s,
+                None => VisitorSketch::new(precision).map_err(ApiError::internal)?,
+            };
+            if let Some(hashes) = hashes.filter(|h| !h.is_empty()) {
+                // The speed layer keeps 64-bit SipHash values; sketches use their high 32 bits
+                // (`tally_core::sketch`), so a visitor in both layers is one hash.
+                let hashes = hashes.into_iter().map(tally_core::sketch::narrow).collect();
+                let speed =
+                    VisitorSketch::from_hashes(precision, hashes).map_err(ApiError::internal)?;
+                merged.merge(&speed).map_err(ApiError::internal)?;
+            }
+            let answer = (merged.estimate().round() as u64, merged.is_sparse());
+            if speed_available {
+                state.uniques_cache.put(key, Arc::new(answer));
+            }
+            (answer, speed_available)
+        }
     };
-    if let Some(hashes) = hashes.filter(|h| !h.is_empty()) {
-        // The speed layer keeps 64-bit SipHash values; sketches use their high 32 bits
-        // (`tally_batch::sketch::visitor_hash`), so a visitor in both layers is one hash.
-        let hashes = hashes.into_iter().map(tally_core::sketch::narrow).collect();
-        let speed = VisitorSketch::from_hashes(precision, hashes).map_err(ApiError::internal)?;
-        merged.merge(&speed).map_err(ApiError::internal)?;
-    }
     let body = json!({
         "url": url,
         "from": format_rfc3339(from_day * DAY_MS),
         "to": format_rfc3339(to_day * DAY_MS),
-        "uniques": merged.estimate().round() as u64,
+        "uniques": uniques,
         "relative_error": relative_error(precision),
-        "exact": merged.is_sparse(),
+        "exact": exact,
         "batch": provenance(view.as_ref()),
         "speed_available": speed_available,
     });
@@ -305,7 +328,7 @@ fn rank_top(
 
 /// What a top-N ranking depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct TopKey {
+pub struct TopKey {
     version: Option<String>,
     applied: tally_core::Seq,
     limit: usize,
@@ -314,18 +337,53 @@ pub(crate) struct TopKey {
     to_hour: i64,
 }
 
-/// Recent top-N rankings. Entries for an older applied seq or view are never hit again and are
-/// dropped when the cache is full.
-#[derive(Default)]
-pub struct TopCache(std::sync::Mutex<HashMap<TopKey, Ranking>>);
+/// What a unique-visitor estimate depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UniquesKey {
+    version: Option<String>,
+    applied: tally_core::Seq,
+    url: String,
+    from_day: i64,
+    to_day: i64,
+}
 
-/// A ranked list of `(url, views)`, best first.
-type Ranking = Arc<Vec<(String, u64)>>;
+/// A key that names the speed-layer state it was computed from.
+pub trait AtApplied: Eq + std::hash::Hash {
+    fn applied(&self) -> tally_core::Seq;
+}
 
-const TOP_CACHE_ENTRIES: usize = 256;
+impl AtApplied for TopKey {
+    fn applied(&self) -> tally_core::Seq {
+        self.applied
+    }
+}
 
-impl TopCache {
-    fn get(&self, key: &TopKey) -> Option<Ranking> {
+impl AtApplied for UniquesKey {
+    fn applied(&self) -> tally_core::Seq {
+        self.applied
+    }
+}
+
+/// Recent answers that are pure functions of the serving view, the speed state (which changes
+/// only when the applied seq does) and the parameters. Entries for an older applied seq are
+/// never hit again and are dropped when the cache is full.
+pub struct ResultCache<K, V>(std::sync::Mutex<HashMap<K, Arc<V>>>);
+
+impl<K, V> Default for ResultCache<K, V> {
+    fn default() -> Self {
+        ResultCache(std::sync::Mutex::new(HashMap::new()))
+    }
+}
+
+/// Recent `/v1/top` rankings (`(url, views)`, best first).
+pub type TopCache = ResultCache<TopKey, Vec<(String, u64)>>;
+/// Recent `/v1/uniques` answers: `(uniques, exact)`.
+pub type UniquesCache = ResultCache<UniquesKey, (u64, bool)>;
+
+const RESULT_CACHE_ENTRIES: usize = 1024;
+
+impl<K: AtApplied, V> ResultCache<K, V> {
+    fn get(&self, key: &K) -> Option<Arc<V>> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -333,15 +391,15 @@ impl TopCache {
             .cloned()
     }
 
-    fn put(&self, key: TopKey, items: Ranking) {
+    fn put(&self, key: K, value: Arc<V>) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= TOP_CACHE_ENTRIES {
-            let applied = key.applied;
-            map.retain(|k, _| k.applied == applied);
-            if map.len() >= TOP_CACHE_ENTRIES {
+        if map.len() >= RESULT_CACHE_ENTRIES {
+            let applied = key.applied();
+            map.retain(|k, _| k.applied() == applied);
+            if map.len() >= RESULT_CACHE_ENTRIES {
                 map.clear();
             }
         }
-        map.insert(key, items);
+        map.insert(key, value);
     }
 }

@@ -43,6 +43,8 @@ pub struct Inner {
     pub render_metrics: Box<dyn Fn() -> String + Send + Sync>,
     /// Recent `/v1/top` rankings, keyed by what they depend on.
     pub top_cache: crate::query::TopCache,
+    /// Recent `/v1/uniques` answers, keyed by what they depend on.
+    pub uniques_cache: crate::query::UniquesCache,
 }
 
 impl std::ops::Deref for AppState {

@@ -60,6 +60,7 @@ async fn state(dir: &std::path::Path) -> AppState {
         next_run_ms: AtomicI64::new(0),
         salt: tally_serving::plausible::DailySalt::new(dir.join("salt.json")),
         top_cache: Default::default(),
+        uniques_cache: Default::default(),
         render_metrics: Box::new(String::new),
     })
 }

@@ -109,6 +109,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
         sketch_precision: cfg.uniques.precision,
         next_run_ms: AtomicI64::new(0),
         top_cache: Default::default(),
+        uniques_cache: Default::default(),
         render_metrics: Box::new(move || prometheus.render()),
         salt: tally_serving::plausible::DailySalt::new(
             cfg.storage.data_dir.join("plausible_salt.json"),
