@@ -517,20 +517,25 @@ impl Master {
         }
     }
 
+    /// Asks the writer thread to commit what is queued and stop, and waits for it.
+    async fn stop_writer(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .writer
+            .send(WriterCmd::Shutdown { reply: tx })
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
     /// Seals what is left and stops the writer. Appends after this fail with `Closed`.
     pub async fn shutdown(&self) -> Result<()> {
         let first = !self.inner.shared.closed.swap(true, Ordering::SeqCst);
         let mut result = Ok(());
         if first {
-            let (tx, rx) = oneshot::channel();
-            if self
-                .inner
-                .writer
-                .send(WriterCmd::Shutdown { reply: tx })
-                .is_ok()
-            {
-                let _ = rx.await;
-            }
+            self.stop_writer().await;
             result = self.ask_sealer().await;
             let _ = self.inner.sealer.send(SealerCmd::Stop);
         }
@@ -552,15 +557,7 @@ impl Master {
     #[doc(hidden)]
     pub async fn close_unsealed(&self) {
         if !self.inner.shared.closed.swap(true, Ordering::SeqCst) {
-            let (tx, rx) = oneshot::channel();
-            if self
-                .inner
-                .writer
-                .send(WriterCmd::Shutdown { reply: tx })
-                .is_ok()
-            {
-                let _ = rx.await;
-            }
+            self.stop_writer().await;
             let _ = self.inner.sealer.send(SealerCmd::Stop);
         }
         let handles: Vec<JoinHandle<()>> =
