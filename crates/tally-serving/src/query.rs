@@ -28,12 +28,15 @@ pub(crate) fn params(p: Params) -> ApiResult<HashMap<String, String>> {
 pub(crate) struct HourRange {
     pub from_hour: i64,
     pub to_hour: i64,
-    /// Neither bound was given: the whole dataset.
+    /// Neither bound was given and no accepted event can lie at or after `to_hour` (the range
+    /// is the whole dataset, so all-time totals answer it).
     pub unbounded: bool,
 }
 
 /// `from`/`to` truncated to the hour; missing `from` is the beginning of time, missing `to` is
-/// now rounded up to the next hour (counting the furthest accepted future timestamp).
+/// now rounded up to the next hour (API.md). Events may be up to `max_future_ms` ahead of the
+/// clock, so in the last minutes of an hour some can lie past that bound: then the range is not
+/// the whole dataset.
 pub(crate) fn hour_range(q: &HashMap<String, String>, max_future_ms: i64) -> ApiResult<HourRange> {
     let parse = |name: &str| -> ApiResult<Option<i64>> {
         match q.get(name) {
@@ -48,9 +51,10 @@ pub(crate) fn hour_range(q: &HashMap<String, String>, max_future_ms: i64) -> Api
     let from = parse("from")?;
     let to = parse("to")?;
     let from_hour = from.map_or(0, hour_of);
+    let now = now_ms();
     let to_hour = match to {
         Some(t) => hour_of(t),
-        None => hour_of(now_ms().saturating_add(max_future_ms)) + 1,
+        None => hour_of(now) + 1,
     };
     if from_hour >= to_hour {
         return Err(ApiError::bad(
@@ -60,7 +64,9 @@ pub(crate) fn hour_range(q: &HashMap<String, String>, max_future_ms: i64) -> Api
     Ok(HourRange {
         from_hour,
         to_hour,
-        unbounded: from.is_none() && to.is_none(),
+        unbounded: from.is_none()
+            && to.is_none()
+            && hour_of(now.saturating_add(max_future_ms)) < to_hour,
     })
 }
 
@@ -401,5 +407,55 @@ impl<K: AtApplied, V> ResultCache<K, V> {
             }
         }
         map.insert(key, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn missing_to_is_the_next_hour_and_from_the_beginning_of_time() {
+        let before = hour_of(now_ms()) + 1;
+        let r = hour_range(&q(&[]), 300_000).unwrap();
+        let after = hour_of(now_ms()) + 1;
+        assert!(r.to_hour == before || r.to_hour == after);
+        assert_eq!(r.from_hour, 0);
+        // Without any future slack the range covers every accepted event.
+        assert!(hour_range(&q(&[]), 0).unwrap().unbounded);
+    }
+
+    #[test]
+    fn bounds_truncate_to_the_hour_and_must_be_ordered() {
+        let r = hour_range(
+            &q(&[
+                ("from", "2026-11-21T10:30:00Z"),
+                ("to", "2026-11-21T12:59:59Z"),
+            ]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            format_rfc3339(r.from_hour * HOUR_MS),
+            "2026-11-21T10:00:00Z"
+        );
+        assert_eq!(format_rfc3339(r.to_hour * HOUR_MS), "2026-11-21T12:00:00Z");
+        assert!(!r.unbounded);
+        assert!(hour_range(
+            &q(&[
+                ("from", "2026-11-21T10:30:00Z"),
+                ("to", "2026-11-21T10:59:00Z")
+            ]),
+            0
+        )
+        .is_err());
+        assert!(hour_range(&q(&[("from", "yesterday")]), 0).is_err());
     }
 }
