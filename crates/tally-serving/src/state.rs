@@ -60,6 +60,13 @@ impl AppState {
     }
 }
 
+/// What `CURRENT` names, as seen by [`ViewManager::load_current`].
+enum Loaded {
+    Nothing,
+    Serving,
+    View(Box<BatchView>),
+}
+
 /// Owns the batch view being served, swapped in one step; queries keep the snapshot they
 /// started with.
 pub struct ViewManager {
@@ -113,25 +120,30 @@ impl ViewManager {
         let mut discarded_any = false;
         loop {
             let store = self.store().clone();
-            let loaded = tokio::task::spawn_blocking(
-                move || -> Result<Option<BatchView>, (Option<String>, String)> {
+            let serving = self.current().map(|v| v.version.clone());
+            let loaded =
+                tokio::task::spawn_blocking(move || -> Result<Loaded, (Option<String>, String)> {
                     let version = store.current().map_err(|e| (None, e.to_string()))?;
                     let Some(version) = version else {
-                        return Ok(None);
+                        return Ok(Loaded::Nothing);
                     };
+                    if serving.as_deref() == Some(version.as_str()) {
+                        // Already verified and serving (e.g. the watcher got there first).
+                        return Ok(Loaded::Serving);
+                    }
                     store
                         .load(&version)
-                        .map(Some)
+                        .map(|v| Loaded::View(Box::new(v)))
                         .map_err(|e| (Some(version), e.to_string()))
-                },
-            )
-            .await;
+                })
+                .await;
             match loaded {
-                Ok(Ok(Some(view))) => {
-                    self.swap(Some(Arc::new(view)));
+                Ok(Ok(Loaded::Serving)) => return discarded_any,
+                Ok(Ok(Loaded::View(view))) => {
+                    self.swap(Some(Arc::from(view)));
                     return discarded_any;
                 }
-                Ok(Ok(None)) => {
+                Ok(Ok(Loaded::Nothing)) => {
                     if discarded_any {
                         self.blocked.store(true, Ordering::Release);
                     }
@@ -179,7 +191,8 @@ impl ViewManager {
         Ok(discarded.map(|(v, _)| v))
     }
 
-    /// Reloads when `CURRENT` names another version than the one serving (e.g. a CLI run).
+    /// Reloads when `CURRENT` names another version than the one serving (e.g. a CLI run). A
+    /// missing `CURRENT` is not a reason to stop serving: only a discard removes the view.
     pub async fn refresh_if_changed(&self) -> bool {
         let store = self.store().clone();
         let on_disk = tokio::task::spawn_blocking(move || store.current().ok().flatten())
