@@ -74,16 +74,28 @@ fn send_signal(pid: u32, signal: &str) {
 // ---------------------------------------------------------------------------------------------
 
 /// A private `redis-server` listening on a unix socket in its own temporary directory, without
-/// persistence. Killed on `Drop`.
+/// persistence unless started with [`TestRedis::start_persistent`]. Killed on `Drop`.
 pub struct TestRedis {
     dir: tempfile::TempDir,
     socket: PathBuf,
     child: Option<Child>,
+    /// Append-only file with `fsync` on every write: a restart keeps the data.
+    persistent: bool,
 }
 
 impl TestRedis {
     /// Starts a fresh, empty `redis-server` and waits until it answers `PING`.
     pub fn start() -> TestRedis {
+        TestRedis::start_with(false)
+    }
+
+    /// Like [`TestRedis::start`], but every write is kept in an append-only file, so that
+    /// [`TestRedis::restart`] brings the same data back (a Redis that was down, not emptied).
+    pub fn start_persistent() -> TestRedis {
+        TestRedis::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> TestRedis {
         let dir = tempfile::Builder::new()
             .prefix("tally-redis-")
             .tempdir()
@@ -93,9 +105,16 @@ impl TestRedis {
             dir,
             socket,
             child: None,
+            persistent,
         };
         redis.spawn();
         redis
+    }
+
+    /// Starts the server again after [`TestRedis::kill`], with whatever it persisted.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
     }
 
     fn spawn(&mut self) {
@@ -105,14 +124,12 @@ impl TestRedis {
         let child = Command::new("redis-server")
             .args(["--port", "0", "--unixsocket"])
             .arg(&self.socket)
-            .args([
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--unixsocketperm", "700", "--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -164,6 +181,20 @@ impl TestRedis {
     /// Kills the server (if running) and starts an empty one on the same socket.
     pub fn restart_empty(&mut self) {
         self.kill();
+        for entry in fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("appendonly")
+            {
+                let _ = fs::remove_dir_all(entry.path());
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         self.spawn();
     }
 
@@ -729,6 +760,36 @@ pub fn count_by_url(rows: &[Row]) -> HashMap<String, u64> {
         *counts.entry(row.url.clone()).or_insert(0) += 1;
     }
     counts
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+/// The largest file of a view directory.
+pub fn largest_file(dir: &Path) -> PathBuf {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .expect("a view has files")
+        .path()
+}
+
+/// Flips 16 bytes in the middle of a file (size unchanged).
+pub fn flip_bytes(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
+    assert!(
+        bytes.len() > 32,
+        "{} is too small to corrupt",
+        path.display()
+    );
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid - 8..mid + 8] {
+        *b ^= 0xA5;
+    }
+    fs::write(path, bytes).unwrap();
 }
 
 #[cfg(test)]

@@ -182,6 +182,37 @@ pub fn ingest_exact(server: &TestServer, model: &mut Model, events: &[(String, i
     model.events.extend_from_slice(events);
 }
 
+/// Posts `n` events on random URLs with `ts` in the last ~30 days; records them in the model.
+pub fn ingest_random(
+    server: &TestServer,
+    model: &mut Model,
+    rng: &mut StdRng,
+    urls: &[String],
+    n: usize,
+) {
+    let now = now_ms();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(500);
+        let mut batch = Vec::with_capacity(k);
+        let mut events = Vec::with_capacity(k);
+        for _ in 0..k {
+            // Skewed: low indexes are hotter, so top-N has a clear order and ties too.
+            let i = rng.random_range(0..urls.len());
+            let i = rng.random_range(0..=i);
+            let url = urls[i].clone();
+            let ts = now - rng.random_range(0..30 * DAY_MS);
+            events.push(json!({"url": url, "ts": ts}));
+            batch.push((url, ts));
+        }
+        let (code, body) = server.post_events(Value::Array(events).to_string(), JSON);
+        assert_eq!(code, 202, "ingest: {body}");
+        assert_eq!(body["accepted"].as_u64(), Some(k as u64), "{body}");
+        model.events.extend(batch);
+        sent += k;
+    }
+}
+
 /// A random hour-aligned range within the last ~31 days (sometimes open on one side).
 pub fn random_range(rng: &mut StdRng) -> Range {
     let now_h = now_ms().div_euclid(HOUR_MS) * HOUR_MS;

@@ -13,48 +13,17 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde_json::{json, Value};
 use tally_e2e::{
-    assert_exact, assert_top, assert_views, batch_run, get_views, ingest_exact, make_urls,
-    master_files, now_ms, poll_until, seed, tally_bin, views_query, Model, Range, ServerOpts,
-    TestServer, DAY_MS, DEADLINE, HOUR_MS, JSON,
+    assert_exact, assert_top, assert_views, batch_run, flip_bytes, get_views, ingest_exact,
+    ingest_random, largest_file, make_urls, master_files, now_ms, poll_until, seed, tally_bin,
+    views_query, Model, Range, ServerOpts, TestServer, DAY_MS, DEADLINE, HOUR_MS,
 };
 
 // ---------------------------------------------------------------------------------------------
 // Sending events (the reference model and its helpers are in `tally_e2e::model`)
 // ---------------------------------------------------------------------------------------------
-
-/// Posts `n` events on random URLs with `ts` in the last ~30 days; records them in the model.
-fn ingest_random(
-    server: &TestServer,
-    model: &mut Model,
-    rng: &mut StdRng,
-    urls: &[String],
-    n: usize,
-) {
-    let now = now_ms();
-    let mut sent = 0;
-    while sent < n {
-        let k = (n - sent).min(500);
-        let mut batch = Vec::with_capacity(k);
-        let mut events = Vec::with_capacity(k);
-        for _ in 0..k {
-            // Skewed: low indexes are hotter, so top-N has a clear order and ties too.
-            let i = rng.random_range(0..urls.len());
-            let i = rng.random_range(0..=i);
-            let url = urls[i].clone();
-            let ts = now - rng.random_range(0..30 * DAY_MS);
-            events.push(json!({"url": url, "ts": ts}));
-            batch.push((url, ts));
-        }
-        let (code, body) = server.post_events(Value::Array(events).to_string(), JSON);
-        assert_eq!(code, 202, "ingest: {body}");
-        assert_eq!(body["accepted"].as_u64(), Some(k as u64), "{body}");
-        model.events.extend(batch);
-        sent += k;
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Batch helpers
@@ -150,32 +119,6 @@ fn tally_batch(sub: &str, data_dir: &Path, redis_url: &str) -> CliOut {
 
 fn redis_url(server: &mut TestServer) -> String {
     server.redis().expect("the server owns its redis").url()
-}
-
-/// The largest file of a view directory.
-fn largest_file(dir: &Path) -> PathBuf {
-    fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().is_file())
-        .max_by_key(|e| e.metadata().unwrap().len())
-        .expect("a view has files")
-        .path()
-}
-
-/// Flips 16 bytes in the middle of a file (size unchanged).
-fn flip_bytes(path: &Path) {
-    let mut bytes = fs::read(path).unwrap();
-    assert!(
-        bytes.len() > 32,
-        "{} is too small to corrupt",
-        path.display()
-    );
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid - 8..mid + 8] {
-        *b ^= 0xA5;
-    }
-    fs::write(path, bytes).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

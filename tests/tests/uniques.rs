@@ -395,7 +395,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn plausible_events_are_counted_like_plausible() {
-    let server = TestServer::start(ServerOpts::default());
+    // The test client is the reverse proxy (127.0.0.1) in front of a 10.x balancer; the
+    // visitor's address is what they append to X-Forwarded-For.
+    let server = TestServer::start(
+        ServerOpts::default().env("TALLY_HTTP_TRUSTED_PROXIES", "127.0.0.1,10.0.0.0/8"),
+    );
     let day_at_start = now_ms().div_euclid(DAY_MS);
     let page = "https://blog.example/post?id=1";
     let ip_a = "198.51.100.77";
@@ -424,13 +428,14 @@ fn plausible_events_are_counted_like_plausible() {
     assert_eq!(views_of(&server, page), expected_views);
 
     // pageview, long keys, props as a JSON string, a referrer, same IP + UA: another view, the
-    // same visitor. The IP also behind a proxy chain: the first valid address counts.
+    // same visitor. The visitor also wrote an X-Forwarded-For of its own (left of its real
+    // address, which our balancer 10.0.0.1 appended): the right-most untrusted address counts.
     let (code, text, _) = plausible(
         &server,
         &json!({"name": "pageview", "url": page, "domain": "blog.example",
                 "referrer": "https://news.example/", "props": "{\"author\":\"x\"}"})
         .to_string(),
-        &format!("{ip_a}, 10.0.0.1"),
+        &format!("6.6.6.6, {ip_a}, 10.0.0.1"),
         ua,
     );
     assert_eq!((code, text.as_str()), (202, "ok"));

@@ -37,7 +37,36 @@ pub enum Error {
     Internal(String),
 }
 
+/// What a failure means for the view it concerns (STYLE.md, "errors that classify themselves").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The data is bad (checksum mismatch, undecodable or inconsistent file, invalid
+    /// manifest): discard it and recompute. Retrying cannot help.
+    Corrupt,
+    /// The data may be fine but could not be read or written now (I/O errors such as `EIO`,
+    /// `EMFILE`, `ENOSPC`; a failed task): keep what serves and retry later. Never discard.
+    Transient,
+    /// The request names something that does not exist or cannot be done (an unknown or
+    /// discarded version).
+    Invalid,
+}
+
 impl Error {
+    /// Whether this failure is corruption, transient, or a request that cannot be done.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            // A view file whose checksum matched its manifest but does not decode, or a master
+            // file of the wrong shape, is bad data however often it is read.
+            Error::Corrupt { .. } | Error::Parquet { .. } | Error::Schema { .. } => {
+                ErrorKind::Corrupt
+            }
+            Error::NoSuchVersion(_) | Error::Invalid(_) => ErrorKind::Invalid,
+            Error::Io { .. } | Error::Snapshot(_) | Error::Master(_) | Error::Internal(_) => {
+                ErrorKind::Transient
+            }
+        }
+    }
+
     pub(crate) fn io(path: impl AsRef<Path>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.as_ref().to_path_buf(),

@@ -15,11 +15,11 @@ pub mod store;
 pub mod testing;
 pub mod view;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use kernel::{compute, ComputeStats, Progress, ProgressSnapshot, SketchData, ViewData};
 pub use runner::{
-    BatchRunner, HistoryEntry, LoadedView, RunError, RunOutcome, RunStatus, RunnerConfig,
-    RunningInfo, StageTimings, StartedRun, Trigger,
+    BatchRunner, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig, RunningInfo,
+    StageTimings, StartedRun, Trigger,
 };
 pub use sketch::{relative_error, visitor_hash, VisitorSketch};
 pub use store::{Manifest, ManifestFile, ViewInfo, ViewStatus, ViewStore};

@@ -139,15 +139,6 @@ pub struct HistoryEntry {
     pub trigger: Option<Trigger>,
 }
 
-/// What [`BatchRunner::load_current_view`] found.
-#[derive(Debug)]
-pub struct LoadedView {
-    /// The view to serve (`None`: no good version left).
-    pub view: Option<crate::view::BatchView>,
-    /// Versions found bad and discarded on the way (a rerun is due when not empty).
-    pub discarded: Vec<String>,
-}
-
 /// A run started in the background by [`BatchRunner::try_start`].
 #[derive(Debug)]
 pub struct StartedRun {
@@ -428,43 +419,6 @@ impl BatchRunner {
         };
         let now = self.discard_version(&cur, reason).await?;
         Ok(Some((cur, now)))
-    }
-
-    /// Loads the view `CURRENT` names, for serving. A version that fails verification or cannot
-    /// be read is discarded (history records it) and the newest earlier good version is tried,
-    /// until one loads or none is left. When `discarded` is not empty the caller should start a
-    /// rerun (`Trigger::Recovery`). Other errors (e.g. I/O on `CURRENT`) are returned.
-    pub async fn load_current_view(&self) -> Result<LoadedView, Error> {
-        let mut discarded = Vec::new();
-        loop {
-            let Some(version) = self.inner.store.current()? else {
-                return Ok(LoadedView {
-                    view: None,
-                    discarded,
-                });
-            };
-            let store = self.inner.store.clone();
-            let v = version.clone();
-            match blocking(move || store.load(&v)).await {
-                Ok(view) => {
-                    return Ok(LoadedView {
-                        view: Some(view),
-                        discarded,
-                    })
-                }
-                Err(
-                    e @ (Error::Corrupt { .. }
-                    | Error::Parquet { .. }
-                    | Error::NoSuchVersion(_)
-                    | Error::Invalid(_)),
-                ) => {
-                    tracing::error!(version = %version, error = %e, "batch view failed verification, discarding it");
-                    self.discard_version(&version, &e.to_string()).await?;
-                    discarded.push(version);
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 
     async fn record(&self, entry: HistoryEntry) {

@@ -504,7 +504,8 @@ mod runner {
         assert_eq!(h[0].version.as_deref(), Some(o5.version.as_str()));
         assert!(h[1..].iter().all(|e| e.status == RunStatus::Ok));
 
-        // A corrupted current view is never served: discarded, the previous good one loads.
+        // A corrupted view fails to load as corruption (the serving layer's ViewManager then
+        // discards it); a missing one is not corruption.
         runner.run(Trigger::Admin).await.unwrap();
         let cur = store.current().unwrap().unwrap();
         let counts = store
@@ -514,10 +515,12 @@ mod runner {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
         std::fs::write(&counts, bytes).unwrap();
-        let loaded = runner.load_current_view().await.unwrap();
-        assert_eq!(loaded.discarded, vec![cur.clone()]);
-        assert_eq!(loaded.view.unwrap().version, o4.version);
-        assert_eq!(runner.history()[0].status, RunStatus::Discarded);
+        let err = store.load(&cur).unwrap_err();
+        assert_eq!(err.kind(), tally_batch::ErrorKind::Corrupt, "{err}");
+        let missing = store
+            .load("00000000000000000001-0000000000001")
+            .unwrap_err();
+        assert_eq!(missing.kind(), tally_batch::ErrorKind::Invalid, "{missing}");
         let h = runner.history();
 
         // History is persisted.

@@ -64,6 +64,8 @@ pub enum EventError {
     TsFuture(i64),
     #[error("ts is older than {0} days")]
     TsTooOld(i64),
+    #[error("ts must lie between the years 0001 and 9999")]
+    TsRange,
     #[error("{0} must be a string")]
     FieldType(&'static str),
     #[error("{field} is longer than {max} bytes")]
@@ -150,9 +152,17 @@ fn parse_ts(raw: Option<&RawValue>, now_ms: i64, limits: &IngestLimits) -> Resul
         now_ms
     } else if text.starts_with('"') {
         let s: Cow<'_, str> = serde_json::from_str(text).map_err(|_| EventError::TsType)?;
-        parse_ts_str(&s).ok_or(EventError::TsType)?
+        match parse_ts_str(&s) {
+            Some(ms) => ms,
+            // Valid RFC 3339, but outside the years tally represents.
+            None if chrono::DateTime::parse_from_rfc3339(s.trim()).is_ok() => {
+                return Err(EventError::TsRange)
+            }
+            None => return Err(EventError::TsType),
+        }
     } else {
-        text.parse::<i64>().map_err(|_| EventError::TsType)?
+        let ms = text.parse::<i64>().map_err(|_| EventError::TsType)?;
+        crate::time::checked_ts(ms).ok_or(EventError::TsRange)?
     };
     if ts > now_ms.saturating_add(limits.max_future_ms) {
         return Err(EventError::TsFuture(limits.max_future_ms / 1000));
@@ -303,6 +313,27 @@ mod tests {
             EventError::TsTooOld(3650)
         );
         assert_eq!(e(r#"{"url":"http://a.com/","ts":1.5}"#), EventError::TsType);
+        // A max_age reaching before the year 1 still refuses what tally cannot represent.
+        let ancient = IngestLimits {
+            max_age_ms: i64::MAX,
+            ..lim()
+        };
+        let e_any = |s: &str| parse_event(s, NOW, &ancient).unwrap_err();
+        assert_eq!(
+            e_any(r#"{"url":"http://a.com/","ts":-9223372036854775808}"#),
+            EventError::TsRange
+        );
+        assert_eq!(
+            e_any(r#"{"url":"http://a.com/","ts":"0000-12-31T23:59:59Z"}"#),
+            EventError::TsRange
+        );
+        let before_1970 = parse_event(
+            r#"{"url":"http://a.com/","ts":"1969-07-20T20:17:00Z"}"#,
+            NOW,
+            &ancient,
+        )
+        .unwrap();
+        assert_eq!(before_1970.ts, -14_182_980_000);
         assert_eq!(e(r#"{"ts":1}"#), EventError::MissingUrl);
         assert_eq!(e(r#"{"url":5}"#), EventError::UrlType);
         assert_eq!(e("[1]"), EventError::NotObject);

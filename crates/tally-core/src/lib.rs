@@ -10,7 +10,7 @@ pub mod url;
 pub use event::{parse_body, BodyError, BodyFormat, Event, EventError, IngestLimits};
 pub use seq::Seq;
 pub use time::{
-    day_of, format_rfc3339, hour_of, month_start, now_ms, parse_ts_param, parse_ts_str, DAY_MS,
-    HOUR_MS,
+    checked_ts, day_of, format_rfc3339, hour_of, month_start, now_ms, parse_ts_param, parse_ts_str,
+    DAY_MS, HOUR_MS, MAX_TS_MS, MIN_TS_MS,
 };
 pub use url::{normalize_url, UrlError};

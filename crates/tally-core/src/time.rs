@@ -5,6 +5,19 @@ use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, TimeZone, Utc};
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
 
+/// The earliest instant tally represents, `0001-01-01T00:00:00Z`: the beginning of time for a
+/// range without `from`, and the lower bound of every timestamp it accepts (an event's `ts`, a
+/// query's `from`/`to`). RFC 3339 has four-digit years, and the bound keeps every bucket
+/// computation (`hour * HOUR_MS`, the next midnight) far from `i64` overflow.
+pub const MIN_TS_MS: i64 = -62_135_596_800_000;
+/// The latest instant tally represents, `9999-12-31T23:59:59.999Z`.
+pub const MAX_TS_MS: i64 = 253_402_300_799_999;
+
+/// `ts_ms` when it lies in `[MIN_TS_MS, MAX_TS_MS]`.
+pub fn checked_ts(ts_ms: i64) -> Option<i64> {
+    (MIN_TS_MS..=MAX_TS_MS).contains(&ts_ms).then_some(ts_ms)
+}
+
 /// Hour bucket number (hours since the epoch) of a timestamp.
 pub fn hour_of(ts_ms: i64) -> i64 {
     ts_ms.div_euclid(HOUR_MS)
@@ -26,14 +39,16 @@ pub fn month_start(ts_ms: i64) -> i64 {
     }
 }
 
-/// Parses an RFC 3339 timestamp into epoch milliseconds.
+/// Parses an RFC 3339 timestamp into epoch milliseconds; `None` outside
+/// [`MIN_TS_MS`]..=[`MAX_TS_MS`].
 pub fn parse_ts_str(s: &str) -> Option<i64> {
     DateTime::parse_from_rfc3339(s.trim())
         .ok()
-        .map(|dt| dt.timestamp_millis())
+        .and_then(|dt| checked_ts(dt.timestamp_millis()))
 }
 
-/// Parses a query-string timestamp: RFC 3339 or integer epoch milliseconds.
+/// Parses a query-string timestamp: RFC 3339 or integer epoch milliseconds; `None` outside
+/// [`MIN_TS_MS`]..=[`MAX_TS_MS`].
 pub fn parse_ts_param(s: &str) -> Option<i64> {
     let s = s.trim();
     if !s.is_empty()
@@ -41,7 +56,7 @@ pub fn parse_ts_param(s: &str) -> Option<i64> {
             .enumerate()
             .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
     {
-        return s.parse().ok();
+        return s.parse().ok().and_then(checked_ts);
     }
     parse_ts_str(s)
 }
@@ -78,6 +93,29 @@ mod tests {
         assert_eq!(parse_ts_param("2026-11-21T11:00:00+01:00"), Some(ms));
         assert_eq!(parse_ts_param("yesterday"), None);
         assert_eq!(format_rfc3339(ms + 5), "2026-11-21T10:00:00.005Z");
+    }
+
+    #[test]
+    fn timestamps_outside_years_1_to_9999_are_refused() {
+        assert_eq!(format_rfc3339(MIN_TS_MS), "0001-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(MAX_TS_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(parse_ts_param(&MIN_TS_MS.to_string()), Some(MIN_TS_MS));
+        assert_eq!(parse_ts_param(&MAX_TS_MS.to_string()), Some(MAX_TS_MS));
+        assert_eq!(parse_ts_param(&(MIN_TS_MS - 1).to_string()), None);
+        assert_eq!(parse_ts_param(&(MAX_TS_MS + 1).to_string()), None);
+        assert_eq!(parse_ts_param("9223372036854775807"), None);
+        assert_eq!(parse_ts_param("-9223372036854775808"), None);
+        assert_eq!(parse_ts_param("99999999999999999999999"), None);
+        assert_eq!(
+            parse_ts_param("1969-07-20T20:17:00Z"),
+            Some(-14_182_980_000)
+        );
+        // Bucket arithmetic at the bounds stays in range.
+        assert!(hour_of(MAX_TS_MS)
+            .checked_add(1)
+            .and_then(|h| h.checked_mul(HOUR_MS))
+            .is_some());
+        assert!((day_of(MAX_TS_MS) + 2).checked_mul(DAY_MS).is_some());
     }
 
     #[test]

@@ -43,6 +43,26 @@ pub fn normalize_url(input: &str) -> Result<String, UrlError> {
     Ok(out)
 }
 
+/// Normalises a host name given on its own (a query's `host=` parameter) exactly as
+/// [`normalize_url`] normalises the host of a page URL: lower case, IDNA to punycode
+/// (`bücher.de` → `xn--bcher-kva.de`), a trailing dot kept, a port dropped. So a host filter
+/// matches [`host_of`] of every URL of that host.
+pub fn normalize_host(input: &str) -> Result<String, UrlError> {
+    let h = input.trim();
+    if h.is_empty() {
+        return Err(UrlError::Empty);
+    }
+    if h.contains(['/', '?', '#', '@', '\\']) || h.chars().any(char::is_whitespace) {
+        return Err(UrlError::Invalid(format!(
+            "{h:?} is not a host name such as example.com"
+        )));
+    }
+    let url = normalize_url(&format!("http://{h}/"))?;
+    host_of(&url)
+        .map(str::to_string)
+        .ok_or_else(|| UrlError::Invalid("empty host".to_string()))
+}
+
 /// The host of a normalised URL (what `GET /v1/top?host=` filters on).
 pub fn host_of(normalized: &str) -> Option<&str> {
     let rest = normalized.split_once("://")?.1;
@@ -91,6 +111,29 @@ mod tests {
         ));
         let long = format!("http://example.com/{}", "a".repeat(MAX_URL_BYTES));
         assert_eq!(normalize_url(&long), Err(UrlError::TooLong));
+    }
+
+    #[test]
+    fn a_host_parameter_matches_the_host_of_its_urls() {
+        for (param, page) in [
+            ("bücher.de", "https://BÜCHER.de/x"),
+            ("Example.COM", "http://example.com:8080/a"),
+            ("example.com.", "http://example.com./a"),
+            ("[::1]", "http://[0:0::1]/"),
+            ("example.com:81", "http://example.com/"),
+        ] {
+            let url = normalize_url(page).unwrap();
+            assert_eq!(
+                normalize_host(param).as_deref(),
+                Ok(host_of(&url).unwrap()),
+                "{param} vs {page}"
+            );
+        }
+        assert_eq!(normalize_host("bücher.de").unwrap(), "xn--bcher-kva.de");
+        assert_ne!(normalize_host("example.com.").unwrap(), "example.com");
+        for bad in ["", " ", "a/b", "a?b", "u@h", "a b", "exa mple.com", "[::1"] {
+            assert!(normalize_host(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ use tally_core::{Event, Seq};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 
+mod dataset_id;
 mod epochs;
 pub mod metrics;
 mod parquet_io;
@@ -39,6 +40,7 @@ mod seal;
 mod wal;
 mod writer;
 
+pub use dataset_id::DATASET_ID_FILE;
 pub use parquet_io::{
     master_schema, read_master_file, read_master_file_range, write_master_file, ROW_GROUP_ROWS,
 };
@@ -139,6 +141,8 @@ pub struct MasterStatus {
 /// State shared by the handle, the writer thread and the sealer thread.
 pub(crate) struct Shared {
     pub(crate) paths: DataPaths,
+    /// Random id of this master dataset's history (`data_dir/dataset_id`).
+    pub(crate) dataset_id: String,
     pub(crate) fsync: bool,
     pub(crate) acked: AtomicU64,
     pub(crate) sealed: AtomicU64,
@@ -300,6 +304,7 @@ impl Master {
         if swept > 0 {
             tracing::info!(files = swept, "removed leftover temporary files");
         }
+        let dataset_id = dataset_id::load_or_create(&paths.root)?;
         let epochs = Epochs::load(&paths.epochs)?;
         let rec = recover(&paths, &cfg, &epochs)?;
         let acked = rec.next_seq - 1;
@@ -316,6 +321,7 @@ impl Master {
         let (watch_tx, _) = watch::channel(Seq(acked));
         let shared = Arc::new(Shared {
             paths,
+            dataset_id,
             fsync: cfg.fsync,
             acked: AtomicU64::new(acked),
             sealed: AtomicU64::new(sealed),
@@ -402,6 +408,13 @@ impl Master {
     /// durably records that a new epoch starts at `C + 1`. Atomic with respect to appends.
     pub async fn cut_epoch(&self) -> Result<Seq> {
         self.ask_writer(|reply| WriterCmd::CutEpoch { reply }).await
+    }
+
+    /// The random id of this master dataset's history, created with it (`data_dir/dataset_id`).
+    /// Derived state kept elsewhere is tagged with it so that state of another history is
+    /// never mistaken for this one's.
+    pub fn dataset_id(&self) -> &str {
+        &self.inner.shared.dataset_id
     }
 
     /// Start `seq`s of the known epochs, ascending. The first epoch starts at `Seq(1)`.

@@ -8,7 +8,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
-use crate::state::{AppState, ViewManager};
+use crate::state::AppState;
+use crate::views::ViewManager;
 
 /// Compares in time independent of where the first difference is.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -62,6 +63,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
         "speed_epochs": epochs,
         "redis": if state.speed.redis_up() { "up" } else { "down" },
         "speed_available": state.speed.available(),
+        "recovering": state.views.recovering(),
         "wal_bytes": m.wal_bytes,
         "master_files": m.master_files,
         "uptime_s": state.started.elapsed().as_secs(),
@@ -72,23 +74,27 @@ pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when queries can be answered exactly: a view is not blocked and the speed layer is
-/// available (or there is nothing it would have to add).
+/// Ready when queries are answered exactly: the speed layer still holds the epochs after the
+/// serving view's cutoff, and it is available.
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
-    if state.views.blocked() {
-        reasons.push("no good batch view after a discard; a rerun is in progress");
+    let view = state.views.current();
+    if !state.speed.covers(ViewManager::cutoff(view.as_ref())) {
+        reasons.push(
+            "the speed epochs after the serving batch view were collected; a rerun is publishing a newer view",
+        );
     }
     if !state.speed.redis_up() {
         reasons.push("redis is unreachable");
     } else if !state.speed.available() {
         reasons.push("the speed layer is rebuilding");
     }
-    let cutoff = ViewManager::cutoff(state.views.current().as_ref());
+    // As in /v1/admin/status: null before the first batch view.
+    let cutoff = view.as_ref().map(|v| v.cutoff_seq.get());
     if reasons.is_empty() {
         (
             StatusCode::OK,
-            Json(json!({ "status": "ready", "batch_cutoff_seq": cutoff.get() })),
+            Json(json!({ "status": "ready", "batch_cutoff_seq": cutoff })),
         )
             .into_response()
     } else {

@@ -10,8 +10,9 @@ use tally_batch::{RunError, RunOutcome};
 use tally_core::format_rfc3339;
 
 use crate::error::{ApiError, ApiResult};
-use crate::query::{params, Params};
+use crate::extract::{params, Params};
 use crate::state::AppState;
+use crate::views::DiscardError;
 
 fn wants_wait(q: &std::collections::HashMap<String, String>) -> ApiResult<bool> {
     match q.get("wait").map(String::as_str) {
@@ -54,7 +55,7 @@ async fn finish(state: &AppState, started: tally_batch::StartedRun) -> ApiResult
         .await
         .map_err(ApiError::internal)?
         .map_err(run_error)?;
-    state.views.load_current().await;
+    state.views.refresh().await;
     metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "ok").increment(1);
     metrics::histogram!(crate::metrics::BATCH_DURATION).record(outcome.duration_ms as f64 / 1000.0);
     Ok(outcome)
@@ -83,43 +84,50 @@ pub(crate) async fn post_batch(State(state): State<AppState>, q: Params) -> ApiR
     start(&state, Trigger::Admin, wait).await
 }
 
+/// `POST /v1/admin/batch/discard[?version=V][&wait=true]`: discards the serving view (or
+/// version `V`), serves the newest earlier good one, and reruns the batch layer. The view
+/// manager keeps rerunning (with backoff) until a newer view serves exactly; the run started
+/// here is the first attempt.
 pub(crate) async fn post_discard(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let wait = wants_wait(&q)?;
-    let discarded = state
+    let version = match q.get("version").map(|v| v.trim()) {
+        None => None,
+        Some("") => return Err(ApiError::bad("version must not be empty.")),
+        Some(v) => Some(v.to_string()),
+    };
+    let d = state
         .views
-        .discard_current("discarded by an operator")
+        .discard(version, "discarded by an operator")
         .await
-        .map_err(ApiError::internal)?;
-    // Rerun from the master dataset. If a run is already going, it publishes the new view.
-    match state.runner.try_start(Trigger::Discard) {
+        .map_err(|e| match e {
+            DiscardError::NoSuchVersion(_) => ApiError::NotFound(e.to_string()),
+            DiscardError::AlreadyDiscarded(_) => ApiError::bad(e.to_string()),
+            DiscardError::Store(e) => ApiError::internal(e),
+        })?;
+    let mut body = json!({ "discarded": d.version, "serving": d.serving });
+    match d.rerun {
         Ok(started) => {
-            let run_id = started.run_id.clone();
+            body["run_id"] = json!(started.run_id);
             if wait {
                 let outcome = finish(&state, started).await?;
-                let mut body = outcome_json(&outcome);
-                body["discarded"] = json!(discarded);
-                return Ok((StatusCode::OK, Json(body)).into_response());
+                let mut out = outcome_json(&outcome);
+                out["discarded"] = body["discarded"].take();
+                out["serving"] = json!(state.views.current().map(|v| v.version.clone()));
+                return Ok((StatusCode::OK, Json(out)).into_response());
             }
             let s = state.clone();
             tokio::spawn(async move {
                 if let Err(e) = finish(&s, started).await {
-                    tracing::error!(error = ?e, "rerun after discard failed");
+                    tracing::error!(error = ?e, "rerun after discard failed; the view manager retries");
                 }
             });
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({ "run_id": run_id, "discarded": discarded })),
-            )
-                .into_response())
         }
-        Err(RunError::AlreadyRunning { run_id }) => Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({ "run_id": run_id, "discarded": discarded })),
-        )
-            .into_response()),
-        Err(e) => Err(run_error(e)),
+        // The run going now publishes the new view (the view manager checks that it does).
+        Err(RunError::AlreadyRunning { run_id }) => body["run_id"] = json!(run_id),
+        Err(e) => return Err(run_error(e)),
     }
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 pub(crate) async fn get_batch(State(state): State<AppState>) -> Json<Value> {
@@ -155,15 +163,10 @@ pub async fn scheduled_run(state: AppState) {
     run_in_background(state, Trigger::Schedule).await;
 }
 
-/// Starts a rerun (after a discarded view) in the background.
-pub fn spawn_rerun(state: AppState, trigger: Trigger) {
-    tokio::spawn(run_in_background(state, trigger));
-}
-
 async fn run_in_background(state: AppState, trigger: Trigger) {
     match state.runner.run_with_retries(trigger).await {
         Ok(outcome) => {
-            state.views.load_current().await;
+            state.views.refresh().await;
             metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "ok").increment(1);
             metrics::histogram!(crate::metrics::BATCH_DURATION)
                 .record(outcome.duration_ms as f64 / 1000.0);

@@ -10,20 +10,11 @@ use tally_core::event::{parse_body, BodyError, BodyFormat};
 use tally_core::{now_ms, Event};
 
 use crate::error::{ApiError, ApiResult};
+use crate::extract::body_rejection;
 use crate::state::AppState;
 
 /// Bodies larger than this are parsed off the async runtime.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
-
-pub(crate) fn body_rejection(rejection: BytesRejection, max_body_bytes: usize) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge(format!(
-            "Request body is larger than {max_body_bytes} bytes."
-        ))
-    } else {
-        ApiError::bad(format!("Request body could not be read: {rejection}."))
-    }
-}
 
 pub(crate) async fn post_events(
     State(state): State<AppState>,

@@ -2,13 +2,18 @@
 
 pub mod admin;
 pub mod batch;
+pub mod cache;
+pub mod client_ip;
 pub mod error;
+mod extract;
 pub mod ingest;
 pub mod merge;
 pub mod metrics;
 pub mod plausible;
 pub mod query;
+pub mod salt;
 pub mod state;
+pub mod views;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -19,7 +24,8 @@ use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
-pub use state::{AppState, Inner, Limits, ViewManager};
+pub use state::{AppState, Inner, Limits, ServingConfig};
+pub use views::ViewManager;
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {

@@ -8,7 +8,8 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::state::{AppState, ViewManager};
+use crate::state::AppState;
+use crate::views::ViewManager;
 
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
@@ -29,6 +30,8 @@ pub const REDIS_ERRORS: &str = "tally_redis_errors_total";
 pub const SPEED_APPLIES: &str = "tally_speed_applies_total";
 pub const SPEED_EVENTS_APPLIED: &str = "tally_speed_events_applied_total";
 pub const SPEED_REBUILDS: &str = "tally_speed_rebuilds_total";
+pub const SPEED_COLLECTIONS: &str = "tally_speed_epoch_collections_total";
+pub const VIEW_EXACT: &str = "tally_batch_view_exact";
 
 /// Counts and times every request by its route template.
 pub(crate) async fn track(req: Request, next: Next) -> Response {
@@ -63,7 +66,10 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
     metrics::counter!(SPEED_APPLIES).absolute(speed.applies);
     metrics::counter!(SPEED_EVENTS_APPLIED).absolute(speed.events_applied);
     metrics::counter!(SPEED_REBUILDS).absolute(speed.rebuilds);
+    metrics::counter!(SPEED_COLLECTIONS).absolute(speed.collections);
     let view = state.views.current();
+    let exact = state.speed.covers(ViewManager::cutoff(view.as_ref()));
+    metrics::gauge!(VIEW_EXACT).set(if exact { 1.0 } else { 0.0 });
     metrics::gauge!(VIEW_CUTOFF_SEQ).set(ViewManager::cutoff(view.as_ref()).get() as f64);
     if let Some(v) = &view {
         let age = (tally_core::now_ms() - v.computed_at_ms).max(0) as f64 / 1000.0;

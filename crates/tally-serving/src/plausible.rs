@@ -3,8 +3,6 @@
 //! secret salt, the domain, the client IP and the User-Agent. The raw IP is never stored.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::Mutex;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -16,69 +14,8 @@ use serde_json::Value;
 use tally_core::{day_of, normalize_url, now_ms, Event};
 
 use crate::error::{ApiError, ApiResult};
-use crate::ingest::body_rejection;
+use crate::extract::body_rejection;
 use crate::state::AppState;
-
-/// The secret salt of the current UTC day, persisted so that restarts within a day keep
-/// visitor ids stable, and replaced at UTC midnight so that ids cannot be linked across days.
-pub struct DailySalt {
-    path: PathBuf,
-    current: Mutex<Option<(i64, [u8; 32])>>,
-}
-
-impl DailySalt {
-    pub fn new(path: PathBuf) -> DailySalt {
-        DailySalt {
-            path,
-            current: Mutex::new(None),
-        }
-    }
-
-    /// The salt for `day` (days since the epoch), creating and persisting a new one when the
-    /// day changed.
-    pub fn for_day(&self, day: i64) -> [u8; 32] {
-        let mut guard = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((d, salt)) = *guard {
-            if d == day {
-                return salt;
-            }
-        }
-        let salt = self.read(day).unwrap_or_else(|| {
-            let salt: [u8; 32] = rand::random();
-            self.write(day, &salt);
-            salt
-        });
-        *guard = Some((day, salt));
-        salt
-    }
-
-    fn read(&self, day: i64) -> Option<[u8; 32]> {
-        let text = std::fs::read_to_string(&self.path).ok()?;
-        let v: Value = serde_json::from_str(&text).ok()?;
-        if v.get("day")?.as_i64()? != day {
-            return None;
-        }
-        let hex = v.get("salt")?.as_str()?;
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| {
-                hex.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect::<Option<Vec<u8>>>()?;
-        bytes.try_into().ok()
-    }
-
-    fn write(&self, day: i64, salt: &[u8; 32]) {
-        let hex: String = salt.iter().map(|b| format!("{b:02x}")).collect();
-        let body = serde_json::json!({ "day": day, "salt": hex }).to_string();
-        let tmp = self.path.with_extension("tmp");
-        let result = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "cannot persist the daily salt; visitor ids change on restart today");
-        }
-    }
-}
 
 /// The visitor id: keyed BLAKE3 of domain, IP and User-Agent under the day's salt.
 pub fn visitor_id(salt: &[u8; 32], domain: &str, ip: &IpAddr, user_agent: &str) -> String {
@@ -93,17 +30,6 @@ pub fn visitor_id(salt: &[u8; 32], domain: &str, ip: &IpAddr, user_agent: &str) 
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// The first valid address of `X-Forwarded-For`, else the peer.
-pub fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|s| s.trim().parse::<IpAddr>().ok())
-        .or_else(|| peer.map(|p| p.ip()))
 }
 
 fn field<'a>(v: &'a Value, short: &str, long: &str) -> Option<&'a Value> {
@@ -200,7 +126,9 @@ async fn accept(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let now = now_ms();
-    let visitor = client_ip(headers, peer)
+    let visitor = state
+        .trusted_proxies
+        .client_ip(headers, peer)
         .map(|ip| visitor_id(&state.salt.for_day(day_of(now)), &domain, &ip, user_agent));
     let event = Event {
         ts: now,
@@ -231,29 +159,5 @@ mod tests {
         assert_ne!(a, visitor_id(&s1, "y.com", &ip, "UA"));
         assert_ne!(a, visitor_id(&s2, "x.com", &ip, "UA"));
         assert!(!a.contains("203"));
-    }
-
-    #[test]
-    fn forwarded_for_first_valid_address_wins() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("garbage, 198.51.100.1, 10.0.0.1"),
-        );
-        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        assert_eq!(
-            client_ip(&h, Some(peer)),
-            Some("198.51.100.1".parse().unwrap())
-        );
-        assert_eq!(client_ip(&HeaderMap::new(), Some(peer)), Some(peer.ip()));
-    }
-
-    #[test]
-    fn salt_is_kept_within_a_day_and_rotates() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("salt.json");
-        let a = DailySalt::new(path.clone()).for_day(100);
-        assert_eq!(DailySalt::new(path.clone()).for_day(100), a);
-        assert_ne!(DailySalt::new(path).for_day(101), a);
     }
 }

@@ -3,25 +3,22 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use tally_batch::{relative_error, BatchView, VisitorSketch};
-use tally_core::{format_rfc3339, hour_of, normalize_url, now_ms, parse_ts_param, DAY_MS, HOUR_MS};
+use tally_core::{
+    format_rfc3339, hour_of, normalize_url, now_ms, parse_ts_param, DAY_MS, HOUR_MS, MIN_TS_MS,
+};
 
+use crate::cache::{TopKey, UniquesKey};
 use crate::error::{ApiError, ApiResult};
+use crate::extract::{params, Params};
 use crate::merge::{bucket_series, top_from_maps, top_merge, Granularity};
-use crate::state::{AppState, ViewManager};
-
-pub(crate) type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
-
-pub(crate) fn params(p: Params) -> ApiResult<HashMap<String, String>> {
-    p.map(|Query(q)| q)
-        .map_err(|e| ApiError::bad(format!("The query string is invalid: {e}.")))
-}
+use crate::state::AppState;
+use crate::views::ViewManager;
 
 /// An hour-aligned range `[from_hour, to_hour)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,14 +40,16 @@ pub(crate) fn hour_range(q: &HashMap<String, String>, max_future_ms: i64) -> Api
             None => Ok(None),
             Some(s) => parse_ts_param(s).map(Some).ok_or_else(|| {
                 ApiError::bad(format!(
-                    "{name} must be an RFC 3339 timestamp or epoch milliseconds, not {s:?}."
+                    "{name} must be an RFC 3339 timestamp or epoch milliseconds between the years 0001 and 9999, not {s:?}."
                 ))
             }),
         }
     };
     let from = parse("from")?;
     let to = parse("to")?;
-    let from_hour = from.map_or(0, hour_of);
+    // The beginning of time is the earliest instant any accepted event can have (events before
+    // 1970 are valid with a large `ingest.max_age`), so every endpoint counts the same events.
+    let from_hour = hour_of(from.unwrap_or(MIN_TS_MS));
     let now = now_ms();
     let to_hour = match to {
         Some(t) => hour_of(t),
@@ -100,15 +99,14 @@ pub(crate) fn respond(body: Value, speed_available: bool) -> Response {
     resp
 }
 
-/// The serving view, or 503 while a discarded view left nothing exact to answer from.
-pub(crate) fn serving_view(state: &AppState) -> ApiResult<Option<Arc<BatchView>>> {
-    if state.views.blocked() {
-        return Err(ApiError::Unavailable(
-            "The batch view was discarded and no earlier good view exists; a rerun is in progress."
-                .into(),
-        ));
-    }
-    Ok(state.views.current())
+/// A speed-layer read as the handlers need it: `None` when the speed layer is unavailable
+/// (answer batch-only, degraded), 503 when the serving view's epochs were collected.
+pub(crate) fn speed_read<T>(r: tally_speed::Read<T>) -> ApiResult<Option<T>> {
+    r.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "This answer cannot be exact right now: {e}. A rerun is publishing one; retry shortly."
+        ))
+    })
 }
 
 pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
@@ -123,13 +121,13 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
         })?,
     };
     let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
-    let view = serving_view(&state)?;
+    let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let batch_views = view
         .as_ref()
         .map_or(0, |v| v.range_views(&url, range.from_hour, range.to_hour));
     let speed = &state.speed;
-    let speed_views = speed.views(&url, cutoff, range.from_hour, range.to_hour);
+    let speed_views = speed_read(speed.views(&url, cutoff, range.from_hour, range.to_hour))?;
     let speed_available = speed_views.is_some();
     let speed_views = speed_views.unwrap_or(0);
     let mut body = json!({
@@ -148,8 +146,7 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
             .map(|v| v.hour_counts(&url, range.from_hour, range.to_hour))
             .unwrap_or_default();
         let speed_hours = if speed_available {
-            speed
-                .hour_counts(&url, cutoff, range.from_hour, range.to_hour)
+            speed_read(speed.hour_counts(&url, cutoff, range.from_hour, range.to_hour))?
                 .unwrap_or_default()
         } else {
             Vec::new()
@@ -178,11 +175,13 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
     };
     let host = match q.get("host") {
         None => None,
-        Some(h) if h.trim().is_empty() => return Err(ApiError::bad("host must not be empty.")),
-        Some(h) => Some(h.trim().trim_end_matches('.').to_ascii_lowercase()),
+        Some(h) => Some(
+            tally_core::url::normalize_host(h)
+                .map_err(|e| ApiError::bad(format!("The host parameter is invalid: {e}.")))?,
+        ),
     };
     let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
-    let view = serving_view(&state)?;
+    let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     // A ranking is a pure function of the batch view, the speed state (which changes only
     // when the applied seq does) and the parameters: answer repeats from a small cache.
@@ -209,7 +208,7 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
                 &range,
                 host.as_deref(),
                 limit,
-            );
+            )?;
             let items = Arc::new(items);
             if speed_available {
                 state.top_cache.put(key, items.clone());
@@ -236,7 +235,7 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     // Day-aligned: `from` down to its midnight, `to` up to the next one.
     let from_day = (range.from_hour * HOUR_MS).div_euclid(DAY_MS);
     let to_day = (range.to_hour * HOUR_MS + DAY_MS - 1).div_euclid(DAY_MS);
-    let view = serving_view(&state)?;
+    let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let precision = view
         .as_ref()
@@ -263,16 +262,15 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
                     .map_err(ApiError::internal)?,
                 None => None,
             };
-            let hashes = state.speed.visitor_hashes(&url, cutoff, from_day, to_day);
+            let hashes = speed_read(state.speed.visitor_hashes(&url, cutoff, from_day, to_day))?;
             let speed_available = hashes.is_some();
             let mut merged = match batch {
                 Some(s) => s,
                 None => VisitorSketch::new(precision).map_err(ApiError::internal)?,
             };
             if let Some(hashes) = hashes.filter(|h| !h.is_empty()) {
-                // The speed layer keeps 64-bit SipHash values; sketches use their high 32 bits
-                // (`tally_core::sketch`), so a visitor in both layers is one hash.
-                let hashes = hashes.into_iter().map(tally_core::sketch::narrow).collect();
+                // The same 32-bit visitor hash as the batch sketches (`tally_core::sketch`), so
+                // a visitor in both layers is one hash.
                 let speed =
                     VisitorSketch::from_hashes(precision, hashes).map_err(ApiError::internal)?;
                 merged.merge(&speed).map_err(ApiError::internal)?;
@@ -306,7 +304,7 @@ fn rank_top(
     range: &HourRange,
     host: Option<&str>,
     limit: usize,
-) -> (Vec<(String, u64)>, bool) {
+) -> ApiResult<(Vec<(String, u64)>, bool)> {
     let empty = HashMap::new();
     let rank = |speed: &HashMap<&str, u64>| match view {
         None => top_from_maps(std::iter::empty(), speed, limit),
@@ -322,92 +320,17 @@ fn rank_top(
         }
     };
     // Ranked under the speed mirror's read lock, without copying its URLs.
-    match state
-        .speed
-        .with_range_totals(cutoff, range.from_hour, range.to_hour, host, |speed| {
-            rank(speed)
-        }) {
+    let ranked = speed_read(state.speed.with_range_totals(
+        cutoff,
+        range.from_hour,
+        range.to_hour,
+        host,
+        |speed| rank(speed),
+    ))?;
+    Ok(match ranked {
         Some(items) => (items, true),
         None => (rank(&empty), false),
-    }
-}
-
-/// What a top-N ranking depends on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TopKey {
-    version: Option<String>,
-    applied: tally_core::Seq,
-    limit: usize,
-    host: Option<String>,
-    from_hour: i64,
-    to_hour: i64,
-}
-
-/// What a unique-visitor estimate depends on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UniquesKey {
-    version: Option<String>,
-    applied: tally_core::Seq,
-    url: String,
-    from_day: i64,
-    to_day: i64,
-}
-
-/// A key that names the speed-layer state it was computed from.
-pub trait AtApplied: Eq + std::hash::Hash {
-    fn applied(&self) -> tally_core::Seq;
-}
-
-impl AtApplied for TopKey {
-    fn applied(&self) -> tally_core::Seq {
-        self.applied
-    }
-}
-
-impl AtApplied for UniquesKey {
-    fn applied(&self) -> tally_core::Seq {
-        self.applied
-    }
-}
-
-/// Recent answers that are pure functions of the serving view, the speed state (which changes
-/// only when the applied seq does) and the parameters. Entries for an older applied seq are
-/// never hit again and are dropped when the cache is full.
-pub struct ResultCache<K, V>(std::sync::Mutex<HashMap<K, Arc<V>>>);
-
-impl<K, V> Default for ResultCache<K, V> {
-    fn default() -> Self {
-        ResultCache(std::sync::Mutex::new(HashMap::new()))
-    }
-}
-
-/// Recent `/v1/top` rankings (`(url, views)`, best first).
-pub type TopCache = ResultCache<TopKey, Vec<(String, u64)>>;
-/// Recent `/v1/uniques` answers: `(uniques, exact)`.
-pub type UniquesCache = ResultCache<UniquesKey, (u64, bool)>;
-
-const RESULT_CACHE_ENTRIES: usize = 1024;
-
-impl<K: AtApplied, V> ResultCache<K, V> {
-    fn get(&self, key: &K) -> Option<Arc<V>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
-    }
-
-    fn put(&self, key: K, value: Arc<V>) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= RESULT_CACHE_ENTRIES {
-            let applied = key.applied();
-            map.retain(|k, _| k.applied() == applied);
-            if map.len() >= RESULT_CACHE_ENTRIES {
-                map.clear();
-            }
-        }
-        map.insert(key, value);
-    }
+    })
 }
 
 #[cfg(test)]
@@ -427,7 +350,7 @@ mod tests {
         let r = hour_range(&q(&[]), 300_000).unwrap();
         let after = hour_of(now_ms()) + 1;
         assert!(r.to_hour == before || r.to_hour == after);
-        assert_eq!(r.from_hour, 0);
+        assert_eq!(r.from_hour, hour_of(MIN_TS_MS));
         // Without any future slack the range covers every accepted event.
         assert!(hour_range(&q(&[]), 0).unwrap().unbounded);
     }
@@ -457,5 +380,13 @@ mod tests {
         )
         .is_err());
         assert!(hour_range(&q(&[("from", "yesterday")]), 0).is_err());
+        // Bounds that would overflow the bucket arithmetic are refused, not wrapped.
+        assert!(hour_range(&q(&[("to", "9223372036854775807")]), 0).is_err());
+        assert!(hour_range(&q(&[("from", "-9223372036854775808")]), 0).is_err());
+        let far = hour_range(&q(&[("to", "253402300799999")]), 0).unwrap();
+        assert_eq!(
+            format_rfc3339(far.to_hour * HOUR_MS),
+            "9999-12-31T23:00:00Z"
+        );
     }
 }

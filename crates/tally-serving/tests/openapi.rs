@@ -3,8 +3,7 @@
 //! method on a documented path is 405, and every path the router declares is documented.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::AtomicI64;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
@@ -12,7 +11,7 @@ use serde_json::Value;
 use tally_batch::{BatchRunner, RunnerConfig, ViewStore};
 use tally_core::event::IngestLimits;
 use tally_master::{Master, MasterConfig};
-use tally_serving::{router, AppState, Inner, Limits, ViewManager, OPENAPI_JSON};
+use tally_serving::{router, AppState, Limits, ServingConfig, OPENAPI_JSON};
 use tally_speed::{SpeedConfig, SpeedLayer};
 use tower::ServiceExt;
 
@@ -41,28 +40,27 @@ async fn state(dir: &std::path::Path) -> AppState {
     .await;
     let store = ViewStore::open(dir.join("views").join("batch")).expect("view store");
     let runner = BatchRunner::new(store, master.clone(), RunnerConfig::default());
-    let views = std::sync::Arc::new(ViewManager::new(runner.clone(), speed.clone()));
-    AppState::new(Inner {
+    AppState::new(
         master,
         speed,
-        views,
         runner,
-        limits: Limits {
-            ingest: IngestLimits::default(),
-            max_body_bytes: 1 << 20,
-            request_timeout: Duration::from_secs(30),
-            max_concurrency: 64,
+        ServingConfig {
+            limits: Limits {
+                ingest: IngestLimits::default(),
+                max_body_bytes: 1 << 20,
+                request_timeout: Duration::from_secs(30),
+                max_concurrency: 64,
+            },
+            admin_token: None,
+            schedule: "0 0 */8 * * *".into(),
+            sketch_precision: 14,
+            fallback_views: 1,
+            trusted_proxies: Default::default(),
+            salt_path: dir.join("salt.json"),
+            result_cache: true,
         },
-        admin_token: None,
-        started: Instant::now(),
-        schedule: "0 0 */8 * * *".into(),
-        sketch_precision: 14,
-        next_run_ms: AtomicI64::new(0),
-        salt: tally_serving::plausible::DailySalt::new(dir.join("salt.json")),
-        top_cache: Default::default(),
-        uniques_cache: Default::default(),
-        render_metrics: Box::new(String::new),
-    })
+        Box::new(String::new),
+    )
 }
 
 fn documented() -> BTreeMap<String, BTreeSet<String>> {

@@ -1,6 +1,6 @@
-//! Pre-aggregation of an apply batch: events → per (epoch, url, hour) counts and per (epoch,
-//! url) totals. Pure; the applier turns each [`EpochDelta`] into one Redis transaction and, once
-//! it committed, into one mirror update.
+//! Pre-aggregation of an apply batch: events → per (epoch, url, hour) counts, per (epoch, url)
+//! totals and distinct (day, visitor) pairs. Pure; the applier turns each [`EpochDelta`] into one
+//! Redis script and, once it committed, into one mirror update.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tally_core::{day_of, hour_of, Seq};
 use tally_master::SeqEvent;
 
-use crate::sketch::visitor_hash;
+use crate::keys::visitor_member;
 
 /// The increments of one URL in one epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -17,8 +17,9 @@ pub(crate) struct UrlDelta {
     pub(crate) hours: BTreeMap<i64, u64>,
     /// Sum of `hours`.
     pub(crate) total: u64,
-    /// UTC day number → distinct visitor hashes (events without a visitor do not count).
-    pub(crate) days: BTreeMap<i64, BTreeSet<u64>>,
+    /// Distinct (UTC day, visitor) pairs as [`visitor_member`]s (events without a visitor do
+    /// not count).
+    pub(crate) visitors: BTreeSet<i64>,
 }
 
 /// The increments of one apply batch that fall into one epoch.
@@ -78,10 +79,10 @@ where
         *u.hours.entry(hour_of(ev.event.ts)).or_insert(0) += 1;
         u.total += 1;
         if let Some(v) = &ev.event.visitor {
-            u.days
-                .entry(day_of(ev.event.ts))
-                .or_default()
-                .insert(visitor_hash(v));
+            u.visitors.insert(visitor_member(
+                day_of(ev.event.ts),
+                tally_core::sketch::visitor_hash32(v.as_bytes()),
+            ));
         }
     }
     out
@@ -154,12 +155,10 @@ pub(crate) mod tests {
         let deltas = aggregate([a, b, c, d], &[Seq(1)]);
         let u = &deltas[0].urls["a"];
         assert_eq!(u.total, 4);
+        let h = |v: &str| tally_core::sketch::visitor_hash32(v.as_bytes());
         assert_eq!(
-            u.days,
-            BTreeMap::from([
-                (0, BTreeSet::from([visitor_hash("v1")])),
-                (1, BTreeSet::from([visitor_hash("v2")])),
-            ])
+            u.visitors,
+            BTreeSet::from([visitor_member(0, h("v1")), visitor_member(1, h("v2"))])
         );
     }
 

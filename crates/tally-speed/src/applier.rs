@@ -26,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{aggregate, epoch_of, EpochDelta};
-use crate::keys::Keys;
+use crate::keys::{instance_marker, marker_is_ours, Keys};
 use crate::mirror::Mirror;
-use crate::store::{ApplyOutcome, Store};
+use crate::store::{ApplyOutcome, LoadedEpoch, Store};
 use crate::{Counters, Error, Result, Shared, SpeedConfig};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -53,7 +53,7 @@ struct Applier {
     shared: Arc<Shared>,
     store: Store,
     acked: watch::Receiver<Seq>,
-    /// Our instance id, as written in `{prefix}instance`.
+    /// Our instance marker, as written in `{prefix}instance` (`keys::instance_marker`).
     instance: Option<String>,
     /// The mirror holds what Redis holds (set by a load or a rebuild).
     loaded: bool,
@@ -64,7 +64,6 @@ struct Applier {
     rebuild_target: Option<Seq>,
     /// Epochs starting before this are garbage.
     floor: Seq,
-    gc_done: u64,
 }
 
 pub(crate) async fn run(
@@ -104,8 +103,14 @@ pub(crate) async fn run(
         pos: Seq::ZERO,
         rebuild_target: None,
         floor: Seq::ZERO,
-        gc_done: 0,
     };
+    if let Some(policy) = a.store.eviction_policy().await {
+        if policy != "noeviction" {
+            warn!(%policy, "redis may evict keys under memory pressure (maxmemory-policy is not \
+                noeviction): evicted speed-layer keys would lose counts until the next batch run; \
+                set maxmemory-policy noeviction");
+        }
+    }
     let mut phase = Phase::Sync;
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -149,7 +154,8 @@ fn live_epochs(master: &Master, floor: Seq) -> Vec<Seq> {
     v
 }
 
-fn new_instance_id() -> String {
+/// A random-enough id for a new incarnation of the speed state.
+fn new_incarnation() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -207,13 +213,30 @@ impl Applier {
     /// Checks that Redis still holds our state; reloads the mirror from Redis when it differs.
     async fn sync(&mut self) -> Result<Phase> {
         let inst = self.store.instance().await?;
-        let Some(inst) = inst else {
-            self.shared.ready.store(false, Ordering::Release);
-            self.shared.redis_up.store(true, Ordering::Release);
-            warn!("redis holds no speed state (restarted empty?); rebuilding");
-            return Ok(Phase::Rebuild);
-        };
         self.shared.redis_up.store(true, Ordering::Release);
+        let inst = match inst {
+            None => {
+                self.shared.ready.store(false, Ordering::Release);
+                if self.loaded {
+                    warn!("redis no longer holds the speed state (restarted empty?); rebuilding it from the master dataset");
+                } else {
+                    info!("redis holds no speed state yet; building it from the master dataset");
+                }
+                return Ok(Phase::Rebuild);
+            }
+            Some(m) if !marker_is_ours(&m, self.master.dataset_id()) => {
+                self.shared.ready.store(false, Ordering::Release);
+                warn!(
+                    marker = %m,
+                    dataset_id = self.master.dataset_id(),
+                    "redis holds speed state of another master dataset or key layout (a replaced \
+                     data_dir, or two servers sharing one redis.key_prefix); rebuilding it from \
+                     this dataset"
+                );
+                return Ok(Phase::Rebuild);
+            }
+            Some(m) => m,
+        };
         let live = live_epochs(&self.master, self.floor);
         if self.loaded && self.instance.as_deref() == Some(inst.as_str()) {
             let in_redis = self.store.applied_of(&live).await?;
@@ -231,6 +254,8 @@ impl Applier {
     }
 
     /// Replaces the mirror with what Redis holds for the live epochs and resumes after it.
+    /// State that cannot be the result of in-order applies — an epoch missing before one that
+    /// has state, a URL id naming two URLs — is rebuilt rather than trusted.
     async fn load(&mut self, inst: String, live: Vec<Seq>) -> Result<Phase> {
         self.shared.ready.store(false, Ordering::Release);
         for e in self.store.listed_epochs().await? {
@@ -242,14 +267,23 @@ impl Applier {
                 self.store.delete_epoch(e).await?;
             }
         }
-        let mut m = Mirror::default();
-        let mut pos = Seq(live[0].0.saturating_sub(1));
+        let mut loaded: Vec<(Seq, Option<LoadedEpoch>)> = Vec::with_capacity(live.len());
         for e in &live {
-            if let Some(state) = self.store.load_epoch(*e).await? {
-                pos = pos.max(state.applied);
-                m.epochs.insert(*e, state);
-            }
+            loaded.push((*e, self.store.load_epoch(*e).await?));
         }
+        let m = match mirror_from(live[0], loaded) {
+            Ok(m) => m,
+            Err(reason) => {
+                warn!(%reason, "speed state in redis is not consistent; rebuilding it");
+                return Ok(Phase::Rebuild);
+            }
+        };
+        let pos = m
+            .epochs
+            .values()
+            .map(|e| e.applied)
+            .max()
+            .unwrap_or(Seq(live[0].0.saturating_sub(1)));
         let acked = self.master.acked_seq();
         if pos > acked {
             warn!(
@@ -259,7 +293,7 @@ impl Applier {
             );
             return Ok(Phase::Rebuild);
         }
-        let urls: usize = m.epochs.values().map(|e| e.urls.len()).sum();
+        let urls = m.dict.len();
         Counters::bump(&self.shared.counters.loads, 1);
         *self.mirror_write() = m;
         self.instance = Some(inst);
@@ -284,10 +318,10 @@ impl Applier {
         for e in doomed {
             self.store.delete_epoch(e).await?;
         }
-        let id = new_instance_id();
-        self.store.set_instance(&id).await?;
-        *self.mirror_write() = Mirror::default();
-        self.instance = Some(id);
+        let marker = instance_marker(self.master.dataset_id(), &new_incarnation());
+        self.store.set_instance(&marker).await?;
+        *self.mirror_write() = Mirror::empty(live[0]);
+        self.instance = Some(marker);
         self.loaded = true;
         self.set_pos(Seq(live[0].0.saturating_sub(1)));
         let target = self.master.acked_seq();
@@ -336,8 +370,11 @@ impl Applier {
             "speed applier batch"
         );
         for d in deltas {
-            let expected = self.mirror_applied(d.epoch);
-            match self.store.apply(&instance, expected, &d).await? {
+            let (expected, ids) = {
+                let m = self.shared.mirror.read().unwrap_or_else(|p| p.into_inner());
+                (m.applied_in(d.epoch), m.assign_ids(&d))
+            };
+            match self.store.apply(&instance, expected, &d, &ids).await? {
                 ApplyOutcome::Applied => {}
                 // An earlier attempt of this very batch committed but its reply was lost.
                 ApplyOutcome::Mismatch(cur) if cur == d.last => {
@@ -360,8 +397,21 @@ impl Applier {
                     warn!("redis lost the speed state; resyncing");
                     return Ok(Phase::Sync);
                 }
+                ApplyOutcome::IdConflict(id) => {
+                    error!(
+                        epoch = d.epoch.0,
+                        id, "redis maps a URL id to another URL than the mirror; reloading"
+                    );
+                    self.loaded = false;
+                    return Ok(Phase::Sync);
+                }
             }
-            self.mirror_write().apply(&d);
+            let applied = self.mirror_write().apply(&d, &ids);
+            if let Err(reason) = applied {
+                error!(%reason, "the mirror refused a committed apply; reloading it from redis");
+                self.loaded = false;
+                return Ok(Phase::Sync);
+            }
             self.set_pos(d.last);
             Counters::bump(&self.shared.counters.applies, 1);
             Counters::bump(&self.shared.counters.events_applied, d.events());
@@ -432,37 +482,68 @@ impl Applier {
         Ok((through, deltas))
     }
 
-    /// Deletes the epochs below the requested GC floor from Redis and the mirror, then lets the
-    /// master dataset forget them.
+    /// Collects the epochs that no view which may serve needs: those ending at or before the
+    /// retained cutoff (`SpeedLayer::retain_after`), read now — not when the collection was
+    /// scheduled — so a discard in between lowers it. Order: the master dataset forgets them
+    /// (durably: a restart never lists them again), then the mirror drops them and raises its
+    /// coverage floor under its write lock (reads for older cutoffs are refused from then on),
+    /// then Redis deletes their keys.
     async fn maybe_gc(&mut self) -> Result<()> {
-        let requested = self.shared.gc_floor.load(Ordering::Acquire);
-        if requested <= self.gc_done || !self.loaded {
+        if !self.loaded || !self.shared.gc_due.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        // Never cut into an epoch: keep the one that contains the requested floor.
+        Counters::bump(&self.shared.counters.collections, 1);
+        let retain = Seq(self.shared.retain_after.load(Ordering::Acquire));
+        // Never cut into an epoch: keep the one that contains the first retained seq.
         let starts = self.master.epochs();
-        let floor = epoch_of(&starts, Seq(requested)).unwrap_or(Seq(requested));
-        let mut doomed: BTreeSet<Seq> = self.store.listed_epochs().await?.into_iter().collect();
-        doomed.extend(
-            self.shared
-                .mirror
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .epochs
-                .keys()
-                .copied(),
-        );
-        for e in doomed.into_iter().filter(|e| *e < floor) {
-            self.store.delete_epoch(e).await?;
-            self.mirror_write().epochs.remove(&e);
-            info!(epoch = e.0, "speed epoch deleted");
+        let floor = epoch_of(&starts, retain.next()).unwrap_or(retain.next());
+        if floor <= self.floor.max(starts.first().copied().unwrap_or(Seq(1))) {
+            return Ok(());
         }
-        self.floor = self.floor.max(floor);
         let master = self.master.clone();
         tokio::task::spawn_blocking(move || master.forget_epochs_before(floor))
             .await
             .map_err(|e| Error::Task(e.to_string()))??;
-        self.gc_done = requested;
+        self.floor = self.floor.max(floor);
+        self.mirror_write().collect_before(floor);
+        let doomed: Vec<Seq> = self
+            .store
+            .listed_epochs()
+            .await?
+            .into_iter()
+            .filter(|e| *e < floor)
+            .collect();
+        for e in doomed {
+            self.store.delete_epoch(e).await?;
+            info!(epoch = e.0, "speed epoch deleted");
+        }
         Ok(())
     }
+}
+
+/// The mirror of the live epochs `loaded` (ascending; `None`: no state in Redis) whose first
+/// epoch starts at `floor`. Refuses state that in-order applies cannot produce.
+fn mirror_from(floor: Seq, loaded: Vec<(Seq, Option<LoadedEpoch>)>) -> Result<Mirror, String> {
+    let mut m = Mirror::empty(floor);
+    // Applies go in seq order: an epoch with state means every earlier epoch had its events
+    // applied, and each closed epoch holds at least one event.
+    if let Some(last_with_state) = loaded.iter().rposition(|(_, s)| s.is_some()) {
+        if let Some((e, _)) = loaded[..last_with_state].iter().find(|(_, s)| s.is_none()) {
+            return Err(format!(
+                "epoch {e} has no state but a later one has (keys lost or evicted?)"
+            ));
+        }
+    }
+    for (start, state) in loaded {
+        let Some(state) = state else { continue };
+        let e = m.epochs.entry(start).or_default();
+        e.applied = state.applied;
+        for (id, url, counts) in state.urls {
+            m.dict
+                .insert(id, &url)
+                .map_err(|r| format!("epoch {start}: {r}"))?;
+            e.urls.insert(id, counts);
+        }
+    }
+    Ok(m)
 }

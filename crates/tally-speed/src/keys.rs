@@ -1,20 +1,32 @@
-//! Redis key names of the speed layer and the stable URL hash used in them.
+//! Redis key names of the speed layer.
 //!
 //! Layout under the configured prefix `P` (e.g. `tally:`):
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P instance` | string | random id of the Redis "incarnation" our state lives in; missing = Redis lost our state |
+//! | `P instance` | string | `{LAYOUT}/{dataset_id}/{incarnation}`: whose state this is (see below); missing = Redis lost our state |
 //! | `P epochs` | set | start seqs of the epochs that have keys |
 //! | `P e:{start}:applied` | string | last seq of the epoch applied (written in the same script as the increments) |
-//! | `P e:{start}:h:{url_hash}` | hash | hour number → views |
-//! | `P e:{start}:top` | zset | url → views in the epoch (top-N) |
-//! | `P e:{start}:urls` | hash | url_hash → url (so the hour keys can be mapped back and deleted) |
+//! | `P e:{start}:urls` | hash | URL id → URL |
+//! | `P e:{start}:h:{id}` | hash | hour number → views of URL `id` |
+//! | `P e:{start}:v:{id}` | set | distinct visitors of URL `id`, one integer per (UTC day, visitor): [`visitor_member`] |
 //!
-//! | `P e:{start}:v:{url_hash}:{day}` | set | distinct visitor hashes (as i64) of the url on that UTC day |
-//! | `P e:{start}:vkeys` | set | names of the epoch's visitor sets (to load and delete them) |
+//! **URL ids, not URL hashes.** The applier — the only writer — gives each URL a small integer
+//! id, unique among the URLs of the live epochs (the mirror holds the dictionary; a reload takes
+//! it back from the `urls` hashes). Two URLs can never share keys, whatever a client sends: a
+//! hash of the URL, even a keyed one, can collide, and anyone who can post events could then
+//! move counts between URLs. The apply script also refuses to write a URL under an id that
+//! Redis maps to another URL, so a mirror that disagrees with Redis never merges two URLs.
+//!
+//! **The instance marker** names the key layout, the master dataset's history
+//! (`tally_master::Master::dataset_id`) and the Redis incarnation (a random id set by each
+//! rebuild). State whose marker names another layout or another dataset — Redis kept while the
+//! `data_dir` was replaced — is rebuilt from this dataset, never added to its counts.
 
 use tally_core::Seq;
+
+/// Version of this key layout, the first part of the instance marker.
+pub(crate) const LAYOUT: &str = "v2";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
@@ -40,54 +52,69 @@ impl Keys {
         format!("{}e:{}:applied", self.prefix, epoch.0)
     }
 
-    pub(crate) fn top(&self, epoch: Seq) -> String {
-        format!("{}e:{}:top", self.prefix, epoch.0)
-    }
-
     pub(crate) fn urls(&self, epoch: Seq) -> String {
         format!("{}e:{}:urls", self.prefix, epoch.0)
     }
 
-    pub(crate) fn hours(&self, epoch: Seq, url_hash: &str) -> String {
-        format!("{}e:{}:h:{}", self.prefix, epoch.0, url_hash)
+    pub(crate) fn hours(&self, epoch: Seq, id: &str) -> String {
+        format!("{}e:{}:h:{}", self.prefix, epoch.0, id)
     }
 
-    pub(crate) fn visitor_keys(&self, epoch: Seq) -> String {
-        format!("{}e:{}:vkeys", self.prefix, epoch.0)
+    pub(crate) fn visitors(&self, epoch: Seq, id: &str) -> String {
+        format!("{}e:{}:v:{}", self.prefix, epoch.0, id)
     }
 
-    fn visitors_prefix(&self, epoch: Seq) -> String {
-        format!("{}e:{}:v:", self.prefix, epoch.0)
+    /// Keys of the previous layout (`v1`) that [`Keys::epoch_keys`] does not name: deleted
+    /// with the epoch when state of that layout is rebuilt.
+    pub(crate) fn legacy(&self, epoch: Seq) -> [String; 2] {
+        [
+            format!("{}e:{}:top", self.prefix, epoch.0),
+            format!("{}e:{}:vkeys", self.prefix, epoch.0),
+        ]
     }
 
-    pub(crate) fn visitors(&self, epoch: Seq, url_hash: &str, day: i64) -> String {
-        format!("{}{}:{}", self.visitors_prefix(epoch), url_hash, day)
-    }
-
-    /// `(url_hash, day)` of a key made by [`Keys::visitors`].
-    pub(crate) fn parse_visitors(&self, epoch: Seq, key: &str) -> Option<(String, i64)> {
-        let rest = key.strip_prefix(&self.visitors_prefix(epoch))?;
-        let (h, day) = rest.split_once(':')?;
-        Some((h.to_string(), day.parse().ok()?))
+    /// Every key of an epoch whose `urls` hash lists `ids`.
+    pub(crate) fn epoch_keys<'a>(
+        &self,
+        epoch: Seq,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<String> {
+        let mut keys = Vec::new();
+        for id in ids {
+            keys.push(self.hours(epoch, id));
+            keys.push(self.visitors(epoch, id));
+        }
+        keys.push(self.urls(epoch));
+        keys.push(self.applied(epoch));
+        keys.extend(self.legacy(epoch));
+        keys
     }
 }
 
-/// 16 lowercase hex chars of a stable 64-bit hash of the URL (FNV-1a followed by the
-/// splitmix64 finaliser). Stable across processes, versions and platforms: it names Redis keys
-/// that outlive the process. Collisions among the URLs of one epoch are astronomically unlikely
-/// (~n²/2⁶⁵); the URL itself is kept as the zset member and in `e:{start}:urls`.
-pub(crate) fn url_hash(url: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in url.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^= h >> 31;
-    format!("{h:016x}")
+/// The instance marker of a new incarnation of `dataset_id`'s state.
+pub(crate) fn instance_marker(dataset_id: &str, incarnation: &str) -> String {
+    format!("{LAYOUT}/{dataset_id}/{incarnation}")
+}
+
+/// Whether `marker` is state of this layout and this dataset.
+pub(crate) fn marker_is_ours(marker: &str, dataset_id: &str) -> bool {
+    marker
+        .strip_prefix(LAYOUT)
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|r| r.strip_prefix(dataset_id))
+        .is_some_and(|r| r.starts_with('/'))
+}
+
+/// One member of a `v:{id}` set: the UTC day in the high 32 bits, the visitor's 32-bit sketch
+/// hash (`tally_core::sketch::visitor_hash32`) in the low 32. One set per (epoch, URL) holds
+/// every day; Redis stores small sets of integers as compact intsets.
+pub(crate) fn visitor_member(day: i64, hash32: u32) -> i64 {
+    (day << 32) | i64::from(hash32)
+}
+
+/// `(day, hash32)` of a [`visitor_member`].
+pub(crate) fn split_visitor_member(m: i64) -> (i64, u32) {
+    (m >> 32, (m & 0xffff_ffff) as u32)
 }
 
 #[cfg(test)]
@@ -100,33 +127,33 @@ mod tests {
         assert_eq!(k.instance(), "tally:instance");
         assert_eq!(k.epochs(), "tally:epochs");
         assert_eq!(k.applied(Seq(101)), "tally:e:101:applied");
-        assert_eq!(k.top(Seq(1)), "tally:e:1:top");
         assert_eq!(k.urls(Seq(1)), "tally:e:1:urls");
-        assert_eq!(
-            k.hours(Seq(7), "0123456789abcdef"),
-            "tally:e:7:h:0123456789abcdef"
-        );
-        assert_eq!(k.visitor_keys(Seq(7)), "tally:e:7:vkeys");
-        let v = k.visitors(Seq(7), "0123456789abcdef", -3);
-        assert_eq!(v, "tally:e:7:v:0123456789abcdef:-3");
-        assert_eq!(
-            k.parse_visitors(Seq(7), &v),
-            Some(("0123456789abcdef".to_string(), -3))
-        );
-        assert_eq!(k.parse_visitors(Seq(8), &v), None);
+        assert_eq!(k.hours(Seq(7), "12"), "tally:e:7:h:12");
+        assert_eq!(k.visitors(Seq(7), "12"), "tally:e:7:v:12");
+        let all = k.epoch_keys(Seq(7), ["0", "1"]);
+        assert_eq!(all.len(), 2 * 2 + 4);
+        assert!(all.contains(&"tally:e:7:top".to_string()));
     }
 
     #[test]
-    fn url_hash_is_stable_and_sixteen_hex_chars() {
-        let a = url_hash("http://example.com/a");
-        assert_eq!(a.len(), 16);
-        assert!(a
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        assert_eq!(a, url_hash("http://example.com/a"));
-        assert_ne!(a, url_hash("http://example.com/b"));
-        // Pinned: the hash names keys that outlive the process, so it must never change.
-        assert_eq!(a, "42504961764fec74");
-        assert_eq!(url_hash(""), "f52a15e9a9b5e89b");
+    fn the_marker_names_layout_and_dataset() {
+        let m = instance_marker("abc", "x1");
+        assert_eq!(m, "v2/abc/x1");
+        assert!(marker_is_ours(&m, "abc"));
+        assert!(!marker_is_ours(&m, "ab"));
+        assert!(!marker_is_ours(&m, "abcd"));
+        assert!(!marker_is_ours("v1/abc/x1", "abc"));
+        // A marker of the previous layout (a bare incarnation id).
+        assert!(!marker_is_ours("18c1f-42-0", "abc"));
+    }
+
+    #[test]
+    fn visitor_members_round_trip_for_any_day() {
+        for day in [0i64, 1, 20_000, -1, -719_162, 2_932_896] {
+            for h in [0u32, 1, u32::MAX, 0x8000_0000] {
+                assert_eq!(split_visitor_member(visitor_member(day, h)), (day, h));
+            }
+        }
+        assert!(visitor_member(0, 5) < visitor_member(1, 0));
     }
 }

@@ -5,13 +5,15 @@
 //!   script per epoch touched. The script also sets the epoch's applied seq, as a compare-and-set
 //!   on the previous one, so a crash, timeout or reconnect never applies a batch twice or skips
 //!   one (`store.rs`).
-//! - Per (epoch, URL, UTC day) the script also adds the distinct visitor hashes to a Redis set
-//!   ([`sketch`]), so `/v1/uniques` can merge them with the batch view's day sketches.
+//! - Per (epoch, URL) the script also adds the distinct (UTC day, visitor hash) pairs to a Redis
+//!   set ([`sketch`]), so `/v1/uniques` can merge them with the batch view's day sketches.
 //! - After each committed script the applier updates an in-process **mirror** (`mirror.rs`);
 //!   queries read the mirror, never Redis, so they cost a read lock and a few map lookups.
 //! - **Exactness**: a query answered with a batch view of cutoff `C` passes `after_cutoff = C`
 //!   and gets the sum of exactly the epochs starting after `C`. Every epoch start is `cutoff + 1`
-//!   of some batch run, so those epochs hold exactly the events with `seq > C`.
+//!   of some batch run, so those epochs hold exactly the events with `seq > C`. Epochs that no
+//!   view which may serve needs are collected ([`SpeedLayer::retain_after`]); a read for a view
+//!   whose epochs were collected is refused with [`NotCovered`], never answered short.
 //! - **Failures**: Redis unreachable → [`SpeedLayer::available`] is false and reads answer
 //!   `None` while the applier retries with backoff (cap 1 s) and then catches up. Redis back empty
 //!   (the `{prefix}instance` marker is gone) → the live epochs are rebuilt from the master
@@ -39,6 +41,24 @@ use tokio_util::sync::CancellationToken;
 use crate::mirror::Mirror;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A read for a batch view whose following epochs were collected: answering it would miss the
+/// events of those epochs. The serving layer answers 503 until a newer view serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error(
+    "the speed layer no longer holds the events after seq {cutoff} (its oldest epoch starts at \
+     {floor}); a newer batch view must serve"
+)]
+pub struct NotCovered {
+    /// The cutoff of the view the read was for.
+    pub cutoff: Seq,
+    /// The start of the oldest epoch the speed layer holds.
+    pub floor: Seq,
+}
+
+/// A speed-layer read: `Ok(Some)` the answer, `Ok(None)` the speed layer is unavailable (Redis
+/// down or rebuilding: answer batch-only, degraded), `Err` the view is not covered.
+pub type Read<T> = std::result::Result<Option<T>, NotCovered>;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -88,6 +108,9 @@ pub struct SpeedStats {
     pub rebuilds: u64,
     /// Failed attempts (Redis unreachable, timeouts, storage errors), each followed by a backoff.
     pub errors: u64,
+    /// Epoch collections considered (each after a grace period following a rise of
+    /// [`SpeedLayer::retain_after`]), whether or not they deleted anything.
+    pub collections: u64,
 }
 
 #[derive(Default)]
@@ -97,6 +120,7 @@ pub(crate) struct Counters {
     pub(crate) loads: AtomicU64,
     pub(crate) rebuilds: AtomicU64,
     pub(crate) errors: AtomicU64,
+    pub(crate) collections: AtomicU64,
 }
 
 impl Counters {
@@ -113,8 +137,11 @@ pub(crate) struct Shared {
     pub(crate) redis_up: AtomicBool,
     /// The mirror is loaded and no rebuild is going on.
     pub(crate) ready: AtomicBool,
-    /// Epochs starting before this may be deleted (0: nothing requested).
-    pub(crate) gc_floor: AtomicU64,
+    /// The smallest cutoff of a view that may serve (see [`SpeedLayer::retain_after`]); the
+    /// epochs ending at or before it may be collected.
+    pub(crate) retain_after: AtomicU64,
+    /// A collection is due (set a grace period after `retain_after` rose).
+    pub(crate) gc_due: AtomicBool,
     pub(crate) gc_wake: Notify,
     pub(crate) counters: Counters,
 }
@@ -145,12 +172,16 @@ impl SpeedLayer {
     /// [`SpeedLayer::available`] says when reads can be trusted. Must be called inside a tokio
     /// runtime.
     pub async fn start(cfg: SpeedConfig, master: Master) -> SpeedLayer {
+        // Until the mirror is loaded, reads are unavailable; its floor is already the oldest
+        // epoch the master dataset lists, so coverage checks hold from the start.
+        let oldest = master.epochs().first().copied().unwrap_or(Seq(1));
         let shared = Arc::new(Shared {
-            mirror: RwLock::new(Mirror::default()),
+            mirror: RwLock::new(Mirror::empty(oldest)),
             applied: AtomicU64::new(0),
             redis_up: AtomicBool::new(false),
             ready: AtomicBool::new(false),
-            gc_floor: AtomicU64::new(0),
+            retain_after: AtomicU64::new(0),
+            gc_due: AtomicBool::new(false),
             gc_wake: Notify::new(),
             counters: Counters::default(),
         });
@@ -181,24 +212,27 @@ impl SpeedLayer {
         }
     }
 
-    fn mirror(&self) -> Option<std::sync::RwLockReadGuard<'_, Mirror>> {
+    fn mirror(&self) -> std::sync::RwLockReadGuard<'_, Mirror> {
+        self.inner
+            .shared
+            .mirror
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the mirror when reads can be trusted (see [`Read`]).
+    fn read<T>(&self, f: impl FnOnce(&Mirror) -> Result<T, NotCovered>) -> Read<T> {
         if !self.available() {
-            return None;
+            return Ok(None);
         }
-        Some(
-            self.inner
-                .shared
-                .mirror
-                .read()
-                .unwrap_or_else(|p| p.into_inner()),
-        )
+        f(&self.mirror()).map(Some)
     }
 
     /// Speed views of `url` in the hours `[from_hour, to_hour)`, summed over the live epochs
     /// starting after `after_cutoff` (the serving batch view's cutoff, or `Seq(0)` without a
-    /// view). `None` when the speed layer is not available.
-    pub fn views(&self, url: &str, after_cutoff: Seq, from_hour: i64, to_hour: i64) -> Option<u64> {
-        Some(self.mirror()?.views(url, after_cutoff, from_hour, to_hour))
+    /// view).
+    pub fn views(&self, url: &str, after_cutoff: Seq, from_hour: i64, to_hour: i64) -> Read<u64> {
+        self.read(|m| m.views(url, after_cutoff, from_hour, to_hour))
     }
 
     /// Non-zero speed views of `url` per hour in `[from_hour, to_hour)`, ascending by hour.
@@ -208,15 +242,14 @@ impl SpeedLayer {
         after_cutoff: Seq,
         from_hour: i64,
         to_hour: i64,
-    ) -> Option<Vec<(i64, u64)>> {
-        Some(
-            self.mirror()?
-                .hour_counts(url, after_cutoff, from_hour, to_hour),
-        )
+    ) -> Read<Vec<(i64, u64)>> {
+        self.read(|m| m.hour_counts(url, after_cutoff, from_hour, to_hour))
     }
 
-    /// Like [`range_totals`](Self::range_totals), but hands `f` a map whose URL keys borrow
-    /// from the speed layer's mirror (no copies), under its read lock: keep `f` short.
+    /// Hands `f` the speed views per URL in `[from_hour, to_hour)` of every URL with views there
+    /// (optionally only those whose host is `host`), for an exact top-N merge with the batch
+    /// view. The URL keys borrow from the mirror (no copies), under its read lock: keep `f`
+    /// short.
     pub fn with_range_totals<R>(
         &self,
         after_cutoff: Seq,
@@ -224,42 +257,44 @@ impl SpeedLayer {
         to_hour: i64,
         host: Option<&str>,
         f: impl FnOnce(&HashMap<&str, u64>) -> R,
-    ) -> Option<R> {
-        let mirror = self.mirror()?;
-        let totals = mirror.range_totals_borrowed(after_cutoff, from_hour, to_hour, host);
-        Some(f(&totals))
+    ) -> Read<R> {
+        self.read(|m| {
+            m.range_totals(after_cutoff, from_hour, to_hour, host)
+                .map(|t| f(&t))
+        })
     }
 
-    /// Speed views per URL in `[from_hour, to_hour)` for every URL with views there (optionally
-    /// only those whose host is `host`), for an exact top-N merge with the batch view.
+    /// [`with_range_totals`](Self::range_totals) into an owned map.
     pub fn range_totals(
         &self,
         after_cutoff: Seq,
         from_hour: i64,
         to_hour: i64,
         host: Option<&str>,
-    ) -> Option<HashMap<String, u64>> {
-        Some(
-            self.mirror()?
-                .range_totals(after_cutoff, from_hour, to_hour, host),
-        )
+    ) -> Read<HashMap<String, u64>> {
+        self.with_range_totals(after_cutoff, from_hour, to_hour, host, |t| {
+            t.iter().map(|(u, n)| (u.to_string(), *n)).collect()
+        })
     }
 
-    /// Distinct visitor hashes ([`sketch::visitor_hash`], identical to the batch layer's) of
-    /// `url` on the UTC days `[from_day, to_day)`, over the live epochs starting after
-    /// `after_cutoff`, ascending. The serving layer builds a sketch from them and merges it with
-    /// the batch view's day sketches. `None` when the speed layer is not available.
+    /// Distinct 32-bit visitor hashes (`tally_core::sketch::visitor_hash32`, the hash the batch
+    /// view's sketches hold) of `url` on the UTC days `[from_day, to_day)`, over the live epochs
+    /// starting after `after_cutoff`, ascending. The serving layer builds a sketch from them and
+    /// merges it with the batch view's day sketches.
     pub fn visitor_hashes(
         &self,
         url: &str,
         after_cutoff: Seq,
         from_day: i64,
         to_day: i64,
-    ) -> Option<Vec<u64>> {
-        Some(
-            self.mirror()?
-                .visitor_hashes(url, after_cutoff, from_day, to_day),
-        )
+    ) -> Read<Vec<u32>> {
+        self.read(|m| m.visitor_hashes(url, after_cutoff, from_day, to_day))
+    }
+
+    /// Whether reads for a batch view with cutoff `cutoff` are answered (none of the epochs
+    /// after it was collected). Independent of Redis being reachable.
+    pub fn covers(&self, cutoff: Seq) -> bool {
+        self.mirror().covers(cutoff)
     }
 
     /// Highest seq whose effect is visible to reads.
@@ -286,18 +321,14 @@ impl SpeedLayer {
             loads: c.loads.load(Ordering::Relaxed),
             rebuilds: c.rebuilds.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
+            collections: c.collections.load(Ordering::Relaxed),
         }
     }
 
     /// The live epochs (as the master dataset lists them) with their applied seq and URL count.
     pub fn epochs(&self) -> Vec<EpochInfo> {
         let starts = self.inner.master.epochs();
-        let m = self
-            .inner
-            .shared
-            .mirror
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let m = self.mirror();
         starts
             .into_iter()
             .map(|start| {
@@ -314,26 +345,25 @@ impl SpeedLayer {
             .collect()
     }
 
-    /// Called by the server after it swapped in a batch view with cutoff `current_cutoff`;
-    /// `previous_good_cutoff` is the cutoff of the view that would serve again if the current one
-    /// were discarded. After `gc_grace`, the epochs that end at or before `previous_good_cutoff`
-    /// (needed by neither view) are deleted from Redis and the mirror, and the master dataset
-    /// forgets them. Without a previous good view nothing is deleted: if the current view were
-    /// discarded, queries would need every epoch.
-    pub fn view_published(&self, current_cutoff: Seq, previous_good_cutoff: Option<Seq>) {
-        let Some(prev) = previous_good_cutoff else {
-            return;
-        };
-        // The fallback view is never newer than the serving one; be safe if it is.
-        let floor = Seq(prev.min(current_cutoff).0 + 1);
+    /// Tells the speed layer the smallest cutoff of the batch views that may serve: the
+    /// serving view and the fallbacks a discard would turn to (`Seq(0)`: keep every epoch).
+    /// When it rises, the epochs ending at or before it are collected after `gc_grace` — with
+    /// the value current *then*, so a discard meanwhile lowers what is collected. A view whose
+    /// epochs were collected anyway (discarded further back than the fallbacks) gets
+    /// [`NotCovered`] on every read, never a short count.
+    pub fn retain_after(&self, cutoff: Seq) {
         let shared = self.inner.shared.clone();
+        let prev = shared.retain_after.swap(cutoff.0, Ordering::AcqRel);
+        if cutoff.0 <= prev {
+            return;
+        }
         let cancel = self.inner.cancel.child_token();
         let grace = self.inner.gc_grace;
         tokio::spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = tokio::time::sleep(grace) => {
-                    shared.gc_floor.fetch_max(floor.0, Ordering::AcqRel);
+                    shared.gc_due.store(true, Ordering::Release);
                     shared.gc_wake.notify_one();
                 }
             }

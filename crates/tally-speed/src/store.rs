@@ -13,50 +13,53 @@ use redis::Script;
 use tally_core::Seq;
 
 use crate::aggregate::EpochDelta;
-use crate::keys::{url_hash, Keys};
-use crate::mirror::{EpochState, UrlCounts};
+use crate::keys::Keys;
+use crate::mirror::UrlCounts;
 use crate::Result;
 
-/// KEYS: 1 instance, 2 applied, 3 top, 4 urls, 5 epochs set, 6 visitor-keys set, then per url:
-/// its hour hash, then one visitor set per day it has visitors on.
-/// ARGV: 1 instance id, 2 expected applied ("0" = none), 3 new applied, 4 epoch start, then per
-/// url: url, url hash, total, nh, nd, nh (hour, views) pairs, then nd times (m, m hashes).
-/// Returns {0, ""} instance missing or different, {1, cur} applied is not the expected one
-/// (nothing written), {2, new} applied.
+/// KEYS: 1 instance, 2 applied, 3 urls, 4 epochs set, then per url: its hour hash, its visitor
+/// set. ARGV: 1 instance marker, 2 expected applied ("0" = none), 3 new applied, 4 epoch start,
+/// then per url: url, id, nh, nv, nh (hour, views) pairs, nv visitor members.
+/// Returns {0, ""} instance missing or different, {1, cur} applied is not the expected one,
+/// {3, id} `urls` maps id to another URL (nothing written in either case), {2, new} applied.
 const APPLY_LUA: &str = r#"
 local inst = redis.call('GET', KEYS[1])
 if inst ~= ARGV[1] then return {0, ''} end
 local cur = redis.call('GET', KEYS[2])
 if not cur then cur = '0' end
 if cur ~= ARGV[2] then return {1, cur} end
-local k = 7
+local fresh = {}
 local a = 5
 while a <= #ARGV do
-  local url, h, total = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local nh, nd = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  a = a + 5
-  redis.call('HSET', KEYS[4], h, url)
-  redis.call('ZINCRBY', KEYS[3], total, url)
-  local hk = KEYS[k]
-  k = k + 1
+  local url, id = ARGV[a], ARGV[a + 1]
+  local had = redis.call('HGET', KEYS[3], id)
+  if had and had ~= url then return {3, id} end
+  fresh[#fresh + 1] = not had
+  a = a + 4 + 2 * tonumber(ARGV[a + 2]) + tonumber(ARGV[a + 3])
+end
+local k = 5
+local i = 0
+a = 5
+while a <= #ARGV do
+  local url, id = ARGV[a], ARGV[a + 1]
+  local nh, nv = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  a = a + 4
+  i = i + 1
+  if fresh[i] then redis.call('HSET', KEYS[3], id, url) end
+  local hk, vk = KEYS[k], KEYS[k + 1]
+  k = k + 2
   for _ = 1, nh do
     redis.call('HINCRBY', hk, ARGV[a], ARGV[a + 1])
     a = a + 2
   end
-  for _ = 1, nd do
-    local vk = KEYS[k]
-    k = k + 1
-    local last = a + tonumber(ARGV[a])
-    a = a + 1
-    while a <= last do
-      local j = math.min(a + 999, last)
-      redis.call('SADD', vk, unpack(ARGV, a, j))
-      a = j + 1
-    end
-    redis.call('SADD', KEYS[6], vk)
+  local last = a + nv - 1
+  while a <= last do
+    local j = math.min(a + 999, last)
+    redis.call('SADD', vk, unpack(ARGV, a, j))
+    a = j + 1
   end
 end
-redis.call('SADD', KEYS[5], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('SET', KEYS[2], ARGV[3])
 return {2, ARGV[3]}
 "#;
@@ -70,6 +73,16 @@ pub(crate) enum ApplyOutcome {
     InstanceLost,
     /// The epoch's applied seq in Redis is not the one we expected; nothing was written.
     Mismatch(Seq),
+    /// Redis maps this URL id to another URL; nothing was written.
+    IdConflict(u32),
+}
+
+/// One epoch as Redis holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LoadedEpoch {
+    pub(crate) applied: Seq,
+    /// `(id, url, counts)`.
+    pub(crate) urls: Vec<(u32, String, UrlCounts)>,
 }
 
 pub(crate) struct Store {
@@ -94,58 +107,65 @@ impl Store {
             .await?)
     }
 
-    pub(crate) async fn set_instance(&mut self, id: &str) -> Result<()> {
+    pub(crate) async fn set_instance(&mut self, marker: &str) -> Result<()> {
         redis::cmd("SET")
             .arg(self.keys.instance())
-            .arg(id)
+            .arg(marker)
             .exec_async(&mut self.conn)
             .await?;
         Ok(())
     }
 
-    /// Applies one epoch's delta if Redis still holds `expected` as the epoch's applied seq.
+    /// Redis's eviction policy: anything but `noeviction` may drop speed keys under memory
+    /// pressure, which no compare-and-set can notice. `None` when `CONFIG` is not allowed.
+    pub(crate) async fn eviction_policy(&mut self) -> Option<String> {
+        let v: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn)
+            .await
+            .ok()?;
+        v.into_iter().nth(1)
+    }
+
+    /// Applies one epoch's delta, its URLs written under `ids` (in `d.urls` order), if Redis
+    /// still holds `expected` as the epoch's applied seq.
     pub(crate) async fn apply(
         &mut self,
         instance: &str,
         expected: Seq,
         d: &EpochDelta,
+        ids: &[u32],
     ) -> Result<ApplyOutcome> {
         let k = &self.keys;
         let mut inv = self.script.prepare_invoke();
         inv.key(k.instance())
             .key(k.applied(d.epoch))
-            .key(k.top(d.epoch))
             .key(k.urls(d.epoch))
-            .key(k.epochs())
-            .key(k.visitor_keys(d.epoch));
+            .key(k.epochs());
         inv.arg(instance)
             .arg(expected.0)
             .arg(d.last.0)
             .arg(d.epoch.0);
-        for (url, u) in &d.urls {
-            let h = url_hash(url);
-            inv.key(k.hours(d.epoch, &h));
+        for ((url, u), id) in d.urls.iter().zip(ids) {
+            let id = id.to_string();
+            inv.key(k.hours(d.epoch, &id)).key(k.visitors(d.epoch, &id));
             inv.arg(url.as_str())
-                .arg(&h)
-                .arg(u.total)
+                .arg(&id)
                 .arg(u.hours.len())
-                .arg(u.days.len());
+                .arg(u.visitors.len());
             for (hour, n) in &u.hours {
                 inv.arg(*hour).arg(*n);
             }
-            for (day, hashes) in &u.days {
-                inv.key(k.visitors(d.epoch, &h, *day));
-                inv.arg(hashes.len());
-                for x in hashes {
-                    // As i64, so that small sets are intset-encoded by Redis.
-                    inv.arg(*x as i64);
-                }
+            for m in &u.visitors {
+                inv.arg(*m);
             }
         }
         let (code, cur): (i64, String) = inv.invoke_async(&mut self.conn).await?;
         Ok(match code {
             2 => ApplyOutcome::Applied,
             1 => ApplyOutcome::Mismatch(Seq(cur.parse().unwrap_or(0))),
+            3 => ApplyOutcome::IdConflict(cur.parse().unwrap_or(u32::MAX)),
             _ => ApplyOutcome::InstanceLost,
         })
     }
@@ -174,10 +194,10 @@ impl Store {
         Ok(v.into_iter().map(|x| Seq(x.unwrap_or(0))).collect())
     }
 
-    /// Loads one epoch's state (`None` when Redis has no applied seq for it). The hour hashes
-    /// are read in several round trips; if the applied seq moved meanwhile (another applier
-    /// overlapping during a restart), the load starts over so counts and applied seq match.
-    pub(crate) async fn load_epoch(&mut self, epoch: Seq) -> Result<Option<EpochState>> {
+    /// Loads one epoch's state (`None` when Redis has no applied seq for it). The keys are read
+    /// in several round trips; if the applied seq moved meanwhile (another applier overlapping
+    /// during a restart), the load starts over so counts and applied seq match.
+    pub(crate) async fn load_epoch(&mut self, epoch: Seq) -> Result<Option<LoadedEpoch>> {
         loop {
             let state = self.load_epoch_once(epoch).await?;
             let applied: Option<u64> = redis::cmd("GET")
@@ -190,7 +210,7 @@ impl Store {
         }
     }
 
-    async fn load_epoch_once(&mut self, epoch: Seq) -> Result<Option<EpochState>> {
+    async fn load_epoch_once(&mut self, epoch: Seq) -> Result<Option<LoadedEpoch>> {
         let (applied, urls): (Option<u64>, HashMap<String, String>) = redis::pipe()
             .atomic()
             .cmd("GET")
@@ -202,81 +222,67 @@ impl Store {
         let Some(applied) = applied else {
             return Ok(None);
         };
-        let mut state = EpochState {
+        let mut state = LoadedEpoch {
             applied: Seq(applied),
-            urls: HashMap::with_capacity(urls.len()),
+            urls: Vec::with_capacity(urls.len()),
         };
         let urls: Vec<(String, String)> = urls.into_iter().collect();
         for chunk in urls.chunks(512) {
             let mut p = redis::pipe();
-            for (h, _) in chunk {
-                p.cmd("HGETALL").arg(self.keys.hours(epoch, h));
+            for (id, _) in chunk {
+                p.cmd("HGETALL").arg(self.keys.hours(epoch, id));
+                p.cmd("SMEMBERS").arg(self.keys.visitors(epoch, id));
             }
-            let hours: Vec<HashMap<i64, u64>> = p.query_async(&mut self.conn).await?;
-            for ((_, url), hours) in chunk.iter().zip(hours) {
+            let replies: Vec<redis::Value> = p.query_async(&mut self.conn).await?;
+            let mut replies = replies.into_iter();
+            for (id, url) in chunk {
+                let (Some(hours), Some(visitors)) = (replies.next(), replies.next()) else {
+                    break;
+                };
+                let hours: HashMap<i64, u64> =
+                    redis::from_redis_value(hours).map_err(redis::RedisError::from)?;
+                let visitors: Vec<i64> =
+                    redis::from_redis_value(visitors).map_err(redis::RedisError::from)?;
+                let Ok(id) = id.parse::<u32>() else {
+                    // Not an id of this layout: the caller rebuilds on the missing URL.
+                    continue;
+                };
                 let mut c = UrlCounts::default();
+                let mut hours: Vec<(i64, u64)> = hours.into_iter().collect();
+                hours.sort_unstable();
                 for (h, n) in hours {
-                    if n > 0 {
-                        c.hours.insert(h, n);
-                        c.total += n;
-                    }
+                    c.add(h, n);
                 }
-                state.urls.insert(url.clone(), c);
-            }
-        }
-        let vkeys: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys.visitor_keys(epoch))
-            .query_async(&mut self.conn)
-            .await?;
-        let url_of: HashMap<&str, &str> =
-            urls.iter().map(|(h, u)| (h.as_str(), u.as_str())).collect();
-        for chunk in vkeys.chunks(512) {
-            let mut p = redis::pipe();
-            for key in chunk {
-                p.cmd("SMEMBERS").arg(key);
-            }
-            let sets: Vec<Vec<i64>> = p.query_async(&mut self.conn).await?;
-            for (key, set) in chunk.iter().zip(sets) {
-                let Some((h, day)) = self.keys.parse_visitors(epoch, key) else {
-                    continue;
-                };
-                let Some(c) = url_of.get(h.as_str()).and_then(|u| state.urls.get_mut(*u)) else {
-                    continue;
-                };
-                c.visitors
-                    .entry(day)
-                    .or_default()
-                    .extend(set.into_iter().map(|x| x as u64));
+                c.visitors.extend(visitors);
+                state.urls.push((id, url.clone(), c));
             }
         }
         Ok(Some(state))
     }
 
-    /// Deletes every key of the epoch in one transaction.
+    /// Deletes every key of the epoch (of this layout and the previous one) in one
+    /// transaction.
     pub(crate) async fn delete_epoch(&mut self, epoch: Seq) -> Result<()> {
-        let hashes: Vec<String> = redis::cmd("HKEYS")
+        let ids: Vec<String> = redis::cmd("HKEYS")
             .arg(self.keys.urls(epoch))
             .query_async(&mut self.conn)
             .await?;
-        let vkeys: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys.visitor_keys(epoch))
+        // The previous layout kept the names of its visitor sets in `vkeys`.
+        let legacy: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.keys.legacy(epoch)[1])
             .query_async(&mut self.conn)
             .await?;
-        let mut keys: Vec<String> = hashes.iter().map(|h| self.keys.hours(epoch, h)).collect();
-        keys.extend(vkeys);
-        keys.push(self.keys.visitor_keys(epoch));
-        keys.push(self.keys.urls(epoch));
-        keys.push(self.keys.top(epoch));
-        keys.push(self.keys.applied(epoch));
-        redis::pipe()
-            .atomic()
-            .cmd("UNLINK")
-            .arg(&keys)
-            .ignore()
-            .cmd("SREM")
+        let mut keys = self.keys.epoch_keys(epoch, ids.iter().map(String::as_str));
+        keys.extend(legacy);
+        for chunk in keys.chunks(10_000) {
+            redis::cmd("UNLINK")
+                .arg(chunk)
+                .exec_async(&mut self.conn)
+                .await?;
+        }
+        redis::cmd("SREM")
             .arg(self.keys.epochs())
             .arg(epoch.0)
-            .ignore()
             .exec_async(&mut self.conn)
             .await?;
         Ok(())
@@ -288,46 +294,19 @@ mod tests {
     use super::*;
     use crate::aggregate::aggregate;
     use crate::aggregate::tests::ev;
-    use std::process::{Child, Command, Stdio};
+    use crate::keys::visitor_member;
+    use tally_e2e::TestRedis;
 
-    /// The child, and the directory of its socket (kept until the child is gone).
-    struct Redis(Child, #[allow(dead_code)] tempfile::TempDir);
-
-    impl Drop for Redis {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    async fn store() -> (Redis, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("redis.sock");
-        let child = Command::new("/usr/bin/redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&sock)
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let redis = Redis(child, dir);
-        let client = redis::Client::open(format!("unix://{}", sock.display())).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let conn = loop {
-            match ConnectionManager::new(client.clone()).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(std::time::Instant::now() < deadline, "redis: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            }
-        };
-        (redis, Store::new(conn, Keys::new("t:")))
+    async fn store(redis: &TestRedis) -> Store {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let conn = ConnectionManager::new(client).await.unwrap();
+        Store::new(conn, Keys::new("t:"))
     }
 
     #[tokio::test]
-    async fn apply_is_a_compare_and_set_on_the_applied_seq_and_the_instance() {
-        let (_redis, mut s) = store().await;
+    async fn apply_is_a_compare_and_set_on_the_applied_seq_the_instance_and_the_ids() {
+        let redis = TestRedis::start();
+        let mut s = store(&redis).await;
         let mut events = vec![
             ev(1, "http://a/x", 0),
             ev(2, "http://a/x", 5),
@@ -335,32 +314,48 @@ mod tests {
         ];
         events[0].event.visitor = Some("v".into());
         let d = aggregate(&events, &[Seq(1)]).remove(0);
+        let ids = [0, 1];
         // No instance marker yet: nothing is written.
         assert_eq!(
-            s.apply("i1", Seq(0), &d).await.unwrap(),
+            s.apply("i1", Seq(0), &d, &ids).await.unwrap(),
             ApplyOutcome::InstanceLost
         );
         assert_eq!(s.listed_epochs().await.unwrap(), Vec::<Seq>::new());
         s.set_instance("i1").await.unwrap();
         assert_eq!(
-            s.apply("i1", Seq(0), &d).await.unwrap(),
+            s.apply("i1", Seq(0), &d, &ids).await.unwrap(),
             ApplyOutcome::Applied
         );
         // The retry of a batch whose reply was lost is refused and says it had committed.
         assert_eq!(
-            s.apply("i1", Seq(0), &d).await.unwrap(),
+            s.apply("i1", Seq(0), &d, &ids).await.unwrap(),
             ApplyOutcome::Mismatch(Seq(3))
         );
         // Another process's instance id is refused.
         assert_eq!(
-            s.apply("other", Seq(3), &d).await.unwrap(),
+            s.apply("other", Seq(3), &d, &ids).await.unwrap(),
             ApplyOutcome::InstanceLost
         );
+        // A URL under an id that Redis maps to another URL: refused, nothing written.
+        let d2 = aggregate(&[ev(4, "http://a/z", 0)], &[Seq(1)]).remove(0);
+        assert_eq!(
+            s.apply("i1", Seq(3), &d2, &[1]).await.unwrap(),
+            ApplyOutcome::IdConflict(1)
+        );
+        assert_eq!(s.applied_of(&[Seq(1)]).await.unwrap(), vec![Seq(3)]);
         let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
         assert_eq!(loaded.applied, Seq(3));
-        assert_eq!(loaded.urls["http://a/x"].total, 2);
-        assert_eq!(loaded.urls["http://a/y"].total, 1);
-        assert_eq!(loaded.urls["http://a/x"].visitors[&0].len(), 1);
+        let mut urls: Vec<_> = loaded
+            .urls
+            .iter()
+            .map(|(i, u, c)| (*i, u.as_str(), c.total))
+            .collect();
+        urls.sort_unstable();
+        assert_eq!(urls, vec![(0, "http://a/x", 2), (1, "http://a/y", 1)]);
+        let x = &loaded.urls.iter().find(|u| u.0 == 0).unwrap().2;
+        let h = tally_core::sketch::visitor_hash32(b"v");
+        assert_eq!(x.visitors, [visitor_member(0, h)].into_iter().collect());
+        assert_eq!(x.hours, vec![(0, 2)]);
         assert_eq!(
             s.applied_of(&[Seq(1), Seq(9)]).await.unwrap(),
             vec![Seq(3), Seq(0)]

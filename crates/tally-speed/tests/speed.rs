@@ -6,11 +6,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
+use tally_core::sketch::visitor_hash32;
 use tally_core::{hour_of, Event, Seq, HOUR_MS};
 use tally_e2e::TestRedis;
 use tally_master::{Master, MasterConfig};
-use tally_speed::sketch::visitor_hash;
-use tally_speed::{SpeedConfig, SpeedLayer};
+use tally_speed::{NotCovered, SpeedConfig, SpeedLayer};
 use tempfile::TempDir;
 
 const PREFIX: &str = "tally:";
@@ -42,20 +42,25 @@ async fn redis_keys(c: &mut MultiplexedConnection, pattern: &str) -> Vec<String>
 }
 
 /// Redis holds exactly what the model says for epoch 1 (the only one): applied up to the
-/// acknowledged seq, and the top set equals the range totals of every event.
+/// acknowledged seq, and per URL (through its id in `urls`) the views of every event.
 async fn assert_redis_epoch_1_exact(c: &mut MultiplexedConnection, master: &Master, model: &Model) {
     let applied: u64 = get(c, "tally:e:1:applied").await;
     assert_eq!(Seq(applied), master.acked_seq());
-    let top: Vec<(String, u64)> = redis::cmd("ZRANGE")
-        .arg("tally:e:1:top")
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
+    let ids: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("tally:e:1:urls")
         .query_async(c)
         .await
         .unwrap();
-    let top: HashMap<String, u64> = top.into_iter().collect();
-    assert_eq!(top, model.range_totals(Seq(0), i64::MIN, i64::MAX, None));
+    let mut totals = HashMap::new();
+    for (id, url) in ids {
+        let hours: HashMap<i64, u64> = redis::cmd("HGETALL")
+            .arg(format!("tally:e:1:h:{id}"))
+            .query_async(c)
+            .await
+            .unwrap();
+        assert!(totals.insert(url, hours.values().sum::<u64>()).is_none());
+    }
+    assert_eq!(totals, model.range_totals(Seq(0), i64::MIN, i64::MAX, None));
 }
 
 /// A master dataset in a fresh temporary directory (kept as long as the `TempDir`).
@@ -124,15 +129,15 @@ fn random_events(rng: &mut Rng, n: usize) -> Vec<Event> {
 #[derive(Default)]
 struct Model {
     /// (seq, url, hour, visitor hash)
-    events: Vec<(Seq, String, i64, Option<u64>)>,
+    events: Vec<(Seq, String, i64, Option<u32>)>,
 }
 
 impl Model {
     async fn ingest(&mut self, master: &Master, events: Vec<Event>) {
-        let hours: Vec<(String, i64, Option<u64>)> = events
+        let hours: Vec<(String, i64, Option<u32>)> = events
             .iter()
             .map(|e| {
-                let v = e.visitor.as_deref().map(visitor_hash);
+                let v = e.visitor.as_deref().map(|v| visitor_hash32(v.as_bytes()));
                 (e.url.clone(), hour_of(e.ts), v)
             })
             .collect();
@@ -148,15 +153,15 @@ impl Model {
         after: Seq,
         from: i64,
         to: i64,
-    ) -> impl Iterator<Item = &(Seq, String, i64, Option<u64>)> {
+    ) -> impl Iterator<Item = &(Seq, String, i64, Option<u32>)> {
         self.events
             .iter()
             .filter(move |(s, _, h, _)| *s > after && *h >= from && *h < to)
     }
 
     /// Distinct visitor hashes of `u` on the days `[from_day, to_day)`, ascending.
-    fn visitors(&self, u: &str, after: Seq, from_day: i64, to_day: i64) -> Vec<u64> {
-        let set: std::collections::BTreeSet<u64> = self
+    fn visitors(&self, u: &str, after: Seq, from_day: i64, to_day: i64) -> Vec<u32> {
+        let set: std::collections::BTreeSet<u32> = self
             .events
             .iter()
             .filter(|(s, x, h, _)| {
@@ -222,7 +227,7 @@ fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
             let u = url(i);
             assert_eq!(
                 speed.visitor_hashes(&u, after, from, to),
-                Some(model.visitors(&u, after, from, to)),
+                Ok(Some(model.visitors(&u, after, from, to))),
                 "visitors of {u} after {after} on days [{from}, {to})"
             );
         }
@@ -243,19 +248,19 @@ fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
             let u = url(i);
             assert_eq!(
                 speed.views(&u, after, from, to),
-                Some(model.views(&u, after, from, to)),
+                Ok(Some(model.views(&u, after, from, to))),
                 "views of {u} after {after} in [{from}, {to})"
             );
             assert_eq!(
                 speed.hour_counts(&u, after, from, to),
-                Some(model.hour_counts(&u, after, from, to)),
+                Ok(Some(model.hour_counts(&u, after, from, to))),
                 "hour counts of {u} after {after} in [{from}, {to})"
             );
         }
         for host in [None, Some("h1.example.com"), Some("nope.example.com")] {
             assert_eq!(
                 speed.range_totals(after, from, to, host),
-                Some(model.range_totals(after, from, to, host)),
+                Ok(Some(model.range_totals(after, from, to, host))),
                 "range totals after {after} in [{from}, {to}) host {host:?}"
             );
         }
@@ -318,8 +323,19 @@ async fn cut_epoch_splits_reads_exactly_and_gc_deletes_only_unneeded_epochs() {
     for after in [Seq(0), c1, c2] {
         assert_exact(&speed, &model, after, &mut rng);
     }
-    speed.view_published(c2, Some(c1));
-    // Epoch 1 (seq <= c1) is needed by neither view: deleted after the grace period.
+    // The views of c2 and c1 may serve: epoch 1 is needed by neither. A discard within the
+    // grace period lowers what is kept back to everything, and the collection scheduled by the
+    // rise uses the value current when it runs: nothing is deleted.
+    speed.retain_after(c1);
+    speed.retain_after(Seq(0));
+    wait_until("a collection ran", Duration::from_secs(10), || {
+        speed.stats().collections >= 1
+    })
+    .await;
+    assert_eq!(speed.epochs().len(), 3);
+    assert_exact(&speed, &model, Seq(0), &mut rng);
+    // Kept at c1 this time: epoch 1 (seq <= c1) goes after the grace period.
+    speed.retain_after(c1);
     wait_until("epoch 1 is collected", Duration::from_secs(10), || {
         speed.epochs().first().map(|e| e.start) == Some(c1.next())
     })
@@ -334,16 +350,141 @@ async fn cut_epoch_splits_reads_exactly_and_gc_deletes_only_unneeded_epochs() {
         .await
         .unwrap();
     assert!(!listed.contains(&1));
-    // Both views still read exactly.
+    // Both views still read exactly; a view older than c1 is refused, never answered short.
     model.ingest(&master, random_events(&mut rng, 40)).await;
     caught_up(&speed, &master).await;
     for after in [c1, c2] {
         assert_exact(&speed, &model, after, &mut rng);
     }
-    // Without a fallback view nothing is deleted.
-    speed.view_published(c2, None);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(speed.epochs().len(), 2);
+    assert!(speed.covers(c1) && !speed.covers(Seq(0)));
+    let refused = Err(NotCovered {
+        cutoff: Seq(0),
+        floor: c1.next(),
+    });
+    assert_eq!(speed.views(&url(1), Seq(0), i64::MIN, i64::MAX), refused);
+    assert!(speed
+        .visitor_hashes(&url(1), Seq(0), i64::MIN, i64::MAX)
+        .is_err());
+    assert!(speed
+        .range_totals(Seq(0), i64::MIN, i64::MAX, None)
+        .is_err());
+    // After a restart the floor still holds (the master dataset forgot epoch 1 durably).
+    speed.shutdown().await;
+    drop(speed);
+    let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
+    caught_up(&speed, &master).await;
+    assert!(speed.covers(c1) && !speed.covers(Seq(0)));
+    assert_exact(&speed, &model, c1, &mut rng);
+    speed.shutdown().await;
+}
+
+/// Two URLs whose 64-bit FNV-1a hashes (the key names of the previous layout) collide keep
+/// their own counts, also after the mirror is reloaded from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urls_with_colliding_hashes_keep_their_own_counts() {
+    let redis = TestRedis::start();
+    let (_dir, master) = open_master();
+    let mut model = Model::default();
+    let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
+    let view = |url: &str, n: usize| -> Vec<Event> {
+        (0..n)
+            .map(|i| Event {
+                ts: BASE_TS + i as i64,
+                url: url.to_string(),
+                visitor: Some(format!("{url}-{i}")),
+                referrer: None,
+                id: None,
+                received_at: BASE_TS,
+            })
+            .collect()
+    };
+    let (a, b) = (
+        "http://c.io/dd039ca600ea1926",
+        "http://c.io/3b80930a4b2ce040",
+    );
+    model.ingest(&master, view(a, 5)).await;
+    model.ingest(&master, view(b, 3)).await;
+    caught_up(&speed, &master).await;
+    speed.shutdown().await;
+    drop(speed);
+    let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
+    caught_up(&speed, &master).await;
+    assert_eq!(speed.stats().loads, 1);
+    assert_eq!(speed.views(a, Seq(0), i64::MIN, i64::MAX), Ok(Some(5)));
+    assert_eq!(speed.views(b, Seq(0), i64::MIN, i64::MAX), Ok(Some(3)));
+    let day = tally_core::day_of(BASE_TS);
+    assert_eq!(
+        speed
+            .visitor_hashes(a, Seq(0), day, day + 1)
+            .map(|v| v.map(|v| v.len())),
+        Ok(Some(5))
+    );
+    let mut c = conn(&redis).await;
+    assert_redis_epoch_1_exact(&mut c, &master, &model).await;
+    speed.shutdown().await;
+}
+
+/// Redis keeps the speed state of another master dataset (the `data_dir` was replaced while
+/// Redis was down) or of the previous key layout: it is rebuilt from this dataset, never added
+/// to its counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_of_another_dataset_or_layout_is_rebuilt_not_merged() {
+    let redis = TestRedis::start();
+    let mut rng = Rng(3);
+    let (_old_dir, old) = open_master();
+    let speed = SpeedLayer::start(speed_config(&redis), old.clone()).await;
+    let mut old_model = Model::default();
+    old_model.ingest(&old, random_events(&mut rng, 100)).await;
+    caught_up(&speed, &old).await;
+    speed.shutdown().await;
+    drop(speed);
+
+    // A new, empty data_dir with its own events: seqs 1..=50 again, other URLs' counts.
+    let (_new_dir, new) = open_master();
+    assert_ne!(new.dataset_id(), old.dataset_id());
+    let mut model = Model::default();
+    model.ingest(&new, random_events(&mut rng, 50)).await;
+    let speed = SpeedLayer::start(speed_config(&redis), new.clone()).await;
+    caught_up(&speed, &new).await;
+    assert_exact(&speed, &model, Seq(0), &mut rng);
+    assert_eq!(speed.stats().rebuilds, 1);
+    assert_eq!(total_views(&speed), Some(50));
+    let mut c = conn(&redis).await;
+    assert_redis_epoch_1_exact(&mut c, &new, &model).await;
+    speed.shutdown().await;
+    drop(speed);
+
+    // A marker of the previous layout (a bare incarnation id) with its keys.
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg("tally:instance")
+        .arg("18c1f0d2a-4d2-0")
+        .cmd("SET")
+        .arg("tally:e:1:applied")
+        .arg(50)
+        .cmd("ZADD")
+        .arg("tally:e:1:top")
+        .arg(7)
+        .arg("http://old.example/")
+        .cmd("SADD")
+        .arg("tally:e:1:vkeys")
+        .arg("tally:e:1:v:42504961764fec74:20000")
+        .cmd("SADD")
+        .arg("tally:e:1:v:42504961764fec74:20000")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let speed = SpeedLayer::start(speed_config(&redis), new.clone()).await;
+    caught_up(&speed, &new).await;
+    assert_eq!(speed.stats().rebuilds, 1);
+    assert_exact(&speed, &model, Seq(0), &mut rng);
+    let left = redis_keys(&mut c, "tally:e:1:*").await;
+    assert!(
+        left.iter()
+            .all(|k| !k.contains(":top") && !k.contains("vkeys") && !k.contains("4250")),
+        "keys of the old layout left: {left:?}"
+    );
     speed.shutdown().await;
 }
 
@@ -371,8 +512,11 @@ async fn redis_killed_then_restarted_empty_rebuilds_exactly() {
     )
     .await;
     assert!(!speed.redis_up());
-    assert_eq!(speed.views(&url(1), Seq(0), i64::MIN, i64::MAX), None);
-    assert_eq!(speed.range_totals(Seq(0), i64::MIN, i64::MAX, None), None);
+    assert_eq!(speed.views(&url(1), Seq(0), i64::MIN, i64::MAX), Ok(None));
+    assert_eq!(
+        speed.range_totals(Seq(0), i64::MIN, i64::MAX, None),
+        Ok(None)
+    );
     assert!(speed.applied_seq() < master.acked_seq());
 
     redis.restart_empty();
@@ -494,6 +638,7 @@ async fn redis_state_behind_the_mirror_is_reloaded_not_double_counted() {
 fn total_views(speed: &SpeedLayer) -> Option<u64> {
     speed
         .range_totals(Seq(0), i64::MIN, i64::MAX, None)
+        .expect("every epoch is held")
         .map(|m| m.values().sum())
 }
 

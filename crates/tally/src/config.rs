@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer};
 pub(crate) const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
 
 const SECTIONS: &[&str] = &[
-    "http", "storage", "ingest", "redis", "speed", "batch", "uniques", "auth", "log",
+    "http", "storage", "ingest", "redis", "speed", "batch", "uniques", "query", "auth", "log",
 ];
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -27,6 +27,7 @@ pub(crate) struct Config {
     pub(crate) speed: SpeedConfig,
     pub(crate) batch: BatchConfig,
     pub(crate) uniques: UniquesConfig,
+    pub(crate) query: QueryConfig,
     pub(crate) auth: AuthConfig,
     pub(crate) log: LogConfig,
 }
@@ -38,6 +39,9 @@ pub(crate) struct HttpConfig {
     #[serde(with = "humantime_serde")]
     pub(crate) request_timeout: Duration,
     pub(crate) max_concurrency: usize,
+    /// CIDRs or addresses of reverse proxies whose `X-Forwarded-For` is believed.
+    #[serde(deserialize_with = "string_list")]
+    pub(crate) trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -77,6 +81,7 @@ pub(crate) struct SpeedConfig {
     pub(crate) gc_grace: Duration,
     pub(crate) apply_batch_max: usize,
     pub(crate) tail_capacity: usize,
+    pub(crate) fallback_views: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -94,6 +99,12 @@ pub(crate) struct BatchConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct UniquesConfig {
     pub(crate) precision: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueryConfig {
+    pub(crate) result_cache: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -134,6 +145,26 @@ fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error>
         Scalar::Int(i) => i.to_string(),
         Scalar::Float(f) => f.to_string(),
         Scalar::Bool(b) => b.to_string(),
+    })
+}
+
+/// A list of strings, or one string of comma-separated items (what an environment variable
+/// such as `TALLY_HTTP_TRUSTED_PROXIES=10.0.0.0/8,127.0.0.1` gives).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Many(Vec<String>),
+        One(String),
+    }
+    Ok(match List::deserialize(d)? {
+        List::Many(v) => v,
+        List::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect(),
     })
 }
 
@@ -192,7 +223,15 @@ impl Config {
         if self.ingest.seal_max_events == 0 {
             bail!("ingest.seal_max_events must be positive");
         }
+        self.trusted_proxies()?;
         Ok(())
+    }
+
+    pub(crate) fn trusted_proxies(
+        &self,
+    ) -> anyhow::Result<tally_serving::client_ip::TrustedProxies> {
+        tally_serving::client_ip::TrustedProxies::parse(&self.http.trusted_proxies)
+            .map_err(|e| anyhow::anyhow!("http.trusted_proxies: {e}"))
     }
 
     pub(crate) fn admin_token(&self) -> Option<String> {
@@ -224,6 +263,32 @@ mod tests {
         assert_eq!(cfg.batch.keep_versions, 5);
         assert_eq!(cfg.uniques.precision, 14);
         assert_eq!(cfg.admin_token(), None);
+        assert!(cfg.http.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_from_a_file_or_a_comma_separated_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "t.toml",
+                "[http]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n",
+            )?;
+            let cfg = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.http.trusted_proxies, vec!["10.0.0.0/8", "::1"]);
+            jail.set_env("TALLY_HTTP_TRUSTED_PROXIES", "127.0.0.1, 192.168.0.0/16");
+            let cfg = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                cfg.http.trusted_proxies,
+                vec!["127.0.0.1", "192.168.0.0/16"]
+            );
+            jail.set_env("TALLY_HTTP_TRUSTED_PROXIES", "10.0.0.0/8,nginx");
+            let err = format!("{:#}", Config::load(None).unwrap_err());
+            assert!(
+                err.contains("trusted_proxies") && err.contains("nginx"),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -2,16 +2,15 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tally_batch::{BatchRunner, RunnerConfig, ViewStore};
 use tally_core::event::IngestLimits;
 use tally_master::{Master, MasterConfig};
-use tally_serving::batch::{spawn_rerun, Trigger};
-use tally_serving::{AppState, Inner, Limits, ViewManager};
+use tally_serving::{AppState, Limits, ServingConfig, ViewManager};
 use tally_speed::SpeedLayer;
 use tokio::net::TcpListener;
 use tokio_cron_scheduler::{Job, JobScheduler};
@@ -58,7 +57,6 @@ pub(crate) fn run(cfg: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
     // Durations are Prometheus histograms (aggregatable across replicas), not summaries.
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -85,36 +83,33 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     .await;
     let store = view_store(&cfg)?;
     let runner = BatchRunner::new(store, master.clone(), runner_config(&cfg));
-    let views = Arc::new(ViewManager::new(runner.clone(), speed.clone()));
-    let discarded_at_start = views.load_current().await;
-
-    let state = AppState::new(Inner {
-        master: master.clone(),
-        speed: speed.clone(),
-        views: views.clone(),
-        runner: runner.clone(),
-        limits: Limits {
-            ingest: IngestLimits {
-                max_future_ms: cfg.ingest.max_future.as_millis() as i64,
-                max_age_ms: cfg.ingest.max_age.as_millis() as i64,
-                max_batch_events: cfg.ingest.max_batch_events,
+    let state = AppState::new(
+        master.clone(),
+        speed.clone(),
+        runner.clone(),
+        ServingConfig {
+            limits: Limits {
+                ingest: IngestLimits {
+                    max_future_ms: cfg.ingest.max_future.as_millis() as i64,
+                    max_age_ms: cfg.ingest.max_age.as_millis() as i64,
+                    max_batch_events: cfg.ingest.max_batch_events,
+                },
+                max_body_bytes: cfg.ingest.max_body_bytes,
+                request_timeout: cfg.http.request_timeout,
+                max_concurrency: cfg.http.max_concurrency,
             },
-            max_body_bytes: cfg.ingest.max_body_bytes,
-            request_timeout: cfg.http.request_timeout,
-            max_concurrency: cfg.http.max_concurrency,
+            admin_token: cfg.admin_token(),
+            schedule: cfg.batch.schedule.clone(),
+            sketch_precision: cfg.uniques.precision,
+            fallback_views: cfg.speed.fallback_views,
+            trusted_proxies: cfg.trusted_proxies()?,
+            salt_path: cfg.storage.data_dir.join("plausible_salt.json"),
+            result_cache: cfg.query.result_cache,
         },
-        admin_token: cfg.admin_token(),
-        started,
-        schedule: cfg.batch.schedule.clone(),
-        sketch_precision: cfg.uniques.precision,
-        next_run_ms: AtomicI64::new(0),
-        top_cache: Default::default(),
-        uniques_cache: Default::default(),
-        render_metrics: Box::new(move || prometheus.render()),
-        salt: tally_serving::plausible::DailySalt::new(
-            cfg.storage.data_dir.join("plausible_salt.json"),
-        ),
-    });
+        Box::new(move || prometheus.render()),
+    );
+    let views = state.views.clone();
+    views.refresh().await;
 
     let listener = TcpListener::bind(cfg.http.addr)
         .await
@@ -129,9 +124,6 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     lock.write_address(&format!("http://{addr}"))?;
     tracing::info!(%addr, data_dir = %cfg.storage.data_dir.display(), "tally serving");
 
-    if discarded_at_start {
-        spawn_rerun(state.clone(), Trigger::Recovery);
-    }
     let mut scheduler = start_scheduler(&cfg, state.clone()).await?;
     let watcher = tokio::spawn(watch_current(views.clone()));
 
@@ -190,12 +182,13 @@ async fn start_scheduler(cfg: &Config, state: AppState) -> anyhow::Result<JobSch
     Ok(sched)
 }
 
-/// Picks up a `CURRENT` changed by someone else (a CLI run on the files) within a second.
+/// Picks up a `CURRENT` changed, deleted or garbled by someone else within a second, and retries
+/// a load that failed for a transient reason.
 async fn watch_current(views: Arc<ViewManager>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        views.refresh_if_changed().await;
+        views.refresh().await;
     }
 }
 
