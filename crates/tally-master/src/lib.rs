@@ -158,6 +158,8 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     /// Test hook: fail this many group writes (see [`Master::inject_write_failures`]).
     pub(crate) fail_writes: AtomicUsize,
+    /// Events handed from the writer to the sealer in memory and not sealed yet.
+    pub(crate) handed_over: AtomicUsize,
 }
 
 struct Inner {
@@ -334,12 +336,14 @@ impl Master {
             watch: watch_tx,
             closed: AtomicBool::new(false),
             fail_writes: AtomicUsize::new(0),
+            handed_over: AtomicUsize::new(0),
         });
         let (sealer_tx, sealer_rx) = mpsc::channel();
         let (writer_tx, writer_rx) = mpsc::channel();
         let sealer = Sealer {
             shared: shared.clone(),
             retry: cfg.seal_interval.max(Duration::from_millis(10)),
+            handed: std::collections::HashMap::new(),
         };
         let writer = Writer {
             shared: shared.clone(),
@@ -350,6 +354,8 @@ impl Master {
             needs_repair: false,
             sealer: sealer_tx.clone(),
             buf: Vec::with_capacity(1 << 20),
+            // The recovered open segment's events are only partly in memory: read it back.
+            seg_events: None,
         };
         let spawn_err = |e| Error::Io {
             path: cfg.data_dir.clone(),

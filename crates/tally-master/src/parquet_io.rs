@@ -1,5 +1,6 @@
 //! The master file format: Arrow schema, writing a sealed file, reading one back.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -87,8 +88,8 @@ fn arrow_err(path: &Path) -> impl FnOnce(arrow::error::ArrowError) -> Error + '_
 }
 
 /// Builds one Arrow batch of the events at `idx` (in that order).
-fn build_batch(
-    events: &[SeqEvent],
+fn build_batch<E: Borrow<SeqEvent>>(
+    events: &[E],
     idx: &[u32],
 ) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
     let n = idx.len();
@@ -99,7 +100,7 @@ fn build_batch(
     // times per batch (memmove was the sealer's top function in the ingest profile).
     let (mut url_bytes, mut visitor_bytes, mut referrer_bytes, mut id_bytes) = (0, 0, 0, 0);
     for &i in idx {
-        let e = &events[i as usize].event;
+        let e = &events[i as usize].borrow().event;
         url_bytes += e.url.len();
         visitor_bytes += e.visitor.as_ref().map_or(0, String::len);
         referrer_bytes += e.referrer.as_ref().map_or(0, String::len);
@@ -110,7 +111,7 @@ fn build_batch(
     let mut referrer = StringBuilder::with_capacity(n, referrer_bytes);
     let mut id = StringBuilder::with_capacity(n, id_bytes);
     for &i in idx {
-        let e = &events[i as usize];
+        let e = events[i as usize].borrow();
         seq.push(e.seq.0);
         ts.push(e.event.ts);
         rec.push(e.event.received_at);
@@ -133,13 +134,13 @@ fn build_batch(
 
 /// The order of `events` by (url, ts, seq). URLs repeat a lot, so each distinct URL gets its
 /// rank once and the sort compares plain integers.
-fn sort_order(events: &[SeqEvent]) -> Vec<u32> {
+fn sort_order<E: Borrow<SeqEvent>>(events: &[E]) -> Vec<u32> {
     let mut ids: HashMap<&str, u32> = HashMap::new();
     let url_id: Vec<u32> = events
         .iter()
         .map(|e| {
             let next = ids.len() as u32;
-            *ids.entry(e.event.url.as_str()).or_insert(next)
+            *ids.entry(e.borrow().event.url.as_str()).or_insert(next)
         })
         .collect();
     let mut distinct: Vec<(&str, u32)> = ids.into_iter().collect();
@@ -151,7 +152,10 @@ fn sort_order(events: &[SeqEvent]) -> Vec<u32> {
     let mut keyed: Vec<(u32, i64, u64, u32)> = events
         .iter()
         .enumerate()
-        .map(|(i, e)| (rank[url_id[i] as usize], e.event.ts, e.seq.0, i as u32))
+        .map(|(i, e)| {
+            let e = e.borrow();
+            (rank[url_id[i] as usize], e.event.ts, e.seq.0, i as u32)
+        })
         .collect();
     keyed.sort_unstable();
     keyed.into_iter().map(|k| k.3).collect()
@@ -160,7 +164,11 @@ fn sort_order(events: &[SeqEvent]) -> Vec<u32> {
 /// Writes `events` (any order, non-empty, unique seqs) to `path` as a master file: rows sorted
 /// by (url, ts), zstd, ~1M-row row groups. Writes `path.tmp`, fsyncs, renames, fsyncs the
 /// directory. Returns the file's size.
-pub(crate) fn write_parquet_atomic(path: &Path, events: &[SeqEvent], fsync: bool) -> Result<u64> {
+pub(crate) fn write_parquet_atomic<E: Borrow<SeqEvent>>(
+    path: &Path,
+    events: &[E],
+    fsync: bool,
+) -> Result<u64> {
     let idx = sort_order(events);
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(TMP_SUFFIX);

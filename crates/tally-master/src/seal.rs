@@ -1,10 +1,13 @@
 //! The sealer thread: turns closed WAL segments into immutable Parquet master files.
 //!
 //! A segment is closed once the writer has moved on to a newer one (its first seq is below
-//! `Shared::open_first`). Sealing one: read and validate it, write
+//! `Shared::open_first`). Sealing one: take its events — handed over from memory by the writer
+//! when it closed the segment (the same events it wrote, fsynced and acknowledged), else read
+//! and validated from the file (after a restart, or when the hand-over backlog is full) — write
 //! `master/{first:020}-{last:020}.parquet` (temp name, fsync, rename, fsync dir), THEN delete
 //! the segment. One thread, so one seal at a time; appends keep flowing meanwhile.
 
+use std::collections::HashMap;
 use std::fs;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -15,11 +18,17 @@ use tally_core::Seq;
 use tokio::sync::oneshot;
 
 use crate::paths::{fsync_dir, io_err, list_segments, master_file_name, SegmentPath};
-use crate::{parquet_io, wal, Result, Shared};
+use crate::{parquet_io, wal, Result, SeqEvent, Shared};
 
 pub(crate) enum SealerCmd {
     /// A segment was closed: seal what is closed.
     Kick,
+    /// The segment starting at `first` was closed; these are all its events. Seal what is
+    /// closed.
+    Closed {
+        first: Seq,
+        events: Vec<Arc<SeqEvent>>,
+    },
     /// Seal everything closed now and answer.
     SealNow { reply: oneshot::Sender<Result<()>> },
     /// Exit the thread.
@@ -30,10 +39,12 @@ pub(crate) struct Sealer {
     pub(crate) shared: Arc<Shared>,
     /// How often to retry after a failure (and to look for closed segments anyway).
     pub(crate) retry: Duration,
+    /// Events of closed segments handed over by the writer, by first seq.
+    pub(crate) handed: HashMap<u64, Vec<Arc<SeqEvent>>>,
 }
 
 impl Sealer {
-    pub(crate) fn run(self, rx: Receiver<SealerCmd>) {
+    pub(crate) fn run(mut self, rx: Receiver<SealerCmd>) {
         let mut failing = false;
         loop {
             let timeout = if failing {
@@ -42,6 +53,10 @@ impl Sealer {
                 self.retry
             };
             match rx.recv_timeout(timeout) {
+                Ok(SealerCmd::Closed { first, events }) => {
+                    self.handed.insert(first.0, events);
+                    failing = self.seal_closed().is_err();
+                }
                 Ok(SealerCmd::Kick) | Err(RecvTimeoutError::Timeout) => {
                     failing = self.seal_closed().is_err();
                 }
@@ -56,7 +71,7 @@ impl Sealer {
     }
 
     /// Seals every closed segment, oldest first; stops at the first failure.
-    pub(crate) fn seal_closed(&self) -> Result<()> {
+    pub(crate) fn seal_closed(&mut self) -> Result<()> {
         let open_first = self.shared.open_first.load(Ordering::SeqCst);
         let segments = list_segments(&self.shared.paths.wal)?;
         for seg in segments.iter().filter(|s| s.first.0 < open_first) {
@@ -77,16 +92,46 @@ impl Sealer {
         Ok(())
     }
 
-    fn seal_segment(&self, seg: &SegmentPath) -> Result<()> {
+    fn seal_segment(&mut self, seg: &SegmentPath) -> Result<()> {
+        if let Some(events) = self.handed.remove(&seg.first.0) {
+            let n = events.len();
+            let file_len = match fs::metadata(&seg.path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_err(&seg.path)(e)),
+            };
+            let last = events.last().map(|e| e.seq);
+            let r = self.write_and_remove(seg, last, &events, file_len);
+            self.shared
+                .handed_over
+                .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+            if r.is_err() {
+                // Read it from the file when retrying; the memory goes back now.
+                drop(events);
+            }
+            return r;
+        }
         let Some((scan, events)) = wal::read_segment_events(seg, Seq::ZERO, Seq(u64::MAX))? else {
             return Ok(()); // already gone
         };
+        self.write_and_remove(seg, scan.last_seq(), &events, scan.file_len)
+    }
+
+    /// Writes the master file of `seg` (holding `events`, the last being `last`), then deletes
+    /// the segment.
+    fn write_and_remove<E: std::borrow::Borrow<SeqEvent>>(
+        &self,
+        seg: &SegmentPath,
+        last: Option<Seq>,
+        events: &[E],
+        file_len: u64,
+    ) -> Result<()> {
         let fsync = self.shared.fsync;
-        if let Some(last) = scan.last_seq() {
+        if let Some(last) = last {
             let first = seg.first;
             let path = self.shared.paths.master.join(master_file_name(first, last));
             let t = std::time::Instant::now();
-            parquet_io::write_parquet_atomic(&path, &events, fsync)?;
+            parquet_io::write_parquet_atomic(&path, events, fsync)?;
             self.shared.master_files.fetch_add(1, Ordering::Relaxed);
             metrics::histogram!(crate::metrics::SEAL_SECONDS).record(t.elapsed().as_secs_f64());
             metrics::counter!(crate::metrics::SEALED_EVENTS).increment(events.len() as u64);
@@ -106,7 +151,7 @@ impl Sealer {
             .shared
             .wal_bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(scan.file_len))
+                Some(b.saturating_sub(file_len))
             });
         Ok(())
     }

@@ -65,7 +65,15 @@ pub(crate) struct Writer {
     pub(crate) needs_repair: bool,
     pub(crate) sealer: Sender<SealerCmd>,
     pub(crate) buf: Vec<u8>,
+    /// Every acknowledged event of the open segment, handed to the sealer when the segment
+    /// closes so that it need not read the file back. `None` for a segment opened at recovery
+    /// (its events are only partly in memory) or once the sealer's backlog is full.
+    pub(crate) seg_events: Option<Vec<Arc<SeqEvent>>>,
 }
+
+/// The sealer's backlog of handed-over events beyond which closed segments are read back from
+/// their files instead (bounds the memory a slow disk can pin).
+const MAX_HANDED_OVER: usize = 4 << 20;
 
 type Pending = Vec<(Vec<Event>, oneshot::Sender<Result<SeqRange>>)>;
 
@@ -154,6 +162,8 @@ impl Writer {
                         tracing::warn!(error = %e, "fsync of the wal segment at shutdown failed");
                     }
                 }
+                // Sealed from the file by whoever asks (shutdown), or replayed at the next start.
+                self.seg_events = None;
                 self.shared.open_first.store(u64::MAX, Ordering::SeqCst);
                 let _ = reply.send(Ok(()));
                 true
@@ -180,7 +190,11 @@ impl Writer {
                     tracing::warn!(error = %e, "could not truncate the wal segment; not rotating");
                     return;
                 }
-                self.seg = None;
+                let closed = self.seg.take().expect("matched Some").seg.first;
+                self.shared
+                    .open_first
+                    .store(self.next_seq, Ordering::SeqCst);
+                self.hand_over(closed);
             }
             None => {}
         }
@@ -191,6 +205,18 @@ impl Writer {
             tracing::warn!(error = %e, "could not start a new wal segment; will retry");
         }
         let _ = self.sealer.send(SealerCmd::Kick);
+    }
+
+    /// Gives the events of the segment that just closed (starting at `first`) to the sealer.
+    fn hand_over(&mut self, first: Seq) {
+        if let Some(events) = self.seg_events.take() {
+            if !events.is_empty() {
+                self.shared
+                    .handed_over
+                    .fetch_add(events.len(), Ordering::Relaxed);
+                let _ = self.sealer.send(SealerCmd::Closed { first, events });
+            }
+        }
     }
 
     /// Cuts the open segment back to its acknowledged length if a failed write left bytes.
@@ -225,6 +251,8 @@ impl Writer {
                 events: 0,
                 since: None,
             });
+            let backlog = self.shared.handed_over.load(Ordering::Relaxed);
+            self.seg_events = (backlog < MAX_HANDED_OVER).then(Vec::new);
         }
         Ok(())
     }
@@ -325,17 +353,20 @@ impl Writer {
         {
             let mut tail = self.shared.tail.lock().expect("tail lock");
             let total = (self.next_seq - start) as usize;
+            // Only the last `cap` events of a huge group fit the tail.
             let mut skip = total.saturating_sub(cap);
             for ((events, reply), r) in pending.drain(..).zip(ranges) {
-                let n = events.len();
-                if skip >= n {
-                    skip -= n;
-                } else {
-                    for (i, event) in events.into_iter().enumerate().skip(skip) {
-                        let seq = Seq(r.first.0 + i as u64);
-                        tail.push_back(Arc::new(SeqEvent { seq, event }));
+                for (i, event) in events.into_iter().enumerate() {
+                    let seq = Seq(r.first.0 + i as u64);
+                    let e = Arc::new(SeqEvent { seq, event });
+                    if let Some(kept) = self.seg_events.as_mut() {
+                        kept.push(e.clone());
                     }
-                    skip = 0;
+                    if skip > 0 {
+                        skip -= 1;
+                    } else {
+                        tail.push_back(e);
+                    }
                 }
                 replies.push((reply, r));
             }
