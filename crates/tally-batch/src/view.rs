@@ -28,8 +28,11 @@ pub struct BatchView {
     prefix: Vec<u64>,
     /// URL ids by total views desc, then url asc.
     by_total: Vec<u32>,
-    /// Host -> URL ids with that host.
-    hosts: HashMap<Box<str>, Vec<u32>>,
+    /// Host -> URL ids with that host, by total views desc, then url asc.
+    hosts: HashMap<Arc<str>, Vec<u32>>,
+    /// `(hour, url id)` of the cells in hours after the one the view was computed in (events
+    /// that were ahead of the clock), ascending.
+    late: Vec<(i64, u32)>,
     sketch_precision: Option<u8>,
     sketch_offsets: Vec<usize>,
     sketch_days: Vec<i64>,
@@ -70,17 +73,25 @@ impl BatchView {
         let mut by_total: Vec<u32> = (0..names.len() as u32).collect();
         // URL ids are in URL order already, so a stable sort by total keeps url asc for ties.
         by_total.sort_by_key(|&i| std::cmp::Reverse(total(i as usize)));
-        let mut hosts: HashMap<Box<str>, Vec<u32>> = HashMap::new();
-        for (i, u) in names.iter().enumerate() {
-            if let Some(h) = tally_core::url::host_of(u) {
+        let mut hosts: HashMap<Arc<str>, Vec<u32>> = HashMap::new();
+        for &i in &by_total {
+            if let Some(h) = tally_core::url::host_of(&names[i as usize]) {
                 match hosts.get_mut(h) {
-                    Some(v) => v.push(i as u32),
+                    Some(v) => v.push(i),
                     None => {
-                        hosts.insert(h.into(), vec![i as u32]);
+                        hosts.insert(h.into(), vec![i]);
                     }
                 }
             }
         }
+        let computed_hour = tally_core::hour_of(computed_at_ms);
+        let mut late: Vec<(i64, u32)> = Vec::new();
+        for i in 0..names.len() {
+            let (s, e) = (offsets[i], offsets[i + 1]);
+            let a = s + hours[s..e].partition_point(|&h| h <= computed_hour);
+            late.extend(hours[a..e].iter().map(|&h| (h, i as u32)));
+        }
+        late.sort_unstable();
         let (sketch_precision, sketch_offsets, sketch_days, sketches) = match sketches {
             Some(s) => (Some(s.precision), s.offsets, s.days, s.sketches),
             None => (None, Vec::new(), Vec::new(), Vec::new()),
@@ -98,6 +109,7 @@ impl BatchView {
             prefix,
             by_total,
             hosts,
+            late,
             sketch_precision,
             sketch_offsets,
             sketch_days,
@@ -161,9 +173,38 @@ impl BatchView {
             .map(move |&i| (&*self.names[i as usize], self.total(i as usize)))
     }
 
+    /// The top `k` URLs by total views (desc, then url asc), optionally only those of `host`.
+    pub fn top(&self, host: Option<&str>, k: usize) -> Vec<(Arc<str>, u64)> {
+        let ids: &[u32] = match host {
+            None => &self.by_total,
+            Some(h) => self.hosts.get(h).map_or(&[], |v| v.as_slice()),
+        };
+        ids.iter()
+            .take(k)
+            .map(|&i| (self.names[i as usize].clone(), self.total(i as usize)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
+    /// Every host with URLs in the view.
+    pub fn hosts(&self) -> impl Iterator<Item = &Arc<str>> + '_ {
+        self.hosts.keys()
+    }
+
+    /// URLs with views at hours `>= from_hour`, among the cells that were ahead of the clock
+    /// when the view was computed (so empty for any hour after that).
+    pub fn late(&self, from_hour: i64) -> Vec<Arc<str>> {
+        let a = self.late.partition_point(|c| c.0 < from_hour);
+        let mut ids: Vec<u32> = self.late[a..].iter().map(|c| c.1).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .map(|i| self.names[i as usize].clone())
+            .collect()
+    }
+
     /// Calls `f(url, views)` for every URL (whose host is `host`, when given; see
-    /// `tally_core::url::host_of`) with non-zero views in `[from_hour, to_hour)`. URLs come in
-    /// ascending order.
+    /// `tally_core::url::host_of`) with non-zero views in `[from_hour, to_hour)`.
     pub fn range_totals<'a>(
         &'a self,
         from_hour: i64,

@@ -58,6 +58,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
         "acked_seq": m.acked_seq.get(),
         "sealed_seq": m.sealed_seq.get(),
         "speed_applied_seq": state.speed.applied_seq().get(),
+        "redis_applied_seq": state.speed.redis_applied_seq().get(),
         "batch_cutoff_seq": view.as_ref().map(|v| v.cutoff_seq.get()),
         "batch_version": view.as_ref().map(|v| v.version.clone()),
         "speed_epochs": epochs,

@@ -113,37 +113,6 @@ impl<'a> TopN<'a> {
     }
 }
 
-/// Exact top-N of `batch + speed` over the whole dataset. `batch_desc` lists the batch totals
-/// ordered by views descending then URL ascending, `batch_total` looks one up, and `speed` holds
-/// the speed-layer totals (URLs of the live epochs). A URL absent from `speed` keeps its batch
-/// count, so among those the batch order is the merged order: the first `limit` of them plus
-/// every URL of `speed` (with its batch count added) hold the answer.
-pub fn top_merge<'a, I>(
-    batch_desc: I,
-    batch_total: impl Fn(&str) -> u64,
-    speed: &HashMap<&'a str, u64>,
-    limit: usize,
-) -> Vec<(String, u64)>
-where
-    I: IntoIterator<Item = (&'a str, u64)>,
-{
-    let mut top = TopN::new(limit);
-    for (&url, &s) in speed {
-        top.push(url, batch_total(url) + s);
-    }
-    let mut others = 0;
-    for (url, views) in batch_desc {
-        if others >= limit {
-            break;
-        }
-        if !speed.contains_key(url) {
-            top.push(url, views);
-            others += 1;
-        }
-    }
-    top.into_vec()
-}
-
 /// Exact top-N of a range from two per-URL maps of it.
 pub fn top_from_maps<'a>(
     batch: impl IntoIterator<Item = (&'a str, u64)>,
@@ -196,22 +165,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn top_merge_and_top_from_maps_equal_the_full_sort(
+        fn top_from_maps_equals_the_full_sort(
             batch in proptest::collection::hash_map("[a-f]{1,2}", 0u64..20, 0..30),
             speed in proptest::collection::hash_map("[a-h]{1,2}", 1u64..20, 0..10),
             limit in 1usize..12,
         ) {
-            let mut desc: Vec<(String, u64)> = batch.clone().into_iter().filter(|x| x.1 > 0).collect();
-            desc.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             let speed_ref: HashMap<&str, u64> = speed.iter().map(|(u, v)| (u.as_str(), *v)).collect();
             let expected = reference(&batch, &speed, limit);
-            let fast = top_merge(
-                desc.iter().map(|(u, v)| (u.as_str(), *v)),
-                |u| batch.get(u).copied().unwrap_or(0),
-                &speed_ref,
-                limit,
-            );
-            prop_assert_eq!(&fast, &expected);
             let maps = top_from_maps(batch.iter().map(|(u, v)| (u.as_str(), *v)), &speed_ref, limit);
             prop_assert_eq!(&maps, &expected);
         }

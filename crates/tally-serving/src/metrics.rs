@@ -31,6 +31,8 @@ pub const SPEED_APPLIES: &str = "tally_speed_applies_total";
 pub const SPEED_EVENTS_APPLIED: &str = "tally_speed_events_applied_total";
 pub const SPEED_REBUILDS: &str = "tally_speed_rebuilds_total";
 pub const SPEED_COLLECTIONS: &str = "tally_speed_epoch_collections_total";
+pub const SPEED_RESYNCS: &str = "tally_speed_redis_rewrites_total";
+pub const REDIS_LAG_EVENTS: &str = "tally_speed_redis_lag_events";
 pub const VIEW_EXACT: &str = "tally_batch_view_exact";
 
 /// Counts and times every request by its route template.
@@ -67,6 +69,12 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
     metrics::counter!(SPEED_EVENTS_APPLIED).absolute(speed.events_applied);
     metrics::counter!(SPEED_REBUILDS).absolute(speed.rebuilds);
     metrics::counter!(SPEED_COLLECTIONS).absolute(speed.collections);
+    metrics::counter!(SPEED_RESYNCS).absolute(speed.resyncs);
+    metrics::gauge!(REDIS_LAG_EVENTS).set(
+        applied
+            .get()
+            .saturating_sub(state.speed.redis_applied_seq().get()) as f64,
+    );
     let view = state.views.current();
     let exact = state.speed.covers(ViewManager::cutoff(view.as_ref()));
     metrics::gauge!(VIEW_EXACT).set(if exact { 1.0 } else { 0.0 });

@@ -16,7 +16,7 @@ use tally_core::{
 use crate::cache::{TopKey, UniquesKey};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
-use crate::merge::{bucket_series, top_from_maps, top_merge, Granularity};
+use crate::merge::{bucket_series, top_from_maps, Granularity};
 use crate::state::AppState;
 use crate::views::ViewManager;
 
@@ -25,16 +25,14 @@ use crate::views::ViewManager;
 pub(crate) struct HourRange {
     pub from_hour: i64,
     pub to_hour: i64,
-    /// Neither bound was given and no accepted event can lie at or after `to_hour` (the range
-    /// is the whole dataset, so all-time totals answer it).
-    pub unbounded: bool,
+    /// Neither bound was given: all time until the next full hour (the speed layer's all-time
+    /// rankings answer it).
+    pub all_time: bool,
 }
 
 /// `from`/`to` truncated to the hour; missing `from` is the beginning of time, missing `to` is
-/// now rounded up to the next hour (API.md). Events may be up to `max_future_ms` ahead of the
-/// clock, so in the last minutes of an hour some can lie past that bound: then the range is not
-/// the whole dataset.
-pub(crate) fn hour_range(q: &HashMap<String, String>, max_future_ms: i64) -> ApiResult<HourRange> {
+/// now rounded up to the next hour (API.md).
+pub(crate) fn hour_range(q: &HashMap<String, String>) -> ApiResult<HourRange> {
     let parse = |name: &str| -> ApiResult<Option<i64>> {
         match q.get(name) {
             None => Ok(None),
@@ -63,9 +61,7 @@ pub(crate) fn hour_range(q: &HashMap<String, String>, max_future_ms: i64) -> Api
     Ok(HourRange {
         from_hour,
         to_hour,
-        unbounded: from.is_none()
-            && to.is_none()
-            && hour_of(now.saturating_add(max_future_ms)) < to_hour,
+        all_time: from.is_none() && to.is_none(),
     })
 }
 
@@ -120,7 +116,7 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
             ))
         })?,
     };
-    let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
+    let range = hour_range(&q)?;
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let batch_views = view
@@ -180,7 +176,7 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
                 .map_err(|e| ApiError::bad(format!("The host parameter is invalid: {e}.")))?,
         ),
     };
-    let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
+    let range = hour_range(&q)?;
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     // A ranking is a pure function of the batch view, the speed state (which changes only
@@ -231,7 +227,7 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
 pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let url = url_param(&q)?;
-    let range = hour_range(&q, state.limits.ingest.max_future_ms)?;
+    let range = hour_range(&q)?;
     // Day-aligned: `from` down to its midnight, `to` up to the next one.
     let from_day = (range.from_hour * HOUR_MS).div_euclid(DAY_MS);
     let to_day = (range.to_hour * HOUR_MS + DAY_MS - 1).div_euclid(DAY_MS);
@@ -296,7 +292,9 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
 }
 
 /// Exact top-N of the batch view plus the speed epochs after its cutoff; the flag says whether
-/// the speed layer could be read.
+/// the speed layer could be read. All time (the dashboard's default and the common case) comes
+/// from the speed layer's incremental rankings in `O(limit)`; other ranges, and what the rankings
+/// do not keep, scan the URLs with views in the range.
 fn rank_top(
     state: &AppState,
     view: Option<&Arc<BatchView>>,
@@ -305,12 +303,20 @@ fn rank_top(
     host: Option<&str>,
     limit: usize,
 ) -> ApiResult<(Vec<(String, u64)>, bool)> {
+    if range.all_time {
+        let id = view.map_or("", |v| v.version.as_str());
+        let ranked = speed_read(
+            state
+                .speed
+                .top_all_time(id, cutoff, limit, host, range.to_hour),
+        )?;
+        if let Some(Some(items)) = ranked {
+            return Ok((items, true));
+        }
+    }
     let empty = HashMap::new();
     let rank = |speed: &HashMap<&str, u64>| match view {
         None => top_from_maps(std::iter::empty(), speed, limit),
-        Some(v) if range.unbounded && host.is_none() => {
-            top_merge(v.totals_desc(), |u| v.total_views(u), speed, limit)
-        }
         Some(v) => {
             let mut batch = Vec::new();
             v.range_totals(range.from_hour, range.to_hour, host, |url, n| {
@@ -347,43 +353,36 @@ mod tests {
     #[test]
     fn missing_to_is_the_next_hour_and_from_the_beginning_of_time() {
         let before = hour_of(now_ms()) + 1;
-        let r = hour_range(&q(&[]), 300_000).unwrap();
+        let r = hour_range(&q(&[])).unwrap();
         let after = hour_of(now_ms()) + 1;
         assert!(r.to_hour == before || r.to_hour == after);
         assert_eq!(r.from_hour, hour_of(MIN_TS_MS));
-        // Without any future slack the range covers every accepted event.
-        assert!(hour_range(&q(&[]), 0).unwrap().unbounded);
+        assert!(r.all_time);
     }
 
     #[test]
     fn bounds_truncate_to_the_hour_and_must_be_ordered() {
-        let r = hour_range(
-            &q(&[
-                ("from", "2026-11-21T10:30:00Z"),
-                ("to", "2026-11-21T12:59:59Z"),
-            ]),
-            0,
-        )
+        let r = hour_range(&q(&[
+            ("from", "2026-11-21T10:30:00Z"),
+            ("to", "2026-11-21T12:59:59Z"),
+        ]))
         .unwrap();
         assert_eq!(
             format_rfc3339(r.from_hour * HOUR_MS),
             "2026-11-21T10:00:00Z"
         );
         assert_eq!(format_rfc3339(r.to_hour * HOUR_MS), "2026-11-21T12:00:00Z");
-        assert!(!r.unbounded);
-        assert!(hour_range(
-            &q(&[
-                ("from", "2026-11-21T10:30:00Z"),
-                ("to", "2026-11-21T10:59:00Z")
-            ]),
-            0
-        )
+        assert!(!r.all_time);
+        assert!(hour_range(&q(&[
+            ("from", "2026-11-21T10:30:00Z"),
+            ("to", "2026-11-21T10:59:00Z")
+        ]))
         .is_err());
-        assert!(hour_range(&q(&[("from", "yesterday")]), 0).is_err());
+        assert!(hour_range(&q(&[("from", "yesterday")])).is_err());
         // Bounds that would overflow the bucket arithmetic are refused, not wrapped.
-        assert!(hour_range(&q(&[("to", "9223372036854775807")]), 0).is_err());
-        assert!(hour_range(&q(&[("from", "-9223372036854775808")]), 0).is_err());
-        let far = hour_range(&q(&[("to", "253402300799999")]), 0).unwrap();
+        assert!(hour_range(&q(&[("to", "9223372036854775807")])).is_err());
+        assert!(hour_range(&q(&[("from", "-9223372036854775808")])).is_err());
+        let far = hour_range(&q(&[("to", "253402300799999")])).unwrap();
         assert_eq!(
             format_rfc3339(far.to_hour * HOUR_MS),
             "9999-12-31T23:00:00Z"

@@ -212,12 +212,20 @@ impl ViewManager {
         })
     }
 
-    /// Swaps `view` in, then tells the speed layer which epochs the views that may serve need.
+    /// Swaps `view` in, then tells the speed layer which epochs the views that may serve need
+    /// and which view its all-time rankings are for.
     async fn swap(&self, view: Option<Arc<BatchView>>) {
         if let Some(v) = &view {
             tracing::info!(version = %v.version, cutoff_seq = v.cutoff_seq.get(), "serving batch view");
         }
         self.current.store(view.clone());
+        let speed = self.speed.clone();
+        let base = view
+            .clone()
+            .map(|v| Arc::new(ViewBase(v)) as Arc<dyn tally_speed::BaseTotals>);
+        if let Err(e) = tokio::task::spawn_blocking(move || speed.set_base(base)).await {
+            tracing::error!(error = %e, "building the speed layer's rankings failed");
+        }
         let store = self.store().clone();
         let fallbacks = self.fallback_views;
         let retain = blocking(move || Ok(retain_after(&store, view.as_deref(), fallbacks)))
@@ -304,6 +312,33 @@ impl ViewManager {
             delay = (delay * 2).min(cfg.max_backoff);
         }
         tracing::info!("batch view recovered");
+    }
+}
+
+/// A batch view as the speed layer's rankings see it.
+struct ViewBase(Arc<BatchView>);
+
+impl tally_speed::BaseTotals for ViewBase {
+    fn id(&self) -> &str {
+        &self.0.version
+    }
+    fn cutoff(&self) -> Seq {
+        self.0.cutoff_seq
+    }
+    fn total(&self, url: &str) -> u64 {
+        self.0.total_views(url)
+    }
+    fn top(&self, host: Option<&str>, k: usize) -> Vec<(Arc<str>, u64)> {
+        self.0.top(host, k)
+    }
+    fn hosts(&self) -> Vec<Arc<str>> {
+        self.0.hosts().cloned().collect()
+    }
+    fn late(&self, from_hour: i64) -> Vec<Arc<str>> {
+        self.0.late(from_hour)
+    }
+    fn views_before(&self, url: &str, to_hour: i64) -> u64 {
+        self.0.range_views(url, i64::MIN, to_hour)
     }
 }
 

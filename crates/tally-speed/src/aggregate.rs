@@ -3,23 +3,41 @@
 //! Redis script and, once it committed, into one mirror update.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::HashMap;
 
 use tally_core::{day_of, hour_of, Seq};
 use tally_master::SeqEvent;
 
 use crate::keys::visitor_member;
 
-/// The increments of one URL in one epoch.
+/// The increments of one URL in one epoch. Small vectors rather than ordered maps: a URL's
+/// events in one batch fall in one or two hours, and the batch aggregates millions of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct UrlDelta {
-    /// hour number → views.
-    pub(crate) hours: BTreeMap<i64, u64>,
+    /// `(hour number, views)`, ascending by hour.
+    pub(crate) hours: Vec<(i64, u64)>,
     /// Sum of `hours`.
     pub(crate) total: u64,
-    /// Distinct (UTC day, visitor) pairs as [`visitor_member`]s (events without a visitor do
-    /// not count).
-    pub(crate) visitors: BTreeSet<i64>,
+    /// Distinct (UTC day, visitor) pairs as [`visitor_member`]s, ascending (events without a
+    /// visitor do not count).
+    pub(crate) visitors: Vec<i64>,
+}
+
+impl UrlDelta {
+    fn add(&mut self, hour: i64) {
+        match self.hours.iter_mut().rev().find(|(h, _)| *h == hour) {
+            Some((_, n)) => *n += 1,
+            None => self.hours.push((hour, 1)),
+        }
+        self.total += 1;
+    }
+
+    /// Sorts what `add` and the visitor pushes left in arrival order.
+    fn finish(&mut self) {
+        self.hours.sort_unstable();
+        self.visitors.sort_unstable();
+        self.visitors.dedup();
+    }
 }
 
 /// The increments of one apply batch that fall into one epoch.
@@ -30,7 +48,7 @@ pub(crate) struct EpochDelta {
     /// Seq of the first and last event of the batch in this epoch.
     pub(crate) first: Seq,
     pub(crate) last: Seq,
-    pub(crate) urls: BTreeMap<String, UrlDelta>,
+    pub(crate) urls: HashMap<String, UrlDelta>,
 }
 
 impl EpochDelta {
@@ -68,7 +86,7 @@ where
                 epoch,
                 first: ev.seq,
                 last: ev.seq,
-                urls: BTreeMap::new(),
+                urls: HashMap::new(),
             }),
         }
         let d = out.last_mut().expect("pushed above");
@@ -76,14 +94,16 @@ where
             Some(u) => u,
             None => d.urls.entry(ev.event.url.clone()).or_default(),
         };
-        *u.hours.entry(hour_of(ev.event.ts)).or_insert(0) += 1;
-        u.total += 1;
+        u.add(hour_of(ev.event.ts));
         if let Some(v) = &ev.event.visitor {
-            u.visitors.insert(visitor_member(
+            u.visitors.push(visitor_member(
                 day_of(ev.event.ts),
                 tally_core::sketch::visitor_hash32(v.as_bytes()),
             ));
         }
+    }
+    for d in &mut out {
+        d.urls.values_mut().for_each(UrlDelta::finish);
     }
     out
 }
@@ -132,13 +152,13 @@ pub(crate) mod tests {
         assert_eq!(deltas.len(), 2);
         let d0 = &deltas[0];
         assert_eq!((d0.epoch, d0.first, d0.last), (Seq(1), Seq(9), Seq(11)));
-        assert_eq!(d0.urls["a"].hours, BTreeMap::from([(100, 2)]));
+        assert_eq!(d0.urls["a"].hours, vec![(100, 2)]);
         assert_eq!(d0.urls["a"].total, 2);
-        assert_eq!(d0.urls["b"].hours, BTreeMap::from([(101, 1)]));
+        assert_eq!(d0.urls["b"].hours, vec![(101, 1)]);
         assert_eq!(d0.events(), 3);
         let d1 = &deltas[1];
         assert_eq!((d1.epoch, d1.first, d1.last), (Seq(12), Seq(12), Seq(14)));
-        assert_eq!(d1.urls["a"].hours, BTreeMap::from([(100, 1), (102, 1)]));
+        assert_eq!(d1.urls["a"].hours, vec![(100, 1), (102, 1)]);
         assert_eq!(d1.urls.len(), 1);
     }
 
@@ -156,10 +176,9 @@ pub(crate) mod tests {
         let u = &deltas[0].urls["a"];
         assert_eq!(u.total, 4);
         let h = |v: &str| tally_core::sketch::visitor_hash32(v.as_bytes());
-        assert_eq!(
-            u.visitors,
-            BTreeSet::from([visitor_member(0, h("v1")), visitor_member(1, h("v2"))])
-        );
+        let mut want = vec![visitor_member(0, h("v1")), visitor_member(1, h("v2"))];
+        want.sort_unstable();
+        assert_eq!(u.visitors, want);
     }
 
     #[test]
@@ -176,6 +195,6 @@ pub(crate) mod tests {
         assert!(aggregate(Vec::<SeqEvent>::new(), &[Seq(1)]).is_empty());
         // Negative timestamps floor to the previous hour.
         let d = aggregate([ev(1, "a", -1)], &[Seq(1)]);
-        assert_eq!(d[0].urls["a"].hours, BTreeMap::from([(-1, 1)]));
+        assert_eq!(d[0].urls["a"].hours, vec![(-1, 1)]);
     }
 }

@@ -1,34 +1,51 @@
-//! The applier: the one task that writes speed state. It waits for acknowledged events (notified
-//! by the master dataset's watch channel), reads them from the in-memory tail (or from storage
-//! when the tail no longer has them, and always while rebuilding), pre-aggregates them, applies
-//! each epoch's delta with one compare-and-set script, and then updates the mirror.
+//! The applier: the one task that writes speed state.
 //!
-//! States: `Sync` (check the instance marker and the applied seqs; load the mirror from Redis
-//! when it differs) → `Run` (apply); `Rebuild` when Redis lost our state. Any error goes back to
-//! `Sync` after a backoff (50 ms doubling to 1 s).
+//! - **Visibility.** It waits for acknowledged events (notified by the master dataset's watch
+//!   channel), reads them from the in-memory tail (or from storage when the tail no longer has
+//!   them, and always while rebuilding), pre-aggregates them and adds them to the mirror — in
+//!   parts of [`APPLY_PART_URLS`] URLs, each under its own short write lock, so queries never
+//!   wait long — then publishes the applied seq. Queries see an event a few milliseconds after
+//!   its acknowledgement, whatever Redis is doing.
+//! - **Redis, written behind** (`replica.rs`). Each delta is also queued; while one Redis
+//!   transaction is in flight, the next deltas coalesce. The transaction is a compare-and-set on
+//!   every epoch's applied seq, so Redis's `applied` names exactly the events it holds. A Redis
+//!   that no longer holds what we wrote (restarted empty, flushed, restored, another dataset's
+//!   marker) is rewritten from the mirror; one that is unreachable makes reads unavailable
+//!   (`speed_available: false`, as API.md requires) while the queue waits, bounded by
+//!   [`PENDING_MAX_EVENTS`] beyond which a rewrite replaces it.
+//!
+//! States: `Sync` (load the mirror from Redis at start, or after the mirror refused a delta) →
+//! `Run`; `Rebuild` (the mirror from the master dataset) when Redis has no usable state. Storage
+//! errors go back to `Run` after a backoff (50 ms doubling to 1 s).
 
-/// Seconds from reading a batch of acknowledged events to having it committed in Redis and the
-/// mirror (what ingest-to-visible costs beyond the notification).
+/// Seconds from reading a batch of acknowledged events to having it in the mirror (what
+/// ingest-to-visible costs beyond the notification).
 const APPLY_SECONDS: &str = "tally_speed_apply_seconds";
 /// Events per apply batch.
 const APPLY_BATCH_EVENTS: &str = "tally_speed_apply_batch_events";
+/// Seconds per Redis transaction of the write-behind replica.
+const REDIS_WRITE_SECONDS: &str = "tally_speed_redis_write_seconds";
+/// Events per Redis transaction (coalesced deltas).
+const REDIS_WRITE_EVENTS: &str = "tally_speed_redis_write_events";
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tally_core::Seq;
 use tally_master::{Master, Tail};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::aggregate::{aggregate, epoch_of, EpochDelta};
+use crate::aggregate::{aggregate, epoch_of, EpochDelta, UrlDelta};
 use crate::keys::{instance_marker, marker_is_ours, Keys};
 use crate::mirror::Mirror;
-use crate::store::{ApplyOutcome, LoadedEpoch, Store};
+use crate::replica::{self, Pending, PendingEpoch, WriteOutcome};
+use crate::store::{LoadedEpoch, Store};
 use crate::{Counters, Error, Result, Shared, SpeedConfig};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -39,12 +56,56 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const REBUILD_CHUNK: usize = 100_000;
 /// Batches larger than this are aggregated off the runtime.
 const INLINE_AGGREGATE_MAX: usize = 1024;
+/// How long a stopping applier keeps writing what Redis does not hold yet (so that a restart
+/// resumes from Redis instead of replaying).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// URLs added to the mirror under one write lock.
+pub(crate) const APPLY_PART_URLS: usize = 2048;
+/// Events queued for Redis beyond which the queue is dropped and Redis is rewritten from the
+/// mirror once it answers again (bounds the memory a long Redis outage can take).
+pub(crate) const PENDING_MAX_EVENTS: u64 = 2_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Sync,
     Rebuild,
     Run,
+}
+
+/// A Redis task in flight: a transaction of queued deltas (what it tried, to put back on a
+/// transient failure) or a rewrite from the mirror (the applied seqs it writes).
+enum Inflight {
+    Write(JoinHandle<WriteDone>),
+    Resync(JoinHandle<ResyncDone>),
+}
+
+type WriteDone = (Pending, BTreeSet<Seq>, Result<WriteOutcome>);
+type ResyncDone = (BTreeMap<Seq, Seq>, Result<()>);
+
+/// What a finished Redis task gave back.
+enum Done {
+    Write(WriteDone),
+    Resync(ResyncDone),
+}
+
+/// Waits for the Redis task in flight (forever when there is none) and takes it out.
+async fn finished(inflight: &mut Option<Inflight>) -> Done {
+    let done = match inflight {
+        None => std::future::pending().await,
+        Some(Inflight::Write(h)) => Done::Write(h.await.unwrap_or_else(|e| {
+            (
+                Pending::new(),
+                BTreeSet::new(),
+                Err(Error::Task(e.to_string())),
+            )
+        })),
+        Some(Inflight::Resync(h)) => Done::Resync(
+            h.await
+                .unwrap_or_else(|e| (BTreeMap::new(), Err(Error::Task(e.to_string())))),
+        ),
+    };
+    *inflight = None;
+    done
 }
 
 struct Applier {
@@ -55,15 +116,29 @@ struct Applier {
     acked: watch::Receiver<Seq>,
     /// Our instance marker, as written in `{prefix}instance` (`keys::instance_marker`).
     instance: Option<String>,
-    /// The mirror holds what Redis holds (set by a load or a rebuild).
+    /// The mirror holds a state Redis held at some point, plus what we applied since.
     loaded: bool,
-    /// Every event with `seq <= pos` has been applied (or skipped as belonging to a forgotten
+    /// Every event with `seq <= pos` is in the mirror (or skipped as belonging to a forgotten
     /// epoch).
     pos: Seq,
     /// While rebuilding: reads stay unavailable until `pos` reaches this.
     rebuild_target: Option<Seq>,
     /// Epochs starting before this are garbage.
     floor: Seq,
+    /// Deltas in the mirror and not yet in Redis, coalesced.
+    pending: Pending,
+    /// The applied seq Redis holds per epoch (what we last wrote or loaded).
+    redis_applied: BTreeMap<Seq, Seq>,
+    /// Collected epochs whose Redis keys are still to be deleted.
+    doomed: BTreeSet<Seq>,
+    /// Redis no longer holds what we wrote: rewrite it from the mirror.
+    resync: bool,
+    inflight: Option<Inflight>,
+    /// No Redis task starts before this (backoff after a failure).
+    redis_retry_at: Option<Instant>,
+    redis_backoff: Duration,
+    /// When Redis last answered (a heartbeat checks the marker when idle longer).
+    redis_seen: Instant,
 }
 
 pub(crate) async fn run(
@@ -84,7 +159,7 @@ pub(crate) async fn run(
         .set_min_delay(BACKOFF_MIN)
         .set_max_delay(BACKOFF_MAX)
         .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
+        .set_response_timeout(Some(Duration::from_secs(30)));
     let conn = match ConnectionManager::new_lazy_with_config(client, mgr_cfg) {
         Ok(c) => c,
         Err(e) => {
@@ -103,6 +178,14 @@ pub(crate) async fn run(
         pos: Seq::ZERO,
         rebuild_target: None,
         floor: Seq::ZERO,
+        pending: Pending::new(),
+        redis_applied: BTreeMap::new(),
+        doomed: BTreeSet::new(),
+        resync: false,
+        inflight: None,
+        redis_retry_at: None,
+        redis_backoff: BACKOFF_MIN,
+        redis_seen: Instant::now(),
     };
     if let Some(policy) = a.store.eviction_policy().await {
         if policy != "noeviction" {
@@ -129,7 +212,9 @@ pub(crate) async fn run(
                     a.shared.redis_up.store(false, Ordering::Release);
                 }
                 warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "speed applier failed; retrying");
-                phase = Phase::Sync;
+                if !a.loaded {
+                    phase = Phase::Sync;
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -138,6 +223,7 @@ pub(crate) async fn run(
             }
         }
     }
+    a.flush_redis(SHUTDOWN_FLUSH).await;
     debug!("speed applier stopped");
 }
 
@@ -195,6 +281,13 @@ impl Applier {
         self.shared.applied.store(pos.0, Ordering::Release);
     }
 
+    fn set_redis_up(&mut self, up: bool) {
+        self.shared.redis_up.store(up, Ordering::Release);
+        if up {
+            self.redis_seen = Instant::now();
+        }
+    }
+
     fn mirror_write(&self) -> std::sync::RwLockWriteGuard<'_, Mirror> {
         self.shared
             .mirror
@@ -202,30 +295,61 @@ impl Applier {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn mirror_applied(&self, epoch: Seq) -> Seq {
-        self.shared
-            .mirror
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .applied_in(epoch)
+    fn mirror_read(&self) -> std::sync::RwLockReadGuard<'_, Mirror> {
+        self.shared.mirror.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks that Redis still holds our state; reloads the mirror from Redis when it differs.
+    /// Writes what is queued for Redis, for at most `limit` (at shutdown).
+    async fn flush_redis(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.inflight.is_none() {
+                self.redis_retry_at = None;
+                self.start_redis();
+            }
+            if self.inflight.is_none() {
+                return;
+            }
+            match tokio::time::timeout_at(deadline.into(), finished(&mut self.inflight)).await {
+                Ok(d) => {
+                    let failed =
+                        matches!(&d, Done::Write((_, _, Err(_))) | Done::Resync((_, Err(_))));
+                    self.redis_done(d);
+                    if failed {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+
+    /// Drops whatever is queued or in flight for Redis (before the mirror is replaced).
+    async fn reset_replica(&mut self) {
+        if self.inflight.is_some() {
+            let _ = finished(&mut self.inflight).await;
+        }
+        self.pending.clear();
+        self.set_redis_applied(BTreeMap::new());
+        self.resync = false;
+        self.redis_retry_at = None;
+    }
+
+    /// Loads the mirror from Redis when Redis holds our state, else rebuilds it.
     async fn sync(&mut self) -> Result<Phase> {
+        self.shared.ready.store(false, Ordering::Release);
+        self.reset_replica().await;
         let inst = self.store.instance().await?;
-        self.shared.redis_up.store(true, Ordering::Release);
+        self.set_redis_up(true);
         let inst = match inst {
             None => {
-                self.shared.ready.store(false, Ordering::Release);
-                if self.loaded {
-                    warn!("redis no longer holds the speed state (restarted empty?); rebuilding it from the master dataset");
-                } else {
-                    info!("redis holds no speed state yet; building it from the master dataset");
-                }
+                info!("redis holds no speed state; building it from the master dataset");
                 return Ok(Phase::Rebuild);
             }
             Some(m) if !marker_is_ours(&m, self.master.dataset_id()) => {
-                self.shared.ready.store(false, Ordering::Release);
                 warn!(
                     marker = %m,
                     dataset_id = self.master.dataset_id(),
@@ -238,18 +362,6 @@ impl Applier {
             Some(m) => m,
         };
         let live = live_epochs(&self.master, self.floor);
-        if self.loaded && self.instance.as_deref() == Some(inst.as_str()) {
-            let in_redis = self.store.applied_of(&live).await?;
-            let same = live
-                .iter()
-                .zip(&in_redis)
-                .all(|(e, r)| self.mirror_applied(*e) == *r);
-            if same {
-                self.set_ready();
-                return Ok(Phase::Run);
-            }
-            info!("speed state in redis differs from the mirror; reloading");
-        }
         self.load(inst, live).await
     }
 
@@ -257,7 +369,6 @@ impl Applier {
     /// State that cannot be the result of in-order applies — an epoch missing before one that
     /// has state, a URL id naming two URLs — is rebuilt rather than trusted.
     async fn load(&mut self, inst: String, live: Vec<Seq>) -> Result<Phase> {
-        self.shared.ready.store(false, Ordering::Release);
         for e in self.store.listed_epochs().await? {
             if !live.contains(&e) {
                 info!(
@@ -269,9 +380,14 @@ impl Applier {
         }
         let mut loaded: Vec<(Seq, Option<LoadedEpoch>)> = Vec::with_capacity(live.len());
         for e in &live {
-            loaded.push((*e, self.store.load_epoch(*e).await?));
+            let state = self.store.load_epoch(*e).await?;
+            if state.is_none() {
+                // Keys without an applied seq are a write that never finished: garbage.
+                self.store.delete_epoch(*e).await?;
+            }
+            loaded.push((*e, state));
         }
-        let m = match mirror_from(live[0], loaded) {
+        let mut m = match mirror_from(live[0], loaded) {
             Ok(m) => m,
             Err(reason) => {
                 warn!(%reason, "speed state in redis is not consistent; rebuilding it");
@@ -294,7 +410,9 @@ impl Applier {
             return Ok(Phase::Rebuild);
         }
         let urls = m.dict.len();
+        self.set_redis_applied(m.epochs.iter().map(|(e, s)| (*e, s.applied)).collect());
         Counters::bump(&self.shared.counters.loads, 1);
+        self.shared.rank(&mut m);
         *self.mirror_write() = m;
         self.instance = Some(inst);
         self.loaded = true;
@@ -309,19 +427,20 @@ impl Applier {
         Ok(Phase::Run)
     }
 
-    /// Deletes every epoch's keys and reapplies the live epochs from the master dataset.
+    /// Empties the mirror and replays the live epochs from the master dataset into it; Redis is
+    /// rewritten under a new marker and then follows the replay.
     async fn rebuild(&mut self) -> Result<Phase> {
         self.shared.ready.store(false, Ordering::Release);
+        self.reset_replica().await;
         let live = live_epochs(&self.master, self.floor);
-        let mut doomed: BTreeSet<Seq> = self.store.listed_epochs().await?.into_iter().collect();
-        doomed.extend(live.iter().copied());
-        for e in doomed {
-            self.store.delete_epoch(e).await?;
-        }
-        let marker = instance_marker(self.master.dataset_id(), &new_incarnation());
-        self.store.set_instance(&marker).await?;
-        *self.mirror_write() = Mirror::empty(live[0]);
-        self.instance = Some(marker);
+        let mut m = Mirror::empty(live[0]);
+        self.shared.rank(&mut m);
+        *self.mirror_write() = m;
+        self.instance = Some(instance_marker(
+            self.master.dataset_id(),
+            &new_incarnation(),
+        ));
+        self.resync = true;
         self.loaded = true;
         self.set_pos(Seq(live[0].0.saturating_sub(1)));
         let target = self.master.acked_seq();
@@ -338,9 +457,17 @@ impl Applier {
 
     async fn run_once(&mut self) -> Result<Phase> {
         self.maybe_gc().await?;
+        self.poll_redis().await;
+        self.start_redis();
         let acked = *self.acked.borrow_and_update();
         if acked <= self.pos {
             self.set_ready();
+            let wake = match self.redis_retry_at {
+                Some(t) if self.wants_redis() => t.saturating_duration_since(Instant::now()),
+                _ => HEARTBEAT,
+            };
+            let mut done = None;
+            let mut beat = false;
             tokio::select! {
                 r = self.acked.changed() => {
                     if r.is_err() {
@@ -348,20 +475,20 @@ impl Applier {
                         tokio::time::sleep(HEARTBEAT).await;
                     }
                 }
+                d = finished(&mut self.inflight) => done = Some(d),
                 _ = self.shared.gc_wake.notified() => {}
-                _ = tokio::time::sleep(HEARTBEAT) => {
-                    let inst = self.store.instance().await?;
-                    self.shared.redis_up.store(true, Ordering::Release);
-                    if inst != self.instance {
-                        return Ok(Phase::Sync);
-                    }
-                }
+                _ = tokio::time::sleep(wake) => beat = true,
+            }
+            if let Some(d) = done {
+                self.redis_done(d);
+            }
+            if beat && self.inflight.is_none() && self.redis_seen.elapsed() >= HEARTBEAT {
+                self.heartbeat().await;
             }
             return Ok(Phase::Run);
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let (through, deltas) = self.read_batch(acked).await?;
-        let instance = self.instance.clone().unwrap_or_default();
         let events: u64 = deltas.iter().map(EpochDelta::events).sum();
         debug!(
             after = self.pos.0,
@@ -369,69 +496,270 @@ impl Applier {
             events,
             "speed applier batch"
         );
-        for d in deltas {
-            let (expected, ids) = {
-                let m = self.shared.mirror.read().unwrap_or_else(|p| p.into_inner());
-                (m.applied_in(d.epoch), m.assign_ids(&d))
-            };
-            match self.store.apply(&instance, expected, &d, &ids).await? {
-                ApplyOutcome::Applied => {}
-                // An earlier attempt of this very batch committed but its reply was lost.
-                ApplyOutcome::Mismatch(cur) if cur == d.last => {
-                    info!(
-                        epoch = d.epoch.0,
-                        applied_seq = cur.0,
-                        "apply had committed before; not applying again"
-                    );
-                }
-                ApplyOutcome::Mismatch(cur) => {
-                    warn!(
-                        epoch = d.epoch.0,
-                        expected = expected.0,
-                        in_redis = cur.0,
-                        "speed applied seq mismatch; resyncing"
-                    );
-                    return Ok(Phase::Sync);
-                }
-                ApplyOutcome::InstanceLost => {
-                    warn!("redis lost the speed state; resyncing");
-                    return Ok(Phase::Sync);
-                }
-                ApplyOutcome::IdConflict(id) => {
-                    error!(
-                        epoch = d.epoch.0,
-                        id, "redis maps a URL id to another URL than the mirror; reloading"
-                    );
-                    self.loaded = false;
-                    return Ok(Phase::Sync);
-                }
-            }
-            let applied = self.mirror_write().apply(&d, &ids);
-            if let Err(reason) = applied {
-                error!(%reason, "the mirror refused a committed apply; reloading it from redis");
+        // Off the async runtime: adding a large batch takes milliseconds of CPU that request
+        // handlers should not wait behind.
+        let queue: Vec<bool> = deltas
+            .iter()
+            .map(|d| !self.resync && self.redis_applied_ok(d.epoch))
+            .collect();
+        let shared = self.shared.clone();
+        let applied =
+            tokio::task::spawn_blocking(move || apply_to_mirror(&shared, &deltas, &queue))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?;
+        match applied {
+            Ok(queued) => self.queue(queued),
+            Err(reason) => {
+                error!(%reason, "the mirror refused a delta; reloading it from redis");
                 self.loaded = false;
                 return Ok(Phase::Sync);
             }
-            self.set_pos(d.last);
-            Counters::bump(&self.shared.counters.applies, 1);
-            Counters::bump(&self.shared.counters.events_applied, d.events());
         }
-        self.shared.redis_up.store(true, Ordering::Release);
+        Counters::bump(&self.shared.counters.events_applied, events);
         self.set_pos(self.pos.max(through));
         self.set_ready();
         metrics::histogram!(APPLY_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(APPLY_BATCH_EVENTS).record(events as f64);
+        self.start_redis();
         Ok(Phase::Run)
+    }
+
+    /// Queues what was added to the mirror for Redis.
+    fn queue(&mut self, queued: Pending) {
+        replica::merge(&mut self.pending, queued);
+        let queued_events: u64 = self.pending.values().map(PendingEpoch::events).sum();
+        if queued_events > PENDING_MAX_EVENTS {
+            warn!(
+                events = queued_events,
+                "redis is too far behind; it will be rewritten from the mirror instead"
+            );
+            self.pending.clear();
+            self.resync = true;
+        }
+    }
+
+    /// Whether deltas of `epoch` can be queued (not an epoch collected meanwhile).
+    fn redis_applied_ok(&self, epoch: Seq) -> bool {
+        epoch >= self.floor
+    }
+
+    fn wants_redis(&self) -> bool {
+        self.resync || !self.pending.is_empty() || !self.doomed.is_empty()
+    }
+
+    /// Starts the next Redis task when none is in flight and something is due.
+    fn start_redis(&mut self) {
+        if self.inflight.is_some() || !self.wants_redis() || !self.loaded {
+            return;
+        }
+        if self.redis_retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let marker = self
+            .instance
+            .clone()
+            .unwrap_or_else(|| instance_marker(self.master.dataset_id(), &new_incarnation()));
+        self.instance = Some(marker.clone());
+        let mut store = self.store.clone();
+        if self.resync {
+            // The snapshot holds every delta queued so far; deltas after it queue again, to be
+            // written once the rewrite is done (or dropped if it fails: the next one has them).
+            let snapshot = self.mirror_read().snapshot();
+            self.pending.clear();
+            self.doomed.clear();
+            self.resync = false;
+            let applied: BTreeMap<Seq, Seq> = snapshot.iter().map(|(e, p)| (*e, p.last)).collect();
+            info!(
+                epochs = snapshot.len(),
+                urls = snapshot.values().map(|p| p.urls.len()).sum::<usize>(),
+                "rewriting the speed state in redis from the mirror"
+            );
+            self.inflight = Some(Inflight::Resync(tokio::spawn(async move {
+                let r = replica::resync(&mut store, &marker, &snapshot).await;
+                (applied, r)
+            })));
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let doomed = std::mem::take(&mut self.doomed);
+        let expected = self.redis_applied.clone();
+        self.inflight = Some(Inflight::Write(tokio::spawn(async move {
+            let t = Instant::now();
+            let mut r = Ok(WriteOutcome::Written);
+            for e in &doomed {
+                if let Err(err) = store.delete_epoch(*e).await {
+                    r = Err(err);
+                    break;
+                }
+            }
+            let mut pending = pending;
+            if r.is_ok() && !pending.is_empty() {
+                let keys = store.keys.clone();
+                let built = tokio::task::spawn_blocking(move || {
+                    let tx = replica::transaction(&keys, &pending);
+                    (pending, tx)
+                })
+                .await;
+                match built {
+                    Ok((p, tx)) => {
+                        pending = p;
+                        r = replica::write(
+                            &mut store.conn,
+                            &store.keys,
+                            &marker,
+                            &expected,
+                            &pending,
+                            &tx,
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        // The pending deltas are lost with the task: rewrite Redis instead.
+                        pending = Pending::new();
+                        r = Ok(WriteOutcome::Diverged);
+                        warn!(error = %e, "building the redis transaction failed");
+                    }
+                }
+            }
+            metrics::histogram!(REDIS_WRITE_SECONDS).record(t.elapsed().as_secs_f64());
+            (pending, doomed, r)
+        })));
+    }
+
+    /// Handles the Redis task in flight if it has finished.
+    async fn poll_redis(&mut self) {
+        let finished_now = match &self.inflight {
+            Some(Inflight::Write(h)) => h.is_finished(),
+            Some(Inflight::Resync(h)) => h.is_finished(),
+            None => false,
+        };
+        if finished_now {
+            let d = finished(&mut self.inflight).await;
+            self.redis_done(d);
+        }
+    }
+
+    fn redis_done(&mut self, d: Done) {
+        match d {
+            Done::Write((tried, doomed, r)) => self.after_write(tried, doomed, r),
+            Done::Resync((applied, r)) => match r {
+                Ok(()) => {
+                    self.set_redis_applied(applied);
+                    Counters::bump(&self.shared.counters.resyncs, 1);
+                    self.redis_ok();
+                    info!("speed state in redis rewritten from the mirror");
+                }
+                Err(e) => {
+                    self.pending.clear();
+                    self.resync = true;
+                    self.redis_failed(&e);
+                }
+            },
+        }
+        self.start_redis();
+    }
+
+    fn after_write(&mut self, tried: Pending, doomed: BTreeSet<Seq>, r: Result<WriteOutcome>) {
+        match r {
+            Ok(WriteOutcome::Written) => {
+                let events: u64 = tried.values().map(PendingEpoch::events).sum();
+                let mut applied = std::mem::take(&mut self.redis_applied);
+                for (e, p) in &tried {
+                    applied.insert(*e, p.last);
+                }
+                for e in &doomed {
+                    applied.remove(e);
+                }
+                self.set_redis_applied(applied);
+                Counters::bump(&self.shared.counters.applies, 1);
+                metrics::histogram!(REDIS_WRITE_EVENTS).record(events as f64);
+                self.redis_ok();
+            }
+            Ok(WriteOutcome::Raced) => {
+                self.put_back(tried, doomed);
+            }
+            Ok(outcome) => {
+                warn!(
+                    ?outcome,
+                    "redis no longer holds the speed state we wrote (restarted, flushed or \
+                     changed); rewriting it from the mirror"
+                );
+                self.instance = Some(instance_marker(
+                    self.master.dataset_id(),
+                    &new_incarnation(),
+                ));
+                self.resync = true;
+                self.redis_ok();
+            }
+            Err(e) => {
+                self.put_back(tried, doomed);
+                self.redis_failed(&e);
+            }
+        }
+    }
+
+    /// Queues a transaction's deltas again (before the ones that came meanwhile).
+    fn put_back(&mut self, mut tried: Pending, mut doomed: BTreeSet<Seq>) {
+        tried.retain(|e, _| *e >= self.floor);
+        replica::merge(&mut tried, std::mem::take(&mut self.pending));
+        self.pending = tried;
+        doomed.extend(std::mem::take(&mut self.doomed));
+        self.doomed = doomed;
+    }
+
+    /// Publishes what Redis holds now.
+    fn set_redis_applied(&mut self, applied: BTreeMap<Seq, Seq>) {
+        let top = applied.values().max().copied().unwrap_or(Seq::ZERO);
+        self.redis_applied = applied;
+        self.shared.redis_applied.store(top.0, Ordering::Release);
+    }
+
+    fn redis_ok(&mut self) {
+        self.set_redis_up(true);
+        self.redis_retry_at = None;
+        self.redis_backoff = BACKOFF_MIN;
+    }
+
+    fn redis_failed(&mut self, e: &Error) {
+        Counters::bump(&self.shared.counters.errors, 1);
+        if matches!(e, Error::Redis(_)) {
+            self.set_redis_up(false);
+        }
+        warn!(error = %e, retry_ms = self.redis_backoff.as_millis() as u64, "speed state not written to redis; retrying");
+        self.redis_retry_at = Some(Instant::now() + self.redis_backoff);
+        self.redis_backoff = (self.redis_backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// While idle: checks that Redis answers and still holds our marker.
+    async fn heartbeat(&mut self) {
+        match self.store.instance().await {
+            Ok(inst) => {
+                self.set_redis_up(true);
+                if inst != self.instance && !self.resync {
+                    warn!("redis no longer holds the speed state (restarted empty, flushed or replaced); rewriting it from the mirror");
+                    self.instance = Some(instance_marker(
+                        self.master.dataset_id(),
+                        &new_incarnation(),
+                    ));
+                    self.pending.clear();
+                    self.resync = true;
+                    self.start_redis();
+                }
+            }
+            Err(e) => {
+                Counters::bump(&self.shared.counters.errors, 1);
+                self.set_redis_up(false);
+                debug!(error = %e, "redis heartbeat failed");
+            }
+        }
     }
 
     /// The next events after `pos`, aggregated: `(through, deltas)` where every event with
     /// `pos < seq <= through` is in `deltas` (or in a forgotten epoch).
     async fn read_batch(&mut self, acked: Seq) -> Result<(Seq, Vec<EpochDelta>)> {
-        // With a backlog (a burst of batched ingest), catch up in batches as large as a
-        // rebuild's: each batch costs one script whose fixed part grows with the URLs it touches,
-        // not with its events. Measured with 1000-event bodies at ~1M events/s: 20 000-event
-        // batches fell further and further behind (past the tail, onto storage reads); 100 000
-        // kept up. Without a backlog batches stay small, so ingest-to-visible latency is unchanged.
+        // With a backlog (a burst of batched ingest), catch up in larger batches: aggregating
+        // first makes a hot URL's many events one increment. Without a backlog batches stay
+        // small, so ingest-to-visible latency stays low.
         let backlog = acked.0.saturating_sub(self.pos.0);
         let configured = self.cfg.apply_batch_max.max(1);
         let max = if backlog > configured as u64 {
@@ -487,7 +815,7 @@ impl Applier {
     /// scheduled — so a discard in between lowers it. Order: the master dataset forgets them
     /// (durably: a restart never lists them again), then the mirror drops them and raises its
     /// coverage floor under its write lock (reads for older cutoffs are refused from then on),
-    /// then Redis deletes their keys.
+    /// then their Redis keys are deleted (by the next Redis task).
     async fn maybe_gc(&mut self) -> Result<()> {
         if !self.loaded || !self.shared.gc_due.swap(false, Ordering::AcqRel) {
             return Ok(());
@@ -506,19 +834,69 @@ impl Applier {
             .map_err(|e| Error::Task(e.to_string()))??;
         self.floor = self.floor.max(floor);
         self.mirror_write().collect_before(floor);
-        let doomed: Vec<Seq> = self
-            .store
-            .listed_epochs()
-            .await?
-            .into_iter()
-            .filter(|e| *e < floor)
-            .collect();
-        for e in doomed {
-            self.store.delete_epoch(e).await?;
-            info!(epoch = e.0, "speed epoch deleted");
+        self.pending.retain(|e, _| *e >= floor);
+        let gone: Vec<Seq> = self.redis_applied.range(..floor).map(|(e, _)| *e).collect();
+        self.doomed.extend(gone);
+        match self.store.listed_epochs().await {
+            Ok(listed) => self
+                .doomed
+                .extend(listed.into_iter().filter(|e| *e < floor)),
+            Err(e) => debug!(error = %e, "cannot list redis epochs now; deleting what is known"),
         }
+        for e in &self.doomed {
+            info!(epoch = e.0, "speed epoch collected");
+        }
+        self.start_redis();
         Ok(())
     }
+}
+
+/// Adds `deltas` to the mirror, each in parts of [`APPLY_PART_URLS`] URLs under its own short
+/// write lock, publishing the applied seq after each; returns what to queue for Redis (the
+/// deltas whose `queue` flag is set). `Err` when the mirror refused a delta.
+fn apply_to_mirror(
+    shared: &Shared,
+    deltas: &[EpochDelta],
+    queue: &[bool],
+) -> std::result::Result<Pending, String> {
+    let mut queued = Pending::new();
+    for (d, &q) in deltas.iter().zip(queue) {
+        let ids = shared
+            .mirror
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .assign_ids(d);
+        let urls: Vec<(&String, &UrlDelta, u32)> = d
+            .urls
+            .iter()
+            .zip(&ids)
+            .map(|((u, ud), id)| (u, ud, *id))
+            .collect();
+        let mut pe = PendingEpoch::default();
+        for part in urls.chunks(APPLY_PART_URLS) {
+            let names = shared
+                .mirror
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply_urls(d.epoch, part)?;
+            if q {
+                for ((_, ud, id), (fresh, name)) in part.iter().zip(names) {
+                    pe.add(*id, &name, fresh, ud);
+                }
+            }
+        }
+        shared
+            .mirror
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_applied(d.epoch, d.last);
+        shared.applied.store(d.last.0, Ordering::Release);
+        if q {
+            pe.last = d.last;
+            replica::merge(&mut queued, Pending::from([(d.epoch, pe)]));
+        }
+    }
+    Ok(queued)
 }
 
 /// The mirror of the live epochs `loaded` (ascending; `None`: no state in Redis) whose first

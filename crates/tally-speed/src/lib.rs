@@ -23,6 +23,8 @@ mod aggregate;
 mod applier;
 mod keys;
 mod mirror;
+pub mod rank;
+mod replica;
 pub mod sketch;
 mod store;
 
@@ -39,6 +41,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::mirror::Mirror;
+pub use crate::rank::BaseTotals;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -108,6 +111,8 @@ pub struct SpeedStats {
     pub rebuilds: u64,
     /// Failed attempts (Redis unreachable, timeouts, storage errors), each followed by a backoff.
     pub errors: u64,
+    /// Times Redis was rewritten from the mirror (it had lost or changed what we wrote).
+    pub resyncs: u64,
     /// Epoch collections considered (each after a grace period following a rise of
     /// [`SpeedLayer::retain_after`]), whether or not they deleted anything.
     pub collections: u64,
@@ -121,6 +126,7 @@ pub(crate) struct Counters {
     pub(crate) rebuilds: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) collections: AtomicU64,
+    pub(crate) resyncs: AtomicU64,
 }
 
 impl Counters {
@@ -134,6 +140,8 @@ pub(crate) struct Shared {
     pub(crate) mirror: RwLock<Mirror>,
     /// Highest seq whose effect is in the mirror.
     pub(crate) applied: AtomicU64,
+    /// Highest seq whose effect is in Redis (written behind the mirror).
+    pub(crate) redis_applied: AtomicU64,
     pub(crate) redis_up: AtomicBool,
     /// The mirror is loaded and no rebuild is going on.
     pub(crate) ready: AtomicBool,
@@ -144,6 +152,21 @@ pub(crate) struct Shared {
     pub(crate) gc_due: AtomicBool,
     pub(crate) gc_wake: Notify,
     pub(crate) counters: Counters,
+    /// The serving batch view's side of the all-time rankings (`None`: no view serves).
+    pub(crate) base: Mutex<Option<Arc<dyn BaseTotals>>>,
+}
+
+impl Shared {
+    /// Rebuilds the mirror's rankings for the current base (after the mirror was replaced).
+    pub(crate) fn rank(&self, m: &mut Mirror) {
+        let base = self
+            .base
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| Arc::new(rank::NoView));
+        m.set_base(base);
+    }
 }
 
 struct Inner {
@@ -178,12 +201,14 @@ impl SpeedLayer {
         let shared = Arc::new(Shared {
             mirror: RwLock::new(Mirror::empty(oldest)),
             applied: AtomicU64::new(0),
+            redis_applied: AtomicU64::new(0),
             redis_up: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             retain_after: AtomicU64::new(0),
             gc_due: AtomicBool::new(false),
             gc_wake: Notify::new(),
             counters: Counters::default(),
+            base: Mutex::new(None),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(applier::run(
@@ -291,6 +316,31 @@ impl SpeedLayer {
         self.read(|m| m.visitor_hashes(url, after_cutoff, from_day, to_day))
     }
 
+    /// The exact top `limit` URLs of all time — views until `to_hour`, the next full hour —
+    /// of the serving view `view_id` (cutoff `after_cutoff`; `""` and `Seq(0)` without a view)
+    /// plus the speed layer, optionally of one host, in `O(limit)` from rankings kept up to date
+    /// by every apply. `Ok(Some(None))` when the rankings cannot answer (built for another view,
+    /// or a limit above what they keep: 1 000 overall, 100 per host): scan instead.
+    pub fn top_all_time(
+        &self,
+        view_id: &str,
+        after_cutoff: Seq,
+        limit: usize,
+        host: Option<&str>,
+        to_hour: i64,
+    ) -> Read<Option<Vec<(String, u64)>>> {
+        self.read(|m| m.top_all_time(view_id, after_cutoff, limit, host, to_hour))
+    }
+
+    /// Tells the speed layer which batch view serves, for its all-time rankings; rebuilds them
+    /// (blocking: call it off the async runtime).
+    pub fn set_base(&self, base: Option<Arc<dyn BaseTotals>>) {
+        let shared = &self.inner.shared;
+        *shared.base.lock().unwrap_or_else(|p| p.into_inner()) = base;
+        let mut m = shared.mirror.write().unwrap_or_else(|p| p.into_inner());
+        shared.rank(&mut m);
+    }
+
     /// Whether reads for a batch view with cutoff `cutoff` are answered (none of the epochs
     /// after it was collected). Independent of Redis being reachable.
     pub fn covers(&self, cutoff: Seq) -> bool {
@@ -300,6 +350,11 @@ impl SpeedLayer {
     /// Highest seq whose effect is visible to reads.
     pub fn applied_seq(&self) -> Seq {
         Seq(self.inner.shared.applied.load(Ordering::Acquire))
+    }
+
+    /// Highest seq whose effect Redis holds (Redis is written a little behind what reads see).
+    pub fn redis_applied_seq(&self) -> Seq {
+        Seq(self.inner.shared.redis_applied.load(Ordering::Acquire))
     }
 
     /// Whether the last Redis operation succeeded.
@@ -322,6 +377,7 @@ impl SpeedLayer {
             rebuilds: c.rebuilds.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             collections: c.collections.load(Ordering::Relaxed),
+            resyncs: c.resyncs.load(Ordering::Relaxed),
         }
     }
 

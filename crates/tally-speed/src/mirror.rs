@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use tally_core::Seq;
 
-use crate::aggregate::EpochDelta;
+use crate::aggregate::{EpochDelta, UrlDelta};
 use crate::keys::split_visitor_member;
+use crate::rank::{BaseTotals, Ranking};
 use crate::NotCovered;
 
 /// Counts of one URL in one epoch.
@@ -66,6 +67,11 @@ pub(crate) struct EpochState {
     pub(crate) applied: Seq,
     /// URL id → counts.
     pub(crate) urls: HashMap<u32, UrlCounts>,
+    /// Hour → the URLs with views in that hour, for hours that were ahead of the clock when
+    /// applied (events up to `ingest.max_future` ahead). An all-time ranking answers "until the
+    /// next hour", so these few URLs get their exact counts instead; hours that are no longer
+    /// ahead are dropped.
+    pub(crate) ahead: BTreeMap<i64, HashSet<u32>>,
 }
 
 /// The URL ids of the live epochs ([`crate::keys`]: ids, not hashes, name Redis keys).
@@ -114,13 +120,25 @@ impl UrlDict {
     }
 }
 
-/// epoch start → state, plus the URL dictionary and the coverage floor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Speed views of URL `id` in the epochs after `cutoff`.
+fn speed_total(epochs: &BTreeMap<Seq, EpochState>, id: u32, cutoff: Seq) -> u64 {
+    epochs
+        .range(cutoff.next()..)
+        .filter_map(|(_, e)| e.urls.get(&id))
+        .map(|c| c.total)
+        .sum()
+}
+
+/// epoch start → state, plus the URL dictionary, the coverage floor and the all-time
+/// rankings of the serving view.
+#[derive(Debug)]
 pub(crate) struct Mirror {
     pub(crate) dict: UrlDict,
     pub(crate) epochs: BTreeMap<Seq, EpochState>,
     /// Every epoch that starts at or after `floor` is held whole (up to its applied seq).
     pub(crate) floor: Seq,
+    /// The rankings of the serving view ([`Mirror::set_base`]), kept up to date by `apply`.
+    ranking: Option<Ranking>,
 }
 
 impl Default for Mirror {
@@ -136,7 +154,25 @@ impl Mirror {
             dict: UrlDict::default(),
             epochs: BTreeMap::new(),
             floor,
+            ranking: None,
         }
+    }
+
+    /// Builds the all-time rankings of `base` plus the epochs after its cutoff; `apply` keeps
+    /// them up to date from then on.
+    pub(crate) fn set_base(&mut self, base: Arc<dyn BaseTotals>) {
+        let cutoff = base.cutoff();
+        let mut speed: HashMap<u32, u64> = HashMap::new();
+        for e in self.epochs.range(cutoff.next()..).map(|(_, e)| e) {
+            for (id, c) in &e.urls {
+                *speed.entry(*id).or_default() += c.total;
+            }
+        }
+        let named: Vec<(&Arc<str>, u64)> = speed
+            .iter()
+            .filter_map(|(id, n)| Some((self.dict.name(*id)?, *n)))
+            .collect();
+        self.ranking = Some(Ranking::build(base, named.iter().map(|(u, n)| (*u, *n))));
     }
 
     /// The id each URL of `d` is written under, in `d.urls` order: its id when the dictionary
@@ -154,25 +190,164 @@ impl Mirror {
             .collect()
     }
 
-    /// Adds a committed delta whose URLs were written under `ids` (from [`Mirror::assign_ids`]).
-    pub(crate) fn apply(&mut self, d: &EpochDelta, ids: &[u32]) -> Result<(), String> {
-        for ((url, _), &id) in d.urls.iter().zip(ids) {
-            self.dict.insert(id, url)?;
+    /// Adds a delta whose URLs get the ids `ids` (from [`Mirror::assign_ids`]), in one step
+    /// (see [`Mirror::apply_urls`] for parts).
+    #[cfg(test)]
+    pub(crate) fn apply(
+        &mut self,
+        d: &EpochDelta,
+        ids: &[u32],
+    ) -> Result<Vec<(bool, Arc<str>)>, String> {
+        let urls: Vec<(&String, &UrlDelta, u32)> = d
+            .urls
+            .iter()
+            .zip(ids)
+            .map(|((u, ud), id)| (u, ud, *id))
+            .collect();
+        let fresh = self.apply_urls(d.epoch, &urls)?;
+        self.set_applied(d.epoch, d.last);
+        Ok(fresh)
+    }
+
+    /// Adds the increments of some URLs of a delta into `epoch`; returns, per URL, whether it
+    /// is new to the epoch, and its name. The applier adds a large delta in parts, each under
+    /// its own short write lock, so that queries never wait long; each URL's counts change in
+    /// one step.
+    pub(crate) fn apply_urls(
+        &mut self,
+        epoch: Seq,
+        urls: &[(&String, &UrlDelta, u32)],
+    ) -> Result<Vec<(bool, Arc<str>)>, String> {
+        for (url, _, id) in urls {
+            self.dict.insert(*id, url)?;
         }
-        let e = self.epochs.entry(d.epoch).or_default();
-        for ((_, ud), id) in d.urls.iter().zip(ids) {
-            let c = e.urls.entry(*id).or_default();
+        let now_hour = tally_core::hour_of(tally_core::now_ms());
+        let e = self.epochs.entry(epoch).or_default();
+        if e.ahead
+            .first_key_value()
+            .is_some_and(|(h, _)| *h <= now_hour)
+        {
+            e.ahead = e.ahead.split_off(&(now_hour + 1));
+        }
+        let mut fresh = Vec::with_capacity(urls.len());
+        for (_, ud, id) in urls {
+            let c = match e.urls.get_mut(id) {
+                Some(c) => {
+                    fresh.push(false);
+                    c
+                }
+                None => {
+                    fresh.push(true);
+                    e.urls.entry(*id).or_default()
+                }
+            };
             for (h, n) in &ud.hours {
                 c.add(*h, *n);
+                if *h > now_hour {
+                    e.ahead.entry(*h).or_default().insert(*id);
+                }
             }
             c.visitors.extend(ud.visitors.iter().copied());
         }
-        e.applied = e.applied.max(d.last);
-        Ok(())
+        if let Some(r) = self.ranking.as_mut() {
+            let cutoff = r.base.cutoff();
+            if epoch > cutoff {
+                for (_, _, id) in urls {
+                    if let Some(url) = self.dict.name(*id) {
+                        r.offer(url, speed_total(&self.epochs, *id, cutoff));
+                    }
+                }
+            }
+        }
+        Ok(fresh
+            .into_iter()
+            .zip(urls)
+            .map(|(f, (_, _, id))| {
+                let name = self.dict.name(*id).cloned().expect("inserted above");
+                (f, name)
+            })
+            .collect())
     }
 
+    /// Records that the epoch holds every event up to `last`.
+    pub(crate) fn set_applied(&mut self, epoch: Seq, last: Seq) {
+        let e = self.epochs.entry(epoch).or_default();
+        e.applied = e.applied.max(last);
+    }
+
+    /// The whole state of the live epochs, for a rewrite of Redis.
+    pub(crate) fn snapshot(&self) -> crate::replica::Pending {
+        self.epochs
+            .iter()
+            .map(|(start, e)| {
+                let urls = e
+                    .urls
+                    .iter()
+                    .filter_map(|(id, c)| Some((*id, self.dict.name(*id)?.clone(), c.clone())));
+                (
+                    *start,
+                    crate::replica::PendingEpoch::snapshot(e.applied, urls),
+                )
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
     pub(crate) fn applied_in(&self, epoch: Seq) -> Seq {
         self.epochs.get(&epoch).map_or(Seq::ZERO, |e| e.applied)
+    }
+
+    /// The exact all-time top `limit` (views until `to_hour`, the next full hour) of the batch
+    /// view `view_id` with cutoff `after_cutoff` plus the speed layer, from the incremental
+    /// rankings: `Ok(None)` when they cannot answer (another view, a limit above what they keep).
+    pub(crate) fn top_all_time(
+        &self,
+        view_id: &str,
+        after_cutoff: Seq,
+        limit: usize,
+        host: Option<&str>,
+        to_hour: i64,
+    ) -> Result<Option<Vec<(String, u64)>>, NotCovered> {
+        let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
+        let Some(r) = &self.ranking else {
+            return Ok(None);
+        };
+        if r.base.id() != view_id || r.base.cutoff() != after_cutoff {
+            return Ok(None);
+        }
+        let Some(set) = r.set(host) else {
+            return Ok(Some(Vec::new()));
+        };
+        if limit > set.cap() {
+            return Ok(None);
+        }
+        // URLs with views at or after `to_hour`: their all-time totals overstate the range.
+        let mut late: HashSet<Arc<str>> = r.base.late(to_hour).into_iter().collect();
+        for e in &live {
+            for ids in e.ahead.range(to_hour..).map(|(_, ids)| ids) {
+                late.extend(ids.iter().filter_map(|id| self.dict.name(*id).cloned()));
+            }
+        }
+        late.retain(|u| host.is_none_or(|h| tally_core::url::host_of(u) == Some(h)));
+        let mut picked: Vec<(String, u64)> = set
+            .iter()
+            .filter(|(u, _)| !late.contains(*u))
+            .take(limit)
+            .map(|(u, v)| (u.to_string(), v))
+            .collect();
+        if picked.len() < limit && set.len() == set.cap() {
+            return Ok(None); // the kept members ran out: scan instead
+        }
+        for u in &late {
+            let speed = self.views(u, after_cutoff, i64::MIN, to_hour)?;
+            let v = r.base.views_before(u, to_hour) + speed;
+            if v > 0 {
+                picked.push((u.to_string(), v));
+            }
+        }
+        picked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        picked.truncate(limit);
+        Ok(Some(picked))
     }
 
     /// Drops the epochs starting before `floor` (and the ids only they used); reads for a
@@ -310,6 +485,7 @@ mod tests {
     use super::*;
     use crate::aggregate::aggregate;
     use crate::aggregate::tests::ev;
+    use crate::rank::BaseTotals;
     use tally_core::HOUR_MS;
 
     fn mirror_of(events: &[tally_master::SeqEvent], epochs: &[Seq]) -> Mirror {
@@ -447,6 +623,149 @@ mod tests {
         assert_eq!(m.visitor_hashes("u", Seq(3), 2, 3), Ok(vec![h("z")]));
         assert_eq!(m.visitor_hashes("u", Seq(0), 3, 9), Ok(vec![]));
         assert_eq!(m.visitor_hashes("nope", Seq(0), 0, 9), Ok(vec![]));
+    }
+
+    /// A batch view for the ranking tests: `(url, hour)` cells of the events up to `cutoff`.
+    struct Base {
+        cutoff: Seq,
+        cells: Vec<(String, i64)>,
+    }
+
+    impl BaseTotals for Base {
+        fn id(&self) -> &str {
+            "v"
+        }
+        fn cutoff(&self) -> Seq {
+            self.cutoff
+        }
+        fn total(&self, url: &str) -> u64 {
+            self.cells.iter().filter(|(u, _)| u == url).count() as u64
+        }
+        fn top(&self, host: Option<&str>, k: usize) -> Vec<(Arc<str>, u64)> {
+            let mut all: HashMap<&str, u64> = HashMap::new();
+            for (u, _) in &self.cells {
+                if host.is_none_or(|h| tally_core::url::host_of(u) == Some(h)) {
+                    *all.entry(u).or_default() += 1;
+                }
+            }
+            let mut v: Vec<(Arc<str>, u64)> =
+                all.into_iter().map(|(u, n)| (Arc::from(u), n)).collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            v.truncate(k);
+            v
+        }
+        fn hosts(&self) -> Vec<Arc<str>> {
+            let hs: HashSet<&str> = self
+                .cells
+                .iter()
+                .filter_map(|(u, _)| tally_core::url::host_of(u))
+                .collect();
+            hs.into_iter().map(Arc::from).collect()
+        }
+        fn late(&self, from_hour: i64) -> Vec<Arc<str>> {
+            let us: HashSet<&str> = self
+                .cells
+                .iter()
+                .filter(|(_, h)| *h >= from_hour)
+                .map(|(u, _)| u.as_str())
+                .collect();
+            us.into_iter().map(Arc::from).collect()
+        }
+        fn views_before(&self, url: &str, to_hour: i64) -> u64 {
+            self.cells
+                .iter()
+                .filter(|(u, h)| u == url && *h < to_hour)
+                .count() as u64
+        }
+    }
+
+    /// The incremental rankings answer exactly what a full sort of batch + speed answers, for
+    /// every limit and host, while views keep arriving — also with events ahead of the clock,
+    /// which an all-time answer (until the next full hour) must leave out.
+    #[test]
+    fn all_time_rankings_equal_a_full_sort_while_views_arrive() {
+        let now_hour = tally_core::hour_of(tally_core::now_ms());
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let url = |i: u64| format!("http://h{}.test/{}", i % 3, i);
+        let mut all: Vec<(u64, String, i64)> = Vec::new();
+        let cutoff = Seq(300);
+        for seq in 1..=300u64 {
+            let i = rnd(40).min(rnd(40));
+            let hour = if rnd(20) == 0 {
+                now_hour + 1
+            } else {
+                now_hour - rnd(100) as i64
+            };
+            all.push((seq, url(i), hour));
+        }
+        let base = Arc::new(Base {
+            cutoff,
+            cells: all.iter().map(|(_, u, h)| (u.clone(), *h)).collect(),
+        });
+        let epochs = [Seq(1), Seq(301)];
+        let mut m = Mirror::default();
+        m.set_base(base.clone());
+        let check = |m: &Mirror, all: &[(u64, String, i64)]| {
+            let to_hour = now_hour + 1;
+            for host in [None, Some("h0.test"), Some("h2.test"), Some("nope.test")] {
+                for limit in [1, 3, 10, 100] {
+                    let mut counts: HashMap<&str, u64> = HashMap::new();
+                    for (_, u, h) in all {
+                        if *h < to_hour
+                            && host.is_none_or(|x| tally_core::url::host_of(u) == Some(x))
+                        {
+                            *counts.entry(u).or_default() += 1;
+                        }
+                    }
+                    let mut want: Vec<(String, u64)> = counts
+                        .into_iter()
+                        .map(|(u, n)| (u.to_string(), n))
+                        .collect();
+                    want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                    want.truncate(limit);
+                    let got = m.top_all_time("v", cutoff, limit, host, to_hour).unwrap();
+                    assert_eq!(got, Some(want), "limit {limit} host {host:?}");
+                }
+            }
+            // Another view, or more than a host ranking keeps: not answered here.
+            assert_eq!(m.top_all_time("w", cutoff, 10, None, to_hour), Ok(None));
+            assert_eq!(
+                m.top_all_time("v", cutoff, 101, Some("h0.test"), to_hour),
+                Ok(None)
+            );
+        };
+        check(&m, &all);
+        let mut seq = 301u64;
+        for _ in 0..20 {
+            let mut batch = Vec::new();
+            for _ in 0..rnd(30) + 1 {
+                let i = rnd(50).min(rnd(50));
+                let hour = if rnd(10) == 0 {
+                    now_hour + 1
+                } else {
+                    now_hour - rnd(3) as i64
+                };
+                let mut e = ev(seq, &url(i), hour * tally_core::HOUR_MS);
+                e.event.received_at = tally_core::now_ms();
+                batch.push(e);
+                all.push((seq, url(i), hour));
+                seq += 1;
+            }
+            for d in aggregate(&batch, &epochs) {
+                let ids = m.assign_ids(&d);
+                m.apply(&d, &ids).unwrap();
+            }
+            check(&m, &all);
+        }
+        // Rebuilt from scratch (a new mirror, the same base): the same answers.
+        m.set_base(base);
+        check(&m, &all);
     }
 
     #[test]

@@ -1,81 +1,15 @@
-//! Redis operations of the speed layer. The applier is the only writer.
-//!
-//! Why a Lua script rather than `MULTI`/`EXEC`: the script makes each apply a compare-and-set on
-//! the epoch's applied seq (and on the instance marker). A retry after a timeout whose first
-//! attempt did commit is refused instead of counted twice, and a Redis that lost our state is
-//! detected in the same atomic step that would have written into it. `MULTI`/`EXEC` cannot
-//! abort on a condition without `WATCH`, which a multiplexed connection cannot use safely.
+//! Redis reads and maintenance of the speed layer: the instance marker, the epoch list, loading
+//! an epoch into the mirror, deleting one. The applier is the only user; its writes (a
+//! compare-and-set transaction per coalesced batch) are in `replica.rs`.
 
 use std::collections::HashMap;
 
 use redis::aio::ConnectionManager;
-use redis::Script;
 use tally_core::Seq;
 
-use crate::aggregate::EpochDelta;
 use crate::keys::Keys;
 use crate::mirror::UrlCounts;
 use crate::Result;
-
-/// KEYS: 1 instance, 2 applied, 3 urls, 4 epochs set, then per url: its hour hash, its visitor
-/// set. ARGV: 1 instance marker, 2 expected applied ("0" = none), 3 new applied, 4 epoch start,
-/// then per url: url, id, nh, nv, nh (hour, views) pairs, nv visitor members.
-/// Returns {0, ""} instance missing or different, {1, cur} applied is not the expected one,
-/// {3, id} `urls` maps id to another URL (nothing written in either case), {2, new} applied.
-const APPLY_LUA: &str = r#"
-local inst = redis.call('GET', KEYS[1])
-if inst ~= ARGV[1] then return {0, ''} end
-local cur = redis.call('GET', KEYS[2])
-if not cur then cur = '0' end
-if cur ~= ARGV[2] then return {1, cur} end
-local fresh = {}
-local a = 5
-while a <= #ARGV do
-  local url, id = ARGV[a], ARGV[a + 1]
-  local had = redis.call('HGET', KEYS[3], id)
-  if had and had ~= url then return {3, id} end
-  fresh[#fresh + 1] = not had
-  a = a + 4 + 2 * tonumber(ARGV[a + 2]) + tonumber(ARGV[a + 3])
-end
-local k = 5
-local i = 0
-a = 5
-while a <= #ARGV do
-  local url, id = ARGV[a], ARGV[a + 1]
-  local nh, nv = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  a = a + 4
-  i = i + 1
-  if fresh[i] then redis.call('HSET', KEYS[3], id, url) end
-  local hk, vk = KEYS[k], KEYS[k + 1]
-  k = k + 2
-  for _ = 1, nh do
-    redis.call('HINCRBY', hk, ARGV[a], ARGV[a + 1])
-    a = a + 2
-  end
-  local last = a + nv - 1
-  while a <= last do
-    local j = math.min(a + 999, last)
-    redis.call('SADD', vk, unpack(ARGV, a, j))
-    a = j + 1
-  end
-end
-redis.call('SADD', KEYS[4], ARGV[4])
-redis.call('SET', KEYS[2], ARGV[3])
-return {2, ARGV[3]}
-"#;
-
-/// What an apply script did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ApplyOutcome {
-    /// Committed.
-    Applied,
-    /// The instance marker is missing or not ours: Redis lost (or someone replaced) our state.
-    InstanceLost,
-    /// The epoch's applied seq in Redis is not the one we expected; nothing was written.
-    Mismatch(Seq),
-    /// Redis maps this URL id to another URL; nothing was written.
-    IdConflict(u32),
-}
 
 /// One epoch as Redis holds it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,19 +19,16 @@ pub(crate) struct LoadedEpoch {
     pub(crate) urls: Vec<(u32, String, UrlCounts)>,
 }
 
+/// Reads and maintenance of the speed state in Redis (writes are in `replica.rs`).
+#[derive(Clone)]
 pub(crate) struct Store {
     pub(crate) conn: ConnectionManager,
     pub(crate) keys: Keys,
-    script: Script,
 }
 
 impl Store {
     pub(crate) fn new(conn: ConnectionManager, keys: Keys) -> Store {
-        Store {
-            conn,
-            keys,
-            script: Script::new(APPLY_LUA),
-        }
+        Store { conn, keys }
     }
 
     pub(crate) async fn instance(&mut self) -> Result<Option<String>> {
@@ -128,48 +59,6 @@ impl Store {
         v.into_iter().nth(1)
     }
 
-    /// Applies one epoch's delta, its URLs written under `ids` (in `d.urls` order), if Redis
-    /// still holds `expected` as the epoch's applied seq.
-    pub(crate) async fn apply(
-        &mut self,
-        instance: &str,
-        expected: Seq,
-        d: &EpochDelta,
-        ids: &[u32],
-    ) -> Result<ApplyOutcome> {
-        let k = &self.keys;
-        let mut inv = self.script.prepare_invoke();
-        inv.key(k.instance())
-            .key(k.applied(d.epoch))
-            .key(k.urls(d.epoch))
-            .key(k.epochs());
-        inv.arg(instance)
-            .arg(expected.0)
-            .arg(d.last.0)
-            .arg(d.epoch.0);
-        for ((url, u), id) in d.urls.iter().zip(ids) {
-            let id = id.to_string();
-            inv.key(k.hours(d.epoch, &id)).key(k.visitors(d.epoch, &id));
-            inv.arg(url.as_str())
-                .arg(&id)
-                .arg(u.hours.len())
-                .arg(u.visitors.len());
-            for (hour, n) in &u.hours {
-                inv.arg(*hour).arg(*n);
-            }
-            for m in &u.visitors {
-                inv.arg(*m);
-            }
-        }
-        let (code, cur): (i64, String) = inv.invoke_async(&mut self.conn).await?;
-        Ok(match code {
-            2 => ApplyOutcome::Applied,
-            1 => ApplyOutcome::Mismatch(Seq(cur.parse().unwrap_or(0))),
-            3 => ApplyOutcome::IdConflict(cur.parse().unwrap_or(u32::MAX)),
-            _ => ApplyOutcome::InstanceLost,
-        })
-    }
-
     /// Start seqs of the epochs that have keys in Redis.
     pub(crate) async fn listed_epochs(&mut self) -> Result<Vec<Seq>> {
         let v: Vec<u64> = redis::cmd("SMEMBERS")
@@ -182,6 +71,7 @@ impl Store {
     }
 
     /// The applied seq of each epoch (0 when missing), in one round trip.
+    #[cfg(test)]
     pub(crate) async fn applied_of(&mut self, epochs: &[Seq]) -> Result<Vec<Seq>> {
         if epochs.is_empty() {
             return Ok(Vec::new());
@@ -295,6 +185,9 @@ mod tests {
     use crate::aggregate::aggregate;
     use crate::aggregate::tests::ev;
     use crate::keys::visitor_member;
+    use crate::replica::{self, Pending, PendingEpoch, WriteOutcome};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
     use tally_e2e::TestRedis;
 
     async fn store(redis: &TestRedis) -> Store {
@@ -303,8 +196,23 @@ mod tests {
         Store::new(conn, Keys::new("t:"))
     }
 
+    fn pending(events: &[tally_master::SeqEvent], ids: &[u32], fresh: bool) -> Pending {
+        let d = aggregate(events, &[Seq(1)]).remove(0);
+        let mut pe = PendingEpoch {
+            last: d.last,
+            ..Default::default()
+        };
+        // Ids in URL order.
+        let mut urls: Vec<_> = d.urls.iter().collect();
+        urls.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for ((url, ud), id) in urls.into_iter().zip(ids) {
+            pe.add(*id, &Arc::from(url.as_str()), fresh, ud);
+        }
+        Pending::from([(Seq(1), pe)])
+    }
+
     #[tokio::test]
-    async fn apply_is_a_compare_and_set_on_the_applied_seq_the_instance_and_the_ids() {
+    async fn a_write_is_a_compare_and_set_on_the_applied_seq_the_instance_and_the_ids() {
         let redis = TestRedis::start();
         let mut s = store(&redis).await;
         let mut events = vec![
@@ -313,49 +221,102 @@ mod tests {
             ev(3, "http://a/y", 0),
         ];
         events[0].event.visitor = Some("v".into());
-        let d = aggregate(&events, &[Seq(1)]).remove(0);
-        let ids = [0, 1];
+        let p = pending(&events, &[0, 1], true);
+        let none = BTreeMap::new();
+        let keys = s.keys.clone();
         // No instance marker yet: nothing is written.
         assert_eq!(
-            s.apply("i1", Seq(0), &d, &ids).await.unwrap(),
-            ApplyOutcome::InstanceLost
+            replica::write(
+                &mut s.conn,
+                &keys,
+                "i1",
+                &none,
+                &p,
+                &replica::transaction(&keys, &p)
+            )
+            .await
+            .unwrap(),
+            WriteOutcome::InstanceLost
         );
         assert_eq!(s.listed_epochs().await.unwrap(), Vec::<Seq>::new());
         s.set_instance("i1").await.unwrap();
         assert_eq!(
-            s.apply("i1", Seq(0), &d, &ids).await.unwrap(),
-            ApplyOutcome::Applied
+            replica::write(
+                &mut s.conn,
+                &keys,
+                "i1",
+                &none,
+                &p,
+                &replica::transaction(&keys, &p)
+            )
+            .await
+            .unwrap(),
+            WriteOutcome::Written
         );
-        // The retry of a batch whose reply was lost is refused and says it had committed.
+        // The retry of a write whose reply was lost is refused and says what Redis holds.
         assert_eq!(
-            s.apply("i1", Seq(0), &d, &ids).await.unwrap(),
-            ApplyOutcome::Mismatch(Seq(3))
+            replica::write(
+                &mut s.conn,
+                &keys,
+                "i1",
+                &none,
+                &p,
+                &replica::transaction(&keys, &p)
+            )
+            .await
+            .unwrap(),
+            WriteOutcome::Mismatch(Seq(1), Seq(3))
         );
-        // Another process's instance id is refused.
+        // Another process's marker is refused.
+        let at3 = BTreeMap::from([(Seq(1), Seq(3))]);
         assert_eq!(
-            s.apply("other", Seq(3), &d, &ids).await.unwrap(),
-            ApplyOutcome::InstanceLost
+            replica::write(
+                &mut s.conn,
+                &keys,
+                "other",
+                &at3,
+                &p,
+                &replica::transaction(&keys, &p)
+            )
+            .await
+            .unwrap(),
+            WriteOutcome::InstanceLost
         );
-        // A URL under an id that Redis maps to another URL: refused, nothing written.
-        let d2 = aggregate(&[ev(4, "http://a/z", 0)], &[Seq(1)]).remove(0);
+        // A URL written as new under an id Redis already maps: the state is not ours.
+        let p2 = pending(&[ev(4, "http://a/z", 0)], &[1], true);
         assert_eq!(
-            s.apply("i1", Seq(3), &d2, &[1]).await.unwrap(),
-            ApplyOutcome::IdConflict(1)
+            replica::write(
+                &mut s.conn,
+                &keys,
+                "i1",
+                &at3,
+                &p2,
+                &replica::transaction(&keys, &p2)
+            )
+            .await
+            .unwrap(),
+            WriteOutcome::Diverged
         );
-        assert_eq!(s.applied_of(&[Seq(1)]).await.unwrap(), vec![Seq(3)]);
         let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
-        assert_eq!(loaded.applied, Seq(3));
+        assert_eq!(loaded.applied, Seq(4));
         let mut urls: Vec<_> = loaded
             .urls
             .iter()
             .map(|(i, u, c)| (*i, u.as_str(), c.total))
             .collect();
         urls.sort_unstable();
-        assert_eq!(urls, vec![(0, "http://a/x", 2), (1, "http://a/y", 1)]);
+        assert_eq!(urls, vec![(0, "http://a/x", 2), (1, "http://a/y", 2)]);
         let x = &loaded.urls.iter().find(|u| u.0 == 0).unwrap().2;
         let h = tally_core::sketch::visitor_hash32(b"v");
         assert_eq!(x.visitors, [visitor_member(0, h)].into_iter().collect());
         assert_eq!(x.hours, vec![(0, 2)]);
+        // A resync rewrites the epoch from a snapshot, under a new marker.
+        let snap = pending(&events, &[0, 1], true);
+        replica::resync(&mut s, "i2", &snap).await.unwrap();
+        assert_eq!(s.instance().await.unwrap().as_deref(), Some("i2"));
+        let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
+        assert_eq!(loaded.applied, Seq(3));
+        assert_eq!(loaded.urls.len(), 2);
         assert_eq!(
             s.applied_of(&[Seq(1), Seq(9)]).await.unwrap(),
             vec![Seq(3), Seq(0)]
