@@ -5,6 +5,7 @@
 #   scripts/bench.sh ingest          # durable ingest vs redis-benchmark INCR and a bare axum handler
 #   scripts/bench.sh batch           # batch layer (full recompute) vs DuckDB on the same files
 #   scripts/bench.sh uniques         # /v1/uniques over 30 days for a busy URL, 32 connections
+#   scripts/bench.sh mixed           # queries while ingesting 100 000 events/s, 1M URLs, caches off
 #
 # Knobs (environment): BENCH_DURATION (wrk seconds per run, default 10), BENCH_THREADS (wrk
 # threads, default 2), BENCH_DIR (scratch directory on the real disk, default target/bench),
@@ -649,6 +650,159 @@ LUA
     md "A sample answer: \`$sample\`" "" "tally status after the run: \`$status\`" ""
 }
 SECTIONS+=(uniques)
+
+# ================================================================================================
+# Section: mixed (issue 11): queries while ingesting, on a long tail of URLs, caches disabled.
+# `scripts/bench.sh mixed`.
+#
+# tally (release, `query.result_cache = false`) is loaded by `tests/examples/mixed.rs` with
+# BENCH_MIXED_EVENTS (default 10 000 000) events over BENCH_MIXED_URLS (default 1 000 000) URLs
+# (Zipf popularity, Zipf over 1 000 hosts, 30 days), then two batch runs (the second lets the
+# speed layer drop the loaded epoch). Then, while `mixed ingest` sends BENCH_MIXED_RATE (default
+# 100 000) events/s as NDJSON bodies of 1 000 and measures ingest-to-visible latency, wrk runs
+# (32 connections) on the bare axum handler and on /v1/views, /v1/top?limit=10,
+# /v1/top?limit=10&host=H and /v1/uniques (30 days), each with random URLs/hosts from the load.
+# ================================================================================================
+
+mixed_lua() { # FILE KIND(views|top|host|uniques) DIR
+    local from
+    from=$(date -u -d '30 days ago' +%Y-%m-%dT%H:00:00Z)
+    cat >"$1" <<LUA
+local kind = "$2"
+local function enc(s)
+  return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", string.byte(c)) end))
+end
+local items = {}
+local list = kind == "host" and "$3/hosts.txt" or "$3/urls.txt"
+for line in io.lines(list) do items[#items + 1] = enc(line) end
+math.randomseed(os.time() + math.random(1, 1000))
+request = function()
+  local x = items[math.random(1, #items)]
+  if kind == "top" then return wrk.format("GET", "/v1/top?limit=10") end
+  if kind == "host" then return wrk.format("GET", "/v1/top?limit=10&host=" .. x) end
+  if kind == "uniques" then return wrk.format("GET", "/v1/uniques?url=" .. x .. "&from=$from") end
+  return wrk.format("GET", "/v1/views?url=" .. x)
+end
+LUA
+}
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# A wrk latency ("812.00us", "3.21ms", "1.02s") in ms.
+wrk_ms() { awk -v x="$1" 'BEGIN { if (x ~ /us$/) printf "%.3f", x / 1000; else if (x ~ /ms$/) printf "%.3f", x + 0; else if (x ~ /s$/) printf "%.3f", x * 1000; else print x }'; }
+
+section_mixed() {
+    log "building release binaries"
+    cargo build --release --bin tally
+    cargo build --release -p tally-e2e --example bare_axum --example mixed
+    local tally="$root/target/release/tally" bare="$root/target/release/examples/bare_axum"
+    local gen="$root/target/release/examples/mixed"
+    local events=${BENCH_MIXED_EVENTS:-10000000} urls=${BENCH_MIXED_URLS:-1000000}
+    local rate=${BENCH_MIXED_RATE:-100000} dir="$BENCH_DIR/mixed"
+    rm -rf "$dir" && mkdir -p "$dir"
+
+    queries_start_redis
+    local redis_pid=${PIDS[-1]}
+    log "starting tally serve (release, result caches off) on $dir/data"
+    TALLY_HTTP_ADDR=127.0.0.1:0 TALLY_STORAGE_DATA_DIR="$dir/data" TALLY_REDIS_URL="unix://$REDIS_SOCK" \
+        TALLY_QUERY_RESULT_CACHE=false TALLY_SPEED_GC_GRACE=1s \
+        start_http tally-mixed "$tally" serve --config "$root/config/default.toml"
+    local tally_pid=${PIDS[-1]} tally_url="http://$LISTEN_ADDR"
+
+    log "loading $events events over $urls URLs"
+    "$gen" load "$tally_url" "$dir" --events "$events" --urls "$urls" | tee "$dir/load.json" >&2
+    queries_wait_caught_up "$tally_url"
+    local run1 run2 _
+    run1=$(curl -sf -X POST "$tally_url/v1/admin/batch?wait=true")
+    run2=$(curl -sf -X POST "$tally_url/v1/admin/batch?wait=true")
+    # The loaded epoch is collected a second after the second view serves.
+    for _ in $(seq 1 300); do
+        if [ "$(curl -sf "$tally_url/v1/admin/status" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["speed_epochs"]))')" = 1 ]; then break; fi
+        sleep 0.1
+    done
+    local idle_rss redis_idle
+    idle_rss=$(rss_kb "$tally_pid")
+    redis_idle=$(redis-cli -s "$REDIS_SOCK" info memory | awk -F: '/^used_memory:/ {print $2+0}')
+
+    start_http bare_axum-mixed "$bare"
+    local bare_pid=${PIDS[-1]} bare_url="http://$LISTEN_ADDR"
+    local k
+    for k in views top host uniques; do mixed_lua "$dir/$k.lua" "$k" "$dir"; done
+
+    local ingest_s=$((DURATION * 5 + 10))
+    log "ingesting $rate events/s for $ingest_s s while wrk runs"
+    "$gen" ingest "$tally_url" "$dir" --rate "$rate" --seconds "$ingest_s" --urls "$urls" >"$dir/ingest.json" &
+    local ingest_pid=$!
+    PIDS+=("$ingest_pid")
+    sleep 3 # let the ingest reach its rate before measuring
+    run_wrk mixed-bare 32 "$dir/views.lua" "$bare_url"
+    local bare_rps=$RPS bare_p50=$P50 bare_p99=$P99 bare_cmd=$WRK_CMD
+    run_wrk mixed-views 32 "$dir/views.lua" "$tally_url"
+    local views_rps=$RPS views_p50=$P50 views_p99=$P99 views_bad=$NON2XX
+    run_wrk mixed-top 32 "$dir/top.lua" "$tally_url"
+    local top_rps=$RPS top_p50=$P50 top_p99=$P99 top_bad=$NON2XX
+    run_wrk mixed-host 32 "$dir/host.lua" "$tally_url"
+    local host_rps=$RPS host_p50=$P50 host_p99=$P99 host_bad=$NON2XX
+    run_wrk mixed-uniques 32 "$dir/uniques.lua" "$tally_url"
+    local uniq_rps=$RPS uniq_p50=$P50 uniq_p99=$P99 uniq_bad=$NON2XX
+    local busy_rss redis_busy status
+    busy_rss=$(rss_kb "$tally_pid")
+    redis_busy=$(redis-cli -s "$REDIS_SOCK" info memory | awk -F: '/^used_memory:/ {print $2+0}')
+    status=$(curl -sf "$tally_url/v1/admin/status" || echo '{}')
+    wait "$ingest_pid" || true
+    stop_pid "$bare_pid"
+    stop_pid "$tally_pid"
+    stop_pid "$redis_pid"
+
+    local summary
+    summary=$(python3 - "$dir" "$status" "$run2" "$idle_rss" "$busy_rss" "$redis_idle" "$redis_busy" <<'PY'
+import json, os, sys
+d, status, run = sys.argv[1], json.loads(sys.argv[2] or "{}"), json.loads(sys.argv[3] or "{}")
+idle_rss, busy_rss, redis_idle, redis_busy = (int(x) for x in sys.argv[4:8])
+ing = json.load(open(os.path.join(d, "ingest.json")))
+manifest = json.load(open(os.path.join(d, "data/views/batch", run["version"], "manifest.json")))
+live = sum(e.get("urls", 0) for e in status.get("speed_epochs", []))
+cells = manifest["cells"]
+v, l = ing.get("visible_ms") or {}, ing.get("lag_events") or {}
+print("\t".join(str(x) for x in [
+    "%.0f" % ing["rate"], ing["failed_requests"],
+    "%.1f" % v.get("p50", 0), "%.1f" % v.get("p99", 0), "%.1f" % v.get("max", 0),
+    "%.0f" % l.get("p50", 0), "%.0f" % l.get("p99", 0), cells, manifest["urls"],
+    "%.0f" % (idle_rss * 1024 / max(cells, 1)), live,
+    "%.0f" % (redis_busy / max(live, 1)), idle_rss // 1024, busy_rss // 1024,
+    redis_idle // (1 << 20), redis_busy // (1 << 20)]))
+PY
+)
+    local ing_rate ing_failed vis_p50 vis_p99 vis_max lag_p50 lag_p99 cells view_urls bytes_cell live bytes_live rss_idle rss_busy r_idle r_busy
+    IFS=$'\t' read -r ing_rate ing_failed vis_p50 vis_p99 vis_max lag_p50 lag_p99 cells view_urls bytes_cell live bytes_live rss_idle rss_busy r_idle r_busy <<<"$summary"
+    local bp99
+    bp99=$(wrk_ms "$bare_p99")
+    p99x() { awk -v a="$(wrk_ms "$1")" -v b="$bp99" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+    md "## Mixed: queries while ingesting, a million URLs, caches off" ""
+    md "One run of \`scripts/bench.sh mixed\` ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))." \
+        "tally (release, \`TALLY_QUERY_RESULT_CACHE=false\`: every answer computed) loaded by \`tests/examples/mixed.rs load\`" \
+        "with $events events over $urls URLs (popularity Zipf 1.0, URLs spread over 1 000 hosts by Zipf, ts over 30 days)," \
+        "then two batch runs (the view: $view_urls URLs, $cells (url, hour) cells; \`$(echo "$run1" | tr -d '\n' | cut -c1-120)…\`)." \
+        "Then \`mixed ingest\` sent NDJSON bodies of 1 000 events at a target of $rate events/s (achieved $ing_rate/s, $ing_failed failed requests)" \
+        "while wrk (${DURATION} s, ${THREADS} threads, 32 connections, random URLs and hosts of the load) ran one line after the other," \
+        "first against the bare axum handler (\`tests/examples/bare_axum.rs\`, \`GET /v1/views\` answering a fixed body) under the same ingest." \
+        "Everything shares the machine's cores: wrk, the ingest generator, redis-server and tally." ""
+    md "| what (under ${rate} events/s of ingest) | requests/s | p50 | p99 | non-2xx | p99 ÷ bare p99 | goal |" "|---|---:|---:|---:|---:|---:|---|" \
+        "| bare axum handler, \`$bare_cmd\` | $bare_rps | $bare_p50 | $bare_p99 | – | 1 | – |" \
+        "| \`/v1/views?url=<random>\` | $views_rps | $views_p50 | $views_p99 | $views_bad | $(p99x "$views_p99") | ≤ 2; requests/s ≥ 0.5× bare (here $(ratio "$views_rps" "$bare_rps")×) |" \
+        "| \`/v1/top?limit=10\` | $top_rps | $top_p50 | $top_p99 | $top_bad | $(p99x "$top_p99") | ≤ 3 |" \
+        "| \`/v1/top?limit=10&host=<random>\` | $host_rps | $host_p50 | $host_p99 | $host_bad | $(p99x "$host_p99") | ≤ 3 |" \
+        "| \`/v1/uniques?url=<random>&from=<30 days ago>\` | $uniq_rps | $uniq_p50 | $uniq_p99 | $uniq_bad | $(p99x "$uniq_p99") | ≤ 3 |" ""
+    md "| measure | value | goal |" "|---|---:|---|" \
+        "| ingest-to-visible (POST one event on a new URL, poll /v1/views) p50 / p99 / max | $vis_p50 / $vis_p99 / $vis_max ms | p99 ≤ 100 ms |" \
+        "| applier lag in events (sampled every 20 ms) p50 / p99 | $lag_p50 / $lag_p99 | – |" \
+        "| tally RSS, idle after the load / under the mixed load | $rss_idle / $rss_busy MiB | – |" \
+        "| serving memory per (url, hour) cell of the batch view (idle RSS ÷ cells, everything included) | $bytes_cell bytes | stated |" \
+        "| Redis \`used_memory\` idle / under the mixed load | $r_idle / $r_busy MiB | – |" \
+        "| Redis bytes per live URL (\`used_memory\` ÷ the $live URLs of the live epochs) | $bytes_live | ≤ 800 (half of ~1 600) |" ""
+    md "tally status at the end: \`$status\`" ""
+}
+SECTIONS+=(mixed)
 
 # ------------------------------------------------------------------------------------------------
 # Main

@@ -535,3 +535,149 @@ fn redis_emptied_while_the_server_is_down_is_rebuilt_at_start() {
     assert_every_url_exact(&server, &model, &mut rng, &urls);
     batch_run_then_exact(&server, &model, &mut rng, &urls);
 }
+
+/// With the result caches off (`query.result_cache = false`), every `/v1/top` and `/v1/uniques`
+/// answer is computed: from the speed layer's incremental all-time rankings (overall and per
+/// host), or by scanning for ranges. While ingest goes on (with events up to 4 minutes ahead of
+/// the clock, which an all-time answer leaves out until their hour) and batch runs swap views,
+/// no answer counts more than was acknowledged; once caught up, every ranking and every
+/// uniques answer is exact.
+#[test]
+fn uncached_top_and_uniques_are_exact_while_ingesting() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_QUERY_RESULT_CACHE", "false")
+            .env("TALLY_SPEED_GC_GRACE", "1s"),
+    );
+    let urls = make_urls(40, 4);
+    let hosts: Vec<String> = (0..4).map(|h| format!("site{h}.test")).collect();
+    // (url, ts, visitor); few visitors per URL, so uniques are exact (the sketch's sparse form).
+    let events: Mutex<Vec<(String, i64, String)>> = Mutex::new(Vec::new());
+    let model = |events: &[(String, i64, String)]| Model {
+        events: events.iter().map(|(u, ts, _)| (u.clone(), *ts)).collect(),
+    };
+    for round in 0..8 {
+        let stop = AtomicBool::new(false);
+        let ingest_seed: u64 = rng.random();
+        thread::scope(|s| {
+            let _stop = StopOnDrop(&stop);
+            s.spawn(|| {
+                let mut rng = StdRng::seed_from_u64(ingest_seed);
+                while !stop.load(Ordering::SeqCst) {
+                    let now = now_ms();
+                    let batch: Vec<(String, i64, String)> = (0..rng.random_range(1..30))
+                        .map(|_| {
+                            let i = rng.random_range(0..urls.len());
+                            let url = urls[rng.random_range(0..=i)].clone();
+                            let ts = match rng.random_range(0..10) {
+                                0 => now + rng.random_range(0..240_000),
+                                1..=4 => now - rng.random_range(0..60_000),
+                                _ => now - rng.random_range(0..20 * DAY_MS),
+                            };
+                            (url, ts, format!("v{}", rng.random_range(0..25)))
+                        })
+                        .collect();
+                    let body: Vec<Value> = batch
+                        .iter()
+                        .map(|(u, ts, v)| json!({"url": u, "ts": ts, "visitor": v}))
+                        .collect();
+                    // Recorded before sending: the server may count an event before its 202
+                    // reaches us, never before we sent it (every request here is accepted).
+                    events.lock().unwrap().extend(batch);
+                    let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
+                    assert_eq!(code, 202, "{resp}");
+                }
+            });
+            // Probe while ingesting: never more than was sent (checked after the answer).
+            for _ in 0..30 {
+                let host = hosts.choose(&mut rng).unwrap();
+                for q in [
+                    "/v1/top?limit=10".to_string(),
+                    format!("/v1/top?limit=5&host={host}"),
+                ] {
+                    let (code, body) = server.get(&q);
+                    assert_eq!(code, 200, "GET {q}: {body}");
+                    let acked = model(&events.lock().unwrap());
+                    for (url, views) in top_items(&body) {
+                        assert!(
+                            views <= acked.views(&url, Range::all()),
+                            "GET {q}: {url} has {views}, more than was sent: {body}"
+                        );
+                    }
+                }
+            }
+            if round % 2 == 1 {
+                batch_run(&server);
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        server.wait_caught_up();
+        let events = events.lock().unwrap();
+        let m = model(&events);
+        // All time ends at the next full hour: compare only if the hour does not turn meanwhile.
+        let next_hour = || (now_ms().div_euclid(tally_e2e::HOUR_MS) + 1) * tally_e2e::HOUR_MS;
+        let until = next_hour();
+        let all_time = Range {
+            from: None,
+            to: Some(until),
+        };
+        let mut checks = Vec::new();
+        for limit in [1, 5, 10, 100, 1000] {
+            let (_, body) = server.get(&format!("/v1/top?limit={limit}"));
+            checks.push((
+                format!("top {limit}"),
+                top_items(&body),
+                m.top(limit, None, all_time),
+            ));
+        }
+        for h in &hosts {
+            let (_, body) = server.get(&format!("/v1/top?limit=7&host={h}"));
+            checks.push((
+                format!("top of {h}"),
+                top_items(&body),
+                m.top(7, Some(h), all_time),
+            ));
+            let (_, body) = server.get(&format!("/v1/top?limit=500&host={h}"));
+            checks.push((
+                format!("top 500 of {h}"),
+                top_items(&body),
+                m.top(500, Some(h), all_time),
+            ));
+        }
+        if next_hour() == until {
+            for (what, got, want) in checks {
+                assert_eq!(got, want, "{what}, round {round}");
+            }
+        }
+        // A range (scanned, not ranked); events ahead of the clock make an open end depend on
+        // the hour, so it is given.
+        let mut r = random_range(&mut rng);
+        r.to = r.to.or(Some(until));
+        tally_e2e::assert_top(&server, &m, 10, None, r);
+        for url in urls.choose_multiple(&mut rng, 6) {
+            let from_day = now_ms().div_euclid(DAY_MS) - 30;
+            // Without `to`, the last day is the one the next full hour falls in.
+            let to_day = (until + DAY_MS - 1).div_euclid(DAY_MS);
+            let want: std::collections::HashSet<&str> = events
+                .iter()
+                .filter(|(u, ts, _)| {
+                    u == url && (from_day..to_day).contains(&ts.div_euclid(DAY_MS))
+                })
+                .map(|(_, _, v)| v.as_str())
+                .collect();
+            let q = format!(
+                "/v1/uniques?url={}&from={}",
+                tally_e2e::enc(url),
+                tally_e2e::enc(&tally_e2e::rfc3339(from_day * DAY_MS))
+            );
+            let (code, body) = server.get(&q);
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(
+                body["uniques"].as_u64(),
+                Some(want.len() as u64),
+                "GET {q}: {body}"
+            );
+        }
+    }
+}
