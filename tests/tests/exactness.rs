@@ -318,10 +318,9 @@ fn discard_names_the_version_it_discards() {
             .contains("already discarded"),
         "{body}"
     );
-    poll_until("the rerun is over", DEADLINE, || {
-        server.get("/v1/admin/batch").1["running"]
-            .is_null()
-            .then_some(())
+    poll_until("the rerun's view serves", DEADLINE, || {
+        let idle = server.get("/v1/admin/batch").1["running"].is_null();
+        (idle && serving_version(&server).is_some_and(|v| v > runs[2])).then_some(())
     });
     // The default is the serving version, whatever CURRENT says on disk (here a discarded
     // version, as a moment after a run's publish would name a version not yet served).

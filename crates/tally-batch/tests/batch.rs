@@ -170,9 +170,9 @@ fn check_view(view: &BatchView, m: &Model, seed: u64) {
                 }
             }
             let got = view
-                .uniques_sketch(url, a, b)
+                .uniques_sketch(url, a, b, view.sketch_precision().unwrap(), &[])
                 .unwrap()
-                .map_or(0, |s| s.estimate() as usize);
+                .estimate() as usize;
             assert_eq!(got, union.len(), "{url} days [{a},{b})");
         }
     }

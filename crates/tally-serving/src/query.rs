@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::json;
 use tally_batch::{relative_error, BatchView, VisitorSketch};
 use tally_core::{
     format_rfc3339, hour_of, normalize_url, now_ms, parse_ts_param, DAY_MS, HOUR_MS, MIN_TS_MS,
@@ -72,19 +72,47 @@ pub(crate) fn url_param(q: &HashMap<String, String>) -> ApiResult<String> {
     normalize_url(raw).map_err(|e| ApiError::bad(format!("The url parameter is invalid: {e}.")))
 }
 
-pub(crate) fn provenance(view: Option<&Arc<BatchView>>) -> Value {
-    match view {
-        Some(v) => json!({
-            "version": v.version,
-            "cutoff_seq": v.cutoff_seq.get(),
-            "computed_at": format_rfc3339(v.computed_at_ms),
-        }),
-        None => Value::Null,
-    }
+/// Which batch view an answer comes from (`batch` in every query answer; null without one).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Provenance<'a> {
+    version: &'a str,
+    cutoff_seq: u64,
+    computed_at: String,
+}
+
+pub(crate) fn provenance(view: Option<&Arc<BatchView>>) -> Option<Provenance<'_>> {
+    view.map(|v| Provenance {
+        version: &v.version,
+        cutoff_seq: v.cutoff_seq.get(),
+        computed_at: format_rfc3339(v.computed_at_ms),
+    })
+}
+
+/// One bucket of a `series`.
+#[derive(serde::Serialize)]
+struct Bucket {
+    start: String,
+    views: u64,
+}
+
+/// The `GET /v1/views` answer, serialised straight from this struct (the hottest endpoint: no
+/// intermediate JSON tree).
+#[derive(serde::Serialize)]
+struct ViewsAnswer<'a> {
+    url: &'a str,
+    from: String,
+    to: String,
+    views: u64,
+    batch_views: u64,
+    speed_views: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    series: Option<Vec<Bucket>>,
+    batch: Option<Provenance<'a>>,
+    speed_available: bool,
 }
 
 /// Adds `X-Tally-Degraded: speed` when the speed layer could not be read.
-pub(crate) fn respond(body: Value, speed_available: bool) -> Response {
+pub(crate) fn respond<T: serde::Serialize>(body: T, speed_available: bool) -> Response {
     let mut resp = Json(body).into_response();
     if !speed_available {
         resp.headers_mut().insert(
@@ -126,17 +154,9 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
     let speed_views = speed_read(speed.views(&url, cutoff, range.from_hour, range.to_hour))?;
     let speed_available = speed_views.is_some();
     let speed_views = speed_views.unwrap_or(0);
-    let mut body = json!({
-        "url": url,
-        "from": format_rfc3339(range.from_hour * HOUR_MS),
-        "to": format_rfc3339(range.to_hour * HOUR_MS),
-        "views": batch_views + speed_views,
-        "batch_views": batch_views,
-        "speed_views": speed_views,
-        "batch": provenance(view.as_ref()),
-        "speed_available": speed_available,
-    });
-    if granularity != Granularity::Total {
+    let series = if granularity == Granularity::Total {
+        None
+    } else {
         let batch_hours = view
             .as_ref()
             .map(|v| v.hour_counts(&url, range.from_hour, range.to_hour))
@@ -148,11 +168,27 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
             Vec::new()
         };
         let series = bucket_series(batch_hours.into_iter().chain(speed_hours), granularity);
-        body["series"] = series
-            .into_iter()
-            .map(|(start, views)| json!({ "start": format_rfc3339(start), "views": views }))
-            .collect();
-    }
+        Some(
+            series
+                .into_iter()
+                .map(|(start, views)| Bucket {
+                    start: format_rfc3339(start),
+                    views,
+                })
+                .collect(),
+        )
+    };
+    let body = ViewsAnswer {
+        url: &url,
+        from: format_rfc3339(range.from_hour * HOUR_MS),
+        to: format_rfc3339(range.to_hour * HOUR_MS),
+        views: batch_views + speed_views,
+        batch_views,
+        speed_views,
+        series,
+        batch: provenance(view.as_ref()),
+        speed_available,
+    };
     Ok(respond(body, speed_available))
 }
 
@@ -252,25 +288,16 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     let ((uniques, exact), speed_available) = match cached {
         Some(answer) => (*answer, true),
         None => {
-            let batch = match view.as_ref() {
-                Some(v) => v
-                    .uniques_sketch(&url, from_day, to_day)
-                    .map_err(ApiError::internal)?,
-                None => None,
-            };
             let hashes = speed_read(state.speed.visitor_hashes(&url, cutoff, from_day, to_day))?;
             let speed_available = hashes.is_some();
-            let mut merged = match batch {
-                Some(s) => s,
-                None => VisitorSketch::new(precision).map_err(ApiError::internal)?,
-            };
-            if let Some(hashes) = hashes.filter(|h| !h.is_empty()) {
-                // The same 32-bit visitor hash as the batch sketches (`tally_core::sketch`), so
-                // a visitor in both layers is one hash.
-                let speed =
-                    VisitorSketch::from_hashes(precision, hashes).map_err(ApiError::internal)?;
-                merged.merge(&speed).map_err(ApiError::internal)?;
+            // The same 32-bit visitor hash as the batch sketches (`tally_core::sketch`), so a
+            // visitor in both layers is one hash; one union of every day and the speed hashes.
+            let extra = hashes.unwrap_or_default();
+            let merged = match view.as_ref() {
+                Some(v) => v.uniques_sketch(&url, from_day, to_day, precision, &extra),
+                None => VisitorSketch::union(precision, std::iter::empty(), &extra),
             }
+            .map_err(ApiError::internal)?;
             let answer = (merged.estimate().round() as u64, merged.is_sparse());
             if speed_available {
                 state.uniques_cache.put(key, Arc::new(answer));

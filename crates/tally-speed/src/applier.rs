@@ -516,8 +516,10 @@ impl Applier {
             }
         }
         Counters::bump(&self.shared.counters.events_applied, events);
-        self.set_pos(self.pos.max(through));
+        // Ready first, then the applied seq: whoever sees every event applied sees reads ready.
+        self.pos = self.pos.max(through);
         self.set_ready();
+        self.set_pos(self.pos);
         metrics::histogram!(APPLY_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(APPLY_BATCH_EVENTS).record(events as f64);
         self.start_redis();
@@ -757,16 +759,10 @@ impl Applier {
     /// The next events after `pos`, aggregated: `(through, deltas)` where every event with
     /// `pos < seq <= through` is in `deltas` (or in a forgotten epoch).
     async fn read_batch(&mut self, acked: Seq) -> Result<(Seq, Vec<EpochDelta>)> {
-        // With a backlog (a burst of batched ingest), catch up in larger batches: aggregating
-        // first makes a hot URL's many events one increment. Without a backlog batches stay
-        // small, so ingest-to-visible latency stays low.
-        let backlog = acked.0.saturating_sub(self.pos.0);
-        let configured = self.cfg.apply_batch_max.max(1);
-        let max = if backlog > configured as u64 {
-            configured.max(REBUILD_CHUNK)
-        } else {
-            configured
-        };
+        // Batches stay at `apply_batch_max` even with a backlog: adding a batch to the mirror has
+        // no per-batch round trip (Redis is written behind), and a smaller batch is visible
+        // sooner. Rebuilds read storage in larger chunks.
+        let max = self.cfg.apply_batch_max.max(1);
         let floor = self.floor;
         if self.rebuild_target.is_none() {
             if let Tail::Events(v) = self.master.tail_after(self.pos, max) {
@@ -852,8 +848,8 @@ impl Applier {
 }
 
 /// Adds `deltas` to the mirror, each in parts of [`APPLY_PART_URLS`] URLs under its own short
-/// write lock, publishing the applied seq after each; returns what to queue for Redis (the
-/// deltas whose `queue` flag is set). `Err` when the mirror refused a delta.
+/// write lock; returns what to queue for Redis (the deltas whose `queue` flag is set). `Err`
+/// when the mirror refused a delta. The caller publishes the applied seq.
 fn apply_to_mirror(
     shared: &Shared,
     deltas: &[EpochDelta],
@@ -890,7 +886,6 @@ fn apply_to_mirror(
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .set_applied(d.epoch, d.last);
-        shared.applied.store(d.last.0, Ordering::Release);
         if q {
             pe.last = d.last;
             replica::merge(&mut queued, Pending::from([(d.epoch, pe)]));
@@ -912,11 +907,16 @@ fn mirror_from(floor: Seq, loaded: Vec<(Seq, Option<LoadedEpoch>)>) -> Result<Mi
             ));
         }
     }
+    let now_hour = tally_core::hour_of(tally_core::now_ms());
     for (start, state) in loaded {
         let Some(state) = state else { continue };
         let e = m.epochs.entry(start).or_default();
         e.applied = state.applied;
         for (id, url, counts) in state.urls {
+            // Hours still ahead of the clock, as `Mirror::apply_urls` records them.
+            for (h, _) in counts.hours.iter().filter(|(h, _)| *h > now_hour) {
+                e.ahead.entry(*h).or_default().insert(id);
+            }
             m.dict
                 .insert(id, &url)
                 .map_err(|r| format!("epoch {start}: {r}"))?;

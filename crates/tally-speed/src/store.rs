@@ -211,6 +211,19 @@ mod tests {
         Pending::from([(Seq(1), pe)])
     }
 
+    async fn write(
+        s: &mut Store,
+        marker: &str,
+        expected: &BTreeMap<Seq, Seq>,
+        p: &Pending,
+    ) -> WriteOutcome {
+        let keys = s.keys.clone();
+        let tx = replica::transaction(&keys, p);
+        replica::write(&mut s.conn, &keys, marker, expected, p, &tx)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_write_is_a_compare_and_set_on_the_applied_seq_the_instance_and_the_ids() {
         let redis = TestRedis::start();
@@ -223,80 +236,28 @@ mod tests {
         events[0].event.visitor = Some("v".into());
         let p = pending(&events, &[0, 1], true);
         let none = BTreeMap::new();
-        let keys = s.keys.clone();
         // No instance marker yet: nothing is written.
         assert_eq!(
-            replica::write(
-                &mut s.conn,
-                &keys,
-                "i1",
-                &none,
-                &p,
-                &replica::transaction(&keys, &p)
-            )
-            .await
-            .unwrap(),
+            write(&mut s, "i1", &none, &p).await,
             WriteOutcome::InstanceLost
         );
         assert_eq!(s.listed_epochs().await.unwrap(), Vec::<Seq>::new());
         s.set_instance("i1").await.unwrap();
-        assert_eq!(
-            replica::write(
-                &mut s.conn,
-                &keys,
-                "i1",
-                &none,
-                &p,
-                &replica::transaction(&keys, &p)
-            )
-            .await
-            .unwrap(),
-            WriteOutcome::Written
-        );
+        assert_eq!(write(&mut s, "i1", &none, &p).await, WriteOutcome::Written);
         // The retry of a write whose reply was lost is refused and says what Redis holds.
         assert_eq!(
-            replica::write(
-                &mut s.conn,
-                &keys,
-                "i1",
-                &none,
-                &p,
-                &replica::transaction(&keys, &p)
-            )
-            .await
-            .unwrap(),
+            write(&mut s, "i1", &none, &p).await,
             WriteOutcome::Mismatch(Seq(1), Seq(3))
         );
         // Another process's marker is refused.
         let at3 = BTreeMap::from([(Seq(1), Seq(3))]);
         assert_eq!(
-            replica::write(
-                &mut s.conn,
-                &keys,
-                "other",
-                &at3,
-                &p,
-                &replica::transaction(&keys, &p)
-            )
-            .await
-            .unwrap(),
+            write(&mut s, "other", &at3, &p).await,
             WriteOutcome::InstanceLost
         );
         // A URL written as new under an id Redis already maps: the state is not ours.
         let p2 = pending(&[ev(4, "http://a/z", 0)], &[1], true);
-        assert_eq!(
-            replica::write(
-                &mut s.conn,
-                &keys,
-                "i1",
-                &at3,
-                &p2,
-                &replica::transaction(&keys, &p2)
-            )
-            .await
-            .unwrap(),
-            WriteOutcome::Diverged
-        );
+        assert_eq!(write(&mut s, "i1", &at3, &p2).await, WriteOutcome::Diverged);
         let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
         assert_eq!(loaded.applied, Seq(4));
         let mut urls: Vec<_> = loaded

@@ -751,3 +751,56 @@ async fn concurrent_reads_never_go_down_nor_exceed_what_was_acknowledged() {
     assert_eq!(speed.epochs().len(), 5);
     speed.shutdown().await;
 }
+
+/// The all-time rankings answer "until the next full hour": events ahead of the clock (up to
+/// `ingest.max_future`) are left out — also after a restart loaded the state from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_time_rankings_leave_out_events_ahead_of_the_clock_also_after_a_reload() {
+    let redis = TestRedis::start();
+    let (_dir, master) = open_master();
+    let now = tally_core::now_ms();
+    let next_hour = hour_of(now) + 1;
+    let at = |url: &str, ts: i64, n: usize| -> Vec<Event> {
+        (0..n)
+            .map(|_| Event {
+                ts,
+                url: url.to_string(),
+                visitor: None,
+                referrer: None,
+                id: None,
+                received_at: now,
+            })
+            .collect()
+    };
+    let mut events = at("http://a.test/x", now, 3);
+    events.extend(at("http://a.test/y", now, 2));
+    events.extend(at("http://a.test/y", next_hour * HOUR_MS + 1, 4));
+    master.append(events).await.unwrap();
+    let want = vec![
+        ("http://a.test/x".to_string(), 3),
+        ("http://a.test/y".to_string(), 2),
+    ];
+    for restart in [false, true] {
+        let speed = SpeedLayer::start(speed_config(&redis), master.clone()).await;
+        caught_up(&speed, &master).await;
+        let top = speed.top_all_time("", Seq(0), 10, None, next_hour);
+        assert_eq!(
+            top,
+            Ok(Some(Some(want.clone()))),
+            "after a restart: {restart}"
+        );
+        let host = speed.top_all_time("", Seq(0), 10, Some("a.test"), next_hour);
+        assert_eq!(
+            host,
+            Ok(Some(Some(want.clone()))),
+            "after a restart: {restart}"
+        );
+        // Once that hour is past, they count.
+        let later = speed.top_all_time("", Seq(0), 1, None, next_hour + 1);
+        assert_eq!(
+            later,
+            Ok(Some(Some(vec![("http://a.test/y".to_string(), 6)])))
+        );
+        speed.shutdown().await;
+    }
+}
