@@ -186,6 +186,86 @@ fn a_visitor_in_both_layers_counts_once() {
     }
 }
 
+/// A busy URL-day in the speed layer (more visitors than a sparse sketch holds) is answered from
+/// the registers the mirror keeps for it, a quiet one from its hashes; either way the answer is
+/// the very sketch the batch layer later builds from the same events: the same number, not
+/// merely one within the error.
+#[test]
+fn the_speed_layer_answers_the_same_sketch_the_batch_layer_builds() {
+    let server = TestServer::start(ServerOpts::default());
+    let mut rng = StdRng::seed_from_u64(11);
+    let last = base_day();
+    let busy = "https://busy.example/";
+    let quiet = "https://quiet.example/";
+    let mut events = Vec::new();
+    // 6 000 visitors on `last` (past the 4 096 a sparse sketch holds at precision 14), some
+    // twice, and 300 on the day before; the quiet URL has 50.
+    for i in 0..6_000 {
+        for _ in 0..rng.random_range(1..=2) {
+            events.push(View {
+                url: busy.to_string(),
+                ts: in_day(&mut rng, last),
+                visitor: Some(format!("b{i}")),
+            });
+        }
+    }
+    for i in 0..300 {
+        events.push(View {
+            url: busy.to_string(),
+            ts: in_day(&mut rng, last - 1),
+            visitor: Some(format!("b{i}")),
+        });
+    }
+    for i in 0..50 {
+        events.push(View {
+            url: quiet.to_string(),
+            ts: in_day(&mut rng, last),
+            visitor: Some(format!("q{i}")),
+        });
+    }
+    events.shuffle(&mut rng);
+    ingest(&server, &events);
+    server.wait_caught_up();
+    let ranges = [(last, last + 1), (last - 1, last + 1), (last - 1, last)];
+    let speed_only: Vec<(Value, Value)> = ranges
+        .iter()
+        .map(|&(a, b)| (uniques(&server, busy, a, b), uniques(&server, quiet, a, b)))
+        .collect();
+    for (body, _) in &speed_only {
+        assert!(body["batch"].is_null(), "no batch view yet: {body}");
+    }
+    batch_run(&server);
+    for (&(a, b), (busy_speed, quiet_speed)) in ranges.iter().zip(&speed_only) {
+        let busy_batch = uniques(&server, busy, a, b);
+        assert_eq!(
+            busy_speed["uniques"], busy_batch["uniques"],
+            "busy URL on days [{a}, {b}): speed {busy_speed} vs batch {busy_batch}"
+        );
+        assert_eq!(busy_speed["exact"], busy_batch["exact"]);
+        let quiet_batch = uniques(&server, quiet, a, b);
+        assert_eq!(quiet_speed["uniques"], quiet_batch["uniques"]);
+    }
+    let (busy_day, _) = &speed_only[0];
+    assert_eq!(
+        busy_day["exact"],
+        json!(false),
+        "past the sparse limit: {busy_day}"
+    );
+    let (got, err) = estimate(busy_day);
+    assert_close(
+        "busy day",
+        got,
+        exact_uniques(&events, busy, last, last + 1),
+        err,
+    );
+    assert_eq!(speed_only[0].1["uniques"], json!(50));
+    assert_eq!(
+        speed_only[2].0["uniques"],
+        json!(300),
+        "the quiet day before is exact"
+    );
+}
+
 /// A set of visitors of one URL over 30 days: each visitor comes 1–3 times on random days.
 fn visits(rng: &mut StdRng, url: &str, visitors: usize, last: i64, tag: &str) -> Vec<View> {
     let mut out = Vec::new();

@@ -21,6 +21,7 @@
 use crate::error::{Error, Result};
 
 pub use tally_core::sketch::SKETCH_KEYS;
+use tally_core::sketch::{set_register, sparse_limit};
 
 pub const MIN_PRECISION: u8 = 4;
 pub const MAX_PRECISION: u8 = 18;
@@ -88,6 +89,25 @@ impl VisitorSketch {
         s
     }
 
+    /// A dense sketch from `2^precision` registers built elsewhere with
+    /// [`tally_core::sketch::set_register`] (the speed layer keeps them for busy URL-days).
+    /// The caller guarantees they hold more than the sparse limit of distinct hashes, as a
+    /// sketch built from those hashes would be dense too.
+    pub fn from_registers(precision: u8, regs: Box<[u8]>) -> Result<VisitorSketch> {
+        check_precision(precision)?;
+        if regs.len() != 1usize << precision {
+            return Err(Error::Invalid(format!(
+                "{} registers for precision {precision}, not {}",
+                regs.len(),
+                1usize << precision
+            )));
+        }
+        Ok(VisitorSketch {
+            precision,
+            repr: Repr::Dense(regs),
+        })
+    }
+
     pub fn precision(&self) -> u8 {
         self.precision
     }
@@ -97,7 +117,7 @@ impl VisitorSketch {
     }
 
     fn sparse_limit(&self) -> usize {
-        (1usize << self.precision) / 4
+        sparse_limit(self.precision)
     }
 
     fn maybe_densify(&mut self) {
@@ -221,7 +241,7 @@ impl VisitorSketch {
         if !any_dense {
             // A k-way merge of the sorted lists: distinct hashes in order, exact while they stay
             // under the sparse limit, registers from the moment they pass it.
-            let limit = (1usize << precision) / 4;
+            let limit = sparse_limit(precision);
             let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, usize, usize)>> =
                 lists
                     .iter()
@@ -358,16 +378,6 @@ fn check_precision(p: u8) -> Result<()> {
         Err(Error::Invalid(format!(
             "sketch precision must be in {MIN_PRECISION}..={MAX_PRECISION}, not {p}"
         )))
-    }
-}
-
-#[inline]
-fn set_register(regs: &mut [u8], p: u8, hash: u32) {
-    let idx = (hash >> (32 - p)) as usize;
-    let rest = hash << p;
-    let rank = (rest.leading_zeros() as u8).min(32 - p) + 1;
-    if regs[idx] < rank {
-        regs[idx] = rank;
     }
 }
 

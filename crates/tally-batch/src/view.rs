@@ -274,7 +274,7 @@ impl BatchView {
     }
 
     /// The distinct visitors of `url` on the days `[from_day, to_day)`, unioned with the speed
-    /// layer's hashes `extra` (sorted, distinct) in one pass ([`VisitorSketch::union`]): the
+    /// layer's sketch `extra_sketch` and hashes `extra` (sorted, distinct) in one pass ([`VisitorSketch::union`]): the
     /// week sketches of the whole weeks in the range, the day sketches of the days around them.
     pub fn uniques_sketch(
         &self,
@@ -282,10 +282,11 @@ impl BatchView {
         from_day: i64,
         to_day: i64,
         precision: u8,
+        extra_sketch: Option<&VisitorSketch>,
         extra: &[u32],
     ) -> Result<VisitorSketch> {
         let (Some(_), Some(i)) = (self.sketch_precision, self.id(url)) else {
-            return VisitorSketch::union(precision, std::iter::empty(), extra);
+            return VisitorSketch::union(precision, extra_sketch, extra);
         };
         // Whole weeks [w0, w1): the days [7 w0, 7 w1) lie inside the range.
         let w0 = (from_day + 6).div_euclid(7);
@@ -293,7 +294,9 @@ impl BatchView {
         if w1 <= w0 {
             return VisitorSketch::union(
                 precision,
-                self.day_sketches(url, from_day, to_day),
+                self.day_sketches(url, from_day, to_day)
+                    .iter()
+                    .chain(extra_sketch),
                 extra,
             );
         }
@@ -304,7 +307,11 @@ impl BatchView {
         let whole = &self.week_sketches[s + a..s + b];
         let head = self.day_sketches(url, from_day, 7 * w0);
         let tail = self.day_sketches(url, 7 * w1, to_day);
-        VisitorSketch::union(precision, whole.iter().chain(head).chain(tail), extra)
+        VisitorSketch::union(
+            precision,
+            whole.iter().chain(head).chain(tail).chain(extra_sketch),
+            extra,
+        )
     }
 
     /// Number of (url, hour) cells (memory grows with this).
@@ -394,7 +401,7 @@ mod tests {
         for from in -12..42 {
             for to in from + 1..43 {
                 let got = v
-                    .uniques_sketch("http://a.com/", from, to, p, &extra)
+                    .uniques_sketch("http://a.com/", from, to, p, None, &extra)
                     .unwrap();
                 let in_range = days
                     .iter()

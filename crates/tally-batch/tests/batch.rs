@@ -170,7 +170,7 @@ fn check_view(view: &BatchView, m: &Model, seed: u64) {
                 }
             }
             let got = view
-                .uniques_sketch(url, a, b, view.sketch_precision().unwrap(), &[])
+                .uniques_sketch(url, a, b, view.sketch_precision().unwrap(), None, &[])
                 .unwrap()
                 .estimate() as usize;
             assert_eq!(got, union.len(), "{url} days [{a},{b})");

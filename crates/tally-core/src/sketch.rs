@@ -26,6 +26,24 @@ pub fn narrow(hash64: u64) -> u32 {
     (hash64 >> 32) as u32
 }
 
+/// Hashes a sparse sketch of precision `p` holds at most; past it, the `2^p` registers are
+/// smaller. A sketch's form depends only on its distinct hashes, never on how it was merged.
+pub fn sparse_limit(p: u8) -> usize {
+    (1usize << p) / 4
+}
+
+/// Sets the HyperLogLog register of `hash` in `regs` (`2^p` registers): index = top `p` bits,
+/// value = leading zeros of the remaining bits + 1, kept at its maximum.
+#[inline]
+pub fn set_register(regs: &mut [u8], p: u8, hash: u32) {
+    let idx = (hash >> (32 - p)) as usize;
+    let rest = hash << p;
+    let rank = (rest.leading_zeros() as u8).min(32 - p) + 1;
+    if regs[idx] < rank {
+        regs[idx] = rank;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -288,14 +288,31 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     let ((uniques, exact), speed_available) = match cached {
         Some(answer) => (*answer, true),
         None => {
-            let hashes = speed_read(state.speed.visitor_hashes(&url, cutoff, from_day, to_day))?;
-            let speed_available = hashes.is_some();
+            let speed = speed_read(
+                state
+                    .speed
+                    .visitors(&url, cutoff, from_day, to_day, precision),
+            )?;
+            let speed_available = speed.is_some();
             // The same 32-bit visitor hash as the batch sketches (`tally_core::sketch`), so a
-            // visitor in both layers is one hash; one union of every day and the speed hashes.
-            let extra = hashes.unwrap_or_default();
+            // visitor in both layers is one hash; one union of every day, the speed layer's
+            // hashes and the registers of its busy days.
+            let speed = speed.unwrap_or_default();
+            let busy = speed
+                .registers
+                .map(|r| VisitorSketch::from_registers(precision, r))
+                .transpose()
+                .map_err(ApiError::internal)?;
             let merged = match view.as_ref() {
-                Some(v) => v.uniques_sketch(&url, from_day, to_day, precision, &extra),
-                None => VisitorSketch::union(precision, std::iter::empty(), &extra),
+                Some(v) => v.uniques_sketch(
+                    &url,
+                    from_day,
+                    to_day,
+                    precision,
+                    busy.as_ref(),
+                    &speed.hashes,
+                ),
+                None => VisitorSketch::union(precision, busy.as_ref(), &speed.hashes),
             }
             .map_err(ApiError::internal)?;
             let answer = (merged.estimate().round() as u64, merged.is_sparse());

@@ -34,6 +34,7 @@ async fn state(dir: &std::path::Path) -> AppState {
             key_prefix: "tally-test:".into(),
             gc_grace: Duration::from_secs(60),
             apply_batch_max: 1000,
+            sketch_precision: 14,
         },
         master.clone(),
     )

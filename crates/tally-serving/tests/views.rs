@@ -42,6 +42,7 @@ async fn discard_takes_the_serving_version_not_the_one_current_names() {
             key_prefix: "t:".into(),
             gc_grace: Duration::from_secs(60),
             apply_batch_max: 1000,
+            sketch_precision: 14,
         },
         master.clone(),
     )

@@ -387,7 +387,7 @@ impl Applier {
             }
             loaded.push((*e, state));
         }
-        let mut m = match mirror_from(live[0], loaded) {
+        let mut m = match mirror_from(live[0], self.cfg.sketch_precision, loaded) {
             Ok(m) => m,
             Err(reason) => {
                 warn!(%reason, "speed state in redis is not consistent; rebuilding it");
@@ -433,7 +433,7 @@ impl Applier {
         self.shared.ready.store(false, Ordering::Release);
         self.reset_replica().await;
         let live = live_epochs(&self.master, self.floor);
-        let mut m = Mirror::empty(live[0]);
+        let mut m = Mirror::empty(live[0], self.cfg.sketch_precision);
         self.shared.rank(&mut m);
         *self.mirror_write() = m;
         self.instance = Some(instance_marker(
@@ -895,9 +895,14 @@ fn apply_to_mirror(
 }
 
 /// The mirror of the live epochs `loaded` (ascending; `None`: no state in Redis) whose first
-/// epoch starts at `floor`. Refuses state that in-order applies cannot produce.
-fn mirror_from(floor: Seq, loaded: Vec<(Seq, Option<LoadedEpoch>)>) -> Result<Mirror, String> {
-    let mut m = Mirror::empty(floor);
+/// epoch starts at `floor`, keeping registers of `precision` for busy URL-days. Refuses state
+/// that in-order applies cannot produce.
+fn mirror_from(
+    floor: Seq,
+    precision: u8,
+    loaded: Vec<(Seq, Option<LoadedEpoch>)>,
+) -> Result<Mirror, String> {
+    let mut m = Mirror::empty(floor, precision);
     // Applies go in seq order: an epoch with state means every earlier epoch had its events
     // applied, and each closed epoch holds at least one event.
     if let Some(last_with_state) = loaded.iter().rposition(|(_, s)| s.is_some()) {
@@ -912,7 +917,8 @@ fn mirror_from(floor: Seq, loaded: Vec<(Seq, Option<LoadedEpoch>)>) -> Result<Mi
         let Some(state) = state else { continue };
         let e = m.epochs.entry(start).or_default();
         e.applied = state.applied;
-        for (id, url, counts) in state.urls {
+        for (id, url, mut counts) in state.urls {
+            counts.visitors.densify(precision);
             // Hours still ahead of the clock, as `Mirror::apply_urls` records them.
             for (h, _) in counts.hours.iter().filter(|(h, _)| *h > now_hour) {
                 e.ahead.entry(*h).or_default().insert(id);

@@ -41,6 +41,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::mirror::Mirror;
+pub use crate::mirror::SpeedVisitors;
 pub use crate::rank::BaseTotals;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -85,6 +86,9 @@ pub struct SpeedConfig {
     pub gc_grace: Duration,
     /// At most this many events per apply batch from the in-memory tail.
     pub apply_batch_max: usize,
+    /// Precision of the visitor sketches (`uniques.precision`): busy URL-days keep their
+    /// registers at it, so uniques over them merge registers instead of sorting hashes.
+    pub sketch_precision: u8,
 }
 
 /// One live epoch, for `/v1/admin/status`.
@@ -199,7 +203,7 @@ impl SpeedLayer {
         // epoch the master dataset lists, so coverage checks hold from the start.
         let oldest = master.epochs().first().copied().unwrap_or(Seq(1));
         let shared = Arc::new(Shared {
-            mirror: RwLock::new(Mirror::empty(oldest)),
+            mirror: RwLock::new(Mirror::empty(oldest, cfg.sketch_precision)),
             applied: AtomicU64::new(0),
             redis_applied: AtomicU64::new(0),
             redis_up: AtomicBool::new(false),
@@ -302,18 +306,20 @@ impl SpeedLayer {
         })
     }
 
-    /// Distinct 32-bit visitor hashes (`tally_core::sketch::visitor_hash32`, the hash the batch
-    /// view's sketches hold) of `url` on the UTC days `[from_day, to_day)`, over the live epochs
-    /// starting after `after_cutoff`, ascending. The serving layer builds a sketch from them and
-    /// merges it with the batch view's day sketches.
-    pub fn visitor_hashes(
+    /// The distinct visitors of `url` on the UTC days `[from_day, to_day)`, over the live epochs
+    /// starting after `after_cutoff`, for sketches of `precision`: 32-bit visitor hashes
+    /// (`tally_core::sketch::visitor_hash32`, the hash the batch view's sketches hold), and the
+    /// registers of busy days (past the sparse limit). The serving layer unions them with the
+    /// batch view's sketches.
+    pub fn visitors(
         &self,
         url: &str,
         after_cutoff: Seq,
         from_day: i64,
         to_day: i64,
-    ) -> Read<Vec<u32>> {
-        self.read(|m| m.visitor_hashes(url, after_cutoff, from_day, to_day))
+        precision: u8,
+    ) -> Read<SpeedVisitors> {
+        self.read(|m| m.visitors(url, after_cutoff, from_day, to_day, precision))
     }
 
     /// The exact top `limit` URLs of all time — views until `to_hour`, the next full hour —

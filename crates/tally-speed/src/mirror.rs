@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tally_core::Seq;
 
 use crate::aggregate::{EpochDelta, UrlDelta};
-use crate::keys::split_visitor_member;
+use crate::keys::{split_visitor_member, visitor_member};
 use crate::rank::{BaseTotals, Ranking};
 use crate::NotCovered;
 
@@ -26,8 +26,77 @@ pub(crate) struct UrlCounts {
     /// `(hour, views)` ascending by hour, no zero entries.
     pub(crate) hours: Vec<(i64, u64)>,
     pub(crate) total: u64,
-    /// Distinct (UTC day, visitor) pairs ([`crate::keys::visitor_member`]).
-    pub(crate) visitors: HashSet<i64>,
+    /// Distinct visitors per UTC day.
+    pub(crate) visitors: Visitors,
+}
+
+/// The distinct visitors of one URL in one epoch, per UTC day: the exact hashes (what Redis
+/// holds, as [`crate::keys::visitor_member`]s), and for a day with more of them than a sparse
+/// sketch holds, also their HyperLogLog registers, kept up to date on insert. A uniques query
+/// then merges `2^p` registers for a busy day instead of sorting its hundreds of thousands of
+/// hashes (the registers are what the serving layer's union would compute from the hashes, so
+/// the answer is the same).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Visitors {
+    days: BTreeMap<i64, DayVisitors>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct DayVisitors {
+    hashes: HashSet<u32>,
+    /// `2^p` registers of `hashes`, once `hashes` is past the sparse limit of precision `p`.
+    registers: Option<Box<[u8]>>,
+}
+
+impl Visitors {
+    /// Adds visitor members; with `dense_at = Some(p)`, keeps the registers of precision `p`
+    /// of every day past its sparse limit.
+    pub(crate) fn extend(&mut self, members: impl IntoIterator<Item = i64>, dense_at: Option<u8>) {
+        for m in members {
+            let (day, h) = split_visitor_member(m);
+            let d = self.days.entry(day).or_default();
+            if d.hashes.insert(h) {
+                if let (Some(regs), Some(p)) = (d.registers.as_mut(), dense_at) {
+                    tally_core::sketch::set_register(regs, p, h);
+                }
+            }
+        }
+        if let Some(p) = dense_at {
+            self.densify(p);
+        }
+    }
+
+    /// Builds the registers of precision `p` of the days past its sparse limit that have none.
+    pub(crate) fn densify(&mut self, p: u8) {
+        let limit = tally_core::sketch::sparse_limit(p);
+        for d in self.days.values_mut() {
+            if d.registers.is_none() && d.hashes.len() > limit {
+                let mut regs = vec![0u8; 1 << p].into_boxed_slice();
+                for h in &d.hashes {
+                    tally_core::sketch::set_register(&mut regs, p, *h);
+                }
+                d.registers = Some(regs);
+            }
+        }
+    }
+
+    /// Every (day, visitor) member.
+    pub(crate) fn members(&self) -> impl Iterator<Item = i64> + '_ {
+        self.days
+            .iter()
+            .flat_map(|(day, d)| d.hashes.iter().map(|h| visitor_member(*day, *h)))
+    }
+}
+
+/// The visitors of a URL in a range of days across the live epochs, as the serving layer
+/// merges them with the batch view's sketches: the distinct hashes of the quiet days and the
+/// max of the registers of the busy ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpeedVisitors {
+    /// Sorted, distinct.
+    pub hashes: Vec<u32>,
+    /// `2^p` registers at the precision asked for, when some day was past its sparse limit.
+    pub registers: Option<Box<[u8]>>,
 }
 
 impl UrlCounts {
@@ -139,22 +208,26 @@ pub(crate) struct Mirror {
     pub(crate) floor: Seq,
     /// The rankings of the serving view ([`Mirror::set_base`]), kept up to date by `apply`.
     ranking: Option<Ranking>,
+    /// Precision of the registers kept for busy URL-days ([`Visitors`]).
+    pub(crate) precision: u8,
 }
 
 impl Default for Mirror {
     fn default() -> Self {
-        Mirror::empty(Seq(1))
+        Mirror::empty(Seq(1), 14)
     }
 }
 
 impl Mirror {
-    /// A mirror that holds every epoch from `floor` on, all empty.
-    pub(crate) fn empty(floor: Seq) -> Mirror {
+    /// A mirror that holds every epoch from `floor` on, all empty, keeping registers of
+    /// `precision` for busy URL-days.
+    pub(crate) fn empty(floor: Seq, precision: u8) -> Mirror {
         Mirror {
             dict: UrlDict::default(),
             epochs: BTreeMap::new(),
             floor,
             ranking: None,
+            precision,
         }
     }
 
@@ -247,7 +320,8 @@ impl Mirror {
                     e.ahead.entry(*h).or_default().insert(*id);
                 }
             }
-            c.visitors.extend(ud.visitors.iter().copied());
+            c.visitors
+                .extend(ud.visitors.iter().copied(), Some(self.precision));
         }
         if let Some(r) = self.ranking.as_mut() {
             let cutoff = r.base.cutoff();
@@ -429,23 +503,38 @@ impl Mirror {
         Ok(out.into_iter().collect())
     }
 
-    /// Distinct 32-bit visitor hashes of `url` on the UTC days `[from_day, to_day)`, ascending.
-    pub(crate) fn visitor_hashes(
+    /// The visitors of `url` on the UTC days `[from_day, to_day)`, for sketches of precision
+    /// `precision`: busy days as registers when the mirror keeps them at that precision, every
+    /// other day as hashes.
+    pub(crate) fn visitors(
         &self,
         url: &str,
         after_cutoff: Seq,
         from_day: i64,
         to_day: i64,
-    ) -> Result<Vec<u32>, NotCovered> {
-        let mut out: Vec<u32> = Vec::new();
-        for c in self.url_counts(url, after_cutoff)? {
-            out.extend(c.visitors.iter().filter_map(|m| {
-                let (day, h) = split_visitor_member(*m);
-                (from_day..to_day).contains(&day).then_some(h)
-            }));
+        precision: u8,
+    ) -> Result<SpeedVisitors, NotCovered> {
+        let mut out = SpeedVisitors::default();
+        if from_day >= to_day {
+            return Ok(out);
         }
-        out.sort_unstable();
-        out.dedup();
+        for c in self.url_counts(url, after_cutoff)? {
+            for d in c.visitors.days.range(from_day..to_day).map(|(_, d)| d) {
+                match &d.registers {
+                    Some(r) if precision == self.precision => {
+                        let regs = out
+                            .registers
+                            .get_or_insert_with(|| vec![0u8; r.len()].into_boxed_slice());
+                        for (x, y) in regs.iter_mut().zip(r.iter()) {
+                            *x = (*x).max(*y);
+                        }
+                    }
+                    _ => out.hashes.extend(d.hashes.iter().copied()),
+                }
+            }
+        }
+        out.hashes.sort_unstable();
+        out.hashes.dedup();
         Ok(out)
     }
 
@@ -577,7 +666,7 @@ mod tests {
             m.range_totals(Seq(1), 0, 1, None).unwrap_err().floor,
             Seq(3)
         );
-        assert!(m.visitor_hashes("http://a.com/x", Seq(0), 0, 1).is_err());
+        assert!(m.visitors("http://a.com/x", Seq(0), 0, 1, 14).is_err());
         assert!(m.hour_counts("http://a.com/x", Seq(0), 0, 1).is_err());
         // Only x is left in a live epoch: y's id is free again.
         assert_eq!(m.dict.len(), 1);
@@ -615,14 +704,80 @@ mod tests {
             events.push(e);
         }
         let m = mirror_of(&events, &[Seq(1), Seq(4)]);
+        let hashes = |url: &str, after: Seq, from: i64, to: i64| {
+            m.visitors(url, after, from, to, 14).map(|v| {
+                assert_eq!(v.registers, None, "no day is busy");
+                v.hashes
+            })
+        };
         let h = |v: &str| visitor_hash32(v.as_bytes());
         let mut want = vec![h("x"), h("y")];
         want.sort_unstable();
-        assert_eq!(m.visitor_hashes("u", Seq(0), 0, 2), Ok(want));
-        assert_eq!(m.visitor_hashes("u", Seq(3), 0, 2), Ok(vec![h("x")]));
-        assert_eq!(m.visitor_hashes("u", Seq(3), 2, 3), Ok(vec![h("z")]));
-        assert_eq!(m.visitor_hashes("u", Seq(0), 3, 9), Ok(vec![]));
-        assert_eq!(m.visitor_hashes("nope", Seq(0), 0, 9), Ok(vec![]));
+        assert_eq!(hashes("u", Seq(0), 0, 2), Ok(want));
+        assert_eq!(hashes("u", Seq(3), 0, 2), Ok(vec![h("x")]));
+        assert_eq!(hashes("u", Seq(3), 2, 3), Ok(vec![h("z")]));
+        assert_eq!(hashes("u", Seq(0), 3, 9), Ok(vec![]));
+        assert_eq!(hashes("nope", Seq(0), 0, 9), Ok(vec![]));
+        assert_eq!(hashes("u", Seq(0), 2, 0), Ok(vec![]));
+    }
+
+    #[test]
+    fn busy_days_keep_registers_that_equal_those_of_their_hashes() {
+        use tally_core::sketch::{set_register, visitor_hash32};
+        use tally_core::DAY_MS;
+        let p = 4; // a sparse sketch holds 4 hashes
+        let mut events = Vec::new();
+        // Day 0: 3 visitors (quiet); day 1: 40 visitors, half in each epoch (busy in both).
+        for i in 0..3 {
+            let mut e = ev(events.len() as u64 + 1, "u", 0);
+            e.event.visitor = Some(format!("q{i}"));
+            events.push(e);
+        }
+        for i in 0..40 {
+            let mut e = ev(events.len() as u64 + 1, "u", DAY_MS + i);
+            e.event.visitor = Some(format!("b{i}"));
+            events.push(e);
+        }
+        let cut = Seq(24);
+        let mut m = Mirror::empty(Seq(1), p);
+        let mut loaded = Mirror::empty(Seq(1), p);
+        for d in aggregate(&events, &[Seq(1), cut]) {
+            let ids = m.assign_ids(&d);
+            m.apply(&d, &ids).unwrap();
+            // What a load from Redis builds: the hashes first, registers after.
+            let ids = loaded.assign_ids(&d);
+            let mut plain = Mirror::empty(Seq(1), p);
+            plain.apply(&d, &ids).unwrap();
+            let e = plain.epochs.remove(&d.epoch).unwrap();
+            for (id, mut c) in e.urls {
+                let mut bare = Visitors::default();
+                bare.extend(c.visitors.members(), None);
+                bare.densify(p);
+                c.visitors = bare;
+                loaded.dict.insert(id, "u").unwrap();
+                loaded.epochs.entry(d.epoch).or_default().urls.insert(id, c);
+            }
+            loaded.set_applied(d.epoch, d.last);
+        }
+        let h = |v: &str| visitor_hash32(v.as_bytes());
+        let mut regs = vec![0u8; 1 << p].into_boxed_slice();
+        for i in 0..40 {
+            set_register(&mut regs, p, h(&format!("b{i}")));
+        }
+        let mut quiet: Vec<u32> = (0..3).map(|i| h(&format!("q{i}"))).collect();
+        quiet.sort_unstable();
+        for mirror in [&m, &loaded] {
+            let got = mirror.visitors("u", Seq(0), 0, 2, p).unwrap();
+            assert_eq!(got.hashes, quiet);
+            assert_eq!(got.registers.as_deref(), Some(&regs[..]));
+            // Only the second epoch: its 20 visitors are still busy.
+            let late = mirror.visitors("u", Seq(cut.0 - 1), 1, 2, p).unwrap();
+            assert!(late.hashes.is_empty() && late.registers.is_some());
+            // Another precision: every hash, no registers.
+            let all = mirror.visitors("u", Seq(0), 0, 2, p + 1).unwrap();
+            assert_eq!((all.hashes.len(), all.registers), (43, None));
+        }
+        assert_eq!(m.epochs, loaded.epochs);
     }
 
     /// A batch view for the ranking tests: `(url, hour)` cells of the events up to `cutoff`.

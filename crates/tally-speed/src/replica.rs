@@ -72,7 +72,7 @@ impl PendingEpoch {
                         url,
                         fresh: true,
                         hours: c.hours.into_iter().collect(),
-                        visitors: c.visitors.into_iter().collect(),
+                        visitors: c.visitors.members().collect(),
                     };
                     (id, p)
                 })

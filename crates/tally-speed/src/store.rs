@@ -143,7 +143,8 @@ impl Store {
                 for (h, n) in hours {
                     c.add(h, n);
                 }
-                c.visitors.extend(visitors);
+                // Registers are the mirror's business (`mirror_from`).
+                c.visitors.extend(visitors, None);
                 state.urls.push((id, url.clone(), c));
             }
         }
@@ -269,7 +270,10 @@ mod tests {
         assert_eq!(urls, vec![(0, "http://a/x", 2), (1, "http://a/y", 2)]);
         let x = &loaded.urls.iter().find(|u| u.0 == 0).unwrap().2;
         let h = tally_core::sketch::visitor_hash32(b"v");
-        assert_eq!(x.visitors, [visitor_member(0, h)].into_iter().collect());
+        assert_eq!(
+            x.visitors.members().collect::<Vec<_>>(),
+            [visitor_member(0, h)]
+        );
         assert_eq!(x.hours, vec![(0, 2)]);
         // A resync rewrites the epoch from a snapshot, under a new marker.
         let snap = pending(&events, &[0, 1], true);

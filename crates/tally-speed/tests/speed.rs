@@ -87,6 +87,7 @@ fn speed_config(redis: &TestRedis) -> SpeedConfig {
         key_prefix: PREFIX.to_string(),
         gc_grace: Duration::from_millis(50),
         apply_batch_max: 64,
+        sketch_precision: PRECISION,
     }
 }
 
@@ -228,17 +229,60 @@ async fn redis_caught_up(speed: &SpeedLayer, master: &Master) {
     .await;
 }
 
+/// Precision of the visitor registers in these tests: a sparse sketch holds 4 hashes, so the
+/// model's URLs have busy days.
+const PRECISION: u8 = 4;
+
+/// How many [`assert_same_sketch`] checks had registers (busy days), so a test can assert that
+/// its data took that path.
+static BUSY_CHECKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `got` describes the same sketch as the distinct hashes `want`: exactly those hashes while
+/// they fit a sparse sketch, the same registers past it.
+fn assert_same_sketch(got: tally_speed::SpeedVisitors, want: &[u32], what: &str) {
+    use tally_core::sketch::{set_register, sparse_limit};
+    let regs_of = |hashes: &[u32], start: Option<Box<[u8]>>| {
+        let mut r = start.unwrap_or_else(|| vec![0u8; 1 << PRECISION].into_boxed_slice());
+        for h in hashes {
+            set_register(&mut r, PRECISION, *h);
+        }
+        r
+    };
+    if want.len() <= sparse_limit(PRECISION) {
+        assert_eq!(got.registers, None, "{what}: no busy day");
+        assert_eq!(got.hashes, want, "{what}");
+    } else {
+        if got.registers.is_some() {
+            BUSY_CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        assert_eq!(
+            regs_of(&got.hashes, got.registers),
+            regs_of(want, None),
+            "{what}: registers"
+        );
+    }
+}
+
 /// Compares every read of the speed layer with the model, for batch cutoff `after`.
 fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
     let d0 = tally_core::day_of(BASE_TS);
     for (from, to) in [(i64::MIN, i64::MAX), (d0, d0 + 1), (d0 + 1, d0 + 2)] {
         for i in 0..26 {
             let u = url(i);
+            let want = model.visitors(&u, after, from, to);
+            // At another precision than the mirror keeps registers for: every hash.
+            let exact = speed.visitors(&u, after, from, to, PRECISION + 1);
             assert_eq!(
-                speed.visitor_hashes(&u, after, from, to),
-                Ok(Some(model.visitors(&u, after, from, to))),
+                exact.map(|v| v.map(|v| (v.hashes, v.registers))),
+                Ok(Some((want.clone(), None))),
                 "visitors of {u} after {after} on days [{from}, {to})"
             );
+            // At the mirror's precision: busy days as registers, the same sketch.
+            let got = speed
+                .visitors(&u, after, from, to, PRECISION)
+                .unwrap()
+                .unwrap();
+            assert_same_sketch(got, &want, &format!("{u} after {after} on [{from}, {to})"));
         }
     }
     let h0 = hour_of(BASE_TS);
@@ -293,6 +337,10 @@ async fn model_random_ingest_matches_views_and_range_totals() {
     }
     caught_up(&speed, &master).await;
     assert_exact(&speed, &model, Seq(0), &mut rng);
+    assert!(
+        BUSY_CHECKS.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "some URL-day is busy enough for registers"
+    );
     assert!(speed.redis_up());
     let epochs = speed.epochs();
     assert_eq!(epochs.len(), 1);
@@ -381,7 +429,7 @@ async fn cut_epoch_splits_reads_exactly_and_gc_deletes_only_unneeded_epochs() {
     });
     assert_eq!(speed.views(&url(1), Seq(0), i64::MIN, i64::MAX), refused);
     assert!(speed
-        .visitor_hashes(&url(1), Seq(0), i64::MIN, i64::MAX)
+        .visitors(&url(1), Seq(0), i64::MIN, i64::MAX, PRECISION)
         .is_err());
     assert!(speed
         .range_totals(Seq(0), i64::MIN, i64::MAX, None)
@@ -433,8 +481,8 @@ async fn urls_with_colliding_hashes_keep_their_own_counts() {
     let day = tally_core::day_of(BASE_TS);
     assert_eq!(
         speed
-            .visitor_hashes(a, Seq(0), day, day + 1)
-            .map(|v| v.map(|v| v.len())),
+            .visitors(a, Seq(0), day, day + 1, PRECISION + 1)
+            .map(|v| v.map(|v| v.hashes.len())),
         Ok(Some(5))
     );
     let mut c = conn(&redis).await;

@@ -77,6 +77,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
             key_prefix: cfg.redis.key_prefix.clone(),
             gc_grace: cfg.speed.gc_grace,
             apply_batch_max: cfg.speed.apply_batch_max,
+            sketch_precision: cfg.uniques.precision,
         },
         master.clone(),
     )
