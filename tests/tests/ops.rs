@@ -108,6 +108,25 @@ fn metrics_after_traffic_and_readiness_follows_redis() {
             "no {name} in /metrics:\n{text}"
         );
     }
+    // Every metric family served has help text and is listed in the README.
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .expect("README.md");
+    for family in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+    {
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "{family} has no help text"
+        );
+        assert!(
+            readme.contains(&format!("`{family}`")),
+            "README.md does not list {family}"
+        );
+    }
     let acked = server.acked_seq() as f64;
     assert_eq!(sample(&text, "tally_events_accepted_total"), Some(25.0));
     assert_eq!(sample(&text, "tally_acked_seq"), Some(acked));

@@ -55,6 +55,11 @@ use writer::{OpenSegment, Writer, WriterCmd};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Name of the WAL writer thread in [`Master::stopped_threads`] and [`Error::ThreadStopped`].
+pub const WAL_WRITER: &str = "WAL writer";
+/// Name of the sealer thread in [`Master::stopped_threads`].
+pub const SEALER: &str = "sealer";
+
 #[derive(Debug, Error)]
 pub enum Error {
     /// The events could not be made durable (disk full, I/O error). Nothing of that append is
@@ -64,6 +69,11 @@ pub enum Error {
     /// The store is shutting down or closed.
     #[error("the store is closed")]
     Closed,
+    /// One of the store's threads (the WAL writer, the sealer) stopped while the store is open:
+    /// a bug (a panic), logged where it happened. Nothing more can be made durable until the
+    /// process restarts (which replays the WAL: nothing acknowledged is lost).
+    #[error("the {0} thread stopped; restart tally")]
+    ThreadStopped(&'static str),
     /// A WAL record with a bad checksum that is not the torn tail.
     #[error("corrupt WAL record in {file} at offset {offset}: {reason}")]
     CorruptWal {
@@ -158,6 +168,8 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     /// Test hook: fail this many group writes (see [`Master::inject_write_failures`]).
     pub(crate) fail_writes: AtomicUsize,
+    /// Test hook: the writer panics at its next commit.
+    pub(crate) panic_writer: AtomicBool,
     /// Events handed from the writer to the sealer in memory and not sealed yet.
     pub(crate) handed_over: AtomicUsize,
 }
@@ -166,7 +178,8 @@ struct Inner {
     shared: Arc<Shared>,
     writer: mpsc::Sender<WriterCmd>,
     sealer: mpsc::Sender<SealerCmd>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The store's threads, by name, until shutdown joins them.
+    threads: Mutex<Vec<(&'static str, JoinHandle<()>)>>,
 }
 
 /// Handle to the master dataset. Cheap to clone; all clones share one WAL writer.
@@ -336,6 +349,7 @@ impl Master {
             watch: watch_tx,
             closed: AtomicBool::new(false),
             fail_writes: AtomicUsize::new(0),
+            panic_writer: AtomicBool::new(false),
             handed_over: AtomicUsize::new(0),
         });
         let (sealer_tx, sealer_rx) = mpsc::channel();
@@ -377,7 +391,7 @@ impl Master {
                 shared,
                 writer: writer_tx,
                 sealer: sealer_tx,
-                threads: Mutex::new(vec![h1, h2]),
+                threads: Mutex::new(vec![(SEALER, h1), (WAL_WRITER, h2)]),
             }),
         })
     }
@@ -390,8 +404,32 @@ impl Master {
             return Err(Error::Closed);
         }
         let (tx, rx) = oneshot::channel();
-        self.inner.writer.send(cmd(tx)).map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        let gone = || {
+            if self.inner.shared.closed.load(Ordering::SeqCst) {
+                Error::Closed
+            } else {
+                Error::ThreadStopped(WAL_WRITER)
+            }
+        };
+        self.inner.writer.send(cmd(tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// The store's threads that stopped while it is open (by a panic): `"WAL writer"` (then
+    /// appends fail with [`Error::ThreadStopped`]) or `"sealer"` (then the WAL grows unsealed).
+    /// Empty while they run, and after shutdown.
+    pub fn stopped_threads(&self) -> Vec<&'static str> {
+        if self.inner.shared.closed.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        self.inner
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, h)| h.is_finished())
+            .map(|(name, _)| *name)
+            .collect()
     }
 
     async fn ask_sealer(&self) -> Result<()> {
@@ -558,17 +596,22 @@ impl Master {
             result = self.ask_sealer().await;
             let _ = self.inner.sealer.send(SealerCmd::Stop);
         }
-        let handles: Vec<JoinHandle<()>> =
-            std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        self.join_threads().await;
+        result
+    }
+
+    /// Waits for the store's threads to end (after they were told to stop).
+    async fn join_threads(&self) {
+        let handles =
+            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
         if !handles.is_empty() {
             let _ = tokio::task::spawn_blocking(move || {
-                for h in handles {
+                for (_, h) in handles {
                     let _ = h.join();
                 }
             })
             .await;
         }
-        result
     }
 
     /// Stops the writer and the sealer WITHOUT sealing, as a crash right after the last
@@ -579,14 +622,13 @@ impl Master {
             self.stop_writer().await;
             let _ = self.inner.sealer.send(SealerCmd::Stop);
         }
-        let handles: Vec<JoinHandle<()>> =
-            std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
-        let _ = tokio::task::spawn_blocking(move || {
-            for h in handles {
-                let _ = h.join();
-            }
-        })
-        .await;
+        self.join_threads().await;
+    }
+
+    /// Test hook: the WAL writer thread panics at its next commit, as a bug would.
+    #[doc(hidden)]
+    pub fn inject_writer_panic(&self) {
+        self.inner.shared.panic_writer.store(true, Ordering::SeqCst);
     }
 
     /// Test hook: the next `n` group writes fail half-way, as on a full disk.

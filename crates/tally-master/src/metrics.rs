@@ -1,14 +1,36 @@
-//! Metric names of the master dataset (Prometheus, `tally_` prefix; no per-URL labels).
+//! Metric names of the master dataset (Prometheus, `tally_` prefix; no per-URL labels), and
+//! their catalogue.
 
-/// Seconds one group commit spent in `fdatasync`.
+use tally_core::metrics::MetricDef;
+
 pub const WAL_FSYNC_SECONDS: &str = "tally_wal_fsync_seconds";
-/// Events written by one group commit (how well concurrent requests share an fsync).
 pub const WAL_GROUP_EVENTS: &str = "tally_wal_group_events";
-/// Requests written by one group commit.
 pub const WAL_GROUP_REQUESTS: &str = "tally_wal_group_requests";
-/// WAL writes that failed (disk full, I/O error); their requests got 503.
 pub const WAL_WRITE_ERRORS: &str = "tally_wal_write_errors_total";
-/// Seconds to seal one WAL segment into a Parquet file.
 pub const SEAL_SECONDS: &str = "tally_seal_duration_seconds";
-/// Events sealed into the master dataset.
 pub const SEALED_EVENTS: &str = "tally_sealed_events_total";
+
+/// Every metric the master dataset emits.
+pub const CATALOGUE: &[MetricDef] = &[
+    MetricDef::histogram(
+        WAL_FSYNC_SECONDS,
+        "Seconds one WAL group commit spent in fdatasync.",
+    ),
+    MetricDef::histogram(
+        WAL_GROUP_EVENTS,
+        "Events written by one WAL group commit (how well concurrent requests share an fsync).",
+    ),
+    MetricDef::histogram(
+        WAL_GROUP_REQUESTS,
+        "Requests written by one WAL group commit.",
+    ),
+    MetricDef::counter(
+        WAL_WRITE_ERRORS,
+        "WAL writes that failed (disk full, I/O error); their requests were answered 503.",
+    ),
+    MetricDef::histogram(
+        SEAL_SECONDS,
+        "Seconds to seal one closed WAL segment into a Parquet file of the master dataset.",
+    ),
+    MetricDef::counter(SEALED_EVENTS, "Events sealed into the master dataset."),
+];

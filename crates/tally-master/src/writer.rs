@@ -283,6 +283,9 @@ impl Writer {
         if pending.is_empty() {
             return;
         }
+        if self.shared.panic_writer.swap(false, Ordering::SeqCst) {
+            panic!("injected WAL writer panic (test hook)");
+        }
         if let Err(e) = self.ensure_segment() {
             let msg = format!("wal segment in {}: {e}", self.shared.paths.wal.display());
             tracing::warn!(error = %e, "wal unavailable");

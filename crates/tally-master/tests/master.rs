@@ -665,6 +665,32 @@ async fn tail_after_serves_recent_events_or_says_gone() {
 }
 
 #[tokio::test]
+async fn a_stopped_writer_thread_is_reported_and_appends_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.append(evs(0..4)).await.unwrap();
+    assert!(m.stopped_threads().is_empty());
+    m.inject_writer_panic();
+    // The append that meets the panic is not acknowledged; later ones are refused with the
+    // reason, not as "closed".
+    assert!(m.append(evs(100..101)).await.is_err());
+    wait_for(|| !m.stopped_threads().is_empty()).await;
+    assert_eq!(m.stopped_threads(), vec![tally_master::WAL_WRITER]);
+    assert!(matches!(
+        m.append(evs(100..101)).await,
+        Err(Error::ThreadStopped(t)) if t == tally_master::WAL_WRITER
+    ));
+    assert_eq!(m.acked_seq(), Seq(4));
+    m.close_unsealed().await;
+    assert!(m.stopped_threads().is_empty(), "none after close");
+    // A restart replays the WAL: the acknowledged events are all there.
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.acked_seq(), Seq(4));
+    assert_eq!(m.read_range(Seq(0), Seq(100)).unwrap().len(), 4);
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn write_failure_is_unavailable_then_recovers_without_losing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let m = Master::open(cfg(dir.path())).unwrap();

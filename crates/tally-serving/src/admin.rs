@@ -67,6 +67,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
         "recovering": state.views.recovering(),
         "wal_bytes": m.wal_bytes,
         "master_files": m.master_files,
+        "stopped_threads": state.master.stopped_threads(),
         "uptime_s": state.started.elapsed().as_secs(),
     }))
 }
@@ -78,17 +79,20 @@ pub(crate) async fn healthz() -> Json<Value> {
 /// Ready when queries are answered exactly: the speed layer still holds the epochs after the
 /// serving view's cutoff, and it is available.
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    let mut reasons = Vec::new();
+    let mut reasons: Vec<String> = Vec::new();
     let view = state.views.current();
     if !state.speed.covers(ViewManager::cutoff(view.as_ref())) {
         reasons.push(
-            "the speed epochs after the serving batch view were collected; a rerun is publishing a newer view",
+            "the speed epochs after the serving batch view were collected; a rerun is publishing a newer view".into(),
         );
     }
     if !state.speed.redis_up() {
-        reasons.push("redis is unreachable");
+        reasons.push("redis is unreachable".into());
     } else if !state.speed.available() {
-        reasons.push("the speed layer is rebuilding");
+        reasons.push("the speed layer is rebuilding".into());
+    }
+    for t in state.master.stopped_threads() {
+        reasons.push(format!("the {t} thread stopped; restart tally"));
     }
     // As in /v1/admin/status: null before the first batch view.
     let cutoff = view.as_ref().map(|v| v.cutoff_seq.get());

@@ -50,14 +50,10 @@ fn run_error(e: RunError) -> ApiError {
 
 /// Awaits a started run and, once its view is `CURRENT`, swaps it in for serving.
 async fn finish(state: &AppState, started: tally_batch::StartedRun) -> ApiResult<RunOutcome> {
-    let outcome = started
-        .handle
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(run_error)?;
+    let result = started.handle.await.map_err(ApiError::internal)?;
+    crate::metrics::record_run(&result);
+    let outcome = result.map_err(run_error)?;
     state.views.refresh().await;
-    metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "ok").increment(1);
-    metrics::histogram!(crate::metrics::BATCH_DURATION).record(outcome.duration_ms as f64 / 1000.0);
     Ok(outcome)
 }
 
@@ -71,7 +67,6 @@ async fn start(state: &AppState, trigger: Trigger, wait: bool) -> ApiResult<Resp
     let s = state.clone();
     tokio::spawn(async move {
         if let Err(e) = finish(&s, started).await {
-            metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "failed").increment(1);
             tracing::error!(error = ?e, "batch run failed");
         }
     });
@@ -164,18 +159,14 @@ pub async fn scheduled_run(state: AppState) {
 }
 
 async fn run_in_background(state: AppState, trigger: Trigger) {
-    match state.runner.run_with_retries(trigger).await {
-        Ok(outcome) => {
-            state.views.refresh().await;
-            metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "ok").increment(1);
-            metrics::histogram!(crate::metrics::BATCH_DURATION)
-                .record(outcome.duration_ms as f64 / 1000.0);
-        }
+    let result = state.runner.run_with_retries(trigger).await;
+    crate::metrics::record_run(&result);
+    match result {
+        Ok(_) => state.views.refresh().await,
         Err(RunError::AlreadyRunning { run_id }) => {
             tracing::info!(%run_id, ?trigger, "batch run skipped: another run is going");
         }
         Err(e) => {
-            metrics::counter!(crate::metrics::BATCH_RUNS, "status" => "failed").increment(1);
             tracing::error!(error = %e, ?trigger, "batch run failed after retries; the old view keeps serving");
         }
     }

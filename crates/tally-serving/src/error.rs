@@ -100,6 +100,9 @@ impl From<tally_master::Error> for ApiError {
             tally_master::Error::Closed => {
                 ApiError::Unavailable("The server is shutting down; retry later.".to_string())
             }
+            tally_master::Error::ThreadStopped(t) => ApiError::Unavailable(format!(
+                "Events cannot be made durable: the server's {t} thread stopped and tally must be restarted; retry later."
+            )),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -10,6 +10,8 @@ use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use tally_core::metrics::MetricDef;
+
 use crate::state::AppState;
 use crate::views::ViewManager;
 
@@ -36,6 +38,50 @@ pub const SPEED_COLLECTIONS: &str = "tally_speed_epoch_collections_total";
 pub const SPEED_RESYNCS: &str = "tally_speed_redis_rewrites_total";
 pub const REDIS_LAG_EVENTS: &str = "tally_speed_redis_lag_events";
 pub const VIEW_EXACT: &str = "tally_batch_view_exact";
+pub const STOPPED_THREADS: &str = "tally_master_threads_stopped";
+
+/// Every metric the serving layer emits (including the gauges and counters it reads from the
+/// master dataset and the speed layer at each scrape).
+pub const CATALOGUE: &[MetricDef] = &[
+    MetricDef::counter(HTTP_REQUESTS, "HTTP requests by route template, method and status."),
+    MetricDef::histogram(HTTP_DURATION, "Seconds to answer an HTTP request, by route template."),
+    MetricDef::counter(EVENTS_ACCEPTED, "Events acknowledged (durable in the WAL)."),
+    MetricDef::counter(EVENTS_REJECTED, "Ingest requests refused as invalid (nothing stored)."),
+    MetricDef::gauge(ACKED_SEQ, "Highest seq acknowledged to a client."),
+    MetricDef::gauge(SEALED_SEQ, "Highest seq sealed into the Parquet master dataset."),
+    MetricDef::gauge(WAL_BYTES, "Bytes in WAL segments not yet sealed."),
+    MetricDef::gauge(SPEED_APPLIED_SEQ, "Highest seq the speed layer answers queries with."),
+    MetricDef::gauge(SPEED_LAG_EVENTS, "Acknowledged events the speed layer has not applied yet."),
+    MetricDef::gauge(REDIS_UP, "1 when Redis answers the speed layer, else 0."),
+    MetricDef::gauge(VIEW_CUTOFF_SEQ, "Cutoff seq of the serving batch view (0: none)."),
+    MetricDef::gauge(VIEW_AGE_SECONDS, "Seconds since the serving batch view was computed."),
+    MetricDef::counter(BATCH_RUNS, "Batch runs by status (ok, failed), whatever started them."),
+    MetricDef::histogram(BATCH_DURATION, "Seconds per successful batch run."),
+    MetricDef::gauge(MASTER_FILES, "Parquet files in the master dataset."),
+    MetricDef::counter(REDIS_ERRORS, "Failed speed-layer attempts (Redis unreachable, timeouts), each followed by a backoff."),
+    MetricDef::counter(SPEED_APPLIES, "Speed-layer applies committed."),
+    MetricDef::counter(SPEED_EVENTS_APPLIED, "Events the speed layer applied (each once)."),
+    MetricDef::counter(SPEED_REBUILDS, "Speed-layer rebuilds from the master dataset (Redis had lost its state)."),
+    MetricDef::counter(SPEED_COLLECTIONS, "Speed-layer epoch collections considered."),
+    MetricDef::counter(SPEED_RESYNCS, "Times Redis was rewritten from the mirror (it had lost or changed what tally wrote)."),
+    MetricDef::gauge(REDIS_LAG_EVENTS, "Events in the mirror not yet written to Redis."),
+    MetricDef::gauge(VIEW_EXACT, "1 when the speed layer covers the serving view (answers are exact), else 0."),
+    MetricDef::gauge(STOPPED_THREADS, "Threads of the master dataset (WAL writer, sealer) that stopped while it is open; anything but 0 needs a restart."),
+];
+
+/// Counts a finished batch run, whatever started it (an admin request with or without
+/// `?wait=true`, the schedule, a recovery rerun); a run skipped because another was going is
+/// not a run.
+pub(crate) fn record_run(result: &Result<tally_batch::RunOutcome, tally_batch::RunError>) {
+    match result {
+        Ok(outcome) => {
+            metrics::counter!(BATCH_RUNS, "status" => "ok").increment(1);
+            metrics::histogram!(BATCH_DURATION).record(outcome.duration_ms as f64 / 1000.0);
+        }
+        Err(tally_batch::RunError::AlreadyRunning { .. }) => {}
+        Err(_) => metrics::counter!(BATCH_RUNS, "status" => "failed").increment(1),
+    }
+}
 
 /// Counts and times every request by its route template, method and status. The metric
 /// handles are kept per thread (the registry lookup and the label strings cost a few percent of a
@@ -97,6 +143,7 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
     metrics::gauge!(SPEED_LAG_EVENTS).set(m.acked_seq.get().saturating_sub(applied.get()) as f64);
     metrics::gauge!(REDIS_UP).set(if state.speed.redis_up() { 1.0 } else { 0.0 });
     metrics::gauge!(MASTER_FILES).set(m.master_files as f64);
+    metrics::gauge!(STOPPED_THREADS).set(state.master.stopped_threads().len() as f64);
     let speed = state.speed.stats();
     metrics::counter!(REDIS_ERRORS).absolute(speed.errors);
     metrics::counter!(SPEED_APPLIES).absolute(speed.applies);

@@ -295,7 +295,9 @@ impl ViewManager {
             if self.recovered() {
                 break;
             }
-            match self.runner.run(Trigger::Recovery).await {
+            let result = self.runner.run(Trigger::Recovery).await;
+            crate::metrics::record_run(&result);
+            match result {
                 Ok(o) => {
                     tracing::info!(version = %o.version, "recovery run published a view");
                     self.refresh().await;

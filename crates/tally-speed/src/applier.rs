@@ -18,17 +18,9 @@
 //! `Run`; `Rebuild` (the mirror from the master dataset) when Redis has no usable state. Storage
 //! errors go back to `Run` after a backoff (50 ms doubling to 1 s).
 
-/// Seconds from reading a batch of acknowledged events to having it in the mirror (what
-/// ingest-to-visible costs beyond the notification).
-const APPLY_SECONDS: &str = "tally_speed_apply_seconds";
-/// Events per apply batch.
-const APPLY_BATCH_EVENTS: &str = "tally_speed_apply_batch_events";
-/// Seconds per Redis transaction of the write-behind replica.
-const REDIS_WRITE_SECONDS: &str = "tally_speed_redis_write_seconds";
-/// Events per Redis transaction (coalesced deltas).
-const REDIS_WRITE_EVENTS: &str = "tally_speed_redis_write_events";
-
 use std::collections::{BTreeMap, BTreeSet};
+
+use crate::metrics::{APPLY_BATCH_EVENTS, APPLY_SECONDS, REDIS_WRITE_EVENTS, REDIS_WRITE_SECONDS};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

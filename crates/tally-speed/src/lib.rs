@@ -22,6 +22,7 @@
 mod aggregate;
 mod applier;
 mod keys;
+pub mod metrics;
 mod mirror;
 pub mod rank;
 mod replica;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tally_batch::{BatchRunner, RunnerConfig, ViewStore};
 use tally_core::event::IngestLimits;
+use tally_core::metrics::{MetricDef, MetricKind};
 use tally_master::{Master, MasterConfig};
 use tally_serving::{AppState, Limits, ServingConfig, ViewManager};
 use tally_speed::SpeedLayer;
@@ -47,6 +48,47 @@ pub(crate) fn view_store(cfg: &Config) -> anyhow::Result<ViewStore> {
         .with_context(|| format!("cannot open the view store at {}", dir.display()))
 }
 
+/// Every metric tally emits, by crate.
+pub(crate) fn catalogue() -> impl Iterator<Item = &'static MetricDef> {
+    tally_master::metrics::CATALOGUE
+        .iter()
+        .chain(tally_speed::metrics::CATALOGUE)
+        .chain(tally_serving::metrics::CATALOGUE)
+}
+
+/// Installs the Prometheus recorder and describes every metric of the catalogue. Histograms
+/// are Prometheus histograms (aggregatable across replicas), not summaries: durations with
+/// buckets from 0.5 ms to 30 min, sizes (events or requests per operation) from 1 to 1M.
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    const SECONDS: &[f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 300.0, 1800.0,
+    ];
+    const SIZES: &[f64] = &[
+        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5,
+        2e5, 5e5, 1e6,
+    ];
+    let mut builder = PrometheusBuilder::new();
+    for m in catalogue().filter(|m| m.kind == MetricKind::Histogram) {
+        let buckets = if m.is_duration() { SECONDS } else { SIZES };
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(m.name.to_string()), buckets)
+            .context("invalid histogram buckets")?;
+    }
+    let handle = builder
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    for m in catalogue() {
+        match m.kind {
+            MetricKind::Counter => metrics::describe_counter!(m.name, m.help),
+            MetricKind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            MetricKind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+    Ok(handle)
+}
+
 pub(crate) fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -57,18 +99,7 @@ pub(crate) fn run(cfg: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
-    // Durations are Prometheus histograms (aggregatable across replicas), not summaries.
-    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0, 60.0, 300.0, 1800.0,
-            ],
-        )
-        .context("invalid histogram buckets")?
-        .install_recorder()
-        .context("cannot install the metrics recorder")?;
+    let prometheus = install_metrics()?;
     let mut lock = DataDirLock::acquire(&cfg.storage.data_dir)?;
     let master = Master::open(master_config(&cfg)).context("cannot open the master dataset")?;
     let speed = SpeedLayer::start(
@@ -227,5 +258,26 @@ async fn wait_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_lists_every_metric_once_in_the_catalogue() {
+        let readme = include_str!("../../../README.md");
+        let mut seen = std::collections::HashSet::new();
+        for m in catalogue() {
+            assert!(seen.insert(m.name), "{} is in two catalogues", m.name);
+            assert!(m.name.starts_with("tally_"), "{}", m.name);
+            assert!(!m.help.is_empty(), "{} has no help text", m.name);
+            assert!(
+                readme.contains(&format!("`{}`", m.name)),
+                "README.md does not list the metric {}",
+                m.name
+            );
+        }
     }
 }
