@@ -12,7 +12,8 @@
 //! `DIR/hosts.txt` (every host, most URLs first) and `DIR/uniques.txt` (URLs with visitors).
 //!
 //! `ingest` sends `--rate` (default 100 000) events per second for `--seconds` as NDJSON bodies
-//! of 1 000 events, paced every 10 ms, with timestamps of now (90%) or the last 30 days (10%).
+//! of 1 000 events, each body new (URLs by popularity, random visitors), paced every 10 ms, with
+//! timestamps of now (90%) or the last 30 days (10%).
 //! Meanwhile it measures ingest-to-visible: every 50 ms it posts one event on a fresh URL and
 //! polls `/v1/views` until the event counts; and it samples `/v1/admin/status` every 20 ms for
 //! the applier's lag in events. It prints one JSON object: events sent and the achieved rate,
@@ -236,14 +237,6 @@ async fn ingest(base: String, args: &[String]) {
     // Pacing: one body of `per` events every tick, on as many tasks as needed to keep up.
     let per = 1000u64;
     let tick = Duration::from_secs_f64(per as f64 / rate as f64);
-    let mut bodies = Vec::new();
-    {
-        let mut rng = StdRng::seed_from_u64(77);
-        for _ in 0..64 {
-            bodies.push(ndjson(&universe, &mut rng, per as usize, 0.1));
-        }
-    }
-    let bodies = Arc::new(bodies);
     let sender = {
         let (client, base, stop, sent, failed) = (
             client.clone(),
@@ -260,11 +253,22 @@ async fn ingest(base: String, args: &[String]) {
             while !stop.load(Ordering::Relaxed) {
                 interval.tick().await;
                 let permit = inflight.clone().acquire_owned().await.expect("semaphore");
-                let body = bodies[i % bodies.len()].clone();
                 i += 1;
-                let (client, base, sent, failed) =
-                    (client.clone(), base.clone(), sent.clone(), failed.clone());
+                let (client, base, sent, failed, universe) = (
+                    client.clone(),
+                    base.clone(),
+                    sent.clone(),
+                    failed.clone(),
+                    universe.clone(),
+                );
                 tokio::spawn(async move {
+                    // Every body is new: fresh URLs of the long tail and fresh visitors, as
+                    // live traffic has (a replayed set of bodies would keep the live epoch
+                    // to a few tens of thousands of URLs).
+                    let body = {
+                        let mut rng = StdRng::seed_from_u64(77 + i as u64);
+                        ndjson(&universe, &mut rng, per as usize, 0.1)
+                    };
                     if post(&client, &base, body).await {
                         sent.fetch_add(per, Ordering::Relaxed);
                     } else {

@@ -1,4 +1,4 @@
-//! Issue 3: the batch layer end to end against the real binary — exact views after batch runs,
+//! The batch layer end to end against the real binary — exact views after batch runs,
 //! versioned views and `CURRENT`, corruption never served, discard, the schedule, failing runs,
 //! and the `tally batch` CLI (API.md: Queries, Operations, Files, Command line; DESIGN.md
 //! invariants 4–7).

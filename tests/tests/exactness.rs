@@ -1,4 +1,4 @@
-//! The exactness holes an adversarial run found (issue 9), one test per defect, each against the
+//! The exactness holes an adversarial run found, one test per defect, each against the
 //! real binary: every answer is exact, or an honest `503` / degraded answer — never a wrong
 //! number with `200`.
 

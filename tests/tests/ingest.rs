@@ -1,4 +1,4 @@
-//! Issue 2: ingestion into a durable, append-only Parquet master dataset, end to end against the
+//! Ingestion into a durable, append-only Parquet master dataset, end to end against the
 //! real binary (API.md: Events, Operations, Files).
 
 use std::collections::{HashMap, HashSet};

@@ -1,4 +1,4 @@
-//! Issue 6: production readiness, end to end against the real binary: metrics, readiness, admin
+//! Production readiness, end to end against the real binary: metrics, readiness, admin
 //! auth, refusing an open bind without a token, graceful shutdown under load, random and
 //! malformed requests, and a full disk (API.md: Operations; DESIGN.md: failure behaviour).
 

@@ -1,4 +1,4 @@
-//! Issue 4: the speed layer and the exact merge end to end against the real binary and a
+//! The speed layer and the exact merge end to end against the real binary and a
 //! private `redis-server` — model-based interleavings of ingest, flush, batch runs and queries;
 //! hot URLs through batch swaps; Redis loss; `kill -9` (API.md: Queries, Operations;
 //! DESIGN.md: epochs, invariant 4, failure table).

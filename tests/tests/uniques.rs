@@ -1,4 +1,4 @@
-//! Issue 5: unique visitors merged across the batch and speed layers (`GET /v1/uniques`), and
+//! Unique visitors merged across the batch and speed layers (`GET /v1/uniques`), and
 //! the Plausible-compatible event endpoint (`POST /api/event`), end to end against the real
 //! binary (API.md: `/v1/uniques`, `POST /api/event`).
 //!

@@ -1,8 +1,8 @@
 //! The master dataset: the write-ahead log (append with group commit, replay), sealing WAL
 //! segments into immutable Parquet files under `data_dir/master/`, and reading a snapshot.
 //!
-//! This file pins the public API that the rest of tally is written against; signatures change
-//! only by agreement.
+//! This file is the public API the rest of tally is written against: the other crates use
+//! nothing else of the master dataset.
 //!
 //! Layout under `data_dir`:
 //!

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{BoxError, Router};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::ServiceBuilder;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use error::ApiError;
 pub use state::{AppState, Inner, Limits, ServingConfig};
@@ -80,13 +80,20 @@ pub fn router(state: AppState) -> Router {
         // nothing, where an INFO span cost ~4% of the CPU of single-event ingest (the fmt layer
         // formats and stores its fields for every request; BENCHMARKS.md, ingest profile).
         // `RUST_LOG=tally_serving=debug` brings it back.
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or("unmatched", MatchedPath::as_str);
-            tracing::debug_span!("request", method = %req.method(), route)
-        }))
+        // Failed responses are logged where they are decided (`ApiError`: 503 at WARN with the
+        // reason, 500 at ERROR with the cause); tower-http's own line would repeat them at ERROR
+        // without either, and call every `/readyz` 503 of a normal start-up a failure.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or("unmatched", MatchedPath::as_str);
+                    tracing::debug_span!("request", method = %req.method(), route)
+                })
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .with_state(state)
 }
 
