@@ -761,6 +761,8 @@ section_mixed() {
     busy_rss=$(rss_kb "$tally_pid")
     redis_busy=$(redis-cli -s "$REDIS_SOCK" info memory | awk -F: '/^used_memory:/ {print $2+0}')
     status=$(curl -sf "$tally_url/v1/admin/status" || echo '{}')
+    # Kept for reading by hand (e.g. tally_speed_mirror_write_seconds: how long queries can wait).
+    curl -sf "$tally_url/metrics" >"$dir/metrics.txt" || true
     wait "$ingest_pid" || true
     stop_pid "$bare_pid"
     stop_pid "$tally_pid"

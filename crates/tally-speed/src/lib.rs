@@ -26,6 +26,7 @@ pub mod metrics;
 mod mirror;
 pub mod rank;
 mod replica;
+mod shard;
 pub mod sketch;
 mod store;
 

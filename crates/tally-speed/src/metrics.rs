@@ -8,6 +8,7 @@ pub const APPLY_SECONDS: &str = "tally_speed_apply_seconds";
 pub const APPLY_BATCH_EVENTS: &str = "tally_speed_apply_batch_events";
 pub const REDIS_WRITE_SECONDS: &str = "tally_speed_redis_write_seconds";
 pub const REDIS_WRITE_EVENTS: &str = "tally_speed_redis_write_events";
+pub const MIRROR_WRITE_SECONDS: &str = "tally_speed_mirror_write_seconds";
 
 /// Every metric the speed layer emits itself.
 pub const CATALOGUE: &[MetricDef] = &[
@@ -19,6 +20,10 @@ pub const CATALOGUE: &[MetricDef] = &[
     MetricDef::histogram(
         REDIS_WRITE_SECONDS,
         "Seconds per Redis transaction of the write-behind replica.",
+    ),
+    MetricDef::histogram(
+        MIRROR_WRITE_SECONDS,
+        "Seconds the applier held the mirror's write lock for one part of an apply (queries wait that long at most).",
     ),
     MetricDef::histogram(
         REDIS_WRITE_EVENTS,

@@ -18,6 +18,7 @@ use tally_core::Seq;
 use crate::aggregate::{EpochDelta, UrlDelta};
 use crate::keys::{split_visitor_member, visitor_member};
 use crate::rank::{BaseTotals, Ranking};
+use crate::shard::Sharded;
 use crate::NotCovered;
 
 /// Counts of one URL in one epoch.
@@ -135,7 +136,7 @@ pub(crate) struct EpochState {
     /// Last seq of this epoch applied (0: none).
     pub(crate) applied: Seq,
     /// URL id → counts.
-    pub(crate) urls: HashMap<u32, UrlCounts>,
+    pub(crate) urls: Sharded<u32, UrlCounts>,
     /// Hour → the URLs with views in that hour, for hours that were ahead of the clock when
     /// applied (events up to `ingest.max_future` ahead). An all-time ranking answers "until the
     /// next hour", so these few URLs get their exact counts instead; hours that are no longer
@@ -146,8 +147,8 @@ pub(crate) struct EpochState {
 /// The URL ids of the live epochs ([`crate::keys`]: ids, not hashes, name Redis keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct UrlDict {
-    ids: HashMap<Arc<str>, u32>,
-    names: HashMap<u32, Arc<str>>,
+    ids: Sharded<Arc<str>, u32>,
+    names: Sharded<u32, Arc<str>>,
     /// Ids below this may be taken.
     next: u32,
 }
@@ -311,7 +312,7 @@ impl Mirror {
                 }
                 None => {
                     fresh.push(true);
-                    e.urls.entry(*id).or_default()
+                    e.urls.get_or_default(*id)
                 }
             };
             for (h, n) in &ud.hours {
