@@ -197,31 +197,24 @@ fn the_speed_layer_answers_the_same_sketch_the_batch_layer_builds() {
     let last = base_day();
     let busy = "https://busy.example/";
     let quiet = "https://quiet.example/";
+    let view = |rng: &mut StdRng, url: &str, day: i64, visitor: String| View {
+        url: url.to_string(),
+        ts: in_day(rng, day),
+        visitor: Some(visitor),
+    };
     let mut events = Vec::new();
     // 6 000 visitors on `last` (past the 4 096 a sparse sketch holds at precision 14), some
     // twice, and 300 on the day before; the quiet URL has 50.
     for i in 0..6_000 {
         for _ in 0..rng.random_range(1..=2) {
-            events.push(View {
-                url: busy.to_string(),
-                ts: in_day(&mut rng, last),
-                visitor: Some(format!("b{i}")),
-            });
+            events.push(view(&mut rng, busy, last, format!("b{i}")));
         }
     }
     for i in 0..300 {
-        events.push(View {
-            url: busy.to_string(),
-            ts: in_day(&mut rng, last - 1),
-            visitor: Some(format!("b{i}")),
-        });
+        events.push(view(&mut rng, busy, last - 1, format!("b{i}")));
     }
     for i in 0..50 {
-        events.push(View {
-            url: quiet.to_string(),
-            ts: in_day(&mut rng, last),
-            visitor: Some(format!("q{i}")),
-        });
+        events.push(view(&mut rng, quiet, last, format!("q{i}")));
     }
     events.shuffle(&mut rng);
     ingest(&server, &events);

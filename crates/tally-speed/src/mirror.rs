@@ -213,6 +213,8 @@ pub(crate) struct Mirror {
     pub(crate) precision: u8,
 }
 
+/// For tests: from the first seq on, registers at the default precision.
+#[cfg(test)]
 impl Default for Mirror {
     fn default() -> Self {
         Mirror::empty(Seq(1), 14)
