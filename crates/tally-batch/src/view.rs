@@ -1,8 +1,8 @@
 //! The in-memory batch view the serving layer answers from. Immutable once built; the server
 //! holds it as `ArcSwap<Option<Arc<BatchView>>>` and swaps it in one step.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use tally_core::hash::FastMap;
 
 use tally_core::Seq;
 
@@ -20,7 +20,7 @@ pub struct BatchView {
     pub events: u64,
     pub urls: u64,
     names: Vec<Arc<str>>,
-    index: HashMap<Arc<str>, u32>,
+    index: FastMap<Arc<str>, u32>,
     /// URL `i` owns cells `offsets[i]..offsets[i+1]`.
     offsets: Vec<usize>,
     hours: Vec<i64>,
@@ -29,7 +29,7 @@ pub struct BatchView {
     /// URL ids by total views desc, then url asc.
     by_total: Vec<u32>,
     /// Host -> URL ids with that host, by total views desc, then url asc.
-    hosts: HashMap<Arc<str>, Vec<u32>>,
+    hosts: FastMap<Arc<str>, Vec<u32>>,
     /// `(hour, url id)` of the cells in hours after the one the view was computed in (events
     /// that were ahead of the clock), ascending.
     late: Vec<(i64, u32)>,
@@ -78,7 +78,7 @@ impl BatchView {
         let mut by_total: Vec<u32> = (0..names.len() as u32).collect();
         // URL ids are in URL order already, so a stable sort by total keeps url asc for ties.
         by_total.sort_by_key(|&i| std::cmp::Reverse(total(i as usize)));
-        let mut hosts: HashMap<Arc<str>, Vec<u32>> = HashMap::new();
+        let mut hosts: FastMap<Arc<str>, Vec<u32>> = FastMap::default();
         for &i in &by_total {
             if let Some(h) = tally_core::url::host_of(&names[i as usize]) {
                 match hosts.get_mut(h) {

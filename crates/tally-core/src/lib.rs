@@ -2,6 +2,7 @@
 //! time buckets. No I/O of any kind lives here.
 
 pub mod event;
+pub mod hash;
 pub mod metrics;
 pub mod seq;
 pub mod sketch;

@@ -38,7 +38,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{aggregate, epoch_of, EpochDelta, UrlDelta};
 use crate::keys::{instance_marker, marker_is_ours, Keys};
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, UrlUpdate};
 use crate::replica::{self, Pending, PendingEpoch, WriteOutcome};
 use crate::store::{LoadedEpoch, Store};
 use crate::{Counters, Error, Result, Shared, SpeedConfig};
@@ -854,31 +854,40 @@ fn apply_to_mirror(
     queue: &[bool],
 ) -> std::result::Result<Pending, String> {
     let mut queued = Pending::new();
+    // The rankings' base, for reading the URLs' batch totals before taking the lock (the
+    // mirror reads them itself if the base changed meanwhile).
+    let base = shared
+        .base
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     for (d, &q) in deltas.iter().zip(queue) {
-        let ids = shared
-            .mirror
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .assign_ids(d);
-        let urls: Vec<(&String, &UrlDelta, u32)> = d
-            .urls
-            .iter()
-            .zip(&ids)
-            .map(|((u, ud), id)| (u, ud, *id))
-            .collect();
+        let (urls, precision) = {
+            let m = shared.mirror.read().unwrap_or_else(|p| p.into_inner());
+            (m.prepare(d), m.precision)
+        };
         let mut pe = PendingEpoch::default();
-        for part in urls.chunks(APPLY_PART_URLS) {
+        let mut urls = urls.into_iter();
+        loop {
+            let mut part: Vec<UrlUpdate> = urls.by_ref().take(APPLY_PART_URLS).collect();
+            if part.is_empty() {
+                break;
+            }
+            for u in &mut part {
+                u.complete(precision, base.as_ref());
+            }
+            let deltas: Vec<(u32, &UrlDelta)> = part.iter().map(|u| (u.id, u.delta)).collect();
             let names = {
                 let mut m = shared.mirror.write().unwrap_or_else(|p| p.into_inner());
                 let held = std::time::Instant::now();
-                let names = m.apply_urls(d.epoch, part);
+                let names = m.apply_urls(d.epoch, part, base.as_ref());
                 drop(m);
                 metrics::histogram!(MIRROR_WRITE_SECONDS).record(held.elapsed().as_secs_f64());
                 names?
             };
             if q {
-                for ((_, ud, id), (fresh, name)) in part.iter().zip(names) {
-                    pe.add(*id, &name, fresh, ud);
+                for ((id, ud), (fresh, name)) in deltas.into_iter().zip(names) {
+                    pe.add(id, &name, fresh, ud);
                 }
             }
         }

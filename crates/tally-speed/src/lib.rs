@@ -321,7 +321,8 @@ impl SpeedLayer {
         to_day: i64,
         precision: u8,
     ) -> Read<SpeedVisitors> {
-        self.read(|m| m.visitors(url, after_cutoff, from_day, to_day, precision))
+        let collected = self.read(|m| m.visitors(url, after_cutoff, from_day, to_day, precision));
+        collected.map(|v| v.map(|v| v.finish(precision)))
     }
 
     /// The exact top `limit` URLs of all time — views until `to_hour`, the next full hour —

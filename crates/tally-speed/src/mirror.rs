@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use tally_core::hash::FastSet;
 use tally_core::Seq;
 
 use crate::aggregate::{EpochDelta, UrlDelta};
@@ -39,12 +40,16 @@ pub(crate) struct UrlCounts {
 /// the answer is the same).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Visitors {
-    days: BTreeMap<i64, DayVisitors>,
+    /// Ascending by day. A small vector, not an ordered map: a URL's live events fall on one or
+    /// two days, and the applier touches hundreds of thousands of these under its write lock
+    /// (a `BTreeMap` node is ~800 bytes for one entry).
+    days: Vec<DayVisitors>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct DayVisitors {
-    hashes: HashSet<u32>,
+    day: i64,
+    hashes: FastSet<u32>,
     /// `2^p` registers of `hashes`, once `hashes` is past the sparse limit of precision `p`.
     registers: Option<Box<[u8]>>,
 }
@@ -53,9 +58,32 @@ impl Visitors {
     /// Adds visitor members; with `dense_at = Some(p)`, keeps the registers of precision `p`
     /// of every day past its sparse limit.
     pub(crate) fn extend(&mut self, members: impl IntoIterator<Item = i64>, dense_at: Option<u8>) {
+        // Members come sorted by day from a delta: look the day up only when it changes.
+        let mut at: Option<usize> = None;
         for m in members {
             let (day, h) = split_visitor_member(m);
-            let d = self.days.entry(day).or_default();
+            let i = match at {
+                Some(i) if self.days[i].day == day => i,
+                _ => {
+                    let i = match self.days.binary_search_by_key(&day, |d| d.day) {
+                        Ok(i) => i,
+                        Err(i) => {
+                            self.days.insert(
+                                i,
+                                DayVisitors {
+                                    day,
+                                    hashes: FastSet::default(),
+                                    registers: None,
+                                },
+                            );
+                            i
+                        }
+                    };
+                    at = Some(i);
+                    i
+                }
+            };
+            let d = &mut self.days[i];
             if d.hashes.insert(h) {
                 if let (Some(regs), Some(p)) = (d.registers.as_mut(), dense_at) {
                     tally_core::sketch::set_register(regs, p, h);
@@ -70,7 +98,7 @@ impl Visitors {
     /// Builds the registers of precision `p` of the days past its sparse limit that have none.
     pub(crate) fn densify(&mut self, p: u8) {
         let limit = tally_core::sketch::sparse_limit(p);
-        for d in self.days.values_mut() {
+        for d in &mut self.days {
             if d.registers.is_none() && d.hashes.len() > limit {
                 let mut regs = vec![0u8; 1 << p].into_boxed_slice();
                 for h in &d.hashes {
@@ -85,7 +113,14 @@ impl Visitors {
     pub(crate) fn members(&self) -> impl Iterator<Item = i64> + '_ {
         self.days
             .iter()
-            .flat_map(|(day, d)| d.hashes.iter().map(|h| visitor_member(*day, *h)))
+            .flat_map(|d| d.hashes.iter().map(|h| visitor_member(d.day, *h)))
+    }
+
+    /// The days in `[from_day, to_day)`.
+    fn range(&self, from_day: i64, to_day: i64) -> &[DayVisitors] {
+        let a = self.days.partition_point(|d| d.day < from_day);
+        let b = a + self.days[a..].partition_point(|d| d.day < to_day);
+        &self.days[a..b]
     }
 }
 
@@ -94,13 +129,86 @@ impl Visitors {
 /// max of the registers of the busy ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpeedVisitors {
-    /// Sorted, distinct.
+    /// Sorted, distinct; empty when `registers` is set (they are in them).
     pub hashes: Vec<u32>,
     /// `2^p` registers at the precision asked for, when some day was past its sparse limit.
     pub registers: Option<Box<[u8]>>,
 }
 
+impl SpeedVisitors {
+    /// The answer as documented on the fields, from what [`Mirror::visitors`] collected: with
+    /// registers, the hashes go into them (the union is a dense sketch anyway); without, they
+    /// are sorted and deduplicated.
+    pub(crate) fn finish(mut self, precision: u8) -> SpeedVisitors {
+        match self.registers.as_mut() {
+            Some(regs) => {
+                for h in self.hashes.drain(..) {
+                    tally_core::sketch::set_register(regs, precision, h);
+                }
+            }
+            None => {
+                self.hashes.sort_unstable();
+                self.hashes.dedup();
+            }
+        }
+        self
+    }
+}
+
+/// One URL of a delta on its way into the mirror: [`Mirror::prepare`] finds its id and name
+/// under the read lock, [`UrlUpdate::complete`] does the rest of the work that needs no lock,
+/// and [`Mirror::apply_urls`] links it in under the write lock.
+pub(crate) struct UrlUpdate<'a> {
+    pub(crate) delta: &'a UrlDelta,
+    pub(crate) id: u32,
+    /// Shared by the dictionary and the rankings.
+    pub(crate) name: Arc<str>,
+    /// The dictionary lacks it: the id is new (so is the URL to every epoch).
+    pub(crate) new: bool,
+    /// Its counts, built in advance for a new URL.
+    counts: Option<UrlCounts>,
+    /// Its views in the rankings' base, read in advance.
+    base_total: Option<u64>,
+}
+
+impl UrlUpdate<'_> {
+    /// Builds a new URL's counts (registers of `precision` for busy days) and reads its total
+    /// in `base`: the work of an apply that needs no lock.
+    pub(crate) fn complete(&mut self, precision: u8, base: Option<&Arc<dyn BaseTotals>>) {
+        if self.new {
+            self.counts = Some(UrlCounts::of(self.delta, precision));
+        }
+        self.base_total = base.map(|b| b.total(&self.name));
+    }
+}
+
+/// Whether two bases are the same view (the same object).
+fn same_view(a: &Arc<dyn BaseTotals>, b: &Arc<dyn BaseTotals>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
+
 impl UrlCounts {
+    /// The counts of a delta alone, keeping registers of `precision` for busy days.
+    pub(crate) fn of(d: &UrlDelta, precision: u8) -> UrlCounts {
+        let mut c = UrlCounts {
+            hours: d.hours.clone(),
+            total: d.total,
+            visitors: Visitors::default(),
+        };
+        c.visitors
+            .extend(d.visitors.iter().copied(), Some(precision));
+        c
+    }
+
+    /// Adds a delta, keeping registers of `precision` for busy days.
+    pub(crate) fn add_delta(&mut self, d: &UrlDelta, precision: u8) {
+        for (h, n) in &d.hours {
+            self.add(*h, *n);
+        }
+        self.visitors
+            .extend(d.visitors.iter().copied(), Some(precision));
+    }
+
     /// Adds `n` views in `hour`.
     pub(crate) fn add(&mut self, hour: i64, n: u64) {
         if n == 0 {
@@ -251,51 +359,63 @@ impl Mirror {
         self.ranking = Some(Ranking::build(base, named.iter().map(|(u, n)| (*u, *n))));
     }
 
-    /// The id each URL of `d` is written under, in `d.urls` order: its id when the dictionary
-    /// has it, else a new one.
-    pub(crate) fn assign_ids(&self, d: &EpochDelta) -> Vec<u32> {
+    /// The URLs of `d`, in `d.urls` order, with the id each is written under (its id when the
+    /// dictionary has it, else a new one) and its name. The applier then completes them without
+    /// a lock ([`UrlUpdate::complete`]) and adds them in parts ([`Mirror::apply_urls`]).
+    pub(crate) fn prepare<'a>(&self, d: &'a EpochDelta) -> Vec<UrlUpdate<'a>> {
         let mut next = self.dict.next;
         d.urls
-            .keys()
-            .map(|url| {
-                self.dict.id(url).unwrap_or_else(|| {
-                    next += 1;
-                    next - 1
-                })
+            .iter()
+            .map(|(url, delta)| {
+                let (id, name, new) = match self.dict.id(url) {
+                    Some(id) => match self.dict.name(id) {
+                        Some(name) => (id, name.clone(), false),
+                        None => (id, Arc::from(url.as_str()), true),
+                    },
+                    None => {
+                        next += 1;
+                        (next - 1, Arc::from(url.as_str()), true)
+                    }
+                };
+                UrlUpdate {
+                    delta,
+                    id,
+                    name,
+                    new,
+                    counts: None,
+                    base_total: None,
+                }
             })
             .collect()
     }
 
-    /// Adds a delta whose URLs get the ids `ids` (from [`Mirror::assign_ids`]), in one step
-    /// (see [`Mirror::apply_urls`] for parts).
+    /// Adds a delta, prepared and completed, in one step (see [`Mirror::apply_urls`] for parts).
     #[cfg(test)]
-    pub(crate) fn apply(
-        &mut self,
-        d: &EpochDelta,
-        ids: &[u32],
-    ) -> Result<Vec<(bool, Arc<str>)>, String> {
-        let urls: Vec<(&String, &UrlDelta, u32)> = d
-            .urls
-            .iter()
-            .zip(ids)
-            .map(|((u, ud), id)| (u, ud, *id))
-            .collect();
-        let fresh = self.apply_urls(d.epoch, &urls)?;
+    pub(crate) fn apply(&mut self, d: &EpochDelta) -> Result<Vec<(bool, Arc<str>)>, String> {
+        let mut urls = self.prepare(d);
+        let base = self.ranking.as_ref().map(|r| r.base.clone());
+        for u in &mut urls {
+            u.complete(self.precision, base.as_ref());
+        }
+        let fresh = self.apply_urls(d.epoch, urls, base.as_ref())?;
         self.set_applied(d.epoch, d.last);
         Ok(fresh)
     }
 
     /// Adds the increments of some URLs of a delta into `epoch`; returns, per URL, whether it
-    /// is new to the epoch, and its name. The applier adds a large delta in parts, each under
-    /// its own short write lock, so that queries never wait long; each URL's counts change in
-    /// one step.
+    /// is new to the epoch, and its name. The applier adds a large delta in parts, each under its own short
+    /// write lock, so that queries never wait long; each URL's counts change in one step. What
+    /// needs no lock was done before ([`Mirror::prepare`], [`UrlUpdate::complete`], with
+    /// `base` the rankings' base the totals were read from): here the new names are recorded,
+    /// counts added or linked in, and the rankings offered the new totals.
     pub(crate) fn apply_urls(
         &mut self,
         epoch: Seq,
-        urls: &[(&String, &UrlDelta, u32)],
+        urls: Vec<UrlUpdate<'_>>,
+        base: Option<&Arc<dyn BaseTotals>>,
     ) -> Result<Vec<(bool, Arc<str>)>, String> {
-        for (url, _, id) in urls {
-            self.dict.insert(*id, url)?;
+        for u in urls.iter().filter(|u| u.new) {
+            self.dict.insert(u.id, &u.name)?;
         }
         let now_hour = tally_core::hour_of(tally_core::now_ms());
         let e = self.epochs.entry(epoch).or_default();
@@ -305,45 +425,42 @@ impl Mirror {
         {
             e.ahead = e.ahead.split_off(&(now_hour + 1));
         }
-        let mut fresh = Vec::with_capacity(urls.len());
-        for (_, ud, id) in urls {
-            let c = match e.urls.get_mut(id) {
+        let mut done = Vec::with_capacity(urls.len());
+        let mut offers = Vec::with_capacity(urls.len());
+        for u in urls {
+            for (h, _) in u.delta.hours.iter().filter(|(h, _)| *h > now_hour) {
+                e.ahead.entry(*h).or_default().insert(u.id);
+            }
+            match e.urls.get_mut(&u.id) {
                 Some(c) => {
-                    fresh.push(false);
-                    c
+                    done.push((false, u.name.clone()));
+                    c.add_delta(u.delta, self.precision);
                 }
                 None => {
-                    fresh.push(true);
-                    e.urls.get_or_default(*id)
-                }
-            };
-            for (h, n) in &ud.hours {
-                c.add(*h, *n);
-                if *h > now_hour {
-                    e.ahead.entry(*h).or_default().insert(*id);
+                    done.push((true, u.name.clone()));
+                    let c = match u.counts {
+                        Some(c) => c,
+                        None => UrlCounts::of(u.delta, self.precision),
+                    };
+                    e.urls.insert(u.id, c);
                 }
             }
-            c.visitors
-                .extend(ud.visitors.iter().copied(), Some(self.precision));
+            offers.push((u.id, u.base_total));
         }
         if let Some(r) = self.ranking.as_mut() {
             let cutoff = r.base.cutoff();
             if epoch > cutoff {
-                for (_, _, id) in urls {
-                    if let Some(url) = self.dict.name(*id) {
-                        r.offer(url, speed_total(&self.epochs, *id, cutoff));
-                    }
+                let same_base = base.is_some_and(|b| same_view(b, &r.base));
+                for ((id, base_total), (_, name)) in offers.into_iter().zip(&done) {
+                    let base_total = match base_total {
+                        Some(t) if same_base => t,
+                        _ => r.base.total(name),
+                    };
+                    r.offer(name, base_total, speed_total(&self.epochs, id, cutoff));
                 }
             }
         }
-        Ok(fresh
-            .into_iter()
-            .zip(urls)
-            .map(|(f, (_, _, id))| {
-                let name = self.dict.name(*id).cloned().expect("inserted above");
-                (f, name)
-            })
-            .collect())
+        Ok(done)
     }
 
     /// Records that the epoch holds every event up to `last`.
@@ -508,7 +625,9 @@ impl Mirror {
 
     /// The visitors of `url` on the UTC days `[from_day, to_day)`, for sketches of precision
     /// `precision`: busy days as registers when the mirror keeps them at that precision, every
-    /// other day as hashes.
+    /// other day as hashes — in no order, possibly repeated: the caller
+    /// [`SpeedVisitors::finish`]es them after releasing the lock (sorting a busy URL's hashes
+    /// under it held the applier, and every reader queued behind it, for milliseconds).
     pub(crate) fn visitors(
         &self,
         url: &str,
@@ -522,7 +641,7 @@ impl Mirror {
             return Ok(out);
         }
         for c in self.url_counts(url, after_cutoff)? {
-            for d in c.visitors.days.range(from_day..to_day).map(|(_, d)| d) {
+            for d in c.visitors.range(from_day, to_day) {
                 match &d.registers {
                     Some(r) if precision == self.precision => {
                         let regs = out
@@ -536,8 +655,6 @@ impl Mirror {
                 }
             }
         }
-        out.hashes.sort_unstable();
-        out.hashes.dedup();
         Ok(out)
     }
 
@@ -583,8 +700,7 @@ mod tests {
     fn mirror_of(events: &[tally_master::SeqEvent], epochs: &[Seq]) -> Mirror {
         let mut m = Mirror::default();
         for d in aggregate(events, epochs) {
-            let ids = m.assign_ids(&d);
-            m.apply(&d, &ids).unwrap();
+            m.apply(&d).unwrap();
         }
         m
     }
@@ -709,6 +825,7 @@ mod tests {
         let m = mirror_of(&events, &[Seq(1), Seq(4)]);
         let hashes = |url: &str, after: Seq, from: i64, to: i64| {
             m.visitors(url, after, from, to, 14).map(|v| {
+                let v = v.finish(14);
                 assert_eq!(v.registers, None, "no day is busy");
                 v.hashes
             })
@@ -745,12 +862,11 @@ mod tests {
         let mut m = Mirror::empty(Seq(1), p);
         let mut loaded = Mirror::empty(Seq(1), p);
         for d in aggregate(&events, &[Seq(1), cut]) {
-            let ids = m.assign_ids(&d);
-            m.apply(&d, &ids).unwrap();
+            m.apply(&d).unwrap();
             // What a load from Redis builds: the hashes first, registers after.
-            let ids = loaded.assign_ids(&d);
+            // (One URL: its id is 0 in both mirrors.)
             let mut plain = Mirror::empty(Seq(1), p);
-            plain.apply(&d, &ids).unwrap();
+            plain.apply(&d).unwrap();
             let e = plain.epochs.remove(&d.epoch).unwrap();
             for (id, mut c) in e.urls {
                 let mut bare = Visitors::default();
@@ -763,21 +879,34 @@ mod tests {
             loaded.set_applied(d.epoch, d.last);
         }
         let h = |v: &str| visitor_hash32(v.as_bytes());
-        let mut regs = vec![0u8; 1 << p].into_boxed_slice();
+        let mut busy = vec![0u8; 1 << p].into_boxed_slice();
         for i in 0..40 {
-            set_register(&mut regs, p, h(&format!("b{i}")));
+            set_register(&mut busy, p, h(&format!("b{i}")));
         }
+        let mut all_regs = busy.clone();
         let mut quiet: Vec<u32> = (0..3).map(|i| h(&format!("q{i}"))).collect();
+        for q in &quiet {
+            set_register(&mut all_regs, p, *q);
+        }
         quiet.sort_unstable();
         for mirror in [&m, &loaded] {
-            let got = mirror.visitors("u", Seq(0), 0, 2, p).unwrap();
+            // Collected: the busy day as registers, the quiet day as hashes.
+            let mut got = mirror.visitors("u", Seq(0), 0, 2, p).unwrap();
+            got.hashes.sort_unstable();
             assert_eq!(got.hashes, quiet);
-            assert_eq!(got.registers.as_deref(), Some(&regs[..]));
+            assert_eq!(got.registers.as_deref(), Some(&busy[..]));
+            // Finished: the hashes are in the registers.
+            let got = got.finish(p);
+            assert!(got.hashes.is_empty());
+            assert_eq!(got.registers.as_deref(), Some(&all_regs[..]));
             // Only the second epoch: its 20 visitors are still busy.
             let late = mirror.visitors("u", Seq(cut.0 - 1), 1, 2, p).unwrap();
             assert!(late.hashes.is_empty() && late.registers.is_some());
             // Another precision: every hash, no registers.
-            let all = mirror.visitors("u", Seq(0), 0, 2, p + 1).unwrap();
+            let all = mirror
+                .visitors("u", Seq(0), 0, 2, p + 1)
+                .unwrap()
+                .finish(p + 1);
             assert_eq!((all.hashes.len(), all.registers), (43, None));
         }
         assert_eq!(m.epochs, loaded.epochs);
@@ -916,8 +1045,7 @@ mod tests {
                 seq += 1;
             }
             for d in aggregate(&batch, &epochs) {
-                let ids = m.assign_ids(&d);
-                m.apply(&d, &ids).unwrap();
+                m.apply(&d).unwrap();
             }
             check(&m, &all);
         }
@@ -942,8 +1070,7 @@ mod tests {
         let mut parts = Mirror::default();
         for chunk in events.chunks(17) {
             for d in aggregate(chunk, &epochs) {
-                let ids = parts.assign_ids(&d);
-                parts.apply(&d, &ids).unwrap();
+                parts.apply(&d).unwrap();
             }
         }
         for url in (0..7).map(|i| format!("u{i}")) {
@@ -955,5 +1082,96 @@ mod tests {
             }
         }
         assert_eq!(once.epochs.len(), parts.epochs.len());
+    }
+}
+
+/// How fast the applier's work on the mirror is, on traffic like the mixed benchmark's: a
+/// batch view of 700 000 URLs, Zipf traffic over 1M URLs on 1 000 hosts, batches of 2 000
+/// events. Not a test (no assertion; run it to measure):
+/// `cargo test --release -p tally-speed --lib apply_throughput -- --ignored --nocapture`.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::aggregate::aggregate;
+    use crate::aggregate::tests::ev;
+    use crate::rank::BaseTotals;
+
+    struct Base(tally_core::hash::FastMap<String, u64>);
+
+    impl BaseTotals for Base {
+        fn id(&self) -> &str {
+            "v"
+        }
+        fn cutoff(&self) -> Seq {
+            Seq::ZERO
+        }
+        fn total(&self, url: &str) -> u64 {
+            self.0.get(url).copied().unwrap_or(0)
+        }
+        fn top(&self, _: Option<&str>, _: usize) -> Vec<(Arc<str>, u64)> {
+            Vec::new()
+        }
+        fn hosts(&self) -> Vec<Arc<str>> {
+            Vec::new()
+        }
+        fn late(&self, _: i64) -> Vec<Arc<str>> {
+            Vec::new()
+        }
+        fn views_before(&self, url: &str, _: i64) -> u64 {
+            self.total(url)
+        }
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn apply_throughput() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Zipf(1) over n by inverse transform of the harmonic approximation.
+        let n = 1_000_000f64;
+        let hn = n.ln() + 0.5772;
+        let url = |r: u64| {
+            let u = (r >> 11) as f64 / (1u64 << 53) as f64;
+            let i = ((u * hn).exp() - 0.5).clamp(0.0, n - 1.0) as u64;
+            format!("https://h{}.bench/page/{i}", i % 1000)
+        };
+        let base: tally_core::hash::FastMap<String, u64> = (0..700_000u64)
+            .map(|i| (format!("https://h{}.bench/page/{i}", i % 1000), 10))
+            .collect();
+        let mut m = Mirror::empty(Seq(1), 14);
+        m.set_base(Arc::new(Base(base)));
+        let now = tally_core::now_ms();
+        let mut seq = 0u64;
+        let mut batches = Vec::new();
+        for _ in 0..3000 {
+            let mut events = Vec::with_capacity(2000);
+            for _ in 0..2000 {
+                seq += 1;
+                let mut e = ev(seq, &url(rnd()), now - (rnd() % 3_600_000) as i64);
+                e.event.visitor = Some(format!("v{}", rnd() % 200_000));
+                events.push(e);
+            }
+            batches.push(aggregate(&events, &[Seq(1)]));
+        }
+        let updates: usize = batches.iter().flatten().map(|d| d.urls.len()).sum();
+        let started = std::time::Instant::now();
+        for b in &batches {
+            for d in b {
+                m.apply(d).unwrap();
+            }
+        }
+        let took = started.elapsed();
+        println!(
+            "{seq} events, {updates} url updates, {} live urls: {:.0} ms, {:.2} us per update, {:.0} events/s",
+            m.dict.len(),
+            took.as_secs_f64() * 1e3,
+            took.as_secs_f64() * 1e6 / updates as f64,
+            seq as f64 / took.as_secs_f64()
+        );
     }
 }

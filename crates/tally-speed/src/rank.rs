@@ -14,6 +14,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use tally_core::hash::FastMap;
 use tally_core::Seq;
 
 /// Members of the overall ranking (the API's largest `limit`).
@@ -73,7 +74,7 @@ pub(crate) struct TopSet {
     cap: usize,
     /// `(Reverse(views), url)`: iteration order is the ranking order.
     order: BTreeSet<(Reverse<u64>, Arc<str>)>,
-    views: HashMap<Arc<str>, u64>,
+    views: FastMap<Arc<str>, u64>,
 }
 
 impl TopSet {
@@ -82,7 +83,7 @@ impl TopSet {
         let mut t = TopSet {
             cap,
             order: BTreeSet::new(),
-            views: HashMap::new(),
+            views: FastMap::default(),
         };
         for (u, v) in candidates {
             t.offer(&u, v);
@@ -93,6 +94,16 @@ impl TopSet {
     /// `url` now has `views` (never fewer than before).
     pub(crate) fn offer(&mut self, url: &Arc<str>, views: u64) {
         if views == 0 {
+            return;
+        }
+        // Below the last member of a full set: not a member either (a member's views never
+        // fall below the last one's), so no lookup. Most offers of a long tail end here.
+        if self.order.len() >= self.cap
+            && self
+                .order
+                .last()
+                .is_some_and(|(Reverse(w), wu)| (views, &**wu) < (*w, &**url))
+        {
             return;
         }
         if let Some(old) = self.views.get_mut(url) {
@@ -135,7 +146,7 @@ impl TopSet {
 pub(crate) struct Ranking {
     pub(crate) base: Arc<dyn BaseTotals>,
     pub(crate) overall: TopSet,
-    pub(crate) hosts: HashMap<Arc<str>, TopSet>,
+    pub(crate) hosts: FastMap<Arc<str>, TopSet>,
 }
 
 impl Ranking {
@@ -160,7 +171,7 @@ impl Ranking {
                 .into_iter()
                 .chain(speed.clone().map(|(u, s)| combined(u, s))),
         );
-        let mut hosts: HashMap<Arc<str>, TopSet> = HashMap::new();
+        let mut hosts: FastMap<Arc<str>, TopSet> = FastMap::default();
         for h in base.hosts() {
             let t = TopSet::new(HOST_CAP, batch_only(base.top(Some(&h), HOST_CAP)));
             hosts.insert(h, t);
@@ -178,9 +189,10 @@ impl Ranking {
         }
     }
 
-    /// `url` now has `speed` views after the base's cutoff.
-    pub(crate) fn offer(&mut self, url: &Arc<str>, speed: u64) {
-        let v = self.base.total(url) + speed;
+    /// `url`, with `base_total` views in the base (`self.base.total(url)`, which the applier
+    /// reads before taking the mirror's lock), now has `speed` views after the base's cutoff.
+    pub(crate) fn offer(&mut self, url: &Arc<str>, base_total: u64, speed: u64) {
+        let v = base_total + speed;
         self.overall.offer(url, v);
         if let Some(h) = tally_core::url::host_of(url) {
             host_set(&mut self.hosts, h).offer(url, v);
@@ -206,7 +218,7 @@ impl std::fmt::Debug for Ranking {
     }
 }
 
-fn host_set<'a>(hosts: &'a mut HashMap<Arc<str>, TopSet>, h: &str) -> &'a mut TopSet {
+fn host_set<'a>(hosts: &'a mut FastMap<Arc<str>, TopSet>, h: &str) -> &'a mut TopSet {
     if !hosts.contains_key(h) {
         hosts.insert(Arc::from(h), TopSet::new(HOST_CAP, std::iter::empty()));
     }

@@ -5,18 +5,19 @@
 //! shards, a growth moves 1/[`SHARDS`] of them.
 
 use std::borrow::Borrow;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hash};
+use std::hash::{BuildHasher, Hash};
+
+use tally_core::hash::FastState;
 
 /// Shards per map: enough that one growth is short, few enough that an empty map is small.
 pub(crate) const SHARDS: usize = 64;
 
-/// A `HashMap<K, V>` in [`SHARDS`] shards, chosen by a fixed hash of the key (so two maps with
+/// A `HashMap<K, V>` in [`SHARDS`] shards, chosen by the process-wide hash of the key (so two maps with
 /// the same entries have them in the same shards, and compare equal).
 #[derive(Debug, Clone)]
 pub(crate) struct Sharded<K, V> {
-    shards: Vec<HashMap<K, V>>,
+    shards: Vec<HashMap<K, V, FastState>>,
 }
 
 impl<K: Hash + Eq, V: PartialEq> PartialEq for Sharded<K, V> {
@@ -29,7 +30,7 @@ impl<K: Hash + Eq, V: Eq> Eq for Sharded<K, V> {}
 
 impl<'a, K: Hash + Eq, V> IntoIterator for &'a Sharded<K, V> {
     type Item = (&'a K, &'a V);
-    type IntoIter = std::iter::Flatten<std::slice::Iter<'a, HashMap<K, V>>>;
+    type IntoIter = std::iter::Flatten<std::slice::Iter<'a, HashMap<K, V, FastState>>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.shards.iter().flatten()
@@ -39,13 +40,15 @@ impl<'a, K: Hash + Eq, V> IntoIterator for &'a Sharded<K, V> {
 impl<K, V> Default for Sharded<K, V> {
     fn default() -> Self {
         Sharded {
-            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+            shards: (0..SHARDS).map(|_| HashMap::default()).collect(),
         }
     }
 }
 
+/// The shard of a key: bits of its hash that the shard's own table does not use for much
+/// (hashbrown takes the bucket from the low bits and a tag from the top 7).
 fn shard_of<Q: Hash + ?Sized>(key: &Q) -> usize {
-    (BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize) % SHARDS
+    ((FastState.hash_one(key) >> 32) as usize) % SHARDS
 }
 
 impl<K: Hash + Eq, V> Sharded<K, V> {
@@ -69,14 +72,6 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         self.shards[shard_of(&key)].insert(key, value)
     }
 
-    /// The value of `key`, inserted with `V::default()` when missing.
-    pub(crate) fn get_or_default(&mut self, key: K) -> &mut V
-    where
-        V: Default,
-    {
-        self.shards[shard_of(&key)].entry(key).or_default()
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(HashMap::len).sum()
     }
@@ -98,7 +93,7 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
 
 impl<K, V> IntoIterator for Sharded<K, V> {
     type Item = (K, V);
-    type IntoIter = std::iter::Flatten<std::vec::IntoIter<HashMap<K, V>>>;
+    type IntoIter = std::iter::Flatten<std::vec::IntoIter<HashMap<K, V, FastState>>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.shards.into_iter().flatten()
@@ -121,7 +116,7 @@ mod tests {
         *m.get_mut("u7").unwrap() += 1;
         assert_eq!(m.get("u7"), Some(&8));
         assert_eq!(m.get("nope"), None);
-        *m.get_or_default(Arc::from("new")) += 5;
+        assert_eq!(m.insert(Arc::from("new"), 5), None);
         assert_eq!(m.get("new"), Some(&5));
         m.retain(|_, v| *v % 2 == 0);
         assert_eq!(m.len(), 501);
