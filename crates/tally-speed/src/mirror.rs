@@ -190,13 +190,8 @@ fn same_view(a: &Arc<dyn BaseTotals>, b: &Arc<dyn BaseTotals>) -> bool {
 impl UrlCounts {
     /// The counts of a delta alone, keeping registers of `precision` for busy days.
     pub(crate) fn of(d: &UrlDelta, precision: u8) -> UrlCounts {
-        let mut c = UrlCounts {
-            hours: d.hours.clone(),
-            total: d.total,
-            visitors: Visitors::default(),
-        };
-        c.visitors
-            .extend(d.visitors.iter().copied(), Some(precision));
+        let mut c = UrlCounts::default();
+        c.add_delta(d, precision);
         c
     }
 
@@ -403,8 +398,9 @@ impl Mirror {
     }
 
     /// Adds the increments of some URLs of a delta into `epoch`; returns, per URL, whether it
-    /// is new to the epoch, and its name. The applier adds a large delta in parts, each under its own short
-    /// write lock, so that queries never wait long; each URL's counts change in one step. What
+    /// is new to the epoch, and its name. The applier adds a large delta in parts, each under
+    /// its own short write lock, so that queries never wait long; each URL's counts change in
+    /// one step. What
     /// needs no lock was done before ([`Mirror::prepare`], [`UrlUpdate::complete`], with
     /// `base` the rankings' base the totals were read from): here the new names are recorded,
     /// counts added or linked in, and the rankings offered the new totals.
