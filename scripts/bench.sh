@@ -445,11 +445,11 @@ SECTIONS+=(queries)
 # Generates a master dataset (BENCH_BATCH_EVENTS, default 5 000 000 events over BENCH_BATCH_URLS,
 # default 100 000 URLs, Zipf(1.0), BENCH_BATCH_DAYS, default 90 days, 5 files) with the
 # tally-batch `batch_bench` example, then on those files:
-#   - tally: `batch_bench` computes the batch view (per (url, hour) counts and per-URL totals;
+#   - tally: `batch_bench` computes the batch view (per (url, 15-minute cell) counts and per-URL totals;
 #     with sketches also one HLL sketch per (url, day)) and writes the view (Parquet, zstd,
 #     fsynced, manifest); best of BENCH_BATCH_REPS compute runs + the write of the last one.
 #   - DuckDB (pip, in target/venv-bench, `SET threads=2`): the same outputs from the same files
-#     (`seq <= cutoff`, per (url, hour) counts sorted by (url, hour), zstd Parquet, fsynced; with
+#     (`seq <= cutoff`, per (url, 15-minute cell) counts sorted by (url, cell), zstd Parquet, fsynced; with
 #     sketches also `approx_count_distinct(visitor)` per (url, day)); best of BENCH_BATCH_REPS.
 # ================================================================================================
 
@@ -464,8 +464,8 @@ con = duckdb.connect()
 con.execute("SET threads=2")
 con.execute("SET TimeZone='UTC'")
 src = f"read_parquet('{files}')"
-hours = (f"SELECT url, epoch_ms(ts) // 3600000 AS hour, count(*)::UBIGINT AS views FROM {src} "
-         f"WHERE seq <= {cutoff} GROUP BY ALL ORDER BY url, hour")
+hours = (f"SELECT url, epoch_ms(ts) // 900000 AS cell, count(*)::UBIGINT AS views FROM {src} "
+         f"WHERE seq <= {cutoff} GROUP BY ALL ORDER BY url, cell")
 days = (f"SELECT url, epoch_ms(ts) // 86400000 AS day, approx_count_distinct(visitor) AS uniques "
         f"FROM {src} WHERE seq <= {cutoff} GROUP BY ALL ORDER BY url, day")
 def fsync(path):
@@ -574,7 +574,7 @@ section_batch() {
         "Master dataset: \`$gen_cmd\` — $events events, $urls URLs (Zipf 1.0 over 50 hosts), $days days," \
         "5 Parquet files ($bytes bytes, url dictionary-encoded, zstd, sorted by (url, ts), 1M-row row groups)." \
         "Both engines read the same files in the same run, one after the other, and produce the same outputs:" \
-        "per (url, hour) view counts (\`seq <= cutoff\`), sorted by (url, hour), written as zstd Parquet and fsynced;" \
+        "per (url, 15-minute cell) view counts (\`seq <= cutoff\`), sorted by (url, cell), written as zstd Parquet and fsynced;" \
         "with sketches also per (url, day) unique visitors (tally: its HLL sketch per (url, day), precision 14;" \
         "DuckDB: \`approx_count_distinct(visitor)\`). tally: \`$tally_cmd\` (the kernel of \`tally batch run\`:" \
         "read + decode + aggregate on rayon, merge, then the view store write with manifest), best compute of $reps" \
@@ -582,7 +582,7 @@ section_batch() {
         "per output, best of $reps. Per-stage times: tally's from the example's JSON (CPU ms summed over threads for" \
         "read+decode and aggregate, wall ms for the rest); DuckDB's split is aggregate-into-a-temp-table, then write." ""
     md "| what | tally total ms | DuckDB total ms | DuckDB ÷ tally | goal |" "|---|---:|---:|---:|---|" \
-        "| per (url, hour) counts | $ct | $dt | ${cr}× | ≥ 2× |" \
+        "| per (url, 15-minute cell) counts | $ct | $dt | ${cr}× | ≥ 2× |" \
         "| counts + uniques per (url, day) | $st | $sdt | ${sr}× | ≥ 2× |" ""
     md "| stage (ms) | tally counts | tally counts + sketches |" "|---|---:|---:|" \
         "| open files + metadata (wall) | $co | $so |" \
@@ -596,7 +596,7 @@ section_batch() {
         "| read + decode + aggregate + sort into a temp table | $dag | $sdag |" \
         "| write Parquet (zstd) + fsync | $dw | $sdw |" \
         "| end to end, \`COPY (query) TO\` (reps $dreps / $sdreps) | $dt | $sdt |" ""
-    md "Same answer: tally $ccells (url, hour) cells over $cev events; DuckDB $dcells cells over $dev events." ""
+    md "Same answer: tally $ccells (url, cell) entries over $cev events; DuckDB $dcells cells over $dev events." ""
 }
 SECTIONS+=(batch)
 
@@ -796,7 +796,7 @@ PY
     md "One run of \`scripts/bench.sh mixed\` ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))." \
         "tally (release, \`TALLY_QUERY_RESULT_CACHE=false\`: every answer computed) loaded by \`tests/examples/mixed.rs load\`" \
         "with $events events over $urls URLs (popularity Zipf 1.0, URLs spread over 1 000 hosts by Zipf, ts over 30 days)," \
-        "then two batch runs (the view: $view_urls URLs, $cells (url, hour) cells; \`$(echo "$run1" | tr -d '\n' | cut -c1-120)…\`)." \
+        "then two batch runs (the view: $view_urls URLs, $cells (url, 15-minute cell) entries; \`$(echo "$run1" | tr -d '\n' | cut -c1-120)…\`)." \
         "Then \`mixed ingest\` sent NDJSON bodies of 1 000 events at a target of $rate events/s (achieved $ing_rate/s, $ing_failed failed requests)" \
         "while wrk (${DURATION} s, ${THREADS} threads, 32 connections, random URLs and hosts of the load) ran one line after the other," \
         "first against the bare axum handler (\`tests/examples/bare_axum.rs\`, \`GET /v1/views\` answering a fixed body) under the same ingest." \
@@ -811,7 +811,7 @@ PY
         "| ingest-to-visible (POST one event on a new URL, poll /v1/views) p50 / p99 / max | $vis_p50 / $vis_p99 / $vis_max ms | p99 ≤ 100 ms |" \
         "| applier lag in events (sampled every 20 ms) p50 / p99 | $lag_p50 / $lag_p99 | – |" \
         "| tally RSS, restarted on the loaded data (view loaded, idle) / at the end of the mixed load | $rss_idle / $rss_busy MiB | – |" \
-        "| serving memory per (url, hour) cell of the batch view (restarted idle RSS ÷ cells; includes per-URL index, day sketches, the process) | $bytes_cell bytes | stated |" \
+        "| serving memory per (url, 15-minute cell) entry of the batch view (restarted idle RSS ÷ cells; includes per-URL index, day sketches, the process) | $bytes_cell bytes | stated |" \
         "| Redis \`used_memory\` idle / under the mixed load | $r_idle / $r_busy MiB | – |" \
         "| Redis bytes per live URL (\`used_memory\` ÷ the $live URLs of the live epochs) | $bytes_live | ≤ 800 (half of ~1 600) |" ""
     md "tally status at the end: \`$status\`" ""

@@ -1,4 +1,4 @@
-//! The batch computation: per URL, views per UTC hour (and optionally a visitor sketch per UTC
+//! The batch computation: per URL, views per 15-minute cell (and optionally a visitor sketch per UTC
 //! day) over the master files, counting exactly the events with `seq <= cutoff`.
 //!
 //! How it stays fast:
@@ -7,9 +7,9 @@
 //!   cutoff; `visitor` only with sketches);
 //! - `url` is read as `Dictionary(Int32, Utf8)` and aggregated on dictionary keys: a URL string
 //!   is looked at once per dictionary, never per row; rows are sorted by (url, ts) in master
-//!   files, so a row group becomes a short run-length list of (url, hour, count) cells;
+//!   files, so a row group becomes a short run-length list of (url, cell, count) cells;
 //! - partial results are merged by a counting sort on the global URL rank (no string work per
-//!   cell), then each URL's few runs are sorted by hour in parallel.
+//!   cell), then each URL's few runs are sorted by cell in parallel.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -28,7 +28,7 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 use serde::Serialize;
-use tally_core::{Seq, DAY_MS, HOUR_MS};
+use tally_core::{Seq, CELL_MS, DAY_MS};
 use tally_master::MasterFile;
 
 use crate::error::{Error, Result};
@@ -93,13 +93,14 @@ pub struct ComputeStats {
 
 /// The result of [`compute`]: the content of a batch view, column-wise.
 ///
-/// URL `i` is `urls[i]` (ascending, distinct); its cells are `hours[offsets[i]..offsets[i+1]]`
-/// (ascending, distinct, hours since the epoch, UTC) with `views[..]` (non-zero).
+/// URL `i` is `urls[i]` (ascending, distinct); its cells are `cell[offsets[i]..offsets[i+1]]`
+/// (ascending, distinct cell numbers: [`tally_core::CELL_MS`] cells since the epoch) with
+/// `views[..]` (non-zero).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ViewData {
     pub urls: Vec<String>,
     pub offsets: Vec<usize>,
-    pub hours: Vec<i64>,
+    pub cell: Vec<i64>,
     pub views: Vec<u64>,
     pub sketches: Option<SketchData>,
     /// Number of events counted (`seq <= cutoff`).
@@ -118,9 +119,9 @@ pub struct SketchData {
 }
 
 impl ViewData {
-    /// Number of (url, hour) cells.
+    /// Number of (url, 15-minute cell) entries.
     pub fn cells(&self) -> usize {
-        self.hours.len()
+        self.cell.len()
     }
 }
 
@@ -142,7 +143,7 @@ struct Partial {
     dicts: Vec<StringArray>,
     /// Local URL id -> (dictionary number, index in it).
     urls: Vec<(u32, u32)>,
-    /// `(local id << 32 | biased hour, count)`, sorted by key, distinct keys.
+    /// `(local id << 32 | biased cell, count)`, sorted by key, distinct keys.
     cells: Vec<(u64, u32)>,
     /// `(local id << 32 | biased day, visitor hash)`.
     visitors: Vec<(u64, u32)>,
@@ -470,8 +471,8 @@ fn scan_row_group(
                 map[k] = lid;
             }
             let t = ts[i];
-            let hour = bias(t.div_euclid(HOUR_MS)).ok_or_else(|| schema_err("ts out of range"))?;
-            let key = (u64::from(lid) << 32) | u64::from(hour);
+            let cell = bias(t.div_euclid(CELL_MS)).ok_or_else(|| schema_err("ts out of range"))?;
+            let key = (u64::from(lid) << 32) | u64::from(cell);
             if key == prev_key {
                 prev_cnt += 1;
             } else {
@@ -483,7 +484,7 @@ fn scan_row_group(
             }
             if let Some(v) = visitor {
                 if v.is_valid(i) {
-                    let day = bias(t.div_euclid(DAY_MS)).expect("day range within hour range");
+                    let day = bias(t.div_euclid(DAY_MS)).expect("day range within cell range");
                     part.visitors.push((
                         (u64::from(lid) << 32) | u64::from(day),
                         sketch::visitor_hash(v.value(i)),
@@ -590,7 +591,7 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
             pos[r] += 1;
         }
     }
-    // 3. Per URL: sort its runs by hour and add duplicates, in parallel.
+    // 3. Per URL: sort its runs by cell and add duplicates, in parallel.
     let lens: Vec<usize> = split_segments(&mut buf, &offsets)
         .into_par_iter()
         .map(|seg| {
@@ -608,16 +609,16 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
         })
         .collect();
     let total: usize = lens.iter().sum();
-    let mut hours = Vec::with_capacity(total);
+    let mut cell = Vec::with_capacity(total);
     let mut views = Vec::with_capacity(total);
     let mut out_offsets = Vec::with_capacity(nurls + 1);
     out_offsets.push(0);
     for (u, &len) in lens.iter().enumerate() {
         for &(h, c) in &buf[offsets[u]..offsets[u] + len] {
-            hours.push(unbias(h));
+            cell.push(unbias(h));
             views.push(c);
         }
-        out_offsets.push(hours.len());
+        out_offsets.push(cell.len());
     }
     drop(buf);
 
@@ -682,7 +683,7 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
     ViewData {
         urls,
         offsets: out_offsets,
-        hours,
+        cell,
         views,
         sketches,
         events,

@@ -3,8 +3,10 @@
 //! names the serving version.
 //!
 //! Layout of a version directory:
-//! - `counts.parquet`: `url` Utf8 (dictionary-encoded), `hour` Int64 (hours since the epoch,
-//!   UTC), `views` UInt64; sorted by (url, hour); one row per non-zero cell.
+//! - `counts.parquet`: `url` Utf8 (dictionary-encoded), `cell` Int64 (15-minute cells since the
+//!   epoch, [`tally_core::CELL_MS`]), `views` UInt64; sorted by (url, cell); one row per
+//!   non-zero cell. (Format 1 had hourly cells in a column `hour`; such a view no longer loads,
+//!   is discarded as not servable and recomputed.)
 //! - `sketches.parquet` (when sketches were computed): `url` Utf8, `day` Int64 (days since the
 //!   epoch, UTC), `sketch` Binary ([`VisitorSketch::to_bytes`]); sorted by (url, day).
 //! - `manifest.json`: see [`Manifest`].
@@ -36,7 +38,7 @@ use crate::kernel::{SketchData, ViewData};
 use crate::sketch::VisitorSketch;
 use crate::view::BatchView;
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const COUNTS_FILE: &str = "counts.parquet";
 pub const SKETCHES_FILE: &str = "sketches.parquet";
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -214,7 +216,7 @@ impl ViewStore {
             cutoff_seq: cutoff,
             events: data.events,
             urls: data.urls.len() as u64,
-            cells: data.hours.len() as u64,
+            cells: data.cell.len() as u64,
             sketch_precision: data.sketches.as_ref().map(|s| s.precision),
             created_at: tally_core::format_rfc3339(created_at_ms),
             created_at_ms,
@@ -358,7 +360,7 @@ impl ViewStore {
         }
         let dir = self.version_dir(version);
         let mut data = read_counts(&dir.join(COUNTS_FILE))?;
-        if data.urls.len() as u64 != m.urls || data.hours.len() as u64 != m.cells {
+        if data.urls.len() as u64 != m.urls || data.cell.len() as u64 != m.cells {
             return Err(Error::corrupt(
                 dir.join(COUNTS_FILE),
                 "url or cell count differs from the manifest",
@@ -551,10 +553,10 @@ fn writer_props() -> WriterProperties {
             ZstdLevel::try_new(1).expect("valid zstd level"),
         ))
         .set_column_dictionary_page_size_limit(ColumnPath::from("url"), 256 << 20)
-        // Only `url` benefits from a dictionary; hashing every hour/views/day value costs
-        // more than it saves. Hours and days ascend within a URL: delta encoding.
-        .set_column_dictionary_enabled(ColumnPath::from("hour"), false)
-        .set_column_encoding(ColumnPath::from("hour"), Encoding::DELTA_BINARY_PACKED)
+        // Only `url` benefits from a dictionary; hashing every cell/views/day value costs
+        // more than it saves. Cells and days ascend within a URL: delta encoding.
+        .set_column_dictionary_enabled(ColumnPath::from("cell"), false)
+        .set_column_encoding(ColumnPath::from("cell"), Encoding::DELTA_BINARY_PACKED)
         .set_column_dictionary_enabled(ColumnPath::from("day"), false)
         .set_column_encoding(ColumnPath::from("day"), Encoding::DELTA_BINARY_PACKED)
         .set_column_dictionary_enabled(ColumnPath::from("views"), false)
@@ -606,12 +608,12 @@ fn write_parquet(
 fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("url", url_dict_type(), false),
-        Field::new("hour", DataType::Int64, false),
+        Field::new("cell", DataType::Int64, false),
         Field::new("views", DataType::UInt64, false),
     ]));
     let values: ArrayRef = Arc::new(StringArray::from_iter_values(data.urls.iter()));
     // Row -> URL index.
-    let mut keys: Vec<i32> = Vec::with_capacity(data.hours.len());
+    let mut keys: Vec<i32> = Vec::with_capacity(data.cell.len());
     for u in 0..data.urls.len() {
         keys.extend(std::iter::repeat_n(
             u as i32,
@@ -619,7 +621,7 @@ fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile> {
         ));
     }
     write_parquet(path, schema.clone(), |sink| {
-        let n = data.hours.len();
+        let n = data.cell.len();
         let mut start = 0;
         while start < n {
             let end = (start + ROWS_PER_BATCH).min(n);
@@ -632,7 +634,7 @@ fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile> {
                 schema.clone(),
                 vec![
                     Arc::new(url),
-                    Arc::new(Int64Array::from(data.hours[start..end].to_vec())),
+                    Arc::new(Int64Array::from(data.cell[start..end].to_vec())),
                     Arc::new(UInt64Array::from(data.views[start..end].to_vec())),
                 ],
             )
@@ -751,7 +753,7 @@ fn read_counts(path: &Path) -> Result<ViewData> {
         ..Default::default()
     };
     read_view_file(path, |values, keys, b| {
-        let hours = i64_col(path, b, "hour")?;
+        let hours = i64_col(path, b, "cell")?;
         let vc = b
             .column_by_name("views")
             .ok_or_else(|| Error::corrupt(path, "no views column"))?;
@@ -770,25 +772,25 @@ fn read_counts(path: &Path) -> Result<ViewData> {
                         return Err(Error::corrupt(path, "urls are not sorted"));
                     }
                     if !d.urls.is_empty() {
-                        d.offsets.push(d.hours.len());
+                        d.offsets.push(d.cell.len());
                     }
                     d.urls.push(u.to_string());
                 }
             }
             let start = *d.offsets.last().expect("non-empty");
-            if d.hours.len() > start && d.hours[d.hours.len() - 1] >= hours[i] {
-                return Err(Error::corrupt(path, "hours are not sorted"));
+            if d.cell.len() > start && d.cell[d.cell.len() - 1] >= hours[i] {
+                return Err(Error::corrupt(path, "cells are not sorted"));
             }
             if views[i] == 0 {
                 return Err(Error::corrupt(path, "a cell has zero views"));
             }
-            d.hours.push(hours[i]);
+            d.cell.push(hours[i]);
             d.views.push(views[i]);
         }
         Ok(())
     })?;
     if !d.urls.is_empty() {
-        d.offsets.push(d.hours.len());
+        d.offsets.push(d.cell.len());
     }
     Ok(d)
 }

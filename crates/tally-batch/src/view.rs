@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::kernel::ViewData;
 use crate::sketch::VisitorSketch;
 
-/// A loaded batch view: per URL, views per UTC hour with prefix sums, totals in top-N order,
+/// A loaded batch view: per URL, views per 15-minute cell with prefix sums, totals in top-N order,
 /// and (when computed) visitor sketches per UTC day.
 #[derive(Debug)]
 pub struct BatchView {
@@ -23,14 +23,15 @@ pub struct BatchView {
     index: FastMap<Arc<str>, u32>,
     /// URL `i` owns cells `offsets[i]..offsets[i+1]`.
     offsets: Vec<usize>,
-    hours: Vec<i64>,
+    /// Cell numbers ([`tally_core::CELL_MS`] cells since the epoch), ascending per URL.
+    cell: Vec<i64>,
     /// `prefix[j]` = sum of views of cells `0..j` (over all URLs); `len = cells + 1`.
     prefix: Vec<u64>,
     /// URL ids by total views desc, then url asc.
     by_total: Vec<u32>,
     /// Host -> URL ids with that host, by total views desc, then url asc.
     hosts: FastMap<Arc<str>, Vec<u32>>,
-    /// `(hour, url id)` of the cells in hours after the one the view was computed in (events
+    /// `(cell, url id)` of the cells after the one the view was computed in (events
     /// that were ahead of the clock), ascending.
     late: Vec<(i64, u32)>,
     sketch_precision: Option<u8>,
@@ -55,7 +56,7 @@ impl BatchView {
         let ViewData {
             urls,
             offsets,
-            hours,
+            cell,
             views,
             sketches,
             events,
@@ -89,12 +90,12 @@ impl BatchView {
                 }
             }
         }
-        let computed_hour = tally_core::hour_of(computed_at_ms);
+        let computed_cell = tally_core::cell_of(computed_at_ms);
         let mut late: Vec<(i64, u32)> = Vec::new();
         for i in 0..names.len() {
             let (s, e) = (offsets[i], offsets[i + 1]);
-            let a = s + hours[s..e].partition_point(|&h| h <= computed_hour);
-            late.extend(hours[a..e].iter().map(|&h| (h, i as u32)));
+            let a = s + cell[s..e].partition_point(|&h| h <= computed_cell);
+            late.extend(cell[a..e].iter().map(|&h| (h, i as u32)));
         }
         late.sort_unstable();
         let (sketch_precision, sketch_offsets, sketch_days, sketches) = match sketches {
@@ -114,7 +115,7 @@ impl BatchView {
             names,
             index,
             offsets,
-            hours,
+            cell,
             prefix,
             by_total,
             hosts,
@@ -133,36 +134,36 @@ impl BatchView {
         self.index.get(url).map(|&i| i as usize)
     }
 
-    /// Cell index range `[a, b)` of URL `i` with hours in `[from_hour, to_hour)`.
-    fn cell_range(&self, i: usize, from_hour: i64, to_hour: i64) -> (usize, usize) {
+    /// Index range `[a, b)` of URL `i`'s cells in `[from_cell, to_cell)`.
+    fn cell_range(&self, i: usize, from_cell: i64, to_cell: i64) -> (usize, usize) {
         let (s, e) = (self.offsets[i], self.offsets[i + 1]);
-        if from_hour >= to_hour {
+        if from_cell >= to_cell {
             return (s, s);
         }
-        let hours = &self.hours[s..e];
-        let a = hours.partition_point(|&h| h < from_hour);
-        let b = a + hours[a..].partition_point(|&h| h < to_hour);
+        let cell = &self.cell[s..e];
+        let a = cell.partition_point(|&h| h < from_cell);
+        let b = a + cell[a..].partition_point(|&h| h < to_cell);
         (s + a, s + b)
     }
 
-    /// Views of `url` with hour in `[from_hour, to_hour)` (hours since the epoch, UTC).
-    pub fn range_views(&self, url: &str, from_hour: i64, to_hour: i64) -> u64 {
+    /// Views of `url` in the cells `[from_cell, to_cell)`.
+    pub fn range_views(&self, url: &str, from_cell: i64, to_cell: i64) -> u64 {
         match self.id(url) {
             Some(i) => {
-                let (a, b) = self.cell_range(i, from_hour, to_hour);
+                let (a, b) = self.cell_range(i, from_cell, to_cell);
                 self.prefix[b] - self.prefix[a]
             }
             None => 0,
         }
     }
 
-    /// The non-zero `(hour, views)` of `url` in `[from_hour, to_hour)`, ascending.
-    pub fn hour_counts(&self, url: &str, from_hour: i64, to_hour: i64) -> Vec<(i64, u64)> {
+    /// The non-zero `(cell, views)` of `url` in `[from_cell, to_cell)`, ascending.
+    pub fn cell_counts(&self, url: &str, from_cell: i64, to_cell: i64) -> Vec<(i64, u64)> {
         match self.id(url) {
             Some(i) => {
-                let (a, b) = self.cell_range(i, from_hour, to_hour);
+                let (a, b) = self.cell_range(i, from_cell, to_cell);
                 (a..b)
-                    .map(|j| (self.hours[j], self.prefix[j + 1] - self.prefix[j]))
+                    .map(|j| (self.cell[j], self.prefix[j + 1] - self.prefix[j]))
                     .collect()
             }
             None => Vec::new(),
@@ -203,10 +204,10 @@ impl BatchView {
         self.hosts.keys()
     }
 
-    /// URLs with views at hours `>= from_hour`, among the cells that were ahead of the clock
-    /// when the view was computed (so empty for any hour after that).
-    pub fn late(&self, from_hour: i64) -> Vec<Arc<str>> {
-        let a = self.late.partition_point(|c| c.0 < from_hour);
+    /// URLs with views in cells `>= from_cell`, among the cells that were ahead of the clock
+    /// when the view was computed (so empty for any cell after that).
+    pub fn late(&self, from_cell: i64) -> Vec<Arc<str>> {
+        let a = self.late.partition_point(|c| c.0 < from_cell);
         let mut ids: Vec<u32> = self.late[a..].iter().map(|c| c.1).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -216,16 +217,16 @@ impl BatchView {
     }
 
     /// Calls `f(url, views)` for every URL (whose host is `host`, when given; see
-    /// `tally_core::url::host_of`) with non-zero views in `[from_hour, to_hour)`.
+    /// `tally_core::url::host_of`) with non-zero views in `[from_cell, to_cell)`.
     pub fn range_totals<'a>(
         &'a self,
-        from_hour: i64,
-        to_hour: i64,
+        from_cell: i64,
+        to_cell: i64,
         host: Option<&str>,
         mut f: impl FnMut(&'a str, u64),
     ) {
         let mut visit = |i: usize| {
-            let (a, b) = self.cell_range(i, from_hour, to_hour);
+            let (a, b) = self.cell_range(i, from_cell, to_cell);
             let v = self.prefix[b] - self.prefix[a];
             if v > 0 {
                 f(&self.names[i], v);
@@ -314,9 +315,9 @@ impl BatchView {
         )
     }
 
-    /// Number of (url, hour) cells (memory grows with this).
+    /// Number of (url, cell) entries (memory grows with this).
     pub fn cells(&self) -> usize {
-        self.hours.len()
+        self.cell.len()
     }
 }
 
@@ -362,7 +363,7 @@ mod tests {
                 "http://b.com/y".into(),
             ],
             offsets: vec![0, 3, 4, 6],
-            hours: vec![10, 12, 20, 11, 10, 30],
+            cell: vec![10, 12, 20, 11, 10, 30],
             views: vec![1, 2, 3, 9, 5, 1],
             events: 21,
             ..Default::default()
@@ -424,7 +425,7 @@ mod tests {
         assert_eq!(v.range_views("http://a.com/", 20, 10), 0);
         assert_eq!(v.range_views("http://zzz/", 0, 100), 0);
         assert_eq!(
-            v.hour_counts("http://a.com/", 10, 20),
+            v.cell_counts("http://a.com/", 10, 20),
             vec![(10, 1), (12, 2)]
         );
         let top: Vec<_> = v.totals_desc().collect();

@@ -6,7 +6,7 @@ use std::path::Path;
 use tally_batch::store::{ViewStatus, COUNTS_FILE, MANIFEST_FILE};
 use tally_batch::testing::{write_master_file, MasterRow, Rng};
 use tally_batch::{compute, BatchView, Error, Progress, ViewStore};
-use tally_core::{Seq, DAY_MS, HOUR_MS};
+use tally_core::{Seq, CELL_MS, DAY_MS, HOUR_MS};
 use tally_master::MasterFile;
 
 const BASE_MS: i64 = 1_763_700_000_000; // 2025-11-21
@@ -83,7 +83,7 @@ fn model(rows: &[MasterRow], cutoff: u64) -> Model {
         *m.cells
             .entry(r.url.clone())
             .or_default()
-            .entry(r.ts.div_euclid(HOUR_MS))
+            .entry(r.ts.div_euclid(CELL_MS))
             .or_default() += 1;
         if let Some(v) = &r.visitor {
             m.visitors
@@ -99,25 +99,25 @@ fn check_view(view: &BatchView, m: &Model, seed: u64) {
     let mut rng = Rng::new(seed ^ 0xabc);
     assert_eq!(view.events, m.events);
     assert_eq!(view.urls as usize, m.cells.len());
-    let all_hours: Vec<i64> = m.cells.values().flat_map(|h| h.keys().copied()).collect();
+    let all_cells: Vec<i64> = m.cells.values().flat_map(|h| h.keys().copied()).collect();
     let (lo, hi) = (
-        *all_hours.iter().min().unwrap() - 3,
-        *all_hours.iter().max().unwrap() + 3,
+        *all_cells.iter().min().unwrap() - 3,
+        *all_cells.iter().max().unwrap() + 3,
     );
     for _ in 0..300 {
         let a = lo + rng.below((hi - lo) as u64) as i64;
         let b = a + rng.below((hi - a) as u64 + 1) as i64;
         let host =
             ["a.example.com", "c.example.org", "[::1]", "nope.example"][rng.below(4) as usize];
-        // range_views and hour_counts for every URL, plus an unknown one.
-        for (url, hours) in &m.cells {
-            let expect: Vec<(i64, u64)> = hours.range(a..b.max(a)).map(|(&h, &c)| (h, c)).collect();
+        // range_views and cell_counts for every URL, plus an unknown one.
+        for (url, cells) in &m.cells {
+            let expect: Vec<(i64, u64)> = cells.range(a..b.max(a)).map(|(&h, &c)| (h, c)).collect();
             assert_eq!(
                 view.range_views(url, a, b),
                 expect.iter().map(|x| x.1).sum::<u64>(),
                 "{url} [{a},{b})"
             );
-            assert_eq!(view.hour_counts(url, a, b), expect);
+            assert_eq!(view.cell_counts(url, a, b), expect);
         }
         assert_eq!(view.range_views("http://unknown.example/", a, b), 0);
         // range_totals with and without host.
@@ -262,7 +262,7 @@ fn store_manifest_verify_and_corruption() {
     let vdir = store.version_dir(&info.version);
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(vdir.join(MANIFEST_FILE)).unwrap()).unwrap();
-    assert_eq!(m["format_version"], 1);
+    assert_eq!(m["format_version"], 2);
     assert_eq!(m["version"], info.version.as_str());
     assert_eq!(m["cutoff_seq"], cutoff);
     assert_eq!(m["events"], data.events);

@@ -8,11 +8,13 @@ pub mod seq;
 pub mod sketch;
 pub mod time;
 pub mod url;
+pub mod zone;
 
 pub use event::{parse_body, BodyError, BodyFormat, Event, EventError, IngestLimits};
 pub use seq::Seq;
 pub use time::{
-    checked_ts, day_of, format_rfc3339, hour_of, month_start, now_ms, parse_ts_param, parse_ts_str,
-    DAY_MS, HOUR_MS, MAX_TS_MS, MIN_TS_MS,
+    cell_of, checked_ts, day_of, format_rfc3339, hour_of, month_start, now_ms, parse_ts_param,
+    parse_ts_str, CELLS_PER_HOUR, CELL_MS, DAY_MS, HOUR_MS, MAX_TS_MS, MIN_TS_MS,
 };
 pub use url::{normalize_url, UrlError};
+pub use zone::{Granularity, Zone};

@@ -4,6 +4,13 @@ use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, TimeZone, Utc};
 
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
+/// The time cell every layer counts in: 15 minutes. Every UTC offset in use (and every DST
+/// shift) is a multiple of 15 minutes — Asia/Kolkata +5:30, Asia/Kathmandu +5:45,
+/// Australia/Lord_Howe's 30-minute DST — so a local hour, day or month of any zone is a whole
+/// number of cells, and counts stay exact in every time zone.
+pub const CELL_MS: i64 = 900_000;
+/// Cells per hour.
+pub const CELLS_PER_HOUR: i64 = HOUR_MS / CELL_MS;
 
 /// The earliest instant tally represents, `0001-01-01T00:00:00Z`: the beginning of time for a
 /// range without `from`, and the lower bound of every timestamp it accepts (an event's `ts`, a
@@ -21,6 +28,11 @@ pub fn checked_ts(ts_ms: i64) -> Option<i64> {
 /// Hour bucket number (hours since the epoch) of a timestamp.
 pub fn hour_of(ts_ms: i64) -> i64 {
     ts_ms.div_euclid(HOUR_MS)
+}
+
+/// Cell number ([`CELL_MS`] cells since the epoch) of a timestamp.
+pub fn cell_of(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(CELL_MS)
 }
 
 /// Day bucket number (days since the epoch) of a timestamp.

@@ -16,8 +16,8 @@ pub struct TopKey {
     pub(crate) applied: tally_core::Seq,
     pub(crate) limit: usize,
     pub(crate) host: Option<String>,
-    pub(crate) from_hour: i64,
-    pub(crate) to_hour: i64,
+    pub(crate) from_cell: i64,
+    pub(crate) to_cell: i64,
 }
 
 /// What a unique-visitor estimate depends on.

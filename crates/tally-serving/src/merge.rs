@@ -4,50 +4,34 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
-use tally_core::{month_start, DAY_MS, HOUR_MS};
+use tally_core::{Granularity, Zone, CELL_MS, DAY_MS};
 
-/// Bucket size of a `series`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    Total,
-    Hour,
-    Day,
-    Month,
-}
-
-impl Granularity {
-    pub fn parse(s: &str) -> Option<Granularity> {
-        match s {
-            "total" => Some(Granularity::Total),
-            "hour" => Some(Granularity::Hour),
-            "day" => Some(Granularity::Day),
-            "month" => Some(Granularity::Month),
-            _ => None,
-        }
-    }
-
-    /// Start (epoch ms) of the bucket holding the hour `hour`.
-    pub fn bucket_start(self, hour: i64) -> i64 {
-        let ms = hour * HOUR_MS;
-        match self {
-            Granularity::Total | Granularity::Hour => ms,
-            Granularity::Day => ms.div_euclid(DAY_MS) * DAY_MS,
-            Granularity::Month => month_start(ms),
-        }
-    }
-}
-
-/// Sums hourly counts from any number of sources into calendar buckets, keeping only buckets
-/// with views, ordered by start.
-pub fn bucket_series<I>(hours: I, granularity: Granularity) -> Vec<(i64, u64)>
+/// Sums per-cell counts from any number of sources into the local buckets of `zone`, keeping
+/// only buckets with views, ordered by start (epoch ms). Cells arrive from each source in
+/// ascending order, so the bucket of the previous cell is reused while it lasts.
+pub fn bucket_series<I>(cells: I, granularity: Granularity, zone: Zone) -> Vec<(i64, u64)>
 where
     I: IntoIterator<Item = (i64, u64)>,
 {
     let mut buckets: BTreeMap<i64, u64> = BTreeMap::new();
-    for (hour, views) in hours {
-        if views > 0 {
-            *buckets.entry(granularity.bucket_start(hour)).or_default() += views;
+    // The last bucket computed: cells in [lo, hi) start at `start`.
+    let (mut lo, mut hi, mut start) = (0i64, 0i64, 0i64);
+    for (cell, views) in cells {
+        if views == 0 {
+            continue;
         }
+        let t = cell * CELL_MS;
+        if !(lo..hi).contains(&t) {
+            start = zone.bucket_start(t, granularity);
+            lo = start;
+            hi = match granularity {
+                Granularity::Day => zone.next_day_start(t),
+                // Any instant 32 days after a month's start is in the next month.
+                Granularity::Month => zone.month_start(start + 32 * DAY_MS),
+                Granularity::Hour | Granularity::Total => t + CELL_MS,
+            };
+        }
+        *buckets.entry(start).or_default() += views;
     }
     buckets.into_iter().collect()
 }
@@ -138,13 +122,52 @@ mod tests {
     #[test]
     fn buckets_by_calendar() {
         // 2026-01-31T23:00 and 2026-02-01T00:00 fall in different days and months.
-        let h1 = 1_769_900_400_000 / HOUR_MS;
-        let s = bucket_series(vec![(h1, 2), (h1 + 1, 3), (h1 + 2, 0)], Granularity::Month);
+        let c = 1_769_900_400_000 / CELL_MS;
+        let h = tally_core::CELLS_PER_HOUR;
+        let s = bucket_series(
+            vec![(c, 2), (c + h, 3), (c + 2 * h, 0)],
+            Granularity::Month,
+            Zone::UTC,
+        );
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].1, 2);
         assert_eq!(s[1].1, 3);
-        let d = bucket_series(vec![(h1 + 1, 1), (h1 + 2, 1)], Granularity::Day);
-        assert_eq!(d, vec![((h1 + 1) * HOUR_MS, 2)]);
+        let d = bucket_series(
+            vec![(c + h, 1), (c + 2 * h + 3, 1)],
+            Granularity::Day,
+            Zone::UTC,
+        );
+        assert_eq!(d, vec![((c + h) * CELL_MS, 2)]);
+        let hours = bucket_series(
+            vec![(c, 1), (c + 3, 1), (c + 4, 1)],
+            Granularity::Hour,
+            Zone::UTC,
+        );
+        assert_eq!(hours, vec![(c * CELL_MS, 2), ((c + 4) * CELL_MS, 1)]);
+    }
+
+    #[test]
+    fn buckets_are_local_in_a_zone() {
+        // In Asia/Kathmandu (+5:45), 2026-01-31T18:00Z is 23:45 local on the 31st and
+        // 18:15Z is 00:00 local on 1 February.
+        let zone = Zone::parse("Asia/Kathmandu").unwrap();
+        let c = 1_769_882_400_000 / CELL_MS; // 2026-01-31T18:00:00Z
+        let d = bucket_series(
+            vec![(c, 1), (c + 1, 2), (c + 96, 4)],
+            Granularity::Day,
+            zone,
+        );
+        assert_eq!(
+            d.iter()
+                .map(|(s, v)| (zone.format(*s), *v))
+                .collect::<Vec<_>>(),
+            vec![
+                ("2026-01-31T00:00:00+05:45".to_string(), 1),
+                ("2026-02-01T00:00:00+05:45".to_string(), 6)
+            ]
+        );
+        let m = bucket_series(vec![(c, 1), (c + 1, 2)], Granularity::Month, zone);
+        assert_eq!(m.len(), 2);
     }
 
     /// The obvious answer: sum both maps, sort everything.

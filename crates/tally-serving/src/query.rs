@@ -10,58 +10,89 @@ use axum::Json;
 use serde_json::json;
 use tally_batch::{relative_error, BatchView, VisitorSketch};
 use tally_core::{
-    format_rfc3339, hour_of, normalize_url, now_ms, parse_ts_param, DAY_MS, HOUR_MS, MIN_TS_MS,
+    checked_ts, format_rfc3339, normalize_url, now_ms, parse_ts_param, Granularity, Zone, CELL_MS,
+    DAY_MS, MIN_TS_MS,
 };
 
 use crate::cache::{TopKey, UniquesKey};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
-use crate::merge::{bucket_series, top_from_maps, Granularity};
+use crate::merge::{bucket_series, top_from_maps};
 use crate::state::AppState;
 use crate::views::ViewManager;
 
-/// An hour-aligned range `[from_hour, to_hour)`.
+/// A query range `[from_cell, to_cell)` of 15-minute cells, bounded by local hours of `zone`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct HourRange {
-    pub from_hour: i64,
-    pub to_hour: i64,
+pub(crate) struct CellRange {
+    pub from_cell: i64,
+    pub to_cell: i64,
     /// Neither bound was given: all time until the next full hour (the speed layer's all-time
     /// rankings answer it).
     pub all_time: bool,
+    /// The `tz` of the query (UTC by default): its local hours, days and months.
+    pub zone: Zone,
 }
 
-/// `from`/`to` truncated to the hour; missing `from` is the beginning of time, missing `to` is
-/// now rounded up to the next hour (API.md).
-pub(crate) fn hour_range(q: &HashMap<String, String>) -> ApiResult<HourRange> {
+impl CellRange {
+    pub(crate) fn start_ms(&self) -> i64 {
+        self.from_cell * CELL_MS
+    }
+
+    pub(crate) fn end_ms(&self) -> i64 {
+        self.to_cell * CELL_MS
+    }
+}
+
+/// `tz`: an IANA zone name, UTC when absent.
+pub(crate) fn zone_param(q: &HashMap<String, String>) -> ApiResult<Zone> {
+    match q.get("tz") {
+        None => Ok(Zone::UTC),
+        Some(name) => Zone::parse(name).ok_or_else(|| {
+            ApiError::bad(format!(
+                "tz must be an IANA time zone name such as Europe/Berlin or UTC, not {name:?}."
+            ))
+        }),
+    }
+}
+
+/// `from`/`to` truncated to the (local) hour; missing `from` is the beginning of time, missing
+/// `to` is now rounded up to the next (local) hour (API.md). A time without an offset is read
+/// in the query's `tz`.
+pub(crate) fn query_range(q: &HashMap<String, String>) -> ApiResult<CellRange> {
+    let zone = zone_param(q)?;
     let parse = |name: &str| -> ApiResult<Option<i64>> {
         match q.get(name) {
             None => Ok(None),
-            Some(s) => parse_ts_param(s).map(Some).ok_or_else(|| {
-                ApiError::bad(format!(
-                    "{name} must be an RFC 3339 timestamp or epoch milliseconds between the years 0001 and 9999, not {s:?}."
-                ))
-            }),
+            Some(s) => parse_ts_param(s)
+                .or_else(|| zone.parse_local(s).and_then(checked_ts))
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "{name} must be an RFC 3339 timestamp, a local date-time such as 2026-11-21T10:00 or epoch milliseconds between the years 0001 and 9999, not {s:?}."
+                    ))
+                }),
         }
     };
     let from = parse("from")?;
     let to = parse("to")?;
     // The beginning of time is the earliest instant any accepted event can have (events before
     // 1970 are valid with a large `ingest.max_age`), so every endpoint counts the same events.
-    let from_hour = hour_of(from.unwrap_or(MIN_TS_MS));
-    let now = now_ms();
-    let to_hour = match to {
-        Some(t) => hour_of(t),
-        None => hour_of(now) + 1,
+    let from_ms = from.map_or(MIN_TS_MS, |t| zone.hour_start(t).max(MIN_TS_MS));
+    let to_ms = match to {
+        Some(t) => zone.hour_start(t),
+        None => zone.next_hour_start(now_ms()),
     };
-    if from_hour >= to_hour {
+    let (from_cell, to_cell) = (from_ms.div_euclid(CELL_MS), to_ms.div_euclid(CELL_MS));
+    if from_cell >= to_cell {
         return Err(ApiError::bad(
             "from must be earlier than to (after truncating both to the hour).",
         ));
     }
-    Ok(HourRange {
-        from_hour,
-        to_hour,
+    Ok(CellRange {
+        from_cell,
+        to_cell,
         all_time: from.is_none() && to.is_none(),
+        zone,
     })
 }
 
@@ -102,6 +133,7 @@ struct ViewsAnswer<'a> {
     url: &'a str,
     from: String,
     to: String,
+    tz: &'static str,
     views: u64,
     batch_views: u64,
     speed_views: u64,
@@ -144,35 +176,39 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
             ))
         })?,
     };
-    let range = hour_range(&q)?;
+    let range = query_range(&q)?;
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let batch_views = view
         .as_ref()
-        .map_or(0, |v| v.range_views(&url, range.from_hour, range.to_hour));
+        .map_or(0, |v| v.range_views(&url, range.from_cell, range.to_cell));
     let speed = &state.speed;
-    let speed_views = speed_read(speed.views(&url, cutoff, range.from_hour, range.to_hour))?;
+    let speed_views = speed_read(speed.views(&url, cutoff, range.from_cell, range.to_cell))?;
     let speed_available = speed_views.is_some();
     let speed_views = speed_views.unwrap_or(0);
     let series = if granularity == Granularity::Total {
         None
     } else {
-        let batch_hours = view
+        let batch_cells = view
             .as_ref()
-            .map(|v| v.hour_counts(&url, range.from_hour, range.to_hour))
+            .map(|v| v.cell_counts(&url, range.from_cell, range.to_cell))
             .unwrap_or_default();
-        let speed_hours = if speed_available {
-            speed_read(speed.hour_counts(&url, cutoff, range.from_hour, range.to_hour))?
+        let speed_cells = if speed_available {
+            speed_read(speed.cell_counts(&url, cutoff, range.from_cell, range.to_cell))?
                 .unwrap_or_default()
         } else {
             Vec::new()
         };
-        let series = bucket_series(batch_hours.into_iter().chain(speed_hours), granularity);
+        let series = bucket_series(
+            batch_cells.into_iter().chain(speed_cells),
+            granularity,
+            range.zone,
+        );
         Some(
             series
                 .into_iter()
                 .map(|(start, views)| Bucket {
-                    start: format_rfc3339(start),
+                    start: range.zone.format(start),
                     views,
                 })
                 .collect(),
@@ -180,8 +216,9 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
     };
     let body = ViewsAnswer {
         url: &url,
-        from: format_rfc3339(range.from_hour * HOUR_MS),
-        to: format_rfc3339(range.to_hour * HOUR_MS),
+        from: range.zone.format(range.start_ms()),
+        to: range.zone.format(range.end_ms()),
+        tz: range.zone.name(),
         views: batch_views + speed_views,
         batch_views,
         speed_views,
@@ -212,7 +249,7 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
                 .map_err(|e| ApiError::bad(format!("The host parameter is invalid: {e}.")))?,
         ),
     };
-    let range = hour_range(&q)?;
+    let range = query_range(&q)?;
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     // A ranking is a pure function of the batch view, the speed state (which changes only
@@ -222,8 +259,8 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
         applied: state.speed.applied_seq(),
         limit,
         host: host.clone(),
-        from_hour: range.from_hour,
-        to_hour: range.to_hour,
+        from_cell: range.from_cell,
+        to_cell: range.to_cell,
     };
     let cached = state
         .speed
@@ -249,8 +286,9 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
         }
     };
     let body = json!({
-        "from": format_rfc3339(range.from_hour * HOUR_MS),
-        "to": format_rfc3339(range.to_hour * HOUR_MS),
+        "from": range.zone.format(range.start_ms()),
+        "to": range.zone.format(range.end_ms()),
+        "tz": range.zone.name(),
         "items": items.iter().map(|(url, views)| json!({ "url": url, "views": views })).collect::<Vec<_>>(),
         "batch": provenance(view.as_ref()),
         "speed_available": speed_available,
@@ -263,10 +301,8 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
 pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let url = url_param(&q)?;
-    let range = hour_range(&q)?;
-    // Day-aligned: `from` down to its midnight, `to` up to the next one.
-    let from_day = (range.from_hour * HOUR_MS).div_euclid(DAY_MS);
-    let to_day = (range.to_hour * HOUR_MS + DAY_MS - 1).div_euclid(DAY_MS);
+    let range = query_range(&q)?;
+    let (from_day, to_day) = uniques_days(&range)?;
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let precision = view
@@ -324,8 +360,9 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     };
     let body = json!({
         "url": url,
-        "from": format_rfc3339(from_day * DAY_MS),
-        "to": format_rfc3339(to_day * DAY_MS),
+        "from": range.zone.format(from_day * DAY_MS),
+        "to": range.zone.format(to_day * DAY_MS),
+        "tz": range.zone.name(),
         "uniques": uniques,
         "relative_error": relative_error(precision),
         "exact": exact,
@@ -333,6 +370,28 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
         "speed_available": speed_available,
     });
     Ok(respond(body, speed_available))
+}
+
+/// The days `[from_day, to_day)` (days since the epoch) of a uniques query: day-aligned, `from`
+/// down to its local midnight and `to` up to the next one. Visitor sketches are kept per UTC
+/// day, so a zone whose midnights in the range are not UTC midnights is refused rather than
+/// answered with the visitors of other hours.
+fn uniques_days(range: &CellRange) -> ApiResult<(i64, i64)> {
+    let zone = range.zone;
+    let from = zone.day_start(range.start_ms());
+    let to = match zone.day_start(range.end_ms()) {
+        t if t == range.end_ms() => t,
+        _ => zone.next_day_start(range.end_ms()),
+    };
+    if from.rem_euclid(DAY_MS) != 0 || to.rem_euclid(DAY_MS) != 0 {
+        return Err(ApiError::bad(format!(
+            "uniques are kept per UTC day, so they cannot be counted between local midnights of {} ({} to {}); use a zone whose midnights are UTC midnights in this range, such as UTC.",
+            zone.name(),
+            zone.format(from),
+            zone.format(to),
+        )));
+    }
+    Ok((from.div_euclid(DAY_MS), to.div_euclid(DAY_MS)))
 }
 
 /// Exact top-N of the batch view plus the speed epochs after its cutoff; the flag says whether
@@ -343,7 +402,7 @@ fn rank_top(
     state: &AppState,
     view: Option<&Arc<BatchView>>,
     cutoff: tally_core::Seq,
-    range: &HourRange,
+    range: &CellRange,
     host: Option<&str>,
     limit: usize,
 ) -> ApiResult<(Vec<(String, u64)>, bool)> {
@@ -352,7 +411,7 @@ fn rank_top(
         let ranked = speed_read(
             state
                 .speed
-                .top_all_time(id, cutoff, limit, host, range.to_hour),
+                .top_all_time(id, cutoff, limit, host, range.to_cell),
         )?;
         if let Some(Some(items)) = ranked {
             return Ok((items, true));
@@ -363,7 +422,7 @@ fn rank_top(
         None => top_from_maps(std::iter::empty(), speed, limit),
         Some(v) => {
             let mut batch = Vec::new();
-            v.range_totals(range.from_hour, range.to_hour, host, |url, n| {
+            v.range_totals(range.from_cell, range.to_cell, host, |url, n| {
                 batch.push((url, n));
             });
             top_from_maps(batch, speed, limit)
@@ -372,8 +431,8 @@ fn rank_top(
     // Ranked under the speed mirror's read lock, without copying its URLs.
     let ranked = speed_read(state.speed.with_range_totals(
         cutoff,
-        range.from_hour,
-        range.to_hour,
+        range.from_cell,
+        range.to_cell,
         host,
         |speed| rank(speed),
     ))?;
@@ -396,40 +455,83 @@ mod tests {
 
     #[test]
     fn missing_to_is_the_next_hour_and_from_the_beginning_of_time() {
-        let before = hour_of(now_ms()) + 1;
-        let r = hour_range(&q(&[])).unwrap();
-        let after = hour_of(now_ms()) + 1;
-        assert!(r.to_hour == before || r.to_hour == after);
-        assert_eq!(r.from_hour, hour_of(MIN_TS_MS));
+        let next = || (tally_core::hour_of(now_ms()) + 1) * tally_core::CELLS_PER_HOUR;
+        let before = next();
+        let r = query_range(&q(&[])).unwrap();
+        let after = next();
+        assert!(r.to_cell == before || r.to_cell == after);
+        assert_eq!(r.start_ms(), MIN_TS_MS);
         assert!(r.all_time);
     }
 
     #[test]
     fn bounds_truncate_to_the_hour_and_must_be_ordered() {
-        let r = hour_range(&q(&[
+        let r = query_range(&q(&[
             ("from", "2026-11-21T10:30:00Z"),
             ("to", "2026-11-21T12:59:59Z"),
         ]))
         .unwrap();
-        assert_eq!(
-            format_rfc3339(r.from_hour * HOUR_MS),
-            "2026-11-21T10:00:00Z"
-        );
-        assert_eq!(format_rfc3339(r.to_hour * HOUR_MS), "2026-11-21T12:00:00Z");
+        assert_eq!(format_rfc3339(r.start_ms()), "2026-11-21T10:00:00Z");
+        assert_eq!(format_rfc3339(r.end_ms()), "2026-11-21T12:00:00Z");
         assert!(!r.all_time);
-        assert!(hour_range(&q(&[
+        assert!(query_range(&q(&[
             ("from", "2026-11-21T10:30:00Z"),
             ("to", "2026-11-21T10:59:00Z")
         ]))
         .is_err());
-        assert!(hour_range(&q(&[("from", "yesterday")])).is_err());
+        assert!(query_range(&q(&[("from", "yesterday")])).is_err());
         // Bounds that would overflow the bucket arithmetic are refused, not wrapped.
-        assert!(hour_range(&q(&[("to", "9223372036854775807")])).is_err());
-        assert!(hour_range(&q(&[("from", "-9223372036854775808")])).is_err());
-        let far = hour_range(&q(&[("to", "253402300799999")])).unwrap();
+        assert!(query_range(&q(&[("to", "9223372036854775807")])).is_err());
+        assert!(query_range(&q(&[("from", "-9223372036854775808")])).is_err());
+        let far = query_range(&q(&[("to", "253402300799999")])).unwrap();
+        assert_eq!(format_rfc3339(far.end_ms()), "9999-12-31T23:00:00Z");
+    }
+
+    #[test]
+    fn a_zone_truncates_to_its_local_hour_and_reads_local_times() {
+        // Asia/Kolkata is +5:30: a `from` at local midnight is 18:30Z and stays there.
+        let r = query_range(&q(&[
+            ("tz", "Asia/Kolkata"),
+            ("from", "2026-11-21"),
+            ("to", "2026-11-21T10:59"),
+        ]))
+        .unwrap();
+        assert_eq!(format_rfc3339(r.start_ms()), "2026-11-20T18:30:00Z");
+        assert_eq!(r.zone.format(r.end_ms()), "2026-11-21T10:00:00+05:30");
+        // A time with an offset is that instant, truncated to the local hour.
+        let k = query_range(&q(&[
+            ("tz", "Asia/Kathmandu"),
+            ("from", "2026-11-21T10:20:00Z"),
+            ("to", "2026-11-21T12:00:00Z"),
+        ]))
+        .unwrap();
+        assert_eq!(format_rfc3339(k.start_ms()), "2026-11-21T10:15:00Z");
+        assert_eq!(format_rfc3339(k.end_ms()), "2026-11-21T11:15:00Z");
+        assert!(query_range(&q(&[("tz", "Europe/Atlantis")])).is_err());
+        assert!(query_range(&q(&[("from", "2026-13-01")])).is_err());
+    }
+
+    #[test]
+    fn uniques_days_are_local_midnights_and_refused_off_utc_days() {
+        let r = query_range(&q(&[
+            ("from", "2026-11-21T10:00:00Z"),
+            ("to", "2026-11-22T00:00:00Z"),
+        ]))
+        .unwrap();
+        let (a, b) = uniques_days(&r).unwrap();
         assert_eq!(
-            format_rfc3339(far.to_hour * HOUR_MS),
-            "9999-12-31T23:00:00Z"
+            (format_rfc3339(a * DAY_MS), b - a),
+            ("2026-11-21T00:00:00Z".into(), 1)
         );
+        // Europe/London is UTC+0 in November: its midnights are UTC midnights.
+        let london = query_range(&q(&[
+            ("tz", "Europe/London"),
+            ("from", "2026-11-21"),
+            ("to", "2026-11-23"),
+        ]))
+        .unwrap();
+        assert_eq!(uniques_days(&london).map(|(a, b)| b - a).unwrap(), 2);
+        let berlin = query_range(&q(&[("tz", "Europe/Berlin"), ("from", "2026-11-21")])).unwrap();
+        assert!(uniques_days(&berlin).is_err());
     }
 }

@@ -336,11 +336,11 @@ impl tally_speed::BaseTotals for ViewBase {
     fn hosts(&self) -> Vec<Arc<str>> {
         self.0.hosts().cloned().collect()
     }
-    fn late(&self, from_hour: i64) -> Vec<Arc<str>> {
-        self.0.late(from_hour)
+    fn late(&self, from_cell: i64) -> Vec<Arc<str>> {
+        self.0.late(from_cell)
     }
-    fn views_before(&self, url: &str, to_hour: i64) -> u64 {
-        self.0.range_views(url, i64::MIN, to_hour)
+    fn views_before(&self, url: &str, to_cell: i64) -> u64 {
+        self.0.range_views(url, i64::MIN, to_cell)
     }
 }
 

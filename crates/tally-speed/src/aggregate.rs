@@ -1,22 +1,22 @@
-//! Pre-aggregation of an apply batch: events → per (epoch, url, hour) counts, per (epoch, url)
+//! Pre-aggregation of an apply batch: events → per (epoch, url, cell) counts, per (epoch, url)
 //! totals and distinct (day, visitor) pairs. Pure; the applier turns each [`EpochDelta`] into one
 //! Redis script and, once it committed, into one mirror update.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
 
-use tally_core::{day_of, hour_of, Seq};
+use tally_core::{cell_of, day_of, Seq};
 use tally_master::SeqEvent;
 
 use crate::keys::visitor_member;
 
 /// The increments of one URL in one epoch. Small vectors rather than ordered maps: a URL's
-/// events in one batch fall in one or two hours, and the batch aggregates millions of them.
+/// events in one batch fall in one or two cells, and the batch aggregates millions of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct UrlDelta {
-    /// `(hour number, views)`, ascending by hour.
-    pub(crate) hours: Vec<(i64, u64)>,
-    /// Sum of `hours`.
+    /// `(cell number, views)`, ascending by cell.
+    pub(crate) cells: Vec<(i64, u64)>,
+    /// Sum of `cells`.
     pub(crate) total: u64,
     /// Distinct (UTC day, visitor) pairs as [`visitor_member`]s, ascending (events without a
     /// visitor do not count).
@@ -24,17 +24,17 @@ pub(crate) struct UrlDelta {
 }
 
 impl UrlDelta {
-    fn add(&mut self, hour: i64) {
-        match self.hours.iter_mut().rev().find(|(h, _)| *h == hour) {
+    fn add(&mut self, cell: i64) {
+        match self.cells.iter_mut().rev().find(|(h, _)| *h == cell) {
             Some((_, n)) => *n += 1,
-            None => self.hours.push((hour, 1)),
+            None => self.cells.push((cell, 1)),
         }
         self.total += 1;
     }
 
     /// Sorts what `add` and the visitor pushes left in arrival order.
     fn finish(&mut self) {
-        self.hours.sort_unstable();
+        self.cells.sort_unstable();
         self.visitors.sort_unstable();
         self.visitors.dedup();
     }
@@ -94,7 +94,7 @@ where
             Some(u) => u,
             None => d.urls.entry(ev.event.url.clone()).or_default(),
         };
-        u.add(hour_of(ev.event.ts));
+        u.add(cell_of(ev.event.ts));
         if let Some(v) = &ev.event.visitor {
             u.visitors.push(visitor_member(
                 day_of(ev.event.ts),
@@ -111,7 +111,7 @@ where
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use tally_core::{Event, HOUR_MS};
+    use tally_core::{Event, CELL_MS};
 
     pub(crate) fn ev(seq: u64, url: &str, ts: i64) -> SeqEvent {
         SeqEvent {
@@ -139,26 +139,26 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn aggregates_per_url_hour_and_splits_at_epoch_starts() {
-        let h = 100 * HOUR_MS;
+    fn aggregates_per_url_cell_and_splits_at_epoch_starts() {
+        let h = 100 * CELL_MS;
         let events = vec![
             ev(9, "a", h),
             ev(10, "a", h + 5),
-            ev(11, "b", h + HOUR_MS),
-            ev(12, "a", h + 2 * HOUR_MS),
+            ev(11, "b", h + CELL_MS),
+            ev(12, "a", h + 2 * CELL_MS),
             ev(14, "a", h + 3),
         ];
         let deltas = aggregate(&events, &[Seq(1), Seq(12)]);
         assert_eq!(deltas.len(), 2);
         let d0 = &deltas[0];
         assert_eq!((d0.epoch, d0.first, d0.last), (Seq(1), Seq(9), Seq(11)));
-        assert_eq!(d0.urls["a"].hours, vec![(100, 2)]);
+        assert_eq!(d0.urls["a"].cells, vec![(100, 2)]);
         assert_eq!(d0.urls["a"].total, 2);
-        assert_eq!(d0.urls["b"].hours, vec![(101, 1)]);
+        assert_eq!(d0.urls["b"].cells, vec![(101, 1)]);
         assert_eq!(d0.events(), 3);
         let d1 = &deltas[1];
         assert_eq!((d1.epoch, d1.first, d1.last), (Seq(12), Seq(12), Seq(14)));
-        assert_eq!(d1.urls["a"].hours, vec![(100, 1), (102, 1)]);
+        assert_eq!(d1.urls["a"].cells, vec![(100, 1), (102, 1)]);
         assert_eq!(d1.urls.len(), 1);
     }
 
@@ -193,8 +193,8 @@ pub(crate) mod tests {
         assert_eq!(deltas[0].first, Seq(5));
         assert_eq!(deltas[0].events(), 1);
         assert!(aggregate(Vec::<SeqEvent>::new(), &[Seq(1)]).is_empty());
-        // Negative timestamps floor to the previous hour.
+        // Negative timestamps floor to the previous cell.
         let d = aggregate([ev(1, "a", -1)], &[Seq(1)]);
-        assert_eq!(d[0].urls["a"].hours, vec![(-1, 1)]);
+        assert_eq!(d[0].urls["a"].cells, vec![(-1, 1)]);
     }
 }

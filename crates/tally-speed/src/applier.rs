@@ -922,7 +922,7 @@ fn mirror_from(
             ));
         }
     }
-    let now_hour = tally_core::hour_of(tally_core::now_ms());
+    let now_cell = tally_core::cell_of(tally_core::now_ms());
     for (start, state) in loaded {
         let Some(state) = state else { continue };
         let e = m.epochs.entry(start).or_default();
@@ -930,7 +930,7 @@ fn mirror_from(
         for (id, url, mut counts) in state.urls {
             counts.visitors.densify(precision);
             // Hours still ahead of the clock, as `Mirror::apply_urls` records them.
-            for (h, _) in counts.hours.iter().filter(|(h, _)| *h > now_hour) {
+            for (h, _) in counts.cells.iter().filter(|(h, _)| *h > now_cell) {
                 e.ahead.entry(*h).or_default().insert(id);
             }
             m.dict

@@ -8,7 +8,7 @@
 //! | `P epochs` | set | start seqs of the epochs that have keys |
 //! | `P e:{start}:applied` | string | last seq of the epoch applied (written in the same script as the increments) |
 //! | `P e:{start}:urls` | hash | URL id → URL |
-//! | `P e:{start}:h:{id}` | hash | hour number → views of URL `id` |
+//! | `P e:{start}:h:{id}` | hash | cell number (15 minutes, `tally_core::CELL_MS`) → views of URL `id` |
 //! | `P e:{start}:v:{id}` | set | distinct visitors of URL `id`, one integer per (UTC day, visitor): [`visitor_member`] |
 //!
 //! **URL ids, not URL hashes.** The applier — the only writer — gives each URL a small integer
@@ -26,7 +26,7 @@
 use tally_core::Seq;
 
 /// Version of this key layout, the first part of the instance marker.
-pub(crate) const LAYOUT: &str = "v2";
+pub(crate) const LAYOUT: &str = "v3";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
@@ -56,7 +56,7 @@ impl Keys {
         format!("{}e:{}:urls", self.prefix, epoch.0)
     }
 
-    pub(crate) fn hours(&self, epoch: Seq, id: &str) -> String {
+    pub(crate) fn cells(&self, epoch: Seq, id: &str) -> String {
         format!("{}e:{}:h:{}", self.prefix, epoch.0, id)
     }
 
@@ -81,7 +81,7 @@ impl Keys {
     ) -> Vec<String> {
         let mut keys = Vec::new();
         for id in ids {
-            keys.push(self.hours(epoch, id));
+            keys.push(self.cells(epoch, id));
             keys.push(self.visitors(epoch, id));
         }
         keys.push(self.urls(epoch));
@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(k.epochs(), "tally:epochs");
         assert_eq!(k.applied(Seq(101)), "tally:e:101:applied");
         assert_eq!(k.urls(Seq(1)), "tally:e:1:urls");
-        assert_eq!(k.hours(Seq(7), "12"), "tally:e:7:h:12");
+        assert_eq!(k.cells(Seq(7), "12"), "tally:e:7:h:12");
         assert_eq!(k.visitors(Seq(7), "12"), "tally:e:7:v:12");
         let all = k.epoch_keys(Seq(7), ["0", "1"]);
         assert_eq!(all.len(), 2 * 2 + 4);
@@ -138,7 +138,7 @@ mod tests {
     #[test]
     fn the_marker_names_layout_and_dataset() {
         let m = instance_marker("abc", "x1");
-        assert_eq!(m, "v2/abc/x1");
+        assert_eq!(m, "v3/abc/x1");
         assert!(marker_is_ours(&m, "abc"));
         assert!(!marker_is_ours(&m, "ab"));
         assert!(!marker_is_ours(&m, "abcd"));

@@ -1,7 +1,7 @@
 //! The speed layer: counts in Redis every event the serving batch view does not cover yet.
 //!
 //! - The **applier** (one task, the only writer of speed state) tails the WAL, pre-aggregates
-//!   each batch per (epoch, url, hour) and applies it to the epoch's Redis keys with one Lua
+//!   each batch per (epoch, url, cell) and applies it to the epoch's Redis keys with one Lua
 //!   script per epoch touched. The script also sets the epoch's applied seq, as a compare-and-set
 //!   on the previous one, so a crash, timeout or reconnect never applies a batch twice or skips
 //!   one (`store.rs`).
@@ -259,38 +259,38 @@ impl SpeedLayer {
         f(&self.mirror()).map(Some)
     }
 
-    /// Speed views of `url` in the hours `[from_hour, to_hour)`, summed over the live epochs
+    /// Speed views of `url` in the cells `[from_cell, to_cell)`, summed over the live epochs
     /// starting after `after_cutoff` (the serving batch view's cutoff, or `Seq(0)` without a
     /// view).
-    pub fn views(&self, url: &str, after_cutoff: Seq, from_hour: i64, to_hour: i64) -> Read<u64> {
-        self.read(|m| m.views(url, after_cutoff, from_hour, to_hour))
+    pub fn views(&self, url: &str, after_cutoff: Seq, from_cell: i64, to_cell: i64) -> Read<u64> {
+        self.read(|m| m.views(url, after_cutoff, from_cell, to_cell))
     }
 
-    /// Non-zero speed views of `url` per hour in `[from_hour, to_hour)`, ascending by hour.
-    pub fn hour_counts(
+    /// Non-zero speed views of `url` per cell in `[from_cell, to_cell)`, ascending by cell.
+    pub fn cell_counts(
         &self,
         url: &str,
         after_cutoff: Seq,
-        from_hour: i64,
-        to_hour: i64,
+        from_cell: i64,
+        to_cell: i64,
     ) -> Read<Vec<(i64, u64)>> {
-        self.read(|m| m.hour_counts(url, after_cutoff, from_hour, to_hour))
+        self.read(|m| m.cell_counts(url, after_cutoff, from_cell, to_cell))
     }
 
-    /// Hands `f` the speed views per URL in `[from_hour, to_hour)` of every URL with views there
+    /// Hands `f` the speed views per URL in `[from_cell, to_cell)` of every URL with views there
     /// (optionally only those whose host is `host`), for an exact top-N merge with the batch
     /// view. The URL keys borrow from the mirror (no copies), under its read lock: keep `f`
     /// short.
     pub fn with_range_totals<R>(
         &self,
         after_cutoff: Seq,
-        from_hour: i64,
-        to_hour: i64,
+        from_cell: i64,
+        to_cell: i64,
         host: Option<&str>,
         f: impl FnOnce(&HashMap<&str, u64>) -> R,
     ) -> Read<R> {
         self.read(|m| {
-            m.range_totals(after_cutoff, from_hour, to_hour, host)
+            m.range_totals(after_cutoff, from_cell, to_cell, host)
                 .map(|t| f(&t))
         })
     }
@@ -299,11 +299,11 @@ impl SpeedLayer {
     pub fn range_totals(
         &self,
         after_cutoff: Seq,
-        from_hour: i64,
-        to_hour: i64,
+        from_cell: i64,
+        to_cell: i64,
         host: Option<&str>,
     ) -> Read<HashMap<String, u64>> {
-        self.with_range_totals(after_cutoff, from_hour, to_hour, host, |t| {
+        self.with_range_totals(after_cutoff, from_cell, to_cell, host, |t| {
             t.iter().map(|(u, n)| (u.to_string(), *n)).collect()
         })
     }
@@ -325,7 +325,7 @@ impl SpeedLayer {
         collected.map(|v| v.map(|v| v.finish(precision)))
     }
 
-    /// The exact top `limit` URLs of all time — views until `to_hour`, the next full hour —
+    /// The exact top `limit` URLs of all time — views until `to_cell`, the next full hour —
     /// of the serving view `view_id` (cutoff `after_cutoff`; `""` and `Seq(0)` without a view)
     /// plus the speed layer, optionally of one host, in `O(limit)` from rankings kept up to date
     /// by every apply. `Ok(Some(None))` when the rankings cannot answer (built for another view,
@@ -336,9 +336,9 @@ impl SpeedLayer {
         after_cutoff: Seq,
         limit: usize,
         host: Option<&str>,
-        to_hour: i64,
+        to_cell: i64,
     ) -> Read<Option<Vec<(String, u64)>>> {
-        self.read(|m| m.top_all_time(view_id, after_cutoff, limit, host, to_hour))
+        self.read(|m| m.top_all_time(view_id, after_cutoff, limit, host, to_cell))
     }
 
     /// Tells the speed layer which batch view serves, for its all-time rankings; rebuilds them

@@ -25,8 +25,8 @@ use crate::NotCovered;
 /// Counts of one URL in one epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct UrlCounts {
-    /// `(hour, views)` ascending by hour, no zero entries.
-    pub(crate) hours: Vec<(i64, u64)>,
+    /// `(cell, views)` ascending by cell, no zero entries.
+    pub(crate) cells: Vec<(i64, u64)>,
     pub(crate) total: u64,
     /// Distinct visitors per UTC day.
     pub(crate) visitors: Visitors,
@@ -197,39 +197,39 @@ impl UrlCounts {
 
     /// Adds a delta, keeping registers of `precision` for busy days.
     pub(crate) fn add_delta(&mut self, d: &UrlDelta, precision: u8) {
-        for (h, n) in &d.hours {
+        for (h, n) in &d.cells {
             self.add(*h, *n);
         }
         self.visitors
             .extend(d.visitors.iter().copied(), Some(precision));
     }
 
-    /// Adds `n` views in `hour`.
-    pub(crate) fn add(&mut self, hour: i64, n: u64) {
+    /// Adds `n` views in `cell`.
+    pub(crate) fn add(&mut self, cell: i64, n: u64) {
         if n == 0 {
             return;
         }
-        match self.hours.binary_search_by_key(&hour, |c| c.0) {
-            Ok(i) => self.hours[i].1 += n,
-            Err(i) => self.hours.insert(i, (hour, n)),
+        match self.cells.binary_search_by_key(&cell, |c| c.0) {
+            Ok(i) => self.cells[i].1 += n,
+            Err(i) => self.cells.insert(i, (cell, n)),
         }
         self.total += n;
     }
 
-    /// Views in the hours `[from_hour, to_hour)`.
-    pub(crate) fn range(&self, from_hour: i64, to_hour: i64) -> u64 {
-        let (Some(first), Some(last)) = (self.hours.first(), self.hours.last()) else {
+    /// Views in the cells `[from_cell, to_cell)`.
+    pub(crate) fn range(&self, from_cell: i64, to_cell: i64) -> u64 {
+        let (Some(first), Some(last)) = (self.cells.first(), self.cells.last()) else {
             return 0;
         };
-        if from_hour >= to_hour {
+        if from_cell >= to_cell {
             return 0;
         }
-        if from_hour <= first.0 && to_hour > last.0 {
+        if from_cell <= first.0 && to_cell > last.0 {
             return self.total;
         }
-        let a = self.hours.partition_point(|c| c.0 < from_hour);
-        let b = a + self.hours[a..].partition_point(|c| c.0 < to_hour);
-        self.hours[a..b].iter().map(|c| c.1).sum()
+        let a = self.cells.partition_point(|c| c.0 < from_cell);
+        let b = a + self.cells[a..].partition_point(|c| c.0 < to_cell);
+        self.cells[a..b].iter().map(|c| c.1).sum()
     }
 }
 
@@ -240,9 +240,9 @@ pub(crate) struct EpochState {
     pub(crate) applied: Seq,
     /// URL id → counts.
     pub(crate) urls: Sharded<u32, UrlCounts>,
-    /// Hour → the URLs with views in that hour, for hours that were ahead of the clock when
+    /// Cell → the URLs with views in that cell, for cells that were ahead of the clock when
     /// applied (events up to `ingest.max_future` ahead). An all-time ranking answers "until the
-    /// next hour", so these few URLs get their exact counts instead; hours that are no longer
+    /// next hour", so these few URLs get their exact counts instead; cells that are no longer
     /// ahead are dropped.
     pub(crate) ahead: BTreeMap<i64, HashSet<u32>>,
 }
@@ -413,18 +413,18 @@ impl Mirror {
         for u in urls.iter().filter(|u| u.new) {
             self.dict.insert(u.id, &u.name)?;
         }
-        let now_hour = tally_core::hour_of(tally_core::now_ms());
+        let now_cell = tally_core::cell_of(tally_core::now_ms());
         let e = self.epochs.entry(epoch).or_default();
         if e.ahead
             .first_key_value()
-            .is_some_and(|(h, _)| *h <= now_hour)
+            .is_some_and(|(h, _)| *h <= now_cell)
         {
-            e.ahead = e.ahead.split_off(&(now_hour + 1));
+            e.ahead = e.ahead.split_off(&(now_cell + 1));
         }
         let mut done = Vec::with_capacity(urls.len());
         let mut offers = Vec::with_capacity(urls.len());
         for u in urls {
-            for (h, _) in u.delta.hours.iter().filter(|(h, _)| *h > now_hour) {
+            for (h, _) in u.delta.cells.iter().filter(|(h, _)| *h > now_cell) {
                 e.ahead.entry(*h).or_default().insert(u.id);
             }
             match e.urls.get_mut(&u.id) {
@@ -487,7 +487,7 @@ impl Mirror {
         self.epochs.get(&epoch).map_or(Seq::ZERO, |e| e.applied)
     }
 
-    /// The exact all-time top `limit` (views until `to_hour`, the next full hour) of the batch
+    /// The exact all-time top `limit` (views until `to_cell`, the next full hour) of the batch
     /// view `view_id` with cutoff `after_cutoff` plus the speed layer, from the incremental
     /// rankings: `Ok(None)` when they cannot answer (another view, a limit above what they keep).
     pub(crate) fn top_all_time(
@@ -496,7 +496,7 @@ impl Mirror {
         after_cutoff: Seq,
         limit: usize,
         host: Option<&str>,
-        to_hour: i64,
+        to_cell: i64,
     ) -> Result<Option<Vec<(String, u64)>>, NotCovered> {
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
         let Some(r) = &self.ranking else {
@@ -511,10 +511,10 @@ impl Mirror {
         if limit > set.cap() {
             return Ok(None);
         }
-        // URLs with views at or after `to_hour`: their all-time totals overstate the range.
-        let mut late: HashSet<Arc<str>> = r.base.late(to_hour).into_iter().collect();
+        // URLs with views at or after `to_cell`: their all-time totals overstate the range.
+        let mut late: HashSet<Arc<str>> = r.base.late(to_cell).into_iter().collect();
         for e in &live {
-            for ids in e.ahead.range(to_hour..).map(|(_, ids)| ids) {
+            for ids in e.ahead.range(to_cell..).map(|(_, ids)| ids) {
                 late.extend(ids.iter().filter_map(|id| self.dict.name(*id).cloned()));
             }
         }
@@ -529,8 +529,8 @@ impl Mirror {
             return Ok(None); // the kept members ran out: scan instead
         }
         for u in &late {
-            let speed = self.views(u, after_cutoff, i64::MIN, to_hour)?;
-            let v = r.base.views_before(u, to_hour) + speed;
+            let speed = self.views(u, after_cutoff, i64::MIN, to_cell)?;
+            let v = r.base.views_before(u, to_cell) + speed;
             if v > 0 {
                 picked.push((u.to_string(), v));
             }
@@ -592,27 +592,27 @@ impl Mirror {
         &self,
         url: &str,
         after_cutoff: Seq,
-        from_hour: i64,
-        to_hour: i64,
+        from_cell: i64,
+        to_cell: i64,
     ) -> Result<u64, NotCovered> {
         Ok(self
             .url_counts(url, after_cutoff)?
-            .map(|c| c.range(from_hour, to_hour))
+            .map(|c| c.range(from_cell, to_cell))
             .sum())
     }
 
-    /// Non-zero hours of `url` in `[from_hour, to_hour)`, ascending.
-    pub(crate) fn hour_counts(
+    /// Non-zero cells of `url` in `[from_cell, to_cell)`, ascending.
+    pub(crate) fn cell_counts(
         &self,
         url: &str,
         after_cutoff: Seq,
-        from_hour: i64,
-        to_hour: i64,
+        from_cell: i64,
+        to_cell: i64,
     ) -> Result<Vec<(i64, u64)>, NotCovered> {
         let mut out: BTreeMap<i64, u64> = BTreeMap::new();
         for c in self.url_counts(url, after_cutoff)? {
-            let a = c.hours.partition_point(|x| x.0 < from_hour);
-            for (h, n) in c.hours[a..].iter().take_while(|x| x.0 < to_hour) {
+            let a = c.cells.partition_point(|x| x.0 < from_cell);
+            for (h, n) in c.cells[a..].iter().take_while(|x| x.0 < to_cell) {
                 *out.entry(*h).or_insert(0) += n;
             }
         }
@@ -654,14 +654,14 @@ impl Mirror {
         Ok(out)
     }
 
-    /// url → views in `[from_hour, to_hour)` for every URL with views there, optionally only
+    /// url → views in `[from_cell, to_cell)` for every URL with views there, optionally only
     /// URLs whose host is `host`. The keys borrow from the mirror (the caller holds its read
     /// lock).
     pub(crate) fn range_totals(
         &self,
         after_cutoff: Seq,
-        from_hour: i64,
-        to_hour: i64,
+        from_cell: i64,
+        to_cell: i64,
         host: Option<&str>,
     ) -> Result<HashMap<&str, u64>, NotCovered> {
         let mut out: HashMap<&str, u64> = HashMap::new();
@@ -675,7 +675,7 @@ impl Mirror {
                         continue;
                     }
                 }
-                let n = c.range(from_hour, to_hour);
+                let n = c.range(from_cell, to_cell);
                 if n > 0 {
                     *out.entry(&**url).or_default() += n;
                 }
@@ -691,7 +691,7 @@ mod tests {
     use crate::aggregate::aggregate;
     use crate::aggregate::tests::ev;
     use crate::rank::BaseTotals;
-    use tally_core::HOUR_MS;
+    use tally_core::{CELL_MS, HOUR_MS};
 
     fn mirror_of(events: &[tally_master::SeqEvent], epochs: &[Seq]) -> Mirror {
         let mut m = Mirror::default();
@@ -708,7 +708,7 @@ mod tests {
         c.add(1, 2);
         c.add(7, 1);
         c.add(9, 0);
-        assert_eq!(c.hours, vec![(1, 2), (3, 5), (7, 1)]);
+        assert_eq!(c.cells, vec![(1, 2), (3, 5), (7, 1)]);
         assert_eq!(c.range(i64::MIN, i64::MAX), 8);
         assert_eq!(c.range(1, 8), 8);
         assert_eq!(c.range(1, 7), 7);
@@ -720,7 +720,7 @@ mod tests {
 
     #[test]
     fn reads_sum_exactly_the_epochs_after_the_cutoff() {
-        let h = HOUR_MS;
+        let h = CELL_MS;
         let events = vec![
             ev(1, "http://a.com/x", 0),
             ev(2, "http://a.com/x", h),
@@ -742,10 +742,10 @@ mod tests {
         assert_eq!(m.views(x, Seq(0), 1, 2), Ok(2));
         assert_eq!(m.views("nope", Seq(0), 0, 10), Ok(0));
         assert_eq!(
-            m.hour_counts(x, Seq(0), 0, 10),
+            m.cell_counts(x, Seq(0), 0, 10),
             Ok(vec![(0, 1), (1, 2), (2, 1)])
         );
-        assert_eq!(m.hour_counts(x, Seq(3), 0, 2), Ok(vec![(1, 1)]));
+        assert_eq!(m.cell_counts(x, Seq(3), 0, 2), Ok(vec![(1, 1)]));
         let all = m.range_totals(Seq(0), 0, 10, None).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all["http://b.com/y"], 2);
@@ -782,7 +782,7 @@ mod tests {
             Seq(3)
         );
         assert!(m.visitors("http://a.com/x", Seq(0), 0, 1, 14).is_err());
-        assert!(m.hour_counts("http://a.com/x", Seq(0), 0, 1).is_err());
+        assert!(m.cell_counts("http://a.com/x", Seq(0), 0, 1).is_err());
         // Only x is left in a live epoch: y's id is free again.
         assert_eq!(m.dict.len(), 1);
         assert!(m.dict.id("http://a.com/y").is_none());
@@ -945,19 +945,19 @@ mod tests {
                 .collect();
             hs.into_iter().map(Arc::from).collect()
         }
-        fn late(&self, from_hour: i64) -> Vec<Arc<str>> {
+        fn late(&self, from_cell: i64) -> Vec<Arc<str>> {
             let us: HashSet<&str> = self
                 .cells
                 .iter()
-                .filter(|(_, h)| *h >= from_hour)
+                .filter(|(_, h)| *h >= from_cell)
                 .map(|(u, _)| u.as_str())
                 .collect();
             us.into_iter().map(Arc::from).collect()
         }
-        fn views_before(&self, url: &str, to_hour: i64) -> u64 {
+        fn views_before(&self, url: &str, to_cell: i64) -> u64 {
             self.cells
                 .iter()
-                .filter(|(u, h)| u == url && *h < to_hour)
+                .filter(|(u, h)| u == url && *h < to_cell)
                 .count() as u64
         }
     }
@@ -967,7 +967,7 @@ mod tests {
     /// which an all-time answer (until the next full hour) must leave out.
     #[test]
     fn all_time_rankings_equal_a_full_sort_while_views_arrive() {
-        let now_hour = tally_core::hour_of(tally_core::now_ms());
+        let now_cell = tally_core::cell_of(tally_core::now_ms());
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let mut rnd = |n: u64| {
             x ^= x << 13;
@@ -981,9 +981,9 @@ mod tests {
         for seq in 1..=300u64 {
             let i = rnd(40).min(rnd(40));
             let hour = if rnd(20) == 0 {
-                now_hour + 1
+                now_cell + 1
             } else {
-                now_hour - rnd(100) as i64
+                now_cell - rnd(100) as i64
             };
             all.push((seq, url(i), hour));
         }
@@ -995,12 +995,12 @@ mod tests {
         let mut m = Mirror::default();
         m.set_base(base.clone());
         let check = |m: &Mirror, all: &[(u64, String, i64)]| {
-            let to_hour = now_hour + 1;
+            let to_cell = now_cell + 1;
             for host in [None, Some("h0.test"), Some("h2.test"), Some("nope.test")] {
                 for limit in [1, 3, 10, 100] {
                     let mut counts: HashMap<&str, u64> = HashMap::new();
                     for (_, u, h) in all {
-                        if *h < to_hour
+                        if *h < to_cell
                             && host.is_none_or(|x| tally_core::url::host_of(u) == Some(x))
                         {
                             *counts.entry(u).or_default() += 1;
@@ -1012,14 +1012,14 @@ mod tests {
                         .collect();
                     want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
                     want.truncate(limit);
-                    let got = m.top_all_time("v", cutoff, limit, host, to_hour).unwrap();
+                    let got = m.top_all_time("v", cutoff, limit, host, to_cell).unwrap();
                     assert_eq!(got, Some(want), "limit {limit} host {host:?}");
                 }
             }
             // Another view, or more than a host ranking keeps: not answered here.
-            assert_eq!(m.top_all_time("w", cutoff, 10, None, to_hour), Ok(None));
+            assert_eq!(m.top_all_time("w", cutoff, 10, None, to_cell), Ok(None));
             assert_eq!(
-                m.top_all_time("v", cutoff, 101, Some("h0.test"), to_hour),
+                m.top_all_time("v", cutoff, 101, Some("h0.test"), to_cell),
                 Ok(None)
             );
         };
@@ -1030,11 +1030,11 @@ mod tests {
             for _ in 0..rnd(30) + 1 {
                 let i = rnd(50).min(rnd(50));
                 let hour = if rnd(10) == 0 {
-                    now_hour + 1
+                    now_cell + 1
                 } else {
-                    now_hour - rnd(3) as i64
+                    now_cell - rnd(3) as i64
                 };
-                let mut e = ev(seq, &url(i), hour * tally_core::HOUR_MS);
+                let mut e = ev(seq, &url(i), hour * CELL_MS);
                 e.event.received_at = tally_core::now_ms();
                 batch.push(e);
                 all.push((seq, url(i), hour));
@@ -1072,8 +1072,8 @@ mod tests {
         for url in (0..7).map(|i| format!("u{i}")) {
             for after in [Seq(0), Seq(49), Seq(50), Seq(119)] {
                 assert_eq!(
-                    once.hour_counts(&url, after, i64::MIN, i64::MAX),
-                    parts.hour_counts(&url, after, i64::MIN, i64::MAX)
+                    once.cell_counts(&url, after, i64::MIN, i64::MAX),
+                    parts.cell_counts(&url, after, i64::MIN, i64::MAX)
                 );
             }
         }

@@ -34,11 +34,11 @@ pub trait BaseTotals: Send + Sync {
     fn top(&self, host: Option<&str>, k: usize) -> Vec<(Arc<str>, u64)>;
     /// Every host with URLs in the view.
     fn hosts(&self) -> Vec<Arc<str>>;
-    /// URLs with views at hours `>= from_hour` (events that were ahead of the clock when the
+    /// URLs with views at cells `>= from_cell` (events that were ahead of the clock when the
     /// view was computed; empty for any hour past the view's computation).
-    fn late(&self, from_hour: i64) -> Vec<Arc<str>>;
-    /// Views of `url` in the hours before `to_hour`.
-    fn views_before(&self, url: &str, to_hour: i64) -> u64;
+    fn late(&self, from_cell: i64) -> Vec<Arc<str>>;
+    /// Views of `url` in the cells before `to_cell`.
+    fn views_before(&self, url: &str, to_cell: i64) -> u64;
 }
 
 /// The base when no batch view serves: the speed layer alone.

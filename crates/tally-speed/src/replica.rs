@@ -30,7 +30,7 @@ pub(crate) struct PendingUrl {
     pub(crate) url: Arc<str>,
     /// The URL is new to the epoch (Redis learns its id with this write).
     pub(crate) fresh: bool,
-    pub(crate) hours: BTreeMap<i64, u64>,
+    pub(crate) cells: BTreeMap<i64, u64>,
     /// Visitor members ([`crate::keys::visitor_member`]), possibly with repeats.
     pub(crate) visitors: Vec<i64>,
 }
@@ -53,8 +53,8 @@ impl PendingEpoch {
             ..PendingUrl::default()
         });
         p.fresh |= fresh;
-        for (h, n) in &d.hours {
-            *p.hours.entry(*h).or_default() += n;
+        for (h, n) in &d.cells {
+            *p.cells.entry(*h).or_default() += n;
         }
         p.visitors.extend(d.visitors.iter().copied());
     }
@@ -71,7 +71,7 @@ impl PendingEpoch {
                     let p = PendingUrl {
                         url,
                         fresh: true,
-                        hours: c.hours.into_iter().collect(),
+                        cells: c.cells.into_iter().collect(),
                         visitors: c.visitors.members().collect(),
                     };
                     (id, p)
@@ -81,7 +81,7 @@ impl PendingEpoch {
     }
 
     pub(crate) fn events(&self) -> u64 {
-        self.urls.values().flat_map(|u| u.hours.values()).sum()
+        self.urls.values().flat_map(|u| u.cells.values()).sum()
     }
 }
 
@@ -97,8 +97,8 @@ pub(crate) fn merge(older: &mut Pending, newer: Pending) {
                 }
                 Some(p) => {
                     p.fresh |= u.fresh;
-                    for (h, c) in u.hours {
-                        *p.hours.entry(h).or_default() += c;
+                    for (h, c) in u.cells {
+                        *p.cells.entry(h).or_default() += c;
                     }
                     p.visitors.extend(u.visitors);
                 }
@@ -142,8 +142,8 @@ fn push_url(
             p.ignore();
         }
     }
-    let hk = keys.hours(epoch, &ids);
-    for (h, n) in &u.hours {
+    let hk = keys.cells(epoch, &ids);
+    for (h, n) in &u.cells {
         p.cmd("HINCRBY").arg(&hk).arg(*h).arg(*n).ignore();
     }
     if !u.visitors.is_empty() {

@@ -120,17 +120,17 @@ impl Store {
         for chunk in urls.chunks(512) {
             let mut p = redis::pipe();
             for (id, _) in chunk {
-                p.cmd("HGETALL").arg(self.keys.hours(epoch, id));
+                p.cmd("HGETALL").arg(self.keys.cells(epoch, id));
                 p.cmd("SMEMBERS").arg(self.keys.visitors(epoch, id));
             }
             let replies: Vec<redis::Value> = p.query_async(&mut self.conn).await?;
             let mut replies = replies.into_iter();
             for (id, url) in chunk {
-                let (Some(hours), Some(visitors)) = (replies.next(), replies.next()) else {
+                let (Some(cells), Some(visitors)) = (replies.next(), replies.next()) else {
                     break;
                 };
-                let hours: HashMap<i64, u64> =
-                    redis::from_redis_value(hours).map_err(redis::RedisError::from)?;
+                let cells: HashMap<i64, u64> =
+                    redis::from_redis_value(cells).map_err(redis::RedisError::from)?;
                 let visitors: Vec<i64> =
                     redis::from_redis_value(visitors).map_err(redis::RedisError::from)?;
                 let Ok(id) = id.parse::<u32>() else {
@@ -138,9 +138,9 @@ impl Store {
                     continue;
                 };
                 let mut c = UrlCounts::default();
-                let mut hours: Vec<(i64, u64)> = hours.into_iter().collect();
-                hours.sort_unstable();
-                for (h, n) in hours {
+                let mut cells: Vec<(i64, u64)> = cells.into_iter().collect();
+                cells.sort_unstable();
+                for (h, n) in cells {
                     c.add(h, n);
                 }
                 // Registers are the mirror's business (`mirror_from`).
@@ -274,7 +274,7 @@ mod tests {
             x.visitors.members().collect::<Vec<_>>(),
             [visitor_member(0, h)]
         );
-        assert_eq!(x.hours, vec![(0, 2)]);
+        assert_eq!(x.cells, vec![(0, 2)]);
         // A resync rewrites the epoch from a snapshot, under a new marker.
         let snap = pending(&events, &[0, 1], true);
         replica::resync(&mut s, "i2", &snap).await.unwrap();

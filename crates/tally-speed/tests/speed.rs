@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use tally_core::sketch::visitor_hash32;
-use tally_core::{hour_of, Event, Seq, HOUR_MS};
+use tally_core::{cell_of, hour_of, Event, Seq, CELLS_PER_HOUR, CELL_MS, HOUR_MS};
 use tally_e2e::TestRedis;
 use tally_master::{Master, MasterConfig};
 use tally_speed::{NotCovered, SpeedConfig, SpeedLayer};
@@ -53,12 +53,12 @@ async fn assert_redis_epoch_1_exact(c: &mut MultiplexedConnection, master: &Mast
         .unwrap();
     let mut totals = HashMap::new();
     for (id, url) in ids {
-        let hours: HashMap<i64, u64> = redis::cmd("HGETALL")
+        let cells: HashMap<i64, u64> = redis::cmd("HGETALL")
             .arg(format!("tally:e:1:h:{id}"))
             .query_async(c)
             .await
             .unwrap();
-        assert!(totals.insert(url, hours.values().sum::<u64>()).is_none());
+        assert!(totals.insert(url, cells.values().sum::<u64>()).is_none());
     }
     assert_eq!(totals, model.range_totals(Seq(0), i64::MIN, i64::MAX, None));
 }
@@ -129,22 +129,22 @@ fn random_events(rng: &mut Rng, n: usize) -> Vec<Event> {
 /// The reference: every acknowledged event with its seq.
 #[derive(Default)]
 struct Model {
-    /// (seq, url, hour, visitor hash)
+    /// (seq, url, cell, visitor hash)
     events: Vec<(Seq, String, i64, Option<u32>)>,
 }
 
 impl Model {
     async fn ingest(&mut self, master: &Master, events: Vec<Event>) {
-        let hours: Vec<(String, i64, Option<u32>)> = events
+        let cells: Vec<(String, i64, Option<u32>)> = events
             .iter()
             .map(|e| {
                 let v = e.visitor.as_deref().map(|v| visitor_hash32(v.as_bytes()));
-                (e.url.clone(), hour_of(e.ts), v)
+                (e.url.clone(), cell_of(e.ts), v)
             })
             .collect();
         let r = master.append(events).await.unwrap();
-        assert_eq!(r.last.0 - r.first.0 + 1, hours.len() as u64);
-        for (i, (u, h, v)) in hours.into_iter().enumerate() {
+        assert_eq!(r.last.0 - r.first.0 + 1, cells.len() as u64);
+        for (i, (u, h, v)) in cells.into_iter().enumerate() {
             self.events.push((Seq(r.first.0 + i as u64), u, h, v));
         }
     }
@@ -166,7 +166,7 @@ impl Model {
             .events
             .iter()
             .filter(|(s, x, h, _)| {
-                let day = h.div_euclid(24);
+                let day = h.div_euclid(24 * CELLS_PER_HOUR);
                 *s > after && x == u && day >= from_day && day < to_day
             })
             .filter_map(|(_, _, _, v)| *v)
@@ -180,7 +180,7 @@ impl Model {
             .count() as u64
     }
 
-    fn hour_counts(&self, u: &str, after: Seq, from: i64, to: i64) -> Vec<(i64, u64)> {
+    fn cell_counts(&self, u: &str, after: Seq, from: i64, to: i64) -> Vec<(i64, u64)> {
         let mut m = std::collections::BTreeMap::new();
         for (_, _, h, _) in self.matching(after, from, to).filter(|(_, x, _, _)| x == u) {
             *m.entry(*h).or_insert(0u64) += 1;
@@ -285,14 +285,15 @@ fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
             assert_same_sketch(got, &want, &format!("{u} after {after} on [{from}, {to})"));
         }
     }
-    let h0 = hour_of(BASE_TS);
+    let h0 = cell_of(BASE_TS);
+    let cells = HOURS * CELLS_PER_HOUR;
     let ranges = [
         (i64::MIN, i64::MAX),
-        (h0, h0 + HOURS),
+        (h0, h0 + cells),
         (h0 + 2, h0 + 3),
         {
-            let a = h0 + rng.below(HOURS as u64) as i64;
-            (a, a + 1 + rng.below(5) as i64)
+            let a = h0 + rng.below(cells as u64) as i64;
+            (a, a + 1 + rng.below(20) as i64)
         },
         (h0 + 5, h0 + 5),
     ];
@@ -305,9 +306,9 @@ fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
                 "views of {u} after {after} in [{from}, {to})"
             );
             assert_eq!(
-                speed.hour_counts(&u, after, from, to),
-                Ok(Some(model.hour_counts(&u, after, from, to))),
-                "hour counts of {u} after {after} in [{from}, {to})"
+                speed.cell_counts(&u, after, from, to),
+                Ok(Some(model.cell_counts(&u, after, from, to))),
+                "cell counts of {u} after {after} in [{from}, {to})"
             );
         }
         for host in [None, Some("h1.example.com"), Some("nope.example.com")] {
@@ -711,7 +712,7 @@ async fn redis_state_behind_the_mirror_is_reloaded_not_double_counted() {
     speed.shutdown().await;
 }
 
-/// Total speed views over every URL and hour, for batch cutoff 0.
+/// Total speed views over every URL and cell, for batch cutoff 0.
 fn total_views(speed: &SpeedLayer) -> Option<u64> {
     speed
         .range_totals(Seq(0), i64::MIN, i64::MAX, None)
@@ -807,7 +808,7 @@ async fn all_time_rankings_leave_out_events_ahead_of_the_clock_also_after_a_relo
     let redis = TestRedis::start();
     let (_dir, master) = open_master();
     let now = tally_core::now_ms();
-    let next_hour = hour_of(now) + 1;
+    let next_hour = (hour_of(now) + 1) * CELLS_PER_HOUR;
     let at = |url: &str, ts: i64, n: usize| -> Vec<Event> {
         (0..n)
             .map(|_| Event {
@@ -822,7 +823,7 @@ async fn all_time_rankings_leave_out_events_ahead_of_the_clock_also_after_a_relo
     };
     let mut events = at("http://a.test/x", now, 3);
     events.extend(at("http://a.test/y", now, 2));
-    events.extend(at("http://a.test/y", next_hour * HOUR_MS + 1, 4));
+    events.extend(at("http://a.test/y", next_hour * CELL_MS + 1, 4));
     master.append(events).await.unwrap();
     let want = vec![
         ("http://a.test/x".to_string(), 3),

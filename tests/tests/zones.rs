@@ -1,0 +1,246 @@
+//! Time zones (API.md, "Time zones"): `/v1/views` series and totals and `/v1/top` in local
+//! hours, days and months of zones with DST (23- and 25-hour days, the repeated hour of a
+//! fall-back night), half- and quarter-hour offsets and a 30-minute DST shift, against a model
+//! that buckets every acknowledged event by its local time — before a batch run, after it, and
+//! with new events in the speed layer on top of the batch view.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, NaiveDateTime, Offset, TimeZone, Timelike};
+use chrono_tz::Tz;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tally_e2e::{
+    batch_run, enc, ingest_exact, parse_ms, seed, top_items, Model, ServerOpts, TestServer, HOUR_MS,
+};
+
+/// Zones with DST, 30/45-minute offsets, Lord Howe's 30-minute DST and a midnight DST gap.
+const ZONES: &[&str] = &[
+    "UTC",
+    "Europe/Berlin",
+    "America/St_Johns",
+    "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "Australia/Lord_Howe",
+    "Australia/Eucla",
+    "America/Havana",
+];
+
+/// DST transitions of 2026 in those zones (UTC), around which the events cluster.
+const TRANSITIONS: &[&str] = &[
+    "2026-03-08T05:00:00Z", // America/Havana springs forward at local midnight
+    "2026-03-08T05:30:00Z", // America/St_Johns springs forward
+    "2026-03-29T01:00:00Z", // Europe/Berlin springs forward (a 23-hour day)
+    "2026-04-04T15:00:00Z", // Australia/Lord_Howe falls back by 30 minutes
+    "2026-10-03T15:30:00Z", // Australia/Lord_Howe springs forward by 30 minutes
+    "2026-10-25T01:00:00Z", // Europe/Berlin falls back (a 25-hour day, 02:00 twice)
+    "2026-11-01T04:30:00Z", // America/St_Johns falls back
+];
+
+fn ms(s: &str) -> i64 {
+    DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
+}
+
+/// What identifies a local bucket: date and hour at one UTC offset for `hour` (so the two
+/// 02:00 hours of a fall-back night differ), the local date for `day`, year and month for
+/// `month`.
+type Label = (i32, u32, u32, u32, i32);
+
+fn label(tz: Tz, ts: i64, granularity: &str) -> Label {
+    let dt = tz.timestamp_millis_opt(ts).unwrap();
+    let off = dt.offset().fix().local_minus_utc();
+    match granularity {
+        "hour" => (dt.year(), dt.month(), dt.day(), dt.hour(), off),
+        "day" => (dt.year(), dt.month(), dt.day(), 0, 0),
+        "month" => (dt.year(), dt.month(), 0, 0, 0),
+        g => panic!("granularity {g}"),
+    }
+}
+
+/// The first instant at or after local time `naive` (the end of a DST gap when it has none).
+fn instant(tz: Tz, naive: NaiveDateTime) -> i64 {
+    let mut t = naive;
+    loop {
+        if let Some(d) = tz.from_local_datetime(&t).earliest() {
+            return d.timestamp_millis();
+        }
+        t += chrono::Duration::minutes(15);
+    }
+}
+
+/// A local-hour-aligned range of a few hours to a few days around a transition, as the local
+/// date-times the query sends (`2026-10-25T01:00`) and the instants they name.
+fn local_range(rng: &mut StdRng, tz: Tz) -> (String, String, i64, i64) {
+    let t = ms(TRANSITIONS[rng.random_range(0..TRANSITIONS.len())]);
+    let a = t - rng.random_range(0..40) * HOUR_MS;
+    let b = t + rng.random_range(1..40) * HOUR_MS;
+    let naive = |ts: i64| {
+        let l = tz.timestamp_millis_opt(ts).unwrap().naive_local();
+        l.date().and_hms_opt(l.hour(), 0, 0).unwrap()
+    };
+    let (na, nb) = (naive(a), naive(b));
+    let fmt = |n: NaiveDateTime| n.format("%Y-%m-%dT%H:%M").to_string();
+    (fmt(na), fmt(nb), instant(tz, na), instant(tz, nb))
+}
+
+/// Checks one `/v1/views` series in `zone` against the model, bucket by bucket.
+fn check_series(
+    server: &TestServer,
+    model: &Model,
+    url: &str,
+    zone: &str,
+    g: &str,
+    range: Option<(String, String, i64, i64)>,
+) {
+    let tz: Tz = zone.parse().unwrap();
+    let mut q = format!(
+        "/v1/views?url={}&granularity={g}&tz={}",
+        enc(url),
+        enc(zone)
+    );
+    let (from, to) = match &range {
+        Some((fs, ts, f, t)) => {
+            q.push_str(&format!("&from={}&to={}", enc(fs), enc(ts)));
+            (*f, *t)
+        }
+        None => (i64::MIN, i64::MAX),
+    };
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    assert_eq!(body["tz"], zone, "{body}");
+    if range.is_some() {
+        assert_eq!(parse_ms(&body["from"]), from, "echoed from of {q}: {body}");
+        assert_eq!(parse_ms(&body["to"]), to, "echoed to of {q}: {body}");
+    }
+    let mut want: BTreeMap<Label, u64> = BTreeMap::new();
+    let mut total = 0;
+    for (u, ts) in &model.events {
+        if u == url && (from..to).contains(ts) {
+            *want.entry(label(tz, *ts, g)).or_default() += 1;
+            total += 1;
+        }
+    }
+    let mut got: BTreeMap<Label, u64> = BTreeMap::new();
+    let mut last = i64::MIN;
+    for b in body["series"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no series: {body}"))
+    {
+        let start = parse_ms(&b["start"]);
+        assert!(start > last, "buckets ascend: {q}: {body}");
+        last = start;
+        // Each start is the first instant of its local bucket.
+        assert_ne!(
+            label(tz, start - 1, g),
+            label(tz, start, g),
+            "{} is not where a local {g} starts in {zone}: {q}",
+            b["start"]
+        );
+        let prev = got.insert(label(tz, start, g), b["views"].as_u64().unwrap());
+        assert!(prev.is_none(), "two buckets for one local {g}: {q}: {body}");
+    }
+    assert_eq!(got, want, "{g} series of {url} in {zone}: {q}");
+    assert_eq!(body["views"].as_u64(), Some(total), "total of {q}: {body}");
+}
+
+fn check_top(server: &TestServer, model: &Model, zone: &str, rng: &mut StdRng) {
+    let tz: Tz = zone.parse().unwrap();
+    let (fs, ts, from, to) = local_range(rng, tz);
+    let q = format!(
+        "/v1/top?limit=10&tz={}&from={}&to={}",
+        enc(zone),
+        enc(&fs),
+        enc(&ts)
+    );
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for (u, t) in &model.events {
+        if (from..to).contains(t) {
+            *counts.entry(u).or_default() += 1;
+        }
+    }
+    let mut want: Vec<(String, u64)> = counts
+        .into_iter()
+        .map(|(u, n)| (u.to_string(), n))
+        .collect();
+    want.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    want.truncate(10);
+    assert_eq!(top_items(&body), want, "GET {q}: {body}");
+}
+
+fn probe(server: &TestServer, model: &Model, urls: &[&str], rng: &mut StdRng) {
+    server.wait_caught_up();
+    for zone in ZONES {
+        let tz: Tz = zone.parse().unwrap();
+        for url in urls {
+            for g in ["hour", "day", "month"] {
+                check_series(server, model, url, zone, g, None);
+                check_series(server, model, url, zone, g, Some(local_range(rng, tz)));
+            }
+        }
+        check_top(server, model, zone, rng);
+    }
+}
+
+/// Events at arbitrary milliseconds around every transition of 2026, on three URLs.
+fn events_around_transitions(rng: &mut StdRng, urls: &[&str], n: usize) -> Vec<(String, i64)> {
+    (0..n)
+        .map(|_| {
+            let t = ms(TRANSITIONS[rng.random_range(0..TRANSITIONS.len())]);
+            let ts = t + rng.random_range(-30 * HOUR_MS..30 * HOUR_MS);
+            (urls[rng.random_range(0..urls.len())].to_string(), ts)
+        })
+        .collect()
+}
+
+#[test]
+fn counts_in_local_hours_days_and_months_of_any_zone_match_the_model() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(ServerOpts::default());
+    let urls = [
+        "https://a.test/",
+        "https://a.test/pricing",
+        "https://b.test/",
+    ];
+    let mut model = Model::default();
+    let events = events_around_transitions(&mut rng, &urls, 1500);
+    ingest_exact(&server, &mut model, &events);
+    probe(&server, &model, &urls, &mut rng);
+    batch_run(&server);
+    probe(&server, &model, &urls, &mut rng);
+    // New events in the speed layer on top of the batch view.
+    let events = events_around_transitions(&mut rng, &urls, 700);
+    ingest_exact(&server, &mut model, &events);
+    probe(&server, &model, &urls, &mut rng);
+}
+
+#[test]
+fn unknown_zones_and_uniques_off_utc_midnights_are_refused() {
+    let server = TestServer::start(ServerOpts::default());
+    for q in [
+        "/v1/views?url=https%3A%2F%2Fa.test%2F&tz=Mars%2FOlympus",
+        "/v1/top?tz=UTC%2B1",
+        "/v1/uniques?url=https%3A%2F%2Fa.test%2F&tz=Asia%2FKolkata&from=2026-11-01",
+    ] {
+        let (code, body) = server.get(q);
+        assert_eq!(code, 400, "GET {q}: {body}");
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.ends_with('.') && !msg.contains('\n'),
+            "one sentence: {body}"
+        );
+    }
+    // A zone whose midnights are UTC midnights in the range answers uniques.
+    let (code, body) = server.get(
+        "/v1/uniques?url=https%3A%2F%2Fa.test%2F&tz=Europe%2FLondon&from=2026-11-01&to=2026-11-03",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["tz"], "Europe/London");
+    assert_eq!(
+        parse_ms(&body["from"]),
+        ms("2026-11-01T00:00:00Z"),
+        "{body}"
+    );
+    assert_eq!(parse_ms(&body["to"]), ms("2026-11-03T00:00:00Z"), "{body}");
+}
