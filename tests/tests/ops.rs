@@ -289,6 +289,81 @@ fn admin_endpoints_need_the_token_and_nothing_else_does() {
     }
 }
 
+/// API.md, "Read access": with `auth.read_token` set, every query endpoint needs it (or the
+/// admin token); ingestion and health stay open.
+#[test]
+fn a_read_token_closes_the_query_endpoints_and_nothing_else() {
+    let server = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_AUTH_ADMIN_TOKEN", "admin-secret")
+            .env("TALLY_AUTH_READ_TOKEN", "read-secret"),
+    );
+    let client = Client::new();
+    let base = server.base_url();
+    let ids: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+    let resp = client
+        .post(format!("{base}/v1/events"))
+        .header("Content-Type", JSON)
+        .body(events_body(&ids))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "ingestion needs no token");
+    let resp = client
+        .post(format!("{base}/api/event"))
+        .header("Content-Type", "text/plain")
+        .header(
+            "User-Agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0",
+        )
+        .body(r#"{"n":"pageview","u":"https://ops.example/"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        202,
+        "the Plausible endpoint needs no token"
+    );
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        let (code, body) = call(&client, &base, "GET", path, None);
+        assert_eq!(code, 200, "GET {path} without a token: {body}");
+    }
+    let queries = [
+        "/v1/views?url=https%3A%2F%2Fops.example%2Fp1",
+        "/v1/top",
+        "/v1/uniques?url=https%3A%2F%2Fops.example%2Fp1",
+    ];
+    for path in queries {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("read-secret"),
+            Some("Bearer "),
+        ] {
+            let (code, body) = call(&client, &base, "GET", path, auth);
+            assert_eq!(code, 401, "GET {path} with {auth:?}: {body}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("read token")),
+                "{body}"
+            );
+        }
+        for auth in ["Bearer read-secret", "Bearer admin-secret"] {
+            let (code, body) = call(&client, &base, "GET", path, Some(auth));
+            assert_eq!(code, 200, "GET {path} with {auth}: {body}");
+        }
+    }
+    // The read token is not an admin token.
+    let (code, body) = call(
+        &client,
+        &base,
+        "GET",
+        "/v1/admin/status",
+        Some("Bearer read-secret"),
+    );
+    assert_eq!(code, 401, "{body}");
+}
+
 #[test]
 fn an_open_bind_without_a_token_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -466,6 +466,86 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// API.md, "Hash-routed pages": with `h: 1` the fragment is part of the page, and queries keep
+/// it with `hash=1`; without `h` it is dropped as before.
+#[test]
+fn hash_routed_pages_are_pages_of_their_own() {
+    let server = TestServer::start(ServerOpts::default());
+    let ua = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0";
+    let send = |body: serde_json::Value| {
+        let (code, text, _) = plausible(&server, &body.to_string(), "203.0.113.9", ua);
+        assert_eq!(code, 202, "{body}: {text}");
+    };
+    for _ in 0..2 {
+        send(
+            json!({"n": "pageview", "u": "https://spa.test/app#/settings", "d": "spa.test", "h": 1}),
+        );
+    }
+    send(json!({"n": "pageview", "u": "https://spa.test/app#/billing", "d": "spa.test", "h": 1}));
+    send(json!({"n": "pageview", "u": "https://spa.test/app#/ignored", "d": "spa.test"}));
+    server.wait_caught_up();
+    let views = |q: &str| {
+        let (code, body) = server.get(q);
+        assert_eq!(code, 200, "GET {q}: {body}");
+        body["views"].as_u64().expect("views")
+    };
+    let settings = enc("https://spa.test/app#/settings");
+    assert_eq!(views(&format!("/v1/views?url={settings}&hash=1")), 2);
+    let billing = enc("https://spa.test/app#/billing");
+    assert_eq!(views(&format!("/v1/views?url={billing}&hash=1")), 1);
+    // Without hash=1 the fragment of the url parameter is dropped: the page without one.
+    assert_eq!(views(&format!("/v1/views?url={settings}")), 1);
+    let (code, body) = server.get("/v1/top?limit=10");
+    assert_eq!(code, 200, "{body}");
+    let urls: Vec<&str> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "https://spa.test/app#/settings",
+            "https://spa.test/app",
+            "https://spa.test/app#/billing"
+        ]
+    );
+    let (code, body) = server.get(&format!("/v1/views?url={settings}&hash=yes"));
+    assert_eq!(code, 400, "{body}");
+}
+
+/// Events from known bots and crawlers are accepted (`202`, `X-Plausible-Dropped: 1`, as
+/// Plausible answers) and not counted; a browser's are counted.
+#[test]
+fn bots_are_answered_and_not_counted() {
+    let server = TestServer::start(ServerOpts::default());
+    let body = json!({"n": "pageview", "u": "https://bots.test/", "d": "bots.test"}).to_string();
+    for ua in [
+        "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+        "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm) Chrome/116.0 Safari/537.36",
+        "curl/8.5.0",
+    ] {
+        let (code, text, headers) = plausible(&server, &body, "198.51.100.1", ua);
+        assert_eq!(code, 202, "{ua}: {text}");
+        assert_eq!(
+            headers.get("x-plausible-dropped").and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{ua}"
+        );
+    }
+    let browser = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Safari/605.1.15";
+    let (code, _, headers) = plausible(&server, &body, "198.51.100.2", browser);
+    assert_eq!(code, 202);
+    assert!(headers.get("x-plausible-dropped").is_none());
+    assert_eq!(views_of(&server, "https://bots.test/"), 1);
+    let status = server.status();
+    assert_eq!(
+        status["acked_seq"], 1,
+        "bots' events are not stored: {status}"
+    );
+}
+
 #[test]
 fn plausible_events_are_counted_like_plausible() {
     // The test client is the reverse proxy (127.0.0.1) in front of a 10.x balancer; the

@@ -20,6 +20,17 @@ pub enum UrlError {
 /// Normalises a page URL as the WHATWG URL standard does (scheme and host lower-cased, default
 /// port removed, empty path becomes `/`, percent-encoding normalised) and drops the fragment.
 pub fn normalize_url(input: &str) -> Result<String, UrlError> {
+    normalize(input, false)
+}
+
+/// [`normalize_url`] for a hash-routed page (API.md, "Hash-routed pages"): the fragment is
+/// part of the page and kept (`/app#/settings` and `/app#/billing` are two pages); an empty
+/// fragment is dropped.
+pub fn normalize_hash_url(input: &str) -> Result<String, UrlError> {
+    normalize(input, true)
+}
+
+fn normalize(input: &str, keep_fragment: bool) -> Result<String, UrlError> {
     let trimmed = input.trim();
     if trimmed.is_empty() {
         return Err(UrlError::Empty);
@@ -35,7 +46,9 @@ pub fn normalize_url(input: &str) -> Result<String, UrlError> {
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(UrlError::Invalid("empty host".to_string()));
     }
-    parsed.set_fragment(None);
+    if !keep_fragment || parsed.fragment().is_some_and(str::is_empty) {
+        parsed.set_fragment(None);
+    }
     let out: String = parsed.into();
     if out.len() > MAX_URL_BYTES {
         return Err(UrlError::TooLong);
@@ -134,6 +147,30 @@ mod tests {
         for bad in ["", " ", "a/b", "a?b", "u@h", "a b", "exa mple.com", "[::1"] {
             assert!(normalize_host(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn hash_routed_pages_keep_their_fragment() {
+        assert_eq!(
+            normalize_hash_url("HTTPS://X.test/app#/settings").unwrap(),
+            "https://x.test/app#/settings"
+        );
+        assert_eq!(
+            normalize_hash_url("https://x.test/app#").unwrap(),
+            "https://x.test/app"
+        );
+        assert_eq!(
+            normalize_hash_url("https://x.test/a?b=1").unwrap(),
+            "https://x.test/a?b=1"
+        );
+        assert_eq!(
+            normalize_url("https://x.test/app#/settings").unwrap(),
+            "https://x.test/app"
+        );
+        assert_eq!(
+            host_of(&normalize_hash_url("https://x.test#/a").unwrap()),
+            Some("x.test")
+        );
     }
 
     #[test]

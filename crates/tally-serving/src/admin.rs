@@ -19,22 +19,47 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The bearer token of a request, if any.
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Whether `given` is `token` (in constant time).
+fn matches(given: Option<&str>, token: Option<&String>) -> bool {
+    match (given, token) {
+        (Some(g), Some(t)) => constant_time_eq(g.as_bytes(), t.as_bytes()),
+        _ => false,
+    }
+}
+
 /// Admin endpoints need `Authorization: Bearer <auth.admin_token>` when a token is set.
 pub(crate) async fn require_admin(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = &state.admin_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => {}
-            _ => return ApiError::Unauthorized.into_response(),
+    if state.admin_token.is_some() && !matches(bearer(&req), state.admin_token.as_ref()) {
+        return ApiError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+/// Query endpoints need `Authorization: Bearer <auth.read_token>` (or the admin token) when a
+/// read token is set (API.md, "Read access"); ingestion stays open.
+pub(crate) async fn require_read(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.read_token.is_some() {
+        let given = bearer(&req);
+        if !matches(given, state.read_token.as_ref()) && !matches(given, state.admin_token.as_ref())
+        {
+            return ApiError::ReadUnauthorized.into_response();
         }
     }
     next.run(req).await

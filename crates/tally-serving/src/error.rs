@@ -15,7 +15,10 @@ pub enum ApiError {
         message: String,
         details: Vec<(usize, String)>,
     },
+    /// No valid admin token where one is needed: 401.
     Unauthorized,
+    /// No valid read (or admin) token for a query endpoint while `auth.read_token` is set: 401.
+    ReadUnauthorized,
     NotFound(String),
     MethodNotAllowed,
     Conflict {
@@ -57,6 +60,10 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 json!({ "error": "This endpoint needs a valid admin token in the Authorization: Bearer header." }),
+            ),
+            ApiError::ReadUnauthorized => (
+                StatusCode::UNAUTHORIZED,
+                json!({ "error": "This endpoint needs the read token (or the admin token) in the Authorization: Bearer header." }),
             ),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!({ "error": m })),
             ApiError::MethodNotAllowed => (

@@ -41,12 +41,19 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             admin::require_admin,
         ));
-    // Public routes answer within `http.request_timeout`; admin routes may wait for a batch run.
-    let public = Router::new()
-        .route("/v1/events", post(ingest::post_events))
+    // Query endpoints: closed by `auth.read_token` when it is set.
+    let queries = Router::new()
         .route("/v1/views", get(query::get_views))
         .route("/v1/top", get(query::get_top))
         .route("/v1/uniques", get(query::get_uniques))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_read,
+        ));
+    // Public routes answer within `http.request_timeout`; admin routes may wait for a batch run.
+    let public = Router::new()
+        .merge(queries)
+        .route("/v1/events", post(ingest::post_events))
         .route(
             "/api/event",
             post(plausible::post_event).options(plausible::preflight),

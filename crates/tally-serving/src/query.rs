@@ -96,11 +96,27 @@ pub(crate) fn query_range(q: &HashMap<String, String>) -> ApiResult<CellRange> {
     })
 }
 
+/// The `url` parameter, normalised; with `hash=1` its fragment is kept (a hash-routed page,
+/// API.md "Hash-routed pages"), else dropped.
 pub(crate) fn url_param(q: &HashMap<String, String>) -> ApiResult<String> {
     let raw = q
         .get("url")
         .ok_or_else(|| ApiError::bad("The url parameter is required."))?;
-    normalize_url(raw).map_err(|e| ApiError::bad(format!("The url parameter is invalid: {e}.")))
+    let hash = match q.get("hash").map(String::as_str) {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(h) => {
+            return Err(ApiError::bad(format!(
+                "hash must be 1 (keep the url's #fragment) or 0, not {h:?}."
+            )))
+        }
+    };
+    if hash {
+        tally_core::url::normalize_hash_url(raw)
+    } else {
+        normalize_url(raw)
+    }
+    .map_err(|e| ApiError::bad(format!("The url parameter is invalid: {e}.")))
 }
 
 /// Which batch view an answer comes from (`batch` in every query answer; null without one).

@@ -35,6 +35,8 @@ pub struct Inner {
     pub runner: BatchRunner,
     pub limits: Limits,
     pub admin_token: Option<String>,
+    /// `auth.read_token`: when set, query endpoints need it (or the admin token).
+    pub read_token: Option<String>,
     pub started: Instant,
     pub schedule: String,
     /// HyperLogLog precision for unique visitors (`uniques.precision`).
@@ -58,6 +60,8 @@ pub struct Inner {
 pub struct ServingConfig {
     pub limits: Limits,
     pub admin_token: Option<String>,
+    /// `auth.read_token`; `None` leaves the query endpoints open.
+    pub read_token: Option<String>,
     /// The batch schedule, as shown by `GET /v1/admin/batch`.
     pub schedule: String,
     pub sketch_precision: u8,
@@ -99,6 +103,7 @@ impl AppState {
             runner,
             limits: cfg.limits,
             admin_token: cfg.admin_token,
+            read_token: cfg.read_token,
             started: Instant::now(),
             schedule: cfg.schedule,
             sketch_precision: cfg.sketch_precision,

@@ -53,6 +53,7 @@ async fn state(dir: &std::path::Path) -> AppState {
                 max_concurrency: 64,
             },
             admin_token: None,
+            read_token: None,
             schedule: "0 0 */8 * * *".into(),
             sketch_precision: 14,
             fallback_views: 1,

@@ -112,6 +112,8 @@ pub(crate) struct QueryConfig {
 pub(crate) struct AuthConfig {
     #[serde(deserialize_with = "string_or_number")]
     pub(crate) admin_token: String,
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) read_token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -236,6 +238,10 @@ impl Config {
 
     pub(crate) fn admin_token(&self) -> Option<String> {
         (!self.auth.admin_token.is_empty()).then(|| self.auth.admin_token.clone())
+    }
+
+    pub(crate) fn read_token(&self) -> Option<String> {
+        (!self.auth.read_token.is_empty()).then(|| self.auth.read_token.clone())
     }
 }
 

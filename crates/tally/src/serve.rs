@@ -131,6 +131,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
                 max_concurrency: cfg.http.max_concurrency,
             },
             admin_token: cfg.admin_token(),
+            read_token: cfg.read_token(),
             schedule: cfg.batch.schedule.clone(),
             sketch_precision: cfg.uniques.precision,
             fallback_views: cfg.speed.fallback_views,
