@@ -376,14 +376,31 @@ impl Applier {
                 self.store.delete_epoch(e).await?;
             }
         }
-        let mut loaded: Vec<(Seq, Option<LoadedEpoch>)> = Vec::with_capacity(live.len());
-        for e in &live {
-            let state = self.store.load_epoch(*e).await?;
+        // Each epoch is loaded consistently on its own (`load_epoch`), but one transaction may
+        // move several epochs (the end of one and the start of the next): a write landing
+        // between two epochs' loads would leave the mirror with an old epoch and a newer one,
+        // and resuming after the newer one's applied seq would skip the old one's tail. So the
+        // applied seqs of all epochs are read again together, and the load starts over when
+        // any moved (a restart overlapping the previous applier's last writes).
+        let loaded = loop {
+            let mut loaded: Vec<(Seq, Option<LoadedEpoch>)> = Vec::with_capacity(live.len());
+            for e in &live {
+                loaded.push((*e, self.store.load_epoch(*e).await?));
+            }
+            let now = self.store.applied_of(&live).await?;
+            let same = loaded
+                .iter()
+                .zip(&now)
+                .all(|((_, s), n)| s.as_ref().map_or(Seq(0), |s| s.applied) == *n);
+            if same {
+                break loaded;
+            }
+        };
+        for (e, state) in &loaded {
             if state.is_none() {
                 // Keys without an applied seq are a write that never finished: garbage.
                 self.store.delete_epoch(*e).await?;
             }
-            loaded.push((*e, state));
         }
         let mut m = match mirror_from(live[0], self.cfg.sketch_precision, loaded) {
             Ok(m) => m,

@@ -71,7 +71,6 @@ impl Store {
     }
 
     /// The applied seq of each epoch (0 when missing), in one round trip.
-    #[cfg(test)]
     pub(crate) async fn applied_of(&mut self, epochs: &[Seq]) -> Result<Vec<Seq>> {
         if epochs.is_empty() {
             return Ok(Vec::new());

@@ -144,6 +144,9 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     let views = state.views.clone();
     views.refresh().await;
 
+    // The signal handlers are in place before `listening on` tells anyone to send one: a
+    // SIGTERM right after it used to find the default action and kill the process.
+    let signals = Signals::new()?;
     let listener = TcpListener::bind(cfg.http.addr)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.http.addr))?;
@@ -162,7 +165,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
 
     let app =
         tally_serving::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal(signals));
     server.await.context("http server failed")?;
 
     tracing::info!("shutting down: stopping the scheduler and sealing the WAL");
@@ -226,11 +229,11 @@ async fn watch_current(views: Arc<ViewManager>) {
 }
 
 /// Resolves on the first SIGINT/SIGTERM; a second one exits at once.
-async fn shutdown_signal() {
-    wait_signal().await;
+async fn shutdown_signal(mut signals: Signals) {
+    signals.recv().await;
     tracing::info!("signal received: finishing in-flight requests (send again to exit at once)");
-    tokio::spawn(async {
-        wait_signal().await;
+    tokio::spawn(async move {
+        signals.recv().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
@@ -241,24 +244,39 @@ async fn shutdown_signal() {
     });
 }
 
-async fn wait_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT and SIGTERM, their handlers registered when this is created.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {},
+            _ = self.term.recv() => {},
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
