@@ -78,7 +78,7 @@ enum Inflight {
 }
 
 type WriteDone = (Pending, BTreeSet<Seq>, Result<WriteOutcome>);
-type ResyncDone = (BTreeMap<Seq, Seq>, Result<()>);
+type ResyncDone = (BTreeMap<Seq, Seq>, Result<bool>);
 
 /// What a finished Redis task gave back.
 enum Done {
@@ -660,7 +660,19 @@ impl Applier {
         match d {
             Done::Write((tried, doomed, r)) => self.after_write(tried, doomed, r),
             Done::Resync((applied, r)) => match r {
-                Ok(()) => {
+                Ok(false) => {
+                    // Another rewrite claimed Redis after ours: ours stopped; the state there
+                    // is not ours. Rewrite again under a new marker.
+                    warn!("another rewrite of the speed state claimed redis; rewriting again");
+                    self.instance = Some(instance_marker(
+                        self.master.dataset_id(),
+                        &new_incarnation(),
+                    ));
+                    self.pending.clear();
+                    self.resync = true;
+                    self.redis_ok();
+                }
+                Ok(true) => {
                     self.set_redis_applied(applied);
                     Counters::bump(&self.shared.counters.resyncs, 1);
                     self.redis_ok();

@@ -96,6 +96,12 @@ pub(crate) fn instance_marker(dataset_id: &str, incarnation: &str) -> String {
     format!("{LAYOUT}/{dataset_id}/{incarnation}")
 }
 
+/// The marker a rewrite holds while it writes, before it sets `marker`
+/// ([`crate::replica::resync`]): never [`marker_is_ours`], so nobody adopts half-written state.
+pub(crate) fn rewriting_marker(marker: &str) -> String {
+    format!("rewriting/{marker}")
+}
+
 /// Whether `marker` is state of this layout and this dataset.
 pub(crate) fn marker_is_ours(marker: &str, dataset_id: &str) -> bool {
     marker
@@ -145,6 +151,8 @@ mod tests {
         assert!(!marker_is_ours("v1/abc/x1", "abc"));
         // A marker of the previous layout (a bare incarnation id).
         assert!(!marker_is_ours("18c1f-42-0", "abc"));
+        // A rewrite's claim is nobody's state: a loader rebuilds rather than adopt it.
+        assert!(!marker_is_ours(&rewriting_marker(&m), "abc"));
     }
 
     #[test]

@@ -229,54 +229,76 @@ pub(crate) async fn write(
     }
 }
 
-/// Rewrites Redis from `snapshot` (whole epochs of the mirror): deletes every epoch Redis lists
-/// and every epoch of the snapshot, sets the instance marker, then writes each epoch in
-/// transactions of bounded size, its applied seq with the last one. An epoch whose applied seq
-/// is missing is garbage to a later load, so a crash half-way leaves nothing half-trusted.
+/// Rewrites Redis from `snapshot` (whole epochs of the mirror) and leaves it marked `marker`.
+///
+/// A rewrite is several transactions, and it can outlive the applier that started it (a
+/// restart drops the applier, not its Redis task), so it must never interleave with another
+/// applier's state:
+/// 1. it first sets the instance marker to its **claim**, `rewriting/{marker}` — not a marker
+///    of any state ([`keys::marker_is_ours`](crate::keys::marker_is_ours) refuses it), so a
+///    loader meanwhile rebuilds instead of adopting half-written state, and every
+///    compare-and-set write meanwhile fails on the marker;
+/// 2. deletes every epoch Redis lists and every epoch of the snapshot, then writes each epoch
+///    in transactions of bounded size, its applied seq with its last one, and the final
+///    `marker` with the very last transaction;
+/// 3. runs every step after the claim only while the claim is still in place
+///    ([`Store::exec_as`](crate::store::Store::exec_as)): a newer rewrite claims over it, and
+///    this one stops at its next step (`Ok(false)`), writing nothing more.
+///
+/// A crash half-way leaves the claim, which the next start rebuilds from. (Found by
+/// `stopping_at_random_moments_mid_apply_never_double_counts`: an old rewrite's chunks written
+/// between the next applier's steps counted views under the wrong URL.)
 pub(crate) async fn resync(
     store: &mut crate::store::Store,
     marker: &str,
     snapshot: &Pending,
-) -> Result<()> {
+) -> Result<bool> {
+    let claim = crate::keys::rewriting_marker(marker);
+    store.set_instance(&claim).await?;
     let mut doomed = store.listed_epochs().await?;
     doomed.extend(snapshot.keys().copied());
     doomed.sort();
     doomed.dedup();
     for e in doomed {
-        store.delete_epoch(e).await?;
+        if !store.delete_epoch_as(e, &claim).await? {
+            return Ok(false);
+        }
     }
-    store.set_instance(marker).await?;
     let keys = store.keys.clone();
+    // Every transaction of the rewrite, the last one also setting the final marker.
+    let mut txs: Vec<redis::Pipeline> = Vec::new();
     for (e, pe) in snapshot {
         let mut ids: Vec<(&u32, &PendingUrl)> = pe.urls.iter().collect();
         ids.sort_unstable_by_key(|(id, _)| **id);
         let chunks: Vec<&[(&u32, &PendingUrl)]> = ids.chunks(RESYNC_CHUNK_URLS).collect();
-        let n = chunks.len();
-        for (i, chunk) in chunks.into_iter().enumerate() {
+        let n = chunks.len().max(1);
+        for i in 0..n {
             let mut p = redis::pipe();
             p.atomic();
-            for (id, u) in chunk {
-                push_url(&mut p, &keys, *e, **id, u, false);
+            if let Some(chunk) = chunks.get(i) {
+                for (id, u) in chunk.iter() {
+                    push_url(&mut p, &keys, *e, **id, u, false);
+                }
             }
             if i + 1 == n {
                 p.cmd("SADD").arg(keys.epochs()).arg(e.0).ignore();
                 p.cmd("SET").arg(keys.applied(*e)).arg(pe.last.0).ignore();
             }
-            p.exec_async(&mut store.conn).await?;
-        }
-        if n == 0 {
-            let mut p = redis::pipe();
-            p.atomic()
-                .cmd("SADD")
-                .arg(keys.epochs())
-                .arg(e.0)
-                .ignore()
-                .cmd("SET")
-                .arg(keys.applied(*e))
-                .arg(pe.last.0)
-                .ignore();
-            p.exec_async(&mut store.conn).await?;
+            txs.push(p);
         }
     }
-    Ok(())
+    if txs.is_empty() {
+        let mut p = redis::pipe();
+        p.atomic();
+        txs.push(p);
+    }
+    if let Some(last) = txs.last_mut() {
+        last.cmd("SET").arg(keys.instance()).arg(marker).ignore();
+    }
+    for p in &txs {
+        if !store.exec_as(&claim, p).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

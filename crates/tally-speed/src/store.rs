@@ -150,9 +150,39 @@ impl Store {
         Ok(Some(state))
     }
 
-    /// Deletes every key of the epoch (of this layout and the previous one) in one
-    /// transaction.
-    pub(crate) async fn delete_epoch(&mut self, epoch: Seq) -> Result<()> {
+    /// Runs the atomic pipeline `p` only while Redis's instance marker is `marker` (`WATCH`ed
+    /// from the check to `EXEC`): `false`, and nothing written, once another marker has been
+    /// claimed.
+    pub(crate) async fn exec_as(&mut self, marker: &str, p: &redis::Pipeline) -> Result<bool> {
+        redis::cmd("WATCH")
+            .arg(self.keys.instance())
+            .exec_async(&mut self.conn)
+            .await?;
+        let current = self.instance().await?;
+        if current.as_deref() != Some(marker) {
+            redis::cmd("UNWATCH").exec_async(&mut self.conn).await?;
+            return Ok(false);
+        }
+        let replies: Option<Vec<redis::Value>> = p.query_async(&mut self.conn).await?;
+        Ok(replies.is_some())
+    }
+
+    /// [`Store::delete_epoch`] in one transaction that runs only while the instance marker is
+    /// `marker` (see [`Store::exec_as`]).
+    pub(crate) async fn delete_epoch_as(&mut self, epoch: Seq, marker: &str) -> Result<bool> {
+        let keys = self.epoch_keys_in_redis(epoch).await?;
+        let mut p = redis::pipe();
+        p.atomic();
+        for chunk in keys.chunks(10_000) {
+            p.cmd("UNLINK").arg(chunk).ignore();
+        }
+        p.cmd("SREM").arg(self.keys.epochs()).arg(epoch.0).ignore();
+        self.exec_as(marker, &p).await
+    }
+
+    /// Every key Redis holds for `epoch`: those of the ids its `urls` hash lists, and the
+    /// previous layout's visitor sets.
+    async fn epoch_keys_in_redis(&mut self, epoch: Seq) -> Result<Vec<String>> {
         let ids: Vec<String> = redis::cmd("HKEYS")
             .arg(self.keys.urls(epoch))
             .query_async(&mut self.conn)
@@ -164,6 +194,12 @@ impl Store {
             .await?;
         let mut keys = self.keys.epoch_keys(epoch, ids.iter().map(String::as_str));
         keys.extend(legacy);
+        Ok(keys)
+    }
+
+    /// Deletes every key of the epoch (of this layout and the previous one).
+    pub(crate) async fn delete_epoch(&mut self, epoch: Seq) -> Result<()> {
+        let keys = self.epoch_keys_in_redis(epoch).await?;
         for chunk in keys.chunks(10_000) {
             redis::cmd("UNLINK")
                 .arg(chunk)
@@ -276,7 +312,7 @@ mod tests {
         assert_eq!(x.cells, vec![(0, 2)]);
         // A resync rewrites the epoch from a snapshot, under a new marker.
         let snap = pending(&events, &[0, 1], true);
-        replica::resync(&mut s, "i2", &snap).await.unwrap();
+        assert!(replica::resync(&mut s, "i2", &snap).await.unwrap());
         assert_eq!(s.instance().await.unwrap().as_deref(), Some("i2"));
         let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
         assert_eq!(loaded.applied, Seq(3));
@@ -295,5 +331,40 @@ mod tests {
             .await
             .unwrap();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A rewrite whose claim was taken over by a newer one stops at its next step and writes
+    /// nothing more; the newer rewrite's state stays whole, under its final marker.
+    #[tokio::test]
+    async fn a_rewrite_overtaken_by_a_newer_one_writes_nothing_more() {
+        let redis = TestRedis::start();
+        let mut s = store(&redis).await;
+        let events = vec![ev(1, "http://a/x", 0), ev(2, "http://a/y", 0)];
+        let newer = pending(&events, &[0, 1], true);
+        assert!(replica::resync(&mut s, "new", &newer).await.unwrap());
+        // An older rewrite, mid-way: its claim was replaced by the newer one's.
+        let old_claim = crate::keys::rewriting_marker("old");
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("SET")
+            .arg(s.keys.applied(Seq(1)))
+            .arg(999)
+            .ignore();
+        assert!(!s.exec_as(&old_claim, &p).await.unwrap());
+        assert!(!s.delete_epoch_as(Seq(1), &old_claim).await.unwrap());
+        assert_eq!(s.instance().await.unwrap().as_deref(), Some("new"));
+        let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
+        assert_eq!(loaded.applied, Seq(2));
+        assert_eq!(loaded.urls.len(), 2);
+        // While a rewrite holds its claim, compare-and-set writes fail on the marker.
+        s.set_instance(&crate::keys::rewriting_marker("next"))
+            .await
+            .unwrap();
+        let more = pending(&[ev(3, "http://a/x", 0)], &[0], false);
+        let expected = BTreeMap::from([(Seq(1), Seq(2))]);
+        assert_eq!(
+            write(&mut s, "new", &expected, &more).await,
+            WriteOutcome::InstanceLost
+        );
     }
 }
