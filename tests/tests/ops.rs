@@ -834,7 +834,10 @@ fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     let tmpfs = match Tmpfs::mount("24m") {
         Ok(t) => t,
         Err(reason) => {
-            eprintln!("SKIPPED a_full_disk_answers_503_loses_nothing_and_recovers: {reason}");
+            tally_e2e::skip(
+                "a_full_disk_answers_503_loses_nothing_and_recovers",
+                &reason,
+            );
             return;
         }
     };

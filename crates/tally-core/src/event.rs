@@ -13,6 +13,20 @@ pub const MAX_VISITOR_BYTES: usize = 256;
 pub const MAX_REFERRER_BYTES: usize = 2048;
 pub const MAX_ID_BYTES: usize = 128;
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary: how the
+/// Plausible endpoint keeps a referrer within [`MAX_REFERRER_BYTES`] (the trackers cannot act on
+/// a `400`, so it shortens where `/v1/events` refuses).
+pub fn truncate_to_bytes(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// One validated, normalised page view, as it is stored in the WAL and the master dataset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -251,6 +265,18 @@ pub fn parse_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncation_keeps_whole_characters_within_the_byte_limit() {
+        assert_eq!(truncate_to_bytes("abc", 5), "abc");
+        assert_eq!(truncate_to_bytes("abcdef", 3), "abc");
+        // "é" is two bytes: a cut inside it keeps the characters before it.
+        assert_eq!(truncate_to_bytes("aé", 2), "a");
+        let long = "ü".repeat(MAX_REFERRER_BYTES);
+        let t = truncate_to_bytes(&long, MAX_REFERRER_BYTES);
+        assert_eq!(t.len(), MAX_REFERRER_BYTES);
+        assert!(t.chars().all(|c| c == 'ü'));
+    }
 
     const NOW: i64 = 1_795_000_000_000;
 

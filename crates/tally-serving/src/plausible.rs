@@ -17,6 +17,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde_json::Value;
+use tally_core::event::{truncate_to_bytes, MAX_REFERRER_BYTES};
 use tally_core::url::normalize_hash_url;
 use tally_core::{day_of, normalize_url, now_ms, Event};
 
@@ -157,7 +158,7 @@ async fn accept(
     let referrer = field(&v, "r", "referrer")
         .and_then(Value::as_str)
         .filter(|r| !r.is_empty())
-        .map(|r| r.chars().take(2048).collect::<String>());
+        .map(|r| truncate_to_bytes(r, MAX_REFERRER_BYTES).to_string());
     let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
