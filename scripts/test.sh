@@ -68,6 +68,10 @@ current="cargo clippy"
 step "$current"
 cargo clippy --workspace --all-targets -- -D warnings
 
+current="cargo doc (warnings are errors: broken intra-doc links)"
+step "$current"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
 current="cargo build --bins"
 step "$current"
 # The end-to-end tests run target/debug/tally: build it first so it is never stale.
