@@ -9,6 +9,7 @@
 pub mod error;
 pub mod kernel;
 pub mod runner;
+mod site;
 pub mod sketch;
 pub mod store;
 #[doc(hidden)]

@@ -8,6 +8,7 @@ use tally_core::Seq;
 
 use crate::error::Result;
 use crate::kernel::ViewData;
+use crate::site::{Sites, UrlPart};
 use crate::sketch::VisitorSketch;
 
 /// A loaded batch view: per URL, views per 15-minute cell with prefix sums, totals in top-N order,
@@ -43,6 +44,8 @@ pub struct BatchView {
     week_offsets: Vec<usize>,
     weeks: Vec<i64>,
     week_sketches: Vec<VisitorSketch>,
+    /// Every host's pages summed (views) and unioned (visitors), built at load.
+    sites: Sites,
 }
 
 impl BatchView {
@@ -102,6 +105,29 @@ impl BatchView {
             Some(s) => (Some(s.precision), s.offsets, s.days, s.sketches),
             None => (None, Vec::new(), Vec::new(), Vec::new()),
         };
+        let sites = Sites::build(
+            sketch_precision,
+            hosts.iter().map(|(h, ids)| {
+                let parts = ids
+                    .iter()
+                    .map(|&i| {
+                        let i = i as usize;
+                        let (s, e) = (offsets[i], offsets[i + 1]);
+                        let (ds, de) = match sketch_precision {
+                            Some(_) => (sketch_offsets[i], sketch_offsets[i + 1]),
+                            None => (0, 0),
+                        };
+                        UrlPart {
+                            cells: &cell[s..e],
+                            views: &views[s..e],
+                            days: &sketch_days[ds..de],
+                            sketches: &sketches[ds..de],
+                        }
+                    })
+                    .collect();
+                (h.clone(), parts)
+            }),
+        );
         let (week_offsets, weeks, week_sketches) = match sketch_precision {
             Some(p) => week_unions(p, &sketch_offsets, &sketch_days, &sketches),
             None => (Vec::new(), Vec::new(), Vec::new()),
@@ -127,6 +153,7 @@ impl BatchView {
             week_offsets,
             weeks,
             week_sketches,
+            sites,
         }
     }
 
@@ -315,6 +342,32 @@ impl BatchView {
         )
     }
 
+    /// Views of every page of site `host` in the cells `[from_cell, to_cell)`.
+    pub fn site_views(&self, host: &str, from_cell: i64, to_cell: i64) -> u64 {
+        self.sites.range_views(host, from_cell, to_cell)
+    }
+
+    /// The non-zero `(cell, views)` of site `host` in `[from_cell, to_cell)`, ascending.
+    pub fn site_cell_counts(&self, host: &str, from_cell: i64, to_cell: i64) -> Vec<(i64, u64)> {
+        self.sites.cell_counts(host, from_cell, to_cell)
+    }
+
+    /// Every site (host) with views in `[from_cell, to_cell)`, with those views.
+    pub fn site_totals(&self, from_cell: i64, to_cell: i64) -> Vec<(&Arc<str>, u64)> {
+        self.sites.range_totals(from_cell, to_cell)
+    }
+
+    /// `(day, sketch)` of the distinct visitors of any page of site `host`, for the UTC days in
+    /// `[from_day, to_day)` that have some (none when the view has no sketches).
+    pub fn site_day_sketches(
+        &self,
+        host: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Vec<(i64, &VisitorSketch)> {
+        self.sites.day_sketches(host, from_day, to_day).collect()
+    }
+
     /// Number of (url, cell) entries (memory grows with this).
     pub fn cells(&self) -> usize {
         self.cell.len()
@@ -414,6 +467,43 @@ mod tests {
                 assert_eq!(got.is_sparse(), want.is_sparse(), "[{from}, {to})");
             }
         }
+    }
+
+    /// A site is the sum of its URLs' cells and the union of their day sketches.
+    #[test]
+    fn sites_sum_their_pages_and_union_their_visitors() {
+        use crate::kernel::SketchData;
+        let p = 8;
+        let sk = |v: &[u32]| VisitorSketch::from_hashes(p, v.to_vec()).unwrap();
+        let mut d = data();
+        // b.com/x sees visitors 1, 2 on day 0; b.com/y sees 2, 3 on day 0 and 4 on day 1.
+        d.sketches = Some(SketchData {
+            precision: p,
+            offsets: vec![0, 0, 1, 3],
+            days: vec![0, 0, 1],
+            sketches: vec![sk(&[1, 2]), sk(&[2, 3]), sk(&[4])],
+        });
+        let v = BatchView::from_data("v".into(), Seq(21), 0, d);
+        // b.com/x has (11: 9); b.com/y has (10: 5), (30: 1).
+        assert_eq!(
+            v.site_cell_counts("b.com", 0, 100),
+            vec![(10, 5), (11, 9), (30, 1)]
+        );
+        assert_eq!(v.site_views("b.com", 10, 12), 14);
+        assert_eq!(v.site_views("a.com", 0, 100), 6);
+        assert_eq!(v.site_views("nope.com", 0, 100), 0);
+        let mut totals: Vec<(String, u64)> = v
+            .site_totals(0, 100)
+            .into_iter()
+            .map(|(h, n)| (h.to_string(), n))
+            .collect();
+        totals.sort();
+        assert_eq!(totals, vec![("a.com".into(), 6), ("b.com".into(), 15)]);
+        let days = v.site_day_sketches("b.com", 0, 2);
+        assert_eq!(days.len(), 2);
+        assert_eq!(days[0].1.estimate().round(), 3.0, "visitor 2 counts once");
+        assert_eq!(days[1].1.estimate().round(), 1.0);
+        assert!(v.site_day_sketches("a.com", 0, 2).is_empty());
     }
 
     #[test]

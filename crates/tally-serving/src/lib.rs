@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod plausible;
 pub mod query;
 pub mod salt;
+mod site;
 pub mod state;
 pub mod views;
 
@@ -46,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/views", get(query::get_views))
         .route("/v1/top", get(query::get_top))
         .route("/v1/uniques", get(query::get_uniques))
+        .route("/v1/site", get(site::get_site))
+        .route("/v1/sites", get(site::get_sites))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_read,

@@ -98,6 +98,31 @@ pub(crate) fn query_range(q: &HashMap<String, String>) -> ApiResult<CellRange> {
 
 /// The `url` parameter, normalised; with `hash=1` its fragment is kept (a hash-routed page,
 /// API.md "Hash-routed pages"), else dropped.
+/// `limit`: how many items a ranking lists, 1 to 1000 (default 10).
+pub(crate) fn limit_param(q: &HashMap<String, String>) -> ApiResult<usize> {
+    match q.get("limit") {
+        None => Ok(10),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad(format!(
+                "limit must be an integer from 1 to 1000, not {s:?}."
+            ))),
+        },
+    }
+}
+
+/// `granularity`: `total` (the default), `hour`, `day` or `month`.
+pub(crate) fn granularity_param(q: &HashMap<String, String>) -> ApiResult<Granularity> {
+    match q.get("granularity") {
+        None => Ok(Granularity::Total),
+        Some(g) => Granularity::parse(g).ok_or_else(|| {
+            ApiError::bad(format!(
+                "granularity must be total, hour, day or month, not {g:?}."
+            ))
+        }),
+    }
+}
+
 pub(crate) fn url_param(q: &HashMap<String, String>) -> ApiResult<String> {
     let raw = q
         .get("url")
@@ -184,14 +209,7 @@ pub(crate) fn speed_read<T>(r: tally_speed::Read<T>) -> ApiResult<Option<T>> {
 pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let url = url_param(&q)?;
-    let granularity = match q.get("granularity") {
-        None => Granularity::Total,
-        Some(g) => Granularity::parse(g).ok_or_else(|| {
-            ApiError::bad(format!(
-                "granularity must be total, hour, day or month, not {g:?}."
-            ))
-        })?,
-    };
+    let granularity = granularity_param(&q)?;
     let range = query_range(&q)?;
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
@@ -247,17 +265,7 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
 
 pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
-    let limit = match q.get("limit") {
-        None => 10,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad(format!(
-                    "limit must be an integer from 1 to 1000, not {s:?}."
-                )))
-            }
-        },
-    };
+    let limit = limit_param(&q)?;
     let host = match q.get("host") {
         None => None,
         Some(h) => Some(
@@ -392,7 +400,7 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
 /// down to its local midnight and `to` up to the next one. Visitor sketches are kept per UTC
 /// day, so a zone whose midnights in the range are not UTC midnights is refused rather than
 /// answered with the visitors of other hours.
-fn uniques_days(range: &CellRange) -> ApiResult<(i64, i64)> {
+pub(crate) fn uniques_days(range: &CellRange) -> ApiResult<(i64, i64)> {
     let zone = range.zone;
     let from = zone.day_start(range.start_ms());
     let to = match zone.day_start(range.end_ms()) {

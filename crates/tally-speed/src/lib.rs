@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::mirror::Mirror;
-pub use crate::mirror::SpeedVisitors;
+pub use crate::mirror::{SiteSpeed, SpeedVisitors};
 pub use crate::rank::BaseTotals;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -323,6 +323,44 @@ impl SpeedLayer {
     ) -> Read<SpeedVisitors> {
         let collected = self.read(|m| m.visitors(url, after_cutoff, from_day, to_day, precision));
         collected.map(|v| v.map(|v| v.finish(precision)))
+    }
+
+    /// Whole sites (every URL whose host is one of `hosts`) over the live epochs starting
+    /// after `after_cutoff`: each one's views per cell in `cells` = `[from, to)` and its
+    /// visitors per UTC day in `days` = `[from, to)`, each day as [`visitors`](Self::visitors)
+    /// answers for a URL. One scan of the live URLs under the read lock.
+    pub fn sites(
+        &self,
+        hosts: &[&str],
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        days: (i64, i64),
+        precision: u8,
+    ) -> Read<HashMap<String, SiteSpeed>> {
+        let collected = self.read(|m| m.sites(hosts, after_cutoff, cells, days, precision));
+        collected.map(|s| {
+            s.map(|mut s| {
+                for site in s.values_mut() {
+                    for v in site.days.values_mut() {
+                        *v = std::mem::take(v).finish(precision);
+                    }
+                }
+                s
+            })
+        })
+    }
+
+    /// host → speed views in `[from_cell, to_cell)` of every site with views there.
+    pub fn site_totals(
+        &self,
+        after_cutoff: Seq,
+        from_cell: i64,
+        to_cell: i64,
+    ) -> Read<HashMap<String, u64>> {
+        self.read(|m| {
+            m.site_totals(after_cutoff, from_cell, to_cell)
+                .map(|t| t.into_iter().map(|(h, n)| (h.to_string(), n)).collect())
+        })
     }
 
     /// The exact top `limit` URLs of all time — views until `to_cell`, the next full hour —

@@ -135,6 +135,15 @@ pub struct SpeedVisitors {
     pub registers: Option<Box<[u8]>>,
 }
 
+/// A site's share of the speed layer ([`crate::SpeedLayer::sites`]).
+#[derive(Debug, Default)]
+pub struct SiteSpeed {
+    /// `(cell, views)` ascending, non-zero.
+    pub cells: Vec<(i64, u64)>,
+    /// UTC day → the site's visitors that day.
+    pub days: BTreeMap<i64, SpeedVisitors>,
+}
+
 impl SpeedVisitors {
     /// The answer as documented on the fields, from what [`Mirror::visitors`] collected: with
     /// registers, the hashes go into them (the union is a dense sketch anyway); without, they
@@ -638,20 +647,105 @@ impl Mirror {
         }
         for c in self.url_counts(url, after_cutoff)? {
             for d in c.visitors.range(from_day, to_day) {
-                match &d.registers {
-                    Some(r) if precision == self.precision => {
-                        let regs = out
-                            .registers
-                            .get_or_insert_with(|| vec![0u8; r.len()].into_boxed_slice());
-                        for (x, y) in regs.iter_mut().zip(r.iter()) {
-                            *x = (*x).max(*y);
-                        }
-                    }
-                    _ => out.hashes.extend(d.hashes.iter().copied()),
-                }
+                self.collect_day(&mut out, d, precision);
             }
         }
         Ok(out)
+    }
+
+    /// Adds the visitors of one URL-day to `out`: its registers when it keeps them at the
+    /// precision asked for, else its hashes (see [`SpeedVisitors::finish`]).
+    fn collect_day(&self, out: &mut SpeedVisitors, d: &DayVisitors, precision: u8) {
+        match &d.registers {
+            Some(r) if precision == self.precision => {
+                let regs = out
+                    .registers
+                    .get_or_insert_with(|| vec![0u8; r.len()].into_boxed_slice());
+                for (x, y) in regs.iter_mut().zip(r.iter()) {
+                    *x = (*x).max(*y);
+                }
+            }
+            _ => out.hashes.extend(d.hashes.iter().copied()),
+        }
+    }
+
+    /// The whole sites `hosts` in the live epochs after `after_cutoff`: each one's views per
+    /// cell in `[from_cell, to_cell)`, ascending, and its visitors per UTC day in
+    /// `[from_day, to_day)` (collected over its URLs; [`SpeedVisitors::finish`] each). One scan
+    /// of the live URLs for all of them.
+    pub(crate) fn sites(
+        &self,
+        hosts: &[&str],
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        days: (i64, i64),
+        precision: u8,
+    ) -> Result<HashMap<String, SiteSpeed>, NotCovered> {
+        /// One site's views per cell and visitors per day, as they are collected.
+        #[derive(Default)]
+        struct Acc {
+            views: BTreeMap<i64, u64>,
+            visitors: BTreeMap<i64, SpeedVisitors>,
+        }
+        let mut acc: HashMap<&str, Acc> = hosts.iter().map(|h| (*h, Acc::default())).collect();
+        for (host, c) in self.live_urls_by_host(after_cutoff)? {
+            let Some(Acc { views, visitors }) = acc.get_mut(host) else {
+                continue;
+            };
+            let a = c.cells.partition_point(|x| x.0 < cells.0);
+            for (cell, n) in c.cells[a..].iter().take_while(|x| x.0 < cells.1) {
+                *views.entry(*cell).or_default() += n;
+            }
+            if days.0 < days.1 {
+                for d in c.visitors.range(days.0, days.1) {
+                    self.collect_day(visitors.entry(d.day).or_default(), d, precision);
+                }
+            }
+        }
+        Ok(acc
+            .into_iter()
+            .map(|(h, Acc { views, visitors })| {
+                let site = SiteSpeed {
+                    cells: views.into_iter().collect(),
+                    days: visitors,
+                };
+                (h.to_string(), site)
+            })
+            .collect())
+    }
+
+    /// host → views in `[from_cell, to_cell)` of every site with views there.
+    pub(crate) fn site_totals(
+        &self,
+        after_cutoff: Seq,
+        from_cell: i64,
+        to_cell: i64,
+    ) -> Result<HashMap<&str, u64>, NotCovered> {
+        let mut out: HashMap<&str, u64> = HashMap::new();
+        for (host, c) in self.live_urls_by_host(after_cutoff)? {
+            let n = c.range(from_cell, to_cell);
+            if n > 0 {
+                *out.entry(host).or_default() += n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `(host, counts)` of every URL of the live epochs after `after_cutoff` (a URL live in two
+    /// epochs comes twice, once with each epoch's counts).
+    fn live_urls_by_host(
+        &self,
+        after_cutoff: Seq,
+    ) -> Result<impl Iterator<Item = (&str, &UrlCounts)> + '_, NotCovered> {
+        Ok(self.live_after(after_cutoff)?.flat_map(move |e| {
+            e.urls.iter().filter_map(move |(id, c)| {
+                let host = self
+                    .dict
+                    .name(*id)
+                    .and_then(|u| tally_core::url::host_of(u))?;
+                Some((host, c))
+            })
+        }))
     }
 
     /// url → views in `[from_cell, to_cell)` for every URL with views there, optionally only
