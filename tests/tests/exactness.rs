@@ -625,3 +625,53 @@ fn visitors_cannot_mint_ids_with_x_forwarded_for() {
     }
     thread::yield_now();
 }
+
+/// An upgrade to 15-minute cells: a batch view written in the hourly format (format version
+/// one) is not served — it is discarded and the batch layer reruns on its own — and every
+/// answer is exact again once the new view serves. The Redis side, a key layout the speed layer
+/// does not know, is rebuilt (`tally-speed`'s
+/// `state_of_another_dataset_or_layout_is_rebuilt_not_merged`).
+#[test]
+fn a_view_of_the_hourly_format_is_recomputed_after_an_upgrade() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(ServerOpts::default());
+    let urls = make_urls(12, 3);
+    let mut model = Model::default();
+    ingest_random(&server, &mut model, &mut rng, &urls, 400);
+    let old = batch_run(&server)["version"].as_str().unwrap().to_string();
+    ingest_random(&server, &mut model, &mut rng, &urls, 100);
+    server.wait_caught_up();
+    assert!(server.stop());
+    // What the previous release wrote: the same manifest with format_version 1.
+    let manifest = views_root(server.data_dir())
+        .join(&old)
+        .join("manifest.json");
+    let mut m: Value = serde_json::from_str(&fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert_eq!(m["format_version"], 2, "{m}");
+    m["format_version"] = json!(1);
+    fs::write(&manifest, m.to_string()).unwrap();
+    server.restart();
+    let recomputed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        poll_until("a recomputed view serves", DEADLINE, || {
+            let s = server.status();
+            let v = s["batch_version"].as_str()?;
+            (v != old && s["recovering"] == json!(false)).then_some(())
+        })
+    }));
+    assert!(
+        recomputed.is_ok(),
+        "status {}\n{}",
+        server.status(),
+        server.log()
+    );
+    assert!(
+        views_root(server.data_dir())
+            .join(&old)
+            .join("DISCARDED")
+            .exists(),
+        "the old-format view is marked discarded, kept for inspection"
+    );
+    server.wait_caught_up();
+    assert_eq!(probe(&server, &model, &urls), (urls.len() as u32, 0));
+    assert_exact(&server, &model, &mut rng, &urls);
+}

@@ -116,7 +116,26 @@ impl ViewManager {
         for _ in 0..MAX_FALLBACKS_PER_REFRESH {
             let store = self.store().clone();
             let target = match blocking(move || resolve(&store)).await {
-                Ok(t) => t,
+                Ok(Resolved {
+                    target,
+                    bad_current,
+                }) => {
+                    if let Some(bad) = bad_current {
+                        // Its manifest fails verification (corrupt, or written by a release
+                        // whose format this one does not serve): discard it and rerun, as for
+                        // a view whose files fail verification.
+                        tracing::error!(version = %bad, "views/batch/CURRENT names a view whose manifest fails verification; discarding it");
+                        let reason =
+                            "its manifest failed verification (corrupt, or an older format)";
+                        match self.runner.discard_version(&bad, reason).await {
+                            Ok(_) => self.start_recovery(&bad),
+                            Err(e) => {
+                                tracing::error!(version = %bad, error = %e, "cannot mark the view discarded");
+                            }
+                        }
+                    }
+                    target
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the batch view store; the serving view stays");
                     return;
@@ -344,15 +363,34 @@ impl tally_speed::BaseTotals for ViewBase {
     }
 }
 
+/// What [`resolve`] found.
+struct Resolved {
+    /// The version to serve.
+    target: Option<String>,
+    /// The version `CURRENT` names when its manifest fails verification (and it is not marked
+    /// discarded yet): to discard, with a rerun.
+    bad_current: Option<String>,
+}
+
 /// The version to serve: the one `CURRENT` names when it is good, else the newest good one
 /// (and `CURRENT` is rewritten to name it).
-fn resolve(store: &ViewStore) -> tally_batch::Result<Option<String>> {
+fn resolve(store: &ViewStore) -> tally_batch::Result<Resolved> {
     let named = store.current()?;
     if let Some(v) = &named {
         if is_good(store, v) {
-            return Ok(named);
+            return Ok(Resolved {
+                target: named,
+                bad_current: None,
+            });
         }
     }
+    let bad_current = named.clone().filter(|v| {
+        parse_version(v).is_some()
+            && !store.is_discarded(v)
+            && store
+                .read_manifest(v)
+                .is_err_and(|e| e.kind() == ErrorKind::Corrupt)
+    });
     let newest = store.newest_good()?;
     match (&named, &newest) {
         (None, Some(n)) => {
@@ -371,7 +409,10 @@ fn resolve(store: &ViewStore) -> tally_batch::Result<Option<String>> {
             tracing::warn!(error = %e, "cannot rewrite views/batch/CURRENT");
         }
     }
-    Ok(newest)
+    Ok(Resolved {
+        target: newest,
+        bad_current,
+    })
 }
 
 fn is_good(store: &ViewStore, version: &str) -> bool {
