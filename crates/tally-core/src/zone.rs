@@ -15,7 +15,7 @@ use chrono::{
 };
 use chrono_tz::Tz;
 
-use crate::time::{format_rfc3339, month_start, CELL_MS, DAY_MS, HOUR_MS};
+use crate::time::{format_rfc3339, month_start, CELL_MS, DAY_MS, HOUR_MS, MIN_TS_MS};
 
 /// A bucket size of a time series (`granularity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -209,8 +209,13 @@ impl Zone {
         Some(self.instant_of(naive))
     }
 
-    /// RFC 3339 in local time with the zone's offset at that instant (`Z` in UTC).
+    /// RFC 3339 in local time with the zone's offset at that instant (`Z` in UTC). The
+    /// beginning of time (a range without `from`) is spelled in UTC: the zone database's local
+    /// mean time of the year 1 (`+05:53:28` in Asia/Kolkata) names the same instant, oddly.
     pub fn format(&self, ts_ms: i64) -> String {
+        if ts_ms <= MIN_TS_MS {
+            return format_rfc3339(ts_ms);
+        }
         match self.0 {
             None => format_rfc3339(ts_ms),
             Some(tz) => match tz.timestamp_millis_opt(ts_ms).single() {
@@ -263,6 +268,7 @@ mod tests {
             i.format(ts("2026-11-21T18:30:00Z")),
             "2026-11-22T00:00:00+05:30"
         );
+        assert_eq!(i.format(MIN_TS_MS), "0001-01-01T00:00:00Z");
     }
 
     #[test]
