@@ -65,6 +65,9 @@ pub struct ViewManager {
     lifecycle: tokio::sync::Mutex<()>,
     /// While set, a recovery loop runs until a view newer than this version serves exactly.
     recovering: Mutex<Option<String>>,
+    /// The version `CURRENT` names while it is not good and no good one exists (warned once,
+    /// not at every refresh of the watcher).
+    stuck_current: Mutex<Option<String>>,
 }
 
 /// How many times one refresh follows `CURRENT` past corrupt versions before giving up.
@@ -76,6 +79,7 @@ impl ViewManager {
             runner,
             speed,
             current: ArcSwapOption::empty(),
+            stuck_current: Mutex::new(None),
             fallback_views,
             lifecycle: tokio::sync::Mutex::new(()),
             recovering: Mutex::new(None),
@@ -112,6 +116,18 @@ impl ViewManager {
         self.refresh_locked().await;
     }
 
+    /// Warns once each time `CURRENT` becomes stuck on a version that is not good while no good
+    /// version exists (until a run publishes one), instead of at every refresh.
+    fn warn_stuck(&self, stuck: Option<String>) {
+        let mut last = self.stuck_current.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != stuck {
+            if let Some(bad) = &stuck {
+                tracing::warn!(named = %bad, "views/batch/CURRENT names a version that is not good and no good version exists");
+            }
+            *last = stuck;
+        }
+    }
+
     async fn refresh_locked(self: &Arc<Self>) {
         for _ in 0..MAX_FALLBACKS_PER_REFRESH {
             let store = self.store().clone();
@@ -119,7 +135,9 @@ impl ViewManager {
                 Ok(Resolved {
                     target,
                     bad_current,
+                    stuck,
                 }) => {
+                    self.warn_stuck(stuck);
                     if let Some(bad) = bad_current {
                         // Its manifest fails verification (corrupt, or written by a release
                         // whose format this one does not serve): discard it and rerun, as for
@@ -370,6 +388,8 @@ struct Resolved {
     /// The version `CURRENT` names when its manifest fails verification (and it is not marked
     /// discarded yet): to discard, with a rerun.
     bad_current: Option<String>,
+    /// The version `CURRENT` names when it is not good and no good version exists.
+    stuck: Option<String>,
 }
 
 /// The version to serve: the one `CURRENT` names when it is good, else the newest good one
@@ -381,6 +401,7 @@ fn resolve(store: &ViewStore) -> tally_batch::Result<Resolved> {
             return Ok(Resolved {
                 target: named,
                 bad_current: None,
+                stuck: None,
             });
         }
     }
@@ -399,19 +420,18 @@ fn resolve(store: &ViewStore) -> tally_batch::Result<Resolved> {
         (Some(bad), Some(n)) => {
             tracing::warn!(named = %bad, serving = %n, "views/batch/CURRENT names a version that is not good; serving the newest good view and rewriting CURRENT")
         }
-        (Some(bad), None) => {
-            tracing::warn!(named = %bad, "views/batch/CURRENT names a version that is not good and no good version exists")
-        }
-        (None, None) => {}
+        (Some(_), None) | (None, None) => {}
     }
     if let Some(n) = &newest {
         if let Err(e) = store.set_current(n) {
             tracing::warn!(error = %e, "cannot rewrite views/batch/CURRENT");
         }
     }
+    let stuck = named.filter(|_| newest.is_none());
     Ok(Resolved {
         target: newest,
         bad_current,
+        stuck,
     })
 }
 
