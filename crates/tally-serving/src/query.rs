@@ -98,6 +98,12 @@ pub(crate) fn query_range(q: &HashMap<String, String>) -> ApiResult<CellRange> {
 
 /// The `url` parameter, normalised; with `hash=1` its fragment is kept (a hash-routed page,
 /// API.md "Hash-routed pages"), else dropped.
+/// The sketch precision of an answer: the serving view's, else the configured one.
+pub(crate) fn precision_of(state: &AppState, view: Option<&Arc<BatchView>>) -> u8 {
+    view.and_then(|v| v.sketch_precision())
+        .unwrap_or(state.sketch_precision)
+}
+
 /// `limit`: how many items a ranking lists, 1 to 1000 (default 10).
 pub(crate) fn limit_param(q: &HashMap<String, String>) -> ApiResult<usize> {
     match q.get("limit") {
@@ -329,10 +335,7 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     let (from_day, to_day) = uniques_days(&range)?;
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
-    let precision = view
-        .as_ref()
-        .and_then(|v| v.sketch_precision())
-        .unwrap_or(state.sketch_precision);
+    let precision = precision_of(&state, view.as_ref());
     let key = UniquesKey {
         version: view.as_ref().map(|v| v.version.clone()),
         applied: state.speed.applied_seq(),

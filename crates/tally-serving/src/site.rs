@@ -17,8 +17,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
 use crate::merge::bucket_series;
 use crate::query::{
-    granularity_param, limit_param, provenance, query_range, respond, speed_read, uniques_days,
-    CellRange,
+    granularity_param, limit_param, precision_of, provenance, query_range, respond, speed_read,
+    uniques_days, CellRange,
 };
 use crate::state::AppState;
 use crate::views::ViewManager;
@@ -62,12 +62,6 @@ fn site_uniques(
     hashes.dedup();
     VisitorSketch::union(precision, batch.into_iter().chain(busy.iter()), &hashes)
         .map_err(ApiError::internal)
-}
-
-/// The sketch precision of an answer: the serving view's, else the configured one.
-fn precision_of(state: &AppState, view: Option<&Arc<BatchView>>) -> u8 {
-    view.and_then(|v| v.sketch_precision())
-        .unwrap_or(state.sketch_precision)
 }
 
 /// The speed layer's share of the sites `hosts` (views in `cells`, visitors on `days`): `None`

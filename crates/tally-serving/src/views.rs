@@ -396,22 +396,22 @@ struct Resolved {
 /// (and `CURRENT` is rewritten to name it).
 fn resolve(store: &ViewStore) -> tally_batch::Result<Resolved> {
     let named = store.current()?;
-    if let Some(v) = &named {
-        if is_good(store, v) {
-            return Ok(Resolved {
-                target: named,
-                bad_current: None,
-                stuck: None,
-            });
+    let mut bad_current = None;
+    if let Some(v) = named.as_ref().filter(|v| parse_version(v).is_some()) {
+        if !store.is_discarded(v) {
+            match store.read_manifest(v) {
+                Ok(_) => {
+                    return Ok(Resolved {
+                        target: named,
+                        bad_current: None,
+                        stuck: None,
+                    })
+                }
+                Err(e) if e.kind() == ErrorKind::Corrupt => bad_current = Some(v.clone()),
+                Err(_) => {}
+            }
         }
     }
-    let bad_current = named.clone().filter(|v| {
-        parse_version(v).is_some()
-            && !store.is_discarded(v)
-            && store
-                .read_manifest(v)
-                .is_err_and(|e| e.kind() == ErrorKind::Corrupt)
-    });
     let newest = store.newest_good()?;
     match (&named, &newest) {
         (None, Some(n)) => {
@@ -433,12 +433,6 @@ fn resolve(store: &ViewStore) -> tally_batch::Result<Resolved> {
         bad_current,
         stuck,
     })
-}
-
-fn is_good(store: &ViewStore, version: &str) -> bool {
-    parse_version(version).is_some()
-        && store.read_manifest(version).is_ok()
-        && !store.is_discarded(version)
 }
 
 /// The smallest cutoff among `serving` and the `fallbacks` good views before it; `Seq(0)` (keep

@@ -265,38 +265,44 @@ pub(crate) async fn resync(
         }
     }
     let keys = store.keys.clone();
-    // Every transaction of the rewrite, the last one also setting the final marker.
-    let mut txs: Vec<redis::Pipeline> = Vec::new();
-    for (e, pe) in snapshot {
-        let mut ids: Vec<(&u32, &PendingUrl)> = pe.urls.iter().collect();
-        ids.sort_unstable_by_key(|(id, _)| **id);
-        let chunks: Vec<&[(&u32, &PendingUrl)]> = ids.chunks(RESYNC_CHUNK_URLS).collect();
+    // One transaction per chunk of an epoch's URLs (by id), built as it is sent; an epoch's
+    // last one sets its applied seq, and the very last one the final marker.
+    /// One URL of a snapshot: its id and what to write.
+    type Url<'a> = (&'a u32, &'a PendingUrl);
+    let epochs: Vec<(Seq, &PendingEpoch, Vec<Url>)> = snapshot
+        .iter()
+        .map(|(e, pe)| {
+            let mut ids: Vec<Url> = pe.urls.iter().collect();
+            ids.sort_unstable_by_key(|(id, _)| **id);
+            (*e, pe, ids)
+        })
+        .collect();
+    // (epoch, its URLs in this transaction, whether it is the epoch's last transaction)
+    let mut steps: Vec<(Seq, &PendingEpoch, &[Url], bool)> = Vec::new();
+    for (e, pe, ids) in &epochs {
+        let chunks: Vec<&[Url]> = ids.chunks(RESYNC_CHUNK_URLS).collect();
         let n = chunks.len().max(1);
         for i in 0..n {
-            let mut p = redis::pipe();
-            p.atomic();
-            if let Some(chunk) = chunks.get(i) {
-                for (id, u) in chunk.iter() {
-                    push_url(&mut p, &keys, *e, **id, u, false);
-                }
+            steps.push((*e, pe, chunks.get(i).copied().unwrap_or(&[]), i + 1 == n));
+        }
+    }
+    let total = steps.len().max(1);
+    for i in 0..total {
+        let mut p = redis::pipe();
+        p.atomic();
+        if let Some((e, pe, chunk, last_of_epoch)) = steps.get(i) {
+            for (id, u) in chunk.iter() {
+                push_url(&mut p, &keys, *e, **id, u, false);
             }
-            if i + 1 == n {
+            if *last_of_epoch {
                 p.cmd("SADD").arg(keys.epochs()).arg(e.0).ignore();
                 p.cmd("SET").arg(keys.applied(*e)).arg(pe.last.0).ignore();
             }
-            txs.push(p);
         }
-    }
-    if txs.is_empty() {
-        let mut p = redis::pipe();
-        p.atomic();
-        txs.push(p);
-    }
-    if let Some(last) = txs.last_mut() {
-        last.cmd("SET").arg(keys.instance()).arg(marker).ignore();
-    }
-    for p in &txs {
-        if !store.exec_as(&claim, p).await? {
+        if i + 1 == total {
+            p.cmd("SET").arg(keys.instance()).arg(marker).ignore();
+        }
+        if !store.exec_as(&claim, &p).await? {
             return Ok(false);
         }
     }
