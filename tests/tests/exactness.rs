@@ -632,7 +632,7 @@ fn visitors_cannot_mint_ids_with_x_forwarded_for() {
 /// does not know, is rebuilt (`tally-speed`'s
 /// `state_of_another_dataset_or_layout_is_rebuilt_not_merged`).
 #[test]
-fn a_view_of_the_hourly_format_is_recomputed_after_an_upgrade() {
+fn a_view_of_an_older_format_is_recomputed_after_an_upgrade() {
     let mut rng = StdRng::seed_from_u64(seed());
     let mut server = TestServer::start(ServerOpts::default());
     let urls = make_urls(12, 3);
@@ -642,13 +642,13 @@ fn a_view_of_the_hourly_format_is_recomputed_after_an_upgrade() {
     ingest_random(&server, &mut model, &mut rng, &urls, 100);
     server.wait_caught_up();
     assert!(server.stop());
-    // What the previous release wrote: the same manifest with format_version 1.
+    // What the previous release wrote: the same manifest with format_version 2 (no sources).
     let manifest = views_root(server.data_dir())
         .join(&old)
         .join("manifest.json");
     let mut m: Value = serde_json::from_str(&fs::read_to_string(&manifest).unwrap()).unwrap();
-    assert_eq!(m["format_version"], 2, "{m}");
-    m["format_version"] = json!(1);
+    assert_eq!(m["format_version"], 3, "{m}");
+    m["format_version"] = json!(2);
     fs::write(&manifest, m.to_string()).unwrap();
     server.restart();
     let recomputed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -326,6 +326,9 @@ fn a_read_token_closes_the_query_endpoints_and_nothing_else() {
         "/v1/views?url=https%3A%2F%2Fops.example%2Fp1",
         "/v1/top",
         "/v1/uniques?url=https%3A%2F%2Fops.example%2Fp1",
+        "/v1/site?host=ops.example",
+        "/v1/sites",
+        "/v1/breakdown?host=ops.example&by=source",
     ];
     for path in queries {
         for auth in [

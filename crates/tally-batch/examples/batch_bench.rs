@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p tally-batch --example batch_bench -- \
 //!     --events 5000000 --urls 100000 --days 90 --dir DIR [--generate-only] \
-//!     [--url-dict-limit BYTES] [--files 5] [--reps 3] [--sketch-precision 14] [--no-write] [--no-sketches|--only-sketches]
+//!     [--url-dict-limit BYTES] [--files 5] [--reps 3] [--sketch-precision 14] [--no-write] [--no-sketches|--only-sketches|--sources]
 //! ```
 //! Writes `DIR/master/*.parquet` (seq ranges of `events/files` events each, rows sorted by
 //! (url, ts), URLs Zipf(1.0)-skewed over 50 hosts, 90% of events with a visitor id). Without
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use tally_batch::testing::{write_master_file_with, MasterRow, Rng};
-use tally_batch::{compute, Progress, ViewStore};
+use tally_batch::{compute, compute_sources, Progress, ViewStore};
 use tally_core::{Seq, DAY_MS};
 use tally_master::MasterFile;
 
@@ -62,6 +62,10 @@ fn parse() -> Args {
             "--url-dict-limit" => a.url_dict_limit = val().parse().expect("--url-dict-limit"),
             "--no-sketches" => a.modes = vec!["counts"],
             "--only-sketches" => a.modes = vec!["counts+sketches"],
+            // The breakdown data (per (referrer host, URL)) beside the per-URL counts.
+            "--sources" => {
+                a.modes = vec!["counts", "sources", "counts+sketches", "sources+sketches"]
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -105,11 +109,15 @@ fn generate(a: &Args) -> Vec<MasterFile> {
                 - rng.below(3_600_000) as i64;
             let visitor =
                 (rng.below(10) != 0).then(|| format!("visitor-{:08x}", rng.below(2_000_000)));
+            // Most views direct, the rest from a few hundred referrer pages.
+            let referrer = (rng.below(10) < 4)
+                .then(|| format!("https://ref{}.example/p/{}", rng.below(200), rng.below(50)));
             rows.push(MasterRow {
                 seq: s,
                 ts,
                 url: names[r].clone(),
                 visitor,
+                referrer,
             });
         }
         out.push(
@@ -170,10 +178,15 @@ fn main() {
     }
     let cutoff = files.iter().map(|f| f.last).max().unwrap_or(Seq::ZERO);
     for label in a.modes.clone() {
-        let precision = (label != "counts").then_some(a.precision);
+        let precision = label.ends_with("+sketches").then_some(a.precision);
+        let kernel = if label.starts_with("sources") {
+            compute_sources
+        } else {
+            compute
+        };
         for rep in 0..a.reps {
             let t = Instant::now();
-            let data = compute(&files, cutoff, precision, &Progress::new()).expect("compute");
+            let data = kernel(&files, cutoff, precision, &Progress::new()).expect("compute");
             let compute_ms = t.elapsed().as_secs_f64() * 1000.0;
             let s = &data.stats;
             let mut line = format!(

@@ -28,6 +28,7 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 use serde::Serialize;
+use tally_core::hash::FastMap;
 use tally_core::{Seq, CELL_MS, DAY_MS};
 use tally_master::MasterFile;
 
@@ -103,6 +104,9 @@ pub struct ViewData {
     pub cell: Vec<i64>,
     pub views: Vec<u64>,
     pub sketches: Option<SketchData>,
+    /// The same counts per source key (`tally_core::dims::source_key`), for breakdowns:
+    /// [`compute_sources`]. `None` in the result of either compute function; the runner sets it.
+    pub sources: Option<Box<ViewData>>,
     /// Number of events counted (`seq <= cutoff`).
     pub events: u64,
     pub stats: ComputeStats,
@@ -158,6 +162,7 @@ struct FilePlan {
     file: MasterFile,
     meta: ArrowReaderMetadata,
     mask: ProjectionMask,
+    keying: Keying,
     need_seq: bool,
     row_groups: usize,
     remaining: AtomicU64,
@@ -173,6 +178,35 @@ pub fn compute(
     cutoff: Seq,
     sketch_precision: Option<u8>,
     progress: &Progress,
+) -> Result<ViewData> {
+    compute_keyed(files, cutoff, sketch_precision, progress, Keying::Url)
+}
+
+/// [`compute`] per source key (`tally_core::dims::source_key`: the pair (referrer host, URL))
+/// instead of per URL: the data of every breakdown. `urls` of the result are source keys.
+pub fn compute_sources(
+    files: &[MasterFile],
+    cutoff: Seq,
+    sketch_precision: Option<u8>,
+    progress: &Progress,
+) -> Result<ViewData> {
+    compute_keyed(files, cutoff, sketch_precision, progress, Keying::Source)
+}
+
+/// What one computation counts under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keying {
+    Url,
+    /// `(referrer host, url)`: also reads `referrer`.
+    Source,
+}
+
+fn compute_keyed(
+    files: &[MasterFile],
+    cutoff: Seq,
+    sketch_precision: Option<u8>,
+    progress: &Progress,
+    keying: Keying,
 ) -> Result<ViewData> {
     let t0 = Instant::now();
     if let Some(p) = sketch_precision {
@@ -199,7 +233,7 @@ pub fn compute(
 
     let plans: Vec<FilePlan> = files
         .into_par_iter()
-        .map(|f| plan_file(f, cutoff, sketch_precision.is_some()))
+        .map(|f| plan_file(f, cutoff, sketch_precision.is_some(), keying))
         .collect::<Result<_>>()?;
     let open_ms = ms(t0);
     let empty_files = plans.iter().filter(|p| p.row_groups == 0).count();
@@ -253,7 +287,7 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
-fn plan_file(file: MasterFile, cutoff: Seq, visitors: bool) -> Result<FilePlan> {
+fn plan_file(file: MasterFile, cutoff: Seq, visitors: bool, keying: Keying) -> Result<FilePlan> {
     let path = file.path.clone();
     let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
     let plain = ArrowReaderMetadata::load(&f, ArrowReaderOptions::new())
@@ -271,6 +305,9 @@ fn plan_file(file: MasterFile, cutoff: Seq, visitors: bool) -> Result<FilePlan> 
     if visitors {
         wanted.push("visitor");
     }
+    if keying == Keying::Source {
+        wanted.push("referrer");
+    }
     let mut indices = Vec::new();
     for name in &wanted {
         let i = schema
@@ -278,12 +315,15 @@ fn plan_file(file: MasterFile, cutoff: Seq, visitors: bool) -> Result<FilePlan> 
             .map_err(|_| schema_err(format!("missing column {name:?}")))?;
         indices.push(i);
     }
-    // Ask for `url` as a dictionary so that the reader keeps the Parquet dictionary.
+    // Ask for `url` (and `referrer`) as a dictionary so that the reader keeps the Parquet
+    // dictionary.
     let fields: Vec<Field> = schema
         .fields()
         .iter()
         .map(|f| {
-            if f.name() == "url" && matches!(f.data_type(), DataType::Utf8) {
+            if (f.name() == "url" || f.name() == "referrer")
+                && matches!(f.data_type(), DataType::Utf8)
+            {
                 f.as_ref().clone().with_data_type(DataType::Dictionary(
                     Box::new(DataType::Int32),
                     Box::new(DataType::Utf8),
@@ -305,6 +345,7 @@ fn plan_file(file: MasterFile, cutoff: Seq, visitors: bool) -> Result<FilePlan> 
         file,
         meta,
         mask,
+        keying,
         need_seq,
         row_groups,
         remaining: AtomicU64::new(row_groups as u64),
@@ -315,6 +356,79 @@ impl Partial {
     fn url(&self, lid: usize) -> &str {
         let (d, i) = self.urls[lid];
         self.dicts[d as usize].value(i as usize)
+    }
+}
+
+/// The source keys of one row group ([`Keying::Source`]): each row's (URL, referrer) maps to
+/// the key (referrer host, URL). A referrer is parsed once per dictionary entry into its site
+/// (`tally_core::dims::referrer_site`), and a key is named once per (URL, site) pair.
+#[derive(Default)]
+struct SourceKeys {
+    /// The current `referrer` dictionary and, per key in it, the referrer's site id (u32::MAX:
+    /// not seen yet).
+    dict: Option<StringArray>,
+    map: Vec<u32>,
+    /// Distinct sites of the row group; id 0 is "none".
+    site_ids: FastMap<Box<str>, u32>,
+    sites: Vec<Box<str>>,
+    /// `(url local id << 32 | site id)` → key id.
+    pairs: FastMap<u64, u32>,
+    /// Key name → key id, and the names.
+    by_name: FastMap<Box<str>, u32>,
+    names: Vec<Box<str>>,
+}
+
+impl SourceKeys {
+    fn new() -> SourceKeys {
+        let mut s = SourceKeys::default();
+        s.sites.push(Box::from(""));
+        s.site_ids.insert(Box::from(""), 0);
+        s
+    }
+
+    /// Uses `values` as the current referrer dictionary.
+    fn set_dict(&mut self, values: &StringArray) {
+        if !self.dict.as_ref().is_some_and(|d| same_strings(d, values)) {
+            self.map.clear();
+            self.map.resize(values.len(), u32::MAX);
+            self.dict = Some(values.clone());
+        }
+    }
+
+    /// The site id of the referrer under dictionary key `k` of the current dictionary.
+    fn site(&mut self, k: usize) -> Option<u32> {
+        let id = *self.map.get(k)?;
+        if id != u32::MAX {
+            return Some(id);
+        }
+        let site = tally_core::dims::referrer_site(Some(self.dict.as_ref()?.value(k)));
+        let next = self.sites.len() as u32;
+        let id = *self
+            .site_ids
+            .entry(Box::from(site.as_str()))
+            .or_insert(next);
+        if id == next {
+            self.sites.push(site.into_boxed_str());
+        }
+        self.map[k] = id;
+        Some(id)
+    }
+
+    /// The key id of a view of `url` (local id `lid`) referred from site `sid`.
+    fn key(&mut self, lid: u32, sid: u32, url: &str) -> u32 {
+        let pair = (u64::from(lid) << 32) | u64::from(sid);
+        if let Some(k) = self.pairs.get(&pair) {
+            return *k;
+        }
+        let host = tally_core::dims::unless_same_site(url, &self.sites[sid as usize]);
+        let name = tally_core::dims::source_key(host, url);
+        let next = self.names.len() as u32;
+        let id = *self.by_name.entry(Box::from(name.as_str())).or_insert(next);
+        if id == next {
+            self.names.push(name.into_boxed_str());
+        }
+        self.pairs.insert(pair, id);
+        id
     }
 }
 
@@ -353,6 +467,8 @@ fn scan_row_group(
     let mut map: Vec<u32> = Vec::new();
     let mut prev_key = u64::MAX;
     let mut prev_cnt = 0u32;
+    let mut sources = (plan.keying == Keying::Source).then(SourceKeys::new);
+    let mut ref_valid: Option<arrow::buffer::NullBuffer> = None;
 
     loop {
         let td = Instant::now();
@@ -436,6 +552,26 @@ fn scan_row_group(
         } else {
             None
         };
+        let referrer: Option<&[i32]> = match sources.as_mut() {
+            None => None,
+            Some(src) => {
+                let c = batch
+                    .column_by_name("referrer")
+                    .ok_or_else(|| schema_err("missing referrer"))?;
+                let d = c
+                    .as_any()
+                    .downcast_ref::<DictionaryArray<Int32Type>>()
+                    .ok_or_else(|| schema_err("referrer is not a string column"))?;
+                let values = d
+                    .values()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| schema_err("referrer dictionary values are not Utf8"))?;
+                src.set_dict(values);
+                ref_valid = d.keys().nulls().cloned();
+                Some(d.keys().values())
+            }
+        };
 
         let mut events = 0u64;
         for i in 0..n {
@@ -470,6 +606,15 @@ fn scan_row_group(
                 };
                 map[k] = lid;
             }
+            if let (Some(src), Some(refs)) = (sources.as_mut(), referrer) {
+                let sid = if ref_valid.as_ref().is_none_or(|v| v.is_valid(i)) {
+                    src.site(refs[i] as usize)
+                        .ok_or_else(|| schema_err("referrer dictionary key out of range"))?
+                } else {
+                    0
+                };
+                lid = src.key(lid, sid, part.url(lid as usize));
+            }
             let t = ts[i];
             let cell = bias(t.div_euclid(CELL_MS)).ok_or_else(|| schema_err("ts out of range"))?;
             let key = (u64::from(lid) << 32) | u64::from(cell);
@@ -499,6 +644,12 @@ fn scan_row_group(
     let ta = Instant::now();
     if prev_cnt > 0 {
         part.cells.push((prev_key, prev_cnt));
+    }
+    if let Some(src) = sources {
+        // From here on the local ids are key ids: name them.
+        let n = src.names.len() as u32;
+        part.dicts = vec![StringArray::from_iter_values(src.names.iter())];
+        part.urls = (0..n).map(|i| (0, i)).collect();
     }
     // Sorted input (the master's (url, ts) order) makes this a linear check.
     part.cells.sort_unstable_by_key(|c| c.0);
@@ -686,6 +837,7 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
         cell,
         views,
         sketches,
+        sources: None,
         events,
         stats,
     }

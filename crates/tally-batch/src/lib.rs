@@ -11,17 +11,21 @@ pub mod kernel;
 pub mod runner;
 mod site;
 pub mod sketch;
+mod sources;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;
 pub mod view;
 
 pub use error::{Error, ErrorKind, Result};
-pub use kernel::{compute, ComputeStats, Progress, ProgressSnapshot, SketchData, ViewData};
+pub use kernel::{
+    compute, compute_sources, ComputeStats, Progress, ProgressSnapshot, SketchData, ViewData,
+};
 pub use runner::{
     BatchRunner, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig, RunningInfo,
     StageTimings, StartedRun, Trigger,
 };
 pub use sketch::{relative_error, visitor_hash, VisitorSketch};
+pub use sources::SourceCount;
 pub use store::{Manifest, ManifestFile, ViewInfo, ViewStatus, ViewStore};
 pub use view::BatchView;

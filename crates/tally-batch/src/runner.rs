@@ -338,7 +338,21 @@ impl BatchRunner {
         let progress = info.progress.clone();
         let precision = self.inner.cfg.sketch_precision;
         let nfiles = files.iter().filter(|f| f.first <= cutoff).count();
-        let data = blocking(move || kernel::compute(&files, cutoff, precision, &progress)).await?;
+        let data = blocking(move || {
+            let mut data = kernel::compute(&files, cutoff, precision, &progress)?;
+            let t = Instant::now();
+            let sources =
+                kernel::compute_sources(&files, cutoff, precision, &kernel::Progress::new())?;
+            tracing::debug!(
+                keys = sources.urls.len(),
+                cells = sources.cells(),
+                ms = t.elapsed().as_millis() as u64,
+                "batch sources computed"
+            );
+            data.sources = Some(Box::new(sources));
+            Ok(data)
+        })
+        .await?;
         let compute_ms = t1.elapsed().as_secs_f64() * 1000.0;
 
         let t2 = Instant::now();

@@ -9,6 +9,9 @@
 //!   is discarded as not servable and recomputed.)
 //! - `sketches.parquet` (when sketches were computed): `url` Utf8, `day` Int64 (days since the
 //!   epoch, UTC), `sketch` Binary ([`VisitorSketch::to_bytes`]); sorted by (url, day).
+//! - `sources.parquet`, `source_sketches.parquet`: the same two layouts keyed by source key
+//!   (`tally_core::dims::source_key`, `\x01{referrer host}\x01{url}`) instead of URL: the data
+//!   of breakdowns (format 3 on; a format-2 view is discarded as not servable and recomputed).
 //! - `manifest.json`: see [`Manifest`].
 //! - `DISCARDED` (only after a discard): the reason; the data is kept for inspection.
 //!
@@ -38,9 +41,11 @@ use crate::kernel::{SketchData, ViewData};
 use crate::sketch::VisitorSketch;
 use crate::view::BatchView;
 
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 pub const COUNTS_FILE: &str = "counts.parquet";
 pub const SKETCHES_FILE: &str = "sketches.parquet";
+pub const SOURCES_FILE: &str = "sources.parquet";
+pub const SOURCE_SKETCHES_FILE: &str = "source_sketches.parquet";
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const DISCARDED_FILE: &str = "DISCARDED";
 pub const CURRENT_FILE: &str = "CURRENT";
@@ -66,6 +71,11 @@ pub struct Manifest {
     pub urls: u64,
     pub cells: u64,
     pub sketch_precision: Option<u8>,
+    /// Source keys and their (key, cell) entries in `sources.parquet` (format 3 on).
+    #[serde(default)]
+    pub source_keys: u64,
+    #[serde(default)]
+    pub source_cells: u64,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub created_at_ms: i64,
@@ -210,6 +220,22 @@ impl ViewStore {
         );
         let mut files = vec![counts?];
         files.extend(sketches?);
+        let empty = ViewData {
+            offsets: vec![0],
+            ..Default::default()
+        };
+        let sources = data.sources.as_deref().unwrap_or(&empty);
+        let (counts, sketches) = rayon::join(
+            || write_counts(&dir.join(SOURCES_FILE), sources),
+            || match &sources.sketches {
+                Some(s) if !s.days.is_empty() => {
+                    write_sketches(&dir.join(SOURCE_SKETCHES_FILE), &sources.urls, s).map(Some)
+                }
+                _ => Ok(None),
+            },
+        );
+        files.push(counts?);
+        files.extend(sketches?);
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             version: version.to_string(),
@@ -218,6 +244,8 @@ impl ViewStore {
             urls: data.urls.len() as u64,
             cells: data.cell.len() as u64,
             sketch_precision: data.sketches.as_ref().map(|s| s.precision),
+            source_keys: sources.urls.len() as u64,
+            source_cells: sources.cell.len() as u64,
             created_at: tally_core::format_rfc3339(created_at_ms),
             created_at_ms,
             files,
@@ -301,7 +329,9 @@ impl ViewStore {
                 format!("manifest names version {}", m.version),
             ));
         }
-        if !m.files.iter().any(|f| f.name == COUNTS_FILE)
+        if ![COUNTS_FILE, SOURCES_FILE]
+            .iter()
+            .all(|name| m.files.iter().any(|f| f.name == *name))
             || m.files
                 .iter()
                 .any(|f| f.name.contains(['/', '\\']) || f.name.starts_with('.'))
@@ -367,17 +397,18 @@ impl ViewStore {
             ));
         }
         data.events = m.events;
-        if let Some(p) = m.sketch_precision {
-            data.sketches = Some(if m.files.iter().any(|f| f.name == SKETCHES_FILE) {
-                read_sketches(&dir.join(SKETCHES_FILE), &data.urls, p)?
-            } else {
-                SketchData {
-                    precision: p,
-                    offsets: vec![0; data.urls.len() + 1],
-                    ..Default::default()
-                }
-            });
+        data.sketches = read_sketches_of(&m, &dir, SKETCHES_FILE, &data.urls)?;
+        let mut sources = read_counts(&dir.join(SOURCES_FILE))?;
+        if sources.urls.len() as u64 != m.source_keys || sources.cell.len() as u64 != m.source_cells
+        {
+            return Err(Error::corrupt(
+                dir.join(SOURCES_FILE),
+                "key or cell count differs from the manifest",
+            ));
         }
+        sources.events = m.events;
+        sources.sketches = read_sketches_of(&m, &dir, SOURCE_SKETCHES_FILE, &sources.urls)?;
+        data.sources = Some(Box::new(sources));
         Ok(BatchView::from_data(
             m.version,
             m.cutoff_seq,
@@ -793,6 +824,28 @@ fn read_counts(path: &Path) -> Result<ViewData> {
         d.offsets.push(d.cell.len());
     }
     Ok(d)
+}
+
+/// The sketches of the keys `urls` from file `name` of a version: `None` when the view has
+/// none, empty ones when the file is absent (no key had a visitor).
+fn read_sketches_of(
+    m: &Manifest,
+    dir: &Path,
+    name: &str,
+    urls: &[String],
+) -> Result<Option<SketchData>> {
+    let Some(p) = m.sketch_precision else {
+        return Ok(None);
+    };
+    Ok(Some(if m.files.iter().any(|f| f.name == name) {
+        read_sketches(&dir.join(name), urls, p)?
+    } else {
+        SketchData {
+            precision: p,
+            offsets: vec![0; urls.len() + 1],
+            ..Default::default()
+        }
+    }))
 }
 
 fn read_sketches(path: &Path, urls: &[String], precision: u8) -> Result<SketchData> {

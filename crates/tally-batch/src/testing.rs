@@ -23,6 +23,7 @@ pub struct MasterRow {
     pub ts: i64,
     pub url: String,
     pub visitor: Option<String>,
+    pub referrer: Option<String>,
 }
 
 /// The master file schema: the one tally-master writes.
@@ -80,7 +81,9 @@ pub fn write_master_file_with(
             Arc::new(StringArray::from_iter(
                 chunk.iter().map(|r| r.visitor.as_deref()),
             )),
-            Arc::new(StringArray::from_iter(chunk.iter().map(|_| None::<&str>))),
+            Arc::new(StringArray::from_iter(
+                chunk.iter().map(|r| r.referrer.as_deref()),
+            )),
             Arc::new(StringArray::from_iter(chunk.iter().map(|_| None::<&str>))),
             Arc::new(
                 TimestampMillisecondArray::from_iter_values(chunk.iter().map(|r| r.ts))

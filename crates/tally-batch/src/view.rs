@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::kernel::ViewData;
 use crate::site::{Sites, UrlPart};
 use crate::sketch::VisitorSketch;
+use crate::sources::{SourceCount, Sources};
 
 /// A loaded batch view: per URL, views per 15-minute cell with prefix sums, totals in top-N order,
 /// and (when computed) visitor sketches per UTC day.
@@ -46,6 +47,8 @@ pub struct BatchView {
     week_sketches: Vec<VisitorSketch>,
     /// Every host's pages summed (views) and unioned (visitors), built at load.
     sites: Sites,
+    /// Counts and sketches per source key (referrer host, URL), for breakdowns.
+    sources: Sources,
 }
 
 impl BatchView {
@@ -62,22 +65,18 @@ impl BatchView {
             cell,
             views,
             sketches,
+            sources,
             events,
             ..
         } = data;
+        let sources = Sources::from_data(sources.map(|s| *s).unwrap_or_default());
         let names: Vec<Arc<str>> = urls.into_iter().map(Arc::from).collect();
         let index = names
             .iter()
             .enumerate()
             .map(|(i, u)| (u.clone(), i as u32))
             .collect();
-        let mut prefix = Vec::with_capacity(views.len() + 1);
-        let mut acc = 0u64;
-        prefix.push(0);
-        for v in &views {
-            acc += v;
-            prefix.push(acc);
-        }
+        let prefix = prefix_sums(&views);
         let total = |i: usize| prefix[offsets[i + 1]] - prefix[offsets[i]];
         let mut by_total: Vec<u32> = (0..names.len() as u32).collect();
         // URL ids are in URL order already, so a stable sort by total keeps url asc for ties.
@@ -154,6 +153,7 @@ impl BatchView {
             weeks,
             week_sketches,
             sites,
+            sources,
         }
     }
 
@@ -368,10 +368,40 @@ impl BatchView {
         self.sites.day_sketches(host, from_day, to_day).collect()
     }
 
+    /// Every source key (referrer host, URL) of site `host` — only those of `url` when given —
+    /// with views in the cells `[from_cell, to_cell)`: those views and the key's day sketches
+    /// of the UTC days `[from_day, to_day)`. A breakdown by any dimension sums these.
+    pub fn sources_of<'a>(
+        &'a self,
+        host: &str,
+        url: Option<&'a str>,
+        cells: (i64, i64),
+        days: (i64, i64),
+    ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
+        self.sources.of_host(host, url, cells, days)
+    }
+
+    /// Number of (source key, cell) entries.
+    pub fn source_cells(&self) -> usize {
+        self.sources.cells()
+    }
+
     /// Number of (url, cell) entries (memory grows with this).
     pub fn cells(&self) -> usize {
         self.cell.len()
     }
+}
+
+/// `prefix[j]` = the sum of `views[..j]` (`len + 1` entries): any run's views in one subtraction.
+pub(crate) fn prefix_sums(views: &[u64]) -> Vec<u64> {
+    let mut prefix = Vec::with_capacity(views.len() + 1);
+    let mut acc = 0u64;
+    prefix.push(0);
+    for v in views {
+        acc += v;
+        prefix.push(acc);
+    }
+    prefix
 }
 
 /// Per URL, the union of its day sketches per week: `(offsets, weeks, sketches)` laid out like

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tally_batch::store::{ViewStatus, COUNTS_FILE, MANIFEST_FILE};
 use tally_batch::testing::{write_master_file, MasterRow, Rng};
-use tally_batch::{compute, BatchView, Error, Progress, ViewStore};
+use tally_batch::{compute, compute_sources, BatchView, Error, Progress, ViewStore};
 use tally_core::{Seq, CELL_MS, DAY_MS, HOUR_MS};
 use tally_master::MasterFile;
 
@@ -50,11 +50,23 @@ fn dataset(dir: &Path, seed: u64, n: u64, nfiles: u64) -> Dataset {
                 rng.below(HOUR_MS as u64) as i64
             };
         let visitor = (rng.below(4) != 0).then(|| format!("v{}", rng.below(40)));
+        // Direct, two search pages of one engine, another site, the page's own site, garbage.
+        let referrer = [
+            None,
+            None,
+            Some("https://www.google.com/search?q=a"),
+            Some("https://google.com/search?q=b"),
+            Some("http://news.test/item?id=1"),
+            Some("http://a.example.com/p/1"),
+            Some("not a url"),
+        ][rng.below(7) as usize]
+            .map(str::to_string);
         rows.push(MasterRow {
             seq,
             ts,
             url: urls[u].clone(),
             visitor,
+            referrer,
         });
     }
     let per = n.div_ceil(nfiles);
@@ -68,6 +80,9 @@ fn dataset(dir: &Path, seed: u64, n: u64, nfiles: u64) -> Dataset {
 
 struct Model {
     cells: BTreeMap<String, BTreeMap<i64, u64>>,
+    /// (referrer host, url) → cell → views.
+    sources: BTreeMap<(String, String), BTreeMap<i64, u64>>,
+    source_visitors: HashMap<(String, String, i64), BTreeSet<String>>,
     visitors: HashMap<(String, i64), BTreeSet<String>>,
     events: u64,
 }
@@ -75,11 +90,28 @@ struct Model {
 fn model(rows: &[MasterRow], cutoff: u64) -> Model {
     let mut m = Model {
         cells: BTreeMap::new(),
+        sources: BTreeMap::new(),
+        source_visitors: HashMap::new(),
         visitors: HashMap::new(),
         events: 0,
     };
     for r in rows.iter().filter(|r| r.seq <= cutoff) {
         m.events += 1;
+        let key = (
+            tally_core::dims::referrer_host(&r.url, r.referrer.as_deref()),
+            r.url.clone(),
+        );
+        *m.sources
+            .entry(key.clone())
+            .or_default()
+            .entry(r.ts.div_euclid(CELL_MS))
+            .or_default() += 1;
+        if let Some(v) = &r.visitor {
+            m.source_visitors
+                .entry((key.0, key.1, r.ts.div_euclid(DAY_MS)))
+                .or_default()
+                .insert(v.clone());
+        }
         *m.cells
             .entry(r.url.clone())
             .or_default()
@@ -120,6 +152,7 @@ fn check_view(view: &BatchView, m: &Model, seed: u64) {
             assert_eq!(view.cell_counts(url, a, b), expect);
         }
         assert_eq!(view.range_views("http://unknown.example/", a, b), 0);
+        check_sources(view, m, host, (a, b));
         // range_totals with and without host.
         for h in [None, Some(host)] {
             let mut got = BTreeMap::new();
@@ -178,6 +211,50 @@ fn check_view(view: &BatchView, m: &Model, seed: u64) {
     }
 }
 
+/// The view's source keys of `host` in the cells `[a, b)` (and their sketches of the days
+/// those cells touch) equal the model's, with and without a URL filter.
+fn check_sources(view: &BatchView, m: &Model, host: &str, (a, b): (i64, i64)) {
+    let days = (
+        (a * CELL_MS).div_euclid(DAY_MS),
+        (b * CELL_MS).div_euclid(DAY_MS) + 1,
+    );
+    let some_url = m
+        .cells
+        .keys()
+        .find(|u| tally_core::url::host_of(u) == Some(host));
+    for url in [None, some_url.map(String::as_str)] {
+        let mut got = BTreeMap::new();
+        for c in view.sources_of(host, url, (a, b), days) {
+            let visitors = view.sketch_precision().map(|p| {
+                tally_batch::VisitorSketch::union(p, c.sketches, &[])
+                    .unwrap()
+                    .estimate() as usize
+            });
+            let key = (c.referrer.to_string(), c.url.to_string());
+            assert!(got.insert(key, (c.views, visitors)).is_none());
+        }
+        let want: BTreeMap<(String, String), (u64, Option<usize>)> = m
+            .sources
+            .iter()
+            .filter(|((_, u), _)| tally_core::url::host_of(u) == Some(host))
+            .filter(|((_, u), _)| url.is_none_or(|f| f == u))
+            .map(|(k, cells)| {
+                let views = cells.range(a..b.max(a)).map(|x| *x.1).sum::<u64>();
+                let mut union = BTreeSet::new();
+                for d in days.0..days.1 {
+                    if let Some(s) = m.source_visitors.get(&(k.0.clone(), k.1.clone(), d)) {
+                        union.extend(s.iter().cloned());
+                    }
+                }
+                let visitors = view.sketch_precision().map(|_| union.len());
+                (k.clone(), (views, visitors))
+            })
+            .filter(|x| x.1 .0 > 0)
+            .collect();
+        assert_eq!(got, want, "sources of {host} {url:?} [{a},{b})");
+    }
+}
+
 #[test]
 fn kernel_and_view_match_reference_model() {
     for seed in 1..=4u64 {
@@ -190,8 +267,12 @@ fn kernel_and_view_match_reference_model() {
         let m = model(&ds.rows, cutoff);
         let progress = Progress::new();
         let sketches = (seed % 2 == 1).then_some(10);
-        let data = compute(&ds.files, Seq(cutoff), sketches, &progress).unwrap();
+        let mut data = compute(&ds.files, Seq(cutoff), sketches, &progress).unwrap();
         assert_eq!(data.events, m.events);
+        let sources = compute_sources(&ds.files, Seq(cutoff), sketches, &Progress::new()).unwrap();
+        assert_eq!(sources.events, m.events);
+        assert!(sources.urls.len() > data.urls.len());
+        data.sources = Some(Box::new(sources));
         let p = progress.snapshot();
         assert_eq!(
             (p.files_done, p.files_total, p.events_done),
@@ -262,14 +343,14 @@ fn store_manifest_verify_and_corruption() {
     let vdir = store.version_dir(&info.version);
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(vdir.join(MANIFEST_FILE)).unwrap()).unwrap();
-    assert_eq!(m["format_version"], 2);
+    assert_eq!(m["format_version"], 3);
     assert_eq!(m["version"], info.version.as_str());
     assert_eq!(m["cutoff_seq"], cutoff);
     assert_eq!(m["events"], data.events);
     assert_eq!(m["urls"], data.urls.len() as u64);
     assert_eq!(m["created_at"], "2023-11-14T22:13:20Z");
     let files = m["files"].as_array().unwrap();
-    assert_eq!(files.len(), 2);
+    assert_eq!(files.len(), 3);
     for f in files {
         let bytes = std::fs::read(vdir.join(f["name"].as_str().unwrap())).unwrap();
         assert_eq!(f["size"], bytes.len() as u64);
@@ -581,6 +662,7 @@ fn plain_fallback_for_url_dictionary_is_exact() {
             ts: BASE_MS + rng.below(100) as i64 * HOUR_MS,
             url: format!("http://h{}.example/{}", rng.below(7), rng.below(300)),
             visitor: None,
+            referrer: None,
         })
         .collect();
     let f = tally_batch::testing::write_master_file_with(

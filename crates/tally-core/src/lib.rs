@@ -1,6 +1,7 @@
 //! Core types of tally: events, their validation and URL normalisation, sequence numbers and
 //! time buckets. No I/O of any kind lives here.
 
+pub mod dims;
 pub mod event;
 pub mod hash;
 pub mod metrics;

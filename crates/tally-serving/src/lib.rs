@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod batch;
+mod breakdown;
 pub mod cache;
 pub mod client_ip;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod query;
 pub mod salt;
 mod site;
 pub mod state;
+mod stats_api;
 pub mod views;
 
 use axum::error_handling::HandleErrorLayer;
@@ -49,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/uniques", get(query::get_uniques))
         .route("/v1/site", get(site::get_site))
         .route("/v1/sites", get(site::get_sites))
+        .route("/v1/breakdown", get(breakdown::get_breakdown))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_read,
@@ -61,6 +64,8 @@ pub fn router(state: AppState) -> Router {
             "/api/event",
             post(plausible::post_event).options(plausible::preflight),
         )
+        // Its own keys (`auth.api_keys`), as Plausible's Stats API has.
+        .route("/api/v2/query", post(stats_api::post_query))
         .route("/metrics", get(metrics::render))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))

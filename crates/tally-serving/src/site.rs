@@ -23,7 +23,7 @@ use crate::query::{
 use crate::state::AppState;
 use crate::views::ViewManager;
 
-fn host_param(q: &HashMap<String, String>) -> ApiResult<String> {
+pub(crate) fn host_param(q: &HashMap<String, String>) -> ApiResult<String> {
     let raw = q
         .get("host")
         .ok_or_else(|| ApiError::bad("The host parameter is required."))?;

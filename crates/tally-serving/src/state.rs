@@ -37,6 +37,10 @@ pub struct Inner {
     pub admin_token: Option<String>,
     /// `auth.read_token`: when set, query endpoints need it (or the admin token).
     pub read_token: Option<String>,
+    /// `auth.api_keys`: the keys `POST /api/v2/query` accepts.
+    pub api_keys: Vec<String>,
+    /// Whether `POST /api/v2/query` is open without a key (no keys, loopback bind).
+    pub api_open: bool,
     pub started: Instant,
     pub schedule: String,
     /// HyperLogLog precision for unique visitors (`uniques.precision`).
@@ -62,6 +66,10 @@ pub struct ServingConfig {
     pub admin_token: Option<String>,
     /// `auth.read_token`; `None` leaves the query endpoints open.
     pub read_token: Option<String>,
+    /// `auth.api_keys`; empty leaves `POST /api/v2/query` open on a loopback bind only.
+    pub api_keys: Vec<String>,
+    /// Whether the server listens on a loopback address only.
+    pub loopback: bool,
     /// The batch schedule, as shown by `GET /v1/admin/batch`.
     pub schedule: String,
     pub sketch_precision: u8,
@@ -104,6 +112,8 @@ impl AppState {
             limits: cfg.limits,
             admin_token: cfg.admin_token,
             read_token: cfg.read_token,
+            api_open: cfg.api_keys.is_empty() && cfg.loopback,
+            api_keys: cfg.api_keys,
             started: Instant::now(),
             schedule: cfg.schedule,
             sketch_precision: cfg.sketch_precision,

@@ -54,6 +54,8 @@ async fn state(dir: &std::path::Path) -> AppState {
             },
             admin_token: None,
             read_token: None,
+            api_keys: Vec::new(),
+            loopback: true,
             schedule: "0 0 */8 * * *".into(),
             sketch_precision: 14,
             fallback_views: 1,

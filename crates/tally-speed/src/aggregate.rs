@@ -5,7 +5,7 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 
-use tally_core::{cell_of, day_of, Seq};
+use tally_core::{cell_of, day_of, dims, Seq};
 use tally_master::SeqEvent;
 
 use crate::keys::visitor_member;
@@ -52,8 +52,14 @@ pub(crate) struct EpochDelta {
 }
 
 impl EpochDelta {
+    /// Events of the delta (each is counted under its URL and its source key; this counts it
+    /// once).
     pub(crate) fn events(&self) -> u64 {
-        self.urls.values().map(|u| u.total).sum()
+        self.urls
+            .iter()
+            .filter(|(k, _)| !dims::is_source_key(k))
+            .map(|(_, u)| u.total)
+            .sum()
     }
 }
 
@@ -72,6 +78,9 @@ where
     I::Item: Borrow<SeqEvent>,
 {
     let mut out: Vec<EpochDelta> = Vec::new();
+    // Raw referrer → its site (`tally_core::dims::referrer_site`): parsed once per batch.
+    let mut sites: HashMap<String, String> = HashMap::new();
+    let mut key = String::new();
     for ev in events {
         let ev = ev.borrow();
         let Some(epoch) = epoch_of(epochs, ev.seq) else {
@@ -94,13 +103,36 @@ where
             Some(u) => u,
             None => d.urls.entry(ev.event.url.clone()).or_default(),
         };
-        u.add(cell_of(ev.event.ts));
-        if let Some(v) = &ev.event.visitor {
-            u.visitors.push(visitor_member(
+        let cell = cell_of(ev.event.ts);
+        let member = ev.event.visitor.as_ref().map(|v| {
+            visitor_member(
                 day_of(ev.event.ts),
                 tally_core::sketch::visitor_hash32(v.as_bytes()),
-            ));
-        }
+            )
+        });
+        u.add(cell);
+        u.visitors.extend(member);
+        // The same view under its source key, for breakdowns (`tally_core::dims`).
+        let site = match ev.event.referrer.as_deref() {
+            None => "",
+            Some(r) => match sites.get(r) {
+                Some(s) => s.as_str(),
+                None => sites
+                    .entry(r.to_string())
+                    .or_insert_with(|| dims::referrer_site(Some(r))),
+            },
+        };
+        dims::write_source_key(
+            &mut key,
+            dims::unless_same_site(&ev.event.url, site),
+            &ev.event.url,
+        );
+        let s = match d.urls.get_mut(key.as_str()) {
+            Some(s) => s,
+            None => d.urls.entry(key.clone()).or_default(),
+        };
+        s.add(cell);
+        s.visitors.extend(member);
     }
     for d in &mut out {
         d.urls.values_mut().for_each(UrlDelta::finish);
@@ -159,7 +191,10 @@ pub(crate) mod tests {
         let d1 = &deltas[1];
         assert_eq!((d1.epoch, d1.first, d1.last), (Seq(12), Seq(12), Seq(14)));
         assert_eq!(d1.urls["a"].cells, vec![(100, 1), (102, 1)]);
-        assert_eq!(d1.urls.len(), 1);
+        // Each view also counts under its source key (direct here).
+        let direct = dims::source_key("", "a");
+        assert_eq!(d1.urls[&direct], d1.urls["a"]);
+        assert_eq!(d1.urls.len(), 2);
     }
 
     #[test]

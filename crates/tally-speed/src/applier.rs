@@ -958,13 +958,17 @@ fn mirror_from(
         e.applied = state.applied;
         for (id, url, mut counts) in state.urls {
             counts.visitors.densify(precision);
+            m.dict
+                .insert(id, &url)
+                .map_err(|r| format!("epoch {start}: {r}"))?;
+            if tally_core::dims::is_source_key(&url) {
+                e.sources.insert(id, counts);
+                continue;
+            }
             // Hours still ahead of the clock, as `Mirror::apply_urls` records them.
             for (h, _) in counts.cells.iter().filter(|(h, _)| *h > now_cell) {
                 e.ahead.entry(*h).or_default().insert(id);
             }
-            m.dict
-                .insert(id, &url)
-                .map_err(|r| format!("epoch {start}: {r}"))?;
             e.urls.insert(id, counts);
         }
     }

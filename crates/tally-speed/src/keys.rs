@@ -26,7 +26,7 @@
 use tally_core::Seq;
 
 /// Version of this key layout, the first part of the instance marker.
-pub(crate) const LAYOUT: &str = "v3";
+pub(crate) const LAYOUT: &str = "v4";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
@@ -144,7 +144,7 @@ mod tests {
     #[test]
     fn the_marker_names_layout_and_dataset() {
         let m = instance_marker("abc", "x1");
-        assert_eq!(m, "v3/abc/x1");
+        assert_eq!(m, "v4/abc/x1");
         assert!(marker_is_ours(&m, "abc"));
         assert!(!marker_is_ours(&m, "ab"));
         assert!(!marker_is_ours(&m, "abcd"));

@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::mirror::Mirror;
-pub use crate::mirror::{SiteSpeed, SpeedVisitors};
+pub use crate::mirror::{SiteSpeed, SourceSpeed, SpeedVisitors};
 pub use crate::rank::BaseTotals;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -344,6 +344,29 @@ impl SpeedLayer {
                     for v in site.days.values_mut() {
                         *v = std::mem::take(v).finish(precision);
                     }
+                }
+                s
+            })
+        })
+    }
+
+    /// The source keys (referrer host, URL) of site `host` — of `url` alone when given — over
+    /// the live epochs after `after_cutoff`: each one's views in `cells` = `[from, to)` and its
+    /// visitors on the UTC days `days` = `[from, to)`. A breakdown by any dimension sums these.
+    pub fn sources(
+        &self,
+        host: &str,
+        url: Option<&str>,
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        days: (i64, i64),
+        precision: u8,
+    ) -> Read<Vec<SourceSpeed>> {
+        let collected = self.read(|m| m.sources(host, url, after_cutoff, cells, days, precision));
+        collected.map(|s| {
+            s.map(|mut s| {
+                for k in &mut s {
+                    k.visitors = std::mem::take(&mut k.visitors).finish(precision);
                 }
                 s
             })

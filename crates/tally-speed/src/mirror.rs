@@ -135,6 +135,18 @@ pub struct SpeedVisitors {
     pub registers: Option<Box<[u8]>>,
 }
 
+/// One source key's share of the speed layer ([`crate::SpeedLayer::sources`]).
+#[derive(Debug, Default)]
+pub struct SourceSpeed {
+    /// The referrer's host, empty for a direct visit.
+    pub referrer: String,
+    pub url: String,
+    /// Views in the cell range asked for.
+    pub views: u64,
+    /// Its visitors on the days asked for, all days together.
+    pub visitors: SpeedVisitors,
+}
+
 /// A site's share of the speed layer ([`crate::SpeedLayer::sites`]).
 #[derive(Debug, Default)]
 pub struct SiteSpeed {
@@ -249,6 +261,10 @@ pub(crate) struct EpochState {
     pub(crate) applied: Seq,
     /// URL id → counts.
     pub(crate) urls: Sharded<u32, UrlCounts>,
+    /// Source key id (`tally_core::dims::source_key`, in the same dictionary as URLs) →
+    /// counts: the data of breakdowns. Kept apart so that nothing that lists URLs (rankings,
+    /// sites, top) ever sees a source key.
+    pub(crate) sources: Sharded<u32, UrlCounts>,
     /// Cell → the URLs with views in that cell, for cells that were ahead of the clock when
     /// applied (events up to `ingest.max_future` ahead). An all-time ranking answers "until the
     /// next hour", so these few URLs get their exact counts instead; cells that are no longer
@@ -433,10 +449,15 @@ impl Mirror {
         let mut done = Vec::with_capacity(urls.len());
         let mut offers = Vec::with_capacity(urls.len());
         for u in urls {
-            for (h, _) in u.delta.cells.iter().filter(|(h, _)| *h > now_cell) {
-                e.ahead.entry(*h).or_default().insert(u.id);
+            let source = tally_core::dims::is_source_key(&u.name);
+            if !source {
+                for (h, _) in u.delta.cells.iter().filter(|(h, _)| *h > now_cell) {
+                    e.ahead.entry(*h).or_default().insert(u.id);
+                }
+                offers.push((u.id, u.base_total));
             }
-            match e.urls.get_mut(&u.id) {
+            let map = if source { &mut e.sources } else { &mut e.urls };
+            match map.get_mut(&u.id) {
                 Some(c) => {
                     done.push((false, u.name.clone()));
                     c.add_delta(u.delta, self.precision);
@@ -447,16 +468,18 @@ impl Mirror {
                         Some(c) => c,
                         None => UrlCounts::of(u.delta, self.precision),
                     };
-                    e.urls.insert(u.id, c);
+                    map.insert(u.id, c);
                 }
             }
-            offers.push((u.id, u.base_total));
         }
         if let Some(r) = self.ranking.as_mut() {
             let cutoff = r.base.cutoff();
             if epoch > cutoff {
                 let same_base = base.is_some_and(|b| same_view(b, &r.base));
-                for ((id, base_total), (_, name)) in offers.into_iter().zip(&done) {
+                let url_names = done
+                    .iter()
+                    .filter(|(_, n)| !tally_core::dims::is_source_key(n));
+                for ((id, base_total), (_, name)) in offers.into_iter().zip(url_names) {
                     let base_total = match base_total {
                         Some(t) if same_base => t,
                         _ => r.base.total(name),
@@ -482,6 +505,7 @@ impl Mirror {
                 let urls = e
                     .urls
                     .iter()
+                    .chain(e.sources.iter())
                     .filter_map(|(id, c)| Some((*id, self.dict.name(*id)?.clone(), c.clone())));
                 (
                     *start,
@@ -560,7 +584,7 @@ impl Mirror {
         let keep: HashSet<u32> = self
             .epochs
             .values()
-            .flat_map(|e| e.urls.keys().copied())
+            .flat_map(|e| e.urls.keys().chain(e.sources.keys()).copied())
             .collect();
         self.dict.retain(&keep);
     }
@@ -714,6 +738,52 @@ impl Mirror {
             .collect())
     }
 
+    /// The source keys of site `host` (of `url` alone when given) with views in the cells
+    /// `cells` over the live epochs after `after_cutoff`, with those views and their visitors
+    /// on the UTC days `days` (not yet [`SpeedVisitors::finish`]ed). One scan of the live
+    /// source keys.
+    pub(crate) fn sources(
+        &self,
+        host: &str,
+        url: Option<&str>,
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        days: (i64, i64),
+        precision: u8,
+    ) -> Result<Vec<SourceSpeed>, NotCovered> {
+        let mut acc: HashMap<u32, SourceSpeed> = HashMap::new();
+        for e in self.live_after(after_cutoff)? {
+            for (id, c) in &e.sources {
+                let Some((referrer, u)) = self
+                    .dict
+                    .name(*id)
+                    .and_then(|k| tally_core::dims::parse_source_key(k))
+                else {
+                    continue;
+                };
+                if url.is_some_and(|f| f != u) || tally_core::url::host_of(u) != Some(host) {
+                    continue;
+                }
+                let views = c.range(cells.0, cells.1);
+                if views == 0 {
+                    continue;
+                }
+                let s = acc.entry(*id).or_insert_with(|| SourceSpeed {
+                    referrer: referrer.to_string(),
+                    url: u.to_string(),
+                    ..Default::default()
+                });
+                s.views += views;
+                if days.0 < days.1 {
+                    for d in c.visitors.range(days.0, days.1) {
+                        self.collect_day(&mut s.visitors, d, precision);
+                    }
+                }
+            }
+        }
+        Ok(acc.into_values().collect())
+    }
+
     /// host → views in `[from_cell, to_cell)` of every site with views there.
     pub(crate) fn site_totals(
         &self,
@@ -861,7 +931,11 @@ mod tests {
             ev(3, "http://a.com/x", 0),
         ];
         let mut m = mirror_of(&events, &[Seq(1), Seq(3)]);
-        assert_eq!(m.dict.len(), 2);
+        assert_eq!(
+            m.dict.len(),
+            4,
+            "two URLs and their two (direct) source keys"
+        );
         m.collect_before(Seq(3));
         // A view with cutoff 2 still reads exactly; a view with cutoff 0 would miss 1 and 2.
         assert_eq!(m.views("http://a.com/x", Seq(2), 0, 1), Ok(1));
@@ -877,9 +951,11 @@ mod tests {
         );
         assert!(m.visitors("http://a.com/x", Seq(0), 0, 1, 14).is_err());
         assert!(m.cell_counts("http://a.com/x", Seq(0), 0, 1).is_err());
-        // Only x is left in a live epoch: y's id is free again.
-        assert_eq!(m.dict.len(), 1);
+        // Only x (and its source key) is left in a live epoch: y's ids are free again.
+        assert_eq!(m.dict.len(), 2);
         assert!(m.dict.id("http://a.com/y").is_none());
+        let y_direct = tally_core::dims::source_key("", "http://a.com/y");
+        assert!(m.dict.id(&y_direct).is_none());
         // Collecting is monotonic.
         m.collect_before(Seq(2));
         assert_eq!(m.floor, Seq(3));
@@ -951,7 +1027,9 @@ mod tests {
         let cut = Seq(24);
         let mut m = Mirror::empty(Seq(1), p);
         let mut loaded = Mirror::empty(Seq(1), p);
-        for d in aggregate(&events, &[Seq(1), cut]) {
+        for mut d in aggregate(&events, &[Seq(1), cut]) {
+            // One URL, no source keys: its id is 0 in every mirror.
+            d.urls.retain(|k, _| !tally_core::dims::is_source_key(k));
             m.apply(&d).unwrap();
             // What a load from Redis builds: the hashes first, registers after.
             // (One URL: its id is 0 in both mirrors.)

@@ -114,6 +114,9 @@ pub(crate) struct AuthConfig {
     pub(crate) admin_token: String,
     #[serde(deserialize_with = "string_or_number")]
     pub(crate) read_token: String,
+    /// Keys of `POST /api/v2/query` (a list, or one comma-separated string).
+    #[serde(deserialize_with = "string_list")]
+    pub(crate) api_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

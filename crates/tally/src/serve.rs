@@ -132,6 +132,8 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
             },
             admin_token: cfg.admin_token(),
             read_token: cfg.read_token(),
+            api_keys: cfg.auth.api_keys.clone(),
+            loopback: cfg.http.addr.ip().is_loopback(),
             schedule: cfg.batch.schedule.clone(),
             sketch_precision: cfg.uniques.precision,
             fallback_views: cfg.speed.fallback_views,

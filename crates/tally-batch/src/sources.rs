@@ -1,0 +1,174 @@
+//! The sources of a batch view: views per cell and visitor sketches per UTC day per **source
+//! key** (referrer host, URL) — `tally_core::dims` — the data every breakdown is a sum over.
+//! Built at load from the view's `sources.parquet` (computed by
+//! [`crate::kernel::compute_sources`]), indexed by the URL's host: a breakdown of one site reads
+//! only that site's keys.
+
+use std::sync::Arc;
+
+use tally_core::hash::FastMap;
+
+use crate::kernel::ViewData;
+use crate::sketch::VisitorSketch;
+
+/// One source key's share of a range ([`crate::BatchView::sources_of`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SourceCount<'a> {
+    /// The referrer's host, empty for a direct visit.
+    pub referrer: &'a str,
+    pub url: &'a str,
+    /// Views in the cell range.
+    pub views: u64,
+    /// Its day sketches in the day range (empty without one).
+    pub sketches: &'a [VisitorSketch],
+}
+
+/// Laid out like the view's URLs: key `i` owns `cell[offsets[i]..offsets[i+1]]` and
+/// `days[sketch_offsets[i]..sketch_offsets[i+1]]`.
+#[derive(Debug, Default)]
+pub(crate) struct Sources {
+    /// `(referrer host, url)` per key.
+    keys: Vec<(Box<str>, Box<str>)>,
+    offsets: Vec<usize>,
+    cell: Vec<i64>,
+    /// `prefix[j]` = views of cells `0..j` over all keys.
+    prefix: Vec<u64>,
+    sketch_offsets: Vec<usize>,
+    days: Vec<i64>,
+    sketches: Vec<VisitorSketch>,
+    /// Host → its keys.
+    hosts: FastMap<Arc<str>, Vec<u32>>,
+}
+
+impl Sources {
+    /// The index of computed or loaded source data (keys that are not source keys are skipped:
+    /// they cannot come from the kernel).
+    pub(crate) fn from_data(data: ViewData) -> Sources {
+        let ViewData {
+            urls,
+            offsets,
+            cell,
+            views,
+            sketches,
+            ..
+        } = data;
+        let prefix = crate::view::prefix_sums(&views);
+        let mut hosts: FastMap<Arc<str>, Vec<u32>> = FastMap::default();
+        let mut keys = Vec::with_capacity(urls.len());
+        for (i, k) in urls.iter().enumerate() {
+            let (referrer, url) = tally_core::dims::parse_source_key(k).unwrap_or(("", k));
+            if let Some(h) = tally_core::url::host_of(url) {
+                match hosts.get_mut(h) {
+                    Some(v) => v.push(i as u32),
+                    None => {
+                        hosts.insert(h.into(), vec![i as u32]);
+                    }
+                }
+            }
+            keys.push((Box::from(referrer), Box::from(url)));
+        }
+        let (sketch_offsets, days, sketches) = match sketches {
+            Some(s) => (s.offsets, s.days, s.sketches),
+            None => (vec![0; keys.len() + 1], Vec::new(), Vec::new()),
+        };
+        Sources {
+            keys,
+            offsets: if offsets.is_empty() { vec![0] } else { offsets },
+            cell,
+            prefix,
+            sketch_offsets,
+            days,
+            sketches,
+            hosts,
+        }
+    }
+
+    /// Every source key of site `host` with views in the cells `[from_cell, to_cell)`, with
+    /// those views and its day sketches of the days `[from_day, to_day)`; only the keys of
+    /// `url` when given.
+    pub(crate) fn of_host<'a>(
+        &'a self,
+        host: &str,
+        url: Option<&'a str>,
+        (from_cell, to_cell): (i64, i64),
+        (from_day, to_day): (i64, i64),
+    ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
+        let ids = self.hosts.get(host).map_or(&[][..], Vec::as_slice);
+        ids.iter().filter_map(move |&i| {
+            let i = i as usize;
+            let (referrer, u) = &self.keys[i];
+            if url.is_some_and(|f| f != &**u) {
+                return None;
+            }
+            let (s, e) = (self.offsets[i], self.offsets[i + 1]);
+            let cells = &self.cell[s..e];
+            let a = cells.partition_point(|&c| c < from_cell);
+            let b = a + cells[a..].partition_point(|&c| c < to_cell);
+            let views = self.prefix[s + b] - self.prefix[s + a];
+            if views == 0 {
+                return None;
+            }
+            let (ds, de) = (self.sketch_offsets[i], self.sketch_offsets[i + 1]);
+            let days = &self.days[ds..de];
+            let da = days.partition_point(|&d| d < from_day);
+            let db = da + days[da..].partition_point(|&d| d < to_day);
+            Some(SourceCount {
+                referrer,
+                url: u,
+                views,
+                sketches: &self.sketches[ds + da..ds + db],
+            })
+        })
+    }
+
+    /// Number of (source key, cell) entries.
+    pub(crate) fn cells(&self) -> usize {
+        self.cell.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_core::dims::source_key;
+
+    #[test]
+    fn a_host_lists_its_keys_with_range_views() {
+        let urls = vec![
+            source_key("", "https://a.test/"),
+            source_key("g.test", "https://a.test/"),
+            source_key("g.test", "https://b.test/x"),
+        ];
+        let mut urls_sorted = urls.clone();
+        urls_sorted.sort();
+        assert_eq!(urls, urls_sorted);
+        let data = ViewData {
+            urls,
+            offsets: vec![0, 2, 3, 4],
+            cell: vec![10, 20, 10, 10],
+            views: vec![1, 2, 4, 8],
+            ..Default::default()
+        };
+        let s = Sources::from_data(data);
+        let got: Vec<(&str, &str, u64)> = s
+            .of_host("a.test", None, (0, 15), (0, 0))
+            .map(|c| (c.referrer, c.url, c.views))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("", "https://a.test/", 1), ("g.test", "https://a.test/", 4)]
+        );
+        let all: u64 = s
+            .of_host("a.test", None, (0, 100), (0, 0))
+            .map(|c| c.views)
+            .sum();
+        assert_eq!(all, 7);
+        assert_eq!(
+            s.of_host("a.test", Some("https://b.test/x"), (0, 100), (0, 0))
+                .count(),
+            0
+        );
+        assert_eq!(s.of_host("b.test", None, (0, 100), (0, 0)).count(), 1);
+        assert_eq!(s.cells(), 4);
+    }
+}

@@ -1,0 +1,252 @@
+//! Breakdown dimensions (API.md, "Sites, breakdowns, realtime"): what a page view's page,
+//! referrer, source and UTM values are, derived from its normalised URL and its referrer.
+//!
+//! Every dimension is a function of two things: the page URL and the referrer's host (empty for
+//! a direct visit). Both layers therefore count views and visitors per **source key** — the pair
+//! (referrer host, URL), see [`source_key`] — next to their per-URL counts, and a breakdown by
+//! any dimension, for any URL filter, is a sum over source keys: exact, like a URL's views.
+
+use std::borrow::Cow;
+
+/// Separates the parts of a [`source_key`]; a normalised URL or host never contains it.
+pub const SOURCE_KEY_MARK: char = '\u{1}';
+
+/// The value of a dimension when the event has none.
+pub const DIRECT: &str = "(direct)";
+pub const NONE: &str = "(none)";
+
+/// A breakdown dimension (`by=` of `GET /v1/breakdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dimension {
+    /// The URL's path (and fragment, for a hash-routed page) without its query.
+    Page,
+    /// The whole normalised URL.
+    Url,
+    /// The referrer's host without `www.`; [`DIRECT`] when none or the same site.
+    Referrer,
+    /// `utm_source` of the page URL, else the referrer host, else [`DIRECT`].
+    Source,
+    UtmSource,
+    UtmMedium,
+    UtmCampaign,
+}
+
+impl Dimension {
+    pub const ALL: [Dimension; 7] = [
+        Dimension::Page,
+        Dimension::Url,
+        Dimension::Referrer,
+        Dimension::Source,
+        Dimension::UtmSource,
+        Dimension::UtmMedium,
+        Dimension::UtmCampaign,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dimension::Page => "page",
+            Dimension::Url => "url",
+            Dimension::Referrer => "referrer",
+            Dimension::Source => "source",
+            Dimension::UtmSource => "utm_source",
+            Dimension::UtmMedium => "utm_medium",
+            Dimension::UtmCampaign => "utm_campaign",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Dimension> {
+        Dimension::ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// The value of this dimension for a view of `url` (normalised) referred by `referrer_host`
+    /// (as [`referrer_host`] gives it: empty for a direct visit).
+    pub fn value<'a>(self, url: &'a str, referrer_host: &'a str) -> Cow<'a, str> {
+        let or = |v: Option<String>, none: &'static str| match v {
+            Some(v) => Cow::Owned(v),
+            None => Cow::Borrowed(none),
+        };
+        match self {
+            Dimension::Page => page_of(url),
+            Dimension::Url => Cow::Borrowed(url),
+            Dimension::Referrer if referrer_host.is_empty() => Cow::Borrowed(DIRECT),
+            Dimension::Referrer => Cow::Borrowed(referrer_host),
+            Dimension::Source => match utm(url, "utm_source") {
+                Some(s) => Cow::Owned(s),
+                None if referrer_host.is_empty() => Cow::Borrowed(DIRECT),
+                None => Cow::Borrowed(referrer_host),
+            },
+            Dimension::UtmSource => or(utm(url, "utm_source"), NONE),
+            Dimension::UtmMedium => or(utm(url, "utm_medium"), NONE),
+            Dimension::UtmCampaign => or(utm(url, "utm_campaign"), NONE),
+        }
+    }
+}
+
+/// The page of a normalised URL: its path, and its fragment when it kept one (a hash-routed
+/// page), without the query. `https://x.test/a?b=1` → `/a`; `https://x.test/app#/s` → `/app#/s`;
+/// `https://x.test/app?u=1#/s` → `/app#/s` (Plausible's pathname plus hash).
+pub fn page_of(url: &str) -> Cow<'_, str> {
+    let Some((_, rest)) = url.split_once("://") else {
+        return Cow::Borrowed(url);
+    };
+    let Some(start) = rest.find(['/', '?', '#']) else {
+        return Cow::Borrowed("/");
+    };
+    let tail = &rest[start..];
+    let (before_hash, fragment) = match tail.find('#') {
+        Some(h) => (&tail[..h], &tail[h..]),
+        None => (tail, ""),
+    };
+    match before_hash.find('?') {
+        None => Cow::Borrowed(tail),
+        Some(q) => {
+            let path = if q == 0 { "/" } else { &before_hash[..q] };
+            if fragment.is_empty() {
+                Cow::Borrowed(path)
+            } else {
+                Cow::Owned(format!("{path}{fragment}"))
+            }
+        }
+    }
+}
+
+/// The first non-empty value of query parameter `name` of a normalised URL, decoded.
+fn utm(url: &str, name: &str) -> Option<String> {
+    let after = url.split_once('?')?.1;
+    let query = after.split_once('#').map_or(after, |(q, _)| q);
+    if !query.contains(name) {
+        return None;
+    }
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, v)| k == name && !v.trim().is_empty())
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// The host of a referrer as the `referrer` dimension counts it: lower case, without `www.`;
+/// empty (a direct visit) when there is no referrer, it is not a URL with a host, or it is the
+/// page's own site.
+pub fn referrer_host(page_url: &str, referrer: Option<&str>) -> String {
+    let site = referrer_site(referrer);
+    unless_same_site(page_url, &site).to_string()
+}
+
+/// [`referrer_host`] before the same-site check: the referrer's host without `www.`, empty
+/// when there is none. Depends on the referrer alone, so callers may cache it per referrer.
+pub fn referrer_site(referrer: Option<&str>) -> String {
+    let Some(r) = referrer.map(str::trim).filter(|r| !r.is_empty()) else {
+        return String::new();
+    };
+    let Ok(parsed) = url::Url::parse(r) else {
+        return String::new();
+    };
+    match parsed.host_str() {
+        Some(host) if !host.contains(SOURCE_KEY_MARK) => strip_www(host).to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `site` ([`referrer_site`]) as the referrer host of a view of `page_url`: empty when it is
+/// the page's own site.
+pub fn unless_same_site<'a>(page_url: &str, site: &'a str) -> &'a str {
+    if crate::url::host_of(page_url).map(strip_www) == Some(site) {
+        ""
+    } else {
+        site
+    }
+}
+
+fn strip_www(h: &str) -> &str {
+    h.strip_prefix("www.").unwrap_or(h)
+}
+
+/// The key both layers count a view's source under: `\u{1}{referrer host}\u{1}{url}`. It never
+/// equals a URL (URLs start with a scheme), so it can share a dictionary with them.
+pub fn source_key(referrer_host: &str, url: &str) -> String {
+    let mut k = String::with_capacity(referrer_host.len() + url.len() + 2);
+    write_source_key(&mut k, referrer_host, url);
+    k
+}
+
+/// [`source_key`] into `out` (cleared first), for callers that reuse one buffer.
+pub fn write_source_key(out: &mut String, referrer_host: &str, url: &str) {
+    out.clear();
+    out.push(SOURCE_KEY_MARK);
+    out.push_str(referrer_host);
+    out.push(SOURCE_KEY_MARK);
+    out.push_str(url);
+}
+
+/// Whether `key` is a [`source_key`] (and not a URL).
+pub fn is_source_key(key: &str) -> bool {
+    key.starts_with(SOURCE_KEY_MARK)
+}
+
+/// `(referrer host, url)` of a [`source_key`].
+pub fn parse_source_key(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix(SOURCE_KEY_MARK)?
+        .split_once(SOURCE_KEY_MARK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_drop_the_query_and_keep_a_hash_route() {
+        assert_eq!(page_of("https://x.test/a/b?c=1"), "/a/b");
+        assert_eq!(page_of("https://x.test/"), "/");
+        assert_eq!(page_of("https://x.test/app#/settings"), "/app#/settings");
+        assert_eq!(page_of("https://x.test/app#/s?x=1"), "/app#/s?x=1");
+        assert_eq!(page_of("https://x.test/app?u=1#/s"), "/app#/s");
+    }
+
+    #[test]
+    fn referrers_are_hosts_without_www_and_the_own_site_is_direct() {
+        let page = "https://www.shop.test/a";
+        assert_eq!(referrer_host(page, None), "");
+        assert_eq!(referrer_host(page, Some("")), "");
+        assert_eq!(referrer_host(page, Some("not a url")), "");
+        assert_eq!(referrer_host(page, Some("https://shop.test/b")), "");
+        assert_eq!(referrer_host(page, Some("https://www.shop.test/b")), "");
+        assert_eq!(
+            referrer_host(page, Some("https://WWW.Google.com/search?q=1")),
+            "google.com"
+        );
+        assert_eq!(
+            referrer_host(page, Some("android-app://com.slack/")),
+            "com.slack"
+        );
+    }
+
+    #[test]
+    fn sources_prefer_utm_source_then_the_referrer() {
+        let u = "https://x.test/p?utm_source=news%20letter&utm_medium=email&utm_campaign=";
+        assert_eq!(Dimension::Source.value(u, "google.com"), "news letter");
+        assert_eq!(Dimension::UtmMedium.value(u, ""), "email");
+        assert_eq!(Dimension::UtmCampaign.value(u, ""), NONE);
+        assert_eq!(Dimension::Page.value(u, ""), "/p");
+        let plain = "https://x.test/p";
+        assert_eq!(Dimension::Source.value(plain, "google.com"), "google.com");
+        assert_eq!(Dimension::Source.value(plain, ""), DIRECT);
+        assert_eq!(Dimension::Referrer.value(plain, ""), DIRECT);
+        assert_eq!(Dimension::UtmSource.value(plain, "google.com"), NONE);
+    }
+
+    #[test]
+    fn source_keys_round_trip_and_are_never_urls() {
+        let k = source_key("google.com", "https://x.test/a?b=1");
+        assert!(is_source_key(&k));
+        assert!(!is_source_key("https://x.test/a"));
+        assert_eq!(
+            parse_source_key(&k),
+            Some(("google.com", "https://x.test/a?b=1"))
+        );
+        assert_eq!(
+            parse_source_key(&source_key("", "https://x.test/")),
+            Some(("", "https://x.test/"))
+        );
+        for d in Dimension::ALL {
+            assert_eq!(Dimension::parse(d.name()), Some(d));
+        }
+    }
+}

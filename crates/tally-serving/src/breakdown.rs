@@ -1,0 +1,168 @@
+//! `GET /v1/breakdown?host=H&by=D[&from&to&tz&limit&url=U]`: a site's views and visitors per
+//! value of a dimension (`tally_core::dims`).
+//!
+//! Both layers count every view under its source key (referrer host, URL) next to its URL; every
+//! dimension is a function of that pair. So an item's views are the sum, over the batch view's
+//! and the speed epochs' source keys that map to its value, of their views in the range — exact,
+//! with nothing missed or counted twice at the boundary, like a URL's views — and its uniques are
+//! one union of those keys' day sketches and speed visitors, never a sum of per-key uniques.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::Response;
+use serde_json::json;
+use tally_batch::{relative_error, BatchView, VisitorSketch};
+use tally_core::dims::Dimension;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{params, Params};
+use crate::query::{
+    limit_param, precision_of, provenance, query_range, respond, speed_read, uniques_days,
+    url_param,
+};
+use crate::site::host_param;
+use crate::state::AppState;
+use crate::views::ViewManager;
+
+/// One group's views and the visitors collected for it, from both layers.
+#[derive(Default)]
+pub(crate) struct Tally<'a> {
+    pub(crate) views: u64,
+    batch: Vec<&'a VisitorSketch>,
+    speed: Vec<VisitorSketch>,
+    hashes: Vec<u32>,
+}
+
+impl Tally<'_> {
+    /// The distinct visitors of the group: one union of everything collected.
+    pub(crate) fn uniques(mut self, precision: u8) -> ApiResult<u64> {
+        self.hashes.sort_unstable();
+        self.hashes.dedup();
+        let u = VisitorSketch::union(
+            precision,
+            self.batch.into_iter().chain(self.speed.iter()),
+            &self.hashes,
+        )
+        .map_err(ApiError::internal)?;
+        Ok(u.estimate().round() as u64)
+    }
+}
+
+/// The source keys of site `host` (of `url` alone when given) with views in `cells`, from the
+/// batch view and the speed epochs after its cutoff, grouped by `group_of(url, referrer host)`
+/// (`None` leaves a key out): each group's views in `cells` and its visitors of the UTC days
+/// `days`. Also says whether the speed layer could be read.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq>(
+    state: &AppState,
+    view: Option<&'a Arc<BatchView>>,
+    host: &str,
+    url: Option<&'a str>,
+    cells: (i64, i64),
+    days: (i64, i64),
+    precision: u8,
+    group_of: impl Fn(&str, &str) -> Option<K>,
+) -> ApiResult<(HashMap<K, Tally<'a>>, bool)> {
+    let cutoff = ViewManager::cutoff(view);
+    let speed = speed_read(
+        state
+            .speed
+            .sources(host, url, cutoff, cells, days, precision),
+    )?;
+    let speed_available = speed.is_some();
+    let mut groups: HashMap<K, Tally<'a>> = HashMap::new();
+    if let Some(v) = view {
+        for c in v.sources_of(host, url, cells, days) {
+            if let Some(k) = group_of(c.url, c.referrer) {
+                let t = groups.entry(k).or_default();
+                t.views += c.views;
+                t.batch.extend(c.sketches);
+            }
+        }
+    }
+    for s in speed.unwrap_or_default() {
+        let Some(k) = group_of(&s.url, &s.referrer) else {
+            continue;
+        };
+        let t = groups.entry(k).or_default();
+        t.views += s.views;
+        t.hashes.extend_from_slice(&s.visitors.hashes);
+        if let Some(r) = s.visitors.registers {
+            t.speed
+                .push(VisitorSketch::from_registers(precision, r).map_err(ApiError::internal)?);
+        }
+    }
+    Ok((groups, speed_available))
+}
+
+fn by_param(q: &HashMap<String, String>) -> ApiResult<Dimension> {
+    let by = q
+        .get("by")
+        .ok_or_else(|| ApiError::bad("The by parameter is required (page, url, referrer, source, utm_source, utm_medium or utm_campaign)."))?;
+    Dimension::parse(by).ok_or_else(|| {
+        ApiError::bad(format!(
+            "by must be page, url, referrer, source, utm_source, utm_medium or utm_campaign, not {by:?}."
+        ))
+    })
+}
+
+/// `GET /v1/breakdown`.
+pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let host = host_param(&q)?;
+    let by = by_param(&q)?;
+    let limit = limit_param(&q)?;
+    let url = match q.contains_key("url") {
+        true => Some(url_param(&q)?),
+        false => None,
+    };
+    if let Some(u) = &url {
+        if tally_core::url::host_of(u) != Some(host.as_str()) {
+            return Err(ApiError::bad(format!(
+                "The url {u} is not a page of the site {host}."
+            )));
+        }
+    }
+    let range = query_range(&q)?;
+    let days = uniques_days(&range).ok();
+    let view = state.views.current();
+    let precision = precision_of(&state, view.as_ref());
+    let cells = (range.from_cell, range.to_cell);
+    let (items, speed_available) = collect_sources(
+        &state,
+        view.as_ref(),
+        &host,
+        url.as_deref(),
+        cells,
+        days.unwrap_or((0, 0)),
+        precision,
+        |u, referrer| Some(by.value(u, referrer).into_owned()),
+    )?;
+    let mut ranked: Vec<(String, Tally<'_>)> = items.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.views.cmp(&a.1.views).then_with(|| a.0.cmp(&b.0)));
+    ranked.truncate(limit);
+    let mut out = Vec::with_capacity(ranked.len());
+    for (value, item) in ranked {
+        let views = item.views;
+        let uniques = match days {
+            Some(_) => Some(item.uniques(precision)?),
+            None => None,
+        };
+        out.push(json!({ "value": value, "views": views, "uniques": uniques }));
+    }
+    let body = json!({
+        "host": host,
+        "by": by.name(),
+        "url": url,
+        "from": range.zone.format(range.start_ms()),
+        "to": range.zone.format(range.end_ms()),
+        "tz": range.zone.name(),
+        "items": out,
+        "relative_error": days.map(|_| relative_error(precision)),
+        "batch": provenance(view.as_ref()),
+        "speed_available": speed_available,
+    });
+    Ok(respond(body, speed_available))
+}

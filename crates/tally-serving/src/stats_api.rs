@@ -1,0 +1,695 @@
+//! `POST /api/v2/query`: Plausible's Stats API v2, the subset page-view analytics needs (API.md,
+//! "POST /api/v2/query"), so that tools written for Plausible can read tally.
+//!
+//! Every answer is a grouping of the site's source keys (`tally_core::dims`), the same data as
+//! `/v1/breakdown`: `pageviews` exact across the batch view and the speed layer, `visitors` one
+//! union of sketches per row. What tally does not support — another metric or dimension, a time
+//! dimension, a filter operator — is a `400` naming it, never an answer without it.
+//!
+//! Facts taken from Plausible's query parser (plausible/analytics, `query_parser.ex`): `"day"`
+//! is today, `"month"` and `"year"` the current calendar month and year, `"Nd"` the N days
+//! before today, `"Nmo"` the N whole months before the current one, a pair of dates is
+//! inclusive; the default order is the first metric, descending; the default page is 10 000
+//! rows.
+
+use std::cmp::Ordering;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{Datelike, NaiveDate};
+use serde_json::{json, Map, Value};
+use tally_core::dims::Dimension;
+use tally_core::{Zone, CELL_MS, DAY_MS};
+
+use crate::breakdown::collect_sources;
+use crate::error::ApiError;
+use crate::query::{precision_of, respond};
+use crate::state::AppState;
+
+/// A Plausible-style `400`: `{"error": "..."}`.
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::bad(msg)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    Pageviews,
+    Visitors,
+    Events,
+}
+
+impl Metric {
+    fn parse(s: &str) -> Result<Metric, ApiError> {
+        match s {
+            "pageviews" => Ok(Metric::Pageviews),
+            "visitors" => Ok(Metric::Visitors),
+            "events" => Ok(Metric::Events),
+            _ => Err(bad(format!(
+                "Metric '{s}' is not supported by tally (it supports pageviews, visitors and events)."
+            ))),
+        }
+    }
+}
+
+/// A dimension of the query: one of the breakdown dimensions, or the hostname / event name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dim {
+    Of(Dimension),
+    Hostname,
+    /// `event:name`: every event tally stores is a `pageview`.
+    Name,
+}
+
+impl Dim {
+    fn parse(s: &str) -> Result<Dim, ApiError> {
+        Ok(match s {
+            "event:page" => Dim::Of(Dimension::Page),
+            "event:hostname" => Dim::Hostname,
+            "event:name" => Dim::Name,
+            "visit:source" => Dim::Of(Dimension::Source),
+            "visit:referrer" => Dim::Of(Dimension::Referrer),
+            "visit:utm_source" => Dim::Of(Dimension::UtmSource),
+            "visit:utm_medium" => Dim::Of(Dimension::UtmMedium),
+            "visit:utm_campaign" => Dim::Of(Dimension::UtmCampaign),
+            t if t == "time" || t.starts_with("time:") => {
+                return Err(bad(format!(
+                    "Dimension '{t}' is not supported by tally's /api/v2/query yet; GET /v1/site?granularity=hour|day|month gives a site's series."
+                )))
+            }
+            other => {
+                return Err(bad(format!(
+                    "Dimension '{other}' is not supported by tally (it supports event:page, event:hostname, event:name, visit:source, visit:referrer, visit:utm_source, visit:utm_medium and visit:utm_campaign)."
+                )))
+            }
+        })
+    }
+
+    fn value(self, url: &str, referrer: &str) -> String {
+        match self {
+            Dim::Of(d) => d.value(url, referrer).into_owned(),
+            Dim::Hostname => tally_core::url::host_of(url).unwrap_or("").to_string(),
+            Dim::Name => "pageview".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Is,
+    IsNot,
+    Contains,
+    ContainsNot,
+}
+
+#[derive(Debug, Clone)]
+enum Filter {
+    Match {
+        op: Op,
+        dim: Dim,
+        values: Vec<String>,
+        case_sensitive: bool,
+    },
+    And(Vec<Filter>),
+    Or(Vec<Filter>),
+    Not(Box<Filter>),
+}
+
+impl Filter {
+    fn parse(v: &Value) -> Result<Filter, ApiError> {
+        let invalid = || bad(format!("Invalid filter '{v}'."));
+        let a = v.as_array().ok_or_else(invalid)?;
+        let op = a.first().and_then(Value::as_str).ok_or_else(invalid)?;
+        match op {
+            "and" | "or" => {
+                let list = a.get(1).and_then(Value::as_array).ok_or_else(invalid)?;
+                if list.is_empty() || a.len() != 2 {
+                    return Err(invalid());
+                }
+                let fs = list.iter().map(Filter::parse).collect::<Result<_, _>>()?;
+                Ok(if op == "and" {
+                    Filter::And(fs)
+                } else {
+                    Filter::Or(fs)
+                })
+            }
+            "not" => match (a.get(1), a.len()) {
+                (Some(f), 2) => Ok(Filter::Not(Box::new(Filter::parse(f)?))),
+                _ => Err(invalid()),
+            },
+            "is" | "is_not" | "contains" | "contains_not" => {
+                let dim = Dim::parse(a.get(1).and_then(Value::as_str).ok_or_else(invalid)?)?;
+                let values = a
+                    .get(2)
+                    .and_then(Value::as_array)
+                    .ok_or_else(invalid)?
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_string).ok_or_else(invalid))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let case_sensitive = match a.get(3) {
+                    None => true,
+                    Some(Value::Object(m)) => {
+                        if m.keys().any(|k| k != "case_sensitive") {
+                            return Err(bad(format!(
+                                "Filter modifiers other than case_sensitive are not supported: '{v}'."
+                            )));
+                        }
+                        m.get("case_sensitive").and_then(Value::as_bool).unwrap_or(true)
+                    }
+                    Some(_) => return Err(invalid()),
+                };
+                if a.len() > 4 {
+                    return Err(invalid());
+                }
+                let op = match op {
+                    "is" => Op::Is,
+                    "is_not" => Op::IsNot,
+                    "contains" => Op::Contains,
+                    _ => Op::ContainsNot,
+                };
+                Ok(Filter::Match {
+                    op,
+                    dim,
+                    values,
+                    case_sensitive,
+                })
+            }
+            other => Err(bad(format!(
+                "Filter operator '{other}' is not supported by tally (it supports is, is_not, contains, contains_not, and, or, not)."
+            ))),
+        }
+    }
+
+    fn matches(&self, url: &str, referrer: &str) -> bool {
+        match self {
+            Filter::And(fs) => fs.iter().all(|f| f.matches(url, referrer)),
+            Filter::Or(fs) => fs.iter().any(|f| f.matches(url, referrer)),
+            Filter::Not(f) => !f.matches(url, referrer),
+            Filter::Match {
+                op,
+                dim,
+                values,
+                case_sensitive,
+            } => {
+                let mut v = dim.value(url, referrer);
+                if !case_sensitive {
+                    v = v.to_lowercase();
+                }
+                let norm = |x: &String| {
+                    if *case_sensitive {
+                        x.clone()
+                    } else {
+                        x.to_lowercase()
+                    }
+                };
+                match op {
+                    Op::Is => values.iter().any(|x| norm(x) == v),
+                    Op::IsNot => !values.iter().any(|x| norm(x) == v),
+                    Op::Contains => values.iter().any(|x| v.contains(&norm(x))),
+                    Op::ContainsNot => !values.iter().any(|x| v.contains(&norm(x))),
+                }
+            }
+        }
+    }
+}
+
+/// What `order_by` sorts on.
+#[derive(Debug, Clone, Copy)]
+enum SortKey {
+    Metric(usize),
+    Dimension(usize),
+}
+
+/// The parsed query.
+struct Query {
+    host: String,
+    metrics: Vec<Metric>,
+    dims: Vec<Dim>,
+    filters: Vec<Filter>,
+    order: Vec<(SortKey, bool)>,
+    limit: usize,
+    offset: usize,
+    zone: Zone,
+    /// `[start, end)` in ms.
+    range: (i64, i64),
+    total_rows: bool,
+}
+
+fn field<'a>(body: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    body.get(name).filter(|v| !v.is_null())
+}
+
+fn parse_date(s: &str) -> Result<NaiveDate, ApiError> {
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map_err(|_| bad(format!("Invalid date '{s}' in date_range: use YYYY-MM-DD.")))
+}
+
+/// `[start, end)` of the local dates `first..=last` in `zone`.
+fn dates(zone: Zone, first: NaiveDate, last: NaiveDate) -> Result<(i64, i64), ApiError> {
+    if last < first {
+        return Err(bad("Invalid date_range: the end is before the start."));
+    }
+    // The local day's first instant (also where DST skips midnight): from its noon.
+    let start = |d: NaiveDate| -> Result<i64, ApiError> {
+        let noon = d
+            .and_hms_opt(12, 0, 0)
+            .ok_or_else(|| bad("Invalid date_range."))?;
+        Ok(zone.day_start(zone.instant_of(noon)))
+    };
+    let from = start(first)?;
+    let to = zone.next_day_start(start(last)?);
+    Ok((from, to))
+}
+
+/// The range of a `date_range` (Plausible's meanings, see the module docs) in `zone`.
+fn parse_range(v: &Value, zone: Zone, now: i64) -> Result<(i64, i64), ApiError> {
+    let today = chrono::DateTime::from_timestamp_millis(now + zone.offset_ms(now))
+        .map(|d| d.date_naive())
+        .ok_or_else(|| bad("The server clock is out of range."))?;
+    let invalid = || bad(format!("Invalid date_range {v}."));
+    match v {
+        Value::String(s) => match s.as_str() {
+            "day" => dates(zone, today, today),
+            "month" => {
+                let first = today.with_day(1).ok_or_else(invalid)?;
+                let last = add_months(first, 1).pred_opt().ok_or_else(invalid)?;
+                dates(zone, first, last)
+            }
+            "year" => {
+                let first = NaiveDate::from_ymd_opt(today.year(), 1, 1).ok_or_else(invalid)?;
+                let last = NaiveDate::from_ymd_opt(today.year(), 12, 31).ok_or_else(invalid)?;
+                dates(zone, first, last)
+            }
+            "all" => Ok((tally_core::MIN_TS_MS, zone.next_day_start(now))),
+            "realtime" | "30m" => Err(bad(format!(
+                "date_range '{s}' is not supported by tally's /api/v2/query."
+            ))),
+            other => {
+                let (n, unit) = other
+                    .find(|c: char| !c.is_ascii_digit())
+                    .map(|i| other.split_at(i))
+                    .ok_or_else(invalid)?;
+                let n: u32 = n.parse().map_err(|_| invalid())?;
+                match unit {
+                    "d" if (1..=5000).contains(&n) => {
+                        let first = today - chrono::Days::new(u64::from(n));
+                        let last = today.pred_opt().ok_or_else(invalid)?;
+                        dates(zone, first, last)
+                    }
+                    "mo" if (1..=100).contains(&n) => {
+                        let this_month = today.with_day(1).ok_or_else(invalid)?;
+                        let first = sub_months(this_month, n);
+                        let last = this_month.pred_opt().ok_or_else(invalid)?;
+                        dates(zone, first, last)
+                    }
+                    _ => Err(invalid()),
+                }
+            }
+        },
+        Value::Array(a) if a.len() == 2 => {
+            let (Some(f), Some(t)) = (a[0].as_str(), a[1].as_str()) else {
+                return Err(invalid());
+            };
+            if f.len() == 10 && t.len() == 10 {
+                dates(zone, parse_date(f)?, parse_date(t)?)
+            } else {
+                let p = |s: &str| {
+                    chrono::DateTime::parse_from_rfc3339(s)
+                        .map(|d| d.timestamp_millis())
+                        .map_err(|_| invalid())
+                };
+                let (from, to) = (p(f)?, p(t)?);
+                if from >= to {
+                    return Err(bad("Invalid date_range: the end is not after the start."));
+                }
+                // Whole cells, as every layer counts.
+                Ok((
+                    from.div_euclid(CELL_MS) * CELL_MS,
+                    (to + 1).div_euclid(CELL_MS) * CELL_MS,
+                ))
+            }
+        }
+        _ => Err(invalid()),
+    }
+}
+
+fn add_months(d: NaiveDate, n: u32) -> NaiveDate {
+    d.checked_add_months(chrono::Months::new(n)).unwrap_or(d)
+}
+
+fn sub_months(d: NaiveDate, n: u32) -> NaiveDate {
+    d.checked_sub_months(chrono::Months::new(n)).unwrap_or(d)
+}
+
+fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
+    let body = body
+        .as_object()
+        .ok_or_else(|| bad("The query must be a JSON object."))?;
+    let known = [
+        "site_id",
+        "metrics",
+        "date_range",
+        "dimensions",
+        "filters",
+        "order_by",
+        "pagination",
+        "include",
+        "timezone",
+        "date",
+    ];
+    if let Some(k) = body.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(bad(format!("Unknown field '{k}' in the query.")));
+    }
+    let host = field(body, "site_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("site_id is required: the site's domain, such as example.com."))?;
+    let host = tally_core::url::normalize_host(host)
+        .map_err(|e| bad(format!("site_id is not a valid domain: {e}.")))?;
+    let metrics = field(body, "metrics")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| bad("metrics is required: a non-empty list, such as [\"pageviews\"]."))?
+        .iter()
+        .map(|m| Metric::parse(m.as_str().unwrap_or("")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let zone = match field(body, "timezone") {
+        None => Zone::UTC,
+        Some(Value::String(tz)) => Zone::parse(tz)
+            .ok_or_else(|| bad(format!("timezone '{tz}' is not a known IANA time zone.")))?,
+        Some(_) => return Err(bad("timezone must be a string such as Europe/Berlin.")),
+    };
+    if field(body, "date").is_some() {
+        return Err(bad("The date field is not supported by tally."));
+    }
+    let range = parse_range(
+        field(body, "date_range").ok_or_else(|| bad("date_range is required."))?,
+        zone,
+        now,
+    )?;
+    let dim_names: Vec<&str> = match field(body, "dimensions") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|d| d.as_str().ok_or_else(|| bad("dimensions must be strings.")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("dimensions must be a list.")),
+    };
+    let dims = dim_names
+        .iter()
+        .map(|d| Dim::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let filters = match field(body, "filters") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.iter().map(Filter::parse).collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("filters must be a list.")),
+    };
+    let metric_names: Vec<&str> = body["metrics"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let order = match field(body, "order_by") {
+        None => vec![(SortKey::Metric(0), true)],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|e| {
+                let invalid = || bad(format!("Invalid order_by entry '{e}'."));
+                let pair = e.as_array().filter(|p| p.len() == 2).ok_or_else(invalid)?;
+                let (Some(name), Some(dir)) = (pair[0].as_str(), pair[1].as_str()) else {
+                    return Err(invalid());
+                };
+                let desc = match dir {
+                    "desc" => true,
+                    "asc" => false,
+                    _ => return Err(invalid()),
+                };
+                let key = if let Some(i) = metric_names.iter().position(|m| *m == name) {
+                    SortKey::Metric(i)
+                } else if let Some(i) = dim_names.iter().position(|d| *d == name) {
+                    SortKey::Dimension(i)
+                } else {
+                    return Err(bad(format!(
+                        "Invalid order_by entry '{e}': it must name a metric or dimension of the query."
+                    )));
+                };
+                Ok((key, desc))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("order_by must be a list.")),
+    };
+    let (mut limit, mut offset) = (10_000usize, 0usize);
+    if let Some(p) = field(body, "pagination") {
+        let p = p
+            .as_object()
+            .ok_or_else(|| bad("pagination must be an object."))?;
+        for (k, v) in p {
+            let n = v
+                .as_u64()
+                .ok_or_else(|| bad(format!("pagination.{k} must be a non-negative integer.")))?;
+            match k.as_str() {
+                "limit" if (1..=10_000).contains(&n) => limit = n as usize,
+                "offset" => offset = n as usize,
+                _ => return Err(bad(format!("Invalid pagination '{k}': {n}."))),
+            }
+        }
+    }
+    let mut total_rows = false;
+    if let Some(inc) = field(body, "include") {
+        let inc = inc
+            .as_object()
+            .ok_or_else(|| bad("include must be an object."))?;
+        for (k, v) in inc {
+            match (k.as_str(), v) {
+                ("total_rows", Value::Bool(b)) => total_rows = *b,
+                ("time_labels" | "imports", Value::Bool(_)) => {}
+                _ => {
+                    return Err(bad(format!(
+                        "include.{k} is not supported by tally (it supports total_rows, time_labels and imports)."
+                    )))
+                }
+            }
+        }
+    }
+    Ok(Query {
+        host,
+        metrics,
+        dims,
+        filters,
+        order,
+        limit,
+        offset,
+        zone,
+        range,
+        total_rows,
+    })
+}
+
+/// Whether the request may query: a key of `auth.api_keys`, or none needed.
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    if state.api_keys.is_empty() {
+        return state.api_open;
+    }
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    given.is_some_and(|g| {
+        state
+            .api_keys
+            .iter()
+            .any(|k| crate::admin::constant_time_eq(g.as_bytes(), k.as_bytes()))
+    })
+}
+
+/// `POST /api/v2/query`.
+pub(crate) async fn post_query(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "Missing or invalid API key: send Authorization: Bearer <key> with a key of auth.api_keys."})),
+        )
+            .into_response();
+    }
+    match run(&state, &body) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
+    let body: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("The request body is not valid JSON: {e}.")))?;
+    let q = parse(&body, tally_core::now_ms())?;
+    let cells = (q.range.0.div_euclid(CELL_MS), q.range.1.div_euclid(CELL_MS));
+    let wants_visitors = q.metrics.contains(&Metric::Visitors);
+    let days = if wants_visitors {
+        if q.range.0.rem_euclid(DAY_MS) != 0 || q.range.1.rem_euclid(DAY_MS) != 0 {
+            return Err(bad(format!(
+                "visitors are kept per UTC day, so they cannot be counted between local midnights of {}; use a time zone whose midnights are UTC midnights, such as UTC.",
+                q.zone.name()
+            )));
+        }
+        (q.range.0.div_euclid(DAY_MS), q.range.1.div_euclid(DAY_MS))
+    } else {
+        (0, 0)
+    };
+    let view = state.views.current();
+    let precision = precision_of(state, view.as_ref());
+    let (groups, speed_available) = collect_sources(
+        state,
+        view.as_ref(),
+        &q.host,
+        None,
+        cells,
+        days,
+        precision,
+        |url, referrer| {
+            q.filters.iter().all(|f| f.matches(url, referrer)).then(|| {
+                q.dims
+                    .iter()
+                    .map(|d| d.value(url, referrer))
+                    .collect::<Vec<String>>()
+            })
+        },
+    )?;
+    let mut rows: Vec<(Vec<String>, Vec<u64>)> = Vec::with_capacity(groups.len());
+    for (dims, tally) in groups {
+        let views = tally.views;
+        let visitors = match wants_visitors {
+            true => tally.uniques(precision)?,
+            false => 0,
+        };
+        let metrics = q
+            .metrics
+            .iter()
+            .map(|m| match m {
+                Metric::Pageviews | Metric::Events => views,
+                Metric::Visitors => visitors,
+            })
+            .collect();
+        rows.push((dims, metrics));
+    }
+    // No dimensions: one row, also for a site without views.
+    if q.dims.is_empty() && rows.is_empty() {
+        rows.push((Vec::new(), vec![0; q.metrics.len()]));
+    }
+    rows.sort_by(|a, b| {
+        for (key, desc) in &q.order {
+            let o = match key {
+                SortKey::Metric(i) => a.1[*i].cmp(&b.1[*i]),
+                SortKey::Dimension(i) => a.0[*i].cmp(&b.0[*i]),
+            };
+            let o = if *desc { o.reverse() } else { o };
+            if o != Ordering::Equal {
+                return o;
+            }
+        }
+        a.0.cmp(&b.0)
+    });
+    let total = rows.len();
+    let results: Vec<Value> = rows
+        .into_iter()
+        .skip(q.offset)
+        .take(q.limit)
+        .map(|(d, m)| json!({"metrics": m, "dimensions": d}))
+        .collect();
+    let mut meta = Map::new();
+    if q.total_rows {
+        meta.insert("total_rows".into(), json!(total));
+    }
+    let mut echo = body.clone();
+    if let Some(o) = echo.as_object_mut() {
+        o.insert("site_id".into(), json!(q.host));
+        o.insert(
+            "date_range".into(),
+            json!([q.zone.format(q.range.0), q.zone.format(q.range.1 - 1000)]),
+        );
+        o.insert("timezone".into(), json!(q.zone.name()));
+    }
+    let reply = json!({"results": results, "meta": meta, "query": echo});
+    Ok(respond(reply, speed_available))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(s: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn date_ranges_mean_what_they_mean_in_plausible() {
+        let now = ms("2026-11-28T15:00:00Z");
+        let utc = Zone::UTC;
+        let r = |v: Value| parse_range(&v, utc, now).unwrap();
+        assert_eq!(
+            r(json!("day")),
+            (ms("2026-11-28T00:00:00Z"), ms("2026-11-29T00:00:00Z"))
+        );
+        assert_eq!(
+            r(json!("7d")),
+            (ms("2026-11-21T00:00:00Z"), ms("2026-11-28T00:00:00Z"))
+        );
+        assert_eq!(
+            r(json!("month")),
+            (ms("2026-11-01T00:00:00Z"), ms("2026-12-01T00:00:00Z"))
+        );
+        assert_eq!(
+            r(json!("6mo")),
+            (ms("2026-05-01T00:00:00Z"), ms("2026-11-01T00:00:00Z"))
+        );
+        assert_eq!(
+            r(json!("year")),
+            (ms("2026-01-01T00:00:00Z"), ms("2027-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            r(json!(["2026-11-01", "2026-11-02"])),
+            (ms("2026-11-01T00:00:00Z"), ms("2026-11-03T00:00:00Z"))
+        );
+        let berlin = Zone::parse("Europe/Berlin").unwrap();
+        assert_eq!(
+            parse_range(&json!("day"), berlin, now).unwrap(),
+            (ms("2026-11-27T23:00:00Z"), ms("2026-11-28T23:00:00Z"))
+        );
+        // The ends of the calendar answer or refuse, never panic.
+        for edge in [
+            json!(["0001-01-01", "0001-01-01"]),
+            json!(["9999-12-31", "9999-12-31"]),
+            json!(["0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"]),
+            json!("5000d"),
+            json!("100mo"),
+        ] {
+            let _ = parse_range(&edge, berlin, now);
+            let _ = parse_range(&edge, utc, now);
+        }
+        for bad in [
+            json!("0d"),
+            json!("7x"),
+            json!(["2026-11-02", "2026-11-01"]),
+            json!(3),
+        ] {
+            assert!(parse_range(&bad, utc, now).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn filters_combine_and_match_values() {
+        let f = Filter::parse(&json!(["and", [
+            ["is", "visit:source", ["google.com", "news.test"]],
+            ["not", ["contains", "event:page", ["ADMIN"], {"case_sensitive": false}]]
+        ]]))
+        .unwrap();
+        assert!(f.matches("https://x.test/a", "google.com"));
+        assert!(!f.matches("https://x.test/admin/a", "google.com"));
+        assert!(!f.matches("https://x.test/a", ""));
+        assert!(Filter::parse(&json!(["matches", "event:page", ["^/a"]])).is_err());
+        assert!(Filter::parse(&json!(["is", "visit:country", ["DE"]])).is_err());
+    }
+}
