@@ -134,10 +134,55 @@ fn check_table(server: &TestServer) {
                    "timezone": "Europe/London", "dimensions": ["event:hostname"]}),
             json!([{"metrics": [6], "dimensions": [SITE]}]),
         ),
+        // A time series by UTC day, oldest first; `time` picks days for seven days.
+        (
+            json!({"site_id": SITE, "metrics": ["pageviews", "visitors"], "date_range": "7d",
+                   "dimensions": ["time:day"]}),
+            json!([
+                {"metrics": [3, 2], "dimensions": [day(2)]},
+                {"metrics": [3, 3], "dimensions": [day(1)]},
+            ]),
+        ),
+        (
+            json!({"site_id": SITE, "metrics": ["pageviews"], "date_range": "7d",
+                   "dimensions": ["visit:source", "time"],
+                   "filters": [["is", "event:page", ["/"]]]}),
+            json!([
+                {"metrics": [1], "dimensions": ["(direct)", day(2)]},
+                {"metrics": [1], "dimensions": ["google.com", day(2)]},
+                {"metrics": [1], "dimensions": ["google.com", day(1)]},
+            ]),
+        ),
+        // Today by hour (both of today's views fall in one hour).
+        (
+            json!({"site_id": SITE, "metrics": ["pageviews"], "date_range": "day",
+                   "dimensions": ["time:hour"]}),
+            json!([{"metrics": [2], "dimensions": [today_hour()]}]),
+        ),
     ];
     for (q, want) in table {
         assert_eq!(results(server, q.clone()), want, "{q}");
     }
+    // Every bucket of the range is labelled, also those without views.
+    let (code, resp) = query(
+        server,
+        None,
+        json!({"site_id": SITE, "metrics": ["pageviews"], "date_range": "7d",
+               "dimensions": ["time:day"], "include": {"time_labels": true}}),
+    );
+    assert_eq!(code, 200, "{resp}");
+    let labels: Vec<String> = (1..=7).rev().map(day).collect();
+    assert_eq!(resp["meta"]["time_labels"], json!(labels), "{resp}");
+}
+
+/// `YYYY-MM-DD HH:00:00` of the hour today's events were sent in (noon UTC, or now if earlier).
+fn today_hour() -> String {
+    let today = now_ms().div_euclid(DAY_MS) * DAY_MS;
+    let ts = (today + DAY_MS / 2).min(now_ms());
+    chrono::DateTime::from_timestamp_millis(ts)
+        .unwrap()
+        .format("%Y-%m-%d %H:00:00")
+        .to_string()
 }
 
 /// `YYYY-MM-DD` of the UTC day `ago` days before today.
@@ -181,7 +226,22 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
             with("dimensions", json!(["visit:country"])),
             "visit:country",
         ),
-        (with("dimensions", json!(["time:day"])), "time:day"),
+        (with("dimensions", json!(["time:week"])), "time:week"),
+        (
+            with("dimensions", json!(["time:hour"]))
+                .as_object()
+                .map(|o| {
+                    let mut o = o.clone();
+                    o.insert("metrics".into(), json!(["visitors"]));
+                    Value::Object(o)
+                })
+                .unwrap(),
+            "time:hour",
+        ),
+        (
+            with("filters", json!([["is", "time:day", ["2026-01-01"]]])),
+            "time:day",
+        ),
         (
             with("filters", json!([["matches", "event:page", ["^/a"]]])),
             "matches",

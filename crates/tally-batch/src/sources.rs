@@ -19,8 +19,12 @@ pub struct SourceCount<'a> {
     pub url: &'a str,
     /// Views in the cell range.
     pub views: u64,
-    /// Its day sketches in the day range (empty without one).
+    /// Its cells in the range, ascending, and their views.
+    pub cells: &'a [i64],
+    pub cell_views: &'a [u64],
+    /// Its day sketches in the day range (empty without one), and their UTC days.
     pub sketches: &'a [VisitorSketch],
+    pub days: &'a [i64],
 }
 
 /// Laid out like the view's URLs: key `i` owns `cell[offsets[i]..offsets[i+1]]` and
@@ -31,6 +35,7 @@ pub(crate) struct Sources {
     keys: Vec<(Box<str>, Box<str>)>,
     offsets: Vec<usize>,
     cell: Vec<i64>,
+    views: Vec<u64>,
     /// `prefix[j]` = views of cells `0..j` over all keys.
     prefix: Vec<u64>,
     sketch_offsets: Vec<usize>,
@@ -75,6 +80,7 @@ impl Sources {
             keys,
             offsets: if offsets.is_empty() { vec![0] } else { offsets },
             cell,
+            views,
             prefix,
             sketch_offsets,
             days,
@@ -116,7 +122,10 @@ impl Sources {
                 referrer,
                 url: u,
                 views,
+                cells: &cells[a..b],
+                cell_views: &self.views[s + a..s + b],
                 sketches: &self.sketches[ds + da..ds + db],
+                days: &days[da..db],
             })
         })
     }

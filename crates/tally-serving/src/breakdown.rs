@@ -15,6 +15,8 @@ use axum::response::Response;
 use serde_json::json;
 use tally_batch::{relative_error, BatchView, VisitorSketch};
 use tally_core::dims::Dimension;
+use tally_core::{CELL_MS, DAY_MS};
+use tally_speed::SpeedVisitors;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
@@ -36,6 +38,16 @@ pub(crate) struct Tally<'a> {
 }
 
 impl Tally<'_> {
+    /// Adds the speed layer's visitors of one day.
+    pub(crate) fn add_speed(&mut self, v: SpeedVisitors, precision: u8) -> ApiResult<()> {
+        self.hashes.extend_from_slice(&v.hashes);
+        if let Some(r) = v.registers {
+            self.speed
+                .push(VisitorSketch::from_registers(precision, r).map_err(ApiError::internal)?);
+        }
+        Ok(())
+    }
+
     /// The distinct visitors of the group: one union of everything collected.
     pub(crate) fn uniques(mut self, precision: u8) -> ApiResult<u64> {
         self.hashes.sort_unstable();
@@ -50,12 +62,16 @@ impl Tally<'_> {
     }
 }
 
+/// Groups of source keys: (group, time bucket start or 0) → its views and visitors.
+pub(crate) type Groups<'a, K> = HashMap<(K, i64), Tally<'a>>;
+
 /// The source keys of site `host` (of `url` alone when given) with views in `cells`, from the
 /// batch view and the speed epochs after its cutoff, grouped by `group_of(url, referrer host)`
-/// (`None` leaves a key out): each group's views in `cells` and its visitors of the UTC days
-/// `days`. Also says whether the speed layer could be read.
+/// (`None` leaves a key out) and, with `bucket_of` (an instant → its time bucket's start),
+/// by time bucket too (else bucket 0): each group's views in `cells` and its visitors of the
+/// UTC days `days`. Also says whether the speed layer could be read.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq>(
+pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
     state: &AppState,
     view: Option<&'a Arc<BatchView>>,
     host: &str,
@@ -64,7 +80,8 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq>(
     days: (i64, i64),
     precision: u8,
     group_of: impl Fn(&str, &str) -> Option<K>,
-) -> ApiResult<(HashMap<K, Tally<'a>>, bool)> {
+    bucket_of: Option<&dyn Fn(i64) -> i64>,
+) -> ApiResult<(Groups<'a, K>, bool)> {
     let cutoff = ViewManager::cutoff(view);
     let speed = speed_read(
         state
@@ -72,13 +89,30 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq>(
             .sources(host, url, cutoff, cells, days, precision),
     )?;
     let speed_available = speed.is_some();
-    let mut groups: HashMap<K, Tally<'a>> = HashMap::new();
+    let mut groups: Groups<'a, K> = HashMap::new();
     if let Some(v) = view {
         for c in v.sources_of(host, url, cells, days) {
-            if let Some(k) = group_of(c.url, c.referrer) {
-                let t = groups.entry(k).or_default();
-                t.views += c.views;
-                t.batch.extend(c.sketches);
+            let Some(k) = group_of(c.url, c.referrer) else {
+                continue;
+            };
+            match bucket_of {
+                None => {
+                    let t = groups.entry((k, 0)).or_default();
+                    t.views += c.views;
+                    t.batch.extend(c.sketches);
+                }
+                Some(b) => {
+                    for (cell, n) in c.cells.iter().zip(c.cell_views) {
+                        groups
+                            .entry((k.clone(), b(cell * CELL_MS)))
+                            .or_default()
+                            .views += n;
+                    }
+                    for (day, sk) in c.days.iter().zip(c.sketches) {
+                        let t = groups.entry((k.clone(), b(day * DAY_MS))).or_default();
+                        t.batch.push(sk);
+                    }
+                }
             }
         }
     }
@@ -86,12 +120,26 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq>(
         let Some(k) = group_of(&s.url, &s.referrer) else {
             continue;
         };
-        let t = groups.entry(k).or_default();
-        t.views += s.views;
-        t.hashes.extend_from_slice(&s.visitors.hashes);
-        if let Some(r) = s.visitors.registers {
-            t.speed
-                .push(VisitorSketch::from_registers(precision, r).map_err(ApiError::internal)?);
+        match bucket_of {
+            None => {
+                let t = groups.entry((k, 0)).or_default();
+                t.views += s.views;
+                for v in s.days.into_values() {
+                    t.add_speed(v, precision)?;
+                }
+            }
+            Some(b) => {
+                for (cell, n) in &s.cells {
+                    groups
+                        .entry((k.clone(), b(cell * CELL_MS)))
+                        .or_default()
+                        .views += n;
+                }
+                for (day, v) in s.days {
+                    let t = groups.entry((k.clone(), b(day * DAY_MS))).or_default();
+                    t.add_speed(v, precision)?;
+                }
+            }
         }
     }
     Ok((groups, speed_available))
@@ -139,8 +187,10 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
         days.unwrap_or((0, 0)),
         precision,
         |u, referrer| Some(by.value(u, referrer).into_owned()),
+        None,
     )?;
-    let mut ranked: Vec<(String, Tally<'_>)> = items.into_iter().collect();
+    let mut ranked: Vec<(String, Tally<'_>)> =
+        items.into_iter().map(|((v, _), t)| (v, t)).collect();
     ranked.sort_by(|a, b| b.1.views.cmp(&a.1.views).then_with(|| a.0.cmp(&b.0)));
     ranked.truncate(limit);
     let mut out = Vec::with_capacity(ranked.len());

@@ -21,7 +21,7 @@ use axum::Json;
 use chrono::{Datelike, NaiveDate};
 use serde_json::{json, Map, Value};
 use tally_core::dims::Dimension;
-use tally_core::{Zone, CELL_MS, DAY_MS};
+use tally_core::{Granularity, Zone, CELL_MS, DAY_MS};
 
 use crate::breakdown::collect_sources;
 use crate::error::ApiError;
@@ -53,16 +53,31 @@ impl Metric {
     }
 }
 
-/// A dimension of the query: one of the breakdown dimensions, or the hostname / event name.
+/// A dimension of the query: one of the breakdown dimensions, the hostname / event name, or
+/// time buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dim {
     Of(Dimension),
     Hostname,
     /// `event:name`: every event tally stores is a `pageview`.
     Name,
+    /// `time:hour|day|month`; `time` is `Time(None)` until the range picks its buckets.
+    Time(Option<Granularity>),
 }
 
 impl Dim {
+    /// A dimension of `dimensions` (time buckets allowed).
+    fn parse_dimension(s: &str) -> Result<Dim, ApiError> {
+        match s {
+            "time" => Ok(Dim::Time(None)),
+            "time:hour" => Ok(Dim::Time(Some(Granularity::Hour))),
+            "time:day" => Ok(Dim::Time(Some(Granularity::Day))),
+            "time:month" => Ok(Dim::Time(Some(Granularity::Month))),
+            _ => Dim::parse(s),
+        }
+    }
+
+    /// A dimension of a filter.
     fn parse(s: &str) -> Result<Dim, ApiError> {
         Ok(match s {
             "event:page" => Dim::Of(Dimension::Page),
@@ -75,7 +90,7 @@ impl Dim {
             "visit:utm_campaign" => Dim::Of(Dimension::UtmCampaign),
             t if t == "time" || t.starts_with("time:") => {
                 return Err(bad(format!(
-                    "Dimension '{t}' is not supported by tally's /api/v2/query yet; GET /v1/site?granularity=hour|day|month gives a site's series."
+                    "Dimension '{t}' is not supported by tally here (it supports time, time:hour, time:day and time:month as dimensions, not in filters)."
                 )))
             }
             other => {
@@ -91,6 +106,8 @@ impl Dim {
             Dim::Of(d) => d.value(url, referrer).into_owned(),
             Dim::Hostname => tally_core::url::host_of(url).unwrap_or("").to_string(),
             Dim::Name => "pageview".to_string(),
+            // Filled in per bucket.
+            Dim::Time(_) => String::new(),
         }
     }
 }
@@ -234,6 +251,45 @@ struct Query {
     /// `[start, end)` in ms.
     range: (i64, i64),
     total_rows: bool,
+    time_labels: bool,
+    /// Where the time dimension is in `dims`.
+    time_at: Option<usize>,
+}
+
+impl Query {
+    fn granularity(&self) -> Option<Granularity> {
+        match self.dims.get(self.time_at?) {
+            Some(Dim::Time(g)) => *g,
+            _ => None,
+        }
+    }
+
+    /// Plausible's label of the time bucket starting at `ms`: `2026-11-28` for days and
+    /// months, `2026-11-28 10:00:00` for hours, in the query's zone.
+    fn label(&self, ms: i64, g: Granularity) -> String {
+        let local = chrono::DateTime::from_timestamp_millis(ms + self.zone.offset_ms(ms))
+            .map(|d| d.naive_utc())
+            .unwrap_or_default();
+        match g {
+            Granularity::Hour => local.format("%Y-%m-%d %H:00:00").to_string(),
+            _ => local.format("%Y-%m-%d").to_string(),
+        }
+    }
+
+    /// Every bucket's label in the range (at most 10 000).
+    fn all_labels(&self, g: Granularity) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut t = self.zone.bucket_start(self.range.0, g);
+        while t < self.range.1 && out.len() < 10_000 {
+            out.push(self.label(t, g));
+            t = match g {
+                Granularity::Hour | Granularity::Total => self.zone.next_hour_start(t),
+                Granularity::Day => self.zone.next_day_start(t),
+                Granularity::Month => self.zone.month_start(t + 32 * DAY_MS),
+            };
+        }
+        out
+    }
 }
 
 fn field<'a>(body: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -395,10 +451,30 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(bad("dimensions must be a list.")),
     };
-    let dims = dim_names
+    let mut dims = dim_names
         .iter()
-        .map(|d| Dim::parse(d))
+        .map(|d| Dim::parse_dimension(d))
         .collect::<Result<Vec<_>, _>>()?;
+    let time_at = dims.iter().position(|d| matches!(d, Dim::Time(_)));
+    if dims.iter().filter(|d| matches!(d, Dim::Time(_))).count() > 1 {
+        return Err(bad("Only one time dimension is allowed per query."));
+    }
+    if let Some(i) = time_at {
+        // `time` picks buckets as Plausible's dashboard does: hours for a day, days up to
+        // about two months, months beyond.
+        let g = match dims[i] {
+            Dim::Time(Some(g)) => g,
+            _ if range.1 - range.0 <= 2 * DAY_MS => Granularity::Hour,
+            _ if range.1 - range.0 <= 62 * DAY_MS => Granularity::Day,
+            _ => Granularity::Month,
+        };
+        if g == Granularity::Hour && metrics.contains(&Metric::Visitors) {
+            return Err(bad(
+                "visitors per time:hour are not supported by tally (visitors are kept per UTC day); ask for pageviews, or time:day.",
+            ));
+        }
+        dims[i] = Dim::Time(Some(g));
+    }
     let filters = match field(body, "filters") {
         None => Vec::new(),
         Some(Value::Array(a)) => a.iter().map(Filter::parse).collect::<Result<_, _>>()?,
@@ -409,7 +485,10 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let order = match field(body, "order_by") {
-        None => vec![(SortKey::Metric(0), true)],
+        None => match time_at {
+            Some(i) => vec![(SortKey::Dimension(i), false)],
+            None => vec![(SortKey::Metric(0), true)],
+        },
         Some(Value::Array(a)) => a
             .iter()
             .map(|e| {
@@ -454,6 +533,7 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
         }
     }
     let mut total_rows = false;
+    let mut time_labels = false;
     if let Some(inc) = field(body, "include") {
         let inc = inc
             .as_object()
@@ -461,7 +541,8 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
         for (k, v) in inc {
             match (k.as_str(), v) {
                 ("total_rows", Value::Bool(b)) => total_rows = *b,
-                ("time_labels" | "imports", Value::Bool(_)) => {}
+                ("time_labels", Value::Bool(b)) => time_labels = *b,
+                ("imports", Value::Bool(_)) => {}
                 _ => {
                     return Err(bad(format!(
                         "include.{k} is not supported by tally (it supports total_rows, time_labels and imports)."
@@ -481,6 +562,8 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
         zone,
         range,
         total_rows,
+        time_labels,
+        time_at,
     })
 }
 
@@ -539,6 +622,9 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     };
     let view = state.views.current();
     let precision = precision_of(state, view.as_ref());
+    let granularity = q.granularity();
+    let zone = q.zone;
+    let bucket_of = move |ms: i64| zone.bucket_start(ms, granularity.unwrap_or(Granularity::Day));
     let (groups, speed_available) = collect_sources(
         state,
         view.as_ref(),
@@ -555,9 +641,13 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
                     .collect::<Vec<String>>()
             })
         },
+        granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64),
     )?;
     let mut rows: Vec<(Vec<String>, Vec<u64>)> = Vec::with_capacity(groups.len());
-    for (dims, tally) in groups {
+    for ((mut dims, bucket), tally) in groups {
+        if let (Some(i), Some(g)) = (q.time_at, granularity) {
+            dims[i] = q.label(bucket, g);
+        }
         let views = tally.views;
         let visitors = match wants_visitors {
             true => tally.uniques(precision)?,
@@ -600,6 +690,9 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let mut meta = Map::new();
     if q.total_rows {
         meta.insert("total_rows".into(), json!(total));
+    }
+    if let (true, Some(g)) = (q.time_labels, granularity) {
+        meta.insert("time_labels".into(), json!(q.all_labels(g)));
     }
     let mut echo = body.clone();
     if let Some(o) = echo.as_object_mut() {

@@ -366,7 +366,9 @@ impl SpeedLayer {
         collected.map(|s| {
             s.map(|mut s| {
                 for k in &mut s {
-                    k.visitors = std::mem::take(&mut k.visitors).finish(precision);
+                    for v in k.days.values_mut() {
+                        *v = std::mem::take(v).finish(precision);
+                    }
                 }
                 s
             })

@@ -143,8 +143,10 @@ pub struct SourceSpeed {
     pub url: String,
     /// Views in the cell range asked for.
     pub views: u64,
-    /// Its visitors on the days asked for, all days together.
-    pub visitors: SpeedVisitors,
+    /// Those views per cell, ascending.
+    pub cells: Vec<(i64, u64)>,
+    /// UTC day → its visitors that day, for the days asked for.
+    pub days: BTreeMap<i64, SpeedVisitors>,
 }
 
 /// A site's share of the speed layer ([`crate::SpeedLayer::sites`]).
@@ -764,8 +766,9 @@ impl Mirror {
                 if url.is_some_and(|f| f != u) || tally_core::url::host_of(u) != Some(host) {
                     continue;
                 }
-                let views = c.range(cells.0, cells.1);
-                if views == 0 {
+                let a = c.cells.partition_point(|x| x.0 < cells.0);
+                let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
+                if a == b {
                     continue;
                 }
                 let s = acc.entry(*id).or_insert_with(|| SourceSpeed {
@@ -773,15 +776,29 @@ impl Mirror {
                     url: u.to_string(),
                     ..Default::default()
                 });
-                s.views += views;
+                s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
+                s.cells.extend_from_slice(&c.cells[a..b]);
                 if days.0 < days.1 {
                     for d in c.visitors.range(days.0, days.1) {
-                        self.collect_day(&mut s.visitors, d, precision);
+                        self.collect_day(s.days.entry(d.day).or_default(), d, precision);
                     }
                 }
             }
         }
-        Ok(acc.into_values().collect())
+        // A key live in two epochs has two runs of cells: one ascending list.
+        let mut out: Vec<SourceSpeed> = acc.into_values().collect();
+        for s in &mut out {
+            s.cells.sort_unstable();
+            s.cells.dedup_by(|b, a| {
+                if a.0 == b.0 {
+                    a.1 += b.1;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        Ok(out)
     }
 
     /// host → views in `[from_cell, to_cell)` of every site with views there.
