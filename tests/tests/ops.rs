@@ -329,6 +329,7 @@ fn a_read_token_closes_the_query_endpoints_and_nothing_else() {
         "/v1/site?host=ops.example",
         "/v1/sites",
         "/v1/breakdown?host=ops.example&by=source",
+        "/v1/realtime?host=ops.example",
     ];
     for path in queries {
         for auth in [

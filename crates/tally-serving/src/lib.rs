@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/site", get(site::get_site))
         .route("/v1/sites", get(site::get_sites))
         .route("/v1/breakdown", get(breakdown::get_breakdown))
+        .route("/v1/realtime", get(site::get_realtime))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_read,

@@ -232,3 +232,37 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
     });
     Ok(respond(body, speed_available))
 }
+
+/// `GET /v1/realtime?host=H[&limit=N]`: the site's last five minutes from the speed layer —
+/// views (exact for the events applied so far), distinct visitors, and its most viewed pages
+/// (`limit`, default 100).
+pub(crate) async fn get_realtime(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let host = host_param(&q)?;
+    let limit = match q.contains_key("limit") {
+        true => limit_param(&q)?,
+        false => 100,
+    };
+    let Some(mut r) = state.speed.realtime(&host) else {
+        return Err(ApiError::Unavailable(
+            "Realtime numbers come from the speed layer, which is not available right now; retry shortly.".into(),
+        ));
+    };
+    r.pages.truncate(limit);
+    let pages: Vec<Value> = r
+        .pages
+        .iter()
+        .map(|(url, views)| json!({ "url": url, "views": views }))
+        .collect();
+    Ok(respond(
+        json!({
+            "host": host,
+            "since": tally_core::format_rfc3339(r.since_ms),
+            "views": r.views,
+            "visitors": r.visitors,
+            "pages": pages,
+            "speed_available": true,
+        }),
+        true,
+    ))
+}

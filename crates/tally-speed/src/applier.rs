@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tally_core::Seq;
-use tally_master::{Master, Tail};
+use tally_master::{Master, SeqEvent, Tail};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -783,6 +783,10 @@ impl Applier {
         }
     }
 
+    fn file_recent<'a>(&self, events: impl IntoIterator<Item = &'a SeqEvent>) {
+        file_recent(&self.shared, events);
+    }
+
     /// The next events after `pos`, aggregated: `(through, deltas)` where every event with
     /// `pos < seq <= through` is in `deltas` (or in a forgotten epoch).
     async fn read_batch(&mut self, acked: Seq) -> Result<(Seq, Vec<EpochDelta>)> {
@@ -795,6 +799,7 @@ impl Applier {
             if let Tail::Events(v) = self.master.tail_after(self.pos, max) {
                 if let Some(last) = v.last() {
                     let through = last.seq;
+                    self.file_recent(v.iter().map(|e| &**e));
                     // Read after the events, so the list holds the epoch of each of them.
                     let epochs = live_epochs(&self.master, floor);
                     let deltas = if v.len() <= INLINE_AGGREGATE_MAX {
@@ -818,8 +823,10 @@ impl Applier {
         let after = self.pos;
         let through = Seq(acked.0.min(after.0.saturating_add(chunk as u64)));
         let master = self.master.clone();
+        let shared = self.shared.clone();
         let deltas = tokio::task::spawn_blocking(move || -> Result<Vec<EpochDelta>> {
             let events = master.read_range(after, through)?;
+            file_recent(&shared, &events);
             let epochs = live_epochs(&master, floor);
             Ok(aggregate(&events, &epochs))
         })
@@ -877,6 +884,15 @@ impl Applier {
 /// Adds `deltas` to the mirror, each in parts of [`APPLY_PART_URLS`] URLs under its own short
 /// write lock; returns what to queue for Redis (the deltas whose `queue` flag is set). `Err`
 /// when the mirror refused a delta. The caller publishes the applied seq.
+/// Files events into the realtime window ([`crate::recent`]).
+fn file_recent<'a>(shared: &Shared, events: impl IntoIterator<Item = &'a SeqEvent>) {
+    shared
+        .recent
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .file(events, tally_core::now_ms());
+}
+
 fn apply_to_mirror(
     shared: &Shared,
     deltas: &[EpochDelta],

@@ -25,6 +25,7 @@ mod keys;
 pub mod metrics;
 mod mirror;
 pub mod rank;
+mod recent;
 mod replica;
 mod shard;
 pub mod sketch;
@@ -45,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::mirror::Mirror;
 pub use crate::mirror::{SiteSpeed, SourceSpeed, SpeedVisitors};
 pub use crate::rank::BaseTotals;
+pub use crate::recent::{Realtime, WINDOW_MS as REALTIME_WINDOW_MS};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -160,6 +162,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// The serving batch view's side of the all-time rankings (`None`: no view serves).
     pub(crate) base: Mutex<Option<Arc<dyn BaseTotals>>>,
+    /// The last minutes of events, for realtime.
+    pub(crate) recent: Mutex<recent::Recent>,
 }
 
 impl Shared {
@@ -215,6 +219,7 @@ impl SpeedLayer {
             gc_wake: Notify::new(),
             counters: Counters::default(),
             base: Mutex::new(None),
+            recent: Mutex::new(recent::Recent::default()),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(applier::run(
@@ -373,6 +378,22 @@ impl SpeedLayer {
                 s
             })
         })
+    }
+
+    /// Site `host` in the last five minutes ([`REALTIME_WINDOW_MS`]): views per page and
+    /// distinct visitors of the events applied so far. `None` while the speed layer is
+    /// unavailable.
+    pub fn realtime(&self, host: &str) -> Option<Realtime> {
+        if !self.available() {
+            return None;
+        }
+        let recent = self
+            .inner
+            .shared
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Some(recent.site(host, tally_core::now_ms()))
     }
 
     /// host → speed views in `[from_cell, to_cell)` of every site with views there.
