@@ -331,6 +331,17 @@ fn a_read_token_closes_the_query_endpoints_and_nothing_else() {
         "/v1/breakdown?host=ops.example&by=source",
         "/v1/realtime?host=ops.example",
     ];
+    // The Stats API takes the read token too, and is closed without it.
+    for (auth, want) in [(None, 401), (Some("Bearer read-secret"), 200)] {
+        let mut req = client
+            .post(format!("{base}/api/v2/query"))
+            .body(r#"{"site_id": "ops.example", "metrics": ["pageviews"], "date_range": "day"}"#);
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let code = req.send().unwrap().status().as_u16();
+        assert_eq!(code, want, "POST /api/v2/query with {auth:?}");
+    }
     for path in queries {
         for auth in [
             None,

@@ -46,8 +46,8 @@ pub(crate) struct Sources {
 }
 
 impl Sources {
-    /// The index of computed or loaded source data (keys that are not source keys are skipped:
-    /// they cannot come from the kernel).
+    /// The index of computed or loaded source data (a key that is not a source key — which the
+    /// kernel never writes — counts as a direct view of that URL).
     pub(crate) fn from_data(data: ViewData) -> Sources {
         let ViewData {
             urls,

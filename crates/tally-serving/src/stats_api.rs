@@ -567,21 +567,22 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
     })
 }
 
-/// Whether the request may query: a key of `auth.api_keys`, or none needed.
+/// Whether the request may query: a key of `auth.api_keys`, or the read or admin token; with
+/// no keys and no read token, open on a loopback bind only.
 fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
-    if state.api_keys.is_empty() {
-        return state.api_open;
-    }
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "));
-    given.is_some_and(|g| {
-        state
-            .api_keys
-            .iter()
-            .any(|k| crate::admin::constant_time_eq(g.as_bytes(), k.as_bytes()))
-    })
+    let is = |token: &str| {
+        given.is_some_and(|g| crate::admin::constant_time_eq(g.as_bytes(), token.as_bytes()))
+    };
+    if state.api_keys.is_empty() && state.read_token.is_none() {
+        return state.api_open;
+    }
+    state.api_keys.iter().any(|k| is(k))
+        || state.read_token.as_deref().is_some_and(is)
+        || state.admin_token.as_deref().is_some_and(is)
 }
 
 /// `POST /api/v2/query`.

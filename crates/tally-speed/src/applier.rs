@@ -881,9 +881,6 @@ impl Applier {
     }
 }
 
-/// Adds `deltas` to the mirror, each in parts of [`APPLY_PART_URLS`] URLs under its own short
-/// write lock; returns what to queue for Redis (the deltas whose `queue` flag is set). `Err`
-/// when the mirror refused a delta. The caller publishes the applied seq.
 /// Files events into the realtime window ([`crate::recent`]).
 fn file_recent<'a>(shared: &Shared, events: impl IntoIterator<Item = &'a SeqEvent>) {
     shared
@@ -893,6 +890,9 @@ fn file_recent<'a>(shared: &Shared, events: impl IntoIterator<Item = &'a SeqEven
         .file(events, tally_core::now_ms());
 }
 
+/// Adds `deltas` to the mirror, each in parts of [`APPLY_PART_URLS`] URLs under its own short
+/// write lock; returns what to queue for Redis (the deltas whose `queue` flag is set). `Err`
+/// when the mirror refused a delta. The caller publishes the applied seq.
 fn apply_to_mirror(
     shared: &Shared,
     deltas: &[EpochDelta],

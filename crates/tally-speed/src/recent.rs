@@ -97,7 +97,9 @@ impl Recent {
         let first = Self::first_bucket(now);
         let mut urls: HashMap<&str, u64> = HashMap::new();
         let mut visitors: Vec<u32> = Vec::new();
-        for sites in self.buckets.range(first..).map(|(_, s)| s) {
+        // Not the events stamped ahead of the clock (accepted up to `ingest.max_future`).
+        let last = now.div_euclid(BUCKET_MS);
+        for sites in self.buckets.range(first..=last).map(|(_, s)| s) {
             if let Some(s) = sites.get(host) {
                 for (u, n) in &s.urls {
                     *urls.entry(u).or_default() += n;

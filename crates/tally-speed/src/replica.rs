@@ -80,8 +80,14 @@ impl PendingEpoch {
         }
     }
 
+    /// Events of the queued deltas (each is also counted under its source key; this counts
+    /// it once).
     pub(crate) fn events(&self) -> u64 {
-        self.urls.values().flat_map(|u| u.cells.values()).sum()
+        self.urls
+            .values()
+            .filter(|u| !tally_core::dims::is_source_key(&u.url))
+            .flat_map(|u| u.cells.values())
+            .sum()
     }
 }
 
