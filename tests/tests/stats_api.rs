@@ -220,6 +220,10 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
         q[k] = v;
         q
     };
+    let visitors = |mut q: Value| {
+        q["metrics"] = json!(["visitors"]);
+        q
+    };
     for (q, names) in [
         (with("metrics", json!(["bounce_rate"])), "bounce_rate"),
         (
@@ -228,14 +232,7 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
         ),
         (with("dimensions", json!(["time:week"])), "time:week"),
         (
-            with("dimensions", json!(["time:hour"]))
-                .as_object()
-                .map(|o| {
-                    let mut o = o.clone();
-                    o.insert("metrics".into(), json!(["visitors"]));
-                    Value::Object(o)
-                })
-                .unwrap(),
+            visitors(with("dimensions", json!(["time:hour"]))),
             "time:hour",
         ),
         (
@@ -254,14 +251,7 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
         (with("order_by", json!([["visitors", "desc"]])), "order_by"),
         (with("bogus", json!(1)), "bogus"),
         (
-            with("timezone", json!("Asia/Kolkata"))
-                .as_object()
-                .map(|o| {
-                    let mut o = o.clone();
-                    o.insert("metrics".into(), json!(["visitors"]));
-                    Value::Object(o)
-                })
-                .unwrap(),
+            visitors(with("timezone", json!("Asia/Kolkata"))),
             "visitors",
         ),
     ] {
