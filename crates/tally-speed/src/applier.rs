@@ -137,6 +137,22 @@ struct Applier {
     redis_backoff: Duration,
     /// When Redis last answered (a heartbeat checks the marker when idle longer).
     redis_seen: Instant,
+    /// A batch being added to the mirror off the runtime. Kept here, not in a local, so that
+    /// a stop in the middle of [`Applier::step`] still waits for it (and queues what it added)
+    /// before the last flush: a mirror changed behind the applier's back could otherwise be
+    /// snapshotted half-applied.
+    applying: Option<Applying>,
+    /// The applier is stopping: it writes what is queued but never rewrites Redis from its
+    /// mirror (the next applier decides, from what Redis then holds).
+    stopping: bool,
+}
+
+/// A batch being added to the mirror: every event with `seq <= through` once it finishes.
+struct Applying {
+    through: Seq,
+    events: u64,
+    started: Instant,
+    task: JoinHandle<std::result::Result<Pending, String>>,
 }
 
 pub(crate) async fn run(
@@ -184,6 +200,8 @@ pub(crate) async fn run(
         redis_retry_at: None,
         redis_backoff: BACKOFF_MIN,
         redis_seen: Instant::now(),
+        applying: None,
+        stopping: false,
     };
     if let Some(policy) = a.store.eviction_policy().await {
         if policy != "noeviction" {
@@ -220,6 +238,10 @@ pub(crate) async fn run(
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+    a.stopping = true;
+    if let Err(e) = a.finish_apply().await {
+        debug!(error = %e, "the last batch was not added to the mirror");
     }
     a.flush_redis(SHUTDOWN_FLUSH).await;
     debug!("speed applier stopped");
@@ -382,7 +404,7 @@ impl Applier {
         // and resuming after the newer one's applied seq would skip the old one's tail. So the
         // applied seqs of all epochs are read again together, and the load starts over when
         // any moved (a restart overlapping the previous applier's last writes).
-        let loaded = loop {
+        let loaded = 'load: loop {
             let mut loaded: Vec<(Seq, Option<LoadedEpoch>)> = Vec::with_capacity(live.len());
             for e in &live {
                 loaded.push((*e, self.store.load_epoch(*e).await?));
@@ -392,16 +414,26 @@ impl Applier {
                 .iter()
                 .zip(&now)
                 .all(|((_, s), n)| s.as_ref().map_or(Seq(0), |s| s.applied) == *n);
-            if same {
-                break loaded;
+            if !same {
+                continue;
             }
+            // Keys without an applied seq are no finished write: garbage, deleted before this
+            // applier writes the epoch afresh. Only while the epoch still has no applied seq and
+            // the marker is unchanged; else a write landed meanwhile and the load starts over.
+            for (e, state) in &loaded {
+                if state.is_none() && !self.store.delete_unapplied_epoch(*e, &inst).await? {
+                    let now = self.store.instance().await?;
+                    if now.as_deref() != Some(inst.as_str()) {
+                        info!(
+                            "the speed state in redis changed hands while loading; syncing again"
+                        );
+                        return Ok(Phase::Sync);
+                    }
+                    continue 'load;
+                }
+            }
+            break loaded;
         };
-        for (e, state) in &loaded {
-            if state.is_none() {
-                // Keys without an applied seq are a write that never finished: garbage.
-                self.store.delete_epoch(*e).await?;
-            }
-        }
         let mut m = match mirror_from(live[0], self.cfg.sketch_precision, loaded) {
             Ok(m) => m,
             Err(reason) => {
@@ -518,27 +550,46 @@ impl Applier {
             .map(|d| !self.resync && self.redis_applied_ok(d.epoch))
             .collect();
         let shared = self.shared.clone();
-        let applied =
-            tokio::task::spawn_blocking(move || apply_to_mirror(&shared, &deltas, &queue))
-                .await
-                .map_err(|e| Error::Task(e.to_string()))?;
-        match applied {
+        self.applying = Some(Applying {
+            through,
+            events,
+            started,
+            task: tokio::task::spawn_blocking(move || apply_to_mirror(&shared, &deltas, &queue)),
+        });
+        if !self.finish_apply().await? {
+            self.loaded = false;
+            return Ok(Phase::Sync);
+        }
+        self.start_redis();
+        Ok(Phase::Run)
+    }
+
+    /// Waits for the batch being added to the mirror, if any, then queues what it added for
+    /// Redis and publishes the applied seq. `Ok(false)` when the mirror refused a delta (it
+    /// must be reloaded). Cancel-safe: the batch stays in `applying` until it has finished.
+    async fn finish_apply(&mut self) -> Result<bool> {
+        let Some(a) = self.applying.as_mut() else {
+            return Ok(true);
+        };
+        let applied = (&mut a.task).await;
+        let Some(a) = self.applying.take() else {
+            return Ok(true);
+        };
+        match applied.map_err(|e| Error::Task(e.to_string()))? {
             Ok(queued) => self.queue(queued),
             Err(reason) => {
                 error!(%reason, "the mirror refused a delta; reloading it from redis");
-                self.loaded = false;
-                return Ok(Phase::Sync);
+                return Ok(false);
             }
         }
-        Counters::bump(&self.shared.counters.events_applied, events);
+        Counters::bump(&self.shared.counters.events_applied, a.events);
         // Ready first, then the applied seq: whoever sees every event applied sees reads ready.
-        self.pos = self.pos.max(through);
+        self.pos = self.pos.max(a.through);
         self.set_ready();
         self.set_pos(self.pos);
-        metrics::histogram!(APPLY_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(APPLY_BATCH_EVENTS).record(events as f64);
-        self.start_redis();
-        Ok(Phase::Run)
+        metrics::histogram!(APPLY_SECONDS).record(a.started.elapsed().as_secs_f64());
+        metrics::histogram!(APPLY_BATCH_EVENTS).record(a.events as f64);
+        Ok(true)
     }
 
     /// Queues what was added to the mirror for Redis.
@@ -567,6 +618,9 @@ impl Applier {
     /// Starts the next Redis task when none is in flight and something is due.
     fn start_redis(&mut self) {
         if self.inflight.is_some() || !self.wants_redis() || !self.loaded {
+            return;
+        }
+        if self.resync && self.stopping {
             return;
         }
         if self.redis_retry_at.is_some_and(|t| Instant::now() < t) {

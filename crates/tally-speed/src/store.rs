@@ -197,6 +197,44 @@ impl Store {
         Ok(keys)
     }
 
+    /// Deletes the keys of `epoch` only if it has no applied seq — keys left by no finished
+    /// write — and the instance marker is still `marker`, atomically: the applied seq and the
+    /// marker are `WATCH`ed from the check to the `UNLINK`s' `EXEC`, so a write landing on the
+    /// epoch meanwhile (an applier still stopping while the next one loads) makes this return
+    /// `false` and delete nothing. A delete racing such a write unguarded would take the `urls`
+    /// hash and leave the write's count keys behind, for the next write to add onto.
+    pub(crate) async fn delete_unapplied_epoch(
+        &mut self,
+        epoch: Seq,
+        marker: &str,
+    ) -> Result<bool> {
+        redis::cmd("WATCH")
+            .arg(self.keys.instance())
+            .arg(self.keys.applied(epoch))
+            .exec_async(&mut self.conn)
+            .await?;
+        let (inst, applied): (Option<String>, Option<u64>) = redis::pipe()
+            .cmd("GET")
+            .arg(self.keys.instance())
+            .cmd("GET")
+            .arg(self.keys.applied(epoch))
+            .query_async(&mut self.conn)
+            .await?;
+        if inst.as_deref() != Some(marker) || applied.is_some() {
+            redis::cmd("UNWATCH").exec_async(&mut self.conn).await?;
+            return Ok(false);
+        }
+        let keys = self.epoch_keys_in_redis(epoch).await?;
+        let mut p = redis::pipe();
+        p.atomic();
+        for chunk in keys.chunks(10_000) {
+            p.cmd("UNLINK").arg(chunk).ignore();
+        }
+        p.cmd("SREM").arg(self.keys.epochs()).arg(epoch.0).ignore();
+        let replies: Option<Vec<redis::Value>> = p.query_async(&mut self.conn).await?;
+        Ok(replies.is_some())
+    }
+
     /// Deletes every key of the epoch (of this layout and the previous one).
     pub(crate) async fn delete_epoch(&mut self, epoch: Seq) -> Result<()> {
         let keys = self.epoch_keys_in_redis(epoch).await?;
@@ -335,6 +373,52 @@ mod tests {
             .await
             .unwrap();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// The loader's cleanup of keys no finished write left deletes them only while the epoch
+    /// has no applied seq and the marker is the loader's: a write that landed meanwhile is kept
+    /// whole, not stripped of its `urls` hash (which would leave count keys for the next write
+    /// to add onto).
+    #[tokio::test]
+    async fn unapplied_keys_are_deleted_only_while_no_write_has_landed() {
+        let redis = TestRedis::start();
+        let mut s = store(&redis).await;
+        s.set_instance("i1").await.unwrap();
+        let none = BTreeMap::new();
+        let p = pending(&[ev(1, "http://a/x", 0)], &[0], true);
+        assert_eq!(write(&mut s, "i1", &none, &p).await, WriteOutcome::Written);
+        // Epoch 1 has an applied seq: kept, whoever asks.
+        assert!(!s.delete_unapplied_epoch(Seq(1), "i1").await.unwrap());
+        assert_eq!(s.load_epoch(Seq(1)).await.unwrap().unwrap().applied, Seq(1));
+        // Keys of epoch 5 without an applied seq: kept under another marker, deleted under ours.
+        let mut c = s.conn.clone();
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(s.keys.urls(Seq(5)))
+            .arg("0")
+            .arg("http://a/x")
+            .ignore()
+            .cmd("HINCRBY")
+            .arg(s.keys.cells(Seq(5), "0"))
+            .arg(0)
+            .arg(3)
+            .ignore()
+            .cmd("SADD")
+            .arg(s.keys.epochs())
+            .arg(5)
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(!s.delete_unapplied_epoch(Seq(5), "other").await.unwrap());
+        assert!(s.delete_unapplied_epoch(Seq(5), "i1").await.unwrap());
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg("t:e:5:*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(s.listed_epochs().await.unwrap(), vec![Seq(1)]);
     }
 
     /// A rewrite whose claim was taken over by a newer one stops at its next step and writes
