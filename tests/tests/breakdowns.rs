@@ -196,6 +196,21 @@ fn probe(server: &TestServer, model: &Model) {
                 model.breakdown(host, dim, None, (from, to)),
                 true,
             );
+            // From 06:00 UTC: views in the range; uniques, as for `/v1/uniques`, of every day
+            // the range touches — also visitors who came that morning under another key of
+            // the same value (another referrer or UTM tag of the page).
+            let from_mid = from + 6 * 3_600_000;
+            let q = format!(
+                "/v1/breakdown?host={host}&by={dim}&limit=1000&from={}&to={}",
+                enc(&rfc3339(from_mid)),
+                enc(&rfc3339(to))
+            );
+            let whole = model.breakdown(host, dim, None, (from, to));
+            let mut want = model.breakdown(host, dim, None, (from_mid, to));
+            for (value, item) in want.iter_mut() {
+                item.1 = whole[value].1.clone();
+            }
+            check(server, &q, want, true);
         }
         // One page's sources.
         let url = model

@@ -173,6 +173,16 @@ fn check_table(server: &TestServer) {
     assert_eq!(code, 200, "{resp}");
     let labels: Vec<String> = (1..=7).rev().map(day).collect();
     assert_eq!(resp["meta"]["time_labels"], json!(labels), "{resp}");
+    // "all" is labelled from the site's first day with data (the oldest events are 2 days old).
+    let (code, resp) = query(
+        server,
+        None,
+        json!({"site_id": SITE, "metrics": ["pageviews"], "date_range": "all",
+               "dimensions": ["time:day"], "include": {"time_labels": true}}),
+    );
+    assert_eq!(code, 200, "{resp}");
+    let labels: Vec<String> = (0..=2).rev().map(day).collect();
+    assert_eq!(resp["meta"]["time_labels"], json!(labels), "{resp}");
 }
 
 /// `YYYY-MM-DD HH:00:00` of the hour today's events were sent in (noon UTC, or now if earlier).
@@ -253,6 +263,17 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
         (
             visitors(with("timezone", json!("Asia/Kolkata"))),
             "visitors",
+        ),
+        // The year's ends are UTC midnights in Europe/London, its summer days' are not.
+        (
+            json!({"site_id": SITE, "metrics": ["visitors"], "timezone": "Europe/London",
+                   "date_range": ["2026-01-01", "2026-12-31"], "dimensions": ["time:day"]}),
+            "time:day",
+        ),
+        (
+            json!({"site_id": SITE, "metrics": ["visitors"], "timezone": "Europe/London",
+                   "date_range": ["2026-01-01", "2026-12-31"], "dimensions": ["time:month"]}),
+            "time:month",
         ),
     ] {
         let (code, resp) = query(&server, None, q.clone());

@@ -189,6 +189,27 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
         |u, referrer| Some(by.value(u, referrer).into_owned()),
         None,
     )?;
+    // Uniques count the visitors of every day the range touches (as `/v1/uniques`): when the
+    // range is not whole days, an item's visitors come from all its keys with visitors on those
+    // days, also those without views in the range itself.
+    let day_cells = days.map(|(a, b)| (a * (DAY_MS / CELL_MS), b * (DAY_MS / CELL_MS)));
+    let mut whole_days = match day_cells {
+        Some(dc) if dc != cells => Some(
+            collect_sources(
+                &state,
+                view.as_ref(),
+                &host,
+                url.as_deref(),
+                dc,
+                days.unwrap_or((0, 0)),
+                precision,
+                |u, referrer| Some(by.value(u, referrer).into_owned()),
+                None,
+            )?
+            .0,
+        ),
+        _ => None,
+    };
     let mut ranked: Vec<(String, Tally<'_>)> =
         items.into_iter().map(|((v, _), t)| (v, t)).collect();
     ranked.sort_by(|a, b| b.1.views.cmp(&a.1.views).then_with(|| a.0.cmp(&b.0)));
@@ -196,9 +217,13 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
     let mut out = Vec::with_capacity(ranked.len());
     for (value, item) in ranked {
         let views = item.views;
-        let uniques = match days {
-            Some(_) => Some(item.uniques(precision)?),
-            None => None,
+        let uniques = match (days, whole_days.as_mut()) {
+            (None, _) => None,
+            (Some(_), None) => Some(item.uniques(precision)?),
+            (Some(_), Some(w)) => match w.remove(&(value.clone(), 0)) {
+                Some(t) => Some(t.uniques(precision)?),
+                None => Some(item.uniques(precision)?),
+            },
         };
         out.push(json!({ "value": value, "views": views, "uniques": uniques }));
     }

@@ -252,6 +252,8 @@ struct Query {
     range: (i64, i64),
     total_rows: bool,
     time_labels: bool,
+    /// `date_range` is `"all"`.
+    all_time: bool,
     /// Where the time dimension is in `dims`.
     time_at: Option<usize>,
 }
@@ -276,10 +278,36 @@ impl Query {
         }
     }
 
-    /// Every bucket's label in the range (at most 10 000).
-    fn all_labels(&self, g: Granularity) -> Vec<String> {
+    /// The first bucket of granularity `g` from `from` to the range's end that does not start
+    /// and end at UTC midnights (at most 100 000 buckets are looked at; a longer range in a
+    /// zone with any offset is refused at its ends).
+    fn misaligned_bucket(&self, g: Granularity, from: i64) -> Option<i64> {
+        if self.zone.is_utc() {
+            return None;
+        }
+        let next = |t: i64| match g {
+            Granularity::Month => self.zone.month_start(t + 32 * DAY_MS),
+            _ => self.zone.next_day_start(t),
+        };
+        let mut t = self.zone.bucket_start(from.max(self.range.0), g);
+        for _ in 0..100_000 {
+            if t >= self.range.1 {
+                return None;
+            }
+            let end = next(t);
+            if t.rem_euclid(DAY_MS) != 0 || end.rem_euclid(DAY_MS) != 0 {
+                return Some(t);
+            }
+            t = end;
+        }
+        None
+    }
+
+    /// Every bucket's label from `from` (the range's start, or for `"all"` the first bucket
+    /// with data) to the range's end (at most 10 000).
+    fn all_labels(&self, g: Granularity, from: i64) -> Vec<String> {
         let mut out = Vec::new();
-        let mut t = self.zone.bucket_start(self.range.0, g);
+        let mut t = self.zone.bucket_start(from.max(self.range.0), g);
         while t < self.range.1 && out.len() < 10_000 {
             out.push(self.label(t, g));
             t = match g {
@@ -563,6 +591,7 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
         range,
         total_rows,
         time_labels,
+        all_time: field(body, "date_range") == Some(&json!("all")),
         time_at,
     })
 }
@@ -644,6 +673,28 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         },
         granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64),
     )?;
+    // "all" starts at the site's first bucket with data (Plausible: its first stats date).
+    let first_bucket = groups.keys().map(|(_, b)| *b).min();
+    let labels_from = match q.all_time {
+        true => first_bucket.unwrap_or_else(|| zone.day_start(q.range.1 - 1)),
+        false => q.range.0,
+    };
+    if let (true, Some(g)) = (wants_visitors, granularity) {
+        // Visitor sketches are per UTC day: a day or month bucket gets exactly its days' only
+        // when it starts and ends at UTC midnights — in a zone with DST (Europe/London) not
+        // every local midnight of a range whose ends are UTC midnights is one.
+        if let Some(b) = q.misaligned_bucket(g, labels_from) {
+            return Err(bad(format!(
+                "visitors are kept per UTC day, so they cannot be counted for the {} bucket {} of {}, which does not start and end at UTC midnights; leave out visitors or use UTC.",
+                match g {
+                    Granularity::Month => "time:month",
+                    _ => "time:day",
+                },
+                q.label(b, g),
+                zone.name(),
+            )));
+        }
+    }
     let mut rows: Vec<(Vec<String>, Vec<u64>)> = Vec::with_capacity(groups.len());
     for ((mut dims, bucket), tally) in groups {
         if let (Some(i), Some(g)) = (q.time_at, granularity) {
@@ -693,7 +744,7 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         meta.insert("total_rows".into(), json!(total));
     }
     if let (true, Some(g)) = (q.time_labels, granularity) {
-        meta.insert("time_labels".into(), json!(q.all_labels(g)));
+        meta.insert("time_labels".into(), json!(q.all_labels(g, labels_from)));
     }
     let mut echo = body.clone();
     if let Some(o) = echo.as_object_mut() {
