@@ -21,6 +21,12 @@ pub(crate) struct UrlDelta {
     /// Distinct (UTC day, visitor) pairs as [`visitor_member`]s, ascending (events without a
     /// visitor do not count).
     pub(crate) visitors: Vec<i64>,
+    /// Of a URL: its direct views in this delta (`tally_core::dims`: no referrer, or one of the
+    /// page's own site) when some of its views here were referred; `None` when all of them
+    /// were direct. Referred views also count under their source keys; direct ones only here,
+    /// so a URL that is never referred costs nothing more than its own counts (see
+    /// `EpochState::direct`).
+    pub(crate) direct: Option<Box<UrlDelta>>,
 }
 
 impl UrlDelta {
@@ -37,6 +43,14 @@ impl UrlDelta {
         self.cells.sort_unstable();
         self.visitors.sort_unstable();
         self.visitors.dedup();
+        if let Some(d) = self.direct.as_mut() {
+            d.finish();
+        }
+    }
+
+    /// The direct views of this URL delta: `direct` when some views were referred, else all.
+    pub(crate) fn direct_part(&self) -> &UrlDelta {
+        self.direct.as_deref().unwrap_or(self)
     }
 }
 
@@ -110,9 +124,9 @@ where
                 tally_core::sketch::visitor_hash32(v.as_bytes()),
             )
         });
-        u.add(cell);
-        u.visitors.extend(member);
-        // The same view under its source key, for breakdowns (`tally_core::dims`).
+        // Referred views also count under their source key, for breakdowns
+        // (`tally_core::dims`); direct ones are the URL's views minus those, and are kept apart
+        // only once the URL has some referred ones.
         let site = match ev.event.referrer.as_deref() {
             None => "",
             Some(r) => match sites.get(r) {
@@ -122,11 +136,22 @@ where
                     .or_insert_with(|| dims::referrer_site(Some(r))),
             },
         };
-        dims::write_source_key(
-            &mut key,
-            dims::unless_same_site(&ev.event.url, site),
-            &ev.event.url,
-        );
+        let site = dims::unless_same_site(&ev.event.url, site);
+        if site.is_empty() {
+            if let Some(direct) = u.direct.as_mut() {
+                direct.add(cell);
+                direct.visitors.extend(member);
+            }
+        } else if u.direct.is_none() {
+            // The first referred view: every view so far was direct.
+            u.direct = Some(Box::new(u.clone()));
+        }
+        u.add(cell);
+        u.visitors.extend(member);
+        if site.is_empty() {
+            continue;
+        }
+        dims::write_source_key(&mut key, site, &ev.event.url);
         let s = match d.urls.get_mut(key.as_str()) {
             Some(s) => s,
             None => d.urls.entry(key.clone()).or_default(),
@@ -191,10 +216,45 @@ pub(crate) mod tests {
         let d1 = &deltas[1];
         assert_eq!((d1.epoch, d1.first, d1.last), (Seq(12), Seq(12), Seq(14)));
         assert_eq!(d1.urls["a"].cells, vec![(100, 1), (102, 1)]);
-        // Each view also counts under its source key (direct here).
-        let direct = dims::source_key("", "a");
-        assert_eq!(d1.urls[&direct], d1.urls["a"]);
-        assert_eq!(d1.urls.len(), 2);
+        // Direct views count only under the URL.
+        assert_eq!(d1.urls.len(), 1);
+        assert_eq!(d1.urls["a"].direct, None);
+    }
+
+    /// A referred view counts under its source key too; the URL's direct views are kept apart
+    /// from its first referred view on (those before it, all direct, copied).
+    #[test]
+    fn referred_views_count_under_their_source_key_and_split_the_direct_ones_off() {
+        let h = 100 * CELL_MS;
+        let mut events = vec![
+            ev(1, "https://a.test/x", h),
+            ev(2, "https://a.test/x", h + CELL_MS),
+            ev(3, "https://a.test/x", h),
+            ev(4, "https://a.test/x", h),
+            ev(5, "https://a.test/x", h + CELL_MS),
+            ev(6, "https://a.test/y", h),
+        ];
+        events[2].event.referrer = Some("https://www.search.test/q".into());
+        // The page's own site is direct.
+        events[3].event.referrer = Some("https://a.test/other".into());
+        events[4].event.visitor = Some("v".into());
+        let d = &aggregate(&events, &[Seq(1)])[0];
+        let x = &d.urls["https://a.test/x"];
+        assert_eq!((x.total, x.cells.clone()), (5, vec![(100, 3), (101, 2)]));
+        let direct = x.direct.as_deref().expect("x was referred");
+        assert_eq!(
+            (direct.total, direct.cells.clone()),
+            (4, vec![(100, 2), (101, 2)])
+        );
+        assert_eq!(direct.visitors.len(), 1);
+        let referred = &d.urls[&dims::source_key("search.test", "https://a.test/x")];
+        assert_eq!(
+            (referred.total, referred.cells.clone()),
+            (1, vec![(100, 1)])
+        );
+        assert_eq!(d.urls["https://a.test/y"].direct, None);
+        assert_eq!(d.urls.len(), 3);
+        assert_eq!(d.events(), 6);
     }
 
     #[test]

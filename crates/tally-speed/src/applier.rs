@@ -976,7 +976,7 @@ fn apply_to_mirror(
                 u.complete(precision, base.as_ref());
             }
             let deltas: Vec<(u32, &UrlDelta)> = part.iter().map(|u| (u.id, u.delta)).collect();
-            let names = {
+            let (names, direct) = {
                 let mut m = shared.mirror.write().unwrap_or_else(|p| p.into_inner());
                 let held = std::time::Instant::now();
                 let names = m.apply_urls(d.epoch, part, base.as_ref());
@@ -987,6 +987,9 @@ fn apply_to_mirror(
             if q {
                 for ((id, ud), (fresh, name)) in deltas.into_iter().zip(names) {
                     pe.add(id, &name, fresh, ud);
+                }
+                for (id, name, fresh, ud) in &direct {
+                    pe.add(*id, name, *fresh, ud);
                 }
             }
         }
@@ -1026,14 +1029,23 @@ fn mirror_from(
         let Some(state) = state else { continue };
         let e = m.epochs.entry(start).or_default();
         e.applied = state.applied;
+        // (URL, direct source key id, counts): linked to the URL's id once every URL is known.
+        let mut direct = Vec::new();
         for (id, url, mut counts) in state.urls {
             counts.visitors.densify(precision);
             m.dict
                 .insert(id, &url)
                 .map_err(|r| format!("epoch {start}: {r}"))?;
-            if tally_core::dims::is_source_key(&url) {
-                e.sources.insert(id, counts);
-                continue;
+            match tally_core::dims::parse_source_key(&url) {
+                Some(("", u)) => {
+                    direct.push((u.to_string(), id, counts));
+                    continue;
+                }
+                Some(_) => {
+                    e.sources.insert(id, counts);
+                    continue;
+                }
+                None => {}
             }
             // Hours still ahead of the clock, as `Mirror::apply_urls` records them.
             for (h, _) in counts.cells.iter().filter(|(h, _)| *h > now_cell) {
@@ -1041,6 +1053,142 @@ fn mirror_from(
             }
             e.urls.insert(id, counts);
         }
+        for (url, id, counts) in direct {
+            match m.dict.id(&url).filter(|u| e.urls.get(u).is_some()) {
+                Some(u) => {
+                    e.direct.insert(u, crate::mirror::Direct { id, counts });
+                }
+                None => {
+                    return Err(format!(
+                        "epoch {start}: direct views of {url}, not a URL of it"
+                    ))
+                }
+            }
+        }
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::tests::ev;
+    use crate::mirror::UrlCounts;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// (referrer host, url) → (views, distinct visitors) of the speed layer's sources.
+    type Sources = BTreeMap<(String, String), (u64, BTreeSet<u32>)>;
+
+    fn sources_of(m: &Mirror, host: &str) -> Sources {
+        let mut out = Sources::new();
+        for s in m
+            .sources(host, None, Seq(0), (i64::MIN, i64::MAX), (-10, 10), 14)
+            .unwrap()
+        {
+            let item = out.entry((s.referrer, s.url)).or_default();
+            item.0 += s.views;
+            for v in s.days.into_values() {
+                item.1.extend(v.hashes);
+            }
+        }
+        out.retain(|_, v| v.0 > 0);
+        out
+    }
+
+    /// Direct views are counted apart only once a URL has referred ones (the first copies the
+    /// views before it), in the mirror and in what is queued for Redis: applied in batches of
+    /// any size, and reloaded from what Redis would hold, the sources are those of the events.
+    #[test]
+    fn direct_views_split_off_at_the_first_referred_one_in_the_mirror_and_in_redis() {
+        let referrers = [
+            None,
+            None,
+            Some("https://s.test/"),
+            Some("https://a.test/o"),
+        ];
+        let events: Vec<SeqEvent> = (1..=300u64)
+            .map(|s| {
+                let mut e = ev(
+                    s,
+                    &format!("https://a.test/p{}", s % 5),
+                    ((s * 7919) % 40) as i64 * 900_000,
+                );
+                // Page 0 is never referred; the others from some point on.
+                if s % 5 != 0 && s > 40 * (s % 5) {
+                    e.event.referrer = referrers[(s as usize * 31) % 4].map(String::from);
+                }
+                e.event.visitor = Some(format!("v{}", s % 17));
+                e
+            })
+            .collect();
+        let mut model = Sources::new();
+        for e in &events {
+            let site = tally_core::dims::referrer_site(e.event.referrer.as_deref());
+            let site = tally_core::dims::unless_same_site(&e.event.url, &site);
+            let item = model
+                .entry((site.to_string(), e.event.url.clone()))
+                .or_default();
+            item.0 += 1;
+            item.1.insert(tally_core::sketch::visitor_hash32(
+                e.event.visitor.as_deref().unwrap().as_bytes(),
+            ));
+        }
+        let epochs = [Seq(1), Seq(150)];
+        for chunk in [1, 7, 300] {
+            let mut m = Mirror::empty(Seq(1), 14);
+            let mut redis = Pending::new();
+            for part in events.chunks(chunk) {
+                for d in aggregate(part, &epochs) {
+                    let mut urls = m.prepare(&d);
+                    for u in &mut urls {
+                        u.complete(14, None);
+                    }
+                    let deltas: Vec<(u32, UrlDelta)> =
+                        urls.iter().map(|u| (u.id, u.delta.clone())).collect();
+                    let (names, direct) = m.apply_urls(d.epoch, urls, None).unwrap();
+                    m.set_applied(d.epoch, d.last);
+                    let mut pe = PendingEpoch {
+                        last: d.last,
+                        ..Default::default()
+                    };
+                    for ((id, ud), (fresh, name)) in deltas.iter().zip(names) {
+                        pe.add(*id, &name, fresh, ud);
+                    }
+                    for (id, name, fresh, ud) in &direct {
+                        pe.add(*id, name, *fresh, ud);
+                    }
+                    replica::merge(&mut redis, Pending::from([(d.epoch, pe)]));
+                }
+            }
+            assert_eq!(sources_of(&m, "a.test"), model, "batches of {chunk}");
+            // Page 0 never had a referred view: no second set of counts.
+            let p0 = m.dict.id("https://a.test/p0").unwrap();
+            assert!(m.epochs.values().all(|e| e.direct.get(&p0).is_none()));
+            // What Redis holds, loaded back.
+            let loaded = redis
+                .into_iter()
+                .map(|(e, pe)| {
+                    let urls = pe
+                        .urls
+                        .into_iter()
+                        .map(|(id, u)| {
+                            let mut c = UrlCounts::default();
+                            for (h, n) in u.cells {
+                                c.add(h, n);
+                            }
+                            c.visitors.extend(u.visitors, None);
+                            (id, u.url.to_string(), c)
+                        })
+                        .collect();
+                    let state = LoadedEpoch {
+                        applied: pe.last,
+                        urls,
+                    };
+                    (e, Some(state))
+                })
+                .collect();
+            let reloaded = mirror_from(Seq(1), 14, loaded).unwrap();
+            assert_eq!(sources_of(&reloaded, "a.test"), model, "reloaded, {chunk}");
+        }
+    }
 }

@@ -7,7 +7,7 @@
 //! | `P instance` | string | `{LAYOUT}/{dataset_id}/{incarnation}`: whose state this is (see below); missing = Redis lost our state |
 //! | `P epochs` | set | start seqs of the epochs that have keys |
 //! | `P e:{start}:applied` | string | last seq of the epoch applied (written in the same script as the increments) |
-//! | `P e:{start}:urls` | hash | URL id → URL |
+//! | `P e:{start}:urls` | hash | URL id → URL, or source key (`tally_core::dims::source_key`) of a referred view or of the direct views of a URL with referred ones |
 //! | `P e:{start}:h:{id}` | hash | cell number (15 minutes, `tally_core::CELL_MS`) → views of URL `id` |
 //! | `P e:{start}:v:{id}` | set | distinct visitors of URL `id`, one integer per (UTC day, visitor): [`visitor_member`] |
 //!
@@ -26,7 +26,7 @@
 use tally_core::Seq;
 
 /// Version of this key layout, the first part of the instance marker.
-pub(crate) const LAYOUT: &str = "v4";
+pub(crate) const LAYOUT: &str = "v5";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
@@ -144,7 +144,7 @@ mod tests {
     #[test]
     fn the_marker_names_layout_and_dataset() {
         let m = instance_marker("abc", "x1");
-        assert_eq!(m, "v4/abc/x1");
+        assert_eq!(m, "v5/abc/x1");
         assert!(marker_is_ours(&m, "abc"));
         assert!(!marker_is_ours(&m, "ab"));
         assert!(!marker_is_ours(&m, "abcd"));

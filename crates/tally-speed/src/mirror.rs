@@ -192,6 +192,9 @@ pub(crate) struct UrlUpdate<'a> {
     counts: Option<UrlCounts>,
     /// Its views in the rankings' base, read in advance.
     base_total: Option<u64>,
+    /// Of a URL with referred views in the delta: the id of its direct source key, its name,
+    /// and whether the dictionary lacks it.
+    direct_key: Option<(u32, Arc<str>, bool)>,
 }
 
 impl UrlUpdate<'_> {
@@ -267,12 +270,35 @@ pub(crate) struct EpochState {
     /// counts: the data of breakdowns. Kept apart so that nothing that lists URLs (rankings,
     /// sites, top) ever sees a source key.
     pub(crate) sources: Sharded<u32, UrlCounts>,
+    /// URL id → its direct views, for the URLs of the epoch with some referred views: a
+    /// URL's direct views are all its views until its first referred one, which copies them
+    /// here (under the id of the source key `("", url)`, as Redis keeps them). Most views are
+    /// direct (internal navigation has the page's own site as referrer), so most URLs never
+    /// pay for a second set of counts.
+    pub(crate) direct: Sharded<u32, Direct>,
     /// Cell → the URLs with views in that cell, for cells that were ahead of the clock when
     /// applied (events up to `ingest.max_future` ahead). An all-time ranking answers "until the
     /// next hour", so these few URLs get their exact counts instead; cells that are no longer
     /// ahead are dropped.
     pub(crate) ahead: BTreeMap<i64, HashSet<u32>>,
 }
+
+/// The direct views of a URL with referred ones ([`EpochState::direct`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Direct {
+    /// Id of the source key `("", url)` in the dictionary.
+    pub(crate) id: u32,
+    pub(crate) counts: UrlCounts,
+}
+
+/// What [`Mirror::apply_urls`] added to direct views, for Redis: the source key's id, its
+/// name, whether it is new to the epoch, and the increments (on the first referred view, a
+/// copy of every view before).
+pub(crate) type DirectWrite = (u32, Arc<str>, bool, UrlDelta);
+
+/// What [`Mirror::apply_urls`] did, for Redis: per URL of the part (in order), whether it is
+/// new to the epoch and its name; and the direct views it added.
+pub(crate) type Applied = (Vec<(bool, Arc<str>)>, Vec<DirectWrite>);
 
 /// The URL ids of the live epochs ([`crate::keys`]: ids, not hashes, name Redis keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -386,19 +412,24 @@ impl Mirror {
     /// a lock ([`UrlUpdate::complete`]) and adds them in parts ([`Mirror::apply_urls`]).
     pub(crate) fn prepare<'a>(&self, d: &'a EpochDelta) -> Vec<UrlUpdate<'a>> {
         let mut next = self.dict.next;
+        let mut id_of = |url: &str| match self.dict.id(url) {
+            Some(id) => match self.dict.name(id) {
+                Some(name) => (id, name.clone(), false),
+                None => (id, Arc::from(url), true),
+            },
+            None => {
+                next += 1;
+                (next - 1, Arc::from(url), true)
+            }
+        };
         d.urls
             .iter()
             .map(|(url, delta)| {
-                let (id, name, new) = match self.dict.id(url) {
-                    Some(id) => match self.dict.name(id) {
-                        Some(name) => (id, name.clone(), false),
-                        None => (id, Arc::from(url.as_str()), true),
-                    },
-                    None => {
-                        next += 1;
-                        (next - 1, Arc::from(url.as_str()), true)
-                    }
-                };
+                let (id, name, new) = id_of(url);
+                let direct_key = delta
+                    .direct
+                    .as_ref()
+                    .map(|_| id_of(&tally_core::dims::source_key("", url)));
                 UrlUpdate {
                     delta,
                     id,
@@ -406,6 +437,7 @@ impl Mirror {
                     new,
                     counts: None,
                     base_total: None,
+                    direct_key,
                 }
             })
             .collect()
@@ -413,7 +445,7 @@ impl Mirror {
 
     /// Adds a delta, prepared and completed, in one step (see [`Mirror::apply_urls`] for parts).
     #[cfg(test)]
-    pub(crate) fn apply(&mut self, d: &EpochDelta) -> Result<Vec<(bool, Arc<str>)>, String> {
+    pub(crate) fn apply(&mut self, d: &EpochDelta) -> Result<Applied, String> {
         let mut urls = self.prepare(d);
         let base = self.ranking.as_ref().map(|r| r.base.clone());
         for u in &mut urls {
@@ -436,9 +468,12 @@ impl Mirror {
         epoch: Seq,
         urls: Vec<UrlUpdate<'_>>,
         base: Option<&Arc<dyn BaseTotals>>,
-    ) -> Result<Vec<(bool, Arc<str>)>, String> {
+    ) -> Result<Applied, String> {
         for u in urls.iter().filter(|u| u.new) {
             self.dict.insert(u.id, &u.name)?;
+        }
+        for (id, name, _) in urls.iter().filter_map(|u| u.direct_key.as_ref()) {
+            self.dict.insert(*id, name)?;
         }
         let now_cell = tally_core::cell_of(tally_core::now_ms());
         let e = self.epochs.entry(epoch).or_default();
@@ -450,6 +485,7 @@ impl Mirror {
         }
         let mut done = Vec::with_capacity(urls.len());
         let mut offers = Vec::with_capacity(urls.len());
+        let mut direct_writes = Vec::new();
         for u in urls {
             let source = tally_core::dims::is_source_key(&u.name);
             if !source {
@@ -457,6 +493,39 @@ impl Mirror {
                     e.ahead.entry(*h).or_default().insert(u.id);
                 }
                 offers.push((u.id, u.base_total));
+                // Direct views, before the URL's own counts change (a first referred view
+                // copies the views before this delta).
+                match (e.direct.get_mut(&u.id), &u.delta.direct, &u.direct_key) {
+                    (Some(d), _, _) => {
+                        let part = u.delta.direct_part();
+                        d.counts.add_delta(part, self.precision);
+                        if let Some(name) = self.dict.name(d.id) {
+                            direct_writes.push((d.id, name.clone(), false, part.clone()));
+                        }
+                    }
+                    (None, Some(part), Some((id, name, _))) => {
+                        let before = e.urls.get(&u.id).cloned().unwrap_or_default();
+                        let mut write = UrlDelta {
+                            cells: before.cells.clone(),
+                            total: before.total,
+                            visitors: before.visitors.members().collect(),
+                            direct: None,
+                        };
+                        for (h, n) in &part.cells {
+                            match write.cells.binary_search_by_key(h, |c| c.0) {
+                                Ok(i) => write.cells[i].1 += n,
+                                Err(i) => write.cells.insert(i, (*h, *n)),
+                            }
+                        }
+                        write.total += part.total;
+                        write.visitors.extend(part.visitors.iter().copied());
+                        let mut counts = before;
+                        counts.add_delta(part, self.precision);
+                        e.direct.insert(u.id, Direct { id: *id, counts });
+                        direct_writes.push((*id, name.clone(), true, write));
+                    }
+                    _ => {}
+                }
             }
             let map = if source { &mut e.sources } else { &mut e.urls };
             match map.get_mut(&u.id) {
@@ -490,7 +559,7 @@ impl Mirror {
                 }
             }
         }
-        Ok(done)
+        Ok((done, direct_writes))
     }
 
     /// Records that the epoch holds every event up to `last`.
@@ -504,10 +573,12 @@ impl Mirror {
         self.epochs
             .iter()
             .map(|(start, e)| {
+                let direct = e.direct.iter().map(|(_, d)| (&d.id, &d.counts));
                 let urls = e
                     .urls
                     .iter()
                     .chain(e.sources.iter())
+                    .chain(direct)
                     .filter_map(|(id, c)| Some((*id, self.dict.name(*id)?.clone(), c.clone())));
                 (
                     *start,
@@ -586,7 +657,10 @@ impl Mirror {
         let keep: HashSet<u32> = self
             .epochs
             .values()
-            .flat_map(|e| e.urls.keys().chain(e.sources.keys()).copied())
+            .flat_map(|e| {
+                let direct = e.direct.iter().map(|(_, d)| d.id);
+                e.urls.keys().chain(e.sources.keys()).copied().chain(direct)
+            })
             .collect();
         self.dict.retain(&keep);
     }
@@ -753,8 +827,31 @@ impl Mirror {
         days: (i64, i64),
         precision: u8,
     ) -> Result<Vec<SourceSpeed>, NotCovered> {
-        let mut acc: HashMap<u32, SourceSpeed> = HashMap::new();
+        // Keyed by (id, direct): a direct partition goes by its URL's id.
+        let mut acc: HashMap<(u32, bool), SourceSpeed> = HashMap::new();
+        let mut add = |key: (u32, bool), referrer: &str, u: &str, c: &UrlCounts| {
+            let a = c.cells.partition_point(|x| x.0 < cells.0);
+            let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
+            if a == b {
+                return;
+            }
+            let visitors = match days.0 < days.1 {
+                true => c.visitors.range(days.0, days.1),
+                false => &[],
+            };
+            let s = acc.entry(key).or_insert_with(|| SourceSpeed {
+                referrer: referrer.to_string(),
+                url: u.to_string(),
+                ..Default::default()
+            });
+            s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
+            s.cells.extend_from_slice(&c.cells[a..b]);
+            for d in visitors {
+                self.collect_day(s.days.entry(d.day).or_default(), d, precision);
+            }
+        };
         for e in self.live_after(after_cutoff)? {
+            // Referred views, under their source keys.
             for (id, c) in &e.sources {
                 let Some((referrer, u)) = self
                     .dict
@@ -766,23 +863,18 @@ impl Mirror {
                 if url.is_some_and(|f| f != u) || tally_core::url::host_of(u) != Some(host) {
                     continue;
                 }
-                let a = c.cells.partition_point(|x| x.0 < cells.0);
-                let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
-                if a == b {
+                add((*id, false), referrer, u, c);
+            }
+            // Direct views: kept apart for URLs with referred ones, else all the URL's.
+            for (id, c) in &e.urls {
+                let Some(u) = self.dict.name(*id) else {
+                    continue;
+                };
+                if url.is_some_and(|f| f != &**u) || tally_core::url::host_of(u) != Some(host) {
                     continue;
                 }
-                let s = acc.entry(*id).or_insert_with(|| SourceSpeed {
-                    referrer: referrer.to_string(),
-                    url: u.to_string(),
-                    ..Default::default()
-                });
-                s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
-                s.cells.extend_from_slice(&c.cells[a..b]);
-                if days.0 < days.1 {
-                    for d in c.visitors.range(days.0, days.1) {
-                        self.collect_day(s.days.entry(d.day).or_default(), d, precision);
-                    }
-                }
+                let c = e.direct.get(id).map_or(c, |d| &d.counts);
+                add((*id, true), "", u, c);
             }
         }
         // A key live in two epochs has two runs of cells: one ascending list.
@@ -942,16 +1034,17 @@ mod tests {
 
     #[test]
     fn collected_epochs_refuse_reads_for_older_cutoffs() {
-        let events = vec![
+        let mut events = vec![
             ev(1, "http://a.com/x", 0),
             ev(2, "http://a.com/y", 0),
             ev(3, "http://a.com/x", 0),
         ];
+        events[1].event.referrer = Some("http://r.test/".into());
         let mut m = mirror_of(&events, &[Seq(1), Seq(3)]);
         assert_eq!(
             m.dict.len(),
             4,
-            "two URLs and their two (direct) source keys"
+            "two URLs, y's referred source key and its direct one"
         );
         m.collect_before(Seq(3));
         // A view with cutoff 2 still reads exactly; a view with cutoff 0 would miss 1 and 2.
@@ -968,8 +1061,8 @@ mod tests {
         );
         assert!(m.visitors("http://a.com/x", Seq(0), 0, 1, 14).is_err());
         assert!(m.cell_counts("http://a.com/x", Seq(0), 0, 1).is_err());
-        // Only x (and its source key) is left in a live epoch: y's ids are free again.
-        assert_eq!(m.dict.len(), 2);
+        // Only x is left in a live epoch: y's ids are free again.
+        assert_eq!(m.dict.len(), 1);
         assert!(m.dict.id("http://a.com/y").is_none());
         let y_direct = tally_core::dims::source_key("", "http://a.com/y");
         assert!(m.dict.id(&y_direct).is_none());
