@@ -178,7 +178,7 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
     let view = state.views.current();
     let precision = precision_of(&state, view.as_ref());
     let cells = (range.from_cell, range.to_cell);
-    let (items, speed_available) = collect_sources(
+    let (items, mut speed_available) = collect_sources(
         &state,
         view.as_ref(),
         &host,
@@ -194,8 +194,8 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
     // days, also those without views in the range itself.
     let day_cells = days.map(|(a, b)| (a * (DAY_MS / CELL_MS), b * (DAY_MS / CELL_MS)));
     let mut whole_days = match day_cells {
-        Some(dc) if dc != cells => Some(
-            collect_sources(
+        Some(dc) if dc != cells => Some({
+            let (groups, ok) = collect_sources(
                 &state,
                 view.as_ref(),
                 &host,
@@ -205,9 +205,12 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
                 precision,
                 |u, referrer| Some(by.value(u, referrer).into_owned()),
                 None,
-            )?
-            .0,
-        ),
+            )?;
+            // The speed layer went unavailable between the two reads: the uniques are the
+            // batch view's alone, and the answer says so.
+            speed_available &= ok;
+            groups
+        }),
         _ => None,
     };
     let mut ranked: Vec<(String, Tally<'_>)> =

@@ -295,7 +295,9 @@ impl Query {
                 return None;
             }
             let end = next(t);
-            if t.rem_euclid(DAY_MS) != 0 || end.rem_euclid(DAY_MS) != 0 {
+            // Only the part of the bucket inside the range is counted.
+            let (a, b) = (t.max(self.range.0), end.min(self.range.1));
+            if a.rem_euclid(DAY_MS) != 0 || b.rem_euclid(DAY_MS) != 0 {
                 return Some(t);
             }
             t = end;

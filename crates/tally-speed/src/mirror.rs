@@ -820,7 +820,8 @@ impl Mirror {
         }
         let mut acc: HashMap<&str, Acc> = hosts.iter().map(|h| (*h, Acc::default())).collect();
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
-        for host in hosts {
+        let distinct: HashSet<&str> = hosts.iter().copied().collect();
+        for host in distinct {
             let Some(Acc { views, visitors }) = acc.get_mut(host) else {
                 continue;
             };
