@@ -178,40 +178,38 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
     let view = state.views.current();
     let precision = precision_of(&state, view.as_ref());
     let cells = (range.from_cell, range.to_cell);
-    let (items, mut speed_available) = collect_sources(
-        &state,
-        view.as_ref(),
-        &host,
-        url.as_deref(),
-        cells,
-        days.unwrap_or((0, 0)),
-        precision,
-        |u, referrer| Some(by.value(u, referrer).into_owned()),
-        None,
-    )?;
     // Uniques count the visitors of every day the range touches (as `/v1/uniques`): when the
-    // range is not whole days, an item's visitors come from all its keys with visitors on those
-    // days, also those without views in the range itself.
+    // range is not whole days, an item's visitors come from a second read over those days — all
+    // its keys with visitors on them, also those without views in the range itself.
     let day_cells = days.map(|(a, b)| (a * (DAY_MS / CELL_MS), b * (DAY_MS / CELL_MS)));
-    let mut whole_days = match day_cells {
-        Some(dc) if dc != cells => Some({
-            let (groups, ok) = collect_sources(
-                &state,
-                view.as_ref(),
-                &host,
-                url.as_deref(),
-                dc,
-                days.unwrap_or((0, 0)),
-                precision,
-                |u, referrer| Some(by.value(u, referrer).into_owned()),
-                None,
-            )?;
+    let part_days = day_cells.filter(|dc| *dc != cells);
+    let read = |cells, days| {
+        collect_sources(
+            &state,
+            view.as_ref(),
+            &host,
+            url.as_deref(),
+            cells,
+            days,
+            precision,
+            |u, referrer| Some(by.value(u, referrer).into_owned()),
+            None,
+        )
+    };
+    let first_days = match part_days {
+        Some(_) => (0, 0),
+        None => days.unwrap_or((0, 0)),
+    };
+    let (items, mut speed_available) = read(cells, first_days)?;
+    let mut whole_days = match part_days {
+        Some(dc) => {
+            let (groups, ok) = read(dc, days.unwrap_or((0, 0)))?;
             // The speed layer went unavailable between the two reads: the uniques are the
             // batch view's alone, and the answer says so.
             speed_available &= ok;
-            groups
-        }),
-        _ => None,
+            Some(groups)
+        }
+        None => None,
     };
     let mut ranked: Vec<(String, Tally<'_>)> =
         items.into_iter().map(|((v, _), t)| (v, t)).collect();
@@ -220,13 +218,15 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
     let mut out = Vec::with_capacity(ranked.len());
     for (value, item) in ranked {
         let views = item.views;
-        let uniques = match (days, whole_days.as_mut()) {
-            (None, _) => None,
-            (Some(_), None) => Some(item.uniques(precision)?),
-            (Some(_), Some(w)) => match w.remove(&(value.clone(), 0)) {
-                Some(t) => Some(t.uniques(precision)?),
-                None => Some(item.uniques(precision)?),
-            },
+        let uniques = match days {
+            None => None,
+            Some(_) => {
+                let visitors = whole_days
+                    .as_mut()
+                    .and_then(|w| w.remove(&(value.clone(), 0)))
+                    .unwrap_or(item);
+                Some(visitors.uniques(precision)?)
+            }
         };
         out.push(json!({ "value": value, "views": views, "uniques": uniques }));
     }

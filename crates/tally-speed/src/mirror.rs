@@ -535,23 +535,16 @@ impl Mirror {
                         }
                     }
                     (None, Some(part), Some((id, name, _))) => {
-                        let before = e.urls.get(&u.id).cloned().unwrap_or_default();
-                        let mut write = UrlDelta {
-                            cells: before.cells.clone(),
-                            total: before.total,
-                            visitors: before.visitors.members().collect(),
+                        // All the URL's views before this delta were direct.
+                        let mut counts = e.urls.get(&u.id).cloned().unwrap_or_default();
+                        counts.add_delta(part, self.precision);
+                        // Redis learns the new partition whole.
+                        let write = UrlDelta {
+                            cells: counts.cells.clone(),
+                            total: counts.total,
+                            visitors: counts.visitors.members().collect(),
                             direct: None,
                         };
-                        for (h, n) in &part.cells {
-                            match write.cells.binary_search_by_key(h, |c| c.0) {
-                                Ok(i) => write.cells[i].1 += n,
-                                Err(i) => write.cells.insert(i, (*h, *n)),
-                            }
-                        }
-                        write.total += part.total;
-                        write.visitors.extend(part.visitors.iter().copied());
-                        let mut counts = before;
-                        counts.add_delta(part, self.precision);
                         e.direct.insert(u.id, Direct { id: *id, counts });
                         direct_writes.push((*id, name.clone(), true, write));
                     }

@@ -170,6 +170,13 @@ impl Store {
     /// [`Store::delete_epoch`] in one transaction that runs only while the instance marker is
     /// `marker` (see [`Store::exec_as`]).
     pub(crate) async fn delete_epoch_as(&mut self, epoch: Seq, marker: &str) -> Result<bool> {
+        let p = self.delete_transaction(epoch).await?;
+        self.exec_as(marker, &p).await
+    }
+
+    /// The `MULTI`/`EXEC` pipeline that unlinks every key Redis holds for `epoch` now and takes
+    /// it off the epoch list.
+    async fn delete_transaction(&mut self, epoch: Seq) -> Result<redis::Pipeline> {
         let keys = self.epoch_keys_in_redis(epoch).await?;
         let mut p = redis::pipe();
         p.atomic();
@@ -177,7 +184,7 @@ impl Store {
             p.cmd("UNLINK").arg(chunk).ignore();
         }
         p.cmd("SREM").arg(self.keys.epochs()).arg(epoch.0).ignore();
-        self.exec_as(marker, &p).await
+        Ok(p)
     }
 
     /// Every key Redis holds for `epoch`: those of the ids its `urls` hash lists, and the
@@ -224,31 +231,15 @@ impl Store {
             redis::cmd("UNWATCH").exec_async(&mut self.conn).await?;
             return Ok(false);
         }
-        let keys = self.epoch_keys_in_redis(epoch).await?;
-        let mut p = redis::pipe();
-        p.atomic();
-        for chunk in keys.chunks(10_000) {
-            p.cmd("UNLINK").arg(chunk).ignore();
-        }
-        p.cmd("SREM").arg(self.keys.epochs()).arg(epoch.0).ignore();
+        let p = self.delete_transaction(epoch).await?;
         let replies: Option<Vec<redis::Value>> = p.query_async(&mut self.conn).await?;
         Ok(replies.is_some())
     }
 
     /// Deletes every key of the epoch (of this layout and the previous one).
     pub(crate) async fn delete_epoch(&mut self, epoch: Seq) -> Result<()> {
-        let keys = self.epoch_keys_in_redis(epoch).await?;
-        for chunk in keys.chunks(10_000) {
-            redis::cmd("UNLINK")
-                .arg(chunk)
-                .exec_async(&mut self.conn)
-                .await?;
-        }
-        redis::cmd("SREM")
-            .arg(self.keys.epochs())
-            .arg(epoch.0)
-            .exec_async(&mut self.conn)
-            .await?;
+        let p = self.delete_transaction(epoch).await?;
+        p.exec_async(&mut self.conn).await?;
         Ok(())
     }
 }
