@@ -579,7 +579,17 @@ impl Applier {
         let Some(a) = self.applying.take() else {
             return Ok(true);
         };
-        match applied.map_err(|e| Error::Task(e.to_string()))? {
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(e) => {
+                // A panic may have left the batch half-added: the mirror is no longer the
+                // image of `pos`, and retrying from `pos` would add its first half twice.
+                self.loaded = false;
+                self.shared.ready.store(false, Ordering::Release);
+                return Err(Error::Task(e.to_string()));
+            }
+        };
+        match applied {
             Ok(queued) => self.queue(queued),
             Err(reason) => {
                 error!(%reason, "the mirror refused a delta; reloading it from redis");
@@ -993,6 +1003,10 @@ fn apply_to_mirror(
                 }
             }
         }
+        #[cfg(test)]
+        if shared.panic_next_apply.swap(false, Ordering::AcqRel) {
+            panic!("injected: a batch half-added to the mirror");
+        }
         shared
             .mirror
             .write()
@@ -1093,6 +1107,73 @@ mod tests {
         }
         out.retain(|_, v| v.0 > 0);
         out
+    }
+
+    /// A batch that panics half-way into the mirror (counts in, applied seq not) is not
+    /// retried onto that mirror: the applier reloads it, and every event counts once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_mid_apply_reloads_the_mirror_instead_of_adding_twice() {
+        use tally_core::Event;
+        let redis = tally_e2e::TestRedis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let master = Master::open(tally_master::MasterConfig {
+            data_dir: dir.path().to_path_buf(),
+            seal_interval: Duration::from_secs(3600),
+            seal_max_events: 1000,
+            fsync: false,
+            tail_capacity: 1000,
+        })
+        .unwrap();
+        let speed = crate::SpeedLayer::start(
+            crate::SpeedConfig {
+                redis_url: redis.url(),
+                key_prefix: "tally:".into(),
+                gc_grace: Duration::from_millis(50),
+                apply_batch_max: 64,
+                sketch_precision: 14,
+            },
+            master.clone(),
+        )
+        .await;
+        let events = |n: usize| -> Vec<Event> {
+            (0..n)
+                .map(|i| Event {
+                    ts: 1_795_000_000_000 + i as i64 * 1000,
+                    url: format!("https://a.test/p{}", i % 7),
+                    visitor: Some(format!("v{i}")),
+                    referrer: None,
+                    id: None,
+                    received_at: 1_795_000_000_000,
+                })
+                .collect()
+        };
+        let caught_up = || speed.available() && speed.applied_seq() == master.acked_seq();
+        let total = || {
+            speed
+                .range_totals(Seq(0), i64::MIN, i64::MAX, None)
+                .unwrap()
+                .map(|m| m.values().sum::<u64>())
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        master.append(events(40)).await.unwrap();
+        while !caught_up() {
+            assert!(Instant::now() < deadline, "never caught up");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let loads = speed.stats().loads;
+        speed
+            .inner
+            .shared
+            .panic_next_apply
+            .store(true, Ordering::Release);
+        master.append(events(30)).await.unwrap();
+        while !caught_up() || speed.stats().loads == loads {
+            assert!(Instant::now() < deadline, "never reloaded after the panic");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!speed.inner.shared.panic_next_apply.load(Ordering::Acquire));
+        assert_eq!(total(), Some(70));
+        speed.shutdown().await;
     }
 
     /// Direct views are counted apart only once a URL has referred ones (the first copies the

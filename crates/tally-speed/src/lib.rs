@@ -164,6 +164,9 @@ pub(crate) struct Shared {
     pub(crate) base: Mutex<Option<Arc<dyn BaseTotals>>>,
     /// The last minutes of events, for realtime.
     pub(crate) recent: Mutex<recent::Recent>,
+    /// Tests: the next batch added to the mirror panics once its counts are in.
+    #[cfg(test)]
+    pub(crate) panic_next_apply: AtomicBool,
 }
 
 impl Shared {
@@ -220,6 +223,8 @@ impl SpeedLayer {
             counters: Counters::default(),
             base: Mutex::new(None),
             recent: Mutex::new(recent::Recent::default()),
+            #[cfg(test)]
+            panic_next_apply: AtomicBool::new(false),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(applier::run(
