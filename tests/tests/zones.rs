@@ -83,10 +83,12 @@ fn local_range(rng: &mut StdRng, tz: Tz) -> (String, String, i64, i64) {
     (fmt(na), fmt(nb), instant(tz, na), instant(tz, nb))
 }
 
-/// Checks one `/v1/views` series in `zone` against the model, bucket by bucket.
+/// Checks one `/v1/views` series in `zone` against the model, bucket by bucket, each with its
+/// batch and speed parts (the model's first `in_batch` events are in the batch view).
 fn check_series(
     server: &TestServer,
     model: &Model,
+    in_batch: usize,
     url: &str,
     zone: &str,
     g: &str,
@@ -112,15 +114,20 @@ fn check_series(
         assert_eq!(parse_ms(&body["from"]), from, "echoed from of {q}: {body}");
         assert_eq!(parse_ms(&body["to"]), to, "echoed to of {q}: {body}");
     }
-    let mut want: BTreeMap<Label, u64> = BTreeMap::new();
+    let mut want: BTreeMap<Label, (u64, u64)> = BTreeMap::new();
     let mut total = 0;
-    for (u, ts) in &model.events {
+    for (i, (u, ts)) in model.events.iter().enumerate() {
         if u == url && (from..to).contains(ts) {
-            *want.entry(label(tz, *ts, g)).or_default() += 1;
+            let parts = want.entry(label(tz, *ts, g)).or_default();
+            if i < in_batch {
+                parts.0 += 1;
+            } else {
+                parts.1 += 1;
+            }
             total += 1;
         }
     }
-    let mut got: BTreeMap<Label, u64> = BTreeMap::new();
+    let mut got: BTreeMap<Label, (u64, u64)> = BTreeMap::new();
     let mut last = i64::MIN;
     for b in body["series"]
         .as_array()
@@ -136,7 +143,12 @@ fn check_series(
             "{} is not where a local {g} starts in {zone}: {q}",
             b["start"]
         );
-        let prev = got.insert(label(tz, start, g), b["views"].as_u64().unwrap());
+        let parts = (
+            b["batch_views"].as_u64().unwrap(),
+            b["speed_views"].as_u64().unwrap(),
+        );
+        assert_eq!(b["views"].as_u64(), Some(parts.0 + parts.1), "{q}: {b}");
+        let prev = got.insert(label(tz, start, g), parts);
         assert!(prev.is_none(), "two buckets for one local {g}: {q}: {body}");
     }
     assert_eq!(got, want, "{g} series of {url} in {zone}: {q}");
@@ -169,14 +181,15 @@ fn check_top(server: &TestServer, model: &Model, zone: &str, rng: &mut StdRng) {
     assert_eq!(top_items(&body), want, "GET {q}: {body}");
 }
 
-fn probe(server: &TestServer, model: &Model, urls: &[&str], rng: &mut StdRng) {
+fn probe(server: &TestServer, model: &Model, in_batch: usize, urls: &[&str], rng: &mut StdRng) {
     server.wait_caught_up();
     for zone in ZONES {
         let tz: Tz = zone.parse().unwrap();
         for url in urls {
             for g in ["hour", "day", "month"] {
-                check_series(server, model, url, zone, g, None);
-                check_series(server, model, url, zone, g, Some(local_range(rng, tz)));
+                check_series(server, model, in_batch, url, zone, g, None);
+                let range = Some(local_range(rng, tz));
+                check_series(server, model, in_batch, url, zone, g, range);
             }
         }
         check_top(server, model, zone, rng);
@@ -206,13 +219,14 @@ fn counts_in_local_hours_days_and_months_of_any_zone_match_the_model() {
     let mut model = Model::default();
     let events = events_around_transitions(&mut rng, &urls, 1500);
     ingest_exact(&server, &mut model, &events);
-    probe(&server, &model, &urls, &mut rng);
+    probe(&server, &model, 0, &urls, &mut rng);
     batch_run(&server);
-    probe(&server, &model, &urls, &mut rng);
+    let in_batch = model.events.len();
+    probe(&server, &model, in_batch, &urls, &mut rng);
     // New events in the speed layer on top of the batch view.
     let events = events_around_transitions(&mut rng, &urls, 700);
     ingest_exact(&server, &mut model, &events);
-    probe(&server, &model, &urls, &mut rng);
+    probe(&server, &model, in_batch, &urls, &mut rng);
 }
 
 #[test]

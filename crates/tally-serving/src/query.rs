@@ -1,6 +1,6 @@
 //! `GET /v1/views` and `GET /v1/top`: the batch view plus the speed epochs after its cutoff.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -171,6 +171,10 @@ pub(crate) fn provenance(view: Option<&Arc<BatchView>>) -> Option<Provenance<'_>
 struct Bucket {
     start: String,
     views: u64,
+    /// The bucket's views from the batch view and from the speed layer (the dashboard's
+    /// page view shows the two apart).
+    batch_views: u64,
+    speed_views: u64,
 }
 
 /// The `GET /v1/views` answer, serialised straight from this struct (the hottest endpoint: no
@@ -239,17 +243,22 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
         } else {
             Vec::new()
         };
-        let series = bucket_series(
-            batch_cells.into_iter().chain(speed_cells),
-            granularity,
-            range.zone,
-        );
+        // Each layer bucketed on its own, then the two merged by bucket start.
+        let mut buckets: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
+        for (start, views) in bucket_series(batch_cells, granularity, range.zone) {
+            buckets.entry(start).or_default().0 += views;
+        }
+        for (start, views) in bucket_series(speed_cells, granularity, range.zone) {
+            buckets.entry(start).or_default().1 += views;
+        }
         Some(
-            series
+            buckets
                 .into_iter()
-                .map(|(start, views)| Bucket {
+                .map(|(start, (batch_views, speed_views))| Bucket {
                     start: range.zone.format(start),
-                    views,
+                    views: batch_views + speed_views,
+                    batch_views,
+                    speed_views,
                 })
                 .collect(),
         )
