@@ -3,8 +3,9 @@
 #
 #   scripts/test.sh            # from anywhere; runs unattended (CI=true, no stdin)
 #
-# Needs: a Rust toolchain (cargo, rustfmt, clippy). Installs Debian's redis-server when missing
-# (as root, with apt-get; the system service is not started: the tests start private servers).
+# Needs: a Rust toolchain (cargo, rustfmt, clippy). Installs Debian's redis-server, nodejs, npm
+# and chromium when missing (as root, with apt-get; the system service is not started: the tests
+# start private servers), and the dashboard's npm packages from its lockfile.
 # Uses cargo-nextest when it is installed, else cargo test.
 set -euo pipefail
 
@@ -59,6 +60,20 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
 fi
 redis-server --version
+# The dashboard's tests: Node.js with its packages (from the lockfile) and Debian's Chromium,
+# which playwright-core drives (it never downloads a browser of its own).
+missing=()
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+fi
+node --version
+/usr/bin/chromium --version
+if [ ! -d dashboard/node_modules ] || [ dashboard/package-lock.json -nt dashboard/node_modules/.package-lock.json ]; then
+    (cd dashboard && npm ci --no-audit --no-fund)
+fi
 
 current="cargo fmt --check"
 step "$current"

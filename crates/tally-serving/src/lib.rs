@@ -5,6 +5,7 @@ pub mod batch;
 mod breakdown;
 pub mod cache;
 pub mod client_ip;
+mod dashboard;
 pub mod error;
 mod extract;
 pub mod ingest;
@@ -82,6 +83,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(public)
         .merge(admin)
+        .merge(dashboard::routes(&state))
         .fallback(|| async { ApiError::NotFound("There is no such endpoint; see API.md.".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(metrics::track))
