@@ -5,44 +5,12 @@
 //! The browser and bundle tests need Node.js, `dashboard/node_modules` and Debian's `chromium`,
 //! which `scripts/test.sh` installs; without them they report themselves skipped (and fail on CI).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use reqwest::blocking::Client;
 use serde_json::json;
-use tally_e2e::{batch_run, now_ms, skip, workspace_root, ServerOpts, TestServer, DAY_MS, JSON};
-
-fn dashboard_dir() -> PathBuf {
-    workspace_root().join("dashboard")
-}
-
-/// Node.js and the dashboard's packages, or why not.
-fn node_ready(test: &str) -> bool {
-    let node = Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        skip(test, "node is not installed (scripts/test.sh installs it)");
-        return false;
-    }
-    if !dashboard_dir()
-        .join("node_modules")
-        .join("playwright-core")
-        .is_dir()
-    {
-        skip(
-            test,
-            "dashboard/node_modules is missing (scripts/test.sh runs npm ci there)",
-        );
-        return false;
-    }
-    true
-}
-
-fn chromium() -> Option<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
+use tally_e2e::browser::{browser_ready, dashboard_dir, node_ready, run_browser_script};
+use tally_e2e::{batch_run, now_ms, workspace_root, ServerOpts, TestServer, DAY_MS, JSON};
 
 /// The first view's files: the index names its hashed script and style, each is served in the
 /// encoding asked for, the index is revalidated (`no-cache`, `ETag`, `304`) and locked to this
@@ -209,35 +177,18 @@ fn seed(server: &TestServer) {
 #[test]
 fn the_dashboard_shows_the_apis_numbers_in_chromium() {
     let test = "the_dashboard_shows_the_apis_numbers_in_chromium";
-    if !node_ready(test) {
-        return;
-    }
-    let Some(chromium) = chromium() else {
-        skip(
-            test,
-            "chromium is not installed (scripts/test.sh installs it)",
-        );
+    let Some(chromium) = browser_ready(test) else {
         return;
     };
     let server = TestServer::start(ServerOpts::default());
     seed(&server);
-    let shots: &Path = &workspace_root()
+    let shots = workspace_root()
         .join("target")
         .join("dashboard-screenshots");
-    let out = Command::new("node")
-        .arg("test/dashboard.test.mjs")
-        .current_dir(dashboard_dir())
-        .env("TALLY_URL", server.base_url())
-        .env("CHROMIUM", &chromium)
-        .env("SCREENSHOTS", shots)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    assert!(
-        out.status.success(),
-        "the browser test failed:\n{stdout}{stderr}\n--- tally log ---\n{}",
-        server.log()
+    run_browser_script(
+        "test/dashboard.test.mjs",
+        &server,
+        &chromium,
+        &[("SCREENSHOTS", shots.display().to_string())],
     );
 }
