@@ -450,6 +450,8 @@ async function render(clearStatus = true): Promise<void> {
     main.replaceChildren(...content.nodes);
     content.after?.();
     document.title = content.title;
+    // When the view's numbers are on screen: the browser test reads it (Performance API).
+    if (content.nodes.length > 0) performance.mark("tally:rendered");
     if (clearStatus) say("");
   } catch (e) {
     if (!live()) return;
