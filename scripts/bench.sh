@@ -6,6 +6,7 @@
 #   scripts/bench.sh batch           # batch layer (full recompute) vs DuckDB on the same files
 #   scripts/bench.sh uniques         # /v1/uniques over 30 days for a busy URL, 32 connections
 #   scripts/bench.sh mixed           # queries while ingesting 100 000 events/s, 1M URLs, caches off
+#   scripts/bench.sh analytics       # site, breakdown and Stats API queries on the mixed data
 #
 # Knobs (environment): BENCH_DURATION (wrk seconds per run, default 10), BENCH_THREADS (wrk
 # threads, default 2), BENCH_DIR (scratch directory on the real disk, default target/bench),
@@ -664,7 +665,7 @@ SECTIONS+=(uniques)
 # /v1/top?limit=10&host=H and /v1/uniques (30 days), each with random URLs/hosts from the load.
 # ================================================================================================
 
-mixed_lua() { # FILE KIND(views|top|host|uniques) DIR
+mixed_lua() { # FILE KIND(views|top|host|uniques|site|breakdown|stats) DIR
     local from
     from=$(date -u -d '30 days ago' +%Y-%m-%dT%H:00:00Z)
     cat >"$1" <<LUA
@@ -673,11 +674,18 @@ local function enc(s)
   return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", string.byte(c)) end))
 end
 local items = {}
-local list = kind == "host" and "$3/hosts.txt" or "$3/urls.txt"
-for line in io.lines(list) do items[#items + 1] = enc(line) end
+local by_host = kind == "host" or kind == "site" or kind == "breakdown" or kind == "stats"
+local list = by_host and "$3/hosts.txt" or "$3/urls.txt"
+for line in io.lines(list) do items[#items + 1] = by_host and line or enc(line) end
 math.randomseed(os.time() + math.random(1, 1000))
 request = function()
   local x = items[math.random(1, #items)]
+  if kind == "site" then return wrk.format("GET", "/v1/site?host=" .. x .. "&from=$from&granularity=day") end
+  if kind == "breakdown" then return wrk.format("GET", "/v1/breakdown?host=" .. x .. "&by=source&limit=10&from=$from") end
+  if kind == "stats" then
+    return wrk.format("POST", "/api/v2/query", { ["Content-Type"] = "application/json" },
+      '{"site_id":"' .. x .. '","metrics":["pageviews","visitors"],"date_range":"30d","dimensions":["event:page"],"pagination":{"limit":10}}')
+  end
   if kind == "top" then return wrk.format("GET", "/v1/top?limit=10") end
   if kind == "host" then return wrk.format("GET", "/v1/top?limit=10&host=" .. x) end
   if kind == "uniques" then return wrk.format("GET", "/v1/uniques?url=" .. x .. "&from=$from") end
@@ -691,7 +699,9 @@ rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # A wrk latency ("812.00us", "3.21ms", "1.02s") in ms.
 wrk_ms() { awk -v x="$1" 'BEGIN { if (x ~ /us$/) printf "%.3f", x / 1000; else if (x ~ /ms$/) printf "%.3f", x + 0; else if (x ~ /s$/) printf "%.3f", x * 1000; else print x }'; }
 
-section_mixed() {
+# Builds, starts Redis and tally on BENCH_DIR/mixed, loads it, runs two batch runs, restarts
+# tally on the loaded data and starts the bare axum handler; sets MIXED_* for the caller.
+mixed_prepare() {
     log "building release binaries"
     cargo build --release --bin tally
     cargo build --release -p tally-e2e --example bare_axum --example mixed
@@ -737,16 +747,34 @@ section_mixed() {
     redis_idle=$(redis-cli -s "$REDIS_SOCK" info memory | awk -F: '/^used_memory:/ {print $2+0}')
 
     start_http bare_axum-mixed "$bare"
-    local bare_pid=${PIDS[-1]} bare_url="http://$LISTEN_ADDR"
     local k
-    for k in views top host uniques; do mixed_lua "$dir/$k.lua" "$k" "$dir"; done
+    for k in views top host uniques site breakdown stats; do mixed_lua "$dir/$k.lua" "$k" "$dir"; done
+    MIXED_DIR=$dir MIXED_GEN=$gen MIXED_EVENTS=$events MIXED_URLS=$urls MIXED_RATE=$rate
+    MIXED_REDIS_PID=$redis_pid MIXED_TALLY_PID=$tally_pid MIXED_TALLY_URL=$tally_url
+    MIXED_BARE_PID=${PIDS[-1]} MIXED_BARE_URL="http://$LISTEN_ADDR" MIXED_IDLE_RSS=$idle_rss
+    MIXED_REDIS_IDLE=$redis_idle MIXED_RUN1=$run1 MIXED_RUN2=$run2
+}
 
-    local ingest_s=$((DURATION * 5 + 10))
-    log "ingesting $rate events/s for $ingest_s s while wrk runs"
-    "$gen" ingest "$tally_url" "$dir" --rate "$rate" --seconds "$ingest_s" --urls "$urls" >"$dir/ingest.json" &
-    local ingest_pid=$!
-    PIDS+=("$ingest_pid")
+# Starts the steady ingest of MIXED_RATE events/s for RUNS wrk runs (and some slack) in the
+# background; INGEST_PID is its process.
+mixed_ingest() { # RUNS
+    local ingest_s=$((DURATION * $1 + 10))
+    log "ingesting $MIXED_RATE events/s for $ingest_s s while wrk runs"
+    "$MIXED_GEN" ingest "$MIXED_TALLY_URL" "$MIXED_DIR" --rate "$MIXED_RATE" --seconds "$ingest_s" \
+        --urls "$MIXED_URLS" >"$MIXED_DIR/ingest.json" &
+    INGEST_PID=$!
+    PIDS+=("$INGEST_PID")
     sleep 3 # let the ingest reach its rate before measuring
+}
+
+section_mixed() {
+    mixed_prepare
+    local dir=$MIXED_DIR events=$MIXED_EVENTS urls=$MIXED_URLS rate=$MIXED_RATE
+    local redis_pid=$MIXED_REDIS_PID tally_pid=$MIXED_TALLY_PID tally_url=$MIXED_TALLY_URL
+    local bare_pid=$MIXED_BARE_PID bare_url=$MIXED_BARE_URL idle_rss=$MIXED_IDLE_RSS
+    local redis_idle=$MIXED_REDIS_IDLE run1=$MIXED_RUN1 run2=$MIXED_RUN2
+    mixed_ingest 5
+    local ingest_pid=$INGEST_PID
     run_wrk mixed-bare 32 "$dir/views.lua" "$bare_url"
     local bare_rps=$RPS bare_p50=$P50 bare_p99=$P99 bare_cmd=$WRK_CMD
     run_wrk mixed-views 32 "$dir/views.lua" "$tally_url"
@@ -817,6 +845,50 @@ PY
     md "tally status at the end: \`$status\`" ""
 }
 SECTIONS+=(mixed)
+
+# ================================================================================================
+# Section: analytics (issue 14): the site-analytics endpoints on the mixed section's data (1M
+# URLs over 1 000 hosts, 10M events, referrers from a Zipf list of sites), while the same steady
+# ingest runs, caches off: /v1/site over 30 days by day, /v1/breakdown?by=source (30 days) and
+# POST /api/v2/query (pageviews + visitors by event:page, 30d), each on random hosts, with the
+# bare axum handler under the same ingest as the reference. `scripts/bench.sh analytics`.
+# ================================================================================================
+section_analytics() {
+    mixed_prepare
+    local dir=$MIXED_DIR
+    mixed_ingest 4
+    run_wrk analytics-bare 32 "$dir/views.lua" "$MIXED_BARE_URL"
+    local bare_rps=$RPS bare_p50=$P50 bare_p99=$P99 bare_cmd=$WRK_CMD
+    run_wrk analytics-site 32 "$dir/site.lua" "$MIXED_TALLY_URL"
+    local site_rps=$RPS site_p50=$P50 site_p99=$P99 site_bad=$NON2XX
+    run_wrk analytics-breakdown 32 "$dir/breakdown.lua" "$MIXED_TALLY_URL"
+    local bd_rps=$RPS bd_p50=$P50 bd_p99=$P99 bd_bad=$NON2XX
+    run_wrk analytics-stats 32 "$dir/stats.lua" "$MIXED_TALLY_URL"
+    local st_rps=$RPS st_p50=$P50 st_p99=$P99 st_bad=$NON2XX
+    local status
+    status=$(curl -sf "$MIXED_TALLY_URL/v1/admin/status" || echo '{}')
+    wait "$INGEST_PID" || true
+    stop_pid "$MIXED_BARE_PID"
+    stop_pid "$MIXED_TALLY_PID"
+    stop_pid "$MIXED_REDIS_PID"
+    local ing_rate lag_p99
+    read -r ing_rate lag_p99 < <(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.0f" % d["rate"], "%.0f" % (d.get("lag_events") or {}).get("p99", 0))' "$dir/ingest.json")
+    md "## Analytics: site, breakdown and Stats API queries while ingesting" ""
+    md "One run of \`scripts/bench.sh analytics\` ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))," \
+        "on the data of the mixed section ($MIXED_EVENTS events, $MIXED_URLS URLs over 1 000 hosts, 30 days, two batch runs, tally restarted on it," \
+        "\`TALLY_QUERY_RESULT_CACHE=false\`), while \`mixed ingest\` sent $MIXED_RATE events/s (achieved $ing_rate/s; applier lag p99 $lag_p99 events)." \
+        "wrk: ${DURATION} s, ${THREADS} threads, 32 connections, a random host of the load per request; one run after the other." ""
+    local bp99
+    bp99=$(wrk_ms "$bare_p99")
+    p99x() { awk -v a="$(wrk_ms "$1")" -v b="$bp99" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+    md "| what (under ingest) | requests/s | p50 | p99 | non-2xx | p99 ÷ bare p99 | goal |" "|---|---:|---:|---:|---:|---:|---|" \
+        "| bare axum handler, \`$bare_cmd\` | $bare_rps | $bare_p50 | $bare_p99 | – | 1 | – |" \
+        "| \`/v1/site?host=<random>&from=<30 days ago>&granularity=day\` | $site_rps | $site_p50 | $site_p99 | $site_bad | $(p99x "$site_p99") | p99 ≤ 10 ms |" \
+        "| \`/v1/breakdown?host=<random>&by=source&limit=10&from=<30 days ago>\` | $bd_rps | $bd_p50 | $bd_p99 | $bd_bad | $(p99x "$bd_p99") | p99 ≤ 10 ms |" \
+        "| \`POST /api/v2/query\` pageviews + visitors by \`event:page\`, \`30d\`, limit 10 | $st_rps | $st_p50 | $st_p99 | $st_bad | $(p99x "$st_p99") | p99 ≤ 10 ms |" ""
+    md "tally status at the end: \`$status\`" ""
+}
+SECTIONS+=(analytics)
 
 # ------------------------------------------------------------------------------------------------
 # Main

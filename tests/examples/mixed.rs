@@ -11,6 +11,8 @@
 //! writes `DIR/urls.txt` (100 000 URLs drawn by popularity, for the query scripts),
 //! `DIR/hosts.txt` (every host, most URLs first) and `DIR/uniques.txt` (URLs with visitors).
 //!
+//! Six events in ten carry a referrer (one of 200 sites, by Zipf), for the source breakdowns.
+//!
 //! `ingest` sends `--rate` (default 100 000) events per second for `--seconds` as NDJSON bodies
 //! of 1 000 events, each body new (URLs by popularity, random visitors), paced every 10 ms, with
 //! timestamps of now (90%) or the last 30 days (10%).
@@ -61,6 +63,8 @@ struct Universe {
     urls: Vec<String>,
     popularity: Zipf,
     hosts: usize,
+    /// Referring sites, by Zipf.
+    referrers: Zipf,
 }
 
 impl Universe {
@@ -77,6 +81,7 @@ impl Universe {
             urls,
             popularity: Zipf::new(n_urls),
             hosts: n_hosts,
+            referrers: Zipf::new(200),
         }
     }
 
@@ -113,9 +118,15 @@ fn ndjson(universe: &Universe, rng: &mut StdRng, n: usize, past_share: f64) -> S
         };
         let v: u32 = rng.random_range(0..1_000_000);
         body.push_str(&format!(
-            "{{\"url\":\"{}\",\"ts\":{ts},\"visitor\":\"v{v}\"}}\n",
+            "{{\"url\":\"{}\",\"ts\":{ts},\"visitor\":\"v{v}\"",
             universe.url(rng)
         ));
+        // Six views in ten come from another site: one of 200, by Zipf (a search engine first).
+        if rng.random_bool(0.6) {
+            let r = universe.referrers.sample(rng);
+            body.push_str(&format!(",\"referrer\":\"https://ref{r}.example/page\""));
+        }
+        body.push_str("}\n");
     }
     body
 }
