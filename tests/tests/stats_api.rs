@@ -183,6 +183,17 @@ fn check_table(server: &TestServer) {
     assert_eq!(code, 200, "{resp}");
     let labels: Vec<String> = (0..=2).rev().map(day).collect();
     assert_eq!(resp["meta"]["time_labels"], json!(labels), "{resp}");
+    // Whatever the filters keep: the site's first day, not the first day of what matched.
+    let (code, resp) = query(
+        server,
+        None,
+        json!({"site_id": SITE, "metrics": ["pageviews"], "date_range": "all",
+               "dimensions": ["time:day"], "include": {"time_labels": true},
+               "filters": [["is", "event:page", ["/never-viewed"]]]}),
+    );
+    assert_eq!(code, 200, "{resp}");
+    assert_eq!(resp["results"], json!([]), "{resp}");
+    assert_eq!(resp["meta"]["time_labels"], json!(labels), "{resp}");
 }
 
 /// `YYYY-MM-DD HH:00:00` of the hour today's events were sent in (noon UTC, or now if earlier).

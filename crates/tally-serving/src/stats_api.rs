@@ -675,8 +675,25 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         },
         granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64),
     )?;
-    // "all" starts at the site's first bucket with data (Plausible: its first stats date).
-    let first_bucket = groups.keys().map(|(_, b)| *b).min();
+    // "all" starts at the site's first bucket with data (Plausible: its first stats date),
+    // whatever the filters keep: with filters, the site is grouped once more without them.
+    let first_bucket = match (q.all_time && !q.filters.is_empty(), granularity) {
+        (true, Some(_)) => {
+            let (site, _) = collect_sources(
+                state,
+                view.as_ref(),
+                &q.host,
+                None,
+                cells,
+                (0, 0),
+                precision,
+                |_, _| Some(()),
+                Some(&bucket_of as &dyn Fn(i64) -> i64),
+            )?;
+            site.keys().map(|(_, b)| *b).min()
+        }
+        _ => groups.keys().map(|(_, b)| *b).min(),
+    };
     let labels_from = match q.all_time {
         true => first_bucket.unwrap_or_else(|| zone.day_start(q.range.1 - 1)),
         false => q.range.0,
