@@ -437,6 +437,7 @@ async function render(clearStatus = true): Promise<void> {
   for (const u of charts) u.destroy();
   charts = [];
   const s = readState();
+  const search = location.search;
   for (const a of document.querySelectorAll("[data-nav]")) {
     const cur = a.getAttribute("data-nav") === (s.view === "page" ? "site" : s.view);
     if (cur) a.setAttribute("aria-current", "page");
@@ -448,6 +449,8 @@ async function render(clearStatus = true): Promise<void> {
     const content = s.view === "ops" ? await opsView(live) : await siteOrPageView(s, live);
     if (!live()) return;
     main.replaceChildren(...content.nodes);
+    // Which state the view shows (tests wait for it to equal the URL's).
+    main.dataset.rendered = search;
     content.after?.();
     document.title = content.title;
     // When the view's numbers are on screen: the browser test reads it (Performance API).

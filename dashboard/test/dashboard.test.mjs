@@ -5,7 +5,9 @@
 //
 // Every number read from the page is compared with what the API answers for the same site,
 // range and zone; changing site, range and zone and the back button update them; the discard
-// flow runs end to end; no console error, no request to another origin; axe-core finds no
+// flow runs end to end, and on a tally with tokens (TALLY_AUTH_URL, READ_TOKEN, ADMIN_TOKEN) the
+// browser's login prompt opens the page and the page asks for the admin token before *Run batch
+// now*; no console error, no request to another origin; axe-core finds no
 // serious accessibility violation; the first view's transfer stays under 100 KB. Screenshots of
 // each view at desktop width and at 375 px are written to SCREENSHOTS. Exit status 1 on failure.
 import assert from "node:assert/strict";
@@ -84,7 +86,10 @@ async function table(page, by) {
  * dates, `to` exclusive) in `tz`. */
 async function checkSite(page, host, from, to, tz) {
   await page.waitForFunction(
-    ([h, z]) => document.querySelector("h1")?.textContent === h && document.querySelector("#tz")?.value === z,
+    ([h, z]) =>
+      document.querySelector("main").dataset.rendered === location.search &&
+      document.querySelector("h1")?.textContent === h &&
+      document.querySelector("#tz")?.value === z,
     [host, tz],
   );
   const got = await kpis(page);
@@ -172,7 +177,10 @@ try {
   const first = await page.$eval('table[data-breakdown="url"] tbody tr[data-item]', (r) => r.getAttribute("data-item"));
   await page.click('table[data-breakdown="url"] tbody tr[data-item] button');
   await page.waitForURL(/view=page/);
-  await page.waitForFunction((u) => document.querySelector("h1")?.textContent === u, first);
+  await page.waitForFunction(
+    (u) => document.querySelector("main").dataset.rendered === location.search && document.querySelector("h1")?.textContent === u,
+    first,
+  );
   const pk = await kpis(page);
   const v = await api(`/v1/views?url=${encodeURIComponent(first)}&${q(r7[0], r7[1], "UTC")}`);
   assert.equal(pk.views, n(v.views), "page views");
@@ -231,6 +239,41 @@ try {
     await shot(phone, `${name}-375`);
   }
   await phone.context().close();
+
+  // ----- tokens: a tally with auth.read_token and auth.admin_token ---------------------------
+  const authed = process.env.TALLY_AUTH_URL;
+  if (authed) {
+    // Without it: a 401 whose challenge makes a browser show its login prompt.
+    const denied = await fetch(`${authed}/`);
+    assert.equal(denied.status, 401, "the dashboard needs the read token");
+    assert.match(denied.headers.get("www-authenticate") ?? "", /^Basic /);
+    // The browser's login prompt, answered with the read token (any user name).
+    const context = await browser.newContext({ httpCredentials: { username: "me", password: process.env.READ_TOKEN } });
+    const ops = await context.newPage();
+    ops.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+    ops.on("dialog", (d) => d.accept());
+    await ops.goto(`${authed}/?view=ops`);
+    // The admin endpoints want the admin token: the page asks for it.
+    await ops.waitForSelector("#token");
+    assert.match(await ops.textContent("h2#token-title"), /Admin token/);
+    await ops.fill("#token", process.env.ADMIN_TOKEN);
+    await ops.press("#token", "Enter");
+    await ops.waitForSelector("[data-serving]");
+    const was = (await (await fetch(`${authed}/v1/admin/batch`, { headers: { Authorization: `Bearer ${process.env.ADMIN_TOKEN}` } })).json()).current?.version ?? "";
+    await ops.click("#run-batch");
+    await ops.waitForFunction(
+      (old) => {
+        const s = document.querySelector("[data-serving]")?.getAttribute("data-serving");
+        return s && s !== old && !document.querySelector("[data-running]");
+      },
+      was,
+      { timeout: 60_000 },
+    );
+    // Kept for the tab only.
+    assert.equal(await ops.evaluate(() => sessionStorage.getItem("tally.admin_token")), process.env.ADMIN_TOKEN);
+    assert.equal(await ops.evaluate(() => localStorage.length), 0);
+    await context.close();
+  }
 
   assert.deepEqual(problems, [], "no console errors, no request to another origin");
   console.log(JSON.stringify({ ok: true, ...measured }));

@@ -182,6 +182,13 @@ fn the_dashboard_shows_the_apis_numbers_in_chromium() {
     };
     let server = TestServer::start(ServerOpts::default());
     seed(&server);
+    // A second tally with both tokens, for the login prompt and the admin token form.
+    let authed = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_AUTH_ADMIN_TOKEN", "admin-secret")
+            .env("TALLY_AUTH_READ_TOKEN", "read-secret"),
+    );
+    seed(&authed);
     let shots = workspace_root()
         .join("target")
         .join("dashboard-screenshots");
@@ -189,6 +196,11 @@ fn the_dashboard_shows_the_apis_numbers_in_chromium() {
         "test/dashboard.test.mjs",
         &server,
         &chromium,
-        &[("SCREENSHOTS", shots.display().to_string())],
+        &[
+            ("SCREENSHOTS", shots.display().to_string()),
+            ("TALLY_AUTH_URL", authed.base_url()),
+            ("READ_TOKEN", "read-secret".into()),
+            ("ADMIN_TOKEN", "admin-secret".into()),
+        ],
     );
 }

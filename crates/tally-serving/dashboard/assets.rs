@@ -10,12 +10,12 @@ pub(crate) const ASSETS: &[Asset] = &[
         brotli: include_bytes!("index.html.br"),
     },
     Asset {
-        route: "/assets/app-8f8e0048db05.js",
+        route: "/assets/app-55a5342099f6.js",
         content_type: "text/javascript; charset=utf-8",
         immutable: true,
-        identity: include_bytes!("app-8f8e0048db05.js"),
-        gzip: include_bytes!("app-8f8e0048db05.js.gz"),
-        brotli: include_bytes!("app-8f8e0048db05.js.br"),
+        identity: include_bytes!("app-55a5342099f6.js"),
+        gzip: include_bytes!("app-55a5342099f6.js.gz"),
+        brotli: include_bytes!("app-55a5342099f6.js.br"),
     },
     Asset {
         route: "/assets/app-d452bff4d637.css",
