@@ -441,6 +441,32 @@ mod tests {
         }
     }
 
+    /// The visitor hash and the byte form are stored (batch views, Redis visitor sets) and merged
+    /// across versions: a change to either must fail here, and then needs a new `FORMAT_*`, view
+    /// format and Redis layout, not a silent edit.
+    #[test]
+    fn visitor_hash_and_byte_form_are_pinned() {
+        let hashes: Vec<u32> = ["v-1", "visitor", ""]
+            .iter()
+            .map(|v| visitor_hash(v))
+            .collect();
+        assert_eq!(hashes, GOLDEN_HASHES, "{hashes:#010x?}");
+        let mut sparse = VisitorSketch::new(4).unwrap();
+        sparse.insert("a");
+        sparse.insert("b");
+        assert_eq!(sparse.to_bytes(), GOLDEN_SPARSE, "{:?}", sparse.to_bytes());
+        let mut dense = VisitorSketch::new(4).unwrap();
+        for i in 0..100 {
+            dense.insert(&format!("v{i}"));
+        }
+        assert!(!dense.is_sparse());
+        assert_eq!(dense.to_bytes(), GOLDEN_DENSE, "{:?}", dense.to_bytes());
+    }
+
+    const GOLDEN_HASHES: [u32; 3] = [0xb325_b88f, 0x08bc_c8cd, 0x9db4_9a02];
+    const GOLDEN_SPARSE: &[u8] = &[1, 4, 0, 19, 173, 86, 175, 116, 224, 44, 255];
+    const GOLDEN_DENSE: &[u8] = &[1, 4, 1, 7, 6, 7, 4, 3, 2, 5, 11, 5, 2, 3, 2, 3, 3, 3, 5];
+
     #[test]
     fn sparse_is_exact_and_merges() {
         let mut a = VisitorSketch::new(14).unwrap();
