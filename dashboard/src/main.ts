@@ -314,19 +314,28 @@ function uniquesNote(body: any): string | undefined {
   return `± ${(body.relative_error * 100).toFixed(1)}% (sketch error)`;
 }
 
-function breakdownTable(
-  by: string,
-  title: string,
-  items: { value: string; views: number; uniques: number | null }[],
-  open?: (value: string) => void,
-): HTMLElement {
+interface Item {
+  value: string;
+  views: number;
+  uniques: number | null;
+}
+
+/** A breakdown's panel; `items` null: still loading. */
+function breakdownTable(by: string, title: string, items: Item[] | null, open?: (value: string) => void): HTMLElement {
+  if (items === null) {
+    return h(
+      "div",
+      { class: "panel", "aria-busy": "true" },
+      h("table", { "data-breakdown": by }, h("caption", {}, title), h("tbody", {}, h("tr", {}, h("td", { class: "muted" }, "Loading…")))),
+    );
+  }
   const max = Math.max(1, ...items.map((i) => i.views));
   return h(
     "div",
     { class: "panel" },
     h(
       "table",
-      { "data-breakdown": by },
+      { "data-breakdown": by, "data-loaded": "" },
       h("caption", {}, title),
       h(
         "thead",
@@ -356,6 +365,10 @@ function breakdownTable(
       ),
     ),
   );
+}
+
+function breakdownError(title: string, error: string): HTMLElement {
+  return h("div", { class: "panel" }, h("h2", {}, title), h("p", { class: "muted" }, error));
 }
 
 function pathOf(url: string): string {
@@ -493,19 +506,32 @@ async function siteOrPageView(s: State, live: () => boolean): Promise<Content> {
   return s.view === "page" && s.url ? pageView(s, sites, live) : siteView(s, sites, live);
 }
 
+/** The site view's breakdown panels: dimension, title, whether a row opens its page. */
+const BREAKDOWNS: [string, string, boolean][] = [
+  ["url", "Top pages", true],
+  ["source", "Sources", false],
+  ["referrer", "Referrers", false],
+  ["utm_source", "UTM sources", false],
+  ["utm_medium", "UTM media", false],
+  ["utm_campaign", "UTM campaigns", false],
+];
+
 async function siteView(s: State, sites: string[], live: () => boolean): Promise<Content> {
   const r = rangeOf(s);
   const q = rangeQuery(s, r);
   const host = encodeURIComponent(s.site);
-  const breakdown = (by: string, limit = 10) => api(`/v1/breakdown?host=${host}&by=${by}&limit=${limit}&${q}`);
-  const [site, pages, sources, referrers, utmSource, utmMedium, utmCampaign, realtime] = await Promise.all([
+  const open = (url: string) => go({ view: "page", url });
+  // The breakdowns cost more than the site's totals on a large site: they start now, and each
+  // panel fills when its answer arrives, after the totals and the chart are on screen.
+  const panels = BREAKDOWNS.map(([by, title, opens]) => {
+    const answer = api(`/v1/breakdown?host=${host}&by=${by}&limit=10&${q}`).then(
+      (b) => ({ items: b.items as Item[] }),
+      (e: unknown) => ({ error: e instanceof Error ? e.message : String(e) }),
+    );
+    return { by, title, opener: opens ? open : undefined, answer, panel: breakdownTable(by, title, null) };
+  });
+  const [site, realtime] = await Promise.all([
     api(`/v1/site?host=${host}&granularity=${r.granularity}&${q}`),
-    breakdown("url"),
-    breakdown("source"),
-    breakdown("referrer"),
-    breakdown("utm_source"),
-    breakdown("utm_medium"),
-    breakdown("utm_campaign"),
     api(`/v1/realtime?host=${host}`),
   ]);
   const keys = buckets(r, site.from, site.to, s.tz);
@@ -518,7 +544,6 @@ async function siteView(s: State, sites: string[], live: () => boolean): Promise
       kpi("realtime-views", "Views, last 5 min", rt.views),
     );
   fillRealtime(realtime);
-  const open = (url: string) => go({ view: "page", url });
   return {
     title: `tally — ${s.site}`,
     nodes: [
@@ -537,19 +562,19 @@ async function siteView(s: State, sites: string[], live: () => boolean): Promise
         h("h2", { id: "chart-title" }, `Views and unique visitors per ${r.granularity}`),
         chartHost,
       ),
-      h(
-        "div",
-        { class: "grid" },
-        breakdownTable("url", "Top pages", pages.items, open),
-        breakdownTable("source", "Sources", sources.items),
-        breakdownTable("referrer", "Referrers", referrers.items),
-        breakdownTable("utm_source", "UTM sources", utmSource.items),
-        breakdownTable("utm_medium", "UTM media", utmMedium.items),
-        breakdownTable("utm_campaign", "UTM campaigns", utmCampaign.items),
-      ),
+      h("div", { class: "grid" }, ...panels.map((p) => p.panel)),
       h("p", { class: "muted", "data-provenance": "" }, provenance(site.batch, site.speed_available)),
     ],
     after: () => {
+      for (const p of panels) {
+        p.answer.then((a) => {
+          if (!live()) return;
+          p.panel.replaceWith(
+            "items" in a ? breakdownTable(p.by, p.title, a.items, p.opener) : breakdownError(p.title, a.error),
+          );
+        });
+      }
+      Promise.all(panels.map((p) => p.answer)).then(() => live() && performance.mark("tally:complete"));
       chart(
         chartHost,
         keys.map((k) => k[1]),

@@ -92,6 +92,8 @@ async function checkSite(page, host, from, to, tz) {
       document.querySelector("#tz")?.value === z,
     [host, tz],
   );
+  // The breakdown panels fill after the totals.
+  await page.waitForFunction(() => document.querySelectorAll("main table[data-breakdown][data-loaded]").length === 6);
   const got = await kpis(page);
   const site = await api(`/v1/site?host=${host}&${q(from, to, tz)}`);
   assert.equal(got.views, n(site.views), `views of ${host} ${from}..${to} ${tz}`);
@@ -135,6 +137,7 @@ try {
   await checkSite(page, "a.test", from, to, "UTC");
   // From navigation start to the first view's numbers on screen (the page marks it).
   measured.interactive_ms = await page.evaluate(() => Math.round(performance.getEntriesByName("tally:rendered")[0].startTime));
+  measured.complete_ms = await page.evaluate(() => Math.round(performance.getEntriesByName("tally:complete")[0].startTime));
   measured.first_view_bytes = await page.evaluate(() =>
     performance
       .getEntriesByType("navigation")
@@ -231,6 +234,7 @@ try {
     await phone.goto(base + path);
     await phone.waitForSelector(name === "ops" ? "[data-serving]" : "[data-kpi] .value");
     if (name === "site") {
+      await phone.waitForFunction(() => document.querySelectorAll("main table[data-breakdown][data-loaded]").length === 6);
       // The browser's zone is the default.
       assert.equal(await phone.$eval("#tz", (e) => e.value), "Europe/Berlin");
     }

@@ -10,12 +10,12 @@ pub(crate) const ASSETS: &[Asset] = &[
         brotli: include_bytes!("index.html.br"),
     },
     Asset {
-        route: "/assets/app-55a5342099f6.js",
+        route: "/assets/app-80159aa3efdd.js",
         content_type: "text/javascript; charset=utf-8",
         immutable: true,
-        identity: include_bytes!("app-55a5342099f6.js"),
-        gzip: include_bytes!("app-55a5342099f6.js.gz"),
-        brotli: include_bytes!("app-55a5342099f6.js.br"),
+        identity: include_bytes!("app-80159aa3efdd.js"),
+        gzip: include_bytes!("app-80159aa3efdd.js.gz"),
+        brotli: include_bytes!("app-80159aa3efdd.js.br"),
     },
     Asset {
         route: "/assets/app-d452bff4d637.css",
