@@ -10,12 +10,12 @@ pub(crate) const ASSETS: &[Asset] = &[
         brotli: include_bytes!("index.html.br"),
     },
     Asset {
-        route: "/assets/app-80159aa3efdd.js",
+        route: "/assets/app-21662f3a7e59.js",
         content_type: "text/javascript; charset=utf-8",
         immutable: true,
-        identity: include_bytes!("app-80159aa3efdd.js"),
-        gzip: include_bytes!("app-80159aa3efdd.js.gz"),
-        brotli: include_bytes!("app-80159aa3efdd.js.br"),
+        identity: include_bytes!("app-21662f3a7e59.js"),
+        gzip: include_bytes!("app-21662f3a7e59.js.gz"),
+        brotli: include_bytes!("app-21662f3a7e59.js.br"),
     },
     Asset {
         route: "/assets/app-d452bff4d637.css",

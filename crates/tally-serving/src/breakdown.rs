@@ -21,8 +21,8 @@ use tally_speed::SpeedVisitors;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
 use crate::query::{
-    limit_param, precision_of, provenance, query_range, respond, speed_read, uniques_days,
-    url_param,
+    limit_param, off_runtime, precision_of, provenance, query_range, respond, speed_read,
+    uniques_days, url_param,
 };
 use crate::site::host_param;
 use crate::state::AppState;
@@ -158,6 +158,10 @@ fn by_param(q: &HashMap<String, String>) -> ApiResult<Dimension> {
 
 /// `GET /v1/breakdown`.
 pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    off_runtime(move || breakdown(&state, q)).await
+}
+
+fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let host = host_param(&q)?;
     let by = by_param(&q)?;
@@ -176,7 +180,7 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
     let range = query_range(&q)?;
     let days = uniques_days(&range).ok();
     let view = state.views.current();
-    let precision = precision_of(&state, view.as_ref());
+    let precision = precision_of(state, view.as_ref());
     let cells = (range.from_cell, range.to_cell);
     // Uniques count the visitors of every day the range touches (as `/v1/uniques`): when the
     // range is not whole days, an item's visitors come from a second read over those days — all
@@ -185,7 +189,7 @@ pub(crate) async fn get_breakdown(State(state): State<AppState>, q: Params) -> A
     let part_days = day_cells.filter(|dc| *dc != cells);
     let read = |cells, days| {
         collect_sources(
-            &state,
+            state,
             view.as_ref(),
             &host,
             url.as_deref(),

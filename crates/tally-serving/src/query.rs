@@ -206,6 +206,17 @@ pub(crate) fn respond<T: serde::Serialize>(body: T, speed_available: bool) -> Re
     resp
 }
 
+/// Runs a query's CPU-bound part on the blocking pool: a grouping over every source key of a
+/// large site takes seconds, and on an async worker it would hold up every light request queued
+/// behind it (the server's concurrency limit still bounds how many run).
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("the query task failed: {e}")))?
+}
+
 /// A speed-layer read as the handlers need it: `None` when the speed layer is unavailable
 /// (answer batch-only, degraded), 503 when the serving view's epochs were collected.
 pub(crate) fn speed_read<T>(r: tally_speed::Read<T>) -> ApiResult<Option<T>> {

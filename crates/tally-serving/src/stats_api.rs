@@ -25,7 +25,7 @@ use tally_core::{Granularity, Zone, CELL_MS, DAY_MS};
 
 use crate::breakdown::collect_sources;
 use crate::error::ApiError;
-use crate::query::{precision_of, respond};
+use crate::query::{off_runtime, precision_of, respond};
 use crate::state::AppState;
 
 /// A Plausible-style `400`: `{"error": "..."}`.
@@ -629,7 +629,7 @@ pub(crate) async fn post_query(
         )
             .into_response();
     }
-    match run(&state, &body) {
+    match off_runtime(move || run(&state, &body)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
