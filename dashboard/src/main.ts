@@ -488,13 +488,19 @@ interface Content {
 }
 
 async function siteOrPageView(s: State, live: () => boolean): Promise<Content> {
-  const sites: string[] = (await api("/v1/sites?limit=1000")).items.map((i: any) => i.host);
-  if (!s.site && sites.length > 0) {
-    go({ site: sites[0] }, true);
-    return { title: "tally", nodes: [] };
-  }
-  if (s.site && !sites.includes(s.site)) sites.unshift(s.site);
+  // The site list (every host, all time) can take seconds on a server with many sites: with a
+  // site in the URL the view does not wait for it, and the picker is filled when it arrives.
+  const listed: Promise<string[] | Error> = api("/v1/sites?limit=1000").then(
+    (b) => b.items.map((i: any) => i.host as string),
+    (e: unknown) => (e instanceof Error ? e : new Error(String(e))),
+  );
   if (!s.site) {
+    const sites = await listed;
+    if (sites instanceof Error) throw sites;
+    if (sites.length > 0) {
+      go({ site: sites[0] }, true);
+      return { title: "tally", nodes: [] };
+    }
     return {
       title: "tally — no data yet",
       nodes: [
@@ -503,7 +509,18 @@ async function siteOrPageView(s: State, live: () => boolean): Promise<Content> {
       ],
     };
   }
-  return s.view === "page" && s.url ? pageView(s, sites, live) : siteView(s, sites, live);
+  const content = s.view === "page" && s.url ? await pageView(s, [s.site], live) : await siteView(s, [s.site], live);
+  const after = content.after;
+  content.after = () => {
+    after?.();
+    listed.then((sites) => {
+      const select = document.getElementById("site");
+      if (!live() || sites instanceof Error || !select) return;
+      const all = sites.includes(s.site) ? sites : [s.site, ...sites];
+      select.replaceChildren(...all.map((host) => h("option", { value: host, selected: host === s.site }, host)));
+    });
+  };
+  return content;
 }
 
 /** The site view's breakdown panels: dimension, title, whether a row opens its page. */

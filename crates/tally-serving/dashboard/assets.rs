@@ -10,12 +10,12 @@ pub(crate) const ASSETS: &[Asset] = &[
         brotli: include_bytes!("index.html.br"),
     },
     Asset {
-        route: "/assets/app-21662f3a7e59.js",
+        route: "/assets/app-f68e0dc207b3.js",
         content_type: "text/javascript; charset=utf-8",
         immutable: true,
-        identity: include_bytes!("app-21662f3a7e59.js"),
-        gzip: include_bytes!("app-21662f3a7e59.js.gz"),
-        brotli: include_bytes!("app-21662f3a7e59.js.br"),
+        identity: include_bytes!("app-f68e0dc207b3.js"),
+        gzip: include_bytes!("app-f68e0dc207b3.js.gz"),
+        brotli: include_bytes!("app-f68e0dc207b3.js.br"),
     },
     Asset {
         route: "/assets/app-d452bff4d637.css",
