@@ -128,7 +128,6 @@ fn main() {
     let heap = HELD.load(Ordering::Relaxed) - before;
     let ser: usize = ours.iter().flatten().map(|s| s.to_bytes().len()).sum();
     let t = Instant::now();
-    let mut err = 0.0;
     let mut estimates = vec![0.0; urls];
     for (u, e) in estimates.iter_mut().enumerate() {
         let mut acc = VisitorSketch::new(p).expect("precision");
@@ -138,9 +137,7 @@ fn main() {
         *e = acc.estimate();
     }
     let merge_ms = t.elapsed().as_secs_f64() * 1e3;
-    for &u in &judged {
-        err += (estimates[u] - exact[u].len() as f64).abs() / exact[u].len() as f64;
-    }
+    let err = mean_relative_error(&estimates, &exact, &judged);
     report(
         "tally VisitorSketch",
         p,
@@ -148,7 +145,7 @@ fn main() {
         heap,
         ser,
         merge_ms,
-        err / judged.len() as f64,
+        err,
         judged.len(),
     );
     drop(ours);
@@ -175,7 +172,6 @@ fn main() {
         .map(|s| serde_json::to_vec(s).expect("serialise").len())
         .sum();
     let t = Instant::now();
-    let mut err = 0.0;
     for (u, e) in estimates.iter_mut().enumerate() {
         let mut acc = Theirs::new(p, FixedSip).expect("precision");
         for s in theirs[u * days..(u + 1) * days].iter().flatten() {
@@ -184,9 +180,7 @@ fn main() {
         *e = acc.count();
     }
     let merge_ms = t.elapsed().as_secs_f64() * 1e3;
-    for &u in &judged {
-        err += (estimates[u] - exact[u].len() as f64).abs() / exact[u].len() as f64;
-    }
+    let err = mean_relative_error(&estimates, &exact, &judged);
     report(
         "hyperloglogplus 0.4 HyperLogLogPlus",
         p,
@@ -194,9 +188,18 @@ fn main() {
         heap,
         ser,
         merge_ms,
-        err / judged.len() as f64,
+        err,
         judged.len(),
     );
+}
+
+/// The mean of |estimate − exact| / exact over the URLs `judged`.
+fn mean_relative_error(estimates: &[f64], exact: &[Vec<u32>], judged: &[usize]) -> f64 {
+    let sum: f64 = judged
+        .iter()
+        .map(|&u| (estimates[u] - exact[u].len() as f64).abs() / exact[u].len() as f64)
+        .sum();
+    sum / judged.len() as f64
 }
 
 #[allow(clippy::too_many_arguments)]
