@@ -68,6 +68,7 @@ async function bundle(out) {
       `        route: ${JSON.stringify(a.route)},\n` +
       `        content_type: ${JSON.stringify(a.type)},\n` +
       `        immutable: ${a.immutable},\n` +
+      `        hash: ${JSON.stringify(createHash("sha256").update(a.bytes).digest("hex").slice(0, 16))},\n` +
       `        identity: include_bytes!(${JSON.stringify(a.file)}),\n` +
       `        gzip: include_bytes!(${JSON.stringify(a.file + ".gz")}),\n` +
       `        brotli: include_bytes!(${JSON.stringify(a.file + ".br")}),\n` +

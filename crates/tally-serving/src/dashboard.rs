@@ -23,6 +23,8 @@ pub(crate) struct Asset {
     pub(crate) content_type: &'static str,
     /// Named by its content's hash: cached for a year.
     pub(crate) immutable: bool,
+    /// A hash of the content (computed by the build, for the `ETag`).
+    pub(crate) hash: &'static str,
     pub(crate) identity: &'static [u8],
     pub(crate) gzip: &'static [u8],
     pub(crate) brotli: &'static [u8],
@@ -88,8 +90,7 @@ fn negotiate(headers: &HeaderMap) -> Encoding {
 
 /// The entity tag of a file: a hash of its content and encoding.
 fn etag(a: &Asset, e: Encoding) -> String {
-    let hash = blake3::hash(a.identity).to_hex();
-    format!("\"{}-{:?}\"", &hash[..16], e)
+    format!("\"{}-{:?}\"", a.hash, e)
 }
 
 fn serve(a: &'static Asset, headers: &HeaderMap) -> Response {
