@@ -307,17 +307,14 @@ function kpi(name: string, label: string, value: number | null, note?: string): 
   );
 }
 
-function uniquesNote(body: any): string | undefined {
-  if (body.uniques === null || body.uniques === undefined) {
-    return "Not counted between this zone's midnights: visitors are kept per UTC day.";
-  }
+function uniquesNote(body: any): string {
   return `± ${(body.relative_error * 100).toFixed(1)}% (sketch error)`;
 }
 
 interface Item {
   value: string;
   views: number;
-  uniques: number | null;
+  uniques: number;
 }
 
 /** A breakdown's panel; `items` null: still loading. */
@@ -621,14 +618,13 @@ async function pageView(s: State, sites: string[], _live: () => boolean): Promis
   const url = encodeURIComponent(s.url);
   const hash = s.url.includes("#") ? "&hash=1" : "";
   const breakdown = (by: string) => api(`/v1/breakdown?host=${encodeURIComponent(s.site)}&by=${by}&limit=10&url=${url}&${q}`);
-  // The page's uniques as its site's breakdown gives them: null (not an error) in a zone whose
-  // midnights are not UTC midnights.
+  // The page's uniques as its site's breakdown gives them (0 when the page has no views).
   const [views, own, sources] = await Promise.all([
     api(`/v1/views?url=${url}${hash}&granularity=${r.granularity}&${q}`),
     breakdown("url"),
     breakdown("source"),
   ]);
-  const uniques = { uniques: own.items[0]?.uniques ?? (own.relative_error == null ? null : 0), relative_error: own.relative_error };
+  const uniques = { uniques: own.items[0]?.uniques ?? 0, relative_error: own.relative_error };
   const keys = buckets(r, views.from, views.to, s.tz);
   const byKey = new Map<string, any>((views.series ?? []).map((b: any) => [bucketKey(b.start, r.granularity), b]));
   const chartHost = h("div", { class: "chart", "data-chart": "page" });

@@ -647,7 +647,7 @@ fn a_view_of_an_older_format_is_recomputed_after_an_upgrade() {
         .join(&old)
         .join("manifest.json");
     let mut m: Value = serde_json::from_str(&fs::read_to_string(&manifest).unwrap()).unwrap();
-    assert_eq!(m["format_version"], 3, "{m}");
+    assert_eq!(m["format_version"], 4, "{m}");
     m["format_version"] = json!(2);
     fs::write(&manifest, m.to_string()).unwrap();
     server.restart();

@@ -127,19 +127,29 @@ fn check_site(server: &TestServer, model: &Model, host: &str) {
         }
     }
     assert_eq!(series.len(), days, "{q}: {body}");
-    // Local days of Asia/Kolkata (+5:30): views per local day; uniques are not UTC-day aligned.
+    // Local days of Asia/Kolkata (+5:30), whose midnights are 18:30Z: views and uniques per
+    // local day.
     let tz: Tz = "Asia/Kolkata".parse().unwrap();
     let (code, body) = server.get(&format!(
         "/v1/site?host={host}&granularity=day&tz=Asia%2FKolkata&from={}",
         enc(&rfc3339(from))
     ));
     assert_eq!(code, 200, "{body}");
-    assert!(body["uniques"].is_null(), "{body}");
+    // Views from the range's start (05:00 local); uniques of whole local days, from the local
+    // midnight before it (18:30Z).
     let start = parse_ms(&body["from"]);
-    let mut want: BTreeMap<(i32, u32, u32), u64> = BTreeMap::new();
-    for (_, ts, _) in model.of_site(host, start, i64::MAX) {
+    let midnight = start - (start + 5 * 3_600_000 + 1_800_000).rem_euclid(DAY_MS);
+    assert_uniques(
+        &body["uniques"],
+        model.uniques(host, midnight, i64::MAX),
+        "Kolkata",
+    );
+    let mut want: BTreeMap<(i32, u32, u32), (u64, BTreeSet<&str>)> = BTreeMap::new();
+    for (_, ts, v) in model.of_site(host, midnight, i64::MAX) {
         let l = tz.timestamp_millis_opt(*ts).unwrap();
-        *want.entry((l.year(), l.month(), l.day())).or_default() += 1;
+        let day = want.entry((l.year(), l.month(), l.day())).or_default();
+        day.0 += u64::from(*ts >= start);
+        day.1.insert(v);
     }
     let got: BTreeMap<(i32, u32, u32), u64> = body["series"]
         .as_array()
@@ -148,8 +158,16 @@ fn check_site(server: &TestServer, model: &Model, host: &str) {
         .map(|b| {
             let l = DateTime::parse_from_rfc3339(b["start"].as_str().unwrap()).unwrap();
             assert_eq!(l.offset().local_minus_utc(), 5 * 3600 + 1800, "{b}");
-            ((l.year(), l.month(), l.day()), b["views"].as_u64().unwrap())
+            let key = (l.year(), l.month(), l.day());
+            let visitors = want.get(&key).map_or(0, |d| d.1.len() as u64);
+            assert_uniques(&b["uniques"], visitors, &format!("Kolkata day {b}"));
+            (key, b["views"].as_u64().unwrap())
         })
+        .collect();
+    let want: BTreeMap<(i32, u32, u32), u64> = want
+        .into_iter()
+        .filter(|d| d.1 .0 > 0)
+        .map(|(k, d)| (k, d.0))
         .collect();
     assert_eq!(got, want, "{host} in Asia/Kolkata: {body}");
 }

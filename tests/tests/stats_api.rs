@@ -241,10 +241,6 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
         q[k] = v;
         q
     };
-    let visitors = |mut q: Value| {
-        q["metrics"] = json!(["visitors"]);
-        q
-    };
     for (q, names) in [
         (with("metrics", json!(["bounce_rate"])), "bounce_rate"),
         (
@@ -252,10 +248,6 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
             "visit:country",
         ),
         (with("dimensions", json!(["time:week"])), "time:week"),
-        (
-            visitors(with("dimensions", json!(["time:hour"]))),
-            "time:hour",
-        ),
         (
             with("filters", json!([["is", "time:day", ["2026-01-01"]]])),
             "time:day",
@@ -271,21 +263,6 @@ fn unsupported_queries_are_a_400_that_names_what_is_unsupported() {
         (with("metrics", json!([])), "metrics"),
         (with("order_by", json!([["visitors", "desc"]])), "order_by"),
         (with("bogus", json!(1)), "bogus"),
-        (
-            visitors(with("timezone", json!("Asia/Kolkata"))),
-            "visitors",
-        ),
-        // The year's ends are UTC midnights in Europe/London, its summer days' are not.
-        (
-            json!({"site_id": SITE, "metrics": ["visitors"], "timezone": "Europe/London",
-                   "date_range": ["2026-01-01", "2026-12-31"], "dimensions": ["time:day"]}),
-            "time:day",
-        ),
-        (
-            json!({"site_id": SITE, "metrics": ["visitors"], "timezone": "Europe/London",
-                   "date_range": ["2026-01-01", "2026-12-31"], "dimensions": ["time:month"]}),
-            "time:month",
-        ),
     ] {
         let (code, resp) = query(&server, None, q.clone());
         assert_eq!(code, 400, "{q}: {resp}");

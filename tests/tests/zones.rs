@@ -2,16 +2,21 @@
 //! hours, days and months of zones with DST (23- and 25-hour days, the repeated hour of a
 //! fall-back night), half- and quarter-hour offsets and a 30-minute DST shift, against a model
 //! that buckets every acknowledged event by its local time — before a batch run, after it, and
-//! with new events in the speed layer on top of the batch view.
+//! with new events in the speed layer on top of the batch view. The same for unique visitors
+//! (`/v1/uniques`, `/v1/site` and its buckets, `/v1/breakdown`, the Stats API): exact here,
+//! where every set is below the sketch's sparse limit, in every zone — also where local
+//! midnights are not UTC midnights.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Datelike, NaiveDateTime, Offset, TimeZone, Timelike};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Offset, TimeZone, Timelike};
 use chrono_tz::Tz;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
 use tally_e2e::{
-    batch_run, enc, ingest_exact, parse_ms, seed, top_items, Model, ServerOpts, TestServer, HOUR_MS,
+    batch_run, enc, ingest_exact, parse_ms, seed, top_items, Model, ServerOpts, TestServer,
+    HOUR_MS, JSON,
 };
 
 /// Zones with DST, 30/45-minute offsets, Lord Howe's 30-minute DST and a midnight DST gap.
@@ -230,12 +235,12 @@ fn counts_in_local_hours_days_and_months_of_any_zone_match_the_model() {
 }
 
 #[test]
-fn unknown_zones_and_uniques_off_utc_midnights_are_refused() {
+fn unknown_zones_are_refused() {
     let server = TestServer::start(ServerOpts::default());
     for q in [
         "/v1/views?url=https%3A%2F%2Fa.test%2F&tz=Mars%2FOlympus",
         "/v1/top?tz=UTC%2B1",
-        "/v1/uniques?url=https%3A%2F%2Fa.test%2F&tz=Asia%2FKolkata&from=2026-11-01",
+        "/v1/uniques?url=https%3A%2F%2Fa.test%2F&tz=Asia%2FBombay2&from=2026-11-01",
     ] {
         let (code, body) = server.get(q);
         assert_eq!(code, 400, "GET {q}: {body}");
@@ -245,7 +250,7 @@ fn unknown_zones_and_uniques_off_utc_midnights_are_refused() {
             "one sentence: {body}"
         );
     }
-    // A zone whose midnights are UTC midnights in the range answers uniques.
+    // Uniques are day-aligned in the zone: London's midnights are UTC midnights in November.
     let (code, body) = server.get(
         "/v1/uniques?url=https%3A%2F%2Fa.test%2F&tz=Europe%2FLondon&from=2026-11-01&to=2026-11-03",
     );
@@ -257,4 +262,262 @@ fn unknown_zones_and_uniques_off_utc_midnights_are_refused() {
         "{body}"
     );
     assert_eq!(parse_ms(&body["to"]), ms("2026-11-03T00:00:00Z"), "{body}");
+}
+
+/// Every acknowledged event with its visitor: `(url, ts, visitor)`.
+#[derive(Default)]
+struct VisitorModel {
+    events: Vec<(String, i64, String)>,
+}
+
+impl VisitorModel {
+    /// Distinct visitors of the events in `[from, to)` that `keep(url)` keeps.
+    fn distinct(&self, from: i64, to: i64, keep: impl Fn(&str) -> bool) -> u64 {
+        let set: BTreeSet<&str> = self
+            .events
+            .iter()
+            .filter(|(u, t, _)| (from..to).contains(t) && keep(u))
+            .map(|(_, _, v)| v.as_str())
+            .collect();
+        set.len() as u64
+    }
+
+    /// Distinct visitors per local bucket of granularity `g` (label), of the events in
+    /// `[from, to)` that `keep` keeps.
+    fn by_bucket(
+        &self,
+        tz: Tz,
+        g: &str,
+        (from, to): (i64, i64),
+        keep: impl Fn(&str) -> bool,
+    ) -> BTreeMap<Label, BTreeSet<&str>> {
+        let mut out: BTreeMap<Label, BTreeSet<&str>> = BTreeMap::new();
+        for (u, t, v) in &self.events {
+            if (from..to).contains(t) && keep(u) {
+                out.entry(label(tz, *t, g)).or_default().insert(v);
+            }
+        }
+        out
+    }
+
+    fn ingest(&mut self, server: &TestServer, rng: &mut StdRng, urls: &[&str], n: usize) {
+        let events: Vec<(String, i64, String)> = events_around_transitions(rng, urls, n)
+            .into_iter()
+            .map(|(u, t)| (u, t, format!("v{}", rng.random_range(0..120))))
+            .collect();
+        let body: Vec<Value> = events
+            .iter()
+            .map(|(u, t, v)| json!({"url": u, "ts": t, "visitor": v}))
+            .collect();
+        let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
+        assert_eq!(code, 202, "ingest: {resp}");
+        self.events.extend(events);
+    }
+}
+
+/// The first instant of the local day of `ts`.
+fn local_midnight(tz: Tz, ts: i64) -> i64 {
+    let d = tz.timestamp_millis_opt(ts).unwrap().date_naive();
+    instant(tz, d.and_hms_opt(0, 0, 0).unwrap())
+}
+
+/// The first instant of the local day after the one of `ts`.
+fn next_local_midnight(tz: Tz, ts: i64) -> i64 {
+    let d = tz.timestamp_millis_opt(ts).unwrap().date_naive();
+    instant(tz, d.succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap())
+}
+
+/// `[from, to)` widened to local midnights, as uniques count.
+fn local_days(tz: Tz, from: i64, to: i64) -> (i64, i64) {
+    let end = match local_midnight(tz, to) {
+        t if t == to => t,
+        _ => next_local_midnight(tz, to),
+    };
+    (local_midnight(tz, from), end)
+}
+
+fn check_zone_uniques(server: &TestServer, m: &VisitorModel, zone: &str, rng: &mut StdRng) {
+    let tz: Tz = zone.parse().unwrap();
+    let (fs, ts, from, to) = local_range(rng, tz);
+    let (a, b) = local_days(tz, from, to);
+    let range = format!("tz={}&from={}&to={}", enc(zone), enc(&fs), enc(&ts));
+    // One URL.
+    let url = "https://a.test/pricing";
+    let q = format!("/v1/uniques?url={}&{range}", enc(url));
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    assert_eq!(
+        (parse_ms(&body["from"]), parse_ms(&body["to"])),
+        (a, b),
+        "{q}: {body}"
+    );
+    let want = m.distinct(a, b, |u| u == url);
+    assert_eq!(body["uniques"].as_u64(), Some(want), "GET {q}: {body}");
+    // A site: its total over the local days, and every bucket's own visitors (a day or month
+    // bucket whole, an hour bucket within the range).
+    let on_a = |u: &str| u.starts_with("https://a.test/");
+    for g in ["hour", "day", "month"] {
+        let q = format!("/v1/site?host=a.test&granularity={g}&{range}");
+        let (code, body) = server.get(&q);
+        assert_eq!(code, 200, "GET {q}: {body}");
+        assert_eq!(
+            body["uniques"].as_u64(),
+            Some(m.distinct(a, b, on_a)),
+            "{q}: {body}"
+        );
+        let span = match g {
+            "hour" => (from, to),
+            _ => (i64::MIN, i64::MAX),
+        };
+        let want = m.by_bucket(tz, g, span, on_a);
+        for item in body["series"].as_array().unwrap() {
+            let l = label(tz, parse_ms(&item["start"]), g);
+            let n = want.get(&l).map_or(0, |s| s.len() as u64);
+            assert_eq!(
+                item["uniques"].as_u64(),
+                Some(n),
+                "{g} bucket of {q}: {item}"
+            );
+        }
+    }
+    // A breakdown by page: the pages viewed in the range, each with its visitors of the days.
+    let q = format!("/v1/breakdown?host=a.test&by=page&limit=100&{range}");
+    let (code, body) = server.get(&q);
+    assert_eq!(code, 200, "GET {q}: {body}");
+    let got: BTreeMap<String, (u64, u64)> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let page = i["value"].as_str().unwrap().to_string();
+            (
+                page,
+                (i["views"].as_u64().unwrap(), i["uniques"].as_u64().unwrap()),
+            )
+        })
+        .collect();
+    let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for page in ["/", "/pricing"] {
+        let this = |u: &str| u == format!("https://a.test{page}");
+        let views = m
+            .events
+            .iter()
+            .filter(|(u, t, _)| (from..to).contains(t) && this(u))
+            .count() as u64;
+        if views > 0 {
+            want.insert(page.to_string(), (views, m.distinct(a, b, this)));
+        }
+    }
+    assert_eq!(got, want, "GET {q}: {body}");
+    // The Stats API: visitors and pageviews per local day of two dates around the range, and
+    // per local hour of the first (the hours of a zone without DST have distinct labels).
+    let first = tz.timestamp_millis_opt(from).unwrap().date_naive();
+    let last = first.succ_opt().unwrap();
+    let fmt = |d: NaiveDate| d.format("%Y-%m-%d").to_string();
+    let (s, e) = (
+        instant(tz, first.and_hms_opt(0, 0, 0).unwrap()),
+        instant(tz, last.succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap()),
+    );
+    let day_label = |t: i64| fmt(tz.timestamp_millis_opt(t).unwrap().date_naive());
+    check_stats(
+        server,
+        m,
+        zone,
+        [fmt(first), fmt(last)],
+        "time:day",
+        (s, e),
+        day_label,
+    );
+    if matches!(
+        zone,
+        "UTC" | "Asia/Kolkata" | "Asia/Kathmandu" | "Australia/Eucla"
+    ) {
+        let hour_label = |t: i64| {
+            let l = tz.timestamp_millis_opt(t).unwrap().naive_local();
+            l.format("%Y-%m-%d %H:00:00").to_string()
+        };
+        let e = next_local_midnight(tz, s);
+        check_stats(
+            server,
+            m,
+            zone,
+            [fmt(first), fmt(first)],
+            "time:hour",
+            (s, e),
+            hour_label,
+        );
+    }
+}
+
+/// `POST /api/v2/query` for site a.test's visitors and pageviews by `dimension` over `dates`
+/// (the instants `[s, e)`) in `zone`, against the model's buckets named by `label_of`.
+fn check_stats(
+    server: &TestServer,
+    m: &VisitorModel,
+    zone: &str,
+    dates: [String; 2],
+    dimension: &str,
+    (s, e): (i64, i64),
+    label_of: impl Fn(i64) -> String,
+) {
+    let body = json!({"site_id": "a.test", "metrics": ["visitors", "pageviews"],
+        "date_range": dates, "timezone": zone, "dimensions": [dimension]});
+    let resp = server
+        .client()
+        .post(format!("{}/api/v2/query", server.base_url()))
+        .body(body.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{body}");
+    let resp: Value = resp.json().unwrap();
+    let mut got: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for r in resp["results"].as_array().unwrap() {
+        let m = &r["metrics"];
+        got.insert(
+            r["dimensions"][0].as_str().unwrap().to_string(),
+            (m[0].as_u64().unwrap(), m[1].as_u64().unwrap()),
+        );
+    }
+    let mut buckets: BTreeMap<String, (BTreeSet<&str>, u64)> = BTreeMap::new();
+    for (u, t, v) in &m.events {
+        if (s..e).contains(t) && u.starts_with("https://a.test/") {
+            let b = buckets.entry(label_of(*t)).or_default();
+            b.0.insert(v);
+            b.1 += 1;
+        }
+    }
+    let want: BTreeMap<String, (u64, u64)> = buckets
+        .into_iter()
+        .map(|(k, (v, n))| (k, (v.len() as u64, n)))
+        .collect();
+    assert_eq!(got, want, "{body}: {resp}");
+}
+
+fn probe_uniques(server: &TestServer, m: &VisitorModel, rng: &mut StdRng) {
+    server.wait_caught_up();
+    for zone in ZONES {
+        for _ in 0..3 {
+            check_zone_uniques(server, m, zone, rng);
+        }
+    }
+}
+
+#[test]
+fn uniques_in_local_days_hours_and_months_of_any_zone_match_the_model() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let server = TestServer::start(ServerOpts::default());
+    let urls = [
+        "https://a.test/",
+        "https://a.test/pricing",
+        "https://b.test/",
+    ];
+    let mut m = VisitorModel::default();
+    m.ingest(&server, &mut rng, &urls, 1500);
+    probe_uniques(&server, &m, &mut rng);
+    batch_run(&server);
+    probe_uniques(&server, &m, &mut rng);
+    // New events in the speed layer on top of the batch view: visitors seen by both layers
+    // count once.
+    m.ingest(&server, &mut rng, &urls, 700);
+    probe_uniques(&server, &m, &mut rng);
 }

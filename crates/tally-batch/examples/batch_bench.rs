@@ -201,6 +201,15 @@ fn main() {
                 s.merge_wall_ms,
                 s.url_dictionaries
             );
+            if let Some(sk) = &data.sketches {
+                // What the visitors hold: day sketches, and per (key, cell) its visitor list
+                // (4 bytes per visitor and 4 per cell).
+                line += &format!(
+                    ",\"day_sketches\":{},\"cell_visitor_hashes\":{}",
+                    sk.sketches.len(),
+                    sk.cell_hashes.len()
+                );
+            }
             if a.write && rep == a.reps - 1 {
                 let root = a
                     .dir

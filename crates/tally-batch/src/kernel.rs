@@ -1,5 +1,6 @@
-//! The batch computation: per URL, views per 15-minute cell (and optionally a visitor sketch per UTC
-//! day) over the master files, counting exactly the events with `seq <= cutoff`.
+//! The batch computation: per URL, views per 15-minute cell (and optionally its distinct visitors
+//! per cell and a visitor sketch per UTC day) over the master files, counting exactly the events
+//! with `seq <= cutoff`.
 //!
 //! How it stays fast:
 //! - one task per (file, row group), spread over the rayon pool;
@@ -29,11 +30,12 @@ use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 use serde::Serialize;
 use tally_core::hash::FastMap;
-use tally_core::{Seq, CELL_MS, DAY_MS};
+use tally_core::{Seq, CELL_MS};
 use tally_master::MasterFile;
 
 use crate::error::{Error, Result};
 use crate::sketch::{self, VisitorSketch};
+use crate::visitors::CELLS_PER_DAY;
 
 /// Rows decoded per Arrow batch.
 const BATCH_ROWS: usize = 64 * 1024;
@@ -114,12 +116,31 @@ pub struct ViewData {
 
 /// Visitor sketches per (URL, UTC day): URL `i` has `days[offsets[i]..offsets[i+1]]`
 /// (ascending, days since the epoch) with `sketches[..]`. URLs are those of [`ViewData::urls`].
+///
+/// And the distinct visitors of every (URL, cell) of [`ViewData::cell`], for ranges that start
+/// or end inside a UTC day (local days of a zone whose midnights are not UTC midnights): cell
+/// `j` has `cell_hashes[cell_offsets[j]..cell_offsets[j+1]]`, ascending
+/// ([`crate::visitor_hash`]s); `cell_offsets` has one entry per cell and one more.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SketchData {
     pub precision: u8,
     pub offsets: Vec<usize>,
     pub days: Vec<i64>,
     pub sketches: Vec<VisitorSketch>,
+    pub cell_offsets: Vec<u32>,
+    pub cell_hashes: Vec<u32>,
+}
+
+impl SketchData {
+    /// No visitor anywhere: the sketch data of `keys` keys with `cells` cells.
+    pub fn empty(precision: u8, keys: usize, cells: usize) -> SketchData {
+        SketchData {
+            precision,
+            offsets: vec![0; keys + 1],
+            cell_offsets: vec![0; cells + 1],
+            ..Default::default()
+        }
+    }
 }
 
 impl ViewData {
@@ -149,7 +170,7 @@ struct Partial {
     urls: Vec<(u32, u32)>,
     /// `(local id << 32 | biased cell, count)`, sorted by key, distinct keys.
     cells: Vec<(u64, u32)>,
-    /// `(local id << 32 | biased day, visitor hash)`.
+    /// `(local id << 32 | biased cell, visitor hash)`.
     visitors: Vec<(u64, u32)>,
     rows: u64,
     events: u64,
@@ -261,6 +282,13 @@ fn compute_keyed(
         .collect::<Result<_>>()?;
     let scan_ms = ms(t_scan);
 
+    // Per-cell visitor lists are indexed by `u32` (4 bytes per cell): at most 2^32 - 1 of them.
+    let pairs: usize = partials.iter().map(|p| p.visitors.len()).sum();
+    if u32::try_from(pairs).is_err() {
+        return Err(Error::Invalid(format!(
+            "{pairs} (key, cell, visitor) entries are more than one batch view holds (2^32 - 1)"
+        )));
+    }
     let t_merge = Instant::now();
     let mut data = merge(partials, sketch_precision);
     let merge_ms = ms(t_merge);
@@ -629,11 +657,7 @@ fn scan_row_group(
             }
             if let Some(v) = visitor {
                 if v.is_valid(i) {
-                    let day = bias(t.div_euclid(DAY_MS)).expect("day range within cell range");
-                    part.visitors.push((
-                        (u64::from(lid) << 32) | u64::from(day),
-                        sketch::visitor_hash(v.value(i)),
-                    ));
+                    part.visitors.push((key, sketch::visitor_hash(v.value(i))));
                 }
             }
         }
@@ -674,6 +698,63 @@ fn split_segments<'a, T>(mut buf: &'a mut [T], offsets: &[usize]) -> Vec<&'a mut
         buf = b;
     }
     out
+}
+
+/// One URL's visitors from its `(biased cell, hash)` pairs: per cell its distinct hashes, per
+/// UTC day their union as a sketch.
+#[derive(Default)]
+struct UrlVisitors {
+    /// Cells with visitors, ascending; cell `j` has `hashes[ends[j - 1]..ends[j]]`.
+    cells: Vec<i64>,
+    ends: Vec<u32>,
+    hashes: Vec<u32>,
+    days: Vec<(i64, VisitorSketch)>,
+}
+
+impl UrlVisitors {
+    fn of(seg: &mut [(u32, u32)], precision: u8) -> UrlVisitors {
+        seg.sort_unstable();
+        let mut v = UrlVisitors::default();
+        for (i, &(c, h)) in seg.iter().enumerate() {
+            if i > 0 && seg[i - 1] == (c, h) {
+                continue;
+            }
+            if i == 0 || seg[i - 1].0 != c {
+                v.cells.push(unbias(c));
+                v.ends.push(v.hashes.len() as u32);
+            }
+            v.hashes.push(h);
+            // The cell's end so far.
+            *v.ends.last_mut().expect("a cell was pushed") += 1;
+        }
+        let mut j = 0;
+        while j < v.cells.len() {
+            let day = v.cells[j].div_euclid(CELLS_PER_DAY);
+            let k = j + v.cells[j..].partition_point(|c| c.div_euclid(CELLS_PER_DAY) == day);
+            let (a, b) = (v.start(j), v.ends[k - 1] as usize);
+            let mut hashes = v.hashes[a..b].to_vec();
+            if k - j > 1 {
+                hashes.sort_unstable();
+                hashes.dedup();
+            }
+            v.days
+                .push((day, VisitorSketch::from_sorted_distinct(precision, hashes)));
+            j = k;
+        }
+        v
+    }
+
+    fn start(&self, j: usize) -> usize {
+        match j {
+            0 => 0,
+            _ => self.ends[j - 1] as usize,
+        }
+    }
+
+    /// The distinct visitors of the `j`-th cell.
+    fn cell(&self, j: usize) -> &[u32] {
+        &self.hashes[self.start(j)..self.ends[j] as usize]
+    }
 }
 
 fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
@@ -773,7 +854,8 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
     }
     drop(buf);
 
-    // 4. Sketches: the same counting sort, then per URL sort by (day, hash) and build.
+    // 4. Visitors: the same counting sort, then per URL sort by (cell, hash): the distinct
+    //    visitors of each cell, and of each day (the union of its cells) as a sketch.
     let sketches = sketch_precision.map(|precision| {
         let mut soff = vec![0usize; nurls + 1];
         for (p, l2r) in partials.iter().zip(&l2r) {
@@ -793,40 +875,28 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
                 pos[r] += 1;
             }
         }
-        let per_url: Vec<Vec<(i64, VisitorSketch)>> = split_segments(&mut sbuf, &soff)
+        let per_url: Vec<UrlVisitors> = split_segments(&mut sbuf, &soff)
             .into_par_iter()
-            .map(|seg| {
-                seg.sort_unstable();
-                let mut out = Vec::new();
-                let mut i = 0;
-                while i < seg.len() {
-                    let day = seg[i].0;
-                    let mut hashes = Vec::new();
-                    while i < seg.len() && seg[i].0 == day {
-                        if hashes.last() != Some(&seg[i].1) {
-                            hashes.push(seg[i].1);
-                        }
-                        i += 1;
-                    }
-                    out.push((
-                        unbias(day),
-                        VisitorSketch::from_sorted_distinct(precision, hashes),
-                    ));
-                }
-                out
-            })
+            .map(|seg| UrlVisitors::of(seg, precision))
             .collect();
-        let mut sd = SketchData {
-            precision,
-            offsets: vec![0],
-            ..Default::default()
-        };
-        for v in per_url {
-            for (d, s) in v {
+        let mut sd = SketchData::empty(precision, 0, 0);
+        sd.cell_offsets = Vec::with_capacity(cell.len() + 1);
+        sd.cell_offsets.push(0);
+        for (u, mut v) in per_url.into_iter().enumerate() {
+            for (d, s) in std::mem::take(&mut v.days) {
                 sd.days.push(d);
                 sd.sketches.push(s);
             }
             sd.offsets.push(sd.days.len());
+            // A URL's visitor cells are among its counted cells (the same events): align them.
+            let mut j = 0;
+            for &c in &cell[out_offsets[u]..out_offsets[u + 1]] {
+                if v.cells.get(j) == Some(&c) {
+                    sd.cell_hashes.extend_from_slice(v.cell(j));
+                    j += 1;
+                }
+                sd.cell_offsets.push(sd.cell_hashes.len() as u32);
+            }
         }
         sd
     });

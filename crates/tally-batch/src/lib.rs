@@ -16,6 +16,7 @@ pub mod store;
 #[doc(hidden)]
 pub mod testing;
 pub mod view;
+pub mod visitors;
 
 pub use error::{Error, ErrorKind, Result};
 pub use kernel::{
@@ -29,3 +30,4 @@ pub use sketch::{relative_error, visitor_hash, VisitorSketch};
 pub use sources::SourceCount;
 pub use store::{Manifest, ManifestFile, ViewInfo, ViewStatus, ViewStore};
 pub use view::BatchView;
+pub use visitors::{KeyVisitors, Piece, Pieces};

@@ -7,13 +7,15 @@
 //! Memory: a site has at most one entry per cell and per day in which any of its URLs has one,
 //! so the cells of all sites are at most the cells of all URLs (far fewer: a site's URLs share
 //! cells); a site-day sketch is sparse (4 bytes per distinct visitor) until it reaches the
-//! sketch's register size, `2^p` bytes.
+//! sketch's register size, `2^p` bytes; a site-cell visitor list is 4 bytes per distinct
+//! visitor of the site in that cell (at most the sum of its URLs' lists).
 
 use std::sync::Arc;
 
 use tally_core::hash::FastMap;
 
 use crate::sketch::VisitorSketch;
+use crate::visitors::KeyVisitors;
 
 /// The sites of a view, laid out like its URLs: site `i` owns cells
 /// `cell[offsets[i]..offsets[i+1]]` and days `days[sketch_offsets[i]..sketch_offsets[i+1]]`.
@@ -28,14 +30,17 @@ pub(crate) struct Sites {
     sketch_offsets: Vec<usize>,
     days: Vec<i64>,
     sketches: Vec<VisitorSketch>,
+    /// The distinct visitors of site cell `j`: `hashes[cell_visitors[j]..cell_visitors[j+1]]`
+    /// (empty without sketches).
+    cell_visitors: Vec<u32>,
+    hashes: Vec<u32>,
 }
 
-/// What [`Sites::build`] reads of one URL: its cells with views, and its day sketches.
+/// What [`Sites::build`] reads of one URL: its cells with views, and its visitors.
 pub(crate) struct UrlPart<'a> {
     pub(crate) cells: &'a [i64],
     pub(crate) views: &'a [u64],
-    pub(crate) days: &'a [i64],
-    pub(crate) sketches: &'a [VisitorSketch],
+    pub(crate) visitors: KeyVisitors<'a>,
 }
 
 impl Sites {
@@ -48,6 +53,10 @@ impl Sites {
             offsets: vec![0],
             prefix: vec![0],
             sketch_offsets: vec![0],
+            cell_visitors: match precision {
+                Some(_) => vec![0],
+                None => Vec::new(),
+            },
             ..Default::default()
         };
         let mut hosts: Vec<(Arc<str>, Vec<UrlPart<'a>>)> = hosts.into_iter().collect();
@@ -71,11 +80,41 @@ impl Sites {
                     last = Some(c);
                 }
             }
+            if precision.is_some() {
+                // Each site cell's visitors: the union of its URLs' lists of that cell.
+                let mut lists: Vec<(i64, &[u32])> = parts
+                    .iter()
+                    .flat_map(|u| u.visitors.cell_lists(i64::MIN, i64::MAX))
+                    .collect();
+                lists.sort_by_key(|l| l.0);
+                let mut j = 0;
+                for &c in &s.cell[*s.offsets.last().expect("offsets start with 0")..] {
+                    let k = j + lists[j..].partition_point(|l| l.0 <= c);
+                    match &lists[j..k] {
+                        [] => {}
+                        [(_, one)] => s.hashes.extend_from_slice(one),
+                        many => {
+                            let mut all: Vec<u32> =
+                                many.iter().flat_map(|l| l.1.iter().copied()).collect();
+                            all.sort_unstable();
+                            all.dedup();
+                            s.hashes.extend_from_slice(&all);
+                        }
+                    }
+                    s.cell_visitors.push(
+                        u32::try_from(s.hashes.len()).expect("a site's lists are its URLs' united"),
+                    );
+                    j = k;
+                }
+            }
             s.offsets.push(s.cell.len());
             if let Some(p) = precision {
                 let mut days: Vec<(i64, &VisitorSketch)> = parts
                     .iter()
-                    .flat_map(|u| u.days.iter().copied().zip(u.sketches.iter()))
+                    .flat_map(|u| {
+                        let (days, sketches) = u.visitors.day_sketches(i64::MIN, i64::MAX);
+                        days.iter().copied().zip(sketches.iter())
+                    })
                     .collect();
                 days.sort_unstable_by_key(|d| d.0);
                 let mut j = 0;
@@ -141,22 +180,15 @@ impl Sites {
             .collect()
     }
 
-    /// `(day, sketch)` of `host` for the days in `[from_day, to_day)`.
-    pub(crate) fn day_sketches(
-        &self,
-        host: &str,
-        from_day: i64,
-        to_day: i64,
-    ) -> impl Iterator<Item = (i64, &VisitorSketch)> + '_ {
-        let (s, e) = self.id(host).map_or((0, 0), |i| {
-            (self.sketch_offsets[i], self.sketch_offsets[i + 1])
-        });
-        let days = &self.days[s..e];
-        let a = days.partition_point(|&d| d < from_day);
-        let b = a + days[a..].partition_point(|&d| d < to_day);
-        days[a..b]
-            .iter()
-            .copied()
-            .zip(self.sketches[s + a..s + b].iter())
+    /// The visitors of `host`, per UTC day and per cell.
+    pub(crate) fn visitors(&self, host: &str) -> KeyVisitors<'_> {
+        let Some(i) = self.id(host) else {
+            return KeyVisitors::default();
+        };
+        crate::view::key_visitors(
+            (&self.sketch_offsets, &self.days, &self.sketches),
+            (&self.offsets, &self.cell, &self.cell_visitors, &self.hashes),
+            i,
+        )
     }
 }

@@ -214,8 +214,18 @@ impl VisitorSketch {
         sketches: impl IntoIterator<Item = &'a VisitorSketch> + Clone,
         extra: &[u32],
     ) -> Result<VisitorSketch> {
+        Self::union_lists(precision, sketches, &[extra])
+    }
+
+    /// [`VisitorSketch::union`] with several lists of hashes (each sorted and distinct; the
+    /// same hash may be in several).
+    pub fn union_lists<'a>(
+        precision: u8,
+        sketches: impl IntoIterator<Item = &'a VisitorSketch> + Clone,
+        extra: &[&[u32]],
+    ) -> Result<VisitorSketch> {
         check_precision(precision)?;
-        let mut sparse_len = extra.len();
+        let mut sparse_len: usize = extra.iter().map(|l| l.len()).sum();
         let mut any_dense = false;
         for s in sketches.clone() {
             if s.precision != precision {
@@ -237,7 +247,7 @@ impl VisitorSketch {
                 Repr::Dense(_) => None,
             })
             .collect();
-        lists.push(extra);
+        lists.extend_from_slice(extra);
         if !any_dense {
             // A k-way merge of the sorted lists: distinct hashes in order, exact while they stay
             // under the sparse limit, registers from the moment they pass it.
@@ -294,7 +304,7 @@ impl VisitorSketch {
                 }
             }
         }
-        for &x in extra {
+        for &x in extra.iter().copied().flatten() {
             set_register(&mut regs, precision, x);
         }
         Ok(VisitorSketch {

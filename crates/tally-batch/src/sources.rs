@@ -1,5 +1,5 @@
-//! The sources of a batch view: views per cell and visitor sketches per UTC day per **source
-//! key** (referrer host, URL) — `tally_core::dims` — the data every breakdown is a sum over.
+//! The sources of a batch view: views per cell, visitor sketches per UTC day and visitor lists
+//! per cell per **source key** (referrer host, URL) — `tally_core::dims` — the data every breakdown is a sum over.
 //! Built at load from the view's `sources.parquet` (computed by
 //! [`crate::kernel::compute_sources`]), indexed by the URL's host: a breakdown of one site reads
 //! only that site's keys.
@@ -10,6 +10,7 @@ use tally_core::hash::FastMap;
 
 use crate::kernel::ViewData;
 use crate::sketch::VisitorSketch;
+use crate::visitors::KeyVisitors;
 
 /// One source key's share of a range ([`crate::BatchView::sources_of`]).
 #[derive(Debug, Clone, Copy)]
@@ -22,9 +23,8 @@ pub struct SourceCount<'a> {
     /// Its cells in the range, ascending, and their views.
     pub cells: &'a [i64],
     pub cell_views: &'a [u64],
-    /// Its day sketches in the day range (empty without one), and their UTC days.
-    pub sketches: &'a [VisitorSketch],
-    pub days: &'a [i64],
+    /// All its visitors (the caller picks the range it needs).
+    pub visitors: KeyVisitors<'a>,
 }
 
 /// Laid out like the view's URLs: key `i` owns `cell[offsets[i]..offsets[i+1]]` and
@@ -41,6 +41,8 @@ pub(crate) struct Sources {
     sketch_offsets: Vec<usize>,
     days: Vec<i64>,
     sketches: Vec<VisitorSketch>,
+    cell_offsets: Vec<u32>,
+    cell_hashes: Vec<u32>,
     /// Host → its keys.
     hosts: FastMap<Arc<str>, Vec<u32>>,
 }
@@ -72,9 +74,15 @@ impl Sources {
             }
             keys.push((Box::from(referrer), Box::from(url)));
         }
-        let (sketch_offsets, days, sketches) = match sketches {
-            Some(s) => (s.offsets, s.days, s.sketches),
-            None => (vec![0; keys.len() + 1], Vec::new(), Vec::new()),
+        let (sketch_offsets, days, sketches, cell_offsets, cell_hashes) = match sketches {
+            Some(s) => (s.offsets, s.days, s.sketches, s.cell_offsets, s.cell_hashes),
+            None => (
+                vec![0; keys.len() + 1],
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            ),
         };
         Sources {
             keys,
@@ -85,19 +93,19 @@ impl Sources {
             sketch_offsets,
             days,
             sketches,
+            cell_offsets,
+            cell_hashes,
             hosts,
         }
     }
 
     /// Every source key of site `host` with views in the cells `[from_cell, to_cell)`, with
-    /// those views and its day sketches of the days `[from_day, to_day)`; only the keys of
-    /// `url` when given.
+    /// those views and its visitors; only the keys of `url` when given.
     pub(crate) fn of_host<'a>(
         &'a self,
         host: &str,
         url: Option<&'a str>,
         (from_cell, to_cell): (i64, i64),
-        (from_day, to_day): (i64, i64),
     ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
         let ids = self.hosts.get(host).map_or(&[][..], Vec::as_slice);
         ids.iter().filter_map(move |&i| {
@@ -114,18 +122,22 @@ impl Sources {
             if views == 0 {
                 return None;
             }
-            let (ds, de) = (self.sketch_offsets[i], self.sketch_offsets[i + 1]);
-            let days = &self.days[ds..de];
-            let da = days.partition_point(|&d| d < from_day);
-            let db = da + days[da..].partition_point(|&d| d < to_day);
             Some(SourceCount {
                 referrer,
                 url: u,
                 views,
                 cells: &cells[a..b],
                 cell_views: &self.views[s + a..s + b],
-                sketches: &self.sketches[ds + da..ds + db],
-                days: &days[da..db],
+                visitors: crate::view::key_visitors(
+                    (&self.sketch_offsets, &self.days, &self.sketches),
+                    (
+                        &self.offsets,
+                        &self.cell,
+                        &self.cell_offsets,
+                        &self.cell_hashes,
+                    ),
+                    i,
+                ),
             })
         })
     }
@@ -160,24 +172,21 @@ mod tests {
         };
         let s = Sources::from_data(data);
         let got: Vec<(&str, &str, u64)> = s
-            .of_host("a.test", None, (0, 15), (0, 0))
+            .of_host("a.test", None, (0, 15))
             .map(|c| (c.referrer, c.url, c.views))
             .collect();
         assert_eq!(
             got,
             vec![("", "https://a.test/", 1), ("g.test", "https://a.test/", 4)]
         );
-        let all: u64 = s
-            .of_host("a.test", None, (0, 100), (0, 0))
-            .map(|c| c.views)
-            .sum();
+        let all: u64 = s.of_host("a.test", None, (0, 100)).map(|c| c.views).sum();
         assert_eq!(all, 7);
         assert_eq!(
-            s.of_host("a.test", Some("https://b.test/x"), (0, 100), (0, 0))
+            s.of_host("a.test", Some("https://b.test/x"), (0, 100))
                 .count(),
             0
         );
-        assert_eq!(s.of_host("b.test", None, (0, 100), (0, 0)).count(), 1);
+        assert_eq!(s.of_host("b.test", None, (0, 100)).count(), 1);
         assert_eq!(s.cells(), 4);
     }
 }

@@ -5,8 +5,10 @@
 //! Layout of a version directory:
 //! - `counts.parquet`: `url` Utf8 (dictionary-encoded), `cell` Int64 (15-minute cells since the
 //!   epoch, [`tally_core::CELL_MS`]), `views` UInt64; sorted by (url, cell); one row per
-//!   non-zero cell. (Format 1 had hourly cells in a column `hour`; such a view no longer loads,
-//!   is discarded as not servable and recomputed.)
+//!   non-zero cell; with sketches also `visitors` `List<UInt32>`, the cell's distinct
+//!   [`crate::visitor_hash`]es, ascending (format 4 on: what uniques between local midnights
+//!   that are not UTC midnights need). (Format 1 had hourly cells in a column `hour`; a view of
+//!   an older format no longer loads, is discarded as not servable and recomputed.)
 //! - `sketches.parquet` (when sketches were computed): `url` Utf8, `day` Int64 (days since the
 //!   epoch, UTC), `sketch` Binary ([`VisitorSketch::to_bytes`]); sorted by (url, day).
 //! - `sources.parquet`, `source_sketches.parquet`: the same two layouts keyed by source key
@@ -24,10 +26,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, DictionaryArray, Int32Array, Int64Array, RecordBatch,
-    StringArray, UInt64Array,
+    Array, ArrayRef, AsArray, BinaryArray, DictionaryArray, Int32Array, Int64Array, ListArray,
+    RecordBatch, StringArray, UInt32Array, UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, UInt64Type};
+use arrow::buffer::{OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{
+    DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, UInt32Type, UInt64Type,
+};
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -41,7 +46,7 @@ use crate::kernel::{SketchData, ViewData};
 use crate::sketch::VisitorSketch;
 use crate::view::BatchView;
 
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 pub const COUNTS_FILE: &str = "counts.parquet";
 pub const SKETCHES_FILE: &str = "sketches.parquet";
 pub const SOURCES_FILE: &str = "sources.parquet";
@@ -389,7 +394,7 @@ impl ViewStore {
             return Err(Error::Invalid(format!("version {version} is discarded")));
         }
         let dir = self.version_dir(version);
-        let mut data = read_counts(&dir.join(COUNTS_FILE))?;
+        let (mut data, visitors) = read_counts(&dir.join(COUNTS_FILE))?;
         if data.urls.len() as u64 != m.urls || data.cell.len() as u64 != m.cells {
             return Err(Error::corrupt(
                 dir.join(COUNTS_FILE),
@@ -397,8 +402,8 @@ impl ViewStore {
             ));
         }
         data.events = m.events;
-        data.sketches = read_sketches_of(&m, &dir, SKETCHES_FILE, &data.urls)?;
-        let mut sources = read_counts(&dir.join(SOURCES_FILE))?;
+        data.sketches = read_sketches_of(&m, &dir, SKETCHES_FILE, (&data, visitors))?;
+        let (mut sources, visitors) = read_counts(&dir.join(SOURCES_FILE))?;
         if sources.urls.len() as u64 != m.source_keys || sources.cell.len() as u64 != m.source_cells
         {
             return Err(Error::corrupt(
@@ -407,7 +412,7 @@ impl ViewStore {
             ));
         }
         sources.events = m.events;
-        sources.sketches = read_sketches_of(&m, &dir, SOURCE_SKETCHES_FILE, &sources.urls)?;
+        sources.sketches = read_sketches_of(&m, &dir, SOURCE_SKETCHES_FILE, (&sources, visitors))?;
         data.sources = Some(Box::new(sources));
         Ok(BatchView::from_data(
             m.version,
@@ -592,6 +597,10 @@ fn writer_props() -> WriterProperties {
         .set_column_encoding(ColumnPath::from("day"), Encoding::DELTA_BINARY_PACKED)
         .set_column_dictionary_enabled(ColumnPath::from("views"), false)
         .set_column_dictionary_enabled(ColumnPath::from("sketch"), false)
+        .set_column_dictionary_enabled(
+            ColumnPath::from(vec!["visitors".into(), "list".into(), "item".into()]),
+            false,
+        )
         .set_max_row_group_row_count(Some(1 << 20))
         .build()
 }
@@ -636,12 +645,28 @@ fn write_parquet(
     })
 }
 
+fn visitors_item() -> Arc<Field> {
+    Arc::new(Field::new_list_field(DataType::UInt32, false))
+}
+
 fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile> {
-    let schema = Arc::new(Schema::new(vec![
+    let visitors = data
+        .sketches
+        .as_ref()
+        .filter(|s| !s.cell_offsets.is_empty());
+    let mut fields = vec![
         Field::new("url", url_dict_type(), false),
         Field::new("cell", DataType::Int64, false),
         Field::new("views", DataType::UInt64, false),
-    ]));
+    ];
+    if visitors.is_some() {
+        fields.push(Field::new(
+            "visitors",
+            DataType::List(visitors_item()),
+            false,
+        ));
+    }
+    let schema = Arc::new(Schema::new(fields));
     let values: ArrayRef = Arc::new(StringArray::from_iter_values(data.urls.iter()));
     // Row -> URL index.
     let mut keys: Vec<i32> = Vec::with_capacity(data.cell.len());
@@ -661,20 +686,39 @@ fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile> {
                 values.clone(),
             )
             .map_err(|e| Error::Internal(e.to_string()))?;
-            let b = RecordBatch::try_new(
-                schema.clone(),
-                vec![
-                    Arc::new(url),
-                    Arc::new(Int64Array::from(data.cell[start..end].to_vec())),
-                    Arc::new(UInt64Array::from(data.views[start..end].to_vec())),
-                ],
-            )
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            let mut columns: Vec<ArrayRef> = vec![
+                Arc::new(url),
+                Arc::new(Int64Array::from(data.cell[start..end].to_vec())),
+                Arc::new(UInt64Array::from(data.views[start..end].to_vec())),
+            ];
+            if let Some(s) = visitors {
+                columns.push(Arc::new(visitor_lists(s, start, end)?));
+            }
+            let b = RecordBatch::try_new(schema.clone(), columns)
+                .map_err(|e| Error::Internal(e.to_string()))?;
             sink(b)?;
             start = end;
         }
         Ok(())
     })
+}
+
+/// The `visitors` lists of the cells `[start, end)`.
+fn visitor_lists(s: &SketchData, start: usize, end: usize) -> Result<ListArray> {
+    let (a, b) = (s.cell_offsets[start], s.cell_offsets[end]);
+    let offsets: Vec<i32> = s.cell_offsets[start..=end]
+        .iter()
+        .map(|&o| i32::try_from(o - a))
+        .collect::<Result<_, _>>()
+        .map_err(|_| Error::Internal("more than 2^31 visitors in one batch of cells".into()))?;
+    let values = UInt32Array::from(s.cell_hashes[a as usize..b as usize].to_vec());
+    ListArray::try_new(
+        visitors_item(),
+        OffsetBuffer::new(ScalarBuffer::from(offsets)),
+        Arc::new(values),
+        None,
+    )
+    .map_err(|e| Error::Internal(e.to_string()))
 }
 
 fn write_sketches(path: &Path, urls: &[String], s: &SketchData) -> Result<ManifestFile> {
@@ -778,12 +822,41 @@ fn i64_col<'a>(path: &Path, b: &'a RecordBatch, name: &str) -> Result<&'a [i64]>
     Ok(c.as_primitive::<Int64Type>().values())
 }
 
-fn read_counts(path: &Path) -> Result<ViewData> {
+/// The cells' visitor lists of a counts file: `(cell_offsets, cell_hashes)` of [`SketchData`].
+type CellVisitors = (Vec<u32>, Vec<u32>);
+
+/// The counts of a counts file, and its cells' visitor lists when it has them.
+fn read_counts(path: &Path) -> Result<(ViewData, Option<CellVisitors>)> {
     let mut d = ViewData {
         offsets: vec![0],
         ..Default::default()
     };
+    let mut visitors: Option<CellVisitors> = None;
     read_view_file(path, |values, keys, b| {
+        if let Some(c) = b.column_by_name("visitors") {
+            let lists = c
+                .as_list_opt::<i32>()
+                .filter(|l| l.null_count() == 0 && l.values().null_count() == 0)
+                .ok_or_else(|| Error::corrupt(path, "visitors is not a non-null List<UInt32>"))?;
+            let hashes = lists
+                .values()
+                .as_primitive_opt::<UInt32Type>()
+                .ok_or_else(|| Error::corrupt(path, "visitors is not a non-null List<UInt32>"))?;
+            let (offs, all) = visitors.get_or_insert_with(|| (vec![0], Vec::new()));
+            if offs.len() != d.cell.len() + 1 {
+                return Err(Error::corrupt(path, "visitors are missing in some rows"));
+            }
+            for w in lists.value_offsets().windows(2) {
+                let list = &hashes.values()[w[0] as usize..w[1] as usize];
+                if !list.windows(2).all(|p| p[0] < p[1]) {
+                    return Err(Error::corrupt(path, "a cell's visitors are not ascending"));
+                }
+                all.extend_from_slice(list);
+                let end = u32::try_from(all.len())
+                    .map_err(|_| Error::corrupt(path, "more than 2^32 cell visitors"))?;
+                offs.push(end);
+            }
+        }
         let hours = i64_col(path, b, "cell")?;
         let vc = b
             .column_by_name("views")
@@ -823,29 +896,39 @@ fn read_counts(path: &Path) -> Result<ViewData> {
     if !d.urls.is_empty() {
         d.offsets.push(d.cell.len());
     }
-    Ok(d)
+    if visitors
+        .as_ref()
+        .is_some_and(|(offs, _)| offs.len() != d.cell.len() + 1)
+    {
+        return Err(Error::corrupt(path, "visitors are missing in some rows"));
+    }
+    Ok((d, visitors))
 }
 
-/// The sketches of the keys `urls` from file `name` of a version: `None` when the view has
-/// none, empty ones when the file is absent (no key had a visitor).
+/// The sketches of the keys of `data` from file `name` of a version, with the cell visitors
+/// read with the counts: `None` when the view has none, empty ones when the file is absent (no
+/// key had a visitor).
 fn read_sketches_of(
     m: &Manifest,
     dir: &Path,
     name: &str,
-    urls: &[String],
+    (data, cell_visitors): (&ViewData, Option<CellVisitors>),
 ) -> Result<Option<SketchData>> {
     let Some(p) = m.sketch_precision else {
         return Ok(None);
     };
-    Ok(Some(if m.files.iter().any(|f| f.name == name) {
-        read_sketches(&dir.join(name), urls, p)?
+    let mut s = if m.files.iter().any(|f| f.name == name) {
+        read_sketches(&dir.join(name), &data.urls, p)?
     } else {
-        SketchData {
-            precision: p,
-            offsets: vec![0; urls.len() + 1],
-            ..Default::default()
-        }
-    }))
+        SketchData::empty(p, data.urls.len(), 0)
+    };
+    (s.cell_offsets, s.cell_hashes) = match cell_visitors {
+        Some(v) => v,
+        // Only a view without cells has no visitor lists.
+        None if data.cell.is_empty() => (vec![0], Vec::new()),
+        None => return Err(Error::corrupt(dir, "the counts have no visitors column")),
+    };
+    Ok(Some(s))
 }
 
 fn read_sketches(path: &Path, urls: &[String], precision: u8) -> Result<SketchData> {

@@ -11,9 +11,10 @@ use crate::kernel::ViewData;
 use crate::site::{Sites, UrlPart};
 use crate::sketch::VisitorSketch;
 use crate::sources::{SourceCount, Sources};
+use crate::visitors::{KeyVisitors, Pieces, CELLS_PER_DAY};
 
 /// A loaded batch view: per URL, views per 15-minute cell with prefix sums, totals in top-N order,
-/// and (when computed) visitor sketches per UTC day.
+/// and (when computed) visitor sketches per UTC day and visitor lists per cell.
 #[derive(Debug)]
 pub struct BatchView {
     pub version: String,
@@ -40,6 +41,10 @@ pub struct BatchView {
     sketch_offsets: Vec<usize>,
     sketch_days: Vec<i64>,
     sketches: Vec<VisitorSketch>,
+    /// The distinct visitors of cell `j` of `cell`: `cell_hashes[cell_offsets[j]..cell_offsets[j+1]]`
+    /// (empty without sketches).
+    cell_offsets: Vec<u32>,
+    cell_hashes: Vec<u32>,
     /// Per URL, the union of its day sketches per week (`day.div_euclid(7)`), built at load:
     /// a 30-day uniques query merges ~4 of them and the ragged days instead of 30 days.
     week_offsets: Vec<usize>,
@@ -100,10 +105,25 @@ impl BatchView {
             late.extend(cell[a..e].iter().map(|&h| (h, i as u32)));
         }
         late.sort_unstable();
-        let (sketch_precision, sketch_offsets, sketch_days, sketches) = match sketches {
-            Some(s) => (Some(s.precision), s.offsets, s.days, s.sketches),
-            None => (None, Vec::new(), Vec::new(), Vec::new()),
-        };
+        let (sketch_precision, sketch_offsets, sketch_days, sketches, cell_offsets, cell_hashes) =
+            match sketches {
+                Some(s) => (
+                    Some(s.precision),
+                    s.offsets,
+                    s.days,
+                    s.sketches,
+                    s.cell_offsets,
+                    s.cell_hashes,
+                ),
+                None => (
+                    None,
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                ),
+            };
         let sites = Sites::build(
             sketch_precision,
             hosts.iter().map(|(h, ids)| {
@@ -112,15 +132,14 @@ impl BatchView {
                     .map(|&i| {
                         let i = i as usize;
                         let (s, e) = (offsets[i], offsets[i + 1]);
-                        let (ds, de) = match sketch_precision {
-                            Some(_) => (sketch_offsets[i], sketch_offsets[i + 1]),
-                            None => (0, 0),
-                        };
                         UrlPart {
                             cells: &cell[s..e],
                             views: &views[s..e],
-                            days: &sketch_days[ds..de],
-                            sketches: &sketches[ds..de],
+                            visitors: key_visitors(
+                                (&sketch_offsets, &sketch_days, &sketches),
+                                (&offsets, &cell, &cell_offsets, &cell_hashes),
+                                i,
+                            ),
                         }
                     })
                     .collect();
@@ -149,6 +168,8 @@ impl BatchView {
             sketch_offsets,
             sketch_days,
             sketches,
+            cell_offsets,
+            cell_hashes,
             week_offsets,
             weeks,
             week_sketches,
@@ -281,65 +302,70 @@ impl BatchView {
 
     /// The visitor sketch of `url` on UTC day `day` (days since the epoch), if any visitor.
     pub fn day_sketch(&self, url: &str, day: i64) -> Option<&VisitorSketch> {
-        self.sketch_precision?;
-        let i = self.id(url)?;
-        let (s, e) = (self.sketch_offsets[i], self.sketch_offsets[i + 1]);
-        let j = self.sketch_days[s..e].binary_search(&day).ok()?;
-        Some(&self.sketches[s + j])
+        let (days, sketches) = self.visitors(url).day_sketches(day, day + 1);
+        days.first().map(|_| &sketches[0])
     }
 
-    /// The day sketches of `url` for the days in `[from_day, to_day)` (empty when the view has
-    /// no sketches or no visitor of `url` in the range).
-    pub fn day_sketches(&self, url: &str, from_day: i64, to_day: i64) -> &[VisitorSketch] {
-        let (Some(_), Some(i)) = (self.sketch_precision, self.id(url)) else {
-            return &[];
-        };
-        let (s, e) = (self.sketch_offsets[i], self.sketch_offsets[i + 1]);
-        let days = &self.sketch_days[s..e];
-        let a = days.partition_point(|&d| d < from_day);
-        let b = a + days[a..].partition_point(|&d| d < to_day);
-        &self.sketches[s + a..s + b]
+    /// The visitors of `url`: its day sketches and its cells' visitor lists (none when the view
+    /// has no sketches or does not know `url`).
+    pub fn visitors(&self, url: &str) -> KeyVisitors<'_> {
+        match (self.sketch_precision, self.id(url)) {
+            (Some(_), Some(i)) => key_visitors(
+                (&self.sketch_offsets, &self.sketch_days, &self.sketches),
+                (
+                    &self.offsets,
+                    &self.cell,
+                    &self.cell_offsets,
+                    &self.cell_hashes,
+                ),
+                i,
+            ),
+            _ => KeyVisitors::default(),
+        }
     }
 
-    /// The distinct visitors of `url` on the days `[from_day, to_day)`, unioned with the speed
-    /// layer's sketch `extra_sketch` and hashes `extra` (sorted, distinct) in one pass ([`VisitorSketch::union`]): the
-    /// week sketches of the whole weeks in the range, the day sketches of the days around them.
+    /// The distinct visitors of `url` in the cells `[from_cell, to_cell)`, unioned with the
+    /// speed layer's sketch `extra_sketch` and hashes `extra` (sorted, distinct) in one pass
+    /// ([`VisitorSketch::union`]): the week sketches of the whole weeks in the range, the day
+    /// sketches of the whole UTC days around them, the visitor lists of the cells of the UTC
+    /// days the range cuts (a local day of a zone whose midnights are not UTC midnights).
     pub fn uniques_sketch(
         &self,
         url: &str,
-        from_day: i64,
-        to_day: i64,
+        (from_cell, to_cell): (i64, i64),
         precision: u8,
         extra_sketch: Option<&VisitorSketch>,
         extra: &[u32],
     ) -> Result<VisitorSketch> {
-        let (Some(_), Some(i)) = (self.sketch_precision, self.id(url)) else {
-            return VisitorSketch::union(precision, extra_sketch, extra);
+        let k = self.visitors(url);
+        let mut pieces = Pieces::default();
+        // The whole UTC days [d0, d1) of the range, and the cells around them.
+        let d0 = (from_cell + CELLS_PER_DAY - 1).div_euclid(CELLS_PER_DAY);
+        let d1 = to_cell.div_euclid(CELLS_PER_DAY);
+        let i = match self.id(url) {
+            Some(i) if d0 < d1 && self.sketch_precision.is_some() => i,
+            _ => {
+                k.collect(from_cell, to_cell, &mut pieces);
+                return pieces.union(precision, extra_sketch, extra);
+            }
         };
+        k.collect(from_cell, d0 * CELLS_PER_DAY, &mut pieces);
+        k.collect(d1 * CELLS_PER_DAY, to_cell, &mut pieces);
         // Whole weeks [w0, w1): the days [7 w0, 7 w1) lie inside the range.
-        let w0 = (from_day + 6).div_euclid(7);
-        let w1 = to_day.div_euclid(7);
+        let w0 = (d0 + 6).div_euclid(7);
+        let w1 = d1.div_euclid(7);
         if w1 <= w0 {
-            return VisitorSketch::union(
-                precision,
-                self.day_sketches(url, from_day, to_day)
-                    .iter()
-                    .chain(extra_sketch),
-                extra,
-            );
+            pieces.sketches.extend(k.day_sketches(d0, d1).1);
+            return pieces.union(precision, extra_sketch, extra);
         }
         let (s, e) = (self.week_offsets[i], self.week_offsets[i + 1]);
         let weeks = &self.weeks[s..e];
         let a = weeks.partition_point(|&w| w < w0);
         let b = a + weeks[a..].partition_point(|&w| w < w1);
-        let whole = &self.week_sketches[s + a..s + b];
-        let head = self.day_sketches(url, from_day, 7 * w0);
-        let tail = self.day_sketches(url, 7 * w1, to_day);
-        VisitorSketch::union(
-            precision,
-            whole.iter().chain(head).chain(tail).chain(extra_sketch),
-            extra,
-        )
+        pieces.sketches.extend(&self.week_sketches[s + a..s + b]);
+        pieces.sketches.extend(k.day_sketches(d0, 7 * w0).1);
+        pieces.sketches.extend(k.day_sketches(7 * w1, d1).1);
+        pieces.union(precision, extra_sketch, extra)
     }
 
     /// Views of every page of site `host` in the cells `[from_cell, to_cell)`.
@@ -357,28 +383,22 @@ impl BatchView {
         self.sites.range_totals(from_cell, to_cell)
     }
 
-    /// `(day, sketch)` of the distinct visitors of any page of site `host`, for the UTC days in
-    /// `[from_day, to_day)` that have some (none when the view has no sketches).
-    pub fn site_day_sketches(
-        &self,
-        host: &str,
-        from_day: i64,
-        to_day: i64,
-    ) -> Vec<(i64, &VisitorSketch)> {
-        self.sites.day_sketches(host, from_day, to_day).collect()
+    /// The distinct visitors of any page of site `host`: per UTC day and per cell (none when
+    /// the view has no sketches).
+    pub fn site_visitors(&self, host: &str) -> KeyVisitors<'_> {
+        self.sites.visitors(host)
     }
 
     /// Every source key (referrer host, URL) of site `host` — only those of `url` when given —
-    /// with views in the cells `[from_cell, to_cell)`: those views and the key's day sketches
-    /// of the UTC days `[from_day, to_day)`. A breakdown by any dimension sums these.
+    /// with views in the cells `[from_cell, to_cell)`: those views and the key's visitors. A
+    /// breakdown by any dimension sums these.
     pub fn sources_of<'a>(
         &'a self,
         host: &str,
         url: Option<&'a str>,
         cells: (i64, i64),
-        days: (i64, i64),
     ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
-        self.sources.of_host(host, url, cells, days)
+        self.sources.of_host(host, url, cells)
     }
 
     /// Number of (source key, cell) entries.
@@ -402,6 +422,30 @@ pub(crate) fn prefix_sums(views: &[u64]) -> Vec<u64> {
         prefix.push(acc);
     }
     prefix
+}
+
+/// The visitors of key `i` of data laid out as a view's: `(sketch offsets, days, sketches)` and
+/// `(cell offsets, cells, cell visitor offsets, visitor hashes)` (all empty without sketches).
+pub(crate) fn key_visitors<'a>(
+    (offsets, days, sketches): (&'a [usize], &'a [i64], &'a [VisitorSketch]),
+    (cell_offsets, cells, visitor_offsets, hashes): (&'a [usize], &'a [i64], &'a [u32], &'a [u32]),
+    i: usize,
+) -> KeyVisitors<'a> {
+    if offsets.is_empty() {
+        return KeyVisitors::default();
+    }
+    let (s, e) = (offsets[i], offsets[i + 1]);
+    let day_sketches = (&days[s..e], &sketches[s..e]);
+    if visitor_offsets.is_empty() {
+        return KeyVisitors::new(day_sketches, &[], &[], &[]);
+    }
+    let (cs, ce) = (cell_offsets[i], cell_offsets[i + 1]);
+    KeyVisitors::new(
+        day_sketches,
+        &cells[cs..ce],
+        &visitor_offsets[cs..=ce],
+        hashes,
+    )
 }
 
 /// Per URL, the union of its day sketches per week: `(offsets, weeks, sketches)` laid out like
@@ -479,13 +523,15 @@ mod tests {
             offsets: vec![0, days.len(), days.len(), days.len()],
             days: days.clone(),
             sketches: sketches.clone(),
+            ..Default::default()
         });
         let v = BatchView::from_data("v".into(), Seq(21), 0, d);
         let extra = [1u32, 2, 3];
+        let cells = |d: i64| d * CELLS_PER_DAY;
         for from in -12..42 {
             for to in from + 1..43 {
                 let got = v
-                    .uniques_sketch("http://a.com/", from, to, p, None, &extra)
+                    .uniques_sketch("http://a.com/", (cells(from), cells(to)), p, None, &extra)
                     .unwrap();
                 let in_range = days
                     .iter()
@@ -512,6 +558,7 @@ mod tests {
             offsets: vec![0, 0, 1, 3],
             days: vec![0, 0, 1],
             sketches: vec![sk(&[1, 2]), sk(&[2, 3]), sk(&[4])],
+            ..Default::default()
         });
         let v = BatchView::from_data("v".into(), Seq(21), 0, d);
         // b.com/x has (11: 9); b.com/y has (10: 5), (30: 1).
@@ -529,11 +576,11 @@ mod tests {
             .collect();
         totals.sort();
         assert_eq!(totals, vec![("a.com".into(), 6), ("b.com".into(), 15)]);
-        let days = v.site_day_sketches("b.com", 0, 2);
-        assert_eq!(days.len(), 2);
-        assert_eq!(days[0].1.estimate().round(), 3.0, "visitor 2 counts once");
-        assert_eq!(days[1].1.estimate().round(), 1.0);
-        assert!(v.site_day_sketches("a.com", 0, 2).is_empty());
+        let (days, sketches) = v.site_visitors("b.com").day_sketches(0, 2);
+        assert_eq!(days, [0, 1]);
+        assert_eq!(sketches[0].estimate().round(), 3.0, "visitor 2 counts once");
+        assert_eq!(sketches[1].estimate().round(), 1.0);
+        assert!(v.site_visitors("a.com").day_sketches(0, 2).0.is_empty());
     }
 
     #[test]
@@ -567,6 +614,6 @@ mod tests {
             ]
         );
         assert!(v.day_sketch("http://a.com/", 0).is_none());
-        assert!(v.day_sketches("http://a.com/", 0, 10).is_empty());
+        assert!(v.visitors("http://a.com/").day_sketches(0, 10).0.is_empty());
     }
 }

@@ -82,7 +82,9 @@ struct Model {
     cells: BTreeMap<String, BTreeMap<i64, u64>>,
     /// (referrer host, url) → cell → views.
     sources: BTreeMap<(String, String), BTreeMap<i64, u64>>,
+    /// (referrer host, url, cell) → visitors.
     source_visitors: HashMap<(String, String, i64), BTreeSet<String>>,
+    /// (url, cell) → visitors.
     visitors: HashMap<(String, i64), BTreeSet<String>>,
     events: u64,
 }
@@ -108,7 +110,7 @@ fn model(rows: &[MasterRow], cutoff: u64) -> Model {
             .or_default() += 1;
         if let Some(v) = &r.visitor {
             m.source_visitors
-                .entry((key.0, key.1, r.ts.div_euclid(DAY_MS)))
+                .entry((key.0, key.1, r.ts.div_euclid(CELL_MS)))
                 .or_default()
                 .insert(v.clone());
         }
@@ -119,7 +121,7 @@ fn model(rows: &[MasterRow], cutoff: u64) -> Model {
             .or_default() += 1;
         if let Some(v) = &r.visitor {
             m.visitors
-                .entry((r.url.clone(), r.ts.div_euclid(DAY_MS)))
+                .entry((r.url.clone(), r.ts.div_euclid(CELL_MS)))
                 .or_default()
                 .insert(v.clone());
         }
@@ -181,54 +183,82 @@ fn check_view(view: &BatchView, m: &Model, seed: u64) {
         .map(|(u, v)| (u.to_string(), v))
         .collect();
     assert_eq!(got, expect);
-    // Sketches (sparse, so exact here) per day and merged over day ranges.
-    if view.sketch_precision().is_some() {
-        let days: BTreeSet<i64> = m.visitors.keys().map(|k| k.1).collect();
-        let (d0, d1) = (*days.first().unwrap(), *days.last().unwrap() + 1);
+    // Sketches (sparse, so exact here) per day, and visitors over any range of cells — whole
+    // UTC days or not (the local days of Asia/Kolkata start at 18:30Z).
+    if let Some(p) = view.sketch_precision() {
+        let cells_per_day = DAY_MS / CELL_MS;
+        let union_of = |url: &str, a: i64, b: i64| -> usize {
+            let mut union = BTreeSet::new();
+            for ((u, c), s) in &m.visitors {
+                if u == url && (a..b).contains(c) {
+                    union.extend(s.iter().cloned());
+                }
+            }
+            union.len()
+        };
+        let (c0, c1) = (lo - cells_per_day, hi + cells_per_day);
+        let (d0, d1) = (
+            c0.div_euclid(cells_per_day),
+            c1.div_euclid(cells_per_day) + 1,
+        );
         for url in m.cells.keys() {
             for d in d0..d1 {
-                let want = m.visitors.get(&(url.clone(), d)).map(|s| s.len());
+                let want = union_of(url, d * cells_per_day, (d + 1) * cells_per_day);
                 assert_eq!(
-                    view.day_sketch(url, d).map(|s| s.estimate() as usize),
+                    view.day_sketch(url, d).map_or(0, |s| s.estimate() as usize),
                     want,
                     "{url} day {d}"
                 );
             }
-            let a = d0 + rng.below((d1 - d0) as u64) as i64;
-            let b = a + 1 + rng.below((d1 - a) as u64) as i64;
-            let mut union = BTreeSet::new();
-            for d in a..b {
-                if let Some(s) = m.visitors.get(&(url.clone(), d)) {
-                    union.extend(s.iter().cloned());
-                }
+            for _ in 0..20 {
+                let a = c0 + rng.below((c1 - c0) as u64) as i64;
+                let b = a + rng.below((c1 - a) as u64 + 1) as i64;
+                let got = view
+                    .uniques_sketch(url, (a, b), p, None, &[])
+                    .unwrap()
+                    .estimate() as usize;
+                assert_eq!(got, union_of(url, a, b), "{url} cells [{a},{b})");
             }
-            let got = view
-                .uniques_sketch(url, a, b, view.sketch_precision().unwrap(), None, &[])
-                .unwrap()
-                .estimate() as usize;
-            assert_eq!(got, union.len(), "{url} days [{a},{b})");
+        }
+        // A site's visitors are its pages' united, over any range of cells.
+        let hosts: BTreeSet<&str> = m
+            .cells
+            .keys()
+            .filter_map(|u| tally_core::url::host_of(u))
+            .collect();
+        for host in hosts {
+            for _ in 0..20 {
+                let a = c0 + rng.below((c1 - c0) as u64) as i64;
+                let b = a + rng.below((c1 - a) as u64 + 1) as i64;
+                let mut pieces = tally_batch::Pieces::default();
+                view.site_visitors(host).collect(a, b, &mut pieces);
+                let got = pieces.union(p, None, &[]).unwrap().estimate() as usize;
+                let mut union = BTreeSet::new();
+                for ((u, c), s) in &m.visitors {
+                    if tally_core::url::host_of(u) == Some(host) && (a..b).contains(c) {
+                        union.extend(s.iter().cloned());
+                    }
+                }
+                assert_eq!(got, union.len(), "site {host} cells [{a},{b})");
+            }
         }
     }
 }
 
-/// The view's source keys of `host` in the cells `[a, b)` (and their sketches of the days
-/// those cells touch) equal the model's, with and without a URL filter.
+/// The view's source keys of `host` in the cells `[a, b)` (and their visitors in those cells)
+/// equal the model's, with and without a URL filter.
 fn check_sources(view: &BatchView, m: &Model, host: &str, (a, b): (i64, i64)) {
-    let days = (
-        (a * CELL_MS).div_euclid(DAY_MS),
-        (b * CELL_MS).div_euclid(DAY_MS) + 1,
-    );
     let some_url = m
         .cells
         .keys()
         .find(|u| tally_core::url::host_of(u) == Some(host));
     for url in [None, some_url.map(String::as_str)] {
         let mut got = BTreeMap::new();
-        for c in view.sources_of(host, url, (a, b), days) {
+        for c in view.sources_of(host, url, (a, b)) {
             let visitors = view.sketch_precision().map(|p| {
-                tally_batch::VisitorSketch::union(p, c.sketches, &[])
-                    .unwrap()
-                    .estimate() as usize
+                let mut pieces = tally_batch::Pieces::default();
+                c.visitors.collect(a, b, &mut pieces);
+                pieces.union(p, None, &[]).unwrap().estimate() as usize
             });
             let key = (c.referrer.to_string(), c.url.to_string());
             assert!(got.insert(key, (c.views, visitors)).is_none());
@@ -241,8 +271,8 @@ fn check_sources(view: &BatchView, m: &Model, host: &str, (a, b): (i64, i64)) {
             .map(|(k, cells)| {
                 let views = cells.range(a..b.max(a)).map(|x| *x.1).sum::<u64>();
                 let mut union = BTreeSet::new();
-                for d in days.0..days.1 {
-                    if let Some(s) = m.source_visitors.get(&(k.0.clone(), k.1.clone(), d)) {
+                for c in a..b {
+                    if let Some(s) = m.source_visitors.get(&(k.0.clone(), k.1.clone(), c)) {
                         union.extend(s.iter().cloned());
                     }
                 }
@@ -343,7 +373,7 @@ fn store_manifest_verify_and_corruption() {
     let vdir = store.version_dir(&info.version);
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(vdir.join(MANIFEST_FILE)).unwrap()).unwrap();
-    assert_eq!(m["format_version"], 3);
+    assert_eq!(m["format_version"], 4);
     assert_eq!(m["version"], info.version.as_str());
     assert_eq!(m["cutoff_seq"], cutoff);
     assert_eq!(m["events"], data.events);

@@ -5,7 +5,8 @@
 //! dimension is a function of that pair. So an item's views are the sum, over the batch view's
 //! and the speed epochs' source keys that map to its value, of their views in the range — exact,
 //! with nothing missed or counted twice at the boundary, like a URL's views — and its uniques are
-//! one union of those keys' day sketches and speed visitors, never a sum of per-key uniques.
+//! one union of those keys' day sketches, cell visitor lists and speed visitors, never a sum of
+//! per-key uniques.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,16 +14,16 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::Response;
 use serde_json::json;
-use tally_batch::{relative_error, BatchView, VisitorSketch};
+use tally_batch::{relative_error, BatchView, Piece, Pieces, VisitorSketch};
 use tally_core::dims::Dimension;
-use tally_core::{CELL_MS, DAY_MS};
+use tally_core::CELL_MS;
 use tally_speed::SpeedVisitors;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
 use crate::query::{
     limit_param, off_runtime, precision_of, provenance, query_range, respond, speed_read,
-    uniques_days, url_param,
+    uniques_cells, url_param,
 };
 use crate::site::host_param;
 use crate::state::AppState;
@@ -32,13 +33,21 @@ use crate::views::ViewManager;
 #[derive(Default)]
 pub(crate) struct Tally<'a> {
     pub(crate) views: u64,
-    batch: Vec<&'a VisitorSketch>,
+    batch: Pieces<'a>,
     speed: Vec<VisitorSketch>,
     hashes: Vec<u32>,
 }
 
-impl Tally<'_> {
-    /// Adds the speed layer's visitors of one day.
+impl<'a> Tally<'a> {
+    /// Adds a piece of the batch view's visitors.
+    fn add_batch(&mut self, piece: Piece<'a>) {
+        match piece {
+            Piece::Day(s) => self.batch.sketches.push(s),
+            Piece::Cell(l) => self.batch.lists.push(l),
+        }
+    }
+
+    /// Adds the speed layer's visitors of one cell.
     pub(crate) fn add_speed(&mut self, v: SpeedVisitors, precision: u8) -> ApiResult<()> {
         self.hashes.extend_from_slice(&v.hashes);
         if let Some(r) = v.registers {
@@ -52,12 +61,10 @@ impl Tally<'_> {
     pub(crate) fn uniques(mut self, precision: u8) -> ApiResult<u64> {
         self.hashes.sort_unstable();
         self.hashes.dedup();
-        let u = VisitorSketch::union(
-            precision,
-            self.batch.into_iter().chain(self.speed.iter()),
-            &self.hashes,
-        )
-        .map_err(ApiError::internal)?;
+        let u = self
+            .batch
+            .union(precision, self.speed.iter(), &self.hashes)
+            .map_err(ApiError::internal)?;
         Ok(u.estimate().round() as u64)
     }
 }
@@ -68,8 +75,8 @@ pub(crate) type Groups<'a, K> = HashMap<(K, i64), Tally<'a>>;
 /// The source keys of site `host` (of `url` alone when given) with views in `cells`, from the
 /// batch view and the speed epochs after its cutoff, grouped by `group_of(url, referrer host)`
 /// (`None` leaves a key out) and, with `bucket_of` (an instant → its time bucket's start),
-/// by time bucket too (else bucket 0): each group's views in `cells` and its visitors of the
-/// UTC days `days`. Also says whether the speed layer could be read.
+/// by time bucket too (else bucket 0): each group's views in `cells` and its visitors in the
+/// cells `visitor_cells`. Also says whether the speed layer could be read.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
     state: &AppState,
@@ -77,21 +84,23 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
     host: &str,
     url: Option<&'a str>,
     cells: (i64, i64),
-    days: (i64, i64),
+    visitor_cells: (i64, i64),
     precision: u8,
     group_of: impl Fn(&str, &str) -> Option<K>,
     bucket_of: Option<&dyn Fn(i64) -> i64>,
 ) -> ApiResult<(Groups<'a, K>, bool)> {
     let cutoff = ViewManager::cutoff(view);
-    let speed = speed_read(
-        state
-            .speed
-            .sources(host, url, cutoff, cells, days, precision),
-    )?;
+    let speed =
+        speed_read(
+            state
+                .speed
+                .sources(host, url, cutoff, cells, visitor_cells, precision),
+        )?;
     let speed_available = speed.is_some();
     let mut groups: Groups<'a, K> = HashMap::new();
     if let Some(v) = view {
-        for c in v.sources_of(host, url, cells, days) {
+        let (va, vb) = visitor_cells;
+        for c in v.sources_of(host, url, cells) {
             let Some(k) = group_of(c.url, c.referrer) else {
                 continue;
             };
@@ -99,7 +108,7 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
                 None => {
                     let t = groups.entry((k, 0)).or_default();
                     t.views += c.views;
-                    t.batch.extend(c.sketches);
+                    c.visitors.collect(va, vb, &mut t.batch);
                 }
                 Some(b) => {
                     for (cell, n) in c.cells.iter().zip(c.cell_views) {
@@ -108,10 +117,13 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
                             .or_default()
                             .views += n;
                     }
-                    for (day, sk) in c.days.iter().zip(c.sketches) {
-                        let t = groups.entry((k.clone(), b(day * DAY_MS))).or_default();
-                        t.batch.push(sk);
-                    }
+                    c.visitors
+                        .collect_by(va, vb, Some(b), &mut |bucket, piece| {
+                            groups
+                                .entry((k.clone(), bucket))
+                                .or_default()
+                                .add_batch(piece)
+                        });
                 }
             }
         }
@@ -124,7 +136,7 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
             None => {
                 let t = groups.entry((k, 0)).or_default();
                 t.views += s.views;
-                for v in s.days.into_values() {
+                for v in s.visitors.into_values() {
                     t.add_speed(v, precision)?;
                 }
             }
@@ -135,8 +147,8 @@ pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
                         .or_default()
                         .views += n;
                 }
-                for (day, v) in s.days {
-                    let t = groups.entry((k.clone(), b(day * DAY_MS))).or_default();
+                for (cell, v) in s.visitors {
+                    let t = groups.entry((k.clone(), b(cell * CELL_MS))).or_default();
                     t.add_speed(v, precision)?;
                 }
             }
@@ -178,36 +190,35 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
         }
     }
     let range = query_range(&q)?;
-    let days = uniques_days(&range).ok();
     let view = state.views.current();
     let precision = precision_of(state, view.as_ref());
     let cells = (range.from_cell, range.to_cell);
-    // Uniques count the visitors of every day the range touches (as `/v1/uniques`): when the
-    // range is not whole days, an item's visitors come from a second read over those days — all
-    // its keys with visitors on them, also those without views in the range itself.
-    let day_cells = days.map(|(a, b)| (a * (DAY_MS / CELL_MS), b * (DAY_MS / CELL_MS)));
-    let part_days = day_cells.filter(|dc| *dc != cells);
-    let read = |cells, days| {
+    // Uniques count the visitors of every local day the range touches (as `/v1/uniques`): when
+    // the range is not whole days, an item's visitors come from a second read over those days —
+    // all its keys with visitors on them, also those without views in the range itself.
+    let day_cells = uniques_cells(&range);
+    let part_days = (day_cells != cells).then_some(day_cells);
+    let read = |cells, visitor_cells| {
         collect_sources(
             state,
             view.as_ref(),
             &host,
             url.as_deref(),
             cells,
-            days,
+            visitor_cells,
             precision,
             |u, referrer| Some(by.value(u, referrer).into_owned()),
             None,
         )
     };
-    let first_days = match part_days {
+    let first_visitors = match part_days {
         Some(_) => (0, 0),
-        None => days.unwrap_or((0, 0)),
+        None => day_cells,
     };
-    let (items, mut speed_available) = read(cells, first_days)?;
+    let (items, mut speed_available) = read(cells, first_visitors)?;
     let mut whole_days = match part_days {
         Some(dc) => {
-            let (groups, ok) = read(dc, days.unwrap_or((0, 0)))?;
+            let (groups, ok) = read(dc, dc)?;
             // The speed layer went unavailable between the two reads: the uniques are the
             // batch view's alone, and the answer says so.
             speed_available &= ok;
@@ -222,16 +233,11 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
     let mut out = Vec::with_capacity(ranked.len());
     for (value, item) in ranked {
         let views = item.views;
-        let uniques = match days {
-            None => None,
-            Some(_) => {
-                let visitors = whole_days
-                    .as_mut()
-                    .and_then(|w| w.remove(&(value.clone(), 0)))
-                    .unwrap_or(item);
-                Some(visitors.uniques(precision)?)
-            }
-        };
+        let visitors = whole_days
+            .as_mut()
+            .and_then(|w| w.remove(&(value.clone(), 0)))
+            .unwrap_or(item);
+        let uniques = visitors.uniques(precision)?;
         out.push(json!({ "value": value, "views": views, "uniques": uniques }));
     }
     let body = json!({
@@ -242,7 +248,7 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
         "to": range.zone.format(range.end_ms()),
         "tz": range.zone.name(),
         "items": out,
-        "relative_error": days.map(|_| relative_error(precision)),
+        "relative_error": relative_error(precision),
         "batch": provenance(view.as_ref()),
         "speed_available": speed_available,
     });

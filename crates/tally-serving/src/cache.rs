@@ -26,8 +26,8 @@ pub struct UniquesKey {
     pub(crate) version: Option<String>,
     pub(crate) applied: tally_core::Seq,
     pub(crate) url: String,
-    pub(crate) from_day: i64,
-    pub(crate) to_day: i64,
+    /// The uniques' cells `[from, to)`.
+    pub(crate) cells: (i64, i64),
 }
 
 /// A key that names the speed-layer state it was computed from.

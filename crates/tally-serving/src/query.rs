@@ -11,7 +11,7 @@ use serde_json::json;
 use tally_batch::{relative_error, BatchView, VisitorSketch};
 use tally_core::{
     checked_ts, format_rfc3339, normalize_url, now_ms, parse_ts_param, Granularity, Zone, CELL_MS,
-    DAY_MS, MIN_TS_MS,
+    MIN_TS_MS,
 };
 
 use crate::cache::{TopKey, UniquesKey};
@@ -346,13 +346,13 @@ pub(crate) async fn get_top(State(state): State<AppState>, q: Params) -> ApiResu
     Ok(respond(body, speed_available))
 }
 
-/// `GET /v1/uniques`: day sketches of the range from the batch view, merged with the visitor
-/// hashes of the live speed epochs, so a visitor seen by both layers counts once.
+/// `GET /v1/uniques`: the batch view's sketches and cell visitor lists of the range, merged with
+/// the visitor hashes of the live speed epochs, so a visitor seen by both layers counts once.
 pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let url = url_param(&q)?;
     let range = query_range(&q)?;
-    let (from_day, to_day) = uniques_days(&range)?;
+    let cells = uniques_cells(&range);
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let precision = precision_of(&state, view.as_ref());
@@ -360,8 +360,7 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
         version: view.as_ref().map(|v| v.version.clone()),
         applied: state.speed.applied_seq(),
         url: url.clone(),
-        from_day,
-        to_day,
+        cells,
     };
     let cached = state
         .speed
@@ -374,12 +373,12 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
             let speed = speed_read(
                 state
                     .speed
-                    .visitors(&url, cutoff, from_day, to_day, precision),
+                    .visitors(&url, cutoff, cells.0, cells.1, precision),
             )?;
             let speed_available = speed.is_some();
             // The same 32-bit visitor hash as the batch sketches (`tally_core::sketch`), so a
-            // visitor in both layers is one hash; one union of every day, the speed layer's
-            // hashes and the registers of its busy days.
+            // visitor in both layers is one hash; one union of every day and cell, the speed
+            // layer's hashes and the registers of its busy cells.
             let speed = speed.unwrap_or_default();
             let busy = speed
                 .registers
@@ -387,14 +386,7 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
                 .transpose()
                 .map_err(ApiError::internal)?;
             let merged = match view.as_ref() {
-                Some(v) => v.uniques_sketch(
-                    &url,
-                    from_day,
-                    to_day,
-                    precision,
-                    busy.as_ref(),
-                    &speed.hashes,
-                ),
+                Some(v) => v.uniques_sketch(&url, cells, precision, busy.as_ref(), &speed.hashes),
                 None => VisitorSketch::union(precision, busy.as_ref(), &speed.hashes),
             }
             .map_err(ApiError::internal)?;
@@ -407,8 +399,8 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     };
     let body = json!({
         "url": url,
-        "from": range.zone.format(from_day * DAY_MS),
-        "to": range.zone.format(to_day * DAY_MS),
+        "from": range.zone.format(cells.0 * CELL_MS),
+        "to": range.zone.format(cells.1 * CELL_MS),
         "tz": range.zone.name(),
         "uniques": uniques,
         "relative_error": relative_error(precision),
@@ -419,26 +411,17 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
     Ok(respond(body, speed_available))
 }
 
-/// The days `[from_day, to_day)` (days since the epoch) of a uniques query: day-aligned, `from`
-/// down to its local midnight and `to` up to the next one. Visitor sketches are kept per UTC
-/// day, so a zone whose midnights in the range are not UTC midnights is refused rather than
-/// answered with the visitors of other hours.
-pub(crate) fn uniques_days(range: &CellRange) -> ApiResult<(i64, i64)> {
+/// The cells `[from, to)` of a uniques query: day-aligned in the query's zone, `from` down to
+/// its local midnight and `to` up to the next one. Local midnights are whole cells in every zone
+/// (the batch view keeps visitor lists per cell for the UTC days they cut).
+pub(crate) fn uniques_cells(range: &CellRange) -> (i64, i64) {
     let zone = range.zone;
     let from = zone.day_start(range.start_ms());
     let to = match zone.day_start(range.end_ms()) {
         t if t == range.end_ms() => t,
         _ => zone.next_day_start(range.end_ms()),
     };
-    if from.rem_euclid(DAY_MS) != 0 || to.rem_euclid(DAY_MS) != 0 {
-        return Err(ApiError::bad(format!(
-            "uniques are kept per UTC day, so they cannot be counted between local midnights of {} ({} to {}); use a zone whose midnights are UTC midnights in this range, such as UTC.",
-            zone.name(),
-            zone.format(from),
-            zone.format(to),
-        )));
-    }
-    Ok((from.div_euclid(DAY_MS), to.div_euclid(DAY_MS)))
+    (from.div_euclid(CELL_MS), to.div_euclid(CELL_MS))
 }
 
 /// Exact top-N of the batch view plus the speed epochs after its cutoff; the flag says whether
@@ -559,26 +542,28 @@ mod tests {
     }
 
     #[test]
-    fn uniques_days_are_local_midnights_and_refused_off_utc_days() {
+    fn uniques_cells_are_local_midnights_in_every_zone() {
         let r = query_range(&q(&[
             ("from", "2026-11-21T10:00:00Z"),
             ("to", "2026-11-22T00:00:00Z"),
         ]))
         .unwrap();
-        let (a, b) = uniques_days(&r).unwrap();
+        let (a, b) = uniques_cells(&r);
         assert_eq!(
-            (format_rfc3339(a * DAY_MS), b - a),
-            ("2026-11-21T00:00:00Z".into(), 1)
+            (format_rfc3339(a * CELL_MS), format_rfc3339(b * CELL_MS)),
+            ("2026-11-21T00:00:00Z".into(), "2026-11-22T00:00:00Z".into())
         );
-        // Europe/London is UTC+0 in November: its midnights are UTC midnights.
-        let london = query_range(&q(&[
-            ("tz", "Europe/London"),
-            ("from", "2026-11-21"),
-            ("to", "2026-11-23"),
+        // Asia/Kolkata: from local midnight (18:30Z the day before) to the next one after `to`.
+        let kolkata = query_range(&q(&[
+            ("tz", "Asia/Kolkata"),
+            ("from", "2026-11-21T10:00:00"),
+            ("to", "2026-11-22T03:00:00"),
         ]))
         .unwrap();
-        assert_eq!(uniques_days(&london).map(|(a, b)| b - a).unwrap(), 2);
-        let berlin = query_range(&q(&[("tz", "Europe/Berlin"), ("from", "2026-11-21")])).unwrap();
-        assert!(uniques_days(&berlin).is_err());
+        let (a, b) = uniques_cells(&kolkata);
+        assert_eq!(
+            (format_rfc3339(a * CELL_MS), format_rfc3339(b * CELL_MS)),
+            ("2026-11-20T18:30:00Z".into(), "2026-11-22T18:30:00Z".into())
+        );
     }
 }

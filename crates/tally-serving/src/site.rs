@@ -1,7 +1,8 @@
 //! `GET /v1/site` and `GET /v1/sites`: whole sites (hosts), the batch view's site series plus
 //! the speed epochs after its cutoff. Views are exact, as for one URL; uniques are the distinct
-//! visitors of any page of the site, one union of the batch view's site-day sketches and the
-//! speed layer's visitors — never a sum of per-URL uniques.
+//! visitors of any page of the site, one union of the batch view's site-day sketches and
+//! site-cell visitor lists and the speed layer's visitors — never a sum of per-URL uniques.
+//! Every bucket of every zone gets its uniques: its days and hours are whole cells.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::Response;
 use serde_json::{json, Value};
-use tally_batch::{relative_error, BatchView, VisitorSketch};
-use tally_core::{Granularity, Seq, DAY_MS};
+use tally_batch::{relative_error, BatchView, Pieces, VisitorSketch};
+use tally_core::{Granularity, Seq, CELL_MS, DAY_MS};
 use tally_speed::{SiteSpeed, SpeedVisitors};
 
 use crate::error::{ApiError, ApiResult};
@@ -18,7 +19,7 @@ use crate::extract::{params, Params};
 use crate::merge::bucket_series;
 use crate::query::{
     granularity_param, limit_param, precision_of, provenance, query_range, respond, speed_read,
-    uniques_days, CellRange,
+    uniques_cells, CellRange,
 };
 use crate::state::AppState;
 use crate::views::ViewManager;
@@ -31,26 +32,24 @@ pub(crate) fn host_param(q: &HashMap<String, String>) -> ApiResult<String> {
         .map_err(|e| ApiError::bad(format!("The host parameter is invalid: {e}.")))
 }
 
-/// The distinct visitors of site `host` on the UTC days `[from_day, to_day)`: the batch view's
-/// site-day sketches and the speed layer's visitors of those days, in one union.
+/// The distinct visitors of site `host` in the cells `[from_cell, to_cell)`: the batch view's
+/// site-day sketches and site-cell visitor lists and the speed layer's visitors of those cells,
+/// in one union.
 fn site_uniques(
     view: Option<&Arc<BatchView>>,
     host: &str,
-    speed_days: &BTreeMap<i64, SpeedVisitors>,
-    (from_day, to_day): (i64, i64),
+    speed_cells: &BTreeMap<i64, SpeedVisitors>,
+    (from_cell, to_cell): (i64, i64),
     precision: u8,
 ) -> ApiResult<VisitorSketch> {
-    let batch: Vec<&VisitorSketch> = view
-        .map(|v| {
-            v.site_day_sketches(host, from_day, to_day)
-                .into_iter()
-                .map(|(_, s)| s)
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut batch = Pieces::default();
+    if let Some(v) = view {
+        v.site_visitors(host)
+            .collect(from_cell, to_cell, &mut batch);
+    }
     let mut hashes: Vec<u32> = Vec::new();
     let mut busy: Vec<VisitorSketch> = Vec::new();
-    for (_, v) in speed_days.range(from_day..to_day) {
+    for (_, v) in speed_cells.range(from_cell..to_cell.max(from_cell)) {
         hashes.extend_from_slice(&v.hashes);
         if let Some(r) = &v.registers {
             busy.push(
@@ -60,24 +59,25 @@ fn site_uniques(
     }
     hashes.sort_unstable();
     hashes.dedup();
-    VisitorSketch::union(precision, batch.into_iter().chain(busy.iter()), &hashes)
+    batch
+        .union(precision, busy.iter(), &hashes)
         .map_err(ApiError::internal)
 }
 
-/// The speed layer's share of the sites `hosts` (views in `cells`, visitors on `days`): `None`
-/// when it is unavailable (answer batch-only).
+/// The speed layer's share of the sites `hosts` (views in `cells`, visitors in
+/// `visitor_cells`): `None` when it is unavailable (answer batch-only).
 fn speed_sites(
     state: &AppState,
     hosts: &[&str],
     cutoff: Seq,
     cells: (i64, i64),
-    days: Option<(i64, i64)>,
+    visitor_cells: (i64, i64),
     precision: u8,
 ) -> ApiResult<Option<HashMap<String, SiteSpeed>>> {
     speed_read(
         state
             .speed
-            .sites(hosts, cutoff, cells, days.unwrap_or((0, 0)), precision),
+            .sites(hosts, cutoff, cells, visitor_cells, precision),
     )
 }
 
@@ -87,30 +87,34 @@ pub(crate) async fn get_site(State(state): State<AppState>, q: Params) -> ApiRes
     let host = host_param(&q)?;
     let granularity = granularity_param(&q)?;
     let range = query_range(&q)?;
-    // Uniques are day-aligned on UTC days (the sketches'): none in zones whose midnights in the
-    // range are not UTC midnights, rather than visitors of other hours.
-    let days = uniques_days(&range).ok();
+    // Uniques are day-aligned (local midnights); the series' buckets each get their own.
+    let ucells = uniques_cells(&range);
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let precision = precision_of(&state, view.as_ref());
     let cells = (range.from_cell, range.to_cell);
-    let speed = speed_sites(&state, &[&host], cutoff, cells, days, precision)?;
+    // The speed layer's visitors of the day-aligned range and of every bucket (a month bucket
+    // reaches past the range's days).
+    let vcells = match granularity {
+        Granularity::Month => {
+            let zone = range.zone;
+            let first = zone.month_start(range.start_ms());
+            let end = zone.month_start(zone.month_start(range.end_ms() - 1) + 32 * DAY_MS);
+            (
+                ucells.0.min(first.div_euclid(CELL_MS)),
+                ucells.1.max(end.div_euclid(CELL_MS)),
+            )
+        }
+        _ => ucells,
+    };
+    let speed = speed_sites(&state, &[&host], cutoff, cells, vcells, precision)?;
     let speed_available = speed.is_some();
     let speed = speed.and_then(|mut s| s.remove(&host)).unwrap_or_default();
     let batch_views = view
         .as_ref()
         .map_or(0, |v| v.site_views(&host, range.from_cell, range.to_cell));
     let speed_views: u64 = speed.cells.iter().map(|c| c.1).sum();
-    let uniques = match days {
-        Some(d) => Some(site_uniques(
-            view.as_ref(),
-            &host,
-            &speed.days,
-            d,
-            precision,
-        )?),
-        None => None,
-    };
+    let uniques = site_uniques(view.as_ref(), &host, &speed.visitors, ucells, precision)?;
     let mut body = json!({
         "host": host,
         "from": range.zone.format(range.start_ms()),
@@ -119,8 +123,8 @@ pub(crate) async fn get_site(State(state): State<AppState>, q: Params) -> ApiRes
         "views": batch_views + speed_views,
         "batch_views": batch_views,
         "speed_views": speed_views,
-        "uniques": uniques.as_ref().map(|u| u.estimate().round() as u64),
-        "relative_error": uniques.as_ref().map(|_| relative_error(precision)),
+        "uniques": uniques.estimate().round() as u64,
+        "relative_error": relative_error(precision),
         "batch": provenance(view.as_ref()),
         "speed_available": speed_available,
     });
@@ -134,40 +138,43 @@ pub(crate) async fn get_site(State(state): State<AppState>, q: Params) -> ApiRes
             granularity,
             range.zone,
         );
-        let series = series_with_uniques(&buckets, granularity, &range, days.is_some(), |d| {
-            site_uniques(view.as_ref(), &host, &speed.days, d, precision)
+        let series = series_with_uniques(&buckets, granularity, &range, |c| {
+            site_uniques(view.as_ref(), &host, &speed.visitors, c, precision)
         })?;
         body["series"] = Value::Array(series);
     }
     Ok(respond(body, speed_available))
 }
 
-/// The series items: every bucket's views, and its uniques when the bucket is a whole number of
-/// UTC days (`day` and `month` buckets in a zone whose midnights are UTC midnights).
+/// The series items: every bucket's views and uniques (the visitors of the whole bucket: a
+/// local hour, day or month — whole cells in every zone).
 fn series_with_uniques(
     buckets: &[(i64, u64)],
     granularity: Granularity,
     range: &CellRange,
-    aligned: bool,
     uniques: impl Fn((i64, i64)) -> ApiResult<VisitorSketch>,
 ) -> ApiResult<Vec<Value>> {
     let zone = range.zone;
     buckets
         .iter()
         .map(|&(start, views)| {
-            let mut item = json!({ "start": zone.format(start), "views": views });
             let end = match granularity {
-                Granularity::Day => Some(zone.next_day_start(start)),
-                Granularity::Month => Some(zone.month_start(start + 32 * DAY_MS)),
-                Granularity::Hour | Granularity::Total => None,
+                Granularity::Day => zone.next_day_start(start),
+                Granularity::Month => zone.month_start(start + 32 * DAY_MS),
+                Granularity::Hour | Granularity::Total => zone.next_hour_start(start),
             };
-            if let (true, Some(end)) = (aligned, end) {
-                if start.rem_euclid(DAY_MS) == 0 && end.rem_euclid(DAY_MS) == 0 {
-                    let u = uniques((start.div_euclid(DAY_MS), end.div_euclid(DAY_MS)))?;
-                    item["uniques"] = json!(u.estimate().round() as u64);
-                }
-            }
-            Ok(item)
+            // An hour bucket cut by the range (its start truncated to a quarter hour in a
+            // zone off the hour) counts the visitors of its part in the range.
+            let (a, b) = match granularity {
+                Granularity::Hour => (start.max(range.start_ms()), end.min(range.end_ms())),
+                _ => (start, end),
+            };
+            let u = uniques((a.div_euclid(CELL_MS), b.div_euclid(CELL_MS)))?;
+            Ok(json!({
+                "start": zone.format(start),
+                "views": views,
+                "uniques": u.estimate().round() as u64,
+            }))
         })
         .collect()
 }
@@ -178,7 +185,7 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
     let q = params(q)?;
     let limit = limit_param(&q)?;
     let range = query_range(&q)?;
-    let days = uniques_days(&range).ok();
+    let ucells = uniques_cells(&range);
     let view = state.views.current();
     let cutoff = ViewManager::cutoff(view.as_ref());
     let precision = precision_of(&state, view.as_ref());
@@ -198,27 +205,20 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     ranked.truncate(limit);
     // The listed sites' visitors in the speed layer, in one scan (no views: an empty cell range).
-    let mut visitors = match (days, speed_available) {
-        (Some(d), true) => {
+    let mut visitors = match speed_available {
+        true => {
             let hosts: Vec<&str> = ranked.iter().map(|(h, _)| h.as_str()).collect();
             let none = (range.from_cell, range.from_cell);
-            speed_sites(&state, &hosts, cutoff, none, Some(d), precision)?.unwrap_or_default()
+            speed_sites(&state, &hosts, cutoff, none, ucells, precision)?.unwrap_or_default()
         }
-        _ => HashMap::new(),
+        false => HashMap::new(),
     };
     let mut items = Vec::with_capacity(ranked.len());
     for (host, views) in ranked {
-        let uniques = match days {
-            Some(d) => {
-                let sp = visitors.remove(&host).unwrap_or_default();
-                Some(
-                    site_uniques(view.as_ref(), &host, &sp.days, d, precision)?
-                        .estimate()
-                        .round() as u64,
-                )
-            }
-            None => None,
-        };
+        let sp = visitors.remove(&host).unwrap_or_default();
+        let uniques = site_uniques(view.as_ref(), &host, &sp.visitors, ucells, precision)?
+            .estimate()
+            .round() as u64;
         items.push(json!({ "host": host, "views": views, "uniques": uniques }));
     }
     let body = json!({
@@ -226,7 +226,7 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
         "to": range.zone.format(range.end_ms()),
         "tz": range.zone.name(),
         "items": items,
-        "relative_error": days.map(|_| relative_error(precision)),
+        "relative_error": relative_error(precision),
         "batch": provenance(view.as_ref()),
         "speed_available": speed_available,
     });

@@ -278,33 +278,6 @@ impl Query {
         }
     }
 
-    /// The first bucket of granularity `g` from `from` to the range's end that does not start
-    /// and end at UTC midnights (at most 100 000 buckets are looked at; a longer range in a
-    /// zone with any offset is refused at its ends).
-    fn misaligned_bucket(&self, g: Granularity, from: i64) -> Option<i64> {
-        if self.zone.is_utc() {
-            return None;
-        }
-        let next = |t: i64| match g {
-            Granularity::Month => self.zone.month_start(t + 32 * DAY_MS),
-            _ => self.zone.next_day_start(t),
-        };
-        let mut t = self.zone.bucket_start(from.max(self.range.0), g);
-        for _ in 0..100_000 {
-            if t >= self.range.1 {
-                return None;
-            }
-            let end = next(t);
-            // Only the part of the bucket inside the range is counted.
-            let (a, b) = (t.max(self.range.0), end.min(self.range.1));
-            if a.rem_euclid(DAY_MS) != 0 || b.rem_euclid(DAY_MS) != 0 {
-                return Some(t);
-            }
-            t = end;
-        }
-        None
-    }
-
     /// Every bucket's label from `from` (the range's start, or for `"all"` the first bucket
     /// with data) to the range's end (at most 10 000).
     fn all_labels(&self, g: Granularity, from: i64) -> Vec<String> {
@@ -498,11 +471,6 @@ fn parse(body: &Value, now: i64) -> Result<Query, ApiError> {
             _ if range.1 - range.0 <= 62 * DAY_MS => Granularity::Day,
             _ => Granularity::Month,
         };
-        if g == Granularity::Hour && metrics.contains(&Metric::Visitors) {
-            return Err(bad(
-                "visitors per time:hour are not supported by tally (visitors are kept per UTC day); ask for pageviews, or time:day.",
-            ));
-        }
         dims[i] = Dim::Time(Some(g));
     }
     let filters = match field(body, "filters") {
@@ -641,16 +609,10 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let q = parse(&body, tally_core::now_ms())?;
     let cells = (q.range.0.div_euclid(CELL_MS), q.range.1.div_euclid(CELL_MS));
     let wants_visitors = q.metrics.contains(&Metric::Visitors);
-    let days = if wants_visitors {
-        if q.range.0.rem_euclid(DAY_MS) != 0 || q.range.1.rem_euclid(DAY_MS) != 0 {
-            return Err(bad(format!(
-                "visitors are kept per UTC day, so they cannot be counted between local midnights of {}; use a time zone whose midnights are UTC midnights, such as UTC.",
-                q.zone.name()
-            )));
-        }
-        (q.range.0.div_euclid(DAY_MS), q.range.1.div_euclid(DAY_MS))
-    } else {
-        (0, 0)
+    // The range is local midnights (or hours): whole cells in every zone.
+    let visitor_cells = match wants_visitors {
+        true => cells,
+        false => (0, 0),
     };
     let view = state.views.current();
     let precision = precision_of(state, view.as_ref());
@@ -663,7 +625,7 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         &q.host,
         None,
         cells,
-        days,
+        visitor_cells,
         precision,
         |url, referrer| {
             q.filters.iter().all(|f| f.matches(url, referrer)).then(|| {
@@ -698,22 +660,6 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         true => first_bucket.unwrap_or_else(|| zone.day_start(q.range.1 - 1)),
         false => q.range.0,
     };
-    if let (true, Some(g)) = (wants_visitors, granularity) {
-        // Visitor sketches are per UTC day: a day or month bucket gets exactly its days' only
-        // when it starts and ends at UTC midnights — in a zone with DST (Europe/London) not
-        // every local midnight of a range whose ends are UTC midnights is one.
-        if let Some(b) = q.misaligned_bucket(g, labels_from) {
-            return Err(bad(format!(
-                "visitors are kept per UTC day, so they cannot be counted for the {} bucket {} of {}, which does not start and end at UTC midnights; leave out visitors or use UTC.",
-                match g {
-                    Granularity::Month => "time:month",
-                    _ => "time:day",
-                },
-                q.label(b, g),
-                zone.name(),
-            )));
-        }
-    }
     let mut rows: Vec<(Vec<String>, Vec<u64>)> = Vec::with_capacity(groups.len());
     for ((mut dims, bucket), tally) in groups {
         if let (Some(i), Some(g)) = (q.time_at, granularity) {

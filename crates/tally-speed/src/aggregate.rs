@@ -1,11 +1,11 @@
 //! Pre-aggregation of an apply batch: events → per (epoch, url, cell) counts, per (epoch, url)
-//! totals and distinct (day, visitor) pairs. Pure; the applier turns each [`EpochDelta`] into one
+//! totals and distinct (cell, visitor) pairs. Pure; the applier turns each [`EpochDelta`] into one
 //! Redis script and, once it committed, into one mirror update.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
 
-use tally_core::{cell_of, day_of, dims, Seq};
+use tally_core::{cell_of, dims, Seq};
 use tally_master::SeqEvent;
 
 use crate::keys::visitor_member;
@@ -18,7 +18,7 @@ pub(crate) struct UrlDelta {
     pub(crate) cells: Vec<(i64, u64)>,
     /// Sum of `cells`.
     pub(crate) total: u64,
-    /// Distinct (UTC day, visitor) pairs as [`visitor_member`]s, ascending (events without a
+    /// Distinct (15-minute cell, visitor) pairs as [`visitor_member`]s, ascending (events without a
     /// visitor do not count).
     pub(crate) visitors: Vec<i64>,
     /// Of a URL: its direct views in this delta (`tally_core::dims`: no referrer, or one of the
@@ -118,12 +118,11 @@ where
             None => d.urls.entry(ev.event.url.clone()).or_default(),
         };
         let cell = cell_of(ev.event.ts);
-        let member = ev.event.visitor.as_ref().map(|v| {
-            visitor_member(
-                day_of(ev.event.ts),
-                tally_core::sketch::visitor_hash32(v.as_bytes()),
-            )
-        });
+        let member = ev
+            .event
+            .visitor
+            .as_ref()
+            .map(|v| visitor_member(cell, tally_core::sketch::visitor_hash32(v.as_bytes())));
         // Referred views also count under their source key, for breakdowns
         // (`tally_core::dims`); direct ones are the URL's views minus those, and are kept apart
         // only once the URL has some referred ones.
@@ -258,8 +257,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn collects_distinct_visitor_hashes_per_day() {
-        use tally_core::DAY_MS;
+    fn collects_distinct_visitor_hashes_per_cell() {
+        use tally_core::{CELL_MS, DAY_MS};
         let mut a = ev(1, "a", 0);
         a.event.visitor = Some("v1".into());
         let mut b = ev(2, "a", 5);
@@ -271,7 +270,10 @@ pub(crate) mod tests {
         let u = &deltas[0].urls["a"];
         assert_eq!(u.total, 4);
         let h = |v: &str| tally_core::sketch::visitor_hash32(v.as_bytes());
-        let mut want = vec![visitor_member(0, h("v1")), visitor_member(1, h("v2"))];
+        let mut want = vec![
+            visitor_member(0, h("v1")),
+            visitor_member(DAY_MS / CELL_MS, h("v2")),
+        ];
         want.sort_unstable();
         assert_eq!(u.visitors, want);
     }

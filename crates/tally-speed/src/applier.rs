@@ -1096,12 +1096,19 @@ mod tests {
     fn sources_of(m: &Mirror, host: &str) -> Sources {
         let mut out = Sources::new();
         for s in m
-            .sources(host, None, Seq(0), (i64::MIN, i64::MAX), (-10, 10), 14)
+            .sources(
+                host,
+                None,
+                Seq(0),
+                (i64::MIN, i64::MAX),
+                (i64::MIN, i64::MAX),
+                14,
+            )
             .unwrap()
         {
             let item = out.entry((s.referrer, s.url)).or_default();
             item.0 += s.views;
-            for v in s.days.into_values() {
+            for v in s.visitors.into_values() {
                 item.1.extend(v.hashes);
             }
         }

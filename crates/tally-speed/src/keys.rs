@@ -9,7 +9,7 @@
 //! | `P e:{start}:applied` | string | last seq of the epoch applied (written in the same script as the increments) |
 //! | `P e:{start}:urls` | hash | URL id → URL, or source key (`tally_core::dims::source_key`) of a referred view or of the direct views of a URL with referred ones |
 //! | `P e:{start}:h:{id}` | hash | cell number (15 minutes, `tally_core::CELL_MS`) → views of URL `id` |
-//! | `P e:{start}:v:{id}` | set | distinct visitors of URL `id`, one integer per (UTC day, visitor): [`visitor_member`] |
+//! | `P e:{start}:v:{id}` | set | distinct visitors of URL `id`, one integer per (15-minute cell, visitor): [`visitor_member`] |
 //!
 //! **URL ids, not URL hashes.** The applier — the only writer — gives each URL a small integer
 //! id, unique among the URLs of the live epochs (the mirror holds the dictionary; a reload takes
@@ -26,7 +26,7 @@
 use tally_core::Seq;
 
 /// Version of this key layout, the first part of the instance marker.
-pub(crate) const LAYOUT: &str = "v5";
+pub(crate) const LAYOUT: &str = "v6";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
@@ -111,14 +111,17 @@ pub(crate) fn marker_is_ours(marker: &str, dataset_id: &str) -> bool {
         .is_some_and(|r| r.starts_with('/'))
 }
 
-/// One member of a `v:{id}` set: the UTC day in the high 32 bits, the visitor's 32-bit sketch
-/// hash (`tally_core::sketch::visitor_hash32`) in the low 32. One set per (epoch, URL) holds
-/// every day; Redis stores small sets of integers as compact intsets.
-pub(crate) fn visitor_member(day: i64, hash32: u32) -> i64 {
-    (day << 32) | i64::from(hash32)
+/// One member of a `v:{id}` set: the cell ([`tally_core::CELL_MS`] cells since the epoch; every
+/// representable instant's cell fits in 32 signed bits) in the high 32 bits, the visitor's
+/// 32-bit sketch hash (`tally_core::sketch::visitor_hash32`) in the low 32. One set per (epoch,
+/// URL) holds every cell; Redis stores small sets of integers as compact intsets. (Layout `v5`
+/// kept the UTC day here, which cannot answer the local days of a zone whose midnights are not
+/// UTC midnights.)
+pub(crate) fn visitor_member(cell: i64, hash32: u32) -> i64 {
+    (cell << 32) | i64::from(hash32)
 }
 
-/// `(day, hash32)` of a [`visitor_member`].
+/// `(cell, hash32)` of a [`visitor_member`].
 pub(crate) fn split_visitor_member(m: i64) -> (i64, u32) {
     (m >> 32, (m & 0xffff_ffff) as u32)
 }
@@ -144,7 +147,7 @@ mod tests {
     #[test]
     fn the_marker_names_layout_and_dataset() {
         let m = instance_marker("abc", "x1");
-        assert_eq!(m, "v5/abc/x1");
+        assert_eq!(m, "v6/abc/x1");
         assert!(marker_is_ours(&m, "abc"));
         assert!(!marker_is_ours(&m, "ab"));
         assert!(!marker_is_ours(&m, "abcd"));
@@ -156,10 +159,18 @@ mod tests {
     }
 
     #[test]
-    fn visitor_members_round_trip_for_any_day() {
-        for day in [0i64, 1, 20_000, -1, -719_162, 2_932_896] {
+    fn visitor_members_round_trip_for_any_cell() {
+        use tally_core::{cell_of, MAX_TS_MS, MIN_TS_MS};
+        for cell in [
+            0i64,
+            1,
+            1_900_000,
+            -1,
+            cell_of(MIN_TS_MS),
+            cell_of(MAX_TS_MS),
+        ] {
             for h in [0u32, 1, u32::MAX, 0x8000_0000] {
-                assert_eq!(split_visitor_member(visitor_member(day, h)), (day, h));
+                assert_eq!(split_visitor_member(visitor_member(cell, h)), (cell, h));
             }
         }
         assert!(visitor_member(0, 5) < visitor_member(1, 0));

@@ -5,8 +5,9 @@
 //!   script per epoch touched. The script also sets the epoch's applied seq, as a compare-and-set
 //!   on the previous one, so a crash, timeout or reconnect never applies a batch twice or skips
 //!   one (`store.rs`).
-//! - Per (epoch, URL) the script also adds the distinct (UTC day, visitor hash) pairs to a Redis
-//!   set ([`sketch`]), so `/v1/uniques` can merge them with the batch view's day sketches.
+//! - Per (epoch, URL) the script also adds the distinct (15-minute cell, visitor hash) pairs to a
+//!   Redis set ([`sketch`]), so `/v1/uniques` can merge them with the batch view's sketches and
+//!   cell visitor lists, in any zone.
 //! - After each committed script the applier updates an in-process **mirror** (`mirror.rs`);
 //!   queries read the mirror, never Redis, so they cost a read lock and a few map lookups.
 //! - **Exactness**: a query answered with a batch view of cutoff `C` passes `after_cutoff = C`
@@ -90,7 +91,7 @@ pub struct SpeedConfig {
     pub gc_grace: Duration,
     /// At most this many events per apply batch from the in-memory tail.
     pub apply_batch_max: usize,
-    /// Precision of the visitor sketches (`uniques.precision`): busy URL-days keep their
+    /// Precision of the visitor sketches (`uniques.precision`): busy URL-cells keep their
     /// registers at it, so uniques over them merge registers instead of sorting hashes.
     pub sketch_precision: u8,
 }
@@ -318,40 +319,41 @@ impl SpeedLayer {
         })
     }
 
-    /// The distinct visitors of `url` on the UTC days `[from_day, to_day)`, over the live epochs
+    /// The distinct visitors of `url` in the cells `[from_cell, to_cell)`, over the live epochs
     /// starting after `after_cutoff`, for sketches of `precision`: 32-bit visitor hashes
     /// (`tally_core::sketch::visitor_hash32`, the hash the batch view's sketches hold), and the
-    /// registers of busy days (past the sparse limit). The serving layer unions them with the
+    /// registers of busy cells (past the sparse limit). The serving layer unions them with the
     /// batch view's sketches.
     pub fn visitors(
         &self,
         url: &str,
         after_cutoff: Seq,
-        from_day: i64,
-        to_day: i64,
+        from_cell: i64,
+        to_cell: i64,
         precision: u8,
     ) -> Read<SpeedVisitors> {
-        let collected = self.read(|m| m.visitors(url, after_cutoff, from_day, to_day, precision));
+        let collected = self.read(|m| m.visitors(url, after_cutoff, from_cell, to_cell, precision));
         collected.map(|v| v.map(|v| v.finish(precision)))
     }
 
     /// Whole sites (every URL whose host is one of `hosts`) over the live epochs starting
     /// after `after_cutoff`: each one's views per cell in `cells` = `[from, to)` and its
-    /// visitors per UTC day in `days` = `[from, to)`, each day as [`visitors`](Self::visitors)
+    /// visitors per cell in `visitor_cells` = `[from, to)`, each cell as [`visitors`](Self::visitors)
     /// answers for a URL. One scan of the live URLs under the read lock.
     pub fn sites(
         &self,
         hosts: &[&str],
         after_cutoff: Seq,
         cells: (i64, i64),
-        days: (i64, i64),
+        visitor_cells: (i64, i64),
         precision: u8,
     ) -> Read<HashMap<String, SiteSpeed>> {
-        let collected = self.read(|m| m.sites(hosts, after_cutoff, cells, days, precision));
+        let collected =
+            self.read(|m| m.sites(hosts, after_cutoff, cells, visitor_cells, precision));
         collected.map(|s| {
             s.map(|mut s| {
                 for site in s.values_mut() {
-                    for v in site.days.values_mut() {
+                    for v in site.visitors.values_mut() {
                         *v = std::mem::take(v).finish(precision);
                     }
                 }
@@ -362,21 +364,22 @@ impl SpeedLayer {
 
     /// The source keys (referrer host, URL) of site `host` — of `url` alone when given — over
     /// the live epochs after `after_cutoff`: each one's views in `cells` = `[from, to)` and its
-    /// visitors on the UTC days `days` = `[from, to)`. A breakdown by any dimension sums these.
+    /// visitors in the cells `visitor_cells` = `[from, to)`. A breakdown by any dimension sums these.
     pub fn sources(
         &self,
         host: &str,
         url: Option<&str>,
         after_cutoff: Seq,
         cells: (i64, i64),
-        days: (i64, i64),
+        visitor_cells: (i64, i64),
         precision: u8,
     ) -> Read<Vec<SourceSpeed>> {
-        let collected = self.read(|m| m.sources(host, url, after_cutoff, cells, days, precision));
+        let collected =
+            self.read(|m| m.sources(host, url, after_cutoff, cells, visitor_cells, precision));
         collected.map(|s| {
             s.map(|mut s| {
                 for k in &mut s {
-                    for v in k.days.values_mut() {
+                    for v in k.visitors.values_mut() {
                         *v = std::mem::take(v).finish(precision);
                     }
                 }

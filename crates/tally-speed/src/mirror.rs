@@ -28,27 +28,28 @@ pub(crate) struct UrlCounts {
     /// `(cell, views)` ascending by cell, no zero entries.
     pub(crate) cells: Vec<(i64, u64)>,
     pub(crate) total: u64,
-    /// Distinct visitors per UTC day.
+    /// Distinct visitors per cell.
     pub(crate) visitors: Visitors,
 }
 
-/// The distinct visitors of one URL in one epoch, per UTC day: the exact hashes (what Redis
-/// holds, as [`crate::keys::visitor_member`]s), and for a day with more of them than a sparse
-/// sketch holds, also their HyperLogLog registers, kept up to date on insert. A uniques query
-/// then merges `2^p` registers for a busy day instead of sorting its hundreds of thousands of
+/// The distinct visitors of one URL in one epoch, per 15-minute cell (so that the visitors of
+/// any zone's local day, hour or month are whole cells): the exact hashes (what Redis holds, as
+/// [`crate::keys::visitor_member`]s), and for a cell with more of them than a sparse sketch
+/// holds, also their HyperLogLog registers, kept up to date on insert. A uniques query then
+/// merges `2^p` registers for a busy cell instead of sorting its hundreds of thousands of
 /// hashes (the registers are what the serving layer's union would compute from the hashes, so
 /// the answer is the same).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Visitors {
-    /// Ascending by day. A small vector, not an ordered map: a URL's live events fall on one or
-    /// two days, and the applier touches hundreds of thousands of these under its write lock
+    /// Ascending by cell. A small vector, not an ordered map: most URLs' live events fall in a
+    /// few cells, and the applier touches hundreds of thousands of these under its write lock
     /// (a `BTreeMap` node is ~800 bytes for one entry).
-    days: Vec<DayVisitors>,
+    cells: Vec<CellVisitors>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct DayVisitors {
-    day: i64,
+struct CellVisitors {
+    cell: i64,
     hashes: FastSet<u32>,
     /// `2^p` registers of `hashes`, once `hashes` is past the sparse limit of precision `p`.
     registers: Option<Box<[u8]>>,
@@ -56,22 +57,22 @@ struct DayVisitors {
 
 impl Visitors {
     /// Adds visitor members; with `dense_at = Some(p)`, keeps the registers of precision `p`
-    /// of every day past its sparse limit.
+    /// of every cell past its sparse limit.
     pub(crate) fn extend(&mut self, members: impl IntoIterator<Item = i64>, dense_at: Option<u8>) {
-        // Members come sorted by day from a delta: look the day up only when it changes.
+        // Members come sorted by cell from a delta: look the cell up only when it changes.
         let mut at: Option<usize> = None;
         for m in members {
-            let (day, h) = split_visitor_member(m);
+            let (cell, h) = split_visitor_member(m);
             let i = match at {
-                Some(i) if self.days[i].day == day => i,
+                Some(i) if self.cells[i].cell == cell => i,
                 _ => {
-                    let i = match self.days.binary_search_by_key(&day, |d| d.day) {
+                    let i = match self.cells.binary_search_by_key(&cell, |d| d.cell) {
                         Ok(i) => i,
                         Err(i) => {
-                            self.days.insert(
+                            self.cells.insert(
                                 i,
-                                DayVisitors {
-                                    day,
+                                CellVisitors {
+                                    cell,
                                     hashes: FastSet::default(),
                                     registers: None,
                                 },
@@ -83,7 +84,7 @@ impl Visitors {
                     i
                 }
             };
-            let d = &mut self.days[i];
+            let d = &mut self.cells[i];
             if d.hashes.insert(h) {
                 if let (Some(regs), Some(p)) = (d.registers.as_mut(), dense_at) {
                     tally_core::sketch::set_register(regs, p, h);
@@ -95,10 +96,10 @@ impl Visitors {
         }
     }
 
-    /// Builds the registers of precision `p` of the days past its sparse limit that have none.
+    /// Builds the registers of precision `p` of the cells past the sparse limit that have none.
     pub(crate) fn densify(&mut self, p: u8) {
         let limit = tally_core::sketch::sparse_limit(p);
-        for d in &mut self.days {
+        for d in &mut self.cells {
             if d.registers.is_none() && d.hashes.len() > limit {
                 let mut regs = vec![0u8; 1 << p].into_boxed_slice();
                 for h in &d.hashes {
@@ -109,29 +110,29 @@ impl Visitors {
         }
     }
 
-    /// Every (day, visitor) member.
+    /// Every (cell, visitor) member.
     pub(crate) fn members(&self) -> impl Iterator<Item = i64> + '_ {
-        self.days
+        self.cells
             .iter()
-            .flat_map(|d| d.hashes.iter().map(|h| visitor_member(d.day, *h)))
+            .flat_map(|d| d.hashes.iter().map(|h| visitor_member(d.cell, *h)))
     }
 
-    /// The days in `[from_day, to_day)`.
-    fn range(&self, from_day: i64, to_day: i64) -> &[DayVisitors] {
-        let a = self.days.partition_point(|d| d.day < from_day);
-        let b = a + self.days[a..].partition_point(|d| d.day < to_day);
-        &self.days[a..b]
+    /// The cells in `[from_cell, to_cell)`.
+    fn range(&self, from_cell: i64, to_cell: i64) -> &[CellVisitors] {
+        let a = self.cells.partition_point(|d| d.cell < from_cell);
+        let b = a + self.cells[a..].partition_point(|d| d.cell < to_cell);
+        &self.cells[a..b]
     }
 }
 
-/// The visitors of a URL in a range of days across the live epochs, as the serving layer
-/// merges them with the batch view's sketches: the distinct hashes of the quiet days and the
+/// The visitors of a URL in a range of cells across the live epochs, as the serving layer
+/// merges them with the batch view's sketches: the distinct hashes of the quiet cells and the
 /// max of the registers of the busy ones.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpeedVisitors {
     /// Sorted, distinct; empty when `registers` is set (they are in them).
     pub hashes: Vec<u32>,
-    /// `2^p` registers at the precision asked for, when some day was past its sparse limit.
+    /// `2^p` registers at the precision asked for, when some cell was past its sparse limit.
     pub registers: Option<Box<[u8]>>,
 }
 
@@ -145,8 +146,8 @@ pub struct SourceSpeed {
     pub views: u64,
     /// Those views per cell, ascending.
     pub cells: Vec<(i64, u64)>,
-    /// UTC day → its visitors that day, for the days asked for.
-    pub days: BTreeMap<i64, SpeedVisitors>,
+    /// Cell → its visitors in that cell, for the cells asked for.
+    pub visitors: BTreeMap<i64, SpeedVisitors>,
 }
 
 /// A site's share of the speed layer ([`crate::SpeedLayer::sites`]).
@@ -154,8 +155,8 @@ pub struct SourceSpeed {
 pub struct SiteSpeed {
     /// `(cell, views)` ascending, non-zero.
     pub cells: Vec<(i64, u64)>,
-    /// UTC day → the site's visitors that day.
-    pub days: BTreeMap<i64, SpeedVisitors>,
+    /// Cell → the site's visitors in that cell.
+    pub visitors: BTreeMap<i64, SpeedVisitors>,
 }
 
 impl SpeedVisitors {
@@ -198,7 +199,7 @@ pub(crate) struct UrlUpdate<'a> {
 }
 
 impl UrlUpdate<'_> {
-    /// Builds a new URL's counts (registers of `precision` for busy days) and reads its total
+    /// Builds a new URL's counts (registers of `precision` for busy cells) and reads its total
     /// in `base`: the work of an apply that needs no lock.
     pub(crate) fn complete(&mut self, precision: u8, base: Option<&Arc<dyn BaseTotals>>) {
         if self.new {
@@ -214,14 +215,14 @@ fn same_view(a: &Arc<dyn BaseTotals>, b: &Arc<dyn BaseTotals>) -> bool {
 }
 
 impl UrlCounts {
-    /// The counts of a delta alone, keeping registers of `precision` for busy days.
+    /// The counts of a delta alone, keeping registers of `precision` for busy cells.
     pub(crate) fn of(d: &UrlDelta, precision: u8) -> UrlCounts {
         let mut c = UrlCounts::default();
         c.add_delta(d, precision);
         c
     }
 
-    /// Adds a delta, keeping registers of `precision` for busy days.
+    /// Adds a delta, keeping registers of `precision` for busy cells.
     pub(crate) fn add_delta(&mut self, d: &UrlDelta, precision: u8) {
         for (h, n) in &d.cells {
             self.add(*h, *n);
@@ -396,7 +397,7 @@ pub(crate) struct Mirror {
     pub(crate) floor: Seq,
     /// The rankings of the serving view ([`Mirror::set_base`]), kept up to date by `apply`.
     ranking: Option<Ranking>,
-    /// Precision of the registers kept for busy URL-days ([`Visitors`]).
+    /// Precision of the registers kept for busy URL-cells ([`Visitors`]).
     pub(crate) precision: u8,
 }
 
@@ -410,7 +411,7 @@ impl Default for Mirror {
 
 impl Mirror {
     /// A mirror that holds every epoch from `floor` on, all empty, keeping registers of
-    /// `precision` for busy URL-days.
+    /// `precision` for busy URL-cells.
     pub(crate) fn empty(floor: Seq, precision: u8) -> Mirror {
         Mirror {
             dict: UrlDict::default(),
@@ -752,34 +753,34 @@ impl Mirror {
         Ok(out.into_iter().collect())
     }
 
-    /// The visitors of `url` on the UTC days `[from_day, to_day)`, for sketches of precision
-    /// `precision`: busy days as registers when the mirror keeps them at that precision, every
-    /// other day as hashes — in no order, possibly repeated: the caller
+    /// The visitors of `url` in the cells `[from_cell, to_cell)`, for sketches of precision
+    /// `precision`: busy cells as registers when the mirror keeps them at that precision, every
+    /// other cell as hashes — in no order, possibly repeated: the caller
     /// [`SpeedVisitors::finish`]es them after releasing the lock (sorting a busy URL's hashes
     /// under it held the applier, and every reader queued behind it, for milliseconds).
     pub(crate) fn visitors(
         &self,
         url: &str,
         after_cutoff: Seq,
-        from_day: i64,
-        to_day: i64,
+        from_cell: i64,
+        to_cell: i64,
         precision: u8,
     ) -> Result<SpeedVisitors, NotCovered> {
         let mut out = SpeedVisitors::default();
-        if from_day >= to_day {
+        if from_cell >= to_cell {
             return Ok(out);
         }
         for c in self.url_counts(url, after_cutoff)? {
-            for d in c.visitors.range(from_day, to_day) {
-                self.collect_day(&mut out, d, precision);
+            for d in c.visitors.range(from_cell, to_cell) {
+                self.collect_cell(&mut out, d, precision);
             }
         }
         Ok(out)
     }
 
-    /// Adds the visitors of one URL-day to `out`: its registers when it keeps them at the
+    /// Adds the visitors of one URL-cell to `out`: its registers when it keeps them at the
     /// precision asked for, else its hashes (see [`SpeedVisitors::finish`]).
-    fn collect_day(&self, out: &mut SpeedVisitors, d: &DayVisitors, precision: u8) {
+    fn collect_cell(&self, out: &mut SpeedVisitors, d: &CellVisitors, precision: u8) {
         match &d.registers {
             Some(r) if precision == self.precision => {
                 let regs = out
@@ -794,18 +795,18 @@ impl Mirror {
     }
 
     /// The whole sites `hosts` in the live epochs after `after_cutoff`: each one's views per
-    /// cell in `[from_cell, to_cell)`, ascending, and its visitors per UTC day in
-    /// `[from_day, to_day)` (collected over its URLs; [`SpeedVisitors::finish`] each). One scan
+    /// cell in `cells`, ascending, and its visitors per cell in `visitor_cells` (collected over
+    /// its URLs; [`SpeedVisitors::finish`] each). One scan
     /// of the live URLs for all of them.
     pub(crate) fn sites(
         &self,
         hosts: &[&str],
         after_cutoff: Seq,
         cells: (i64, i64),
-        days: (i64, i64),
+        visitor_cells: (i64, i64),
         precision: u8,
     ) -> Result<HashMap<String, SiteSpeed>, NotCovered> {
-        /// One site's views per cell and visitors per day, as they are collected.
+        /// One site's views per cell and visitors per cell, as they are collected.
         #[derive(Default)]
         struct Acc {
             views: BTreeMap<i64, u64>,
@@ -827,9 +828,9 @@ impl Mirror {
                 for (cell, n) in c.cells[a..].iter().take_while(|x| x.0 < cells.1) {
                     *views.entry(*cell).or_default() += n;
                 }
-                if days.0 < days.1 {
-                    for d in c.visitors.range(days.0, days.1) {
-                        self.collect_day(visitors.entry(d.day).or_default(), d, precision);
+                if visitor_cells.0 < visitor_cells.1 {
+                    for d in c.visitors.range(visitor_cells.0, visitor_cells.1) {
+                        self.collect_cell(visitors.entry(d.cell).or_default(), d, precision);
                     }
                 }
             }
@@ -839,7 +840,7 @@ impl Mirror {
             .map(|(h, Acc { views, visitors })| {
                 let site = SiteSpeed {
                     cells: views.into_iter().collect(),
-                    days: visitors,
+                    visitors,
                 };
                 (h.to_string(), site)
             })
@@ -848,7 +849,7 @@ impl Mirror {
 
     /// The source keys of site `host` (of `url` alone when given) with views in the cells
     /// `cells` over the live epochs after `after_cutoff`, with those views and their visitors
-    /// on the UTC days `days` (not yet [`SpeedVisitors::finish`]ed). One scan of the live
+    /// in the cells `visitor_cells` (not yet [`SpeedVisitors::finish`]ed). One scan of the live
     /// source keys.
     pub(crate) fn sources(
         &self,
@@ -856,7 +857,7 @@ impl Mirror {
         url: Option<&str>,
         after_cutoff: Seq,
         cells: (i64, i64),
-        days: (i64, i64),
+        visitor_cells: (i64, i64),
         precision: u8,
     ) -> Result<Vec<SourceSpeed>, NotCovered> {
         // Keyed by (id, direct): a direct partition goes by its URL's id.
@@ -867,8 +868,8 @@ impl Mirror {
             if a == b {
                 return;
             }
-            let visitors = match days.0 < days.1 {
-                true => c.visitors.range(days.0, days.1),
+            let visitors = match visitor_cells.0 < visitor_cells.1 {
+                true => c.visitors.range(visitor_cells.0, visitor_cells.1),
                 false => &[],
             };
             let s = acc.entry(key).or_insert_with(|| SourceSpeed {
@@ -879,7 +880,7 @@ impl Mirror {
             s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
             s.cells.extend_from_slice(&c.cells[a..b]);
             for d in visitors {
-                self.collect_day(s.days.entry(d.day).or_default(), d, precision);
+                self.collect_cell(s.visitors.entry(d.cell).or_default(), d, precision);
             }
         };
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
@@ -1133,9 +1134,9 @@ mod tests {
     }
 
     #[test]
-    fn visitor_hashes_are_a_union_over_epochs_and_days() {
+    fn visitor_hashes_are_a_union_over_epochs_and_cells() {
         use tally_core::sketch::visitor_hash32;
-        use tally_core::DAY_MS;
+        use tally_core::{CELL_MS, DAY_MS};
         let mut events = Vec::new();
         for (seq, v, day) in [
             (1, "x", 0),
@@ -1149,8 +1150,10 @@ mod tests {
             events.push(e);
         }
         let m = mirror_of(&events, &[Seq(1), Seq(4)]);
+        // Days `[from, to)`, as cells.
         let hashes = |url: &str, after: Seq, from: i64, to: i64| {
-            m.visitors(url, after, from, to, 14).map(|v| {
+            let day = DAY_MS / CELL_MS;
+            m.visitors(url, after, from * day, to * day, 14).map(|v| {
                 let v = v.finish(14);
                 assert_eq!(v.registers, None, "no day is busy");
                 v.hashes
@@ -1168,12 +1171,13 @@ mod tests {
     }
 
     #[test]
-    fn busy_days_keep_registers_that_equal_those_of_their_hashes() {
+    fn busy_cells_keep_registers_that_equal_those_of_their_hashes() {
         use tally_core::sketch::{set_register, visitor_hash32};
-        use tally_core::DAY_MS;
+        use tally_core::{CELL_MS, DAY_MS};
         let p = 4; // a sparse sketch holds 4 hashes
         let mut events = Vec::new();
-        // Day 0: 3 visitors (quiet); day 1: 40 visitors, half in each epoch (busy in both).
+        // Day 0: 3 visitors (quiet); day 1: 40 visitors in its first cell, half in each epoch
+        // (busy in both).
         for i in 0..3 {
             let mut e = ev(events.len() as u64 + 1, "u", 0);
             e.event.visitor = Some(format!("q{i}"));
@@ -1219,7 +1223,9 @@ mod tests {
         quiet.sort_unstable();
         for mirror in [&m, &loaded] {
             // Collected: the busy day as registers, the quiet day as hashes.
-            let mut got = mirror.visitors("u", Seq(0), 0, 2, p).unwrap();
+            let mut got = mirror
+                .visitors("u", Seq(0), 0, 2 * DAY_MS / CELL_MS, p)
+                .unwrap();
             got.hashes.sort_unstable();
             assert_eq!(got.hashes, quiet);
             assert_eq!(got.registers.as_deref(), Some(&busy[..]));
@@ -1228,11 +1234,14 @@ mod tests {
             assert!(got.hashes.is_empty());
             assert_eq!(got.registers.as_deref(), Some(&all_regs[..]));
             // Only the second epoch: its 20 visitors are still busy.
-            let late = mirror.visitors("u", Seq(cut.0 - 1), 1, 2, p).unwrap();
+            let day1 = (DAY_MS / CELL_MS, 2 * DAY_MS / CELL_MS);
+            let late = mirror
+                .visitors("u", Seq(cut.0 - 1), day1.0, day1.1, p)
+                .unwrap();
             assert!(late.hashes.is_empty() && late.registers.is_some());
             // Another precision: every hash, no registers.
             let all = mirror
-                .visitors("u", Seq(0), 0, 2, p + 1)
+                .visitors("u", Seq(0), 0, day1.1, p + 1)
                 .unwrap()
                 .finish(p + 1);
             assert_eq!((all.hashes.len(), all.registers), (43, None));

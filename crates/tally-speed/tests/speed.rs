@@ -267,6 +267,11 @@ fn assert_same_sketch(got: tally_speed::SpeedVisitors, want: &[u32], what: &str)
     }
 }
 
+/// The first cell of day `day` (saturating: `i64::MIN` and `i64::MAX` stay unbounded).
+fn cells(day: i64) -> i64 {
+    day.saturating_mul(tally_core::DAY_MS / tally_core::CELL_MS)
+}
+
 /// Compares every read of the speed layer with the model, for batch cutoff `after`.
 fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
     let d0 = tally_core::day_of(BASE_TS);
@@ -275,7 +280,7 @@ fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
             let u = url(i);
             let want = model.visitors(&u, after, from, to);
             // At another precision than the mirror keeps registers for: every hash.
-            let exact = speed.visitors(&u, after, from, to, PRECISION + 1);
+            let exact = speed.visitors(&u, after, cells(from), cells(to), PRECISION + 1);
             assert_eq!(
                 exact.map(|v| v.map(|v| (v.hashes, v.registers))),
                 Ok(Some((want.clone(), None))),
@@ -283,7 +288,7 @@ fn assert_exact(speed: &SpeedLayer, model: &Model, after: Seq, rng: &mut Rng) {
             );
             // At the mirror's precision: busy days as registers, the same sketch.
             let got = speed
-                .visitors(&u, after, from, to, PRECISION)
+                .visitors(&u, after, cells(from), cells(to), PRECISION)
                 .unwrap()
                 .unwrap();
             assert_same_sketch(got, &want, &format!("{u} after {after} on [{from}, {to})"));
@@ -486,7 +491,7 @@ async fn urls_with_colliding_hashes_keep_their_own_counts() {
     let day = tally_core::day_of(BASE_TS);
     assert_eq!(
         speed
-            .visitors(a, Seq(0), day, day + 1, PRECISION + 1)
+            .visitors(a, Seq(0), cells(day), cells(day + 1), PRECISION + 1)
             .map(|v| v.map(|v| v.hashes.len())),
         Ok(Some(5))
     );
