@@ -158,8 +158,28 @@ pub enum Piece<'a> {
 mod tests {
     use super::*;
 
+    /// One key's data, as a view lays it out.
+    struct Key {
+        cells: Vec<i64>,
+        offsets: Vec<u32>,
+        hashes: Vec<u32>,
+        days: Vec<i64>,
+        sketches: Vec<VisitorSketch>,
+    }
+
+    impl Key {
+        fn visitors(&self) -> KeyVisitors<'_> {
+            KeyVisitors::new(
+                (&self.days, &self.sketches),
+                &self.cells,
+                &self.offsets,
+                &self.hashes,
+            )
+        }
+    }
+
     /// Visitors `1..=n` of cell `c` for each `(c, n)`.
-    fn key(cells: &[(i64, u32)]) -> (Vec<i64>, Vec<u32>, Vec<u32>, Vec<i64>, Vec<VisitorSketch>) {
+    fn key(cells: &[(i64, u32)]) -> Key {
         let mut offsets = vec![0u32];
         let mut hashes = Vec::new();
         for &(_, n) in cells {
@@ -183,15 +203,20 @@ mod tests {
                 VisitorSketch::from_hashes(14, (1..=n).collect()).unwrap()
             })
             .collect();
-        let cs = cells.iter().map(|c| c.0).collect();
-        (cs, offsets, hashes, days, sketches)
+        Key {
+            cells: cells.iter().map(|c| c.0).collect(),
+            offsets,
+            hashes,
+            days,
+            sketches,
+        }
     }
 
     #[test]
     fn a_range_takes_whole_days_as_sketches_and_cut_days_as_cells() {
         // Day 0: cells 5 (3 visitors) and 90 (7); day 1: cell 100 (2); day 2: cell 200 (9).
-        let (cells, offsets, hashes, days, sketches) = key(&[(5, 3), (90, 7), (100, 2), (200, 9)]);
-        let k = KeyVisitors::new((&days, &sketches), &cells, &offsets, &hashes);
+        let data = key(&[(5, 3), (90, 7), (100, 2), (200, 9)]);
+        let k = data.visitors();
         let count = |a, b| {
             let mut p = Pieces::default();
             k.collect(a, b, &mut p);
@@ -210,8 +235,8 @@ mod tests {
 
     #[test]
     fn buckets_take_a_day_whole_only_when_it_lies_in_one() {
-        let (cells, offsets, hashes, days, sketches) = key(&[(5, 3), (90, 7), (100, 2)]);
-        let k = KeyVisitors::new((&days, &sketches), &cells, &offsets, &hashes);
+        let data = key(&[(5, 3), (90, 7), (100, 2)]);
+        let k = data.visitors();
         // Buckets of 12 hours: every day is cut.
         let half = |ms: i64| ms - ms.rem_euclid(DAY_MS / 2);
         let mut got = Vec::new();
