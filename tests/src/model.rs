@@ -171,6 +171,16 @@ pub fn make_urls(n: usize, hosts: usize) -> Vec<String> {
         .collect()
 }
 
+/// Posts page views `(url, ts, visitor)` in one `/v1/events` request; they must be accepted.
+pub fn post_visits<U: AsRef<str>, V: AsRef<str>>(server: &TestServer, events: &[(U, i64, V)]) {
+    let body: Vec<Value> = events
+        .iter()
+        .map(|(u, ts, v)| json!({"url": u.as_ref(), "ts": ts, "visitor": v.as_ref()}))
+        .collect();
+    let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
+    assert_eq!(code, 202, "ingest: {resp}");
+}
+
 /// Posts events for these URLs with these timestamps.
 pub fn ingest_exact(server: &TestServer, model: &mut Model, events: &[(String, i64)]) {
     let body: Vec<Value> = events

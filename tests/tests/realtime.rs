@@ -2,16 +2,11 @@
 //! the speed layer — views exact, visitors distinct, pages most viewed first — also after the
 //! speed layer is rebuilt from the master dataset (Redis lost), and nothing older than the window.
 
-use serde_json::{json, Value};
-use tally_e2e::{now_ms, ServerOpts, TestServer, JSON};
+use serde_json::json;
+use tally_e2e::{now_ms, post_visits, ServerOpts, TestServer};
 
 fn send(server: &TestServer, events: &[(&str, i64, &str)]) {
-    let body: Vec<Value> = events
-        .iter()
-        .map(|(url, ts, visitor)| json!({"url": url, "ts": ts, "visitor": visitor}))
-        .collect();
-    let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
-    assert_eq!(code, 202, "{resp}");
+    post_visits(server, events);
     server.wait_caught_up();
 }
 

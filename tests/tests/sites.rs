@@ -9,9 +9,9 @@ use chrono::{DateTime, Datelike, TimeZone};
 use chrono_tz::Tz;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tally_e2e::{
-    batch_run, enc, now_ms, parse_ms, rfc3339, seed, ServerOpts, TestServer, DAY_MS, JSON,
+    batch_run, enc, now_ms, parse_ms, post_visits, rfc3339, seed, ServerOpts, TestServer, DAY_MS,
 };
 
 const HOSTS: [&str; 3] = ["a.site.test", "b.site.test", "c.site.test"];
@@ -51,7 +51,6 @@ impl Model {
 fn ingest(server: &TestServer, model: &mut Model, rng: &mut StdRng, n: usize) {
     let now = now_ms();
     let mut events = Vec::new();
-    let mut body = Vec::new();
     for _ in 0..n {
         let skew = rng.random_range(0..HOSTS.len());
         let host = HOSTS[rng.random_range(0..=skew)];
@@ -59,11 +58,9 @@ fn ingest(server: &TestServer, model: &mut Model, rng: &mut StdRng, n: usize) {
         let ts = now - rng.random_range(0..9 * DAY_MS);
         // Visitors of one site visit several of its pages: its uniques are not a sum.
         let visitor = format!("v{}", rng.random_range(0..120));
-        body.push(json!({"url": url, "ts": ts, "visitor": visitor}));
         events.push((url, ts, visitor));
     }
-    let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
-    assert_eq!(code, 202, "{resp}");
+    post_visits(server, &events);
     model.events.extend(events);
 }
 

@@ -15,11 +15,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::{
-    batch_run, enc, ingest_exact, parse_ms, seed, top_items, Model, ServerOpts, TestServer,
-    HOUR_MS, JSON,
+    batch_run, enc, ingest_exact, parse_ms, post_visits, seed, top_items, Model, ServerOpts,
+    TestServer, HOUR_MS,
 };
 
 /// Zones with DST, 30/45-minute offsets, Lord Howe's 30-minute DST and a midnight DST gap.
+/// The pages every test here sends views to.
+const URLS: [&str; 3] = [
+    "https://a.test/",
+    "https://a.test/pricing",
+    "https://b.test/",
+];
+
 const ZONES: &[&str] = &[
     "UTC",
     "Europe/Berlin",
@@ -216,11 +223,7 @@ fn events_around_transitions(rng: &mut StdRng, urls: &[&str], n: usize) -> Vec<(
 fn counts_in_local_hours_days_and_months_of_any_zone_match_the_model() {
     let mut rng = StdRng::seed_from_u64(seed());
     let server = TestServer::start(ServerOpts::default());
-    let urls = [
-        "https://a.test/",
-        "https://a.test/pricing",
-        "https://b.test/",
-    ];
+    let urls = URLS;
     let mut model = Model::default();
     let events = events_around_transitions(&mut rng, &urls, 1500);
     ingest_exact(&server, &mut model, &events);
@@ -305,12 +308,7 @@ impl VisitorModel {
             .into_iter()
             .map(|(u, t)| (u, t, format!("v{}", rng.random_range(0..120))))
             .collect();
-        let body: Vec<Value> = events
-            .iter()
-            .map(|(u, t, v)| json!({"url": u, "ts": t, "visitor": v}))
-            .collect();
-        let (code, resp) = server.post_events(Value::Array(body).to_string(), JSON);
-        assert_eq!(code, 202, "ingest: {resp}");
+        post_visits(server, &events);
         self.events.extend(events);
     }
 }
@@ -506,11 +504,7 @@ fn probe_uniques(server: &TestServer, m: &VisitorModel, rng: &mut StdRng) {
 fn uniques_in_local_days_hours_and_months_of_any_zone_match_the_model() {
     let mut rng = StdRng::seed_from_u64(seed());
     let server = TestServer::start(ServerOpts::default());
-    let urls = [
-        "https://a.test/",
-        "https://a.test/pricing",
-        "https://b.test/",
-    ];
+    let urls = URLS;
     let mut m = VisitorModel::default();
     m.ingest(&server, &mut rng, &urls, 1500);
     probe_uniques(&server, &m, &mut rng);

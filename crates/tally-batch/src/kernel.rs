@@ -35,7 +35,7 @@ use tally_master::MasterFile;
 
 use crate::error::{Error, Result};
 use crate::sketch::{self, VisitorSketch};
-use crate::visitors::CELLS_PER_DAY;
+use crate::visitors::{KeyVisitors, CELLS_PER_DAY};
 
 /// Rows decoded per Arrow batch.
 const BATCH_ROWS: usize = 64 * 1024;
@@ -140,6 +140,18 @@ impl SketchData {
             cell_offsets: vec![0; cells + 1],
             ..Default::default()
         }
+    }
+
+    /// The visitors of key `i`, whose cells are `cells`, the entries `first_cell..` of the
+    /// cells this data was built with ([`ViewData::cell`]).
+    pub fn key<'a>(&'a self, i: usize, first_cell: usize, cells: &'a [i64]) -> KeyVisitors<'a> {
+        let (s, e) = (self.offsets[i], self.offsets[i + 1]);
+        let days = (&self.days[s..e], &self.sketches[s..e]);
+        if self.cell_offsets.is_empty() {
+            return KeyVisitors::new(days, &[], &[], &[]);
+        }
+        let lists = &self.cell_offsets[first_cell..=first_cell + cells.len()];
+        KeyVisitors::new(days, cells, lists, &self.cell_hashes)
     }
 }
 

@@ -14,11 +14,12 @@ use std::sync::Arc;
 
 use tally_core::hash::FastMap;
 
+use crate::kernel::SketchData;
 use crate::sketch::VisitorSketch;
 use crate::visitors::KeyVisitors;
 
 /// The sites of a view, laid out like its URLs: site `i` owns cells
-/// `cell[offsets[i]..offsets[i+1]]` and days `days[sketch_offsets[i]..sketch_offsets[i+1]]`.
+/// `cell[offsets[i]..offsets[i+1]]`, and its visitors are key `i` of `visitors`.
 #[derive(Debug, Default)]
 pub(crate) struct Sites {
     names: Vec<Arc<str>>,
@@ -27,13 +28,8 @@ pub(crate) struct Sites {
     cell: Vec<i64>,
     /// `prefix[j]` = views of cells `0..j` over all sites.
     prefix: Vec<u64>,
-    sketch_offsets: Vec<usize>,
-    days: Vec<i64>,
-    sketches: Vec<VisitorSketch>,
-    /// The distinct visitors of site cell `j`: `hashes[cell_visitors[j]..cell_visitors[j+1]]`
-    /// (empty without sketches).
-    cell_visitors: Vec<u32>,
-    hashes: Vec<u32>,
+    /// Site-day sketches and site-cell visitor lists, when the view has sketches.
+    visitors: Option<SketchData>,
 }
 
 /// What [`Sites::build`] reads of one URL: its cells with views, and its visitors.
@@ -52,11 +48,7 @@ impl Sites {
         let mut s = Sites {
             offsets: vec![0],
             prefix: vec![0],
-            sketch_offsets: vec![0],
-            cell_visitors: match precision {
-                Some(_) => vec![0],
-                None => Vec::new(),
-            },
+            visitors: precision.map(|p| SketchData::empty(p, 0, 0)),
             ..Default::default()
         };
         let mut hosts: Vec<(Arc<str>, Vec<UrlPart<'a>>)> = hosts.into_iter().collect();
@@ -80,7 +72,7 @@ impl Sites {
                     last = Some(c);
                 }
             }
-            if precision.is_some() {
+            if let Some(v) = s.visitors.as_mut() {
                 // Each site cell's visitors: the union of its URLs' lists of that cell.
                 let mut lists: Vec<(i64, &[u32])> = parts
                     .iter()
@@ -92,23 +84,22 @@ impl Sites {
                     let k = j + lists[j..].partition_point(|l| l.0 <= c);
                     match &lists[j..k] {
                         [] => {}
-                        [(_, one)] => s.hashes.extend_from_slice(one),
+                        [(_, one)] => v.cell_hashes.extend_from_slice(one),
                         many => {
                             let mut all: Vec<u32> =
                                 many.iter().flat_map(|l| l.1.iter().copied()).collect();
                             all.sort_unstable();
                             all.dedup();
-                            s.hashes.extend_from_slice(&all);
+                            v.cell_hashes.extend_from_slice(&all);
                         }
                     }
-                    s.cell_visitors.push(
-                        u32::try_from(s.hashes.len()).expect("a site's lists are its URLs' united"),
+                    v.cell_offsets.push(
+                        u32::try_from(v.cell_hashes.len())
+                            .expect("a site's lists are its URLs' united"),
                     );
                     j = k;
                 }
-            }
-            s.offsets.push(s.cell.len());
-            if let Some(p) = precision {
+                // Each site day's sketch: the union of its URLs' sketches of that day.
                 let mut days: Vec<(i64, &VisitorSketch)> = parts
                     .iter()
                     .flat_map(|u| {
@@ -122,14 +113,16 @@ impl Sites {
                     let day = days[j].0;
                     let k = j + days[j..].partition_point(|d| d.0 == day);
                     // Every day sketch of the view has its precision: the union cannot fail.
-                    let merged = VisitorSketch::union(p, days[j..k].iter().map(|d| d.1), &[])
-                        .expect("day sketches share the view's precision");
-                    s.days.push(day);
-                    s.sketches.push(merged);
+                    let merged =
+                        VisitorSketch::union(v.precision, days[j..k].iter().map(|d| d.1), &[])
+                            .expect("day sketches share the view's precision");
+                    v.days.push(day);
+                    v.sketches.push(merged);
                     j = k;
                 }
+                v.offsets.push(v.days.len());
             }
-            s.sketch_offsets.push(s.days.len());
+            s.offsets.push(s.cell.len());
             s.index.insert(host.clone(), s.names.len() as u32);
             s.names.push(host);
         }
@@ -185,10 +178,9 @@ impl Sites {
         let Some(i) = self.id(host) else {
             return KeyVisitors::default();
         };
-        crate::view::key_visitors(
-            (&self.sketch_offsets, &self.days, &self.sketches),
-            (&self.offsets, &self.cell, &self.cell_visitors, &self.hashes),
-            i,
-        )
+        let (s, e) = (self.offsets[i], self.offsets[i + 1]);
+        self.visitors
+            .as_ref()
+            .map_or_else(KeyVisitors::default, |v| v.key(i, s, &self.cell[s..e]))
     }
 }

@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use tally_core::hash::FastMap;
 
-use crate::kernel::ViewData;
-use crate::sketch::VisitorSketch;
+use crate::kernel::{SketchData, ViewData};
 use crate::visitors::KeyVisitors;
 
 /// One source key's share of a range ([`crate::BatchView::sources_of`]).
@@ -27,8 +26,7 @@ pub struct SourceCount<'a> {
     pub visitors: KeyVisitors<'a>,
 }
 
-/// Laid out like the view's URLs: key `i` owns `cell[offsets[i]..offsets[i+1]]` and
-/// `days[sketch_offsets[i]..sketch_offsets[i+1]]`.
+/// Laid out like the view's URLs: key `i` owns `cell[offsets[i]..offsets[i+1]]`.
 #[derive(Debug, Default)]
 pub(crate) struct Sources {
     /// `(referrer host, url)` per key.
@@ -38,11 +36,8 @@ pub(crate) struct Sources {
     views: Vec<u64>,
     /// `prefix[j]` = views of cells `0..j` over all keys.
     prefix: Vec<u64>,
-    sketch_offsets: Vec<usize>,
-    days: Vec<i64>,
-    sketches: Vec<VisitorSketch>,
-    cell_offsets: Vec<u32>,
-    cell_hashes: Vec<u32>,
+    /// Visitor sketches per (key, UTC day) and lists per (key, cell), when computed.
+    visitors: Option<SketchData>,
     /// Host → its keys.
     hosts: FastMap<Arc<str>, Vec<u32>>,
 }
@@ -74,27 +69,13 @@ impl Sources {
             }
             keys.push((Box::from(referrer), Box::from(url)));
         }
-        let (sketch_offsets, days, sketches, cell_offsets, cell_hashes) = match sketches {
-            Some(s) => (s.offsets, s.days, s.sketches, s.cell_offsets, s.cell_hashes),
-            None => (
-                vec![0; keys.len() + 1],
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            ),
-        };
         Sources {
             keys,
             offsets: if offsets.is_empty() { vec![0] } else { offsets },
             cell,
             views,
             prefix,
-            sketch_offsets,
-            days,
-            sketches,
-            cell_offsets,
-            cell_hashes,
+            visitors: sketches,
             hosts,
         }
     }
@@ -128,16 +109,10 @@ impl Sources {
                 views,
                 cells: &cells[a..b],
                 cell_views: &self.views[s + a..s + b],
-                visitors: crate::view::key_visitors(
-                    (&self.sketch_offsets, &self.days, &self.sketches),
-                    (
-                        &self.offsets,
-                        &self.cell,
-                        &self.cell_offsets,
-                        &self.cell_hashes,
-                    ),
-                    i,
-                ),
+                visitors: self
+                    .visitors
+                    .as_ref()
+                    .map_or_else(KeyVisitors::default, |v| v.key(i, s, cells)),
             })
         })
     }

@@ -7,7 +7,7 @@ use tally_core::hash::FastMap;
 use tally_core::Seq;
 
 use crate::error::Result;
-use crate::kernel::ViewData;
+use crate::kernel::{SketchData, ViewData};
 use crate::site::{Sites, UrlPart};
 use crate::sketch::VisitorSketch;
 use crate::sources::{SourceCount, Sources};
@@ -37,14 +37,8 @@ pub struct BatchView {
     /// `(cell, url id)` of the cells after the one the view was computed in (events
     /// that were ahead of the clock), ascending.
     late: Vec<(i64, u32)>,
-    sketch_precision: Option<u8>,
-    sketch_offsets: Vec<usize>,
-    sketch_days: Vec<i64>,
-    sketches: Vec<VisitorSketch>,
-    /// The distinct visitors of cell `j` of `cell`: `cell_hashes[cell_offsets[j]..cell_offsets[j+1]]`
-    /// (empty without sketches).
-    cell_offsets: Vec<u32>,
-    cell_hashes: Vec<u32>,
+    /// Visitor sketches per (URL, UTC day) and visitor lists per (URL, cell), when computed.
+    visitors: Option<SketchData>,
     /// Per URL, the union of its day sketches per week (`day.div_euclid(7)`), built at load:
     /// a 30-day uniques query merges ~4 of them and the ragged days instead of 30 days.
     week_offsets: Vec<usize>,
@@ -105,27 +99,8 @@ impl BatchView {
             late.extend(cell[a..e].iter().map(|&h| (h, i as u32)));
         }
         late.sort_unstable();
-        let (sketch_precision, sketch_offsets, sketch_days, sketches, cell_offsets, cell_hashes) =
-            match sketches {
-                Some(s) => (
-                    Some(s.precision),
-                    s.offsets,
-                    s.days,
-                    s.sketches,
-                    s.cell_offsets,
-                    s.cell_hashes,
-                ),
-                None => (
-                    None,
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                ),
-            };
         let sites = Sites::build(
-            sketch_precision,
+            sketches.as_ref().map(|s| s.precision),
             hosts.iter().map(|(h, ids)| {
                 let parts = ids
                     .iter()
@@ -135,19 +110,17 @@ impl BatchView {
                         UrlPart {
                             cells: &cell[s..e],
                             views: &views[s..e],
-                            visitors: key_visitors(
-                                (&sketch_offsets, &sketch_days, &sketches),
-                                (&offsets, &cell, &cell_offsets, &cell_hashes),
-                                i,
-                            ),
+                            visitors: sketches
+                                .as_ref()
+                                .map_or_else(KeyVisitors::default, |v| v.key(i, s, &cell[s..e])),
                         }
                     })
                     .collect();
                 (h.clone(), parts)
             }),
         );
-        let (week_offsets, weeks, week_sketches) = match sketch_precision {
-            Some(p) => week_unions(p, &sketch_offsets, &sketch_days, &sketches),
+        let (week_offsets, weeks, week_sketches) = match &sketches {
+            Some(v) => week_unions(v.precision, &v.offsets, &v.days, &v.sketches),
             None => (Vec::new(), Vec::new(), Vec::new()),
         };
         BatchView {
@@ -164,12 +137,7 @@ impl BatchView {
             by_total,
             hosts,
             late,
-            sketch_precision,
-            sketch_offsets,
-            sketch_days,
-            sketches,
-            cell_offsets,
-            cell_hashes,
+            visitors: sketches,
             week_offsets,
             weeks,
             week_sketches,
@@ -297,7 +265,7 @@ impl BatchView {
 
     /// Precision of the visitor sketches, `None` when the view has none.
     pub fn sketch_precision(&self) -> Option<u8> {
-        self.sketch_precision
+        self.visitors.as_ref().map(|v| v.precision)
     }
 
     /// The visitor sketch of `url` on UTC day `day` (days since the epoch), if any visitor.
@@ -309,17 +277,11 @@ impl BatchView {
     /// The visitors of `url`: its day sketches and its cells' visitor lists (none when the view
     /// has no sketches or does not know `url`).
     pub fn visitors(&self, url: &str) -> KeyVisitors<'_> {
-        match (self.sketch_precision, self.id(url)) {
-            (Some(_), Some(i)) => key_visitors(
-                (&self.sketch_offsets, &self.sketch_days, &self.sketches),
-                (
-                    &self.offsets,
-                    &self.cell,
-                    &self.cell_offsets,
-                    &self.cell_hashes,
-                ),
-                i,
-            ),
+        match (&self.visitors, self.id(url)) {
+            (Some(v), Some(i)) => {
+                let (s, e) = (self.offsets[i], self.offsets[i + 1]);
+                v.key(i, s, &self.cell[s..e])
+            }
             _ => KeyVisitors::default(),
         }
     }
@@ -343,7 +305,7 @@ impl BatchView {
         let d0 = (from_cell + CELLS_PER_DAY - 1).div_euclid(CELLS_PER_DAY);
         let d1 = to_cell.div_euclid(CELLS_PER_DAY);
         let i = match self.id(url) {
-            Some(i) if d0 < d1 && self.sketch_precision.is_some() => i,
+            Some(i) if d0 < d1 && self.visitors.is_some() => i,
             _ => {
                 k.collect(from_cell, to_cell, &mut pieces);
                 return pieces.union(precision, extra_sketch, extra);
@@ -422,30 +384,6 @@ pub(crate) fn prefix_sums(views: &[u64]) -> Vec<u64> {
         prefix.push(acc);
     }
     prefix
-}
-
-/// The visitors of key `i` of data laid out as a view's: `(sketch offsets, days, sketches)` and
-/// `(cell offsets, cells, cell visitor offsets, visitor hashes)` (all empty without sketches).
-pub(crate) fn key_visitors<'a>(
-    (offsets, days, sketches): (&'a [usize], &'a [i64], &'a [VisitorSketch]),
-    (cell_offsets, cells, visitor_offsets, hashes): (&'a [usize], &'a [i64], &'a [u32], &'a [u32]),
-    i: usize,
-) -> KeyVisitors<'a> {
-    if offsets.is_empty() {
-        return KeyVisitors::default();
-    }
-    let (s, e) = (offsets[i], offsets[i + 1]);
-    let day_sketches = (&days[s..e], &sketches[s..e]);
-    if visitor_offsets.is_empty() {
-        return KeyVisitors::new(day_sketches, &[], &[], &[]);
-    }
-    let (cs, ce) = (cell_offsets[i], cell_offsets[i + 1]);
-    KeyVisitors::new(
-        day_sketches,
-        &cells[cs..ce],
-        &visitor_offsets[cs..=ce],
-        hashes,
-    )
 }
 
 /// Per URL, the union of its day sketches per week: `(offsets, weeks, sketches)` laid out like
