@@ -413,10 +413,12 @@ pub(crate) async fn get_uniques(State(state): State<AppState>, q: Params) -> Api
 
 /// The cells `[from, to)` of a uniques query: day-aligned in the query's zone, `from` down to
 /// its local midnight and `to` up to the next one. Local midnights are whole cells in every zone
-/// (the batch view keeps visitor lists per cell for the UTC days they cut).
+/// (the batch view keeps visitor lists per cell for the UTC days they cut). Never before the
+/// beginning of time ([`MIN_TS_MS`], a cell boundary): in a zone east of UTC its local midnight
+/// would be in year 0.
 pub(crate) fn uniques_cells(range: &CellRange) -> (i64, i64) {
     let zone = range.zone;
-    let from = zone.day_start(range.start_ms());
+    let from = zone.day_start(range.start_ms()).max(MIN_TS_MS);
     let to = match zone.day_start(range.end_ms()) {
         t if t == range.end_ms() => t,
         _ => zone.next_day_start(range.end_ms()),
@@ -565,5 +567,8 @@ mod tests {
             (format_rfc3339(a * CELL_MS), format_rfc3339(b * CELL_MS)),
             ("2026-11-20T18:30:00Z".into(), "2026-11-22T18:30:00Z".into())
         );
+        // All time, east of UTC: from the beginning of time, not the local midnight before it.
+        let all = query_range(&q(&[("tz", "Asia/Kolkata")])).unwrap();
+        assert_eq!(uniques_cells(&all).0 * CELL_MS, MIN_TS_MS);
     }
 }
