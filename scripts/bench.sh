@@ -10,7 +10,8 @@
 #
 # Knobs (environment): BENCH_DURATION (wrk seconds per run, default 10), BENCH_THREADS (wrk
 # threads, default 2), BENCH_DIR (scratch directory on the real disk, default target/bench),
-# BENCH_OUT (report, default BENCHMARKS.md).
+# BENCH_OUT (report, default BENCHMARKS.md), BENCH_PERF=1 (mixed: `perf record -g` of tally while
+# it ingests, to BENCH_DIR/mixed/perf.data, for `perf report -i`).
 #
 # Everything runs on private processes started here: a redis-server on its own port and unix
 # socket, `tally serve` (release) on a fresh data directory, the bare axum example. Never the
@@ -750,6 +751,8 @@ mixed_prepare() {
     local idle_rss redis_idle
     idle_rss=$(rss_kb "$tally_pid")
     redis_idle=$(redis-cli -s "$REDIS_SOCK" info memory | awk -F: '/^used_memory:/ {print $2+0}')
+    # Kept for reading by hand: which epochs Redis still holds, and how many keys.
+    { redis-cli -s "$REDIS_SOCK" info keyspace; redis-cli -s "$REDIS_SOCK" smembers tally:epochs; } >"$dir/redis-idle.txt" 2>&1 || true
 
     start_http bare_axum-mixed "$bare"
     local k
@@ -780,6 +783,10 @@ section_mixed() {
     local redis_idle=$MIXED_REDIS_IDLE run1=$MIXED_RUN1 run2=$MIXED_RUN2
     mixed_ingest 5
     local ingest_pid=$INGEST_PID
+    if [ -n "${BENCH_PERF:-}" ]; then
+        perf record -F 499 -g -p "$tally_pid" -o "$dir/perf.data" -- sleep $((DURATION * 5)) >/dev/null 2>&1 &
+        PIDS+=("$!")
+    fi
     run_wrk mixed-bare 32 "$dir/views.lua" "$bare_url"
     local bare_rps=$RPS bare_p50=$P50 bare_p99=$P99 bare_cmd=$WRK_CMD
     run_wrk mixed-views 32 "$dir/views.lua" "$tally_url"
@@ -796,6 +803,7 @@ section_mixed() {
     status=$(curl -sf "$tally_url/v1/admin/status" || echo '{}')
     # Kept for reading by hand (e.g. tally_speed_mirror_write_seconds: how long queries can wait).
     curl -sf "$tally_url/metrics" >"$dir/metrics.txt" || true
+    { redis-cli -s "$REDIS_SOCK" info keyspace; redis-cli -s "$REDIS_SOCK" smembers tally:epochs; } >"$dir/redis-busy.txt" 2>&1 || true
     wait "$ingest_pid" || true
     stop_pid "$bare_pid"
     stop_pid "$tally_pid"

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::aggregate::{aggregate, epoch_of, EpochDelta, UrlDelta};
-use crate::keys::{instance_marker, marker_is_ours, Keys};
+use crate::keys::{instance_marker, marker_is_ours, rewriting_marker, Keys};
 use crate::mirror::{Mirror, UrlUpdate};
 use crate::replica::{self, Pending, PendingEpoch, WriteOutcome};
 use crate::store::{LoadedEpoch, Store};
@@ -371,6 +371,14 @@ impl Applier {
         let inst = match inst {
             None => {
                 info!("redis holds no speed state; building it from the master dataset");
+                return Ok(Phase::Rebuild);
+            }
+            Some(m) if m.starts_with(&rewriting_marker("")) => {
+                info!(
+                    marker = %m,
+                    "a rewrite of the speed state in redis was stopped half-way (a restart while \
+                     redis caught up); rebuilding it from the master dataset"
+                );
                 return Ok(Phase::Rebuild);
             }
             Some(m) if !marker_is_ours(&m, self.master.dataset_id()) => {

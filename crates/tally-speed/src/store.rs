@@ -412,6 +412,47 @@ mod tests {
         assert_eq!(s.listed_epochs().await.unwrap(), vec![Seq(1)]);
     }
 
+    /// A rewrite stopped after any of its transactions (a restart, a newer claim) leaves keys
+    /// only of epochs Redis lists, so the next start-up or rewrite, which deletes what is
+    /// listed, leaves no key behind.
+    #[tokio::test]
+    async fn a_rewrite_stopped_half_way_leaves_no_key_outside_a_listed_epoch() {
+        let redis = TestRedis::start();
+        let mut s = store(&redis).await;
+        let events: Vec<_> = (0..7)
+            .map(|i| ev(i + 1, &format!("http://a/{i}"), 0))
+            .collect();
+        let snap = pending(&events, &[0, 1, 2, 3, 4, 5, 6], true);
+        let keys = s.keys.clone();
+        let steps = replica::rewrite_transactions(&keys, &snap, "m", 2).count();
+        assert_eq!(steps, 4, "7 URLs in chunks of 2");
+        for stop_after in 1..=steps {
+            for p in replica::rewrite_transactions(&keys, &snap, "m", 2).take(stop_after) {
+                let _: () = p.query_async(&mut s.conn).await.unwrap();
+            }
+            let listed = s.listed_epochs().await.unwrap();
+            let left: Vec<String> = redis::cmd("KEYS")
+                .arg("t:e:*")
+                .query_async(&mut s.conn)
+                .await
+                .unwrap();
+            assert!(!left.is_empty());
+            for k in &left {
+                let epoch: u64 = k.split(':').nth(2).unwrap().parse().unwrap();
+                assert!(listed.contains(&Seq(epoch)), "{k} of an unlisted epoch");
+            }
+            for e in listed {
+                s.delete_epoch(e).await.unwrap();
+            }
+            let left: Vec<String> = redis::cmd("KEYS")
+                .arg("t:e:*")
+                .query_async(&mut s.conn)
+                .await
+                .unwrap();
+            assert!(left.is_empty(), "after stopping at {stop_after}: {left:?}");
+        }
+    }
+
     /// A rewrite whose claim was taken over by a newer one stops at its next step and writes
     /// nothing more; the newer rewrite's state stays whole, under its final marker.
     #[tokio::test]
