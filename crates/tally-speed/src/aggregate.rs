@@ -3,7 +3,7 @@
 //! Redis script and, once it committed, into one mirror update.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use tally_core::hash::FastMap;
 
 use tally_core::{cell_of, dims, Seq};
 use tally_master::SeqEvent;
@@ -62,7 +62,7 @@ pub(crate) struct EpochDelta {
     /// Seq of the first and last event of the batch in this epoch.
     pub(crate) first: Seq,
     pub(crate) last: Seq,
-    pub(crate) urls: HashMap<String, UrlDelta>,
+    pub(crate) urls: FastMap<String, UrlDelta>,
 }
 
 impl EpochDelta {
@@ -93,7 +93,7 @@ where
 {
     let mut out: Vec<EpochDelta> = Vec::new();
     // Raw referrer → its site (`tally_core::dims::referrer_site`): parsed once per batch.
-    let mut sites: HashMap<String, String> = HashMap::new();
+    let mut sites: FastMap<String, String> = FastMap::default();
     let mut key = String::new();
     for ev in events {
         let ev = ev.borrow();
@@ -109,7 +109,7 @@ where
                 epoch,
                 first: ev.seq,
                 last: ev.seq,
-                urls: HashMap::new(),
+                urls: FastMap::default(),
             }),
         }
         let d = out.last_mut().expect("pushed above");

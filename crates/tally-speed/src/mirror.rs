@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use tally_core::hash::FastSet;
+use tally_core::hash::{FastMap, FastSet};
 use tally_core::Seq;
 
 use crate::aggregate::{EpochDelta, UrlDelta};
@@ -308,7 +308,7 @@ pub(crate) struct UrlDict {
     names: Sharded<u32, Arc<str>>,
     /// Host → the ids of its URLs and of their source keys: a site's reads look at its own
     /// keys, not at every live one.
-    hosts: HashMap<Arc<str>, HashSet<u32>>,
+    hosts: FastMap<Arc<str>, FastSet<u32>>,
     /// Ids below this may be taken.
     next: u32,
 }
@@ -350,7 +350,7 @@ impl UrlDict {
                             ids.insert(id);
                         }
                         None => {
-                            self.hosts.insert(Arc::from(host), HashSet::from([id]));
+                            self.hosts.insert(Arc::from(host), FastSet::from_iter([id]));
                         }
                     }
                 }

@@ -106,10 +106,23 @@ pub(crate) fn merge(older: &mut Pending, newer: Pending) {
                     for (h, c) in u.cells {
                         *p.cells.entry(h).or_default() += c;
                     }
+                    let before = p.visitors.len();
                     p.visitors.extend(u.visitors);
+                    compact_visitors(&mut p.visitors, before);
                 }
             }
         }
+    }
+}
+
+/// Sorts out the repeats of a URL's queued visitor members each time their count passes a
+/// power of two (from 256): a queue that waits long on Redis holds each (cell, visitor) about
+/// once, as the mirror does, instead of once per batch that saw it.
+fn compact_visitors(v: &mut Vec<i64>, before: usize) {
+    let after = v.len();
+    if after >= 256 && before.max(1).ilog2() != after.ilog2() {
+        v.sort_unstable();
+        v.dedup();
     }
 }
 
@@ -331,4 +344,41 @@ pub(crate) fn rewrite_transactions<'a>(
         }
         p
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(last: u64, members: impl Iterator<Item = i64>) -> Pending {
+        let url = PendingUrl {
+            url: Arc::from("http://a/x"),
+            fresh: false,
+            cells: BTreeMap::from([(0, 1)]),
+            visitors: members.collect(),
+        };
+        Pending::from([(
+            Seq(1),
+            PendingEpoch {
+                last: Seq(last),
+                urls: HashMap::from([(7, url)]),
+            },
+        )])
+    }
+
+    /// A queue that waits long holds each of a URL's (cell, visitor) members about once, not
+    /// once per batch that saw it, and loses none.
+    #[test]
+    fn a_long_queue_keeps_each_visitor_about_once() {
+        let mut q = Pending::new();
+        for b in 0..1000u64 {
+            // 300 visitors come back in every batch, and one new one each time.
+            merge(&mut q, batch(b + 1, (0..300).chain([1000 + b as i64])));
+        }
+        let u = &q[&Seq(1)].urls[&7];
+        assert_eq!(u.cells[&0], 1000);
+        let distinct: std::collections::BTreeSet<i64> = u.visitors.iter().copied().collect();
+        assert_eq!(distinct.len(), 1300);
+        assert!(u.visitors.len() < 2 * 1300 + 300, "{}", u.visitors.len());
+    }
 }

@@ -1,0 +1,173 @@
+//! How fast the speed layer applies live traffic on a long tail of URLs: the mirror (what
+//! queries read) and Redis behind it, without HTTP, JSON or other load on the machine.
+//!
+//! ```text
+//! cargo run --release -p tally-speed --example apply_bench -- [--events 2000000] [--urls 1000000] [--hosts 1000]
+//! ```
+//!
+//! Events as `tests/examples/mixed.rs ingest` sends them: URLs by Zipf(1) popularity over
+//! `--urls`, spread over `--hosts`; 90% stamped now, 10% over the last 30 days; a random visitor
+//! of 1 000 000; six in ten with a referrer (one of 200 sites, by Zipf). They are appended to a
+//! master dataset in a temp dir (no fsync) in bodies of 1 000 while a private `redis-server`
+//! (`tally_e2e::TestRedis`) backs a `SpeedLayer` with the default `speed.apply_batch_max`.
+//! Prints one JSON object: events, the append rate, and the time until the mirror and until
+//! Redis had every event (events/s each), with the applier's counters.
+
+use std::time::{Duration, Instant};
+
+use tally_core::{Event, Seq, DAY_MS};
+use tally_master::{Master, MasterConfig};
+use tally_speed::{SpeedConfig, SpeedLayer};
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
+}
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Ranks `0..n` with probability ∝ 1 / (rank + 1).
+struct Zipf(Vec<f64>);
+
+impl Zipf {
+    fn new(n: usize) -> Zipf {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (0..n)
+            .map(|r| {
+                acc += 1.0 / (r as f64 + 1.0);
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Zipf(cdf)
+    }
+    fn sample(&self, rng: &mut Rng) -> usize {
+        let u = rng.unit();
+        self.0.partition_point(|c| *c < u).min(self.0.len() - 1)
+    }
+}
+
+fn events(n: usize, n_urls: usize, n_hosts: usize, now: i64) -> Vec<Event> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let hosts = Zipf::new(n_hosts);
+    let urls: Vec<String> = (0..n_urls)
+        .map(|r| format!("https://h{}.bench/page/{r}", hosts.sample(&mut rng)))
+        .collect();
+    let popularity = Zipf::new(n_urls);
+    let referrers = Zipf::new(200);
+    (0..n)
+        .map(|_| {
+            let ts = if rng.below(10) == 0 {
+                now - rng.below(30 * DAY_MS as u64) as i64
+            } else {
+                now - rng.below(1000) as i64
+            };
+            let referrer = (rng.below(10) < 6)
+                .then(|| format!("https://ref{}.example/page", referrers.sample(&mut rng)));
+            Event {
+                ts,
+                url: urls[popularity.sample(&mut rng)].clone(),
+                visitor: Some(format!("v{}", rng.below(1_000_000))),
+                referrer,
+                id: None,
+                received_at: now,
+            }
+        })
+        .collect()
+}
+
+async fn wait_for(what: impl Fn() -> bool) -> Duration {
+    let t = Instant::now();
+    while !what() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n = arg(&args, "--events", 2_000_000) as usize;
+    let n_urls = arg(&args, "--urls", 1_000_000) as usize;
+    let n_hosts = arg(&args, "--hosts", 1000) as usize;
+    let now = tally_core::now_ms();
+    let all = events(n, n_urls, n_hosts, now);
+
+    let redis = tally_e2e::TestRedis::start();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let master = Master::open(MasterConfig {
+        data_dir: dir.path().to_path_buf(),
+        seal_interval: Duration::from_secs(3600),
+        seal_max_events: 1_000_000,
+        fsync: false,
+        tail_capacity: n.max(1),
+    })
+    .expect("open the master dataset");
+    let speed = SpeedLayer::start(
+        SpeedConfig {
+            redis_url: redis.url(),
+            key_prefix: "tally:".into(),
+            gc_grace: Duration::from_secs(60),
+            apply_batch_max: 20_000,
+            sketch_precision: 14,
+        },
+        master.clone(),
+    )
+    .await;
+    wait_for(|| speed.available()).await;
+
+    let t = Instant::now();
+    let mut last = Seq::ZERO;
+    let mut rest = all.into_iter();
+    loop {
+        let body: Vec<Event> = rest.by_ref().take(1000).collect();
+        if body.is_empty() {
+            break;
+        }
+        last = master.append(body).await.expect("append").last;
+    }
+    let append = t.elapsed();
+    let mirror = wait_for(|| speed.applied_seq() >= last).await;
+    let mirror_total = t.elapsed();
+    wait_for(|| speed.redis_applied_seq() >= last).await;
+    let redis_total = t.elapsed();
+    let s = speed.stats();
+    let rate = |d: Duration| (n as f64 / d.as_secs_f64()).round();
+    println!(
+        "{{\"events\":{n},\"urls\":{n_urls},\"append_events_per_s\":{},\
+         \"mirror_s\":{:.3},\"mirror_after_append_s\":{:.3},\"mirror_events_per_s\":{},\
+         \"redis_s\":{:.3},\"redis_events_per_s\":{},\"live_urls\":{},\
+         \"redis_writes\":{},\"redis_rewrites\":{}}}",
+        rate(append),
+        mirror_total.as_secs_f64(),
+        mirror.as_secs_f64(),
+        rate(mirror_total),
+        redis_total.as_secs_f64(),
+        rate(redis_total),
+        speed.epochs().iter().map(|e| e.urls).sum::<usize>(),
+        s.applies,
+        s.resyncs,
+    );
+    speed.shutdown().await;
+}
