@@ -749,6 +749,11 @@ mixed_prepare() {
         sleep 0.1
     done
     local idle_rss redis_idle
+    # UNLINK frees in the background: wait until Redis has freed the collected epoch.
+    for _ in $(seq 1 600); do
+        if redis-cli -s "$REDIS_SOCK" info memory | grep -q '^lazyfree_pending_objects:0'; then break; fi
+        sleep 0.1
+    done
     idle_rss=$(rss_kb "$tally_pid")
     redis_idle=$(redis-cli -s "$REDIS_SOCK" info memory | awk -F: '/^used_memory:/ {print $2+0}')
     # Kept for reading by hand: which epochs Redis still holds, and how many keys.
