@@ -338,12 +338,18 @@ impl UrlDict {
     /// Records `url` under `id`. Refuses (returns the URL it has) when `id` names another URL
     /// or `url` has another id: two URLs never share an id.
     pub(crate) fn insert(&mut self, id: u32, url: &str) -> Result<(), String> {
+        self.insert_name(id, &Arc::from(url))
+    }
+
+    /// [`UrlDict::insert`] of a name the caller already holds (shared, not copied).
+    pub(crate) fn insert_name(&mut self, id: u32, name: &Arc<str>) -> Result<(), String> {
+        let url: &str = name;
         match (self.names.get(&id), self.ids.get(url)) {
             (Some(u), Some(i)) if **u == *url && *i == id => Ok(()),
             (Some(u), _) if **u != *url => Err(format!("id {id} names {u} and {url}")),
             (_, Some(i)) if *i != id => Err(format!("{url} has ids {i} and {id}")),
             _ => {
-                let name: Arc<str> = Arc::from(url);
+                let name = name.clone();
                 if let Some(host) = host_of_key(url) {
                     match self.hosts.get_mut(host) {
                         Some(ids) => {
@@ -502,10 +508,10 @@ impl Mirror {
         base: Option<&Arc<dyn BaseTotals>>,
     ) -> Result<Applied, String> {
         for u in urls.iter().filter(|u| u.new) {
-            self.dict.insert(u.id, &u.name)?;
+            self.dict.insert_name(u.id, &u.name)?;
         }
         for (id, name, _) in urls.iter().filter_map(|u| u.direct_key.as_ref()) {
-            self.dict.insert(*id, name)?;
+            self.dict.insert_name(*id, name)?;
         }
         let now_cell = tally_core::cell_of(tally_core::now_ms());
         let e = self.epochs.entry(epoch).or_default();
