@@ -29,33 +29,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use tally_e2e::bench::{arg, Zipf};
 
 const DAY_MS: i64 = 86_400_000;
-
-/// Draws ranks `0..n` with probability ∝ 1 / (rank + 1).
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize) -> Zipf {
-        let mut cdf = Vec::with_capacity(n);
-        let mut acc = 0.0;
-        for r in 0..n {
-            acc += 1.0 / (r as f64 + 1.0);
-            cdf.push(acc);
-        }
-        for c in &mut cdf {
-            *c /= acc;
-        }
-        Zipf { cdf }
-    }
-
-    fn sample(&self, rng: &mut StdRng) -> usize {
-        let u: f64 = rng.random();
-        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
-    }
-}
 
 /// The URL universe: URL `r` (popularity rank) lives on a host drawn by Zipf, fixed by a seed so
 /// that every run and both subcommands agree.
@@ -88,16 +64,6 @@ impl Universe {
     fn url(&self, rng: &mut StdRng) -> &str {
         &self.urls[self.popularity.sample(rng)]
     }
-}
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.windows(2)
-        .find(|w| w[0] == name)
-        .map(|w| {
-            w[1].parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
 }
 
 fn now_ms() -> i64 {

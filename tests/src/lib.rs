@@ -30,6 +30,7 @@ use arrow::datatypes::{DataType, Int64Type, SchemaRef, UInt64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 
+pub mod bench;
 pub mod browser;
 mod model;
 pub use model::*;

@@ -15,61 +15,15 @@
 
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tally_core::{Event, Seq, DAY_MS};
+use tally_e2e::bench::{arg, Zipf};
 use tally_master::{Master, MasterConfig};
 use tally_speed::{SpeedConfig, SpeedLayer};
 
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Ranks `0..n` with probability ∝ 1 / (rank + 1).
-struct Zipf(Vec<f64>);
-
-impl Zipf {
-    fn new(n: usize) -> Zipf {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (0..n)
-            .map(|r| {
-                acc += 1.0 / (r as f64 + 1.0);
-                acc
-            })
-            .collect();
-        for c in &mut cdf {
-            *c /= acc;
-        }
-        Zipf(cdf)
-    }
-    fn sample(&self, rng: &mut Rng) -> usize {
-        let u = rng.unit();
-        self.0.partition_point(|c| *c < u).min(self.0.len() - 1)
-    }
-}
-
 fn events(n: usize, n_urls: usize, n_hosts: usize, now: i64) -> Vec<Event> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = StdRng::seed_from_u64(7);
     let hosts = Zipf::new(n_hosts);
     let urls: Vec<String> = (0..n_urls)
         .map(|r| format!("https://h{}.bench/page/{r}", hosts.sample(&mut rng)))
@@ -78,17 +32,18 @@ fn events(n: usize, n_urls: usize, n_hosts: usize, now: i64) -> Vec<Event> {
     let referrers = Zipf::new(200);
     (0..n)
         .map(|_| {
-            let ts = if rng.below(10) == 0 {
-                now - rng.below(30 * DAY_MS as u64) as i64
+            let ts = if rng.random_bool(0.1) {
+                now - rng.random_range(0..30 * DAY_MS)
             } else {
-                now - rng.below(1000) as i64
+                now - rng.random_range(0..1000)
             };
-            let referrer = (rng.below(10) < 6)
+            let referrer = rng
+                .random_bool(0.6)
                 .then(|| format!("https://ref{}.example/page", referrers.sample(&mut rng)));
             Event {
                 ts,
                 url: urls[popularity.sample(&mut rng)].clone(),
-                visitor: Some(format!("v{}", rng.below(1_000_000))),
+                visitor: Some(format!("v{}", rng.random_range(0..1_000_000))),
                 referrer,
                 id: None,
                 received_at: now,

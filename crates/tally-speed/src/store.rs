@@ -255,6 +255,15 @@ mod tests {
     use std::sync::Arc;
     use tally_e2e::TestRedis;
 
+    /// `KEYS pattern`.
+    async fn keys_like(c: &mut ConnectionManager, pattern: &str) -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(c)
+            .await
+            .unwrap()
+    }
+
     async fn store(redis: &TestRedis) -> Store {
         let client = redis::Client::open(redis.url()).unwrap();
         let conn = ConnectionManager::new(client).await.unwrap();
@@ -358,11 +367,7 @@ mod tests {
         s.delete_epoch(Seq(1)).await.unwrap();
         assert_eq!(s.load_epoch(Seq(1)).await.unwrap(), None);
         assert_eq!(s.listed_epochs().await.unwrap(), Vec::<Seq>::new());
-        let left: Vec<String> = redis::cmd("KEYS")
-            .arg("t:e:*")
-            .query_async(&mut s.conn)
-            .await
-            .unwrap();
+        let left = keys_like(&mut s.conn, "t:e:*").await;
         assert!(left.is_empty(), "{left:?}");
     }
 
@@ -403,11 +408,7 @@ mod tests {
             .unwrap();
         assert!(!s.delete_unapplied_epoch(Seq(5), "other").await.unwrap());
         assert!(s.delete_unapplied_epoch(Seq(5), "i1").await.unwrap());
-        let left: Vec<String> = redis::cmd("KEYS")
-            .arg("t:e:5:*")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let left = keys_like(&mut c, "t:e:5:*").await;
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(s.listed_epochs().await.unwrap(), vec![Seq(1)]);
     }
@@ -431,11 +432,7 @@ mod tests {
                 let _: () = p.query_async(&mut s.conn).await.unwrap();
             }
             let listed = s.listed_epochs().await.unwrap();
-            let left: Vec<String> = redis::cmd("KEYS")
-                .arg("t:e:*")
-                .query_async(&mut s.conn)
-                .await
-                .unwrap();
+            let left = keys_like(&mut s.conn, "t:e:*").await;
             assert!(!left.is_empty());
             for k in &left {
                 let epoch: u64 = k.split(':').nth(2).unwrap().parse().unwrap();
@@ -444,11 +441,7 @@ mod tests {
             for e in listed {
                 s.delete_epoch(e).await.unwrap();
             }
-            let left: Vec<String> = redis::cmd("KEYS")
-                .arg("t:e:*")
-                .query_async(&mut s.conn)
-                .await
-                .unwrap();
+            let left = keys_like(&mut s.conn, "t:e:*").await;
             assert!(left.is_empty(), "after stopping at {stop_after}: {left:?}");
         }
     }
