@@ -97,6 +97,14 @@ fn check_table(server: &TestServer) {
                 {"metrics": [1, 1], "dimensions": ["/blog/two"]},
             ]),
         ),
+        // One page of pages by views: visitors are counted for the rows shown, and for the
+        // right ones.
+        (
+            json!({"site_id": SITE, "metrics": ["pageviews", "visitors"], "date_range": "7d",
+                   "dimensions": ["event:page"], "order_by": [["pageviews", "desc"]],
+                   "pagination": {"limit": 1, "offset": 1}}),
+            json!([{"metrics": [2, 2], "dimensions": ["/blog/one"]}]),
+        ),
         // Sources, with a filter on the page.
         (
             json!({"site_id": SITE, "metrics": ["pageviews"], "date_range": "7d",

@@ -8,16 +8,18 @@
 //! one union of those keys' day sketches, cell visitor lists and speed visitors, never a sum of
 //! per-key uniques.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Response;
-use serde_json::json;
-use tally_batch::{relative_error, BatchView, Piece, Pieces, VisitorSketch};
+use serde_json::{json, Value};
+use tally_batch::{relative_error, BatchView, Piece, Pieces, SourceCount, VisitorSketch};
 use tally_core::dims::Dimension;
-use tally_core::CELL_MS;
-use tally_speed::SpeedVisitors;
+use tally_core::hash::FastMap;
+use tally_core::{Seq, CELL_MS};
+use tally_speed::{SourceId, SourceSpeed, SpeedVisitors};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
@@ -29,10 +31,9 @@ use crate::site::host_param;
 use crate::state::AppState;
 use crate::views::ViewManager;
 
-/// One group's views and the visitors collected for it, from both layers.
+/// The visitors collected for one group, from both layers.
 #[derive(Default)]
-pub(crate) struct Tally<'a> {
-    pub(crate) views: u64,
+struct Tally<'a> {
     batch: Pieces<'a>,
     speed: Vec<VisitorSketch>,
     hashes: Vec<u32>,
@@ -48,7 +49,7 @@ impl<'a> Tally<'a> {
     }
 
     /// Adds the speed layer's visitors of one cell.
-    pub(crate) fn add_speed(&mut self, v: SpeedVisitors, precision: u8) -> ApiResult<()> {
+    fn add_speed(&mut self, v: SpeedVisitors, precision: u8) -> ApiResult<()> {
         self.hashes.extend_from_slice(&v.hashes);
         if let Some(r) = v.registers {
             self.speed
@@ -58,7 +59,7 @@ impl<'a> Tally<'a> {
     }
 
     /// The distinct visitors of the group: one union of everything collected.
-    pub(crate) fn uniques(mut self, precision: u8) -> ApiResult<u64> {
+    fn uniques(mut self, precision: u8) -> ApiResult<u64> {
         self.hashes.sort_unstable();
         self.hashes.dedup();
         let u = self
@@ -69,92 +70,196 @@ impl<'a> Tally<'a> {
     }
 }
 
-/// Groups of source keys: (group, time bucket start or 0) → its views and visitors.
-pub(crate) type Groups<'a, K> = HashMap<(K, i64), Tally<'a>>;
+/// The source keys of a site grouped by the value of a dimension (and by time bucket): the
+/// first of two phases. Grouping adds up views only; after ranking the groups, the caller asks
+/// for the uniques of the groups it answers with ([`Grouping::uniques`]), so a breakdown of a
+/// site with 100 000 pages unions the visitors of its top ten, not of every page.
+pub(crate) struct Grouping<'a, K> {
+    /// Group values in order of first sight; a group is its index here.
+    values: Vec<K>,
+    index: FastMap<K, u32>,
+    /// (group, bucket start or 0) → views.
+    views: FastMap<(u32, i64), u64>,
+    /// The batch view's keys with their group.
+    batch: Vec<(u32, SourceCount<'a>)>,
+    /// The speed layer's keys with their group (`None`: the speed layer could not be read).
+    speed: Option<Vec<(u32, &'a SourceSpeed)>>,
+    bucket_of: Option<&'a dyn Fn(i64) -> i64>,
+    cutoff: Seq,
+}
 
-/// The source keys of site `host` (of `url` alone when given) with views in `cells`, from the
-/// batch view and the speed epochs after its cutoff, grouped by `group_of(url, referrer host)`
-/// (`None` leaves a key out) and, with `bucket_of` (an instant → its time bucket's start),
-/// by time bucket too (else bucket 0): each group's views in `cells` and its visitors in the
-/// cells `visitor_cells`. Also says whether the speed layer could be read.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn collect_sources<'a, K: std::hash::Hash + Eq + Clone>(
+/// The speed layer's source keys of site `host` (of `url` alone when given) after the cutoff of
+/// `view` with views in `cells`; `None` while it cannot be read.
+pub(crate) fn speed_sources(
     state: &AppState,
-    view: Option<&'a Arc<BatchView>>,
+    view: Option<&Arc<BatchView>>,
     host: &str,
-    url: Option<&'a str>,
+    url: Option<&str>,
     cells: (i64, i64),
-    visitor_cells: (i64, i64),
-    precision: u8,
-    group_of: impl Fn(&str, &str) -> Option<K>,
-    bucket_of: Option<&dyn Fn(i64) -> i64>,
-) -> ApiResult<(Groups<'a, K>, bool)> {
+) -> ApiResult<Option<Vec<SourceSpeed>>> {
     let cutoff = ViewManager::cutoff(view);
-    let speed =
-        speed_read(
-            state
-                .speed
-                .sources(host, url, cutoff, cells, visitor_cells, precision),
-        )?;
-    let speed_available = speed.is_some();
-    let mut groups: Groups<'a, K> = HashMap::new();
-    if let Some(v) = view {
-        let (va, vb) = visitor_cells;
-        for c in v.sources_of(host, url, cells) {
-            let Some(k) = group_of(c.url, c.referrer) else {
+    speed_read(state.speed.sources(host, url, cutoff, cells))
+}
+
+impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
+    /// Groups the source keys of site `host` (of `url` alone when given) with views in `cells`
+    /// — the batch view's, and `speed` (from [`speed_sources`] for the same view) — by
+    /// `group_of(url, referrer host)` (`None` leaves a key out) and, with `bucket_of` (an
+    /// instant → its time bucket's start), by time bucket too (else bucket 0).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        view: Option<&'a Arc<BatchView>>,
+        speed: Option<&'a [SourceSpeed]>,
+        host: &str,
+        url: Option<&'a str>,
+        cells: (i64, i64),
+        group_of: impl Fn(&'a str, &'a str) -> Option<K>,
+        bucket_of: Option<&'a dyn Fn(i64) -> i64>,
+    ) -> Grouping<'a, K> {
+        let mut g = Grouping {
+            values: Vec::new(),
+            index: FastMap::default(),
+            views: FastMap::default(),
+            batch: Vec::new(),
+            speed: speed.map(|s| Vec::with_capacity(s.len())),
+            bucket_of,
+            cutoff: ViewManager::cutoff(view),
+        };
+        if let Some(v) = view {
+            for c in v.sources_of(host, url, cells) {
+                let Some(k) = group_of(c.url, c.referrer) else {
+                    continue;
+                };
+                let i = g.group(k);
+                g.add_views(
+                    i,
+                    c.views,
+                    c.cells.iter().copied().zip(c.cell_views.iter().copied()),
+                );
+                g.batch.push((i, c));
+            }
+        }
+        for s in speed.unwrap_or_default() {
+            let Some(k) = group_of(s.url(), s.referrer()) else {
                 continue;
             };
-            match bucket_of {
-                None => {
-                    let t = groups.entry((k, 0)).or_default();
-                    t.views += c.views;
-                    c.visitors.collect(va, vb, &mut t.batch);
-                }
-                Some(b) => {
-                    for (cell, n) in c.cells.iter().zip(c.cell_views) {
-                        groups
-                            .entry((k.clone(), b(cell * CELL_MS)))
-                            .or_default()
-                            .views += n;
-                    }
-                    c.visitors
-                        .collect_by(va, vb, Some(b), &mut |bucket, piece| {
-                            groups
-                                .entry((k.clone(), bucket))
-                                .or_default()
-                                .add_batch(piece)
-                        });
-                }
+            let i = g.group(k);
+            g.add_views(i, s.views, s.cells.iter().copied());
+            if let Some(keys) = &mut g.speed {
+                keys.push((i, s));
             }
         }
+        g
     }
-    for s in speed.unwrap_or_default() {
-        let Some(k) = group_of(&s.url, &s.referrer) else {
-            continue;
-        };
-        match bucket_of {
-            None => {
-                let t = groups.entry((k, 0)).or_default();
-                t.views += s.views;
-                for v in s.visitors.into_values() {
-                    t.add_speed(v, precision)?;
-                }
-            }
+
+    fn group(&mut self, k: K) -> u32 {
+        if let Some(&i) = self.index.get(&k) {
+            return i;
+        }
+        let i = self.values.len() as u32;
+        self.values.push(k.clone());
+        self.index.insert(k, i);
+        i
+    }
+
+    fn add_views(&mut self, g: u32, views: u64, cells: impl Iterator<Item = (i64, u64)>) {
+        match self.bucket_of {
+            None => *self.views.entry((g, 0)).or_default() += views,
             Some(b) => {
-                for (cell, n) in &s.cells {
-                    groups
-                        .entry((k.clone(), b(cell * CELL_MS)))
-                        .or_default()
-                        .views += n;
-                }
-                for (cell, v) in s.visitors {
-                    let t = groups.entry((k.clone(), b(cell * CELL_MS))).or_default();
-                    t.add_speed(v, precision)?;
+                for (cell, n) in cells {
+                    *self.views.entry((g, b(cell * CELL_MS))).or_default() += n;
                 }
             }
         }
     }
-    Ok((groups, speed_available))
+
+    /// Whether the speed layer could be read.
+    pub(crate) fn speed_available(&self) -> bool {
+        self.speed.is_some()
+    }
+
+    /// Every (group value, bucket) with its views, in no particular order.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = (&K, i64, u64)> + '_ {
+        self.views
+            .iter()
+            .map(|(&(g, b), &n)| (&self.values[g as usize], b, n))
+    }
+
+    /// The distinct visitors, in the cells `visitor_cells`, of each of `wanted` (group value,
+    /// bucket): one union of the batch view's and the speed layer's visitors of the group's keys
+    /// per item, never a sum of per-key uniques. A value this grouping does not have has none.
+    /// Also says whether the speed layer's visitors could be read.
+    pub(crate) fn uniques(
+        &self,
+        state: &AppState,
+        wanted: &[(&K, i64)],
+        visitor_cells: (i64, i64),
+        precision: u8,
+    ) -> ApiResult<(Vec<u64>, bool)> {
+        let mut slot: FastMap<(u32, i64), usize> = FastMap::default();
+        let mut want_group = vec![false; self.values.len()];
+        for (n, (k, b)) in wanted.iter().enumerate() {
+            if let Some(&g) = self.index.get(*k) {
+                slot.insert((g, *b), n);
+                want_group[g as usize] = true;
+            }
+        }
+        let mut tallies: Vec<Tally<'a>> = wanted.iter().map(|_| Tally::default()).collect();
+        let (va, vb) = visitor_cells;
+        for (g, c) in &self.batch {
+            if !want_group[*g as usize] {
+                continue;
+            }
+            match self.bucket_of {
+                None => {
+                    if let Some(&n) = slot.get(&(*g, 0)) {
+                        c.visitors.collect(va, vb, &mut tallies[n].batch);
+                    }
+                }
+                Some(b) => c
+                    .visitors
+                    .collect_by(va, vb, Some(b), &mut |bucket, piece| {
+                        if let Some(&n) = slot.get(&(*g, bucket)) {
+                            tallies[n].add_batch(piece);
+                        }
+                    }),
+            }
+        }
+        let mut speed_available = self.speed.is_some();
+        let keys: Vec<(u32, SourceId)> = self
+            .speed
+            .iter()
+            .flatten()
+            .filter(|(g, _)| want_group[*g as usize])
+            .map(|(g, s)| (*g, s.key))
+            .collect();
+        if !keys.is_empty() {
+            let ids: Vec<SourceId> = keys.iter().map(|k| k.1).collect();
+            let read = state
+                .speed
+                .source_visitors(&ids, self.cutoff, visitor_cells, precision);
+            // An epoch read in the first phase was collected since: the uniques are the batch
+            // view's alone, and the answer says so.
+            match read {
+                Ok(Some(visitors)) => {
+                    for ((g, _), cells) in keys.iter().zip(visitors) {
+                        for (cell, v) in cells {
+                            let bucket = self.bucket_of.map_or(0, |b| b(cell * CELL_MS));
+                            if let Some(&n) = slot.get(&(*g, bucket)) {
+                                tallies[n].add_speed(v, precision)?;
+                            }
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => speed_available = false,
+            }
+        }
+        let uniques = tallies
+            .into_iter()
+            .map(|t| t.uniques(precision))
+            .collect::<ApiResult<Vec<u64>>>()?;
+        Ok((uniques, speed_available))
+    }
 }
 
 fn by_param(q: &HashMap<String, String>) -> ApiResult<Dimension> {
@@ -193,53 +298,54 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
     let view = state.views.current();
     let precision = precision_of(state, view.as_ref());
     let cells = (range.from_cell, range.to_cell);
+    let url = url.as_deref();
     // Uniques count the visitors of every local day the range touches (as `/v1/uniques`): when
-    // the range is not whole days, an item's visitors come from a second read over those days —
-    // all its keys with visitors on them, also those without views in the range itself.
+    // the range is not whole days, an item's visitors come from the keys with views on those
+    // days — also those without views in the range itself.
     let day_cells = uniques_cells(&range);
-    let part_days = (day_cells != cells).then_some(day_cells);
-    let read = |cells, visitor_cells| {
-        collect_sources(
-            state,
-            view.as_ref(),
-            &host,
-            url.as_deref(),
-            cells,
-            visitor_cells,
-            precision,
-            |u, referrer| Some(by.value(u, referrer).into_owned()),
-            None,
-        )
+    let speed = speed_sources(state, view.as_ref(), &host, url, cells)?;
+    let speed_days = match day_cells == cells {
+        true => None,
+        false => speed_sources(state, view.as_ref(), &host, url, day_cells)?,
     };
-    let first_visitors = match part_days {
-        Some(_) => (0, 0),
-        None => day_cells,
-    };
-    let (items, mut speed_available) = read(cells, first_visitors)?;
-    let mut whole_days = match part_days {
-        Some(dc) => {
-            let (groups, ok) = read(dc, dc)?;
-            // The speed layer went unavailable between the two reads: the uniques are the
-            // batch view's alone, and the answer says so.
-            speed_available &= ok;
-            Some(groups)
-        }
-        None => None,
-    };
-    let mut ranked: Vec<(String, Tally<'_>)> =
-        items.into_iter().map(|((v, _), t)| (v, t)).collect();
-    ranked.sort_by(|a, b| b.1.views.cmp(&a.1.views).then_with(|| a.0.cmp(&b.0)));
+    let group = |u, referrer| Some(by.value(u, referrer));
+    let items = Grouping::new(
+        view.as_ref(),
+        speed.as_deref(),
+        &host,
+        url,
+        cells,
+        group,
+        None,
+    );
+    let mut ranked: Vec<(&Cow<'_, str>, u64)> = items.groups().map(|(v, _, n)| (v, n)).collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     ranked.truncate(limit);
-    let mut out = Vec::with_capacity(ranked.len());
-    for (value, item) in ranked {
-        let views = item.views;
-        let visitors = whole_days
-            .as_mut()
-            .and_then(|w| w.remove(&(value.clone(), 0)))
-            .unwrap_or(item);
-        let uniques = visitors.uniques(precision)?;
-        out.push(json!({ "value": value, "views": views, "uniques": uniques }));
-    }
+    let wanted: Vec<(&Cow<'_, str>, i64)> = ranked.iter().map(|(v, _)| (*v, 0)).collect();
+    let (uniques, visitors_read) = match day_cells == cells {
+        true => items.uniques(state, &wanted, day_cells, precision)?,
+        false => {
+            let days = Grouping::new(
+                view.as_ref(),
+                speed_days.as_deref(),
+                &host,
+                url,
+                day_cells,
+                group,
+                None,
+            );
+            let (uniques, read) = days.uniques(state, &wanted, day_cells, precision)?;
+            (uniques, read && days.speed_available())
+        }
+    };
+    // The speed layer went unavailable between the reads: the uniques are the batch view's
+    // alone, and the answer says so.
+    let speed_available = items.speed_available() && visitors_read;
+    let out: Vec<Value> = ranked
+        .iter()
+        .zip(uniques)
+        .map(|((value, views), uniques)| json!({ "value": value, "views": views, "uniques": uniques }))
+        .collect();
     let body = json!({
         "host": host,
         "by": by.name(),

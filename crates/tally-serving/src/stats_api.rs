@@ -12,6 +12,7 @@
 //! inclusive; the default order is the first metric, descending; the default page is 10 000
 //! rows.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use axum::extract::State;
@@ -23,7 +24,7 @@ use serde_json::{json, Map, Value};
 use tally_core::dims::Dimension;
 use tally_core::{Granularity, Zone, CELL_MS, DAY_MS};
 
-use crate::breakdown::collect_sources;
+use crate::breakdown::{speed_sources, Grouping};
 use crate::error::ApiError;
 use crate::query::{off_runtime, precision_of, respond};
 use crate::state::AppState;
@@ -101,13 +102,13 @@ impl Dim {
         })
     }
 
-    fn value(self, url: &str, referrer: &str) -> String {
+    fn value<'a>(self, url: &'a str, referrer: &'a str) -> Cow<'a, str> {
         match self {
-            Dim::Of(d) => d.value(url, referrer).into_owned(),
-            Dim::Hostname => tally_core::url::host_of(url).unwrap_or("").to_string(),
-            Dim::Name => "pageview".to_string(),
+            Dim::Of(d) => d.value(url, referrer),
+            Dim::Hostname => Cow::Borrowed(tally_core::url::host_of(url).unwrap_or("")),
+            Dim::Name => Cow::Borrowed("pageview"),
             // Filled in per bucket.
-            Dim::Time(_) => String::new(),
+            Dim::Time(_) => Cow::Borrowed(""),
         }
     }
 }
@@ -185,6 +186,11 @@ impl Filter {
                     "contains" => Op::Contains,
                     _ => Op::ContainsNot,
                 };
+                // Compared case-insensitively: lower-cased once here, not once per key.
+                let values = match case_sensitive {
+                    true => values,
+                    false => values.iter().map(|v| v.to_lowercase()).collect(),
+                };
                 Ok(Filter::Match {
                     op,
                     dim,
@@ -211,20 +217,13 @@ impl Filter {
             } => {
                 let mut v = dim.value(url, referrer);
                 if !case_sensitive {
-                    v = v.to_lowercase();
+                    v = Cow::Owned(v.to_lowercase());
                 }
-                let norm = |x: &String| {
-                    if *case_sensitive {
-                        x.clone()
-                    } else {
-                        x.to_lowercase()
-                    }
-                };
                 match op {
-                    Op::Is => values.iter().any(|x| norm(x) == v),
-                    Op::IsNot => !values.iter().any(|x| norm(x) == v),
-                    Op::Contains => values.iter().any(|x| v.contains(&norm(x))),
-                    Op::ContainsNot => !values.iter().any(|x| v.contains(&norm(x))),
+                    Op::Is => values.iter().any(|x| *x == v),
+                    Op::IsNot => !values.iter().any(|x| *x == v),
+                    Op::Contains => values.iter().any(|x| v.contains(x.as_str())),
+                    Op::ContainsNot => !values.iter().any(|x| v.contains(x.as_str())),
                 }
             }
         }
@@ -619,89 +618,128 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let granularity = q.granularity();
     let zone = q.zone;
     let bucket_of = move |ms: i64| zone.bucket_start(ms, granularity.unwrap_or(Granularity::Day));
-    let (groups, speed_available) = collect_sources(
-        state,
+    let bucket = granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64);
+    let speed = speed_sources(state, view.as_ref(), &q.host, None, cells)?;
+    let groups = Grouping::new(
         view.as_ref(),
+        speed.as_deref(),
         &q.host,
         None,
         cells,
-        visitor_cells,
-        precision,
         |url, referrer| {
             q.filters.iter().all(|f| f.matches(url, referrer)).then(|| {
                 q.dims
                     .iter()
                     .map(|d| d.value(url, referrer))
-                    .collect::<Vec<String>>()
+                    .collect::<Vec<Cow<'_, str>>>()
             })
         },
-        granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64),
-    )?;
+        bucket,
+    );
     // "all" starts at the site's first bucket with data (Plausible: its first stats date),
     // whatever the filters keep: with filters, the site is grouped once more without them.
     let first_bucket = match (q.all_time && !q.filters.is_empty(), granularity) {
         (true, Some(_)) => {
-            let (site, _) = collect_sources(
-                state,
+            let site = Grouping::new(
                 view.as_ref(),
+                speed.as_deref(),
                 &q.host,
                 None,
                 cells,
-                (0, 0),
-                precision,
                 |_, _| Some(()),
-                Some(&bucket_of as &dyn Fn(i64) -> i64),
-            )?;
-            site.keys().map(|(_, b)| *b).min()
+                bucket,
+            );
+            site.groups().map(|(_, b, _)| b).min()
         }
-        _ => groups.keys().map(|(_, b)| *b).min(),
+        _ => groups.groups().map(|(_, b, _)| b).min(),
     };
     let labels_from = match q.all_time {
         true => first_bucket.unwrap_or_else(|| zone.day_start(q.range.1 - 1)),
         false => q.range.0,
     };
-    let mut rows: Vec<(Vec<String>, Vec<u64>)> = Vec::with_capacity(groups.len());
-    for ((mut dims, bucket), tally) in groups {
-        if let (Some(i), Some(g)) = (q.time_at, granularity) {
-            dims[i] = q.label(bucket, g);
+    /// One result row: its group, dimension values, views and (once counted) visitors.
+    struct Row<'k, K> {
+        key: (&'k K, i64),
+        dims: Vec<String>,
+        views: u64,
+        visitors: u64,
+    }
+    let mut rows: Vec<Row<'_, _>> = groups
+        .groups()
+        .map(|(key, bucket, views)| {
+            let mut dims: Vec<String> = key.iter().map(|d| d.to_string()).collect();
+            if let (Some(i), Some(g)) = (q.time_at, granularity) {
+                dims[i] = q.label(bucket, g);
+            }
+            Row {
+                key: (key, bucket),
+                dims,
+                views,
+                visitors: 0,
+            }
+        })
+        .collect();
+    let mut speed_available = groups.speed_available();
+    // Visitors are one union per row: counted for every row only when the order needs them,
+    // else for the rows of the page asked for.
+    let mut count_visitors = |rows: &mut [Row<'_, _>]| -> Result<(), ApiError> {
+        let wanted: Vec<_> = rows.iter().map(|r| r.key).collect();
+        let (uniques, read) = groups.uniques(state, &wanted, visitor_cells, precision)?;
+        speed_available &= read;
+        for (r, u) in rows.iter_mut().zip(uniques) {
+            r.visitors = u;
         }
-        let views = tally.views;
-        let visitors = match wants_visitors {
-            true => tally.uniques(precision)?,
-            false => 0,
-        };
-        let metrics = q
-            .metrics
-            .iter()
-            .map(|m| match m {
-                Metric::Pageviews | Metric::Events => views,
-                Metric::Visitors => visitors,
-            })
-            .collect();
-        rows.push((dims, metrics));
+        Ok(())
+    };
+    let by_visitors = q
+        .order
+        .iter()
+        .any(|(k, _)| matches!(k, SortKey::Metric(i) if q.metrics[*i] == Metric::Visitors));
+    if wants_visitors && by_visitors {
+        count_visitors(&mut rows)?;
     }
     // No dimensions: one row, also for a site without views.
+    let empty = Vec::new();
     if q.dims.is_empty() && rows.is_empty() {
-        rows.push((Vec::new(), vec![0; q.metrics.len()]));
+        rows.push(Row {
+            key: (&empty, 0),
+            dims: Vec::new(),
+            views: 0,
+            visitors: 0,
+        });
     }
+    let metric = |r: &Row<'_, _>, m: Metric| match m {
+        Metric::Pageviews | Metric::Events => r.views,
+        Metric::Visitors => r.visitors,
+    };
     rows.sort_by(|a, b| {
         for (key, desc) in &q.order {
             let o = match key {
-                SortKey::Metric(i) => a.1[*i].cmp(&b.1[*i]),
-                SortKey::Dimension(i) => a.0[*i].cmp(&b.0[*i]),
+                SortKey::Metric(i) => metric(a, q.metrics[*i]).cmp(&metric(b, q.metrics[*i])),
+                SortKey::Dimension(i) => a.dims[*i].cmp(&b.dims[*i]),
             };
             let o = if *desc { o.reverse() } else { o };
             if o != Ordering::Equal {
                 return o;
             }
         }
-        a.0.cmp(&b.0)
+        a.dims.cmp(&b.dims)
     });
+    let total = rows.len();
+    let page = q.offset.min(total)..q.offset.saturating_add(q.limit).min(total);
+    if wants_visitors && !by_visitors {
+        count_visitors(&mut rows[page.clone()])?;
+    }
+    let rows: Vec<(Vec<String>, Vec<u64>)> = rows
+        .drain(page)
+        .map(|r| {
+            let metrics = q.metrics.iter().map(|m| metric(&r, *m)).collect();
+            (r.dims, metrics)
+        })
+        .collect();
     let total = rows.len();
     let results: Vec<Value> = rows
         .into_iter()
-        .skip(q.offset)
-        .take(q.limit)
         .map(|(d, m)| json!({"metrics": m, "dimensions": d}))
         .collect();
     let mut meta = Map::new();

@@ -1115,20 +1115,16 @@ mod tests {
 
     fn sources_of(m: &Mirror, host: &str) -> Sources {
         let mut out = Sources::new();
-        for s in m
-            .sources(
-                host,
-                None,
-                Seq(0),
-                (i64::MIN, i64::MAX),
-                (i64::MIN, i64::MAX),
-                14,
-            )
-            .unwrap()
-        {
-            let item = out.entry((s.referrer, s.url)).or_default();
+        let all = (i64::MIN, i64::MAX);
+        let keys = m.sources(host, None, Seq(0), all).unwrap();
+        let ids: Vec<_> = keys.iter().map(|s| s.key).collect();
+        let visitors = m.source_visitors(&ids, Seq(0), all, 14).unwrap();
+        for (s, v) in keys.iter().zip(visitors) {
+            let item = out
+                .entry((s.referrer().to_string(), s.url().to_string()))
+                .or_default();
             item.0 += s.views;
-            for v in s.visitors.into_values() {
+            for v in v.into_values() {
                 item.1.extend(v.hashes);
             }
         }

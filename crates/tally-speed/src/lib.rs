@@ -32,7 +32,7 @@ mod shard;
 pub mod sketch;
 mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::mirror::Mirror;
-pub use crate::mirror::{SiteSpeed, SourceSpeed, SpeedVisitors};
+pub use crate::mirror::{SiteSpeed, SourceId, SourceSpeed, SpeedVisitors};
 pub use crate::rank::BaseTotals;
 pub use crate::recent::{Realtime, WINDOW_MS as REALTIME_WINDOW_MS};
 
@@ -363,23 +363,36 @@ impl SpeedLayer {
     }
 
     /// The source keys (referrer host, URL) of site `host` — of `url` alone when given — over
-    /// the live epochs after `after_cutoff`: each one's views in `cells` = `[from, to)` and its
-    /// visitors in the cells `visitor_cells` = `[from, to)`. A breakdown by any dimension sums these.
+    /// the live epochs after `after_cutoff`, with their views in `cells` = `[from, to)`. A
+    /// breakdown by any dimension sums these; [`source_visitors`](Self::source_visitors) gives
+    /// the visitors of the keys it ranks first.
     pub fn sources(
         &self,
         host: &str,
         url: Option<&str>,
         after_cutoff: Seq,
         cells: (i64, i64),
+    ) -> Read<Vec<SourceSpeed>> {
+        self.read(|m| m.sources(host, url, after_cutoff, cells))
+    }
+
+    /// The visitors of each of `keys` (from [`sources`](Self::sources) with the same
+    /// `after_cutoff`) per cell in `visitor_cells` = `[from, to)`, each cell as
+    /// [`visitors`](Self::visitors) answers for a URL. Fails with [`NotCovered`] when an epoch
+    /// the keys were read from has been collected since.
+    pub fn source_visitors(
+        &self,
+        keys: &[SourceId],
+        after_cutoff: Seq,
         visitor_cells: (i64, i64),
         precision: u8,
-    ) -> Read<Vec<SourceSpeed>> {
+    ) -> Read<Vec<BTreeMap<i64, SpeedVisitors>>> {
         let collected =
-            self.read(|m| m.sources(host, url, after_cutoff, cells, visitor_cells, precision));
+            self.read(|m| m.source_visitors(keys, after_cutoff, visitor_cells, precision));
         collected.map(|s| {
             s.map(|mut s| {
                 for k in &mut s {
-                    for v in k.visitors.values_mut() {
+                    for v in k.values_mut() {
                         *v = std::mem::take(v).finish(precision);
                     }
                 }

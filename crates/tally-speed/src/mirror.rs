@@ -137,17 +137,35 @@ pub struct SpeedVisitors {
 }
 
 /// One source key's share of the speed layer ([`crate::SpeedLayer::sources`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SourceSpeed {
-    /// The referrer's host, empty for a direct visit.
-    pub referrer: String,
-    pub url: String,
+    /// Which key: for [`crate::SpeedLayer::source_visitors`].
+    pub key: SourceId,
+    /// The source key (`tally_core::dims::source_key`), or the URL itself for its direct views.
+    name: Arc<str>,
     /// Views in the cell range asked for.
     pub views: u64,
     /// Those views per cell, ascending.
     pub cells: Vec<(i64, u64)>,
-    /// Cell → its visitors in that cell, for the cells asked for.
-    pub visitors: BTreeMap<i64, SpeedVisitors>,
+}
+
+impl SourceSpeed {
+    /// The referrer's host, empty for a direct visit.
+    pub fn referrer(&self) -> &str {
+        tally_core::dims::parse_source_key(&self.name).map_or("", |(r, _)| r)
+    }
+
+    pub fn url(&self) -> &str {
+        tally_core::dims::parse_source_key(&self.name).map_or(&self.name, |(_, u)| u)
+    }
+}
+
+/// A source key of the live epochs: its id in the dictionary, and whether it is the direct
+/// partition of the URL of that id. Valid while the epochs it was read from are live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SourceId {
+    id: u32,
+    direct: bool,
 }
 
 /// A site's share of the speed layer ([`crate::SpeedLayer::sites`]).
@@ -854,45 +872,36 @@ impl Mirror {
     }
 
     /// The source keys of site `host` (of `url` alone when given) with views in the cells
-    /// `cells` over the live epochs after `after_cutoff`, with those views and their visitors
-    /// in the cells `visitor_cells` (not yet [`SpeedVisitors::finish`]ed). One scan of the live
-    /// source keys.
+    /// `cells` over the live epochs after `after_cutoff`, with those views. One scan of the
+    /// live source keys of the site; their visitors come from [`Mirror::source_visitors`], for
+    /// the keys a caller still needs after ranking.
     pub(crate) fn sources(
         &self,
         host: &str,
         url: Option<&str>,
         after_cutoff: Seq,
         cells: (i64, i64),
-        visitor_cells: (i64, i64),
-        precision: u8,
     ) -> Result<Vec<SourceSpeed>, NotCovered> {
-        // Keyed by (id, direct): a direct partition goes by its URL's id.
-        let mut acc: HashMap<(u32, bool), SourceSpeed> = HashMap::new();
-        let mut add = |key: (u32, bool), referrer: &str, u: &str, c: &UrlCounts| {
-            let a = c.cells.partition_point(|x| x.0 < cells.0);
-            let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
-            if a == b {
-                return;
-            }
-            let visitors = match visitor_cells.0 < visitor_cells.1 {
-                true => c.visitors.range(visitor_cells.0, visitor_cells.1),
-                false => &[],
-            };
-            let s = acc.entry(key).or_insert_with(|| SourceSpeed {
-                referrer: referrer.to_string(),
-                url: u.to_string(),
-                ..Default::default()
-            });
-            s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
-            s.cells.extend_from_slice(&c.cells[a..b]);
-            for d in visitors {
-                self.collect_cell(s.visitors.entry(d.cell).or_default(), d, precision);
-            }
-        };
+        let mut acc: FastMap<SourceId, SourceSpeed> = FastMap::default();
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
         for id in self.dict.of_host(host) {
             let Some(name) = self.dict.name(id) else {
                 continue;
+            };
+            let mut add = |key: SourceId, c: &UrlCounts| {
+                let a = c.cells.partition_point(|x| x.0 < cells.0);
+                let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
+                if a == b {
+                    return;
+                }
+                let s = acc.entry(key).or_insert_with(|| SourceSpeed {
+                    key,
+                    name: name.clone(),
+                    views: 0,
+                    cells: Vec::new(),
+                });
+                s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
+                s.cells.extend_from_slice(&c.cells[a..b]);
             };
             match tally_core::dims::parse_source_key(name) {
                 // Referred views, under their source keys.
@@ -901,7 +910,7 @@ impl Mirror {
                         continue;
                     }
                     for c in live.iter().filter_map(|e| e.sources.get(&id)) {
-                        add((id, false), referrer, u, c);
+                        add(SourceId { id, direct: false }, c);
                     }
                 }
                 // A URL's direct partition: read with the URL.
@@ -914,7 +923,7 @@ impl Mirror {
                     for e in &live {
                         if let Some(c) = e.urls.get(&id) {
                             let c = e.direct.get(&id).map_or(c, |d| &d.counts);
-                            add((id, true), "", name, c);
+                            add(SourceId { id, direct: true }, c);
                         }
                     }
                 }
@@ -932,6 +941,39 @@ impl Mirror {
                     false
                 }
             });
+        }
+        Ok(out)
+    }
+
+    /// The visitors of each of `keys` (from [`Mirror::sources`]) per cell in `visitor_cells`,
+    /// over the live epochs after `after_cutoff` (not yet [`SpeedVisitors::finish`]ed).
+    pub(crate) fn source_visitors(
+        &self,
+        keys: &[SourceId],
+        after_cutoff: Seq,
+        visitor_cells: (i64, i64),
+        precision: u8,
+    ) -> Result<Vec<BTreeMap<i64, SpeedVisitors>>, NotCovered> {
+        let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let mut visitors: BTreeMap<i64, SpeedVisitors> = BTreeMap::new();
+            for e in &live {
+                let counts = match key.direct {
+                    false => e.sources.get(&key.id),
+                    true => e
+                        .urls
+                        .get(&key.id)
+                        .map(|c| e.direct.get(&key.id).map_or(c, |d| &d.counts)),
+                };
+                let Some(c) = counts else { continue };
+                if visitor_cells.0 < visitor_cells.1 {
+                    for d in c.visitors.range(visitor_cells.0, visitor_cells.1) {
+                        self.collect_cell(visitors.entry(d.cell).or_default(), d, precision);
+                    }
+                }
+            }
+            out.push(visitors);
         }
         Ok(out)
     }
@@ -1526,7 +1568,7 @@ mod bench {
                 .unwrap()
                 .len();
             found += m
-                .sources(&host, None, Seq(0), (i64::MIN, i64::MAX), (0, 0), 14)
+                .sources(&host, None, Seq(0), (i64::MIN, i64::MAX))
                 .unwrap()
                 .len();
             found += m
