@@ -352,8 +352,9 @@ impl BatchView {
     }
 
     /// Every source key (referrer host, URL) of site `host` — only those of `url` when given —
-    /// with views in the cells `[from_cell, to_cell)`: those views and the key's visitors. A
-    /// breakdown by any dimension sums these.
+    /// with views in the cells `[from_cell, to_cell)`, with those views (the visitors of the
+    /// keys a caller needs: [`BatchView::source_visitors`]). A breakdown by any dimension sums
+    /// these.
     pub fn sources_of<'a>(
         &'a self,
         host: &str,
@@ -361,6 +362,18 @@ impl BatchView {
         cells: (i64, i64),
     ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
         self.sources.of_host(host, url, cells)
+    }
+
+    /// All the visitors of source key `key` (a [`SourceCount::key`] of this view): per UTC
+    /// day and per cell (none when the view has no sketches).
+    pub fn source_visitors(&self, key: u32) -> KeyVisitors<'_> {
+        self.sources.visitors(key)
+    }
+
+    /// The number of distinct URLs among the source keys of site `host`: the bound of
+    /// [`SourceCount::url_id`].
+    pub fn source_urls(&self, host: &str) -> usize {
+        self.sources.urls_of(host)
     }
 
     /// Number of (source key, cell) entries.

@@ -257,7 +257,7 @@ fn check_sources(view: &BatchView, m: &Model, host: &str, (a, b): (i64, i64)) {
         for c in view.sources_of(host, url, (a, b)) {
             let visitors = view.sketch_precision().map(|p| {
                 let mut pieces = tally_batch::Pieces::default();
-                c.visitors.collect(a, b, &mut pieces);
+                view.source_visitors(c.key).collect(a, b, &mut pieces);
                 pieces.union(p, None, &[]).unwrap().estimate() as usize
             });
             let key = (c.referrer.to_string(), c.url.to_string());

@@ -31,6 +31,26 @@ pub enum Dimension {
     UtmCampaign,
 }
 
+/// What a grouping's value is a function of: the page URL, the referrer host, or both. A
+/// caller grouping many (referrer host, URL) pairs computes a value once per distinct input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    Url,
+    Referrer,
+    Both,
+}
+
+impl Input {
+    /// What a value computed from both `self`'s and `other`'s inputs depends on.
+    pub fn and(self, other: Input) -> Input {
+        if self == other {
+            self
+        } else {
+            Input::Both
+        }
+    }
+}
+
 impl Dimension {
     pub const ALL: [Dimension; 7] = [
         Dimension::Page,
@@ -56,6 +76,19 @@ impl Dimension {
 
     pub fn parse(s: &str) -> Option<Dimension> {
         Dimension::ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// What [`Dimension::value`] reads.
+    pub fn input(self) -> Input {
+        match self {
+            Dimension::Referrer => Input::Referrer,
+            Dimension::Source => Input::Both,
+            Dimension::Page
+            | Dimension::Url
+            | Dimension::UtmSource
+            | Dimension::UtmMedium
+            | Dimension::UtmCampaign => Input::Url,
+        }
     }
 
     /// The value of this dimension for a view of `url` (normalised) referred by `referrer_host`
@@ -216,6 +249,32 @@ mod tests {
             referrer_host(page, Some("android-app://com.slack/")),
             "com.slack"
         );
+    }
+
+    /// `input()` names everything `value()` reads: callers compute a value once per input.
+    #[test]
+    fn a_value_depends_only_on_its_input() {
+        let urls = [
+            "https://x.test/a?utm_source=news&utm_medium=mail&utm_campaign=c1",
+            "https://x.test/a",
+            "https://x.test/b?q=1#/route",
+            "https://y.test/",
+        ];
+        let referrers = ["", "google.com", "news.test", "x.test"];
+        for d in Dimension::ALL {
+            for u in urls {
+                for r in referrers {
+                    let v = d.value(u, r);
+                    match d.input() {
+                        Input::Url => assert_eq!(v, d.value(u, ""), "{d:?} {u} {r}"),
+                        Input::Referrer => assert_eq!(v, d.value(urls[1], r), "{d:?} {u} {r}"),
+                        Input::Both => {}
+                    }
+                }
+            }
+        }
+        assert_eq!(Input::Url.and(Input::Url), Input::Url);
+        assert_eq!(Input::Url.and(Input::Referrer), Input::Both);
     }
 
     #[test]

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::Response;
 use serde_json::{json, Value};
-use tally_batch::{relative_error, BatchView, Piece, Pieces, SourceCount, VisitorSketch};
-use tally_core::dims::Dimension;
+use tally_batch::{relative_error, BatchView, Piece, Pieces, VisitorSketch};
+use tally_core::dims::{Dimension, Input};
 use tally_core::hash::FastMap;
 use tally_core::{Seq, CELL_MS};
 use tally_speed::{SourceId, SourceSpeed, SpeedVisitors};
@@ -78,10 +78,13 @@ pub(crate) struct Grouping<'a, K> {
     /// Group values in order of first sight; a group is its index here.
     values: Vec<K>,
     index: FastMap<K, u32>,
-    /// (group, bucket start or 0) → views.
+    /// Views per group, without time buckets.
+    totals: Vec<u64>,
+    /// (group, bucket start) → views, with time buckets.
     views: FastMap<(u32, i64), u64>,
-    /// The batch view's keys with their group.
-    batch: Vec<(u32, SourceCount<'a>)>,
+    view: Option<&'a Arc<BatchView>>,
+    /// The batch view's keys ([`SourceCount::key`]) with their group.
+    batch: Vec<(u32, u32)>,
     /// The speed layer's keys with their group (`None`: the speed layer could not be read).
     speed: Option<Vec<(u32, &'a SourceSpeed)>>,
     bucket_of: Option<&'a dyn Fn(i64) -> i64>,
@@ -105,7 +108,9 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
     /// Groups the source keys of site `host` (of `url` alone when given) with views in `cells`
     /// — the batch view's, and `speed` (from [`speed_sources`] for the same view) — by
     /// `group_of(url, referrer host)` (`None` leaves a key out) and, with `bucket_of` (an
-    /// instant → its time bucket's start), by time bucket too (else bucket 0).
+    /// instant → its time bucket's start), by time bucket too (else bucket 0). `group_of` is
+    /// a function of `input` alone: called once per distinct URL (or referrer host) of each
+    /// layer, not once per key.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         view: Option<&'a Arc<BatchView>>,
@@ -113,37 +118,73 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
         host: &str,
         url: Option<&'a str>,
         cells: (i64, i64),
-        group_of: impl Fn(&'a str, &'a str) -> Option<K>,
+        (input, group_of): (Input, impl Fn(&'a str, &'a str) -> Option<K>),
         bucket_of: Option<&'a dyn Fn(i64) -> i64>,
     ) -> Grouping<'a, K> {
         let mut g = Grouping {
             values: Vec::new(),
             index: FastMap::default(),
+            totals: Vec::new(),
             views: FastMap::default(),
+            view,
             batch: Vec::new(),
             speed: speed.map(|s| Vec::with_capacity(s.len())),
             bucket_of,
             cutoff: ViewManager::cutoff(view),
         };
         if let Some(v) = view {
+            // The group of each URL of the site (a dense table: URLs are numbered per site),
+            // or of each referrer host; NOT_SEEN until computed, LEFT_OUT for `None`.
+            const NOT_SEEN: u32 = u32::MAX;
+            const LEFT_OUT: u32 = u32::MAX - 1;
+            let mut by_url = match input {
+                Input::Url => vec![NOT_SEEN; v.source_urls(host)],
+                _ => Vec::new(),
+            };
+            let mut by_referrer: FastMap<u32, Option<u32>> = FastMap::default();
             for c in v.sources_of(host, url, cells) {
-                let Some(k) = group_of(c.url, c.referrer) else {
+                let found = match input {
+                    Input::Url => match by_url[c.url_id as usize] {
+                        NOT_SEEN => {
+                            let found = group_of(c.url, c.referrer).map(|k| g.group(k));
+                            by_url[c.url_id as usize] = found.unwrap_or(LEFT_OUT);
+                            found
+                        }
+                        LEFT_OUT => None,
+                        i => Some(i),
+                    },
+                    Input::Referrer => *by_referrer
+                        .entry(c.referrer_id)
+                        .or_insert_with(|| group_of(c.url, c.referrer).map(|k| g.group(k))),
+                    Input::Both => group_of(c.url, c.referrer).map(|k| g.group(k)),
+                };
+                let Some(i) = found else {
                     continue;
                 };
-                let i = g.group(k);
                 g.add_views(
                     i,
                     c.views,
                     c.cells.iter().copied().zip(c.cell_views.iter().copied()),
                 );
-                g.batch.push((i, c));
+                g.batch.push((i, c.key));
             }
         }
+        let mut memo: FastMap<&'a str, Option<u32>> = FastMap::default();
         for s in speed.unwrap_or_default() {
-            let Some(k) = group_of(s.url(), s.referrer()) else {
+            let memo_key = match input {
+                Input::Url => Some(s.url()),
+                Input::Referrer => Some(s.referrer()),
+                Input::Both => None,
+            };
+            let found = match memo_key {
+                Some(key) => *memo
+                    .entry(key)
+                    .or_insert_with(|| group_of(s.url(), s.referrer()).map(|k| g.group(k))),
+                None => group_of(s.url(), s.referrer()).map(|k| g.group(k)),
+            };
+            let Some(i) = found else {
                 continue;
             };
-            let i = g.group(k);
             g.add_views(i, s.views, s.cells.iter().copied());
             if let Some(keys) = &mut g.speed {
                 keys.push((i, s));
@@ -159,12 +200,13 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
         let i = self.values.len() as u32;
         self.values.push(k.clone());
         self.index.insert(k, i);
+        self.totals.push(0);
         i
     }
 
     fn add_views(&mut self, g: u32, views: u64, cells: impl Iterator<Item = (i64, u64)>) {
         match self.bucket_of {
-            None => *self.views.entry((g, 0)).or_default() += views,
+            None => self.totals[g as usize] += views,
             Some(b) => {
                 for (cell, n) in cells {
                     *self.views.entry((g, b(cell * CELL_MS))).or_default() += n;
@@ -180,9 +222,13 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
 
     /// Every (group value, bucket) with its views, in no particular order.
     pub(crate) fn groups(&self) -> impl Iterator<Item = (&K, i64, u64)> + '_ {
-        self.views
-            .iter()
-            .map(|(&(g, b), &n)| (&self.values[g as usize], b, n))
+        let totals = match self.bucket_of {
+            None => &self.totals[..],
+            Some(_) => &[],
+        };
+        let totals = (self.values.iter().zip(totals)).map(|(k, &n)| (k, 0, n));
+        let bucketed = (self.views.iter()).map(|(&(g, b), &n)| (&self.values[g as usize], b, n));
+        totals.chain(bucketed)
     }
 
     /// The distinct visitors, in the cells `visitor_cells`, of each of `wanted` (group value,
@@ -206,23 +252,22 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
         }
         let mut tallies: Vec<Tally<'a>> = wanted.iter().map(|_| Tally::default()).collect();
         let (va, vb) = visitor_cells;
-        for (g, c) in &self.batch {
-            if !want_group[*g as usize] {
+        for (g, key) in &self.batch {
+            let Some(view) = self.view.filter(|_| want_group[*g as usize]) else {
                 continue;
-            }
+            };
+            let visitors = view.source_visitors(*key);
             match self.bucket_of {
                 None => {
                     if let Some(&n) = slot.get(&(*g, 0)) {
-                        c.visitors.collect(va, vb, &mut tallies[n].batch);
+                        visitors.collect(va, vb, &mut tallies[n].batch);
                     }
                 }
-                Some(b) => c
-                    .visitors
-                    .collect_by(va, vb, Some(b), &mut |bucket, piece| {
-                        if let Some(&n) = slot.get(&(*g, bucket)) {
-                            tallies[n].add_batch(piece);
-                        }
-                    }),
+                Some(b) => visitors.collect_by(va, vb, Some(b), &mut |bucket, piece| {
+                    if let Some(&n) = slot.get(&(*g, bucket)) {
+                        tallies[n].add_batch(piece);
+                    }
+                }),
             }
         }
         let mut speed_available = self.speed.is_some();
@@ -308,7 +353,7 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
         true => None,
         false => speed_sources(state, view.as_ref(), &host, url, day_cells)?,
     };
-    let group = |u, referrer| Some(by.value(u, referrer));
+    let group = (by.input(), |u, referrer| Some(by.value(u, referrer)));
     let items = Grouping::new(
         view.as_ref(),
         speed.as_deref(),
@@ -319,8 +364,14 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
         None,
     );
     let mut ranked: Vec<(&Cow<'_, str>, u64)> = items.groups().map(|(v, _, n)| (v, n)).collect();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-    ranked.truncate(limit);
+    let most_viewed = |a: &(&Cow<'_, str>, u64), b: &(&Cow<'_, str>, u64)| {
+        b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0))
+    };
+    if ranked.len() > limit {
+        ranked.select_nth_unstable_by(limit, most_viewed);
+        ranked.truncate(limit);
+    }
+    ranked.sort_by(most_viewed);
     let wanted: Vec<(&Cow<'_, str>, i64)> = ranked.iter().map(|(v, _)| (*v, 0)).collect();
     let (uniques, visitors_read) = match day_cells == cells {
         true => items.uniques(state, &wanted, day_cells, precision)?,

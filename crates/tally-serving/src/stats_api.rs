@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{Datelike, NaiveDate};
 use serde_json::{json, Map, Value};
-use tally_core::dims::Dimension;
+use tally_core::dims::{Dimension, Input};
 use tally_core::{Granularity, Zone, CELL_MS, DAY_MS};
 
 use crate::breakdown::{speed_sources, Grouping};
@@ -102,6 +102,15 @@ impl Dim {
         })
     }
 
+    /// What [`Dim::value`] reads; `None` for a constant.
+    fn input(self) -> Option<Input> {
+        match self {
+            Dim::Of(d) => Some(d.input()),
+            Dim::Hostname => Some(Input::Url),
+            Dim::Name | Dim::Time(_) => None,
+        }
+    }
+
     fn value<'a>(self, url: &'a str, referrer: &'a str) -> Cow<'a, str> {
         match self {
             Dim::Of(d) => d.value(url, referrer),
@@ -135,6 +144,16 @@ enum Filter {
 }
 
 impl Filter {
+    /// What [`Filter::matches`] reads; `None` when it reads neither input.
+    fn input(&self) -> Option<Input> {
+        let all = |fs: &[Filter]| fs.iter().filter_map(Filter::input).reduce(Input::and);
+        match self {
+            Filter::Match { dim, .. } => dim.input(),
+            Filter::And(fs) | Filter::Or(fs) => all(fs),
+            Filter::Not(f) => f.input(),
+        }
+    }
+
     fn parse(v: &Value) -> Result<Filter, ApiError> {
         let invalid = || bad(format!("Invalid filter '{v}'."));
         let a = v.as_array().ok_or_else(invalid)?;
@@ -620,20 +639,25 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let bucket_of = move |ms: i64| zone.bucket_start(ms, granularity.unwrap_or(Granularity::Day));
     let bucket = granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64);
     let speed = speed_sources(state, view.as_ref(), &q.host, None, cells)?;
+    // What the rows' values are a function of: each is computed once per distinct input.
+    let input = (q.dims.iter().filter_map(|d| d.input()))
+        .chain(q.filters.iter().filter_map(Filter::input))
+        .reduce(Input::and)
+        .unwrap_or(Input::Url);
     let groups = Grouping::new(
         view.as_ref(),
         speed.as_deref(),
         &q.host,
         None,
         cells,
-        |url, referrer| {
+        (input, |url, referrer| {
             q.filters.iter().all(|f| f.matches(url, referrer)).then(|| {
                 q.dims
                     .iter()
                     .map(|d| d.value(url, referrer))
                     .collect::<Vec<Cow<'_, str>>>()
             })
-        },
+        }),
         bucket,
     );
     // "all" starts at the site's first bucket with data (Plausible: its first stats date),
@@ -646,7 +670,7 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
                 &q.host,
                 None,
                 cells,
-                |_, _| Some(()),
+                (Input::Url, |_, _| Some(())),
                 bucket,
             );
             site.groups().map(|(_, b, _)| b).min()
@@ -712,7 +736,7 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         Metric::Pageviews | Metric::Events => r.views,
         Metric::Visitors => r.visitors,
     };
-    rows.sort_by(|a, b| {
+    let order = |a: &Row<'_, _>, b: &Row<'_, _>| {
         for (key, desc) in &q.order {
             let o = match key {
                 SortKey::Metric(i) => metric(a, q.metrics[*i]).cmp(&metric(b, q.metrics[*i])),
@@ -724,9 +748,16 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
             }
         }
         a.dims.cmp(&b.dims)
-    });
+    };
     let total = rows.len();
-    let page = q.offset.min(total)..q.offset.saturating_add(q.limit).min(total);
+    // Only the rows up to the end of the page need their order.
+    let end = q.offset.saturating_add(q.limit);
+    if end < total {
+        rows.select_nth_unstable_by(end, order);
+        rows.truncate(end);
+    }
+    rows.sort_by(order);
+    let page = q.offset.min(rows.len())..rows.len();
     if wants_visitors && !by_visitors {
         count_visitors(&mut rows[page.clone()])?;
     }
