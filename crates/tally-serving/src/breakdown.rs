@@ -92,16 +92,18 @@ pub(crate) struct Grouping<'a, K> {
 }
 
 /// The speed layer's source keys of site `host` (of `url` alone when given) after the cutoff of
-/// `view` with views in `cells`; `None` while it cannot be read.
+/// `view` with views in `cells` (and per cell, for a grouping by time bucket: `per_cell`);
+/// `None` while it cannot be read.
 pub(crate) fn speed_sources(
     state: &AppState,
     view: Option<&Arc<BatchView>>,
     host: &str,
     url: Option<&str>,
     cells: (i64, i64),
+    per_cell: bool,
 ) -> ApiResult<Option<Vec<SourceSpeed>>> {
     let cutoff = ViewManager::cutoff(view);
-    speed_read(state.speed.sources(host, url, cutoff, cells))
+    speed_read(state.speed.sources(host, url, cutoff, cells, per_cell))
 }
 
 impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
@@ -348,10 +350,10 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
     // the range is not whole days, an item's visitors come from the keys with views on those
     // days — also those without views in the range itself.
     let day_cells = uniques_cells(&range);
-    let speed = speed_sources(state, view.as_ref(), &host, url, cells)?;
+    let speed = speed_sources(state, view.as_ref(), &host, url, cells, false)?;
     let speed_days = match day_cells == cells {
         true => None,
-        false => speed_sources(state, view.as_ref(), &host, url, day_cells)?,
+        false => speed_sources(state, view.as_ref(), &host, url, day_cells, false)?,
     };
     let group = (by.input(), |u, referrer| Some(by.value(u, referrer)));
     let items = Grouping::new(

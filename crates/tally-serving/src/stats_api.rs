@@ -638,7 +638,7 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let zone = q.zone;
     let bucket_of = move |ms: i64| zone.bucket_start(ms, granularity.unwrap_or(Granularity::Day));
     let bucket = granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64);
-    let speed = speed_sources(state, view.as_ref(), &q.host, None, cells)?;
+    let speed = speed_sources(state, view.as_ref(), &q.host, None, cells, bucket.is_some())?;
     // What the rows' values are a function of: each is computed once per distinct input.
     let input = (q.dims.iter().filter_map(|d| d.input()))
         .chain(q.filters.iter().filter_map(Filter::input))

@@ -1116,7 +1116,7 @@ mod tests {
     fn sources_of(m: &Mirror, host: &str) -> Sources {
         let mut out = Sources::new();
         let all = (i64::MIN, i64::MAX);
-        let keys = m.sources(host, None, Seq(0), all).unwrap();
+        let keys = m.sources(host, None, Seq(0), all, true).unwrap();
         let ids: Vec<_> = keys.iter().map(|s| s.key).collect();
         let visitors = m.source_visitors(&ids, Seq(0), all, 14).unwrap();
         for (s, v) in keys.iter().zip(visitors) {

@@ -363,7 +363,8 @@ impl SpeedLayer {
     }
 
     /// The source keys (referrer host, URL) of site `host` — of `url` alone when given — over
-    /// the live epochs after `after_cutoff`, with their views in `cells` = `[from, to)`. A
+    /// the live epochs after `after_cutoff`, with their views in `cells` = `[from, to)` (and
+    /// per cell, with `per_cell`). A
     /// breakdown by any dimension sums these; [`source_visitors`](Self::source_visitors) gives
     /// the visitors of the keys it ranks first.
     pub fn sources(
@@ -372,8 +373,9 @@ impl SpeedLayer {
         url: Option<&str>,
         after_cutoff: Seq,
         cells: (i64, i64),
+        per_cell: bool,
     ) -> Read<Vec<SourceSpeed>> {
-        self.read(|m| m.sources(host, url, after_cutoff, cells))
+        self.read(|m| m.sources(host, url, after_cutoff, cells, per_cell))
     }
 
     /// The visitors of each of `keys` (from [`sources`](Self::sources) with the same

@@ -145,7 +145,7 @@ pub struct SourceSpeed {
     name: Arc<str>,
     /// Views in the cell range asked for.
     pub views: u64,
-    /// Those views per cell, ascending.
+    /// Those views per cell, ascending (empty unless asked for).
     pub cells: Vec<(i64, u64)>,
 }
 
@@ -872,75 +872,82 @@ impl Mirror {
     }
 
     /// The source keys of site `host` (of `url` alone when given) with views in the cells
-    /// `cells` over the live epochs after `after_cutoff`, with those views. One scan of the
-    /// live source keys of the site; their visitors come from [`Mirror::source_visitors`], for
-    /// the keys a caller still needs after ranking.
+    /// `cells` over the live epochs after `after_cutoff`, with those views (and per cell, with
+    /// `per_cell`). One scan of the live source keys of the site; their visitors come from
+    /// [`Mirror::source_visitors`], for the keys a caller still needs after ranking.
     pub(crate) fn sources(
         &self,
         host: &str,
         url: Option<&str>,
         after_cutoff: Seq,
         cells: (i64, i64),
+        per_cell: bool,
     ) -> Result<Vec<SourceSpeed>, NotCovered> {
-        let mut acc: FastMap<SourceId, SourceSpeed> = FastMap::default();
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
+        let mut out = Vec::new();
         for id in self.dict.of_host(host) {
             let Some(name) = self.dict.name(id) else {
                 continue;
             };
-            let mut add = |key: SourceId, c: &UrlCounts| {
-                let a = c.cells.partition_point(|x| x.0 < cells.0);
-                let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
-                if a == b {
-                    return;
-                }
-                let s = acc.entry(key).or_insert_with(|| SourceSpeed {
-                    key,
-                    name: name.clone(),
-                    views: 0,
-                    cells: Vec::new(),
-                });
-                s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
-                s.cells.extend_from_slice(&c.cells[a..b]);
-            };
-            match tally_core::dims::parse_source_key(name) {
+            let direct = match tally_core::dims::parse_source_key(name) {
                 // Referred views, under their source keys.
                 Some((referrer, u)) if !referrer.is_empty() => {
                     if url.is_some_and(|f| f != u) {
                         continue;
                     }
-                    for c in live.iter().filter_map(|e| e.sources.get(&id)) {
-                        add(SourceId { id, direct: false }, c);
-                    }
+                    false
                 }
                 // A URL's direct partition: read with the URL.
-                Some(_) => {}
+                Some(_) => continue,
                 // Direct views: kept apart for URLs with referred ones, else all the URL's.
                 None => {
                     if url.is_some_and(|f| f != &**name) {
                         continue;
                     }
-                    for e in &live {
-                        if let Some(c) = e.urls.get(&id) {
-                            let c = e.direct.get(&id).map_or(c, |d| &d.counts);
-                            add(SourceId { id, direct: true }, c);
-                        }
-                    }
-                }
-            }
-        }
-        // A key live in two epochs has two runs of cells: one ascending list.
-        let mut out: Vec<SourceSpeed> = acc.into_values().collect();
-        for s in &mut out {
-            s.cells.sort_unstable();
-            s.cells.dedup_by(|b, a| {
-                if a.0 == b.0 {
-                    a.1 += b.1;
                     true
-                } else {
-                    false
                 }
-            });
+            };
+            // Each id comes once: its epochs are summed here.
+            let mut s = SourceSpeed {
+                key: SourceId { id, direct },
+                name: name.clone(),
+                views: 0,
+                cells: Vec::new(),
+            };
+            let mut runs = 0;
+            for e in &live {
+                let counts = match direct {
+                    false => e.sources.get(&id),
+                    true => (e.urls.get(&id)).map(|c| e.direct.get(&id).map_or(c, |d| &d.counts)),
+                };
+                let Some(c) = counts else { continue };
+                let a = c.cells.partition_point(|x| x.0 < cells.0);
+                let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
+                if a == b {
+                    continue;
+                }
+                s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
+                if per_cell {
+                    s.cells.extend_from_slice(&c.cells[a..b]);
+                }
+                runs += 1;
+            }
+            if s.views == 0 {
+                continue;
+            }
+            // A key live in two epochs has two runs of cells: one ascending list.
+            if runs > 1 && per_cell {
+                s.cells.sort_unstable();
+                s.cells.dedup_by(|b, a| {
+                    if a.0 == b.0 {
+                        a.1 += b.1;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            out.push(s);
         }
         Ok(out)
     }
@@ -1568,7 +1575,7 @@ mod bench {
                 .unwrap()
                 .len();
             found += m
-                .sources(&host, None, Seq(0), (i64::MIN, i64::MAX))
+                .sources(&host, None, Seq(0), (i64::MIN, i64::MAX), true)
                 .unwrap()
                 .len();
             found += m
