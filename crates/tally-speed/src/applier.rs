@@ -1070,6 +1070,7 @@ fn mirror_from(
             m.dict
                 .insert(id, &url)
                 .map_err(|r| format!("epoch {start}: {r}"))?;
+            m.dict.seen_in(id, start);
             match tally_core::dims::parse_source_key(&url) {
                 Some(("", u)) => {
                     direct.push((u.to_string(), id, counts));

@@ -327,9 +327,16 @@ pub(crate) struct UrlDict {
     /// Host → the ids of its URLs and of their source keys: a site's reads look at its own
     /// keys, not at every live one.
     hosts: FastMap<Arc<str>, FastSet<u32>>,
+    /// Id → the start of the newest epoch with its counts ([`UrlDict::seen_in`]), or
+    /// [`UNKNOWN_EPOCH`]: a site's reads after a cutoff skip the ids only older epochs hold
+    /// (those the batch view already covers) without looking into any epoch.
+    newest: Vec<Seq>,
     /// Ids below this may be taken.
     next: u32,
 }
+
+/// The newest epoch of an id recorded without one: read as possibly any.
+const UNKNOWN_EPOCH: Seq = Seq(u64::MAX);
 
 /// The host of a URL or of a source key's URL.
 fn host_of_key(key: &str) -> Option<&str> {
@@ -381,9 +388,29 @@ impl UrlDict {
                 self.ids.insert(name.clone(), id);
                 self.names.insert(id, name);
                 self.next = self.next.max(id.saturating_add(1));
+                let i = id as usize;
+                if self.newest.len() <= i {
+                    self.newest.resize(i + 1, UNKNOWN_EPOCH);
+                }
+                self.newest[i] = UNKNOWN_EPOCH;
                 Ok(())
             }
         }
+    }
+
+    /// Records that epoch `epoch` holds counts of `id` (a known id).
+    pub(crate) fn seen_in(&mut self, id: u32, epoch: Seq) {
+        if let Some(n) = self.newest.get_mut(id as usize) {
+            *n = match *n {
+                UNKNOWN_EPOCH => epoch,
+                n => n.max(epoch),
+            };
+        }
+    }
+
+    /// Whether `id` may have counts in an epoch starting after `cutoff`.
+    fn may_be_after(&self, id: u32, cutoff: Seq) -> bool {
+        self.newest.get(id as usize).is_none_or(|&n| n > cutoff)
     }
 
     /// Keeps only the ids in `keep`.
@@ -576,6 +603,7 @@ impl Mirror {
                     _ => {}
                 }
             }
+            self.dict.seen_in(u.id, epoch);
             let map = if source { &mut e.sources } else { &mut e.urls };
             match map.get_mut(&u.id) {
                 Some(c) => {
@@ -886,6 +914,9 @@ impl Mirror {
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
         let mut out = Vec::new();
         for id in self.dict.of_host(host) {
+            if !self.dict.may_be_after(id, after_cutoff) {
+                continue;
+            }
             let Some(name) = self.dict.name(id) else {
                 continue;
             };
@@ -1073,6 +1104,35 @@ mod tests {
             m.apply(&d).unwrap();
         }
         m
+    }
+
+    /// A site's sources after a cutoff come from the epochs after it alone: a key only an
+    /// older epoch holds is skipped, a key in both counts its newer views.
+    #[test]
+    fn sources_after_a_cutoff_read_only_the_newer_epochs() {
+        let mut events = vec![
+            ev(1, "https://a.test/x", 0),
+            ev(2, "https://a.test/y", 0),
+            ev(3, "https://a.test/y", 0),
+        ];
+        events.extend([ev(4, "https://a.test/y", 0), ev(5, "https://a.test/z", 0)]);
+        let m = mirror_of(&events, &[Seq(1), Seq(4)]);
+        let views = |cutoff: Seq| -> BTreeMap<String, u64> {
+            let all = (i64::MIN, i64::MAX);
+            (m.sources("a.test", None, cutoff, all, false)
+                .unwrap()
+                .iter())
+            .map(|s| (s.url().to_string(), s.views))
+            .collect()
+        };
+        let want = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            v.iter()
+                .map(|(u, n)| (format!("https://a.test/{u}"), *n))
+                .collect()
+        };
+        assert_eq!(views(Seq(0)), want(&[("x", 1), ("y", 3), ("z", 1)]));
+        assert_eq!(views(Seq(3)), want(&[("y", 1), ("z", 1)]));
+        assert_eq!(views(Seq(5)), want(&[]));
     }
 
     #[test]
