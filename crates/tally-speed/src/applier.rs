@@ -1086,6 +1086,16 @@ fn mirror_from(
             for (h, _) in counts.cells.iter().filter(|(h, _)| *h > now_cell) {
                 e.ahead.entry(*h).or_default().insert(id);
             }
+            if let Some(host) = tally_core::url::host_of(&url) {
+                match e.sites.get_mut(host) {
+                    Some(site) => site.merge(&counts, precision),
+                    None => {
+                        let mut site = crate::mirror::UrlCounts::default();
+                        site.merge(&counts, precision);
+                        e.sites.insert(Arc::from(host), site);
+                    }
+                }
+            }
             e.urls.insert(id, counts);
         }
         for (url, id, counts) in direct {
@@ -1202,7 +1212,8 @@ mod tests {
 
     /// Direct views are counted apart only once a URL has referred ones (the first copies the
     /// views before it), in the mirror and in what is queued for Redis: applied in batches of
-    /// any size, and reloaded from what Redis would hold, the sources are those of the events.
+    /// any size, and reloaded from what Redis would hold, the sources (and the site's counts)
+    /// are those of the events.
     #[test]
     fn direct_views_split_off_at_the_first_referred_one_in_the_mirror_and_in_redis() {
         let referrers = [
@@ -1238,6 +1249,24 @@ mod tests {
                 e.event.visitor.as_deref().unwrap().as_bytes(),
             ));
         }
+        // The whole site: views per cell and every visitor.
+        let mut site_model: (BTreeMap<i64, u64>, BTreeSet<u32>) = Default::default();
+        for e in &events {
+            *site_model
+                .0
+                .entry(e.event.ts.div_euclid(tally_core::CELL_MS))
+                .or_default() += 1;
+            (site_model.1).insert(tally_core::sketch::visitor_hash32(
+                e.event.visitor.as_deref().unwrap().as_bytes(),
+            ));
+        }
+        let site_of = |m: &Mirror| {
+            let all = (i64::MIN, i64::MAX);
+            let mut sites = m.sites(&["a.test"], Seq(0), all, all, 14).unwrap();
+            let site = sites.remove("a.test").unwrap();
+            let visitors = site.visitors.into_values().flat_map(|v| v.hashes).collect();
+            (site.cells.into_iter().collect::<BTreeMap<_, _>>(), visitors)
+        };
         let epochs = [Seq(1), Seq(150)];
         for chunk in [1, 7, 300] {
             let mut m = Mirror::empty(Seq(1), 14);
@@ -1266,6 +1295,7 @@ mod tests {
                 }
             }
             assert_eq!(sources_of(&m, "a.test"), model, "batches of {chunk}");
+            assert_eq!(site_of(&m), site_model, "site, batches of {chunk}");
             // Page 0 never had a referred view: no second set of counts.
             let p0 = m.dict.id("https://a.test/p0").unwrap();
             assert!(m.epochs.values().all(|e| e.direct.get(&p0).is_none()));
@@ -1294,6 +1324,7 @@ mod tests {
                 .collect();
             let reloaded = mirror_from(Seq(1), 14, loaded).unwrap();
             assert_eq!(sources_of(&reloaded, "a.test"), model, "reloaded, {chunk}");
+            assert_eq!(site_of(&reloaded), site_model, "site reloaded, {chunk}");
         }
     }
 }

@@ -249,6 +249,15 @@ impl UrlCounts {
             .extend(d.visitors.iter().copied(), Some(precision));
     }
 
+    /// Adds `other`'s views and visitors (a site's counts are its URLs' added up).
+    pub(crate) fn merge(&mut self, other: &UrlCounts, precision: u8) {
+        for (cell, n) in &other.cells {
+            self.add(*cell, *n);
+        }
+        self.visitors
+            .extend(other.visitors.members(), Some(precision));
+    }
+
     /// Adds `n` views in `cell`.
     pub(crate) fn add(&mut self, cell: i64, n: u64) {
         if n == 0 {
@@ -285,6 +294,11 @@ pub(crate) struct EpochState {
     pub(crate) applied: Seq,
     /// URL id → counts.
     pub(crate) urls: Sharded<u32, UrlCounts>,
+    /// Host → its site's counts: the sum of its URLs' views per cell and the union of their
+    /// visitors per cell. Derived (kept by [`Mirror::apply_urls`], built again at load, never
+    /// written to Redis): a site's reads look at one entry per epoch instead of walking its
+    /// URLs, which under ingest are most of a busy site's.
+    pub(crate) sites: FastMap<Arc<str>, UrlCounts>,
     /// Source key id (`tally_core::dims::source_key`, in the same dictionary as URLs) →
     /// counts: the data of breakdowns. Kept apart so that nothing that lists URLs (rankings,
     /// sites, top) ever sees a source key.
@@ -604,6 +618,18 @@ impl Mirror {
                 }
             }
             self.dict.seen_in(u.id, epoch);
+            if let Some(host) = (!source)
+                .then(|| tally_core::url::host_of(&u.name))
+                .flatten()
+            {
+                match e.sites.get_mut(host) {
+                    Some(site) => site.add_delta(u.delta, self.precision),
+                    None => {
+                        let site = UrlCounts::of(u.delta, self.precision);
+                        e.sites.insert(Arc::from(host), site);
+                    }
+                }
+            }
             let map = if source { &mut e.sources } else { &mut e.urls };
             match map.get_mut(&u.id) {
                 Some(c) => {
@@ -871,11 +897,7 @@ impl Mirror {
             let Some(Acc { views, visitors }) = acc.get_mut(host) else {
                 continue;
             };
-            let urls = self
-                .dict
-                .of_host(host)
-                .flat_map(|id| live.iter().filter_map(move |e| e.urls.get(&id)));
-            for c in urls {
+            for c in live.iter().filter_map(|e| e.sites.get(host)) {
                 let a = c.cells.partition_point(|x| x.0 < cells.0);
                 for (cell, n) in c.cells[a..].iter().take_while(|x| x.0 < cells.1) {
                     *views.entry(*cell).or_default() += n;
@@ -1024,30 +1046,15 @@ impl Mirror {
         to_cell: i64,
     ) -> Result<HashMap<&str, u64>, NotCovered> {
         let mut out: HashMap<&str, u64> = HashMap::new();
-        for (host, c) in self.live_urls_by_host(after_cutoff)? {
-            let n = c.range(from_cell, to_cell);
-            if n > 0 {
-                *out.entry(host).or_default() += n;
+        for e in self.live_after(after_cutoff)? {
+            for (host, c) in &e.sites {
+                let n = c.range(from_cell, to_cell);
+                if n > 0 {
+                    *out.entry(&**host).or_default() += n;
+                }
             }
         }
         Ok(out)
-    }
-
-    /// `(host, counts)` of every URL of the live epochs after `after_cutoff` (a URL live in two
-    /// epochs comes twice, once with each epoch's counts).
-    fn live_urls_by_host(
-        &self,
-        after_cutoff: Seq,
-    ) -> Result<impl Iterator<Item = (&str, &UrlCounts)> + '_, NotCovered> {
-        Ok(self.live_after(after_cutoff)?.flat_map(move |e| {
-            e.urls.iter().filter_map(move |(id, c)| {
-                let host = self
-                    .dict
-                    .name(*id)
-                    .and_then(|u| tally_core::url::host_of(u))?;
-                Some((host, c))
-            })
-        }))
     }
 
     /// url → views in `[from_cell, to_cell)` for every URL with views there, optionally only
