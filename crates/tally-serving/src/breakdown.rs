@@ -387,8 +387,7 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
                 group,
                 None,
             );
-            let (uniques, read) = days.uniques(state, &wanted, day_cells, precision)?;
-            (uniques, read && days.speed_available())
+            days.uniques(state, &wanted, day_cells, precision)?
         }
     };
     // The speed layer went unavailable between the reads: the uniques are the batch view's

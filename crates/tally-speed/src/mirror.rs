@@ -1117,12 +1117,13 @@ mod tests {
     /// older epoch holds is skipped, a key in both counts its newer views.
     #[test]
     fn sources_after_a_cutoff_read_only_the_newer_epochs() {
-        let mut events = vec![
+        let events = [
             ev(1, "https://a.test/x", 0),
             ev(2, "https://a.test/y", 0),
             ev(3, "https://a.test/y", 0),
+            ev(4, "https://a.test/y", 0),
+            ev(5, "https://a.test/z", 0),
         ];
-        events.extend([ev(4, "https://a.test/y", 0), ev(5, "https://a.test/z", 0)]);
         let m = mirror_of(&events, &[Seq(1), Seq(4)]);
         let views = |cutoff: Seq| -> BTreeMap<String, u64> {
             let all = (i64::MIN, i64::MAX);
