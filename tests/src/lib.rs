@@ -479,6 +479,24 @@ impl TestServer {
         &self.client
     }
 
+    /// `GET /metrics`: the value of the unlabelled sample `name` (0 when absent, as
+    /// Prometheus reads a counter never incremented).
+    pub fn metric(&self, name: &str) -> f64 {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.base_url()))
+            .send()
+            .expect("GET /metrics");
+        let text = resp.text().expect("metrics text");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
     /// Everything the server printed so far (all starts).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -85,7 +85,8 @@ fn tally_batch(sub: &str, data_dir: &Path, redis_url: &str) -> CliOut {
     let dir = tempfile::tempdir().unwrap();
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));
     let mut child = Command::new(tally_bin())
-        .args(["batch", sub])
+        .arg("batch")
+        .args(sub.split_whitespace())
         .env("TALLY_STORAGE_DATA_DIR", data_dir)
         // Never the machine's Redis: the test's own (the CLI may not need it at all).
         .env("TALLY_REDIS_URL", redis_url)
@@ -221,10 +222,24 @@ fn runs_publish_new_versions_and_old_ones_go() {
     let urls = make_urls(20, 2);
     let mut model = Model::default();
     let mut versions: Vec<String> = Vec::new();
-    for _ in 0..4 {
+    for i in 0..4 {
         ingest_random(&server, &mut model, &mut rng, &urls, 200);
         let run = batch_run(&server);
         let v = run["version"].as_str().unwrap().to_string();
+        // Incremental (API.md, "Batch runs are incremental"): after the first run, the files an
+        // earlier run read come from their cached partials; only new files are read.
+        let (reused, computed) = (run["files_reused"].as_u64(), run["files_computed"].as_u64());
+        assert_eq!(
+            reused.unwrap() + computed.unwrap(),
+            run["files"].as_u64().unwrap(),
+            "{run}"
+        );
+        if i == 0 {
+            assert_eq!(reused, Some(0), "{run}");
+        } else {
+            assert!(reused.unwrap() >= i, "run {i} reused earlier files: {run}");
+            assert!(computed.unwrap() >= 1, "run {i} read its new file: {run}");
+        }
         assert!(
             !versions.contains(&v),
             "run reused version {v}: {versions:?}"
@@ -245,14 +260,22 @@ fn runs_publish_new_versions_and_old_ones_go() {
     }
     let data_dir = server.data_dir().to_path_buf();
     let want = versions[2..].to_vec();
-    poll_until("only the 2 newest versions on disk", DEADLINE, || {
-        (version_dirs(&data_dir) == want).then_some(())
-    });
+    poll_until(
+        &format!("only the 2 newest versions on disk ({want:?})"),
+        DEADLINE,
+        || (version_dirs(&data_dir) == want).then_some(()),
+    );
     let ok_runs = history(&server)
         .iter()
         .filter(|h| h["status"] == "ok")
         .count();
     assert_eq!(ok_runs, 4, "history: {:?}", history(&server));
+    assert!(
+        history(&server)[0]["files_reused"].as_u64() >= Some(3),
+        "history: {:?}",
+        history(&server)
+    );
+    assert!(server.metric("tally_batch_files_reused_total") >= 6.0);
 
     let url = redis_url(&mut server);
     let list = tally_batch("list", &data_dir, &url);
@@ -269,6 +292,17 @@ fn runs_publish_new_versions_and_old_ones_go() {
         "deleted version listed: {}",
         list.stdout
     );
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // A full run reads every file and answers the same.
+    let (code, full) = server.post("/v1/admin/batch?wait=true&full=true");
+    assert_eq!(code, 200, "{full}");
+    assert_eq!(full["files_reused"], 0, "{full}");
+    assert_eq!(full["files_computed"], full["files"], "{full}");
+    assert_eq!(full["full"], true, "{full}");
+    let (code, body) = server.post("/v1/admin/batch?full=maybe");
+    assert_eq!(code, 400, "{body}");
+    server.wait_caught_up();
     assert_exact(&server, &model, &mut rng, &urls);
 }
 
@@ -511,15 +545,17 @@ fn the_cli_runs_with_the_server_running_and_stopped() {
     );
     assert_exact(&server, &model, &mut rng, &urls);
 
-    // Stopped server: the CLI works on the files and publishes a view.
+    // Stopped server: the CLI works on the files and publishes a view; `--full` reads every
+    // file.
     ingest_random(&server, &mut model, &mut rng, &urls, 200);
     assert!(server.stop(), "graceful stop:\n{}", server.log());
-    let run = tally_batch("run", &data_dir, &redis);
+    let run = tally_batch("run --full", &data_dir, &redis);
     assert_eq!(
         run.code, 0,
         "tally batch run (server down): {}{}",
         run.stdout, run.stderr
     );
+    assert!(run.stdout.contains("; 0 files reused"), "{}", run.stdout);
     let v3 = current_file(&data_dir);
     assert!(v3 != v1 && v3 != v2, "a new view was published: {v3}");
     let list = tally_batch("list", &data_dir, &redis);

@@ -30,23 +30,6 @@ fn serving_version(server: &TestServer) -> Option<String> {
         .map(str::to_string)
 }
 
-/// `GET /metrics` sample value of an unlabelled metric.
-fn metric(server: &TestServer, name: &str) -> f64 {
-    let resp = server
-        .client()
-        .get(format!("{}/metrics", server.base_url()))
-        .send()
-        .expect("GET /metrics");
-    let text = resp.text().expect("metrics text");
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 /// `GET /v1/views` for every URL: each answer is the model's number, or 503. Returns the count
 /// of (exact, 503) answers; panics on a wrong number or any other status.
 fn probe(server: &TestServer, model: &Model, urls: &[String]) -> (u32, u32) {
@@ -99,7 +82,7 @@ fn collection_never_deletes_what_a_fallback_view_needs() {
     let urls = make_urls(12, 2);
     let mut model = Model::default();
     let mut runs = Vec::new();
-    let collections = || metric(&server, "tally_speed_epoch_collections_total");
+    let collections = || server.metric("tally_speed_epoch_collections_total");
     let first_epoch = || {
         server.status()["speed_epochs"][0]["start_seq"]
             .as_u64()

@@ -9,12 +9,19 @@
 //! (url, ts), URLs Zipf(1.0)-skewed over 50 hosts, 90% of events with a visitor id). Without
 //! `--generate-only` it then times `compute` without and with sketches, the view write and the
 //! view load, and prints one JSON object per measurement.
+//!
+//! `--incremental` instead times, with sketches, the counts and the sources passes of a run:
+//! scanning every file without a cache, a first cached run (which writes the partials), a run
+//! with one new file (its partials deleted), and a run with nothing new — the same view each time.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use tally_batch::testing::{write_master_file_with, MasterRow, Rng};
-use tally_batch::{compute, compute_sources, Progress, ViewStore};
+use tally_batch::{
+    compute, compute_cached, compute_sources, compute_sources_cached, PartialCache, Progress,
+    ViewStore,
+};
 use tally_core::{Seq, DAY_MS};
 use tally_master::MasterFile;
 
@@ -30,6 +37,7 @@ struct Args {
     write: bool,
     modes: Vec<&'static str>,
     url_dict_limit: usize,
+    incremental: bool,
 }
 
 fn parse() -> Args {
@@ -45,6 +53,7 @@ fn parse() -> Args {
         write: true,
         modes: vec!["counts", "counts+sketches"],
         url_dict_limit: 256 << 20,
+        incremental: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -63,6 +72,7 @@ fn parse() -> Args {
             "--no-sketches" => a.modes = vec!["counts"],
             "--only-sketches" => a.modes = vec!["counts+sketches"],
             // The breakdown data (per (referrer host, URL)) beside the per-URL counts.
+            "--incremental" => a.incremental = true,
             "--sources" => {
                 a.modes = vec!["counts", "sources", "counts+sketches", "sources+sketches"]
             }
@@ -177,6 +187,10 @@ fn main() {
         return;
     }
     let cutoff = files.iter().map(|f| f.last).max().unwrap_or(Seq::ZERO);
+    if a.incremental {
+        incremental(&a, &files, cutoff);
+        return;
+    }
     for label in a.modes.clone() {
         let precision = label.ends_with("+sketches").then_some(a.precision);
         let kernel = if label.starts_with("sources") {
@@ -235,3 +249,69 @@ fn main() {
         }
     }
 }
+
+/// The runs of an incremental batch layer over `files`, timed per keying.
+fn incremental(a: &Args, files: &[MasterFile], cutoff: Seq) {
+    let parts = a.dir.join("partials-bench");
+    let _ = std::fs::remove_dir_all(&parts);
+    let p = Some(a.precision);
+    let newest = files.iter().map(|f| f.first).max().unwrap_or(Seq::ZERO);
+    for (label, uncached, cached) in [
+        ("counts", compute as Kernel, compute_cached as Cached),
+        ("sources", compute_sources, compute_sources_cached),
+    ] {
+        let t = Instant::now();
+        let reference = uncached(files, cutoff, p, &Progress::new()).expect("compute");
+        let scan_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let run = |full: bool| {
+            let cache = PartialCache::open(&parts, full).expect("partials");
+            let t = Instant::now();
+            let data = cached(files, cutoff, p, &Progress::new(), &cache).expect("compute");
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            assert_eq!(
+                (&data.urls, &data.views, &data.sketches),
+                (&reference.urls, &reference.views, &reference.sketches),
+                "a cached run gives the scan's view"
+            );
+            (ms, data.stats)
+        };
+        let (first_ms, _) = run(true);
+        let partial_bytes: u64 = std::fs::read_dir(&parts)
+            .expect("partials dir")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(if label == "counts" { "url-" } else { "src-" })
+            })
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum();
+        // One new file: the newest file's partial is gone.
+        for e in std::fs::read_dir(&parts).expect("partials dir").flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains(&format!("-{:020}-", newest.get())) {
+                std::fs::remove_file(e.path()).expect("remove partial");
+            }
+        }
+        let (one_new_ms, s1) = run(false);
+        let (none_new_ms, s0) = run(false);
+        println!(
+            "{{\"stage\":\"incremental\",\"mode\":\"{label}+sketches\",\"files\":{},\"events\":{},\"scan_all_ms\":{scan_ms:.1},\"first_cached_run_ms\":{first_ms:.1},\"partial_bytes\":{partial_bytes},\"one_new_file_ms\":{one_new_ms:.1},\"one_new_file_reused\":{},\"one_new_file_merge_ms\":{:.1},\"nothing_new_ms\":{none_new_ms:.1},\"nothing_new_merge_ms\":{:.1}}}",
+            files.len(),
+            reference.events,
+            s1.files_reused,
+            s1.merge_wall_ms,
+            s0.merge_wall_ms,
+        );
+    }
+}
+
+type Kernel =
+    fn(&[MasterFile], Seq, Option<u8>, &Progress) -> tally_batch::Result<tally_batch::ViewData>;
+type Cached = fn(
+    &[MasterFile],
+    Seq,
+    Option<u8>,
+    &Progress,
+    &PartialCache,
+) -> tally_batch::Result<tally_batch::ViewData>;

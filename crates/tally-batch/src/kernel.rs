@@ -34,6 +34,7 @@ use tally_core::{Seq, CELL_MS};
 use tally_master::MasterFile;
 
 use crate::error::{Error, Result};
+use crate::partials::{PartialCache, Slot};
 use crate::sketch::{self, VisitorSketch};
 use crate::visitors::{KeyVisitors, CELLS_PER_DAY};
 
@@ -45,6 +46,8 @@ const BATCH_ROWS: usize = 64 * 1024;
 pub struct Progress {
     pub files_total: AtomicU64,
     pub files_done: AtomicU64,
+    /// Of `files_done`, those whose cached partial was merged instead of reading the file.
+    pub files_reused: AtomicU64,
     pub events_done: AtomicU64,
 }
 
@@ -53,6 +56,9 @@ pub struct Progress {
 pub struct ProgressSnapshot {
     pub files_done: u64,
     pub files_total: u64,
+    pub files_reused: u64,
+    /// Files read so far (`files_done - files_reused`).
+    pub files_computed: u64,
     pub events_done: u64,
 }
 
@@ -62,8 +68,12 @@ impl Progress {
     }
 
     pub fn snapshot(&self) -> ProgressSnapshot {
+        let files_done = self.files_done.load(Ordering::Relaxed);
+        let files_reused = self.files_reused.load(Ordering::Relaxed);
         ProgressSnapshot {
-            files_done: self.files_done.load(Ordering::Relaxed),
+            files_done,
+            files_reused,
+            files_computed: files_done.saturating_sub(files_reused),
             files_total: self.files_total.load(Ordering::Relaxed),
             events_done: self.events_done.load(Ordering::Relaxed),
         }
@@ -75,6 +85,10 @@ impl Progress {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ComputeStats {
     pub files: usize,
+    /// Files whose cached partial aggregate was merged instead of reading them.
+    pub files_reused: usize,
+    /// Files read (all of them without a cache, or on a full run).
+    pub files_computed: usize,
     pub row_groups: usize,
     /// Rows decoded (including rows after the cutoff in straddling files).
     pub rows_read: u64,
@@ -173,22 +187,23 @@ fn unbias(b: u32) -> i64 {
     i64::from((b ^ 0x8000_0000) as i32)
 }
 
-/// The result of one row group.
+/// The result of one row group, or of a whole master file ([`merge_file`], cached by
+/// [`crate::partials`]).
 #[derive(Default)]
-struct Partial {
+pub(crate) struct Partial {
     /// The `url` dictionaries of the row group (normally one).
-    dicts: Vec<StringArray>,
+    pub(crate) dicts: Vec<StringArray>,
     /// Local URL id -> (dictionary number, index in it).
-    urls: Vec<(u32, u32)>,
+    pub(crate) urls: Vec<(u32, u32)>,
     /// `(local id << 32 | biased cell, count)`, sorted by key, distinct keys.
-    cells: Vec<(u64, u32)>,
+    pub(crate) cells: Vec<(u64, u32)>,
     /// `(local id << 32 | biased cell, visitor hash)`.
-    visitors: Vec<(u64, u32)>,
-    rows: u64,
-    events: u64,
-    dictionaries: u64,
-    decode_ns: u64,
-    agg_ns: u64,
+    pub(crate) visitors: Vec<(u64, u32)>,
+    pub(crate) rows: u64,
+    pub(crate) events: u64,
+    pub(crate) dictionaries: u64,
+    pub(crate) decode_ns: u64,
+    pub(crate) agg_ns: u64,
 }
 
 struct FilePlan {
@@ -212,7 +227,28 @@ pub fn compute(
     sketch_precision: Option<u8>,
     progress: &Progress,
 ) -> Result<ViewData> {
-    compute_keyed(files, cutoff, sketch_precision, progress, Keying::Url)
+    compute_keyed(files, cutoff, sketch_precision, progress, Keying::Url, None)
+}
+
+/// [`compute`], reusing the cached partial aggregate of every master file wholly at or below
+/// `cutoff` found in `cache` and caching those it computes ([`crate::partials`]). The result is
+/// the same as [`compute`]'s; `stats.files_reused` and `stats.files_computed` say what was
+/// reused.
+pub fn compute_cached(
+    files: &[MasterFile],
+    cutoff: Seq,
+    sketch_precision: Option<u8>,
+    progress: &Progress,
+    cache: &PartialCache,
+) -> Result<ViewData> {
+    compute_keyed(
+        files,
+        cutoff,
+        sketch_precision,
+        progress,
+        Keying::Url,
+        Some(cache),
+    )
 }
 
 /// [`compute`] per source key (`tally_core::dims::source_key`: the pair (referrer host, URL))
@@ -223,12 +259,37 @@ pub fn compute_sources(
     sketch_precision: Option<u8>,
     progress: &Progress,
 ) -> Result<ViewData> {
-    compute_keyed(files, cutoff, sketch_precision, progress, Keying::Source)
+    compute_keyed(
+        files,
+        cutoff,
+        sketch_precision,
+        progress,
+        Keying::Source,
+        None,
+    )
+}
+
+/// [`compute_sources`] with cached partials, as [`compute_cached`].
+pub fn compute_sources_cached(
+    files: &[MasterFile],
+    cutoff: Seq,
+    sketch_precision: Option<u8>,
+    progress: &Progress,
+    cache: &PartialCache,
+) -> Result<ViewData> {
+    compute_keyed(
+        files,
+        cutoff,
+        sketch_precision,
+        progress,
+        Keying::Source,
+        Some(cache),
+    )
 }
 
 /// What one computation counts under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Keying {
+pub(crate) enum Keying {
     Url,
     /// `(referrer host, url)`: also reads `referrer`.
     Source,
@@ -240,8 +301,10 @@ fn compute_keyed(
     sketch_precision: Option<u8>,
     progress: &Progress,
     keying: Keying,
+    cache: Option<&PartialCache>,
 ) -> Result<ViewData> {
     let t0 = Instant::now();
+    let with_visitors = sketch_precision.is_some();
     if let Some(p) = sketch_precision {
         VisitorSketch::new(p)?;
     }
@@ -264,9 +327,37 @@ fn compute_keyed(
         .files_total
         .store(files.len() as u64, Ordering::Relaxed);
 
+    // Files wholly at or below the cutoff have a cacheable partial: load what the cache holds.
+    let looked_up: Vec<(MasterFile, Option<Slot>, Option<Partial>)> = files
+        .into_par_iter()
+        .map(|f| {
+            let Some(cache) = cache.filter(|_| f.last <= cutoff) else {
+                return Ok((f, None, None));
+            };
+            let slot = cache.slot(&f, keying, with_visitors)?;
+            let hit = cache.load(&slot, keying, with_visitors);
+            Ok((f, Some(slot), hit))
+        })
+        .collect::<Result<_>>()?;
+    let mut reused: Vec<Partial> = Vec::new();
+    let mut to_scan: Vec<(MasterFile, Option<Slot>)> = Vec::new();
+    for (f, slot, hit) in looked_up {
+        match hit {
+            Some(p) => {
+                progress.files_reused.fetch_add(1, Ordering::Relaxed);
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+                progress.events_done.fetch_add(p.events, Ordering::Relaxed);
+                reused.push(p);
+            }
+            None => to_scan.push((f, slot)),
+        }
+    }
+    let files_reused = reused.len();
+    let (files, slots): (Vec<MasterFile>, Vec<Option<Slot>>) = to_scan.into_iter().unzip();
+
     let plans: Vec<FilePlan> = files
         .into_par_iter()
-        .map(|f| plan_file(f, cutoff, sketch_precision.is_some(), keying))
+        .map(|f| plan_file(f, cutoff, with_visitors, keying))
         .collect::<Result<_>>()?;
     let open_ms = ms(t0);
     let empty_files = plans.iter().filter(|p| p.row_groups == 0).count();
@@ -291,7 +382,32 @@ fn compute_keyed(
             }
             Ok(part)
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<Partial>>>()?;
+    // Each cacheable file's row groups become one canonical partial, cached for the next run.
+    let mut partials: Vec<Partial> = match cache {
+        None => partials,
+        Some(cache) => {
+            let mut groups: Vec<(Vec<Partial>, Option<&Slot>)> = Vec::with_capacity(plans.len());
+            let mut it = partials.into_iter();
+            for (plan, slot) in plans.iter().zip(&slots) {
+                groups.push((it.by_ref().take(plan.row_groups).collect(), slot.as_ref()));
+            }
+            let merged: Vec<Vec<Partial>> = groups
+                .into_par_iter()
+                .map(|(parts, slot)| match slot {
+                    None => parts,
+                    Some(slot) => {
+                        let part = merge_file(parts);
+                        cache.store(slot, keying, with_visitors, &part);
+                        vec![part]
+                    }
+                })
+                .collect();
+            merged.into_iter().flatten().collect()
+        }
+    };
+    let files_computed = plans.len();
+    partials.extend(reused);
     let scan_ms = ms(t_scan);
 
     // Per-cell visitor lists are indexed by `u32` (4 bytes per cell): at most 2^32 - 1 of them.
@@ -304,7 +420,9 @@ fn compute_keyed(
     let t_merge = Instant::now();
     let mut data = merge(partials, sketch_precision);
     let merge_ms = ms(t_merge);
-    data.stats.files = plans.len();
+    data.stats.files = files_computed + files_reused;
+    data.stats.files_reused = files_reused;
+    data.stats.files_computed = files_computed;
     data.stats.row_groups = tasks.len();
     data.stats.open_wall_ms = open_ms;
     data.stats.scan_wall_ms = scan_ms;
@@ -393,7 +511,7 @@ fn plan_file(file: MasterFile, cutoff: Seq, visitors: bool, keying: Keying) -> R
 }
 
 impl Partial {
-    fn url(&self, lid: usize) -> &str {
+    pub(crate) fn url(&self, lid: usize) -> &str {
         let (d, i) = self.urls[lid];
         self.dicts[d as usize].value(i as usize)
     }
@@ -923,4 +1041,61 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
         events,
         stats,
     }
+}
+
+/// One master file's row-group partials as one canonical partial: one dictionary of its keys
+/// in ascending order, cells sorted with their counts added, visitor pairs sorted and distinct
+/// (what [`crate::partials`] stores, and what `merge` takes like any row group's partial).
+fn merge_file(parts: Vec<Partial>) -> Partial {
+    let mut names: Vec<(&str, u32, u32)> = Vec::new();
+    for (pi, p) in parts.iter().enumerate() {
+        for lid in 0..p.urls.len() {
+            names.push((p.url(lid), pi as u32, lid as u32));
+        }
+    }
+    names.sort_unstable();
+    let mut remap: Vec<Vec<u32>> = parts.iter().map(|p| vec![0; p.urls.len()]).collect();
+    let mut keys: Vec<&str> = Vec::new();
+    for &(name, pi, lid) in &names {
+        if keys.last() != Some(&name) {
+            keys.push(name);
+        }
+        remap[pi as usize][lid as usize] = (keys.len() - 1) as u32;
+    }
+    let re =
+        |pi: usize, k: u64| (u64::from(remap[pi][(k >> 32) as usize]) << 32) | (k & 0xffff_ffff);
+    let mut cells: Vec<(u64, u32)> = Vec::with_capacity(parts.iter().map(|p| p.cells.len()).sum());
+    let mut visitors: Vec<(u64, u32)> =
+        Vec::with_capacity(parts.iter().map(|p| p.visitors.len()).sum());
+    for (pi, p) in parts.iter().enumerate() {
+        cells.extend(p.cells.iter().map(|&(k, c)| (re(pi, k), c)));
+        visitors.extend(p.visitors.iter().map(|&(k, h)| (re(pi, k), h)));
+    }
+    cells.sort_unstable_by_key(|c| c.0);
+    cells.dedup_by(|b, a| {
+        if a.0 == b.0 {
+            a.1 += b.1;
+            true
+        } else {
+            false
+        }
+    });
+    visitors.sort_unstable();
+    visitors.dedup();
+    let nkeys = keys.len() as u32;
+    let mut out = Partial {
+        dicts: vec![StringArray::from_iter_values(keys)],
+        urls: (0..nkeys).map(|i| (0, i)).collect(),
+        cells,
+        visitors,
+        ..Default::default()
+    };
+    for p in &parts {
+        out.rows += p.rows;
+        out.events += p.events;
+        out.dictionaries += p.dictionaries;
+        out.decode_ns += p.decode_ns;
+        out.agg_ns += p.agg_ns;
+    }
+    out
 }

@@ -4,10 +4,12 @@
 //! - [`store`]: versioned view directories with manifests, `CURRENT`, verify, discard, gc;
 //! - [`view`]: the in-memory [`BatchView`] the serving layer answers from;
 //! - [`sketch`]: mergeable visitor sketches per (URL, day);
+//! - [`partials`]: cached per-master-file aggregates, so a run computes only new files;
 //! - [`runner`]: one run at a time, retries, progress and history.
 
 pub mod error;
 pub mod kernel;
+pub mod partials;
 pub mod runner;
 mod site;
 pub mod sketch;
@@ -20,8 +22,10 @@ pub mod visitors;
 
 pub use error::{Error, ErrorKind, Result};
 pub use kernel::{
-    compute, compute_sources, ComputeStats, Progress, ProgressSnapshot, SketchData, ViewData,
+    compute, compute_cached, compute_sources, compute_sources_cached, ComputeStats, Progress,
+    ProgressSnapshot, SketchData, ViewData,
 };
+pub use partials::PartialCache;
 pub use runner::{
     BatchRunner, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig, RunningInfo,
     StageTimings, StartedRun, Trigger,

@@ -2,8 +2,9 @@
 //! the CLI.
 //!
 //! A run: `cutoff = master.cut_epoch()`, `master.seal()` (every `seq <= cutoff` is then in a
-//! sealed file), `master.snapshot()`, the kernel on `spawn_blocking`, `store.write`,
-//! `store.set_current`, `store.gc`. The caller then loads the new version
+//! sealed file), `master.snapshot()`, the kernel on `spawn_blocking` (reusing the cached
+//! partial aggregates of files earlier runs read, unless the run is full), `store.write`,
+//! `store.set_current`, `store.gc`, and the partials no master file uses any more deleted. The caller then loads the new version
 //! (`ViewStore::load`) and swaps it in. Every run leaves an entry in
 //! `views/batch/history.json` (newest first, capped).
 
@@ -19,6 +20,7 @@ use thiserror::Error;
 
 use crate::error::Error;
 use crate::kernel::{self, ComputeStats, Progress, ProgressSnapshot};
+use crate::partials::PartialCache;
 use crate::store::ViewStore;
 
 pub const HISTORY_FILE: &str = "history.json";
@@ -36,6 +38,9 @@ pub struct RunnerConfig {
     pub max_backoff: Duration,
     /// Entries kept in `history.json`.
     pub history_cap: usize,
+    /// Where the cached partial aggregates of master files live; `None`: `partials/` next to
+    /// the view store's directory (`data_dir/views/partials`).
+    pub partials_dir: Option<PathBuf>,
 }
 
 impl Default for RunnerConfig {
@@ -47,6 +52,7 @@ impl Default for RunnerConfig {
             retry_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             history_cap: 100,
+            partials_dir: None,
         }
     }
 }
@@ -61,6 +67,14 @@ pub enum Trigger {
     Discard,
     Startup,
     Recovery,
+}
+
+impl Trigger {
+    /// Whether a run for this reason ignores every cached partial: a rerun after a discard or
+    /// a recovery must not reuse what the bad view may have been built from.
+    pub fn forces_full(self) -> bool {
+        matches!(self, Trigger::Discard | Trigger::Recovery)
+    }
 }
 
 /// Time per stage of a run, in milliseconds.
@@ -87,6 +101,12 @@ pub struct RunOutcome {
     pub urls: u64,
     pub duration_ms: u64,
     pub files: usize,
+    /// Master files whose cached partial aggregates were merged without reading the file.
+    pub files_reused: usize,
+    /// Master files read (every file on a full run).
+    pub files_computed: usize,
+    /// Whether the run ignored every cached partial.
+    pub full: bool,
     pub timings: StageTimings,
 }
 
@@ -108,6 +128,8 @@ pub enum RunError {
 pub struct RunningInfo {
     pub run_id: String,
     pub trigger: Trigger,
+    /// Whether this run ignores every cached partial.
+    pub full: bool,
     pub started_at_ms: i64,
     pub progress: Arc<Progress>,
 }
@@ -137,6 +159,13 @@ pub struct HistoryEntry {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<Trigger>,
+    /// Files whose cached partials a successful run reused, and files it read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_reused: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_computed: Option<usize>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 /// A run started in the background by [`BatchRunner::try_start`].
@@ -201,6 +230,14 @@ impl BatchRunner {
         &self.inner.cfg
     }
 
+    /// Where the cached partial aggregates of master files live.
+    pub fn partials_dir(&self) -> PathBuf {
+        match &self.inner.cfg.partials_dir {
+            Some(d) => d.clone(),
+            None => self.inner.store.root().with_file_name("partials"),
+        }
+    }
+
     /// The run going now, if any.
     pub fn running(&self) -> Option<RunningInfo> {
         self.inner.running.lock().expect("running lock").clone()
@@ -211,7 +248,7 @@ impl BatchRunner {
         self.inner.history.lock().expect("history lock").clone()
     }
 
-    fn claim(&self, trigger: Trigger) -> Result<(SlotGuard, RunningInfo), RunError> {
+    fn claim(&self, trigger: Trigger, full: bool) -> Result<(SlotGuard, RunningInfo), RunError> {
         let mut r = self.inner.running.lock().expect("running lock");
         if let Some(cur) = r.as_ref() {
             return Err(RunError::AlreadyRunning {
@@ -223,6 +260,7 @@ impl BatchRunner {
         let info = RunningInfo {
             run_id: format!("run-{now:013}-{n}"),
             trigger,
+            full: full || trigger.forces_full(),
             started_at_ms: now,
             progress: Arc::new(Progress::new()),
         };
@@ -237,9 +275,16 @@ impl BatchRunner {
     }
 
     /// Runs the batch layer now and waits for the new version to be `CURRENT`.
-    /// `Err(AlreadyRunning)` at once if a run is going.
+    /// `Err(AlreadyRunning)` at once if a run is going. Incremental unless the trigger
+    /// [forces a full run](Trigger::forces_full).
     pub async fn run(&self, trigger: Trigger) -> Result<RunOutcome, RunError> {
-        let (guard, info) = self.claim(trigger)?;
+        self.run_with(trigger, false).await
+    }
+
+    /// [`run`](Self::run); `full`: ignore every cached partial and read every master file
+    /// (`tally batch run --full`). Same result, the cure for a damaged cache.
+    pub async fn run_with(&self, trigger: Trigger, full: bool) -> Result<RunOutcome, RunError> {
+        let (guard, info) = self.claim(trigger, full)?;
         let r = self.execute(&info).await;
         drop(guard);
         r
@@ -248,7 +293,12 @@ impl BatchRunner {
     /// Starts a run in the background and returns its id at once (`POST /v1/admin/batch`);
     /// `Err(AlreadyRunning)` if a run is going. Await `handle` for the outcome.
     pub fn try_start(&self, trigger: Trigger) -> Result<StartedRun, RunError> {
-        let (guard, info) = self.claim(trigger)?;
+        self.try_start_with(trigger, false)
+    }
+
+    /// [`try_start`](Self::try_start); `full` as in [`run_with`](Self::run_with).
+    pub fn try_start_with(&self, trigger: Trigger, full: bool) -> Result<StartedRun, RunError> {
+        let (guard, info) = self.claim(trigger, full)?;
         let this = self.clone();
         let run_id = info.run_id.clone();
         let handle = tokio::spawn(async move {
@@ -297,6 +347,9 @@ impl BatchRunner {
             version: r.as_ref().ok().map(|o| o.version.clone()),
             error: r.as_ref().err().map(|e| e.to_string()),
             trigger: Some(info.trigger),
+            files_reused: r.as_ref().ok().map(|o| o.files_reused),
+            files_computed: r.as_ref().ok().map(|o| o.files_computed),
+            full: info.full,
         };
         self.record(entry).await;
         match r {
@@ -304,6 +357,7 @@ impl BatchRunner {
                 tracing::info!(
                     run_id = %run_id, version = %o.version, cutoff_seq = o.cutoff_seq.get(),
                     events = o.events, urls = o.urls, duration_ms = o.duration_ms,
+                    files_reused = o.files_reused, files_computed = o.files_computed, full = o.full,
                     prepare_ms = o.timings.prepare_ms, compute_ms = o.timings.compute_ms,
                     read_decode_cpu_ms = o.timings.kernel.read_decode_cpu_ms,
                     aggregate_cpu_ms = o.timings.kernel.aggregate_cpu_ms,
@@ -338,11 +392,19 @@ impl BatchRunner {
         let progress = info.progress.clone();
         let precision = self.inner.cfg.sketch_precision;
         let nfiles = files.iter().filter(|f| f.first <= cutoff).count();
-        let data = blocking(move || {
-            let mut data = kernel::compute(&files, cutoff, precision, &progress)?;
+        let partials_dir = self.partials_dir();
+        let full = info.full;
+        let (data, cache) = blocking(move || {
+            let cache = PartialCache::open(&partials_dir, full)?;
+            let mut data = kernel::compute_cached(&files, cutoff, precision, &progress, &cache)?;
             let t = Instant::now();
-            let sources =
-                kernel::compute_sources(&files, cutoff, precision, &kernel::Progress::new())?;
+            let sources = kernel::compute_sources_cached(
+                &files,
+                cutoff,
+                precision,
+                &kernel::Progress::new(),
+                &cache,
+            )?;
             tracing::debug!(
                 keys = sources.urls.len(),
                 cells = sources.cells(),
@@ -350,7 +412,7 @@ impl BatchRunner {
                 "batch sources computed"
             );
             data.sources = Some(Box::new(sources));
-            Ok(data)
+            Ok((data, cache))
         })
         .await?;
         let compute_ms = t1.elapsed().as_secs_f64() * 1000.0;
@@ -373,13 +435,26 @@ impl BatchRunner {
             if let Err(e) = store.gc(keep) {
                 tracing::warn!(error = %e, "batch view gc failed");
             }
+            match cache.retain_used() {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "unused partials deleted"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot delete unused partials"),
+            }
             Ok(())
         })
         .await?;
         let publish_ms = t3.elapsed().as_secs_f64() * 1000.0;
 
+        // A file is read when either keying had no partial for it.
+        let files_computed = data
+            .stats
+            .files_computed
+            .max(data.sources.as_ref().map_or(0, |s| s.stats.files_computed));
         Ok(RunOutcome {
             run_id: info.run_id.clone(),
+            files_reused: nfiles - files_computed.min(nfiles),
+            files_computed,
+            full: info.full,
             version: info_v.version,
             cutoff_seq: cutoff,
             events: data.events,
@@ -417,6 +492,9 @@ impl BatchRunner {
             version: Some(version.to_string()),
             error: Some(reason.to_string()),
             trigger: None,
+            files_reused: None,
+            files_computed: None,
+            full: false,
         })
         .await;
         Ok(now_current)

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use tally_batch::store::{ViewStatus, COUNTS_FILE, MANIFEST_FILE};
 use tally_batch::testing::{write_master_file, MasterRow, Rng};
-use tally_batch::{compute, compute_sources, BatchView, Error, Progress, ViewStore};
+use tally_batch::{
+    compute, compute_cached, compute_sources, compute_sources_cached, BatchView, Error,
+    PartialCache, Progress, ViewStore,
+};
 use tally_core::{Seq, CELL_MS, DAY_MS, HOUR_MS};
 use tally_master::MasterFile;
 
@@ -326,6 +329,124 @@ fn kernel_and_view_match_reference_model() {
     }
 }
 
+/// The data of two computations, without their timings.
+fn assert_same(a: &tally_batch::ViewData, b: &tally_batch::ViewData) {
+    assert_eq!(a.events, b.events);
+    assert_eq!(a.urls, b.urls);
+    assert_eq!(a.offsets, b.offsets);
+    assert_eq!(a.cell, b.cell);
+    assert_eq!(a.views, b.views);
+    assert_eq!(a.sketches, b.sketches);
+}
+
+#[test]
+fn cached_partials_give_what_a_scan_of_every_file_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path(), 21, 6000, 6);
+    let parts = dir.path().join("views/partials");
+    // A cutoff inside the fifth file: four files are whole below it, the fifth straddles it.
+    let f = &ds.files[4];
+    let cutoff = Seq((f.first.get() + f.last.get()) / 2);
+    let m = model(&ds.rows, cutoff.get());
+    let scan = |full: bool, cutoff: Seq| {
+        let cache = PartialCache::open(&parts, full).unwrap();
+        let progress = Progress::new();
+        let urls = compute_cached(&ds.files, cutoff, Some(10), &progress, &cache).unwrap();
+        let src =
+            compute_sources_cached(&ds.files, cutoff, Some(10), &Progress::new(), &cache).unwrap();
+        (urls, src, cache, progress.snapshot())
+    };
+    let expected = compute(&ds.files, cutoff, Some(10), &Progress::new()).unwrap();
+    let expected_src = compute_sources(&ds.files, cutoff, Some(10), &Progress::new()).unwrap();
+    assert_eq!(expected.events, m.events);
+
+    // First run: every file read, the four whole ones cached.
+    let (a, a_src, _, _) = scan(false, cutoff);
+    assert_same(&a, &expected);
+    assert_same(&a_src, &expected_src);
+    assert_eq!((a.stats.files_reused, a.stats.files_computed), (0, 5));
+    let cached = |kind: &str| {
+        std::fs::read_dir(&parts)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(kind) && name.ends_with(".part")
+            })
+            .count()
+    };
+    assert_eq!((cached("url-"), cached("src-")), (4, 4));
+
+    // Second run: the four whole files come from the cache, only the straddling one is read.
+    let (b, b_src, _, p) = scan(false, cutoff);
+    assert_same(&b, &expected);
+    assert_same(&b_src, &expected_src);
+    assert_eq!((b.stats.files_reused, b.stats.files_computed), (4, 1));
+    assert_eq!(
+        (b_src.stats.files_reused, b_src.stats.files_computed),
+        (4, 1)
+    );
+    assert_eq!((p.files_done, p.files_reused, p.files_computed), (5, 4, 1));
+    assert_eq!(p.events_done, m.events);
+    let mut mem = b.clone();
+    mem.sources = Some(Box::new(b_src));
+    check_view(&BatchView::from_data("mem".into(), cutoff, 0, mem), &m, 21);
+
+    // A damaged partial is recomputed, never merged.
+    let victim = std::fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("url-"))
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let (c, _, _, _) = scan(false, cutoff);
+    assert_same(&c, &expected);
+    assert_eq!((c.stats.files_reused, c.stats.files_computed), (3, 2));
+
+    // A full run reads every file and gives the same view.
+    let (d, d_src, _, _) = scan(true, cutoff);
+    assert_same(&d, &expected);
+    assert_same(&d_src, &expected_src);
+    assert_eq!((d.stats.files_reused, d.stats.files_computed), (0, 5));
+
+    // A file rewritten under the same name (as compaction or a deletion request would) is not
+    // answered from its old partial.
+    let first = &ds.files[0];
+    let kept: Vec<MasterRow> = ds
+        .rows
+        .iter()
+        .filter(|r| r.seq >= first.first.get() && r.seq <= first.last.get() && r.seq % 3 != 0)
+        .cloned()
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let rewritten = write_master_file(tmp.path(), kept, 2).unwrap();
+    std::fs::rename(&rewritten.path, &first.path).unwrap();
+    let mut files = ds.files.clone();
+    files[0].size = std::fs::metadata(&first.path).unwrap().len();
+    let rows: Vec<MasterRow> = ds
+        .rows
+        .iter()
+        .filter(|r| r.seq > first.last.get() || r.seq % 3 != 0)
+        .cloned()
+        .collect();
+    let all = Seq(u64::MAX / 2);
+    let cache = PartialCache::open(&parts, false).unwrap();
+    let e = compute_cached(&files, all, Some(10), &Progress::new(), &cache).unwrap();
+    assert_eq!(e.events, model(&rows, all.get()).events);
+    assert_same(
+        &e,
+        &compute(&files, all, Some(10), &Progress::new()).unwrap(),
+    );
+    assert_eq!((e.stats.files_reused, e.stats.files_computed), (3, 3));
+    // Partials nothing uses any more (the old first file's, the sources ones this run did not
+    // look at) are deleted; the ones it used stay.
+    assert!(cache.retain_used().unwrap() > 0);
+    assert_eq!((cached("url-"), cached("src-")), (6, 0));
+}
+
 #[test]
 fn overlapping_or_unreadable_master_files_fail() {
     let dir = tempfile::tempdir().unwrap();
@@ -587,6 +708,32 @@ mod runner {
         assert!(o2.version > o1.version);
         assert_eq!(o2.events, 800);
         assert_eq!(o2.cutoff_seq.get(), 800);
+        // Incremental: the first run's file comes from its cached partial, the new one is read;
+        // a full run reads both, and a rerun after a discard is always full.
+        assert_eq!((o1.files_reused, o1.files_computed, o1.full), (0, 1, false));
+        assert_eq!((o2.files_reused, o2.files_computed, o2.files), (1, 1, 2));
+        let full = runner.run_with(Trigger::Admin, true).await.unwrap();
+        assert_eq!(
+            (full.files_reused, full.files_computed, full.full),
+            (0, 2, true)
+        );
+        assert_eq!(store.load(&full.version).unwrap().events, 800);
+        let rerun = runner.run(Trigger::Discard).await.unwrap();
+        assert_eq!((rerun.files_reused, rerun.full), (0, true));
+        let h = runner.history();
+        assert_eq!(
+            (h[0].files_reused, h[0].files_computed, h[0].full),
+            (Some(0), Some(2), true)
+        );
+        assert_eq!((h[2].files_reused, h[2].files_computed), (Some(1), Some(1)));
+        assert!(
+            dir.path()
+                .join("views/partials")
+                .read_dir()
+                .unwrap()
+                .count()
+                >= 4
+        );
         runner.run(Trigger::Schedule).await.unwrap();
         let o4 = runner.run(Trigger::Schedule).await.unwrap();
         assert_eq!(store.list().unwrap().len(), 2);

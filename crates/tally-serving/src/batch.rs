@@ -14,14 +14,19 @@ use crate::extract::{params, Params};
 use crate::state::AppState;
 use crate::views::DiscardError;
 
-fn wants_wait(q: &std::collections::HashMap<String, String>) -> ApiResult<bool> {
-    match q.get("wait").map(String::as_str) {
+/// A boolean query parameter (`name`, `name=true|1`, `name=false|0`; absent is false).
+fn flag(q: &std::collections::HashMap<String, String>, name: &str) -> ApiResult<bool> {
+    match q.get(name).map(String::as_str) {
         None | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") | Some("") => Ok(true),
         Some(other) => Err(ApiError::bad(format!(
-            "wait must be true or false, not {other:?}."
+            "{name} must be true or false, not {other:?}."
         ))),
     }
+}
+
+fn wants_wait(q: &std::collections::HashMap<String, String>) -> ApiResult<bool> {
+    flag(q, "wait")
 }
 
 fn outcome_json(o: &RunOutcome) -> Value {
@@ -32,6 +37,10 @@ fn outcome_json(o: &RunOutcome) -> Value {
         "events": o.events,
         "urls": o.urls,
         "duration_ms": o.duration_ms,
+        "files": o.files,
+        "files_reused": o.files_reused,
+        "files_computed": o.files_computed,
+        "full": o.full,
         "timings": o.timings,
     })
 }
@@ -57,8 +66,11 @@ async fn finish(state: &AppState, started: tally_batch::StartedRun) -> ApiResult
     Ok(outcome)
 }
 
-async fn start(state: &AppState, trigger: Trigger, wait: bool) -> ApiResult<Response> {
-    let started = state.runner.try_start(trigger).map_err(run_error)?;
+async fn start(state: &AppState, trigger: Trigger, full: bool, wait: bool) -> ApiResult<Response> {
+    let started = state
+        .runner
+        .try_start_with(trigger, full)
+        .map_err(run_error)?;
     if wait {
         let outcome = finish(state, started).await?;
         return Ok((StatusCode::OK, Json(outcome_json(&outcome))).into_response());
@@ -76,7 +88,8 @@ async fn start(state: &AppState, trigger: Trigger, wait: bool) -> ApiResult<Resp
 pub(crate) async fn post_batch(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let wait = wants_wait(&q)?;
-    start(&state, Trigger::Admin, wait).await
+    let full = flag(&q, "full")?;
+    start(&state, Trigger::Admin, full, wait).await
 }
 
 /// `POST /v1/admin/batch/discard[?version=V][&wait=true]`: discards the serving view (or
@@ -140,6 +153,7 @@ pub(crate) async fn get_batch(State(state): State<AppState>) -> Json<Value> {
             "run_id": r.run_id,
             "started_at": format_rfc3339(r.started_at_ms),
             "trigger": r.trigger,
+            "full": r.full,
             "progress": r.progress(),
         })
     });

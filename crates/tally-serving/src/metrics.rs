@@ -29,6 +29,8 @@ pub const VIEW_CUTOFF_SEQ: &str = "tally_batch_view_cutoff_seq";
 pub const VIEW_AGE_SECONDS: &str = "tally_batch_view_age_seconds";
 pub const BATCH_RUNS: &str = "tally_batch_runs_total";
 pub const BATCH_DURATION: &str = "tally_batch_run_duration_seconds";
+pub const BATCH_FILES_REUSED: &str = "tally_batch_files_reused_total";
+pub const BATCH_FILES_COMPUTED: &str = "tally_batch_files_computed_total";
 pub const MASTER_FILES: &str = "tally_master_files";
 pub const REDIS_ERRORS: &str = "tally_redis_errors_total";
 pub const SPEED_APPLIES: &str = "tally_speed_applies_total";
@@ -57,6 +59,8 @@ pub const CATALOGUE: &[MetricDef] = &[
     MetricDef::gauge(VIEW_AGE_SECONDS, "Seconds since the serving batch view was computed."),
     MetricDef::counter(BATCH_RUNS, "Batch runs by status (ok, failed), whatever started them."),
     MetricDef::histogram(BATCH_DURATION, "Seconds per successful batch run."),
+    MetricDef::counter(BATCH_FILES_REUSED, "Master files whose cached partial aggregates successful batch runs merged without reading the file."),
+    MetricDef::counter(BATCH_FILES_COMPUTED, "Master files successful batch runs read (every file on a full run)."),
     MetricDef::gauge(MASTER_FILES, "Parquet files in the master dataset."),
     MetricDef::counter(REDIS_ERRORS, "Failed speed-layer attempts (Redis unreachable, timeouts), each followed by a backoff."),
     MetricDef::counter(SPEED_APPLIES, "Speed-layer applies committed."),
@@ -77,6 +81,8 @@ pub(crate) fn record_run(result: &Result<tally_batch::RunOutcome, tally_batch::R
         Ok(outcome) => {
             metrics::counter!(BATCH_RUNS, "status" => "ok").increment(1);
             metrics::histogram!(BATCH_DURATION).record(outcome.duration_ms as f64 / 1000.0);
+            metrics::counter!(BATCH_FILES_REUSED).increment(outcome.files_reused as u64);
+            metrics::counter!(BATCH_FILES_COMPUTED).increment(outcome.files_computed as u64);
         }
         Err(tally_batch::RunError::AlreadyRunning { .. }) => {}
         Err(_) => metrics::counter!(BATCH_RUNS, "status" => "failed").increment(1),

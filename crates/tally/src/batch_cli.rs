@@ -24,18 +24,23 @@ pub(crate) fn run(cfg: Config, cmd: BatchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BatchCommand::Verify { .. } => verify(&cfg),
         BatchCommand::List { .. } => list(&cfg),
-        BatchCommand::Run { .. } => {
+        BatchCommand::Run { full, .. } => {
             if is_locked(&cfg.storage.data_dir) {
-                remote(&cfg, "/v1/admin/batch?wait=true")
+                let path = if full {
+                    "/v1/admin/batch?wait=true&full=true"
+                } else {
+                    "/v1/admin/batch?wait=true"
+                };
+                remote(&cfg, path)
             } else {
-                local(&cfg, false)
+                local(&cfg, false, full)
             }
         }
         BatchCommand::Discard { .. } => {
             if is_locked(&cfg.storage.data_dir) {
                 remote(&cfg, "/v1/admin/batch/discard?wait=true")
             } else {
-                local(&cfg, true)
+                local(&cfg, true, true)
             }
         }
     }
@@ -121,7 +126,7 @@ fn remote(cfg: &Config, path: &str) -> anyhow::Result<ExitCode> {
 }
 
 /// Works on the files with the server stopped, holding the data_dir lock meanwhile.
-fn local(cfg: &Config, discard_first: bool) -> anyhow::Result<ExitCode> {
+fn local(cfg: &Config, discard_first: bool, full: bool) -> anyhow::Result<ExitCode> {
     let _lock = DataDirLock::acquire(&cfg.storage.data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -146,17 +151,19 @@ fn local(cfg: &Config, discard_first: bool) -> anyhow::Result<ExitCode> {
         } else {
             tally_batch::Trigger::Cli
         };
-        let outcome = runner.run(trigger).await;
+        let outcome = runner.run_with(trigger, full).await;
         progress.abort();
         let _ = master.shutdown().await;
         let outcome = outcome.map_err(|e| anyhow::anyhow!("batch run failed: {e}"))?;
         println!(
-            "published view {} (cutoff_seq {}, {} events, {} urls) in {} ms",
+            "published view {} (cutoff_seq {}, {} events, {} urls) in {} ms; {} files reused, {} computed",
             outcome.version,
             outcome.cutoff_seq.get(),
             outcome.events,
             outcome.urls,
-            outcome.duration_ms
+            outcome.duration_ms,
+            outcome.files_reused,
+            outcome.files_computed
         );
         Ok(ExitCode::SUCCESS)
     })

@@ -45,10 +45,14 @@ enum Command {
 
 #[derive(Subcommand)]
 pub(crate) enum BatchCommand {
-    /// One batch recompute; exits 0 once the new view is published.
+    /// One batch recompute; exits 0 once the new view is published. Reuses the cached
+    /// partial aggregates of master files earlier runs read.
     Run {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Ignore every cached partial and read every master file (same result).
+        #[arg(long)]
+        full: bool,
     },
     /// Check the current view against its manifest; exit 1 naming the bad file.
     Verify {
@@ -70,7 +74,7 @@ pub(crate) enum BatchCommand {
 impl BatchCommand {
     fn config(&self) -> Option<&PathBuf> {
         match self {
-            BatchCommand::Run { config }
+            BatchCommand::Run { config, .. }
             | BatchCommand::Verify { config }
             | BatchCommand::Discard { config }
             | BatchCommand::List { config } => config.as_ref(),
