@@ -14,6 +14,10 @@
 //! scanning every file without a cache, a first cached run (which writes the partials), a run
 //! with one new file (its partials deleted), and a run with nothing new — the same view each time.
 
+/// The allocator of the `tally` binary, so that the kernel is timed as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::Instant;
 

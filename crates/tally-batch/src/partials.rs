@@ -17,8 +17,9 @@
 //! merged. Partials are derived data: written atomically but without fsync (a torn one fails
 //! its checksum), safe to delete.
 //!
-//! Encoding (little-endian, integers as LEB128 varints unless said): magic `TLYPART1`, keying
-//! byte, visitors byte, events, key count, each key as (length, UTF-8 bytes); cell count, each
+//! Encoding (little-endian, integers as LEB128 varints unless said): magic `TLYPART2`, keying
+//! byte, visitors byte, events, key count, each key front-coded as (bytes shared with the
+//! previous key, length of the rest, the rest); cell count, each
 //! cell as (delta of `key << 32 | biased cell` from the previous, count); visitor count, each
 //! as (delta of the same key, hash as 4 raw bytes); then the 32-byte BLAKE3 of all before.
 
@@ -35,8 +36,8 @@ use crate::error::{Error, Result};
 use crate::kernel::{Keying, Partial};
 
 /// Bumped whenever what a partial means changes (the kernel's cells, keys or hashes).
-const FORMAT: u32 = 1;
-const MAGIC: &[u8; 8] = b"TLYPART1";
+const FORMAT: u32 = 2;
+const MAGIC: &[u8; 8] = b"TLYPART2";
 const SUFFIX: &str = ".part";
 
 /// The partials directory of one run: which partials it used, so that the others can go.
@@ -215,10 +216,14 @@ fn encode(part: &Partial, keying: Keying, visitors: bool) -> Vec<u8> {
     out.push(u8::from(visitors));
     put_varint(&mut out, part.events);
     put_varint(&mut out, part.urls.len() as u64);
+    let mut prev: &[u8] = &[];
     for lid in 0..part.urls.len() {
-        let s = part.url(lid);
-        put_varint(&mut out, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
+        let s = part.url(lid).as_bytes();
+        let shared = prev.iter().zip(s).take_while(|(a, b)| a == b).count();
+        put_varint(&mut out, shared as u64);
+        put_varint(&mut out, (s.len() - shared) as u64);
+        out.extend_from_slice(&s[shared..]);
+        prev = s;
     }
     put_varint(&mut out, part.cells.len() as u64);
     let mut prev = 0u64;
@@ -295,18 +300,48 @@ fn decode(bytes: &[u8], keying: Keying, visitors: bool) -> std::result::Result<P
         return Err("made for another keying".into());
     }
     let events = r.varint()?;
-    let nkeys = r.count(1)?;
-    let mut names = Vec::with_capacity(nkeys);
+    let nkeys = r.count(2)?;
+    let mut values: Vec<u8> = Vec::new();
+    let mut offsets: Vec<i32> = Vec::with_capacity(nkeys + 1);
+    offsets.push(0);
+    let mut start = 0usize;
     for _ in 0..nkeys {
+        let shared = usize::try_from(r.varint()?).map_err(|_| "prefix too long")?;
         let len = r.count(1)?;
-        let s = std::str::from_utf8(r.bytes(len)?).map_err(|_| "key is not UTF-8")?;
-        if names.last().is_some_and(|p: &&str| *p >= s) {
-            return Err("keys not in ascending order".into());
+        if shared > values.len() - start {
+            return Err("prefix longer than the previous key".into());
         }
-        names.push(s);
+        let suffix = r.bytes(len)?;
+        let next = values.len();
+        values.extend_from_within(start..start + shared);
+        values.extend_from_slice(suffix);
+        // Ascending and distinct: the first differing byte is greater, or the previous key is a
+        // strict prefix of this one.
+        if offsets.len() > 1 {
+            let (a, b) = values.split_at(next);
+            if &a[start..] >= b {
+                return Err("keys not in ascending order".into());
+            }
+        }
+        start = next;
+        offsets.push(i32::try_from(values.len()).map_err(|_| "keys too long")?);
     }
+    let values = String::from_utf8(values).map_err(|_| "a key is not UTF-8")?;
+    // Each key must be valid UTF-8 on its own, not just their concatenation.
+    if offsets
+        .iter()
+        .any(|&o| !values.is_char_boundary(o as usize))
+    {
+        return Err("a key is not UTF-8".into());
+    }
+    let dict = StringArray::try_new(
+        arrow::buffer::OffsetBuffer::new(offsets.into()),
+        arrow::buffer::Buffer::from_vec(values.into_bytes()),
+        None,
+    )
+    .map_err(|e| e.to_string())?;
     let mut part = Partial {
-        dicts: vec![StringArray::from_iter_values(names.iter())],
+        dicts: vec![dict],
         urls: (0..nkeys as u32).map(|i| (0, i)).collect(),
         events,
         ..Default::default()
@@ -374,6 +409,21 @@ mod tests {
         assert_eq!(q.cells, p.cells);
         assert_eq!(q.visitors, p.visitors);
         assert_eq!((q.url(0), q.url(1)), ("a.com/", "b.com/x"));
+    }
+
+    #[test]
+    fn keys_sharing_prefixes_and_bytes_of_a_character_read_back() {
+        let keys = ["", "a", "ab", "abc", "b", "é", "éa", "ê", "ê/😀", "ê/😁"];
+        let p = Partial {
+            dicts: vec![StringArray::from_iter_values(keys)],
+            urls: (0..keys.len() as u32).map(|i| (0, i)).collect(),
+            cells: (0..keys.len() as u64).map(|i| (i << 32, 1)).collect(),
+            events: keys.len() as u64,
+            ..Default::default()
+        };
+        let q = decode(&encode(&p, Keying::Source, false), Keying::Source, false).unwrap();
+        let back: Vec<&str> = (0..keys.len()).map(|i| q.url(i)).collect();
+        assert_eq!(back, keys);
     }
 
     #[test]
