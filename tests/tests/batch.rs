@@ -17,8 +17,8 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use tally_e2e::{
     assert_exact, assert_top, assert_views, batch_run, flip_bytes, get_views, ingest_exact,
-    ingest_random, largest_file, make_urls, master_files, now_ms, poll_until, seed, tally_bin,
-    views_query, Model, Range, ServerOpts, TestServer, DAY_MS, DEADLINE, HOUR_MS,
+    ingest_random, largest_file, make_urls, master_files, now_ms, poll_until, read_master, seed,
+    tally_bin, views_query, Model, Range, ServerOpts, TestServer, DAY_MS, DEADLINE, HOUR_MS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -303,6 +303,61 @@ fn runs_publish_new_versions_and_old_ones_go() {
     let (code, body) = server.post("/v1/admin/batch?full=maybe");
     assert_eq!(code, 400, "{body}");
     server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
+/// Compaction (API.md, "Batch runs are incremental"): small master files are merged in the
+/// background while events arrive and batch runs go on; every answer stays exact, the master
+/// dataset holds each event once, and a `kill -9` restart keeps it so.
+#[test]
+fn compaction_merges_small_files_and_every_answer_stays_exact() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_STORAGE_COMPACT_INTERVAL", "200ms")
+            .env("TALLY_STORAGE_COMPACT_SMALL_BYTES", 1 << 30)
+            .env("TALLY_STORAGE_COMPACT_TARGET_BYTES", 1u64 << 31)
+            .env("TALLY_STORAGE_COMPACT_MIN_FILES", 3),
+    );
+    let urls = make_urls(20, 2);
+    let mut model = Model::default();
+    for round in 0..8 {
+        ingest_random(&server, &mut model, &mut rng, &urls, 150);
+        server.flush();
+        if round % 3 == 2 {
+            batch_run(&server);
+        }
+    }
+    // Compaction leaves fewer files than were sealed (one per flush or run).
+    let data_dir = server.data_dir().to_path_buf();
+    poll_until("small master files merged", DEADLINE, || {
+        (server.metric("tally_master_compacted_files_total") >= 3.0
+            && master_files(&data_dir).len() < 5)
+            .then_some(())
+    });
+    server.wait_caught_up();
+    let run = batch_run(&server);
+    assert_eq!(
+        run["events"].as_u64(),
+        Some(model.events.len() as u64),
+        "{run}"
+    );
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // Each acknowledged event is in exactly one file of the glob once compaction is done.
+    // (The glob as DuckDB reads it.)
+    let mut seqs: Vec<u64> = read_master(&data_dir).iter().map(|r| r.seq).collect();
+    seqs.sort_unstable();
+    let n = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "an event in two master files");
+    assert_eq!(n, model.events.len());
+
+    ingest_random(&server, &mut model, &mut rng, &urls, 100);
+    server.kill9();
+    server.restart();
+    server.wait_caught_up();
+    batch_run(&server);
     assert_exact(&server, &model, &mut rng, &urls);
 }
 

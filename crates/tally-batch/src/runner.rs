@@ -383,6 +383,8 @@ impl BatchRunner {
                 "sealed through {sealed}, below the cutoff {cutoff}"
             )));
         }
+        // Compaction deletes no master file while the run reads them.
+        let pin = master.pin_files().await;
         let m = master.clone();
         let files = blocking(move || m.snapshot().map_err(Error::from)).await?;
         let prepare_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -415,6 +417,7 @@ impl BatchRunner {
             Ok((data, cache))
         })
         .await?;
+        drop(pin);
         let compute_ms = t1.elapsed().as_secs_f64() * 1000.0;
 
         let t2 = Instant::now();

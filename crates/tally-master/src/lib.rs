@@ -17,8 +17,9 @@
 //!
 //! `seq` never goes back across restarts: at open the next `seq` is the largest of the WAL
 //! contents, the segment names (the open segment is named by the next `seq` even while
-//! empty), the sealed file names and the last epoch start. Sealed files are never deleted
-//! here, so no separate high-water mark file is needed.
+//! empty), the sealed file names and the last epoch start. Sealed files are deleted only by
+//! compaction ([`Master::compact`]), whose merged file keeps the largest name, so no separate
+//! high-water mark file is needed.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ use tally_core::{Event, Seq};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 
+pub mod compact;
 mod dataset_id;
 mod epochs;
 pub mod metrics;
@@ -40,6 +42,7 @@ mod seal;
 mod wal;
 mod writer;
 
+pub use compact::{CompactConfig, CompactOutcome};
 pub use dataset_id::DATASET_ID_FILE;
 pub use parquet_io::{
     master_schema, read_master_file, read_master_file_range, write_master_file, ROW_GROUP_ROWS,
@@ -172,7 +175,13 @@ pub(crate) struct Shared {
     pub(crate) panic_writer: AtomicBool,
     /// Events handed from the writer to the sealer in memory and not sealed yet.
     pub(crate) handed_over: AtomicUsize,
+    /// Held for reading by whoever reads a snapshot's files ([`Master::pin_files`]), for
+    /// writing by compaction while it deletes files.
+    pub(crate) files_lock: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// While held, no master file is deleted (see [`Master::pin_files`]).
+pub type FilesPin = tokio::sync::OwnedRwLockReadGuard<()>;
 
 struct Inner {
     shared: Arc<Shared>,
@@ -351,6 +360,7 @@ impl Master {
             fail_writes: AtomicUsize::new(0),
             panic_writer: AtomicBool::new(false),
             handed_over: AtomicUsize::new(0),
+            files_lock: Arc::new(tokio::sync::RwLock::new(())),
         });
         let (sealer_tx, sealer_rx) = mpsc::channel();
         let (writer_tx, writer_rx) = mpsc::channel();
@@ -528,7 +538,16 @@ impl Master {
                 .iter()
                 .filter(|f| f.last > after && f.first <= through)
             {
-                out.extend(read_master_file_range(&f.path, after, through)?);
+                match read_master_file_range(&f.path, after, through) {
+                    Ok(events) => out.extend(events),
+                    // Compaction merged it into a file the next listing finds.
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound && attempt < 10 =>
+                    {
+                        continue 'retry
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let in_file = |seq: Seq| {
                 let i = files.partition_point(|f| f.first <= seq);
@@ -562,6 +581,71 @@ impl Master {
     /// are left out), ordered by `first`.
     pub fn snapshot(&self) -> Result<Vec<MasterFile>> {
         list_master_files(&self.inner.shared.paths.root)
+    }
+
+    /// Keeps every master file on disk until the pin is dropped: take it before
+    /// [`snapshot`](Self::snapshot) and hold it while reading the snapshot's files (compaction
+    /// deletes the files it merged only when no pin is held).
+    pub async fn pin_files(&self) -> FilesPin {
+        self.inner.shared.files_lock.clone().read_owned().await
+    }
+
+    /// One compaction pass ([`compact`]): deletes files a merged file covers (left by an
+    /// interrupted pass), then merges each run of small neighbouring files into one. Every
+    /// listing answers each event exactly once throughout.
+    pub async fn compact(&self, cfg: &CompactConfig) -> Result<CompactOutcome> {
+        let shared = self.inner.shared.clone();
+        let dir = shared.paths.master.clone();
+        let fsync = shared.fsync;
+        let mut out = CompactOutcome::default();
+        let d = dir.clone();
+        let covered = blocking(&dir, move || compact::covered(&d)).await?;
+        if !covered.is_empty() {
+            let _w = shared.files_lock.clone().write_owned().await;
+            let (d, c) = (dir.clone(), covered.clone());
+            blocking(&dir, move || compact::delete(&d, &c, fsync)).await?;
+            out.covered_deleted = covered.len();
+            tracing::info!(
+                files = covered.len(),
+                "deleted master files a compacted file covers"
+            );
+        }
+        let root = shared.paths.root.clone();
+        let files = blocking(&dir, move || list_master_files(&root)).await?;
+        for run in compact::plan(&files, cfg) {
+            if shared.closed.load(Ordering::SeqCst) {
+                break;
+            }
+            let t = std::time::Instant::now();
+            let (d, r) = (dir.clone(), run.clone());
+            let (merged, events) =
+                blocking(&dir, move || compact::write_merged(&d, &r, fsync)).await?;
+            {
+                let _w = shared.files_lock.clone().write_owned().await;
+                let (d, r) = (dir.clone(), run.clone());
+                blocking(&dir, move || compact::delete(&d, &r, fsync)).await?;
+            }
+            let _ = shared
+                .master_files
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some((n + 1).saturating_sub(run.len()))
+                });
+            ::metrics::counter!(metrics::COMPACTIONS).increment(1);
+            ::metrics::counter!(metrics::COMPACTED_FILES).increment(run.len() as u64);
+            tracing::info!(
+                first = merged.first.0,
+                last = merged.last.0,
+                files = run.len(),
+                events,
+                bytes = merged.size,
+                ms = t.elapsed().as_millis() as u64,
+                "compacted master files"
+            );
+            out.merged += 1;
+            out.inputs += run.len();
+            out.events += events;
+        }
+        Ok(out)
     }
 
     pub fn status(&self) -> MasterStatus {
@@ -636,4 +720,18 @@ impl Master {
     pub fn inject_write_failures(&self, n: usize) {
         self.inner.shared.fail_writes.store(n, Ordering::SeqCst);
     }
+}
+
+/// Runs `f` on the blocking pool; a panic there is an I/O error on `path` (nothing was changed
+/// that a retry cannot redo).
+async fn blocking<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!("blocking task failed: {e}")),
+        })?
 }

@@ -9,6 +9,8 @@ pub const WAL_GROUP_REQUESTS: &str = "tally_wal_group_requests";
 pub const WAL_WRITE_ERRORS: &str = "tally_wal_write_errors_total";
 pub const SEAL_SECONDS: &str = "tally_seal_duration_seconds";
 pub const SEALED_EVENTS: &str = "tally_sealed_events_total";
+pub const COMPACTIONS: &str = "tally_master_compactions_total";
+pub const COMPACTED_FILES: &str = "tally_master_compacted_files_total";
 
 /// Every metric the master dataset emits.
 pub const CATALOGUE: &[MetricDef] = &[
@@ -33,4 +35,12 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Seconds to seal one closed WAL segment into a Parquet file of the master dataset.",
     ),
     MetricDef::counter(SEALED_EVENTS, "Events sealed into the master dataset."),
+    MetricDef::counter(
+        COMPACTIONS,
+        "Merged master files written by compaction (each replacing a run of small files).",
+    ),
+    MetricDef::counter(
+        COMPACTED_FILES,
+        "Small master files compaction merged into larger ones and deleted.",
+    ),
 ];

@@ -48,6 +48,12 @@ pub(crate) struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct StorageConfig {
     pub(crate) data_dir: PathBuf,
+    /// How often compaction looks for runs of small master files (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub(crate) compact_interval: Duration,
+    pub(crate) compact_small_bytes: u64,
+    pub(crate) compact_target_bytes: u64,
+    pub(crate) compact_min_files: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -221,6 +227,15 @@ impl Config {
         }
         if self.batch.keep_versions == 0 {
             bail!("batch.keep_versions must be at least 1");
+        }
+        if self.storage.compact_min_files < 2 {
+            bail!(
+                "storage.compact_min_files must be at least 2, not {}",
+                self.storage.compact_min_files
+            );
+        }
+        if self.storage.compact_target_bytes < self.storage.compact_small_bytes {
+            bail!("storage.compact_target_bytes must be at least storage.compact_small_bytes");
         }
         if self.speed.tail_capacity == 0 || self.speed.apply_batch_max == 0 {
             bail!("speed.tail_capacity and speed.apply_batch_max must be positive");

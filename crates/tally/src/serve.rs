@@ -10,7 +10,7 @@ use anyhow::Context;
 use tally_batch::{BatchRunner, RunnerConfig, ViewStore};
 use tally_core::event::IngestLimits;
 use tally_core::metrics::{MetricDef, MetricKind};
-use tally_master::{Master, MasterConfig};
+use tally_master::{CompactConfig, Master, MasterConfig};
 use tally_serving::{AppState, Limits, ServingConfig, ViewManager};
 use tally_speed::SpeedLayer;
 use tokio::net::TcpListener;
@@ -164,6 +164,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
 
     let mut scheduler = start_scheduler(&cfg, state.clone()).await?;
     let watcher = tokio::spawn(watch_current(views.clone()));
+    let compactor = tokio::spawn(compact_periodically(master.clone(), cfg.clone()));
 
     let app =
         tally_serving::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -172,6 +173,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
 
     tracing::info!("shutting down: stopping the scheduler and sealing the WAL");
     watcher.abort();
+    compactor.abort();
     if let Err(e) = scheduler.shutdown().await {
         tracing::warn!(error = %e, "scheduler did not stop cleanly");
     }
@@ -218,6 +220,28 @@ async fn start_scheduler(cfg: &Config, state: AppState) -> anyhow::Result<JobSch
         }
     });
     Ok(sched)
+}
+
+/// Compacts runs of small master files every `storage.compact_interval` (never when it is 0),
+/// starting at once (which also deletes files an interrupted pass left covered).
+async fn compact_periodically(master: Master, cfg: Config) {
+    let every = cfg.storage.compact_interval;
+    if every.is_zero() {
+        return;
+    }
+    let compact = CompactConfig {
+        small_bytes: cfg.storage.compact_small_bytes,
+        target_bytes: cfg.storage.compact_target_bytes,
+        min_files: cfg.storage.compact_min_files,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = master.compact(&compact).await {
+            tracing::warn!(error = %e, "compaction failed; retrying at the next interval");
+        }
+    }
 }
 
 /// Picks up a `CURRENT` changed, deleted or garbled by someone else within a second, and retries

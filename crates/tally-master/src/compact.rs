@@ -1,0 +1,204 @@
+//! Compaction: runs of small sealed files merged into one larger file.
+//!
+//! The sealer writes a file per closed WAL segment — every `ingest.seal_interval` under light
+//! traffic, so a year holds hundreds of thousands of small files, and every reader (the batch
+//! layer, a speed rebuild, DuckDB on the glob) pays per file. A pass finds runs of neighbouring
+//! files (in `seq` order) smaller than `small_bytes`, at least `min_files` of them, their sizes
+//! adding up to at most `target_bytes`, and for each run:
+//!
+//! 1. reads every event of the run's files and writes them as one file named by the run's whole
+//!    range, `{first}-{last}.parquet` (rows sorted by (url, ts) as the sealer writes them):
+//!    temporary name, fsync, rename, fsync of the directory — the merged file is durable;
+//! 2. then, holding the files lock ([`crate::Master::pin_files`]) for writing, deletes the
+//!    inputs.
+//!
+//! A reader never sees an event twice or misses one: a file whose range covers another's
+//! supersedes it ([`crate::paths::drop_covered`]), so between 1 and 2 every listing leaves the
+//! inputs out, and a snapshot taken under the files lock keeps its files until it is released.
+//! `kill -9` at any point leaves either a temporary file (deleted at the next open) and the
+//! inputs, or the merged file and some inputs (covered, so never read, and deleted by the next
+//! pass). The merged file's name keeps the largest `last`, so `seq` still never goes back.
+//! DuckDB and other tools that read the glob directly see the inputs and the merged file at once
+//! only between steps 1 and 2 (milliseconds), and after a crash there until the next pass.
+
+use std::fs;
+use std::path::Path;
+
+use tally_core::Seq;
+
+use crate::paths::{drop_covered, fsync_dir, io_err, list_all_master_files, master_file_name};
+use crate::{parquet_io, MasterFile, Result};
+
+/// When files are merged (config `storage.compact_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactConfig {
+    /// Files smaller than this are merged with their small neighbours.
+    pub small_bytes: u64,
+    /// A merged file's inputs add up to at most this many bytes (it bounds the memory a
+    /// merge takes: about ten times this).
+    pub target_bytes: u64,
+    /// Fewer small neighbours than this are left alone.
+    pub min_files: usize,
+}
+
+impl Default for CompactConfig {
+    fn default() -> Self {
+        CompactConfig {
+            small_bytes: 8 << 20,
+            target_bytes: 64 << 20,
+            min_files: 4,
+        }
+    }
+}
+
+/// What one compaction pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactOutcome {
+    /// Merged files written.
+    pub merged: usize,
+    /// Input files the merged files replaced.
+    pub inputs: usize,
+    /// Events rewritten.
+    pub events: u64,
+    /// Files deleted because a merged file covered them (left by an interrupted pass).
+    pub covered_deleted: usize,
+}
+
+/// Runs of neighbouring small files worth merging, in `seq` order.
+pub(crate) fn plan(files: &[MasterFile], cfg: &CompactConfig) -> Vec<Vec<MasterFile>> {
+    let mut groups = Vec::new();
+    let mut run: Vec<MasterFile> = Vec::new();
+    let mut bytes = 0u64;
+    let close = |run: &mut Vec<MasterFile>, groups: &mut Vec<Vec<MasterFile>>| {
+        if run.len() >= cfg.min_files.max(2) {
+            groups.push(std::mem::take(run));
+        } else {
+            run.clear();
+        }
+    };
+    for f in files {
+        if f.size >= cfg.small_bytes {
+            close(&mut run, &mut groups);
+            bytes = 0;
+            continue;
+        }
+        if !run.is_empty() && bytes + f.size > cfg.target_bytes {
+            close(&mut run, &mut groups);
+            bytes = 0;
+        }
+        bytes += f.size;
+        run.push(f.clone());
+    }
+    close(&mut run, &mut groups);
+    groups
+}
+
+/// The files a merged file covers (left by an interrupted pass): every file not in the
+/// covering listing.
+pub(crate) fn covered(master_dir: &Path) -> Result<Vec<MasterFile>> {
+    let all = list_all_master_files(master_dir)?;
+    let live = drop_covered(all.clone());
+    Ok(all
+        .into_iter()
+        .filter(|f| !live.iter().any(|l| l.path == f.path))
+        .collect())
+}
+
+/// Step 1 for one run: writes the merged file, durably. Returns it and its event count.
+/// Public for tests that stop a pass between its steps, as `kill -9` would.
+#[doc(hidden)]
+pub fn write_merged(
+    master_dir: &Path,
+    run: &[MasterFile],
+    fsync: bool,
+) -> Result<(MasterFile, u64)> {
+    let first = run.first().map_or(Seq::ZERO, |f| f.first);
+    let last = run.last().map_or(Seq::ZERO, |f| f.last);
+    let mut events = Vec::new();
+    for f in run {
+        events.extend(parquet_io::read_master_file(&f.path)?);
+    }
+    let n = events.len() as u64;
+    let path = master_dir.join(master_file_name(first, last));
+    let size = parquet_io::write_parquet_atomic(&path, &events, fsync)?;
+    Ok((
+        MasterFile {
+            path,
+            first,
+            last,
+            size,
+        },
+        n,
+    ))
+}
+
+/// Step 2: deletes `files` (covered by a durable merged file). Call with the files lock held
+/// for writing.
+pub(crate) fn delete(master_dir: &Path, files: &[MasterFile], fsync: bool) -> Result<()> {
+    for f in files {
+        match fs::remove_file(&f.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&f.path)(e)),
+        }
+    }
+    if fsync && !files.is_empty() {
+        fsync_dir(master_dir)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn f(first: u64, last: u64, size: u64) -> MasterFile {
+        MasterFile {
+            path: PathBuf::from(master_file_name(Seq(first), Seq(last))),
+            first: Seq(first),
+            last: Seq(last),
+            size,
+        }
+    }
+
+    fn ranges(groups: &[Vec<MasterFile>]) -> Vec<(u64, u64, usize)> {
+        groups
+            .iter()
+            .map(|g| (g[0].first.0, g[g.len() - 1].last.0, g.len()))
+            .collect()
+    }
+
+    #[test]
+    fn runs_of_small_neighbours_up_to_the_target_are_merged() {
+        let cfg = CompactConfig {
+            small_bytes: 10,
+            target_bytes: 20,
+            min_files: 3,
+        };
+        let files = vec![
+            f(1, 1, 5),
+            f(2, 2, 5),
+            f(3, 3, 5),
+            f(4, 4, 5),
+            f(5, 5, 5),  // the fifth would pass 20 bytes: a new run
+            f(6, 6, 50), // large: ends the run (1 file, left alone)
+            f(7, 7, 1),
+            f(8, 8, 1), // 2 files: fewer than min_files
+            f(9, 9, 99),
+            f(10, 10, 1),
+            f(11, 11, 1),
+            f(12, 12, 1),
+        ];
+        assert_eq!(ranges(&plan(&files, &cfg)), vec![(1, 4, 4), (10, 12, 3)]);
+        assert!(plan(
+            &files[..3],
+            &CompactConfig {
+                min_files: 4,
+                ..cfg
+            }
+        )
+        .is_empty());
+    }
+}
