@@ -82,10 +82,14 @@ struct CliOut {
 /// Runs `tally batch <sub>` on `data_dir` (environment configuration only, no `--config`),
 /// with a deadline.
 fn tally_batch(sub: &str, data_dir: &Path, redis_url: &str) -> CliOut {
+    tally_cli(&format!("batch {sub}"), data_dir, redis_url)
+}
+
+/// `tally <args>` (split on white space) on `data_dir`.
+fn tally_cli(sub: &str, data_dir: &Path, redis_url: &str) -> CliOut {
     let dir = tempfile::tempdir().unwrap();
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));
     let mut child = Command::new(tally_bin())
-        .arg("batch")
         .args(sub.split_whitespace())
         .env("TALLY_STORAGE_DATA_DIR", data_dir)
         // Never the machine's Redis: the test's own (the CLI may not need it at all).
@@ -358,6 +362,79 @@ fn compaction_merges_small_files_and_every_answer_stays_exact() {
     server.restart();
     server.wait_caught_up();
     batch_run(&server);
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
+/// Deletion requests (`POST /v1/admin/forget`, `tally master forget`): the events of a URL
+/// prefix leave the master dataset and every answer, with the server running and stopped.
+#[test]
+fn forget_removes_a_url_prefix_from_the_master_dataset_and_every_answer() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(ServerOpts::default());
+    let data_dir = server.data_dir().to_path_buf();
+    let redis = redis_url(&mut server);
+    let urls = make_urls(20, 2);
+    let mut model = Model::default();
+    ingest_random(&server, &mut model, &mut rng, &urls, 400);
+    batch_run(&server);
+    ingest_random(&server, &mut model, &mut rng, &urls, 100);
+
+    for bad in [
+        "/v1/admin/forget",
+        "/v1/admin/forget?url_prefix=https://",
+        "/v1/admin/forget?url_prefix=site0.test",
+        "/v1/admin/forget?visitor=",
+        "/v1/admin/forget?url_prefix=https://site0.test/&visitor=v",
+    ] {
+        let (code, body) = server.post(bad);
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert!(body["error"].as_str().is_some(), "{bad}: {body}");
+    }
+    server.flush();
+    assert_eq!(
+        read_master(&data_dir).len(),
+        model.events.len(),
+        "nothing stored"
+    );
+
+    // Running server: every event of site0.test/p/1… goes (the batch view's and the speed
+    // layer's), the rest stays exact.
+    let prefix = "https://site0.test/p/1";
+    let (code, body) = server.post(&format!("/v1/admin/forget?url_prefix={prefix}&wait=true"));
+    assert_eq!(code, 200, "{body}");
+    let before = model.events.len();
+    model.events.retain(|(u, _)| !u.starts_with(prefix));
+    assert!(model.events.len() < before);
+    assert_eq!(
+        body["events_dropped"].as_u64(),
+        Some((before - model.events.len()) as u64),
+        "{body}"
+    );
+    assert!(body["version"].is_string(), "{body}");
+    assert!(read_master(&data_dir)
+        .iter()
+        .all(|r| !r.url.starts_with(prefix)));
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    // Stopped server: the CLI does it on the files and publishes a view without them.
+    ingest_random(&server, &mut model, &mut rng, &urls, 100);
+    assert!(server.stop(), "graceful stop:\n{}", server.log());
+    let out = tally_cli(
+        "master forget --url-prefix https://site1.test/",
+        &data_dir,
+        &redis,
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    model
+        .events
+        .retain(|(u, _)| !u.starts_with("https://site1.test/"));
+    assert!(read_master(&data_dir)
+        .iter()
+        .all(|r| !r.url.starts_with("https://site1.test/")));
+    assert_eq!(read_master(&data_dir).len(), model.events.len());
+    server.restart();
+    server.wait_caught_up();
     assert_exact(&server, &model, &mut rng, &urls);
 }
 

@@ -27,7 +27,7 @@ use std::path::Path;
 use tally_core::Seq;
 
 use crate::paths::{drop_covered, fsync_dir, io_err, list_all_master_files, master_file_name};
-use crate::{parquet_io, MasterFile, Result};
+use crate::{parquet_io, MasterFile, Result, SeqEvent};
 
 /// When files are merged (config `storage.compact_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,9 @@ pub struct CompactConfig {
     pub target_bytes: u64,
     /// Fewer small neighbours than this are left alone.
     pub min_files: usize,
+    /// `storage.retention`: events older than this are dropped from the master dataset by
+    /// each pass (`None`: kept forever).
+    pub retention: Option<std::time::Duration>,
 }
 
 impl Default for CompactConfig {
@@ -47,6 +50,7 @@ impl Default for CompactConfig {
             small_bytes: 8 << 20,
             target_bytes: 64 << 20,
             min_files: 4,
+            retention: None,
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct CompactOutcome {
     pub events: u64,
     /// Files deleted because a merged file covered them (left by an interrupted pass).
     pub covered_deleted: usize,
+    /// Events dropped because they were older than the retention.
+    pub expired: u64,
 }
 
 /// Runs of neighbouring small files worth merging, in `seq` order.
@@ -148,6 +154,99 @@ pub(crate) fn delete(master_dir: &Path, files: &[MasterFile], fsync: bool) -> Re
     Ok(())
 }
 
+/// Which events a rewrite drops: a deletion request (`tally master forget`) or the retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forget {
+    /// Events whose (normalised) URL starts with this.
+    UrlPrefix(String),
+    /// Events of this visitor id.
+    Visitor(String),
+    /// Events with `ts` before this (ms since the epoch): `storage.retention`.
+    Before(i64),
+}
+
+impl Forget {
+    /// A deletion request for the URLs starting with `prefix`; refused unless it names a scheme
+    /// and a host, as URLs are stored (a shorter prefix would match every URL).
+    pub fn url_prefix(prefix: &str) -> std::result::Result<Forget, &'static str> {
+        let rest = prefix
+            .strip_prefix("https://")
+            .or_else(|| prefix.strip_prefix("http://"));
+        match rest {
+            Some(host) if !host.is_empty() => Ok(Forget::UrlPrefix(prefix.to_string())),
+            _ => Err(
+                "url_prefix must start with http:// or https:// and a host, as URLs are stored.",
+            ),
+        }
+    }
+
+    /// A deletion request for one visitor id.
+    pub fn visitor(id: &str) -> std::result::Result<Forget, &'static str> {
+        match id {
+            "" => Err("visitor must not be empty."),
+            v => Ok(Forget::Visitor(v.to_string())),
+        }
+    }
+
+    pub fn matches(&self, e: &SeqEvent) -> bool {
+        match self {
+            Forget::UrlPrefix(p) => e.event.url.starts_with(p.as_str()),
+            Forget::Visitor(v) => e.event.visitor.as_deref() == Some(v.as_str()),
+            Forget::Before(t) => e.event.ts < *t,
+        }
+    }
+}
+
+/// The smallest `ts` of a master file, from its footer's statistics (`None`: no rows or no
+/// statistics, so the file must be read to know).
+pub(crate) fn min_ts(path: &Path) -> Result<Option<i64>> {
+    use parquet::file::reader::FileReader;
+    use parquet::file::statistics::Statistics;
+    let f = fs::File::open(path).map_err(io_err(path))?;
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(f).map_err(|e| {
+        crate::Error::Parquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })?;
+    let meta = reader.metadata();
+    let Some(col) = meta
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.name() == "ts")
+    else {
+        return Ok(None);
+    };
+    let mut min: Option<i64> = None;
+    for rg in meta.row_groups() {
+        match rg.column(col).statistics() {
+            Some(Statistics::Int64(s)) => match s.min_opt() {
+                Some(&m) => min = Some(min.map_or(m, |x: i64| x.min(m))),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        }
+    }
+    Ok(min)
+}
+
+/// Rewrites `file` without the events `forget` matches, under the same name (its `seq` range
+/// still bounds what it holds; a file left empty stays, so that the largest name is kept):
+/// temporary file, fsync, rename over the old one, fsync of the directory. Call with the files
+/// lock held for writing. Returns the events dropped (0: the file was left untouched).
+pub(crate) fn rewrite_without(file: &MasterFile, forget: &Forget, fsync: bool) -> Result<u64> {
+    let events = parquet_io::read_master_file(&file.path)?;
+    let before = events.len();
+    let kept: Vec<SeqEvent> = events.into_iter().filter(|e| !forget.matches(e)).collect();
+    let dropped = (before - kept.len()) as u64;
+    if dropped > 0 {
+        parquet_io::write_parquet_atomic(&file.path, &kept, fsync)?;
+    }
+    Ok(dropped)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -176,6 +275,7 @@ mod tests {
             small_bytes: 10,
             target_bytes: 20,
             min_files: 3,
+            retention: None,
         };
         let files = vec![
             f(1, 1, 5),

@@ -42,7 +42,7 @@ mod seal;
 mod wal;
 mod writer;
 
-pub use compact::{CompactConfig, CompactOutcome};
+pub use compact::{CompactConfig, CompactOutcome, Forget};
 pub use dataset_id::DATASET_ID_FILE;
 pub use parquet_io::{
     master_schema, read_master_file, read_master_file_range, write_master_file, ROW_GROUP_ROWS,
@@ -590,6 +590,60 @@ impl Master {
         self.inner.shared.files_lock.clone().read_owned().await
     }
 
+    /// Rewrites `file` without the events `forget` matches, holding the files lock for writing
+    /// (no batch run reads it meanwhile). Returns the events dropped.
+    async fn rewrite(
+        &self,
+        file: &MasterFile,
+        forget: &Forget,
+        reason: &'static str,
+    ) -> Result<u64> {
+        let shared = &self.inner.shared;
+        let _w = shared.files_lock.clone().write_owned().await;
+        let (f, what, fsync) = (file.clone(), forget.clone(), shared.fsync);
+        let dropped = blocking(&file.path, move || {
+            compact::rewrite_without(&f, &what, fsync)
+        })
+        .await?;
+        if dropped > 0 {
+            ::metrics::counter!(metrics::EVENTS_DROPPED, "reason" => reason).increment(dropped);
+            tracing::warn!(
+                file = %file.path.display(),
+                events = dropped,
+                reason,
+                "master file rewritten without events"
+            );
+        }
+        Ok(dropped)
+    }
+
+    /// A deletion request (`tally master forget`): seals everything acknowledged, then rewrites
+    /// every master file that holds an event `forget` matches without those events — the one
+    /// deliberate exception to "immutable". Returns `(files rewritten, events dropped)`. The
+    /// views still count them until the next batch run (which reads only the rewritten files
+    /// again: their partials no longer match).
+    pub async fn forget(&self, forget: &Forget) -> Result<(usize, u64)> {
+        self.seal().await?;
+        let dir = self.inner.shared.paths.master.clone();
+        let root = self.inner.shared.paths.root.clone();
+        let files = blocking(&dir, move || list_master_files(&root)).await?;
+        let (mut rewritten, mut dropped) = (0, 0);
+        for f in &files {
+            let n = self.rewrite(f, forget, "forget").await?;
+            if n > 0 {
+                rewritten += 1;
+                dropped += n;
+            }
+        }
+        tracing::warn!(
+            ?forget,
+            files = rewritten,
+            events = dropped,
+            "deletion request done"
+        );
+        Ok((rewritten, dropped))
+    }
+
     /// One compaction pass ([`compact`]): deletes files a merged file covers (left by an
     /// interrupted pass), then merges each run of small neighbouring files into one. Every
     /// listing answers each event exactly once throughout.
@@ -609,6 +663,20 @@ impl Master {
                 files = covered.len(),
                 "deleted master files a compacted file covers"
             );
+        }
+        let root = shared.paths.root.clone();
+        let files = blocking(&dir, move || list_master_files(&root)).await?;
+        if let Some(keep) = cfg.retention {
+            let horizon = tally_core::now_ms().saturating_sub(keep.as_millis() as i64);
+            let forget = Forget::Before(horizon);
+            for f in &files {
+                let p = f.path.clone();
+                let oldest = blocking(&dir, move || compact::min_ts(&p)).await?;
+                if oldest.is_some_and(|t| t >= horizon) {
+                    continue;
+                }
+                out.expired += self.rewrite(f, &forget, "retention").await?;
+            }
         }
         let root = shared.paths.root.clone();
         let files = blocking(&dir, move || list_master_files(&root)).await?;

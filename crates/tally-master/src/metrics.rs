@@ -11,6 +11,7 @@ pub const SEAL_SECONDS: &str = "tally_seal_duration_seconds";
 pub const SEALED_EVENTS: &str = "tally_sealed_events_total";
 pub const COMPACTIONS: &str = "tally_master_compactions_total";
 pub const COMPACTED_FILES: &str = "tally_master_compacted_files_total";
+pub const EVENTS_DROPPED: &str = "tally_master_events_dropped_total";
 
 /// Every metric the master dataset emits.
 pub const CATALOGUE: &[MetricDef] = &[
@@ -42,5 +43,9 @@ pub const CATALOGUE: &[MetricDef] = &[
     MetricDef::counter(
         COMPACTED_FILES,
         "Small master files compaction merged into larger ones and deleted.",
+    ),
+    MetricDef::counter(
+        EVENTS_DROPPED,
+        "Events removed from the master dataset on purpose, by reason (retention, forget).",
     ),
 ];

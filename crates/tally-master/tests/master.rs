@@ -908,6 +908,7 @@ async fn compaction_merges_small_files_and_every_reader_sees_each_event_once() {
         small_bytes: big,
         target_bytes: big * 100,
         min_files: 4,
+        retention: None,
     };
     // A pinned snapshot keeps its files until the pin goes: compaction waits for it.
     let pin = m.pin_files().await;
@@ -970,5 +971,88 @@ async fn compaction_merges_small_files_and_every_reader_sees_each_event_once() {
     assert_eq!(snapshot_seqs(&m), all);
     let r = m.append(evs(0..1)).await.unwrap();
     assert_eq!(r.first, Seq(3116));
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_and_retention_rewrite_files_without_the_events_and_keep_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    let now = tally_core::now_ms();
+    let day = 86_400_000;
+    // Files of old events, of new ones, and of both; one visitor everywhere.
+    let event = |i: u64, ts: i64| Event {
+        ts,
+        url: format!("https://site{}.example/p{}", i % 3, i % 5),
+        visitor: Some(if i % 4 == 0 {
+            "alice".into()
+        } else {
+            format!("v{i}")
+        }),
+        referrer: None,
+        id: None,
+        received_at: now,
+    };
+    let mut all = Vec::new();
+    for (n, age_days) in [(0u64, 90i64), (1, 1), (2, 0)] {
+        let batch: Vec<Event> = (n * 100..n * 100 + 100)
+            .map(|i| event(i, now - age_days * day - (i as i64 % 2) * 40 * day))
+            .collect();
+        all.extend(batch.clone());
+        m.append(batch).await.unwrap();
+        m.seal().await.unwrap();
+    }
+    let names = parquet_files(dir.path());
+    assert_eq!(names.len(), 3);
+    let held = |m: &Master| -> Vec<Event> {
+        let mut out: Vec<SeqEvent> = Vec::new();
+        for f in m.snapshot().unwrap() {
+            out.extend(tally_master::read_master_file(&f.path).unwrap());
+        }
+        out.sort_by_key(|e| e.seq);
+        out.into_iter().map(|e| e.event).collect()
+    };
+
+    let refused = tally_master::Forget::url_prefix("https://");
+    assert!(refused.is_err());
+    let site1 = tally_master::Forget::url_prefix("https://site1.example/").unwrap();
+    let (files, dropped) = m.forget(&site1).await.unwrap();
+    let want: Vec<Event> = all
+        .iter()
+        .filter(|e| !e.url.starts_with("https://site1.example/"))
+        .cloned()
+        .collect();
+    assert_eq!((files, dropped as usize), (3, all.len() - want.len()));
+    assert_eq!(held(&m), want);
+    assert_eq!(
+        parquet_files(dir.path()),
+        names,
+        "names (seq ranges) are kept"
+    );
+
+    let alice = tally_master::Forget::visitor("alice").unwrap();
+    m.forget(&alice).await.unwrap();
+    let want: Vec<Event> = want
+        .into_iter()
+        .filter(|e| e.visitor.as_deref() != Some("alice"))
+        .collect();
+    assert_eq!(held(&m), want);
+
+    // Retention of 30 days: a compaction pass drops what is older, and only that.
+    let keep = tally_master::CompactConfig {
+        retention: Some(Duration::from_secs(30 * 86_400)),
+        ..Default::default()
+    };
+    let out = m.compact(&keep).await.unwrap();
+    let horizon = tally_core::now_ms() - 30 * day;
+    let want: Vec<Event> = want.into_iter().filter(|e| e.ts >= horizon).collect();
+    assert!(out.expired > 0);
+    assert_eq!(held(&m), want);
+    assert_eq!(m.compact(&keep).await.unwrap().expired, 0);
+    // The first file held only old events: it stays, empty, so that seq never goes back.
+    assert_eq!(parquet_files(dir.path()), names);
+    m.shutdown().await.unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.append(evs(0..1)).await.unwrap().first, Seq(301));
     m.shutdown().await.unwrap();
 }

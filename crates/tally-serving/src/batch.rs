@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 pub use tally_batch::Trigger;
 use tally_batch::{RunError, RunOutcome};
 use tally_core::format_rfc3339;
+use tally_master::Forget;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{params, Params};
@@ -133,6 +134,60 @@ pub(crate) async fn post_discard(State(state): State<AppState>, q: Params) -> Ap
         }
         // The run going now publishes the new view (the view manager checks that it does).
         Err(RunError::AlreadyRunning { run_id }) => body["run_id"] = json!(run_id),
+        Err(e) => return Err(run_error(e)),
+    }
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// What a deletion request names: `url_prefix` (a normalised URL's start, with its scheme and
+/// host) or `visitor`, exactly one.
+fn forget_of(q: &std::collections::HashMap<String, String>) -> ApiResult<Forget> {
+    let named = match (q.get("url_prefix"), q.get("visitor")) {
+        (Some(p), None) => Forget::url_prefix(p),
+        (None, Some(v)) => Forget::visitor(v),
+        _ => {
+            return Err(ApiError::bad(
+                "Name exactly one of url_prefix and visitor to forget.",
+            ))
+        }
+    };
+    named.map_err(ApiError::bad)
+}
+
+/// `POST /v1/admin/forget?url_prefix=P|visitor=V[&wait=true]`: a deletion request. Rewrites
+/// the master files holding matching events without them, then runs the batch layer so that
+/// the views stop counting them (with `wait`, answers once that view serves).
+pub(crate) async fn post_forget(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
+    let q = params(q)?;
+    let wait = wants_wait(&q)?;
+    let forget = forget_of(&q)?;
+    let (files, events) = state.master.forget(&forget).await?;
+    let started = state.runner.try_start_with(Trigger::Admin, false);
+    let mut body = json!({ "files_rewritten": files, "events_dropped": events });
+    match started {
+        Ok(started) if wait => {
+            let outcome = finish(&state, started).await?;
+            let mut out = outcome_json(&outcome);
+            out["files_rewritten"] = body["files_rewritten"].take();
+            out["events_dropped"] = body["events_dropped"].take();
+            return Ok((StatusCode::OK, Json(out)).into_response());
+        }
+        Ok(started) => {
+            body["run_id"] = json!(started.run_id);
+            let s = state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = finish(&s, started).await {
+                    tracing::error!(error = ?e, "batch run after a deletion request failed");
+                }
+            });
+        }
+        // A run going now may have read the files before they were rewritten: the next run
+        // counts without the forgotten events.
+        Err(RunError::AlreadyRunning { run_id }) => {
+            body["note"] = json!(format!(
+                "Batch run {run_id} was going and may still count the forgotten events; run the batch layer again once it is done."
+            ));
+        }
         Err(e) => return Err(run_error(e)),
     }
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())

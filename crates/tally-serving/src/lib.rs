@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
             post(batch::post_batch).get(batch::get_batch),
         )
         .route("/v1/admin/batch/discard", post(batch::post_discard))
+        .route("/v1/admin/forget", post(batch::post_forget))
         .route("/v1/admin/status", get(admin::status))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

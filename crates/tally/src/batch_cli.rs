@@ -26,21 +26,17 @@ pub(crate) fn run(cfg: Config, cmd: BatchCommand) -> anyhow::Result<ExitCode> {
         BatchCommand::List { .. } => list(&cfg),
         BatchCommand::Run { full, .. } => {
             if is_locked(&cfg.storage.data_dir) {
-                let path = if full {
-                    "/v1/admin/batch?wait=true&full=true"
-                } else {
-                    "/v1/admin/batch?wait=true"
-                };
-                remote(&cfg, path)
+                let full = if full { "true" } else { "false" };
+                remote(&cfg, "/v1/admin/batch", &[("wait", "true"), ("full", full)])
             } else {
-                local(&cfg, false, full)
+                local(&cfg, false, full, None)
             }
         }
         BatchCommand::Discard { .. } => {
             if is_locked(&cfg.storage.data_dir) {
-                remote(&cfg, "/v1/admin/batch/discard?wait=true")
+                remote(&cfg, "/v1/admin/batch/discard", &[("wait", "true")])
             } else {
-                local(&cfg, true, true)
+                local(&cfg, true, true, None)
             }
         }
     }
@@ -95,8 +91,8 @@ fn list(cfg: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Asks the running server (address from the lock file) to do the work.
-fn remote(cfg: &Config, path: &str) -> anyhow::Result<ExitCode> {
+/// Asks the running server (address from the lock file) to do the work: `POST path?query`.
+pub(crate) fn remote(cfg: &Config, path: &str, query: &[(&str, &str)]) -> anyhow::Result<ExitCode> {
     let base = holder_address(&cfg.storage.data_dir).context(
         "the server holding data_dir has not written its address yet; retry in a moment",
     )?;
@@ -104,7 +100,7 @@ fn remote(cfg: &Config, path: &str) -> anyhow::Result<ExitCode> {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(24 * 3600))
         .build()?;
-    let mut req = client.post(format!("{base}{path}"));
+    let mut req = client.post(format!("{base}{path}")).query(query);
     if let Some(token) = cfg.admin_token() {
         req = req.bearer_auth(token);
     }
@@ -126,7 +122,13 @@ fn remote(cfg: &Config, path: &str) -> anyhow::Result<ExitCode> {
 }
 
 /// Works on the files with the server stopped, holding the data_dir lock meanwhile.
-fn local(cfg: &Config, discard_first: bool, full: bool) -> anyhow::Result<ExitCode> {
+/// `forget`: first remove those events from the master dataset (`tally master forget`).
+pub(crate) fn local(
+    cfg: &Config,
+    discard_first: bool,
+    full: bool,
+    forget: Option<tally_master::Forget>,
+) -> anyhow::Result<ExitCode> {
     let _lock = DataDirLock::acquire(&cfg.storage.data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,6 +137,13 @@ fn local(cfg: &Config, discard_first: bool, full: bool) -> anyhow::Result<ExitCo
         let master = Master::open(master_config(cfg)).context("cannot open the master dataset")?;
         let store: ViewStore = view_store(cfg)?;
         let runner = tally_batch::BatchRunner::new(store, master.clone(), runner_config(cfg));
+        if let Some(f) = &forget {
+            let (files, events) = master
+                .forget(f)
+                .await
+                .context("cannot remove the events from the master dataset")?;
+            println!("removed {events} events from {files} master files");
+        }
         if discard_first {
             match runner
                 .discard_current("discarded by an operator (tally batch discard)")

@@ -54,6 +54,25 @@ pub(crate) struct StorageConfig {
     pub(crate) compact_small_bytes: u64,
     pub(crate) compact_target_bytes: u64,
     pub(crate) compact_min_files: usize,
+    /// `forever`, or how long events are kept in the master dataset (`400d`): compaction drops
+    /// older ones.
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) retention: String,
+}
+
+impl StorageConfig {
+    /// `storage.retention` as a duration; `None`: keep forever.
+    pub(crate) fn retention(&self) -> anyhow::Result<Option<Duration>> {
+        match self.retention.trim() {
+            "forever" | "" => Ok(None),
+            s => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => Ok(Some(d)),
+                _ => bail!(
+                    "storage.retention must be \"forever\" or a duration such as \"400d\", not {s:?}"
+                ),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -228,6 +247,7 @@ impl Config {
         if self.batch.keep_versions == 0 {
             bail!("batch.keep_versions must be at least 1");
         }
+        self.storage.retention()?;
         if self.storage.compact_min_files < 2 {
             bail!(
                 "storage.compact_min_files must be at least 2, not {}",

@@ -3,6 +3,7 @@
 mod batch_cli;
 mod config;
 mod lock;
+mod master_cli;
 mod serve;
 mod telemetry;
 
@@ -36,10 +37,32 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Work with the master dataset: deletion requests.
+    Master {
+        #[command(subcommand)]
+        command: MasterCommand,
+    },
     /// Work with the batch layer (on the files, or through the running server).
     Batch {
         #[command(subcommand)]
         command: BatchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum MasterCommand {
+    /// Remove every event of a URL prefix or of a visitor from the master dataset (rewriting
+    /// the files that hold them), then run the batch layer so that no view counts them. For
+    /// deletion requests; logged.
+    Forget {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Events whose URL starts with this (normalised: scheme and host in lower case).
+        #[arg(long, conflicts_with = "visitor", required_unless_present = "visitor")]
+        url_prefix: Option<String>,
+        /// Events of this visitor id.
+        #[arg(long)]
+        visitor: Option<String>,
     },
 }
 
@@ -89,6 +112,13 @@ fn main() -> ExitCode {
             telemetry::init(&cfg.log, false);
             serve::run(cfg)
         }),
+        Command::Master { command } => {
+            let MasterCommand::Forget { config, .. } = &command;
+            config::Config::load(config.as_deref()).and_then(|cfg| {
+                telemetry::init(&cfg.log, true);
+                master_cli::run(cfg, command)
+            })
+        }
         Command::Batch { command } => config::Config::load(command.config().map(PathBuf::as_path))
             .and_then(|cfg| {
                 telemetry::init(&cfg.log, true);

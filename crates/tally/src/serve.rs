@@ -233,6 +233,8 @@ async fn compact_periodically(master: Master, cfg: Config) {
         small_bytes: cfg.storage.compact_small_bytes,
         target_bytes: cfg.storage.compact_target_bytes,
         min_files: cfg.storage.compact_min_files,
+        // Validated at start-up.
+        retention: cfg.storage.retention().unwrap_or(None),
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
