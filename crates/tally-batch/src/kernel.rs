@@ -843,7 +843,8 @@ struct UrlVisitors {
 
 impl UrlVisitors {
     fn of(seg: &mut [(u32, u32)], precision: u8) -> UrlVisitors {
-        seg.sort_unstable();
+        // A stable sort merges the sorted runs it finds: each cached file partial gives one.
+        seg.sort();
         let mut v = UrlVisitors::default();
         for (i, &(c, h)) in seg.iter().enumerate() {
             if i > 0 && seg[i - 1] == (c, h) {
@@ -864,7 +865,7 @@ impl UrlVisitors {
             let (a, b) = (v.start(j), v.ends[k - 1] as usize);
             let mut hashes = v.hashes[a..b].to_vec();
             if k - j > 1 {
-                hashes.sort_unstable();
+                hashes.sort();
                 hashes.dedup();
             }
             v.days
@@ -957,7 +958,8 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
     let lens: Vec<usize> = split_segments(&mut buf, &offsets)
         .into_par_iter()
         .map(|seg| {
-            seg.sort_unstable_by_key(|c| c.0);
+            // Each partial's cells of a URL are one sorted run, which a stable sort merges.
+            seg.sort_by_key(|c| c.0);
             let mut w = 0;
             for r in 0..seg.len() {
                 if w > 0 && seg[w - 1].0 == seg[r].0 {

@@ -13,8 +13,9 @@
 //!    inputs.
 //!
 //! A reader never sees an event twice or misses one: a file whose range covers another's
-//! supersedes it ([`crate::paths::drop_covered`]), so between 1 and 2 every listing leaves the
-//! inputs out, and a snapshot taken under the files lock keeps its files until it is released.
+//! supersedes it (`paths::drop_covered`, used by [`crate::list_master_files`]), so between 1
+//! and 2 every listing leaves the inputs out, and a snapshot taken under the files lock keeps
+//! its files until it is released.
 //! `kill -9` at any point leaves either a temporary file (deleted at the next open) and the
 //! inputs, or the merged file and some inputs (covered, so never read, and deleted by the next
 //! pass). The merged file's name keeps the largest `last`, so `seq` still never goes back.
