@@ -845,7 +845,11 @@ impl UrlVisitors {
     fn of(seg: &mut [(u32, u32)], precision: u8) -> UrlVisitors {
         // A stable sort merges the sorted runs it finds: each cached file partial gives one.
         seg.sort();
-        let mut v = UrlVisitors::default();
+        // Sized up front: growing these by doubling was a tenth of a cached run's merge.
+        let mut v = UrlVisitors {
+            hashes: Vec::with_capacity(seg.len()),
+            ..Default::default()
+        };
         for (i, &(c, h)) in seg.iter().enumerate() {
             if i > 0 && seg[i - 1] == (c, h) {
                 continue;
@@ -1012,6 +1016,12 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
             .map(|seg| UrlVisitors::of(seg, precision))
             .collect();
         let mut sd = SketchData::empty(precision, 0, 0);
+        let days: usize = per_url.iter().map(|v| v.days.len()).sum();
+        sd.days.reserve_exact(days);
+        sd.sketches.reserve_exact(days);
+        sd.offsets.reserve_exact(per_url.len());
+        sd.cell_hashes
+            .reserve_exact(per_url.iter().map(|v| v.hashes.len()).sum());
         sd.cell_offsets = Vec::with_capacity(cell.len() + 1);
         sd.cell_offsets.push(0);
         for (u, mut v) in per_url.into_iter().enumerate() {
