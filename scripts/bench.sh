@@ -622,8 +622,8 @@ for line in open(sys.argv[1]):
 PY
 )
     md "### Incremental runs: cached partials per master file" "" \
-        "\`$inc_cmd\` — the same $events events in 100 master files (each spans all $days days: the" \
-        "generator's worst case for the merge). Per pass of a run, with sketches: scanning every file" \
+        "\`$inc_cmd\` — the same $events events in 100 master files (in time order, as the sealer writes" \
+        "them: each holds about $((days / 100 + 1)) day of events over most of the URLs). Per pass of a run, with sketches: scanning every file" \
         "without a cache, the first cached run (which writes the partials), a run where one file of 100" \
         "(1 % of the events) is new, and a run where nothing is. Goal (issue 13): a run with 1 % new" \
         "data ≤ 5 % of the full run." "" \
