@@ -12,8 +12,7 @@
 //! - partial results are merged by a counting sort on the global URL rank (no string work per
 //!   cell), then each URL's few runs are sorted by cell in parallel.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -902,41 +901,40 @@ fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
         stats.aggregate_cpu_ms += p.agg_ns as f64 / 1e6;
         events += p.events;
     }
-    // 1. Global URL ranks by a k-way merge of the partials' URL lists in URL order (already
-    //    sorted when the master file is sorted by url; sorted here otherwise).
-    let perms: Vec<Vec<u32>> = partials
-        .par_iter()
-        .map(|p| {
-            let mut perm: Vec<u32> = (0..p.urls.len() as u32).collect();
-            if !(1..p.urls.len()).all(|l| p.url(l - 1) < p.url(l)) {
-                perm.sort_unstable_by(|&a, &b| p.url(a as usize).cmp(p.url(b as usize)));
-            }
-            perm
-        })
-        .collect();
-    let mut l2r: Vec<Vec<u32>> = partials.iter().map(|p| vec![0u32; p.urls.len()]).collect();
-    let mut urls: Vec<String> = Vec::new();
-    {
-        let mut heap: BinaryHeap<Reverse<(&str, usize)>> =
-            BinaryHeap::with_capacity(partials.len());
-        let mut pos = vec![0usize; partials.len()];
-        for (pi, p) in partials.iter().enumerate() {
-            if let Some(&l) = perms[pi].first() {
-                heap.push(Reverse((p.url(l as usize), pi)));
-            }
+    // 1. Global URL ranks: every partial's keys into one table, then the distinct keys sorted
+    //    once. Linear in the keys of all partials; a k-way merge of their sorted lists compared
+    //    strings Σ keys × log(partials) times, which grew with the number of cached files.
+    let total_keys: usize = partials.iter().map(|p| p.urls.len()).sum();
+    let mut ids: FastMap<&str, u32> =
+        FastMap::with_capacity_and_hasher(total_keys.min(1 << 22), Default::default());
+    let mut distinct: Vec<&str> = Vec::new();
+    let mut l2r: Vec<Vec<u32>> = Vec::with_capacity(partials.len());
+    for p in &partials {
+        let mut local = Vec::with_capacity(p.urls.len());
+        for lid in 0..p.urls.len() {
+            let u = p.url(lid);
+            let id = *ids.entry(u).or_insert_with(|| {
+                distinct.push(u);
+                (distinct.len() - 1) as u32
+            });
+            local.push(id);
         }
-        while let Some(Reverse((u, pi))) = heap.pop() {
-            if urls.last().map(String::as_str) != Some(u) {
-                urls.push(u.to_string());
-            }
-            let lid = perms[pi][pos[pi]] as usize;
-            l2r[pi][lid] = (urls.len() - 1) as u32;
-            pos[pi] += 1;
-            if let Some(&l) = perms[pi].get(pos[pi]) {
-                heap.push(Reverse((partials[pi].url(l as usize), pi)));
-            }
-        }
+        l2r.push(local);
     }
+    drop(ids);
+    let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
+    order.par_sort_unstable_by(|&a, &b| distinct[a as usize].cmp(distinct[b as usize]));
+    let mut rank_of = vec![0u32; distinct.len()];
+    for (r, &id) in order.iter().enumerate() {
+        rank_of[id as usize] = r as u32;
+    }
+    l2r.par_iter_mut()
+        .for_each(|local| local.iter_mut().for_each(|id| *id = rank_of[*id as usize]));
+    let urls: Vec<String> = order
+        .iter()
+        .map(|&id| distinct[id as usize].to_string())
+        .collect();
+    drop(distinct);
     let nurls = urls.len();
 
     // 2. Counting sort of all cells by URL rank.
