@@ -250,6 +250,42 @@ pub fn compute_cached(
     )
 }
 
+/// [`compute`], or [`compute_cached`] when `cache` is given.
+pub fn compute_with(
+    files: &[MasterFile],
+    cutoff: Seq,
+    sketch_precision: Option<u8>,
+    progress: &Progress,
+    cache: Option<&PartialCache>,
+) -> Result<ViewData> {
+    compute_keyed(
+        files,
+        cutoff,
+        sketch_precision,
+        progress,
+        Keying::Url,
+        cache,
+    )
+}
+
+/// [`compute_sources`], or [`compute_sources_cached`] when `cache` is given.
+pub fn compute_sources_with(
+    files: &[MasterFile],
+    cutoff: Seq,
+    sketch_precision: Option<u8>,
+    progress: &Progress,
+    cache: Option<&PartialCache>,
+) -> Result<ViewData> {
+    compute_keyed(
+        files,
+        cutoff,
+        sketch_precision,
+        progress,
+        Keying::Source,
+        cache,
+    )
+}
+
 /// [`compute`] per source key (`tally_core::dims::source_key`: the pair (referrer host, URL))
 /// instead of per URL: the data of every breakdown. `urls` of the result are source keys.
 pub fn compute_sources(

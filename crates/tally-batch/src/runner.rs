@@ -41,6 +41,9 @@ pub struct RunnerConfig {
     /// Where the cached partial aggregates of master files live; `None`: `partials/` next to
     /// the view store's directory (`data_dir/views/partials`).
     pub partials_dir: Option<PathBuf>,
+    /// `batch.partials`: keep and reuse them. `false`: every run is full and writes none (and
+    /// deletes those an earlier run left).
+    pub reuse_partials: bool,
 }
 
 impl Default for RunnerConfig {
@@ -53,6 +56,7 @@ impl Default for RunnerConfig {
             max_backoff: Duration::from_secs(60),
             history_cap: 100,
             partials_dir: None,
+            reuse_partials: true,
         }
     }
 }
@@ -260,7 +264,7 @@ impl BatchRunner {
         let info = RunningInfo {
             run_id: format!("run-{now:013}-{n}"),
             trigger,
-            full: full || trigger.forces_full(),
+            full: full || trigger.forces_full() || !self.inner.cfg.reuse_partials,
             started_at_ms: now,
             progress: Arc::new(Progress::new()),
         };
@@ -396,16 +400,19 @@ impl BatchRunner {
         let nfiles = files.iter().filter(|f| f.first <= cutoff).count();
         let partials_dir = self.partials_dir();
         let full = info.full;
+        let reuse = self.inner.cfg.reuse_partials;
         let (data, cache) = blocking(move || {
+            // Without partials the cache only serves to delete what an earlier run left.
             let cache = PartialCache::open(&partials_dir, full)?;
-            let mut data = kernel::compute_cached(&files, cutoff, precision, &progress, &cache)?;
+            let used = reuse.then_some(&cache);
+            let mut data = kernel::compute_with(&files, cutoff, precision, &progress, used)?;
             let t = Instant::now();
-            let sources = kernel::compute_sources_cached(
+            let sources = kernel::compute_sources_with(
                 &files,
                 cutoff,
                 precision,
                 &kernel::Progress::new(),
-                &cache,
+                used,
             )?;
             tracing::debug!(
                 keys = sources.urls.len(),

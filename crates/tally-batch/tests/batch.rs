@@ -786,6 +786,34 @@ mod runner {
         assert_eq!(again.history(), h);
     }
 
+    /// `batch.partials = false`: every run reads every file and no partial stays on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_partials_every_run_is_full_and_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = open_master(dir.path());
+        let store = ViewStore::open(dir.path().join("views/batch")).unwrap();
+        let with = BatchRunner::new(store.clone(), master.clone(), cfg());
+        master.append(events(100, 0)).await.unwrap();
+        with.run(Trigger::Admin).await.unwrap();
+        let parts = dir.path().join("views/partials");
+        assert!(parts.read_dir().unwrap().count() > 0);
+        let without = BatchRunner::new(
+            store.clone(),
+            master.clone(),
+            RunnerConfig {
+                reuse_partials: false,
+                ..cfg()
+            },
+        );
+        master.append(events(50, 1)).await.unwrap();
+        for _ in 0..2 {
+            let o = without.run(Trigger::Schedule).await.unwrap();
+            assert_eq!((o.files_reused, o.files_computed, o.full), (0, 2, true));
+            assert_eq!(o.events, 150);
+            assert_eq!(parts.read_dir().unwrap().count(), 0);
+        }
+    }
+
     /// Issue 13's property: for random sequences of ingest, seals, compactions, deletion
     /// requests and runs, every incremental run publishes exactly the view a full recompute
     /// publishes at the same cutoff (same files, byte for byte).

@@ -116,6 +116,7 @@ pub(crate) struct BatchConfig {
     pub(crate) schedule: String,
     pub(crate) keep_versions: usize,
     pub(crate) max_retries: u32,
+    pub(crate) partials: bool,
     #[serde(with = "humantime_serde")]
     pub(crate) retry_backoff: Duration,
 }

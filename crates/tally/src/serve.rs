@@ -38,6 +38,7 @@ pub(crate) fn runner_config(cfg: &Config) -> RunnerConfig {
         max_retries: cfg.batch.max_retries,
         retry_backoff: cfg.batch.retry_backoff,
         sketch_precision: Some(cfg.uniques.precision),
+        reuse_partials: cfg.batch.partials,
         ..RunnerConfig::default()
     }
 }
