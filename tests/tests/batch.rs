@@ -365,6 +365,60 @@ fn compaction_merges_small_files_and_every_answer_stays_exact() {
     assert_exact(&server, &model, &mut rng, &urls);
 }
 
+/// `kill -9` while a batch run reads files and writes partials (API.md, "Batch runs are
+/// incremental"): after a restart every answer is exact, the next incremental run publishes the
+/// view a full run publishes, and no temporary partial is left behind.
+#[test]
+fn kill_9_during_a_run_that_writes_partials_loses_nothing() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut server = TestServer::start(ServerOpts::default());
+    let data_dir = server.data_dir().to_path_buf();
+    let urls = make_urls(40, 3);
+    let mut model = Model::default();
+    for _ in 0..4 {
+        ingest_random(&server, &mut model, &mut rng, &urls, 400);
+        server.flush();
+    }
+    let (code, body) = server.post("/v1/admin/batch");
+    assert_eq!(code, 202, "{body}");
+    // Killed while the run goes (or just after it ends: either way nothing may be lost).
+    poll_until("the run to start", DEADLINE, || {
+        let s = batch_status(&server);
+        (s["running"].is_object() || !s["history"].as_array()?.is_empty()).then_some(())
+    });
+    server.kill9();
+    server.restart();
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+
+    let inc = batch_run(&server);
+    let (code, full) = server.post("/v1/admin/batch?wait=true&full=true");
+    assert_eq!(code, 200, "{full}");
+    assert_eq!(inc["cutoff_seq"], full["cutoff_seq"], "{inc} {full}");
+    let files_of = |run: &Value| {
+        let v = run["version"].as_str().unwrap();
+        let m: Value = serde_json::from_str(
+            &fs::read_to_string(views_root(&data_dir).join(v).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        m["files"].clone()
+    };
+    assert_eq!(
+        files_of(&inc),
+        files_of(&full),
+        "incremental {inc} vs full {full}"
+    );
+    let stray: Vec<String> = fs::read_dir(data_dir.join("views/partials"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "temporary partials left: {stray:?}");
+    server.wait_caught_up();
+    assert_exact(&server, &model, &mut rng, &urls);
+}
+
 /// Deletion requests (`POST /v1/admin/forget`, `tally master forget`): the events of a URL
 /// prefix leave the master dataset and every answer, with the server running and stopped.
 #[test]
