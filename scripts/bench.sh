@@ -7,6 +7,8 @@
 #   scripts/bench.sh uniques         # /v1/uniques over 30 days for a busy URL, 32 connections
 #   scripts/bench.sh mixed           # queries while ingesting 100 000 events/s, 1M URLs, caches off
 #   scripts/bench.sh analytics       # site, breakdown and Stats API queries on the mixed data
+#   scripts/bench.sh scale           # 100 M events, 1 M URLs, a year: full and incremental batch
+#                                    # runs and DuckDB (not in the default list: ~15 min, ~10 GB)
 #
 # Knobs (environment): BENCH_DURATION (wrk seconds per run, default 10), BENCH_THREADS (wrk
 # threads, default 2), BENCH_DIR (scratch directory on the real disk, default target/bench),
@@ -631,6 +633,76 @@ PY
         "|---|---:|---:|---:|---:|---:|---:|---:|" "$rows" ""
 }
 SECTIONS+=(batch)
+
+# ================================================================================================
+# Section: scale (issue 13). `scripts/bench.sh scale` (not part of a plain `scripts/bench.sh`).
+# BENCH_SCALE_EVENTS (default 100 000 000) events over BENCH_SCALE_URLS (1 000 000) URLs and
+# BENCH_SCALE_DAYS (365) days, generated straight into BENCH_SCALE_FILES (100) time-ordered
+# Parquet files by the batch_bench example (not through HTTP; kept under BENCH_DIR, out of git).
+# Then, per pass of a batch run (per URL, per source key; visitors at precision 14): a scan of
+# every file, a first cached run, a run where one file (1 %) is new, a run where nothing is; and
+# DuckDB's per (url, cell) counts with uniques per (url, day) on the same files. Peak RSS of
+# each process from /usr/bin/time -v.
+# ================================================================================================
+
+section_scale() {
+    local events=${BENCH_SCALE_EVENTS:-100000000} urls=${BENCH_SCALE_URLS:-1000000}
+    local days=${BENCH_SCALE_DAYS:-365} files=${BENCH_SCALE_FILES:-100}
+    local dir="$BENCH_DIR/scale" venv="$root/target/venv-bench"
+    log "building the batch_bench example (release)"
+    cargo build --release -p tally-batch --example batch_bench
+    local bb="$root/target/release/examples/batch_bench"
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+        log "installing duckdb (pip) into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q duckdb
+    fi
+    mkdir -p "$dir"
+    local args=(--events "$events" --urls "$urls" --days "$days" --files "$files" --dir "$dir")
+    local cmd="cargo run --release -p tally-batch --example batch_bench -- --events $events --urls $urls --days $days --files $files --dir DIR"
+    log "generating: $cmd --generate-only"
+    /usr/bin/time -v "$bb" "${args[@]}" --generate-only 2>"$dir/generate.time" | tee "$dir/generate.json" >&2
+    log "tally: $cmd --incremental"
+    /usr/bin/time -v "$bb" "${args[@]}" --incremental 2>"$dir/incremental.time" | tee "$dir/incremental.json" >&2
+    log "duckdb: the same files"
+    root="$root" /usr/bin/time -v bash -c "$(declare -f batch_duckdb); batch_duckdb '$dir/master' '$dir/duckdb-out' '$events' 1" \
+        2>"$dir/duckdb.time" | tee "$dir/duckdb.json" >&2
+    local rss_tally rss_duck bytes gen_ms
+    rss_tally=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$dir/incremental.time")
+    rss_duck=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$dir/duckdb.time")
+    bytes=$(sed -n 's/.*"bytes":\([0-9]*\).*/\1/p' "$dir/generate.json")
+    gen_ms=$(sed -n 's/.*"ms":\([0-9.]*\).*/\1/p' "$dir/generate.json")
+    local rows duck
+    rows=$(python3 - "$dir/incremental.json" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("stage") != "incremental":
+        continue
+    print("| %s | %.1f | %.1f | %.1f | %.1f | %.0f MB | %.1f %% |" % (
+        r["mode"], r["scan_all_ms"] / 1e3, r["first_cached_run_ms"] / 1e3,
+        r["one_new_file_ms"] / 1e3, r["nothing_new_ms"] / 1e3, r["partial_bytes"] / 1e6,
+        100.0 * r["one_new_file_ms"] / r["scan_all_ms"]))
+PY
+)
+    duck=$(python3 - "$dir/duckdb.json" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+out = {r["mode"]: r["total_ms"] for r in rows if "mode" in r}
+print(" / ".join("%s %.1f s" % (m, ms / 1e3) for m, ms in out.items()))
+PY
+)
+    md "## Scale: 100 M events, full and incremental batch runs" ""
+    md "One run of \`scripts/bench.sh scale\` ($(date -u +%Y-%m-%dT%H:%MZ), $(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores," \
+        "$(free -g | awk '/^Mem:/ {print $2}') GiB, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))." \
+        "Master dataset: \`$cmd --generate-only\` — $events events, $urls URLs (Zipf 1.0 over 50 hosts), $days days," \
+        "$files time-ordered Parquet files, $bytes bytes, generated in $(printf '%.0f' "$gen_ms") ms. Per pass of a batch run, with" \
+        "visitors: \`$cmd --incremental\` (times in seconds; every cached run's view asserted equal to the scan's)." ""
+    md "| pass | scan every file s | first cached run s | one new file ($((100 / files)) % of the events) s | nothing new s | partials on disk | one new ÷ scan |" \
+        "|---|---:|---:|---:|---:|---:|---:|" "$rows" ""
+    md "Peak RSS: tally's example (all of the above, one process) $((rss_tally / 1024)) MiB; DuckDB (\`SET threads=2\`, counts and counts + uniques, one rep each) $((rss_duck / 1024)) MiB." \
+        "DuckDB end to end: $duck (per (url, 15-minute cell) counts; with \`approx_count_distinct(visitor)\` per (url, day)). tally's full scan of the per-URL pass is the comparable number." ""
+}
 
 # ================================================================================================
 # Section: uniques (issue 5's goal): `GET /v1/uniques` over a 30-day range for one busy URL at 32
