@@ -457,6 +457,15 @@ SECTIONS+=(queries)
 #     sketches also `approx_count_distinct(visitor)` per (url, day)); best of BENCH_BATCH_REPS.
 # ================================================================================================
 
+ensure_duckdb() { # VENV: duckdb from pip in its own venv, once
+    local venv=$1
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
+        log "installing duckdb (pip) into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q duckdb
+    fi
+}
+
 batch_duckdb() { # MASTER_DIR OUT_DIR CUTOFF REPS -> JSON lines on stdout
     "$root/target/venv-bench/bin/python" - "$@" <<'PY'
 import json, os, sys, time
@@ -543,11 +552,7 @@ section_batch() {
     log "building the batch_bench example (release)"
     cargo build --release -p tally-batch --example batch_bench
     local bb="$root/target/release/examples/batch_bench"
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
-        log "installing duckdb (pip) into $venv"
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install -q duckdb
-    fi
+    ensure_duckdb "$venv"
     mkdir -p "$dir"
     local gen_cmd="cargo run --release -p tally-batch --example batch_bench -- --events $events --urls $urls --days $days --dir DIR --generate-only"
     log "$gen_cmd"
@@ -652,11 +657,7 @@ section_scale() {
     log "building the batch_bench example (release)"
     cargo build --release -p tally-batch --example batch_bench
     local bb="$root/target/release/examples/batch_bench"
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
-        log "installing duckdb (pip) into $venv"
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install -q duckdb
-    fi
+    ensure_duckdb "$venv"
     mkdir -p "$dir"
     local args=(--events "$events" --urls "$urls" --days "$days" --files "$files" --dir "$dir")
     local cmd="cargo run --release -p tally-batch --example batch_bench -- --events $events --urls $urls --days $days --files $files --dir DIR"

@@ -270,7 +270,7 @@ fn incremental(a: &Args, files: &[MasterFile], cutoff: Seq) {
         let run = |full: bool| {
             let cache = PartialCache::open(&parts, full).expect("partials");
             let t = Instant::now();
-            let data = cached(files, cutoff, p, &Progress::new(), &cache).expect("compute");
+            let data = cached(files, cutoff, p, &Progress::new(), Some(&cache)).expect("compute");
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             assert_eq!(
                 (&data.urls, &data.views, &data.sketches),
@@ -317,5 +317,5 @@ type Cached = fn(
     Seq,
     Option<u8>,
     &Progress,
-    &PartialCache,
+    Option<&PartialCache>,
 ) -> tally_batch::Result<tally_batch::ViewData>;

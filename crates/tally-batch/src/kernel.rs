@@ -230,32 +230,14 @@ pub fn compute(
 }
 
 /// [`compute`], reusing the cached partial aggregate of every master file wholly at or below
-/// `cutoff` found in `cache` and caching those it computes ([`crate::partials`]). The result is
-/// the same as [`compute`]'s; `stats.files_reused` and `stats.files_computed` say what was
-/// reused.
+/// `cutoff` found in `cache` and caching those it computes ([`crate::partials`]); `None` is
+/// [`compute`]. The result is the same as [`compute`]'s; `stats.files_reused` and
+/// `stats.files_computed` say what was reused.
 pub fn compute_cached(
     files: &[MasterFile],
     cutoff: Seq,
     sketch_precision: Option<u8>,
     progress: &Progress,
-    cache: &PartialCache,
-) -> Result<ViewData> {
-    compute_keyed(
-        files,
-        cutoff,
-        sketch_precision,
-        progress,
-        Keying::Url,
-        Some(cache),
-    )
-}
-
-/// [`compute`], or [`compute_cached`] when `cache` is given.
-pub fn compute_with(
-    files: &[MasterFile],
-    cutoff: Seq,
-    sketch_precision: Option<u8>,
-    progress: &Progress,
     cache: Option<&PartialCache>,
 ) -> Result<ViewData> {
     compute_keyed(
@@ -264,24 +246,6 @@ pub fn compute_with(
         sketch_precision,
         progress,
         Keying::Url,
-        cache,
-    )
-}
-
-/// [`compute_sources`], or [`compute_sources_cached`] when `cache` is given.
-pub fn compute_sources_with(
-    files: &[MasterFile],
-    cutoff: Seq,
-    sketch_precision: Option<u8>,
-    progress: &Progress,
-    cache: Option<&PartialCache>,
-) -> Result<ViewData> {
-    compute_keyed(
-        files,
-        cutoff,
-        sketch_precision,
-        progress,
-        Keying::Source,
         cache,
     )
 }
@@ -310,7 +274,7 @@ pub fn compute_sources_cached(
     cutoff: Seq,
     sketch_precision: Option<u8>,
     progress: &Progress,
-    cache: &PartialCache,
+    cache: Option<&PartialCache>,
 ) -> Result<ViewData> {
     compute_keyed(
         files,
@@ -318,7 +282,7 @@ pub fn compute_sources_cached(
         sketch_precision,
         progress,
         Keying::Source,
-        Some(cache),
+        cache,
     )
 }
 

@@ -405,9 +405,9 @@ impl BatchRunner {
             // Without partials the cache only serves to delete what an earlier run left.
             let cache = PartialCache::open(&partials_dir, full)?;
             let used = reuse.then_some(&cache);
-            let mut data = kernel::compute_with(&files, cutoff, precision, &progress, used)?;
+            let mut data = kernel::compute_cached(&files, cutoff, precision, &progress, used)?;
             let t = Instant::now();
-            let sources = kernel::compute_sources_with(
+            let sources = kernel::compute_sources_cached(
                 &files,
                 cutoff,
                 precision,

@@ -351,9 +351,10 @@ fn cached_partials_give_what_a_scan_of_every_file_gives() {
     let scan = |full: bool, cutoff: Seq| {
         let cache = PartialCache::open(&parts, full).unwrap();
         let progress = Progress::new();
-        let urls = compute_cached(&ds.files, cutoff, Some(10), &progress, &cache).unwrap();
+        let urls = compute_cached(&ds.files, cutoff, Some(10), &progress, Some(&cache)).unwrap();
         let src =
-            compute_sources_cached(&ds.files, cutoff, Some(10), &Progress::new(), &cache).unwrap();
+            compute_sources_cached(&ds.files, cutoff, Some(10), &Progress::new(), Some(&cache))
+                .unwrap();
         (urls, src, cache, progress.snapshot())
     };
     let expected = compute(&ds.files, cutoff, Some(10), &Progress::new()).unwrap();
@@ -434,7 +435,7 @@ fn cached_partials_give_what_a_scan_of_every_file_gives() {
         .collect();
     let all = Seq(u64::MAX / 2);
     let cache = PartialCache::open(&parts, false).unwrap();
-    let e = compute_cached(&files, all, Some(10), &Progress::new(), &cache).unwrap();
+    let e = compute_cached(&files, all, Some(10), &Progress::new(), Some(&cache)).unwrap();
     assert_eq!(e.events, model(&rows, all.get()).events);
     assert_same(
         &e,
