@@ -33,5 +33,5 @@ pub use runner::{
 pub use sketch::{relative_error, visitor_hash, VisitorSketch};
 pub use sources::SourceCount;
 pub use store::{Manifest, ManifestFile, ViewInfo, ViewStatus, ViewStore};
-pub use view::BatchView;
+pub use view::{BatchView, UrlCount};
 pub use visitors::{KeyVisitors, Piece, Pieces};

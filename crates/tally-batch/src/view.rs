@@ -50,6 +50,28 @@ pub struct BatchView {
     sources: Sources,
 }
 
+/// One URL's share of a range ([`BatchView::urls_of`]).
+#[derive(Debug, Clone, Copy)]
+pub struct UrlCount<'a> {
+    pub url: &'a str,
+    /// The URL's number in the view ([`BatchView::url_visitors`]).
+    pub key: u32,
+    /// Views in the cell range.
+    pub views: u64,
+    /// Its cells in the range, ascending.
+    pub cells: &'a [i64],
+    /// Running views: cell `cells[j]` has `prefix[j + 1] - prefix[j]`.
+    prefix: &'a [u64],
+}
+
+impl<'a> UrlCount<'a> {
+    /// `(cell, views)` of its cells in the range, ascending.
+    pub fn cell_views(&self) -> impl Iterator<Item = (i64, u64)> + 'a {
+        let (cells, prefix) = (self.cells, self.prefix);
+        (0..cells.len()).map(move |j| (cells[j], prefix[j + 1] - prefix[j]))
+    }
+}
+
 impl BatchView {
     /// Builds the in-memory index from computed or loaded view data.
     pub fn from_data(
@@ -362,6 +384,48 @@ impl BatchView {
         cells: (i64, i64),
     ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
         self.sources.of_host(host, url, cells)
+    }
+
+    /// The URLs of site `host` (only `url`, when given) with views in the cells
+    /// `[from_cell, to_cell)`, with those views (visitors: [`BatchView::url_visitors`]). A
+    /// URL's numbers are those of its source keys together: a grouping by a function of the
+    /// URL alone reads these instead.
+    pub fn urls_of<'a>(
+        &'a self,
+        host: &str,
+        url: Option<&str>,
+        (from_cell, to_cell): (i64, i64),
+    ) -> impl Iterator<Item = UrlCount<'a>> + 'a {
+        let ids: Vec<u32> = match url {
+            Some(u) => match self.index.get(u) {
+                Some(&i) if tally_core::url::host_of(u) == Some(host) => vec![i],
+                _ => Vec::new(),
+            },
+            None => self.hosts.get(host).cloned().unwrap_or_default(),
+        };
+        ids.into_iter().filter_map(move |i| {
+            let (a, b) = self.cell_range(i as usize, from_cell, to_cell);
+            let views = self.prefix[b] - self.prefix[a];
+            (views > 0).then(|| UrlCount {
+                url: &self.names[i as usize],
+                key: i,
+                views,
+                cells: &self.cell[a..b],
+                prefix: &self.prefix[a..=b],
+            })
+        })
+    }
+
+    /// All the visitors of URL `key` (a [`UrlCount::key`]).
+    pub fn url_visitors(&self, key: u32) -> KeyVisitors<'_> {
+        let i = key as usize;
+        match &self.visitors {
+            Some(v) if i < self.names.len() => {
+                let (s, e) = (self.offsets[i], self.offsets[i + 1]);
+                v.key(i, s, &self.cell[s..e])
+            }
+            _ => KeyVisitors::default(),
+        }
     }
 
     /// All the visitors of source key `key` (a [`SourceCount::key`] of this view): per UTC

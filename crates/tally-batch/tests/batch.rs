@@ -29,7 +29,15 @@ fn urls() -> Vec<String> {
     let mut out = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
         for j in 0..(5 + 3 * i) {
-            out.push(format!("http://{h}/p/{j}?q={}", j % 3));
+            out.push(match j % 4 {
+                // Campaign links, for the UTM dimensions.
+                0 => format!(
+                    "http://{h}/p/{j}?utm_source=s{}&utm_medium=email&utm_campaign=c{}",
+                    j % 3,
+                    j % 2
+                ),
+                _ => format!("http://{h}/p/{j}?q={}", j % 3),
+            });
         }
     }
     out
@@ -158,6 +166,7 @@ fn check_view(view: &BatchView, m: &Model, seed: u64) {
         }
         assert_eq!(view.range_views("http://unknown.example/", a, b), 0);
         check_sources(view, m, host, (a, b));
+        check_urls(view, m, host, (a, b));
         // range_totals with and without host.
         for h in [None, Some(host)] {
             let mut got = BTreeMap::new();
@@ -285,6 +294,67 @@ fn check_sources(view: &BatchView, m: &Model, host: &str, (a, b): (i64, i64)) {
             .filter(|x| x.1 .0 > 0)
             .collect();
         assert_eq!(got, want, "sources of {host} {url:?} [{a},{b})");
+    }
+}
+
+/// A site's URLs give what the model gives for their source keys together (views, per-cell
+/// views, distinct visitors): what a grouping by a function of the URL alone reads.
+fn check_urls(view: &BatchView, m: &Model, host: &str, (a, b): (i64, i64)) {
+    let estimate = |k: tally_batch::KeyVisitors<'_>| {
+        view.sketch_precision().map(|p| {
+            let mut pieces = tally_batch::Pieces::default();
+            k.collect(a, b, &mut pieces);
+            pieces.union(p, None, &[]).unwrap().estimate() as usize
+        })
+    };
+    type Want = BTreeMap<String, (u64, Vec<(i64, u64)>, Option<usize>)>;
+    let want_of = |value_of: &dyn Fn(&str, &str) -> String| -> Want {
+        let mut cells: BTreeMap<String, BTreeMap<i64, u64>> = BTreeMap::new();
+        let mut visitors: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for ((referrer, url), c) in &m.sources {
+            if tally_core::url::host_of(url) != Some(host) {
+                continue;
+            }
+            let v = value_of(url, referrer);
+            for (&cell, &n) in c.range(a..b.max(a)) {
+                *cells.entry(v.clone()).or_default().entry(cell).or_default() += n;
+                let who = m
+                    .source_visitors
+                    .get(&(referrer.clone(), url.clone(), cell));
+                let set = visitors.entry(v.clone()).or_default();
+                set.extend(who.into_iter().flatten().cloned());
+            }
+        }
+        cells
+            .into_iter()
+            .map(|(v, c)| {
+                let uniques = view.sketch_precision().map(|_| visitors[&v].len());
+                let list: Vec<(i64, u64)> = c.into_iter().collect();
+                (v, (list.iter().map(|x| x.1).sum(), list, uniques))
+            })
+            .collect()
+    };
+    let mut got = Want::new();
+    for u in view.urls_of(host, None, (a, b)) {
+        let entry = (
+            u.views,
+            u.cell_views().collect(),
+            estimate(view.url_visitors(u.key)),
+        );
+        assert!(got.insert(u.url.to_string(), entry).is_none());
+    }
+    assert_eq!(
+        got,
+        want_of(&|url, _| url.to_string()),
+        "urls of {host} [{a},{b})"
+    );
+    if let Some((url, _)) = got.iter().next() {
+        let one: Vec<&str> = view
+            .urls_of(host, Some(url), (a, b))
+            .map(|u| u.url)
+            .collect();
+        assert_eq!(one, [url.as_str()]);
+        assert_eq!(view.urls_of("elsewhere.test", Some(url), (a, b)).count(), 0);
     }
 }
 

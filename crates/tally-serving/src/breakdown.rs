@@ -83,12 +83,23 @@ pub(crate) struct Grouping<'a, K> {
     /// (group, bucket start) → views, with time buckets.
     views: FastMap<(u32, i64), u64>,
     view: Option<&'a Arc<BatchView>>,
-    /// The batch view's keys ([`SourceCount::key`]) with their group.
+    /// What the batch view's keys in `batch` are.
+    kind: BatchKeys,
+    /// The batch view's keys with their group.
     batch: Vec<(u32, u32)>,
     /// The speed layer's keys with their group (`None`: the speed layer could not be read).
     speed: Option<Vec<(u32, &'a SourceSpeed)>>,
     bucket_of: Option<&'a dyn Fn(i64) -> i64>,
     cutoff: Seq,
+}
+
+/// What a grouping reads of the batch view: the fewest entries that give its groups.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BatchKeys {
+    /// Source keys (referrer host, URL) ([`BatchView::sources_of`]): any grouping.
+    Sources,
+    /// A site's URLs ([`BatchView::urls_of`]): a grouping by a function of the URL alone.
+    Urls,
 }
 
 /// The speed layer's source keys of site `host` (of `url` alone when given) after the cutoff of
@@ -112,7 +123,8 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
     /// `group_of(url, referrer host)` (`None` leaves a key out) and, with `bucket_of` (an
     /// instant → its time bucket's start), by time bucket too (else bucket 0). `group_of` is
     /// a function of `input` alone: called once per distinct URL (or referrer host) of each
-    /// layer, not once per key.
+    /// layer, not once per key. A grouping by the URL alone reads the batch view's URLs
+    /// rather than their source keys (fewer entries, the same numbers).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         view: Option<&'a Arc<BatchView>>,
@@ -129,12 +141,22 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
             totals: Vec::new(),
             views: FastMap::default(),
             view,
+            kind: BatchKeys::Sources,
             batch: Vec::new(),
             speed: speed.map(|s| Vec::with_capacity(s.len())),
             bucket_of,
             cutoff: ViewManager::cutoff(view),
         };
-        if let Some(v) = view {
+        if let (Some(v), Input::Url) = (view, input) {
+            g.kind = BatchKeys::Urls;
+            for c in v.urls_of(host, url, cells) {
+                let Some(i) = group_of(c.url, "").map(|k| g.group(k)) else {
+                    continue;
+                };
+                g.add_views(i, c.views, c.cell_views());
+                g.batch.push((i, c.key));
+            }
+        } else if let Some(v) = view {
             // The group of each URL of the site (a dense table: URLs are numbered per site),
             // or of each referrer host; NOT_SEEN until computed, LEFT_OUT for `None`.
             const NOT_SEEN: u32 = u32::MAX;
@@ -258,7 +280,10 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
             let Some(view) = self.view.filter(|_| want_group[*g as usize]) else {
                 continue;
             };
-            let visitors = view.source_visitors(*key);
+            let visitors = match self.kind {
+                BatchKeys::Sources => view.source_visitors(*key),
+                BatchKeys::Urls => view.url_visitors(*key),
+            };
             match self.bucket_of {
                 None => {
                     if let Some(&n) = slot.get(&(*g, 0)) {
