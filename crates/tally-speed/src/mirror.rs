@@ -338,9 +338,9 @@ pub(crate) type Applied = (Vec<(bool, Arc<str>)>, Vec<DirectWrite>);
 pub(crate) struct UrlDict {
     ids: Sharded<Arc<str>, u32>,
     names: Sharded<u32, Arc<str>>,
-    /// Host → the ids of its URLs and of their source keys: a site's reads look at its own
-    /// keys, not at every live one.
-    hosts: FastMap<Arc<str>, FastSet<u32>>,
+    /// Host → the ids of its URLs and of their referred source keys: a site's reads look at
+    /// its own keys, not at every live one (nor at direct partitions, read with their URL).
+    hosts: FastMap<Arc<str>, HostIds>,
     /// Id → the start of the newest epoch with its counts ([`UrlDict::seen_in`]), or
     /// [`UNKNOWN_EPOCH`]: a site's reads after a cutoff skip the ids only older epochs hold
     /// (those the batch view already covers) without looking into any epoch.
@@ -349,16 +349,26 @@ pub(crate) struct UrlDict {
     next: u32,
 }
 
+/// The ids of one host's keys ([`UrlDict::hosts`]), in order of first sight: vectors, not sets,
+/// because a site's reads walk them all (an id is recorded once; collection rebuilds them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct HostIds {
+    pub(crate) urls: Vec<u32>,
+    /// Source keys with a referrer.
+    pub(crate) referred: Vec<u32>,
+}
+
 /// The newest epoch of an id recorded without one: read as possibly any.
 const UNKNOWN_EPOCH: Seq = Seq(u64::MAX);
 
-/// The host of a URL or of a source key's URL.
-fn host_of_key(key: &str) -> Option<&str> {
-    let url = match tally_core::dims::parse_source_key(key) {
-        Some((_, url)) => url,
-        None => key,
-    };
-    tally_core::url::host_of(url)
+/// The host of a URL or of a source key's URL, and whether it is a referred source key;
+/// `None` for a direct partition's key (read with its URL) or a URL without a host.
+fn host_of_key(key: &str) -> Option<(&str, bool)> {
+    match tally_core::dims::parse_source_key(key) {
+        Some(("", _)) => None,
+        Some((_, url)) => Some((tally_core::url::host_of(url)?, true)),
+        None => Some((tally_core::url::host_of(key)?, false)),
+    }
 }
 
 impl UrlDict {
@@ -389,14 +399,14 @@ impl UrlDict {
             (_, Some(i)) if *i != id => Err(format!("{url} has ids {i} and {id}")),
             _ => {
                 let name = name.clone();
-                if let Some(host) = host_of_key(url) {
-                    match self.hosts.get_mut(host) {
-                        Some(ids) => {
-                            ids.insert(id);
-                        }
-                        None => {
-                            self.hosts.insert(Arc::from(host), FastSet::from_iter([id]));
-                        }
+                if let Some((host, referred)) = host_of_key(url) {
+                    let ids = match self.hosts.get_mut(host) {
+                        Some(ids) => ids,
+                        None => self.hosts.entry(Arc::from(host)).or_default(),
+                    };
+                    match referred {
+                        true => ids.referred.push(id),
+                        false => ids.urls.push(id),
                     }
                 }
                 self.ids.insert(name.clone(), id);
@@ -432,14 +442,20 @@ impl UrlDict {
         self.names.retain(|id, _| keep.contains(id));
         self.ids.retain(|_, id| keep.contains(id));
         self.hosts.retain(|_, ids| {
-            ids.retain(|id| keep.contains(id));
-            !ids.is_empty()
+            ids.urls.retain(|id| keep.contains(id));
+            ids.referred.retain(|id| keep.contains(id));
+            !(ids.urls.is_empty() && ids.referred.is_empty())
         });
     }
 
-    /// The ids of the URLs of `host` and of their source keys.
-    pub(crate) fn of_host(&self, host: &str) -> impl Iterator<Item = u32> + '_ {
-        self.hosts.get(host).into_iter().flatten().copied()
+    /// The ids of the URLs of `host`.
+    pub(crate) fn urls_of_host(&self, host: &str) -> &[u32] {
+        self.hosts.get(host).map_or(&[], |h| &h.urls)
+    }
+
+    /// The ids of the referred source keys of `host`'s URLs.
+    pub(crate) fn referred_of_host(&self, host: &str) -> &[u32] {
+        self.hosts.get(host).map_or(&[], |h| &h.referred)
     }
 }
 
@@ -935,31 +951,26 @@ impl Mirror {
     ) -> Result<Vec<SourceSpeed>, NotCovered> {
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
         let mut out = Vec::new();
-        for id in self.dict.of_host(host) {
+        // Direct views (kept apart for URLs with referred ones, else all the URL's) under the
+        // URL's id, referred views under their source keys.
+        let urls = self.dict.urls_of_host(host).iter().map(|&id| (id, true));
+        let referred = self.dict.referred_of_host(host).iter();
+        for (id, direct) in urls.chain(referred.map(|&id| (id, false))) {
             if !self.dict.may_be_after(id, after_cutoff) {
                 continue;
             }
             let Some(name) = self.dict.name(id) else {
                 continue;
             };
-            let direct = match tally_core::dims::parse_source_key(name) {
-                // Referred views, under their source keys.
-                Some((referrer, u)) if !referrer.is_empty() => {
-                    if url.is_some_and(|f| f != u) {
-                        continue;
-                    }
-                    false
+            if let Some(f) = url {
+                let u = match direct {
+                    true => &**name,
+                    false => tally_core::dims::parse_source_key(name).map_or("", |k| k.1),
+                };
+                if u != f {
+                    continue;
                 }
-                // A URL's direct partition: read with the URL.
-                Some(_) => continue,
-                // Direct views: kept apart for URLs with referred ones, else all the URL's.
-                None => {
-                    if url.is_some_and(|f| f != &**name) {
-                        continue;
-                    }
-                    true
-                }
-            };
+            }
             // Each id comes once: its epochs are summed here.
             let mut s = SourceSpeed {
                 key: SourceId { id, direct },
@@ -1079,7 +1090,7 @@ impl Mirror {
         };
         match host {
             Some(h) => {
-                for id in self.dict.of_host(h) {
+                for &id in self.dict.urls_of_host(h) {
                     for c in live.iter().filter_map(|e| e.urls.get(&id)) {
                         add(id, c);
                     }
@@ -1215,7 +1226,9 @@ mod tests {
             4,
             "two URLs, y's referred source key and its direct one"
         );
-        assert_eq!(m.dict.of_host("a.com").count(), 4);
+        // Direct partitions are read with their URL, not listed by host.
+        assert_eq!(m.dict.urls_of_host("a.com").len(), 2);
+        assert_eq!(m.dict.referred_of_host("a.com").len(), 1);
         m.collect_before(Seq(3));
         // A view with cutoff 2 still reads exactly; a view with cutoff 0 would miss 1 and 2.
         assert_eq!(m.views("http://a.com/x", Seq(2), 0, 1), Ok(1));
@@ -1234,9 +1247,10 @@ mod tests {
         // Only x is left in a live epoch: y's ids are free again.
         assert_eq!(m.dict.len(), 1);
         assert_eq!(
-            m.dict.of_host("a.com").collect::<Vec<_>>(),
+            m.dict.urls_of_host("a.com"),
             [m.dict.id("http://a.com/x").unwrap()]
         );
+        assert!(m.dict.referred_of_host("a.com").is_empty());
         assert!(m.dict.id("http://a.com/y").is_none());
         let y_direct = tally_core::dims::source_key("", "http://a.com/y");
         assert!(m.dict.id(&y_direct).is_none());
