@@ -19,11 +19,9 @@ pub struct SourceCount<'a> {
     pub url: &'a str,
     /// The key's number in the view ([`crate::BatchView::source_visitors`]).
     pub key: u32,
-    /// The number of `referrer` in the view and of `url` among its site's URLs (`0..`
-    /// [`crate::BatchView::source_urls`]): equal numbers, equal strings. A caller grouping by a
-    /// function of the URL alone computes it once per URL with these.
+    /// The number of `referrer` in the view: equal numbers, equal strings. A caller grouping
+    /// by a function of the referrer alone computes it once per referrer with it.
     pub referrer_id: u32,
-    pub url_id: u32,
     /// Views in the cell range.
     pub views: u64,
     /// Its cells in the range, ascending, and their views.
@@ -34,9 +32,9 @@ pub struct SourceCount<'a> {
 /// Laid out like the view's URLs: key `i` owns `cell[offsets[i]..offsets[i+1]]`.
 #[derive(Debug, Default)]
 pub(crate) struct Sources {
-    /// `(referrer host, url, url among its site's)` per key, as numbers into `referrers` and
-    /// `urls`: a URL reached from many sites is stored once.
-    keys: Vec<(u32, u32, u32)>,
+    /// `(referrer host, url)` per key, as numbers into `referrers` and `urls`: a URL reached
+    /// from many sites is stored once.
+    keys: Vec<(u32, u32)>,
     referrers: Vec<Box<str>>,
     urls: Vec<Box<str>>,
     offsets: Vec<usize>,
@@ -46,8 +44,8 @@ pub(crate) struct Sources {
     prefix: Vec<u64>,
     /// Visitor sketches per (key, UTC day) and lists per (key, cell), when computed.
     visitors: Option<SketchData>,
-    /// Host → its keys and the number of its distinct URLs.
-    hosts: FastMap<Arc<str>, (Vec<u32>, u32)>,
+    /// Host → its keys.
+    hosts: FastMap<Arc<str>, Vec<u32>>,
 }
 
 impl Sources {
@@ -63,7 +61,7 @@ impl Sources {
             ..
         } = data;
         let prefix = crate::view::prefix_sums(&views);
-        let mut hosts: FastMap<Arc<str>, (Vec<u32>, u32)> = FastMap::default();
+        let mut hosts: FastMap<Arc<str>, Vec<u32>> = FastMap::default();
         let mut keys = Vec::with_capacity(urls.len());
         let mut referrers = Interner::default();
         let mut distinct_urls = Interner::default();
@@ -71,24 +69,13 @@ impl Sources {
             let (referrer, url) = tally_core::dims::parse_source_key(k).unwrap_or(("", k));
             if let Some(h) = tally_core::url::host_of(url) {
                 match hosts.get_mut(h) {
-                    Some(v) => v.0.push(i as u32),
+                    Some(v) => v.push(i as u32),
                     None => {
-                        hosts.insert(h.into(), (vec![i as u32], 0));
+                        hosts.insert(h.into(), vec![i as u32]);
                     }
                 }
             }
-            keys.push((referrers.id(referrer), distinct_urls.id(url), 0));
-        }
-        // Each site numbers its URLs 0.. (the numbers a grouping indexes by).
-        let mut local: FastMap<u32, u32> = FastMap::default();
-        for (site_keys, n) in hosts.values_mut() {
-            local.clear();
-            for &k in site_keys.iter() {
-                let key = &mut keys[k as usize];
-                let next = local.len() as u32;
-                key.2 = *local.entry(key.1).or_insert(next);
-            }
-            *n = local.len() as u32;
+            keys.push((referrers.id(referrer), distinct_urls.id(url)));
         }
         Sources {
             keys,
@@ -111,7 +98,7 @@ impl Sources {
         url: Option<&'a str>,
         (from_cell, to_cell): (i64, i64),
     ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
-        let ids = self.hosts.get(host).map_or(&[][..], |h| h.0.as_slice());
+        let ids = self.hosts.get(host).map_or(&[][..], |h| h.as_slice());
         ids.iter().filter_map(move |&i| {
             if url.is_some_and(|f| f != &*self.urls[self.keys[i as usize].1 as usize]) {
                 return None;
@@ -132,7 +119,7 @@ impl Sources {
     /// Key `key`'s share of the cells `[from_cell, to_cell)` (with no views when it has none).
     fn at(&self, key: u32, (from_cell, to_cell): (i64, i64)) -> SourceCount<'_> {
         let i = key as usize;
-        let (referrer_id, url, url_id) = self.keys[i];
+        let (referrer_id, url) = self.keys[i];
         let (s, e) = (self.offsets[i], self.offsets[i + 1]);
         let cells = &self.cell[s..e];
         let a = cells.partition_point(|&c| c < from_cell);
@@ -142,16 +129,10 @@ impl Sources {
             url: &self.urls[url as usize],
             key,
             referrer_id,
-            url_id,
             views: self.prefix[s + b] - self.prefix[s + a],
             cells: &cells[a..b],
             cell_views: &self.views[s + a..s + b],
         }
-    }
-
-    /// The number of distinct URLs of site `host`'s keys.
-    pub(crate) fn urls_of(&self, host: &str) -> usize {
-        self.hosts.get(host).map_or(0, |h| h.1 as usize)
     }
 
     /// Number of (source key, cell) entries.

@@ -396,14 +396,14 @@ impl BatchView {
         url: Option<&str>,
         (from_cell, to_cell): (i64, i64),
     ) -> impl Iterator<Item = UrlCount<'a>> + 'a {
-        let ids: Vec<u32> = match url {
+        let ids: &'a [u32] = match url {
             Some(u) => match self.index.get(u) {
-                Some(&i) if tally_core::url::host_of(u) == Some(host) => vec![i],
-                _ => Vec::new(),
+                Some(i) if tally_core::url::host_of(u) == Some(host) => std::slice::from_ref(i),
+                _ => &[],
             },
-            None => self.hosts.get(host).cloned().unwrap_or_default(),
+            None => self.hosts.get(host).map_or(&[], Vec::as_slice),
         };
-        ids.into_iter().filter_map(move |i| {
+        ids.iter().filter_map(move |&i| {
             let (a, b) = self.cell_range(i as usize, from_cell, to_cell);
             let views = self.prefix[b] - self.prefix[a];
             (views > 0).then(|| UrlCount {
@@ -432,12 +432,6 @@ impl BatchView {
     /// day and per cell (none when the view has no sketches).
     pub fn source_visitors(&self, key: u32) -> KeyVisitors<'_> {
         self.sources.visitors(key)
-    }
-
-    /// The number of distinct URLs among the source keys of site `host`: the bound of
-    /// [`SourceCount::url_id`].
-    pub fn source_urls(&self, host: &str) -> usize {
-        self.sources.urls_of(host)
     }
 
     /// Number of (source key, cell) entries.

@@ -157,30 +157,14 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
                 g.batch.push((i, c.key));
             }
         } else if let Some(v) = view {
-            // The group of each URL of the site (a dense table: URLs are numbered per site),
-            // or of each referrer host; NOT_SEEN until computed, LEFT_OUT for `None`.
-            const NOT_SEEN: u32 = u32::MAX;
-            const LEFT_OUT: u32 = u32::MAX - 1;
-            let mut by_url = match input {
-                Input::Url => vec![NOT_SEEN; v.source_urls(host)],
-                _ => Vec::new(),
-            };
+            // The group of each referrer host, computed once per referrer.
             let mut by_referrer: FastMap<u32, Option<u32>> = FastMap::default();
             for c in v.sources_of(host, url, cells) {
                 let found = match input {
-                    Input::Url => match by_url[c.url_id as usize] {
-                        NOT_SEEN => {
-                            let found = group_of(c.url, c.referrer).map(|k| g.group(k));
-                            by_url[c.url_id as usize] = found.unwrap_or(LEFT_OUT);
-                            found
-                        }
-                        LEFT_OUT => None,
-                        i => Some(i),
-                    },
                     Input::Referrer => *by_referrer
                         .entry(c.referrer_id)
                         .or_insert_with(|| group_of(c.url, c.referrer).map(|k| g.group(k))),
-                    Input::Both => group_of(c.url, c.referrer).map(|k| g.group(k)),
+                    Input::Url | Input::Both => group_of(c.url, c.referrer).map(|k| g.group(k)),
                 };
                 let Some(i) = found else {
                     continue;
