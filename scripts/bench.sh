@@ -457,6 +457,15 @@ SECTIONS+=(queries)
 #     sketches also `approx_count_distinct(visitor)` per (url, day)); best of BENCH_BATCH_REPS.
 # ================================================================================================
 
+# Builds the batch_bench example (BATCH_BENCH is its path), installs DuckDB, makes DIR.
+batch_bench_prepare() { # DIR VENV
+    log "building the batch_bench example (release)"
+    cargo build --release -p tally-batch --example batch_bench
+    BATCH_BENCH="$root/target/release/examples/batch_bench"
+    ensure_duckdb "$2"
+    mkdir -p "$1"
+}
+
 ensure_duckdb() { # VENV: duckdb from pip in its own venv, once
     local venv=$1
     if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import duckdb' 2>/dev/null; then
@@ -549,11 +558,8 @@ section_batch() {
     local events=${BENCH_BATCH_EVENTS:-5000000} urls=${BENCH_BATCH_URLS:-100000}
     local days=${BENCH_BATCH_DAYS:-90} reps=${BENCH_BATCH_REPS:-3}
     local dir="$BENCH_DIR/batch" venv="$root/target/venv-bench"
-    log "building the batch_bench example (release)"
-    cargo build --release -p tally-batch --example batch_bench
-    local bb="$root/target/release/examples/batch_bench"
-    ensure_duckdb "$venv"
-    mkdir -p "$dir"
+    batch_bench_prepare "$dir" "$venv"
+    local bb=$BATCH_BENCH
     local gen_cmd="cargo run --release -p tally-batch --example batch_bench -- --events $events --urls $urls --days $days --dir DIR --generate-only"
     log "$gen_cmd"
     "$bb" --events "$events" --urls "$urls" --days "$days" --dir "$dir" --generate-only | tee "$dir/generate.json" >&2
@@ -654,11 +660,8 @@ section_scale() {
     local events=${BENCH_SCALE_EVENTS:-100000000} urls=${BENCH_SCALE_URLS:-1000000}
     local days=${BENCH_SCALE_DAYS:-365} files=${BENCH_SCALE_FILES:-100}
     local dir="$BENCH_DIR/scale" venv="$root/target/venv-bench"
-    log "building the batch_bench example (release)"
-    cargo build --release -p tally-batch --example batch_bench
-    local bb="$root/target/release/examples/batch_bench"
-    ensure_duckdb "$venv"
-    mkdir -p "$dir"
+    batch_bench_prepare "$dir" "$venv"
+    local bb=$BATCH_BENCH
     local args=(--events "$events" --urls "$urls" --days "$days" --files "$files" --dir "$dir")
     local cmd="cargo run --release -p tally-batch --example batch_bench -- --events $events --urls $urls --days $days --files $files --dir DIR"
     log "generating: $cmd --generate-only"

@@ -299,13 +299,8 @@ impl BatchView {
     /// The visitors of `url`: its day sketches and its cells' visitor lists (none when the view
     /// has no sketches or does not know `url`).
     pub fn visitors(&self, url: &str) -> KeyVisitors<'_> {
-        match (&self.visitors, self.id(url)) {
-            (Some(v), Some(i)) => {
-                let (s, e) = (self.offsets[i], self.offsets[i + 1]);
-                v.key(i, s, &self.cell[s..e])
-            }
-            _ => KeyVisitors::default(),
-        }
+        self.id(url)
+            .map_or_else(KeyVisitors::default, |i| self.url_visitors(i as u32))
     }
 
     /// The distinct visitors of `url` in the cells `[from_cell, to_cell)`, unioned with the
