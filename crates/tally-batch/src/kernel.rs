@@ -28,12 +28,14 @@ use parquet::arrow::arrow_reader::{
 use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 use serde::Serialize;
-use tally_core::hash::FastMap;
+use std::hash::BuildHasher;
+
+use tally_core::hash::{FastMap, FastState};
 use tally_core::{Seq, CELL_MS};
 use tally_master::MasterFile;
 
 use crate::error::{Error, Result};
-use crate::partials::{PartialCache, Slot};
+use crate::partials::{Encoded, Entries, PartialCache, Slot};
 use crate::sketch::{self, VisitorSketch};
 use crate::visitors::{KeyVisitors, CELLS_PER_DAY};
 
@@ -226,7 +228,15 @@ pub fn compute(
     sketch_precision: Option<u8>,
     progress: &Progress,
 ) -> Result<ViewData> {
-    compute_keyed(files, cutoff, sketch_precision, progress, Keying::Url, None)
+    compute_keyed(
+        files,
+        cutoff,
+        sketch_precision,
+        progress,
+        Keying::Url,
+        None,
+        MERGE_STEP_ENTRIES,
+    )
 }
 
 /// [`compute`], reusing the cached partial aggregate of every master file wholly at or below
@@ -247,6 +257,7 @@ pub fn compute_cached(
         progress,
         Keying::Url,
         cache,
+        MERGE_STEP_ENTRIES,
     )
 }
 
@@ -265,6 +276,7 @@ pub fn compute_sources(
         progress,
         Keying::Source,
         None,
+        MERGE_STEP_ENTRIES,
     )
 }
 
@@ -283,6 +295,7 @@ pub fn compute_sources_cached(
         progress,
         Keying::Source,
         cache,
+        MERGE_STEP_ENTRIES,
     )
 }
 
@@ -301,6 +314,7 @@ fn compute_keyed(
     progress: &Progress,
     keying: Keying,
     cache: Option<&PartialCache>,
+    step_entries: usize,
 ) -> Result<ViewData> {
     let t0 = Instant::now();
     let with_visitors = sketch_precision.is_some();
@@ -327,7 +341,7 @@ fn compute_keyed(
         .store(files.len() as u64, Ordering::Relaxed);
 
     // Files wholly at or below the cutoff have a cacheable partial: load what the cache holds.
-    let looked_up: Vec<(MasterFile, Option<Slot>, Option<Partial>)> = files
+    let looked_up: Vec<(MasterFile, Option<Slot>, Option<Encoded>)> = files
         .into_par_iter()
         .map(|f| {
             let Some(cache) = cache.filter(|_| f.last <= cutoff) else {
@@ -338,7 +352,7 @@ fn compute_keyed(
             Ok((f, Some(slot), hit))
         })
         .collect::<Result<_>>()?;
-    let mut reused: Vec<Partial> = Vec::new();
+    let mut parts: Vec<Encoded> = Vec::new();
     let mut to_scan: Vec<(MasterFile, Option<Slot>)> = Vec::new();
     for (f, slot, hit) in looked_up {
         match hit {
@@ -346,12 +360,12 @@ fn compute_keyed(
                 progress.files_reused.fetch_add(1, Ordering::Relaxed);
                 progress.files_done.fetch_add(1, Ordering::Relaxed);
                 progress.events_done.fetch_add(p.events, Ordering::Relaxed);
-                reused.push(p);
+                parts.push(p);
             }
             None => to_scan.push((f, slot)),
         }
     }
-    let files_reused = reused.len();
+    let files_reused = parts.len();
     let (files, slots): (Vec<MasterFile>, Vec<Option<Slot>>) = to_scan.into_iter().unzip();
 
     let plans: Vec<FilePlan> = files
@@ -363,66 +377,67 @@ fn compute_keyed(
     progress
         .files_done
         .fetch_add(empty_files as u64, Ordering::Relaxed);
-    let tasks: Vec<(usize, usize)> = plans
-        .iter()
-        .enumerate()
-        .flat_map(|(i, p)| (0..p.row_groups).map(move |rg| (i, rg)))
-        .collect();
 
+    // A few files at a time: their row groups scanned in parallel, then each file's row groups
+    // made one canonical partial, encoded (and cached for the next run). A run holds the
+    // row-group partials of one window of files and the encoded partials of all, never every
+    // file's decoded partial.
     let t_scan = Instant::now();
-    let partials: Vec<Partial> = tasks
-        .par_iter()
-        .with_max_len(1)
-        .map(|&(fi, rg)| {
-            let plan = &plans[fi];
-            let part = scan_row_group(plan, rg, cutoff, sketch_precision.is_some(), progress)?;
-            if plan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                progress.files_done.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(part)
-        })
-        .collect::<Result<Vec<Partial>>>()?;
-    // Each cacheable file's row groups become one canonical partial, cached for the next run.
-    let mut partials: Vec<Partial> = match cache {
-        None => partials,
-        Some(cache) => {
-            let mut groups: Vec<(Vec<Partial>, Option<&Slot>)> = Vec::with_capacity(plans.len());
-            let mut it = partials.into_iter();
-            for (plan, slot) in plans.iter().zip(&slots) {
-                groups.push((it.by_ref().take(plan.row_groups).collect(), slot.as_ref()));
-            }
-            let merged: Vec<Vec<Partial>> = groups
-                .into_par_iter()
-                .map(|(parts, slot)| match slot {
-                    None => parts,
-                    Some(slot) => {
-                        let part = merge_file(parts);
-                        cache.store(slot, keying, with_visitors, &part);
-                        vec![part]
-                    }
-                })
-                .collect();
-            merged.into_iter().flatten().collect()
+    let window = (rayon::current_num_threads() * 2).max(2);
+    let mut row_groups = 0;
+    for (plans, slots) in plans.chunks(window).zip(slots.chunks(window)) {
+        let tasks: Vec<(usize, usize)> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| (0..p.row_groups).map(move |rg| (i, rg)))
+            .collect();
+        row_groups += tasks.len();
+        let scanned: Vec<Partial> = tasks
+            .par_iter()
+            .with_max_len(1)
+            .map(|&(fi, rg)| {
+                let plan = &plans[fi];
+                let part = scan_row_group(plan, rg, cutoff, with_visitors, progress)?;
+                if plan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    progress.files_done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(part)
+            })
+            .collect::<Result<_>>()?;
+        let mut groups: Vec<(Vec<Partial>, Option<&Slot>)> = Vec::with_capacity(plans.len());
+        let mut it = scanned.into_iter();
+        for (plan, slot) in plans.iter().zip(slots) {
+            groups.push((it.by_ref().take(plan.row_groups).collect(), slot.as_ref()));
         }
-    };
+        let encoded: Vec<Encoded> = groups
+            .into_par_iter()
+            .map(|(scanned, slot)| {
+                let part = Encoded::new(&merge_file(scanned), keying, with_visitors);
+                if let (Some(cache), Some(slot)) = (cache, slot) {
+                    cache.store(slot, &part);
+                }
+                part
+            })
+            .collect();
+        parts.extend(encoded);
+    }
     let files_computed = plans.len();
-    partials.extend(reused);
     let scan_ms = ms(t_scan);
 
     // Per-cell visitor lists are indexed by `u32` (4 bytes per cell): at most 2^32 - 1 of them.
-    let pairs: usize = partials.iter().map(|p| p.visitors.len()).sum();
+    let pairs: usize = parts.iter().map(|p| p.nvisitors).sum();
     if u32::try_from(pairs).is_err() {
         return Err(Error::Invalid(format!(
             "{pairs} (key, cell, visitor) entries are more than one batch view holds (2^32 - 1)"
         )));
     }
     let t_merge = Instant::now();
-    let mut data = merge(partials, sketch_precision);
+    let mut data = merge(parts, sketch_precision, step_entries);
     let merge_ms = ms(t_merge);
     data.stats.files = files_computed + files_reused;
     data.stats.files_reused = files_reused;
     data.stats.files_computed = files_computed;
-    data.stats.row_groups = tasks.len();
+    data.stats.row_groups = row_groups;
     data.stats.open_wall_ms = open_ms;
     data.stats.scan_wall_ms = scan_ms;
     data.stats.merge_wall_ms = merge_ms;
@@ -891,155 +906,331 @@ impl UrlVisitors {
     }
 }
 
-fn merge(partials: Vec<Partial>, sketch_precision: Option<u8>) -> ViewData {
+/// (key, cell) and (key, cell, visitor) entries merged per step: the merge holds one step's
+/// entries decoded, besides the encoded partials and the view it builds.
+const MERGE_STEP_ENTRIES: usize = 1 << 24;
+
+/// Entries of partials are checked when encoded or loaded ([`Encoded::parse`]).
+const CHECKED: &str = "a partial's entries were checked when it was made or loaded";
+
+/// One section (cells or visitors) of one partial, read in order a key range at a time.
+struct Stream<'a> {
+    entries: Entries<'a>,
+    left: usize,
+    peeked: Option<(u64, u32)>,
+}
+
+impl<'a> Stream<'a> {
+    fn new(entries: Entries<'a>, len: usize) -> Stream<'a> {
+        Stream {
+            entries,
+            left: len,
+            peeked: None,
+        }
+    }
+
+    fn peek(&mut self) -> Option<(u64, u32)> {
+        if self.peeked.is_none() && self.left > 0 {
+            self.left -= 1;
+            self.peeked = Some(self.entries.next_entry().expect(CHECKED));
+        }
+        self.peeked
+    }
+
+    /// Appends the entries of keys ranked below `r1` (and at or above `r0`: those below were
+    /// taken by earlier steps) as `(rank - r0, biased cell, value)`. A partial's keys are
+    /// ascending, so its ranks are too, and its entries are sorted by key.
+    fn take_below(&mut self, l2r: &[u32], r0: u32, r1: u32, out: &mut Vec<(u32, u32, u32)>) {
+        while let Some((k, v)) = self.peek() {
+            let r = l2r[(k >> 32) as usize];
+            if r >= r1 {
+                break;
+            }
+            out.push((r - r0, k as u32, v));
+            self.peeked = None;
+        }
+    }
+}
+
+/// The entries of one merge step, sorted by rank: segment `i` of the result holds rank
+/// `r0 + i`'s `(biased cell, value)` pairs, one sorted run per partial that has the key.
+fn gather(streams: &mut [(Stream<'_>, &[u32])], r0: u32, r1: u32) -> (Vec<usize>, Vec<(u32, u32)>) {
+    let runs: Vec<Vec<(u32, u32, u32)>> = streams
+        .par_iter_mut()
+        .map(|(s, l2r)| {
+            let mut run = Vec::new();
+            s.take_below(l2r, r0, r1, &mut run);
+            run
+        })
+        .collect();
+    let n = (r1 - r0) as usize;
+    let mut offsets = vec![0usize; n + 1];
+    for run in &runs {
+        for e in run {
+            offsets[e.0 as usize + 1] += 1;
+        }
+    }
+    for i in 0..n {
+        offsets[i + 1] += offsets[i];
+    }
+    let mut buf: Vec<(u32, u32)> = vec![(0, 0); offsets[n]];
+    let mut pos = offsets.clone();
+    for run in runs {
+        for (r, c, v) in run {
+            buf[pos[r as usize]] = (c, v);
+            pos[r as usize] += 1;
+        }
+    }
+    (offsets, buf)
+}
+
+/// A partial's keys: key `i` is `values[ends[i - 1]..ends[i]]` (from 0 for the first), and
+/// its table shard.
+struct DecodedKeys {
+    values: String,
+    ends: Vec<usize>,
+    shard: Vec<u8>,
+}
+
+fn decode_keys(p: &Encoded, shards: usize) -> DecodedKeys {
+    let mut keys = p.keys();
+    let mut values = Vec::new();
+    let mut ends = Vec::with_capacity(p.nkeys);
+    for _ in 0..p.nkeys {
+        values.extend_from_slice(keys.next_key().expect(CHECKED));
+        ends.push(values.len());
+    }
+    // Each key is UTF-8 on its own (checked), so every end is a character boundary.
+    let values = String::from_utf8(values).expect(CHECKED);
+    let mut start = 0;
+    let shard = ends
+        .iter()
+        .map(|&end| {
+            let key = &values[start..end];
+            start = end;
+            // Bits the shard's own table uses neither for its bucket nor its control byte.
+            ((FastState.hash_one(key) >> 40) % shards as u64) as u8
+        })
+        .collect();
+    DecodedKeys {
+        values,
+        ends,
+        shard,
+    }
+}
+
+/// The distinct keys of `parts`, ascending, and per partial the rank of each of its keys.
+///
+/// Linear in the keys of all partials (a k-way merge of their sorted lists compared strings
+/// Σ keys × log(partials) times): a few partials at a time are decoded in parallel, then
+/// entered into a table split in one shard per thread, each filled by its own thread; the
+/// distinct keys are sorted once at the end.
+fn rank_keys(parts: &[Encoded]) -> (Vec<String>, Vec<Vec<u32>>) {
+    let nshards = rayon::current_num_threads().clamp(1, 64);
+    let total_keys: usize = parts.iter().map(|p| p.nkeys).sum();
+    let mut shards: Vec<FastMap<Box<str>, u32>> = (0..nshards)
+        .map(|_| {
+            FastMap::with_capacity_and_hasher(
+                (total_keys / nshards).min(1 << 21),
+                Default::default(),
+            )
+        })
+        .collect();
+    // Per partial, per key: (shard << 32 | id in the shard), then the rank.
+    let mut ids: Vec<Vec<u64>> = Vec::with_capacity(parts.len());
+    for batch in parts.chunks(nshards * 2) {
+        let decoded: Vec<DecodedKeys> = batch.par_iter().map(|p| decode_keys(p, nshards)).collect();
+        let found: Vec<Vec<(u32, u32, u32)>> = shards
+            .par_iter_mut()
+            .enumerate()
+            .map(|(s, table)| {
+                let mut found = Vec::new();
+                for (pi, d) in decoded.iter().enumerate() {
+                    let mut start = 0;
+                    for (j, &end) in d.ends.iter().enumerate() {
+                        let key = &d.values[start..end];
+                        start = end;
+                        if d.shard[j] as usize != s {
+                            continue;
+                        }
+                        let id = match table.get(key) {
+                            Some(&id) => id,
+                            None => {
+                                let id = table.len() as u32;
+                                table.insert(Box::from(key), id);
+                                id
+                            }
+                        };
+                        found.push((pi as u32, j as u32, id));
+                    }
+                }
+                found
+            })
+            .collect();
+        let first = ids.len();
+        ids.extend(decoded.iter().map(|d| vec![0u64; d.ends.len()]));
+        for (s, found) in found.into_iter().enumerate() {
+            for (pi, j, id) in found {
+                ids[first + pi as usize][j as usize] = ((s as u64) << 32) | u64::from(id);
+            }
+        }
+    }
+    let mut distinct: Vec<(Box<str>, u64)> =
+        Vec::with_capacity(shards.iter().map(|t| t.len()).sum());
+    for (s, table) in shards.into_iter().enumerate() {
+        distinct.extend(
+            table
+                .into_iter()
+                .map(|(k, id)| (k, ((s as u64) << 32) | u64::from(id))),
+        );
+    }
+    distinct.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut rank_of: Vec<Vec<u32>> = vec![Vec::new(); nshards];
+    for (s, r) in rank_of.iter_mut().enumerate() {
+        *r = vec![
+            0;
+            distinct
+                .iter()
+                .filter(|d| (d.1 >> 32) as usize == s)
+                .count()
+        ];
+    }
+    for (r, (_, id)) in distinct.iter().enumerate() {
+        rank_of[(id >> 32) as usize][*id as u32 as usize] = r as u32;
+    }
+    let l2r = ids
+        .into_par_iter()
+        .map(|local| {
+            local
+                .into_iter()
+                .map(|id| rank_of[(id >> 32) as usize][id as u32 as usize])
+                .collect()
+        })
+        .collect();
+    let urls = distinct.into_iter().map(|(k, _)| k.into_string()).collect();
+    (urls, l2r)
+}
+
+/// Merges the partials of every file into the view: keys ranked once, then the entries a range
+/// of ranks at a time, each range by a counting sort on the rank (no string work per entry)
+/// and a sort per key of its few runs, in parallel.
+fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize) -> ViewData {
     let mut stats = ComputeStats::default();
     let mut events = 0u64;
-    for p in &partials {
+    for p in &parts {
         stats.rows_read += p.rows;
         stats.url_dictionaries += p.dictionaries;
         stats.read_decode_cpu_ms += p.decode_ns as f64 / 1e6;
         stats.aggregate_cpu_ms += p.agg_ns as f64 / 1e6;
         events += p.events;
     }
-    // 1. Global URL ranks: every partial's keys into one table, then the distinct keys sorted
-    //    once. Linear in the keys of all partials; a k-way merge of their sorted lists compared
-    //    strings Σ keys × log(partials) times, which grew with the number of cached files.
-    let total_keys: usize = partials.iter().map(|p| p.urls.len()).sum();
-    let mut ids: FastMap<&str, u32> =
-        FastMap::with_capacity_and_hasher(total_keys.min(1 << 22), Default::default());
-    let mut distinct: Vec<&str> = Vec::new();
-    let mut l2r: Vec<Vec<u32>> = Vec::with_capacity(partials.len());
-    for p in &partials {
-        let mut local = Vec::with_capacity(p.urls.len());
-        for lid in 0..p.urls.len() {
-            let u = p.url(lid);
-            let id = *ids.entry(u).or_insert_with(|| {
-                distinct.push(u);
-                (distinct.len() - 1) as u32
-            });
-            local.push(id);
-        }
-        l2r.push(local);
-    }
-    drop(ids);
-    let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
-    order.par_sort_unstable_by(|&a, &b| distinct[a as usize].cmp(distinct[b as usize]));
-    let mut rank_of = vec![0u32; distinct.len()];
-    for (r, &id) in order.iter().enumerate() {
-        rank_of[id as usize] = r as u32;
-    }
-    l2r.par_iter_mut()
-        .for_each(|local| local.iter_mut().for_each(|id| *id = rank_of[*id as usize]));
-    let urls: Vec<String> = order
-        .iter()
-        .map(|&id| distinct[id as usize].to_string())
-        .collect();
-    drop(distinct);
+    // 1. Global key ranks: every partial's keys into one table of the distinct keys, then
+    //    those sorted once ([`rank_keys`]).
+    let t_ranks = Instant::now();
+    let (urls, l2r) = rank_keys(&parts);
+    tracing::debug!(
+        keys = urls.len(),
+        ms = ms(t_ranks),
+        "batch merge: keys ranked"
+    );
     let nurls = urls.len();
 
-    // 2. Counting sort of all cells by URL rank.
-    let mut offsets = vec![0usize; nurls + 1];
-    for (p, l2r) in partials.iter().zip(&l2r) {
-        for &(k, _) in &p.cells {
-            offsets[l2r[(k >> 32) as usize] as usize + 1] += 1;
-        }
-    }
-    for i in 0..nurls {
-        offsets[i + 1] += offsets[i];
-    }
-    let mut buf: Vec<(u32, u64)> = vec![(0, 0); offsets[nurls]];
-    let mut pos = offsets.clone();
-    for (p, l2r) in partials.iter().zip(&l2r) {
-        for &(k, c) in &p.cells {
-            let r = l2r[(k >> 32) as usize] as usize;
-            buf[pos[r]] = (k as u32, u64::from(c));
-            pos[r] += 1;
-        }
-    }
-    // 3. Per URL: sort its runs by cell and add duplicates, in parallel.
-    let lens: Vec<usize> = split_segments(&mut buf, &offsets)
-        .into_par_iter()
-        .map(|seg| {
-            // Each partial's cells of a URL are one sorted run, which a stable sort merges.
-            seg.sort_by_key(|c| c.0);
-            let mut w = 0;
-            for r in 0..seg.len() {
-                if w > 0 && seg[w - 1].0 == seg[r].0 {
-                    seg[w - 1].1 += seg[r].1;
-                } else {
-                    seg[w] = seg[r];
-                    w += 1;
-                }
-            }
-            w
-        })
+    // 2. A range of ranks at a time, sized so that a step decodes about `step_entries` entries:
+    //    each partial's entries of the range are one contiguous run of it.
+    let entries: usize = parts.iter().map(|p| p.ncells + p.nvisitors).sum();
+    let steps = entries.div_ceil(step_entries.max(1)).max(1);
+    let per_step = nurls.div_ceil(steps).max(1);
+    let mut cells: Vec<(Stream, &[u32])> = parts
+        .iter()
+        .zip(&l2r)
+        .map(|(p, l)| (Stream::new(p.cells(), p.ncells), l.as_slice()))
         .collect();
-    let total: usize = lens.iter().sum();
-    let mut cell = Vec::with_capacity(total);
-    let mut views = Vec::with_capacity(total);
+    let mut visitors: Vec<(Stream, &[u32])> = parts
+        .iter()
+        .zip(&l2r)
+        .map(|(p, l)| (Stream::new(p.visitors(), p.nvisitors), l.as_slice()))
+        .collect();
+    let mut cell: Vec<i64> = Vec::new();
+    let mut views: Vec<u64> = Vec::new();
     let mut out_offsets = Vec::with_capacity(nurls + 1);
     out_offsets.push(0);
-    for (u, &len) in lens.iter().enumerate() {
-        for &(h, c) in &buf[offsets[u]..offsets[u] + len] {
-            cell.push(unbias(h));
-            views.push(c);
-        }
-        out_offsets.push(cell.len());
-    }
-    drop(buf);
-
-    // 4. Visitors: the same counting sort, then per URL sort by (cell, hash): the distinct
-    //    visitors of each cell, and of each day (the union of its cells) as a sketch.
-    let sketches = sketch_precision.map(|precision| {
-        let mut soff = vec![0usize; nurls + 1];
-        for (p, l2r) in partials.iter().zip(&l2r) {
-            for &(k, _) in &p.visitors {
-                soff[l2r[(k >> 32) as usize] as usize + 1] += 1;
-            }
-        }
-        for i in 0..nurls {
-            soff[i + 1] += soff[i];
-        }
-        let mut sbuf: Vec<(u32, u32)> = vec![(0, 0); soff[nurls]];
-        let mut pos = soff.clone();
-        for (p, l2r) in partials.iter().zip(&l2r) {
-            for &(k, h) in &p.visitors {
-                let r = l2r[(k >> 32) as usize] as usize;
-                sbuf[pos[r]] = (k as u32, h);
-                pos[r] += 1;
-            }
-        }
-        let per_url: Vec<UrlVisitors> = split_segments(&mut sbuf, &soff)
-            .into_par_iter()
-            .map(|seg| UrlVisitors::of(seg, precision))
-            .collect();
-        let mut sd = SketchData::empty(precision, 0, 0);
-        let days: usize = per_url.iter().map(|v| v.days.len()).sum();
-        sd.days.reserve_exact(days);
-        sd.sketches.reserve_exact(days);
-        sd.offsets.reserve_exact(per_url.len());
-        sd.cell_hashes
-            .reserve_exact(per_url.iter().map(|v| v.hashes.len()).sum());
-        sd.cell_offsets = Vec::with_capacity(cell.len() + 1);
-        sd.cell_offsets.push(0);
-        for (u, mut v) in per_url.into_iter().enumerate() {
-            for (d, s) in std::mem::take(&mut v.days) {
-                sd.days.push(d);
-                sd.sketches.push(s);
-            }
-            sd.offsets.push(sd.days.len());
-            // A URL's visitor cells are among its counted cells (the same events): align them.
-            let mut j = 0;
-            for &c in &cell[out_offsets[u]..out_offsets[u + 1]] {
-                if v.cells.get(j) == Some(&c) {
-                    sd.cell_hashes.extend_from_slice(v.cell(j));
-                    j += 1;
-                }
-                sd.cell_offsets.push(sd.cell_hashes.len() as u32);
-            }
-        }
+    let mut sketches = sketch_precision.map(|p| {
+        let mut sd = SketchData::empty(p, 0, 0);
+        sd.offsets.reserve_exact(nurls);
         sd
     });
+    let mut r0 = 0;
+    while r0 < nurls {
+        let r1 = (r0 + per_step).min(nurls);
+        // Cells: per key, its runs sorted by cell (a stable sort merges them) and added.
+        let (offsets, mut buf) = gather(&mut cells, r0 as u32, r1 as u32);
+        let lens: Vec<usize> = split_segments(&mut buf, &offsets)
+            .into_par_iter()
+            .map(|seg| {
+                seg.sort_by_key(|c| c.0);
+                let mut w = 0;
+                for r in 0..seg.len() {
+                    if w > 0 && seg[w - 1].0 == seg[r].0 {
+                        seg[w - 1].1 += seg[r].1;
+                    } else {
+                        seg[w] = seg[r];
+                        w += 1;
+                    }
+                }
+                w
+            })
+            .collect();
+        let first = cell.len();
+        let added: usize = lens.iter().sum();
+        cell.reserve(added);
+        views.reserve(added);
+        for (u, &len) in lens.iter().enumerate() {
+            for &(h, c) in &buf[offsets[u]..offsets[u] + len] {
+                cell.push(unbias(h));
+                views.push(u64::from(c));
+            }
+            out_offsets.push(cell.len());
+        }
+        drop(buf);
+        // Visitors: per key sorted by (cell, hash): the distinct visitors of each cell, and of
+        // each day (the union of its cells) as a sketch.
+        if let Some(sd) = sketches.as_mut() {
+            let precision = sd.precision;
+            let (soff, mut sbuf) = gather(&mut visitors, r0 as u32, r1 as u32);
+            let per_url: Vec<UrlVisitors> = split_segments(&mut sbuf, &soff)
+                .into_par_iter()
+                .map(|seg| UrlVisitors::of(seg, precision))
+                .collect();
+            drop(sbuf);
+            let days: usize = per_url.iter().map(|v| v.days.len()).sum();
+            sd.days.reserve(days);
+            sd.sketches.reserve(days);
+            sd.cell_hashes
+                .reserve(per_url.iter().map(|v| v.hashes.len()).sum());
+            sd.cell_offsets.reserve(cell.len() - first);
+            for (i, mut v) in per_url.into_iter().enumerate() {
+                for (d, s) in std::mem::take(&mut v.days) {
+                    sd.days.push(d);
+                    sd.sketches.push(s);
+                }
+                sd.offsets.push(sd.days.len());
+                // A key's visitor cells are among its counted cells (the same events): align.
+                let u = r0 + i;
+                let mut j = 0;
+                for &c in &cell[out_offsets[u]..out_offsets[u + 1]] {
+                    if v.cells.get(j) == Some(&c) {
+                        sd.cell_hashes.extend_from_slice(v.cell(j));
+                        j += 1;
+                    }
+                    sd.cell_offsets.push(sd.cell_hashes.len() as u32);
+                }
+            }
+        }
+        r0 = r1;
+    }
+    drop(cells);
+    drop(visitors);
+    drop(parts);
 
     ViewData {
         urls,
@@ -1108,4 +1299,73 @@ fn merge_file(parts: Vec<Partial>) -> Partial {
         out.agg_ns += p.agg_ns;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{write_master_file, MasterRow, Rng};
+
+    /// The merge a key range at a time gives the view a one-step merge gives, whatever the step
+    /// (down to one key per step), with cached partials and fresh ones.
+    #[test]
+    fn a_merge_in_many_steps_equals_one_in_a_single_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(7);
+        let mut files = Vec::new();
+        for f in 0..4u64 {
+            let rows = (0..500u64)
+                .map(|i| MasterRow {
+                    seq: f * 500 + i + 1,
+                    ts: 1_760_000_000_000 + rng.below(5 * 86_400_000) as i64,
+                    url: format!("https://s{}.example/p{}", rng.below(3), rng.below(60)),
+                    visitor: (rng.below(4) != 0).then(|| format!("v{}", rng.below(300))),
+                    referrer: (rng.below(2) == 0)
+                        .then(|| format!("https://r{}.example/", rng.below(5))),
+                })
+                .collect();
+            files.push(write_master_file(&dir.path().join("master"), rows, 128).unwrap());
+        }
+        let cutoff = Seq(1_900);
+        let cache = PartialCache::open(&dir.path().join("partials"), false).unwrap();
+        for keying in [Keying::Url, Keying::Source] {
+            let run = |step, cache| {
+                compute_keyed(
+                    &files,
+                    cutoff,
+                    Some(12),
+                    &Progress::new(),
+                    keying,
+                    cache,
+                    step,
+                )
+                .unwrap()
+            };
+            let one = run(MERGE_STEP_ENTRIES, None);
+            assert!(one.urls.len() > 20 && one.events == 1_900);
+            for step in [1, 7, 100, 5_000] {
+                for cache in [None, Some(&cache)] {
+                    let many = run(step, cache);
+                    assert_eq!(
+                        (
+                            &many.urls,
+                            &many.offsets,
+                            &many.cell,
+                            &many.views,
+                            &many.sketches
+                        ),
+                        (
+                            &one.urls,
+                            &one.offsets,
+                            &one.cell,
+                            &one.views,
+                            &one.sketches
+                        ),
+                        "{keying:?}, step {step}, cached: {}",
+                        cache.is_some()
+                    );
+                }
+            }
+        }
+    }
 }

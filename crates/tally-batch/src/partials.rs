@@ -17,11 +17,14 @@
 //! merged. Partials are derived data: written atomically but without fsync (a torn one fails
 //! its checksum), safe to delete.
 //!
-//! Encoding (little-endian, integers as LEB128 varints unless said): magic `TLYPART2`, keying
-//! byte, visitors byte, events, key count, each key front-coded as (bytes shared with the
-//! previous key, length of the rest, the rest); cell count, each
-//! cell as (delta of `key << 32 | biased cell` from the previous, count); visitor count, each
-//! as (delta of the same key, hash as 4 raw bytes); then the 32-byte BLAKE3 of all before.
+//! Encoding (little-endian, integers as LEB128 varints unless said): magic `TLYPART3`, keying
+//! byte, visitors byte; a header of events, key count, key section bytes, cell count, cell
+//! section bytes, visitor count; the key section, each key front-coded as (bytes shared with
+//! the previous key, length of the rest, the rest); the cell section, each cell as (delta of
+//! `key << 32 | biased cell` from the previous, count); the visitor section, each as (delta of
+//! the same key, hash as 4 raw bytes); then the 32-byte BLAKE3 of all before. The section
+//! lengths let the merge read the three sections side by side, a key range at a time, without
+//! decoding a partial whole.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -29,15 +32,14 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use arrow::array::StringArray;
 use tally_master::MasterFile;
 
 use crate::error::{Error, Result};
 use crate::kernel::{Keying, Partial};
 
 /// Bumped whenever what a partial means changes (the kernel's cells, keys or hashes).
-const FORMAT: u32 = 2;
-const MAGIC: &[u8; 8] = b"TLYPART2";
+const FORMAT: u32 = 3;
+const MAGIC: &[u8; 8] = b"TLYPART3";
 const SUFFIX: &str = ".part";
 
 /// The partials directory of one run: which partials it used, so that the others can go.
@@ -105,7 +107,7 @@ impl PartialCache {
 
     /// The partial in `slot`, if it is there and intact; `None` on a full run. A damaged or
     /// unreadable one is logged and `None`: the file is scanned and its partial rewritten.
-    pub(crate) fn load(&self, slot: &Slot, keying: Keying, visitors: bool) -> Option<Partial> {
+    pub(crate) fn load(&self, slot: &Slot, keying: Keying, visitors: bool) -> Option<Encoded> {
         if self.full {
             return None;
         }
@@ -118,7 +120,7 @@ impl PartialCache {
                 return None;
             }
         };
-        match decode(&bytes, keying, visitors) {
+        match Encoded::parse(bytes, keying, visitors) {
             Ok(p) => Some(p),
             Err(reason) => {
                 tracing::warn!(path = %path.display(), %reason, "cached partial is corrupt; recomputing it");
@@ -127,14 +129,13 @@ impl PartialCache {
         }
     }
 
-    /// Stores `part` (canonical: one dictionary, keys sorted, entries sorted and distinct) in
-    /// `slot`. A failure is logged: the run goes on, the next one recomputes the file.
-    pub(crate) fn store(&self, slot: &Slot, keying: Keying, visitors: bool, part: &Partial) {
+    /// Stores `part` in `slot`. A failure is logged: the run goes on, the next one recomputes
+    /// the file.
+    pub(crate) fn store(&self, slot: &Slot, part: &Encoded) {
         let path = self.dir.join(&slot.name);
         let r = (|| -> std::io::Result<()> {
-            let bytes = encode(part, keying, visitors);
             let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-partial-", &self.dir)?;
-            tmp.write_all(&bytes)?;
+            tmp.write_all(part.bytes())?;
             tmp.persist(&path).map_err(|e| e.error)?;
             Ok(())
         })();
@@ -209,39 +210,280 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn encode(part: &Partial, keying: Keying, visitors: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + part.cells.len() * 4 + part.visitors.len() * 6);
-    out.extend_from_slice(MAGIC);
-    out.push(keying_byte(keying));
-    out.push(u8::from(visitors));
-    put_varint(&mut out, part.events);
-    put_varint(&mut out, part.urls.len() as u64);
-    let mut prev: &[u8] = &[];
-    for lid in 0..part.urls.len() {
-        let s = part.url(lid).as_bytes();
-        let shared = prev.iter().zip(s).take_while(|(a, b)| a == b).count();
-        put_varint(&mut out, shared as u64);
-        put_varint(&mut out, (s.len() - shared) as u64);
-        out.extend_from_slice(&s[shared..]);
-        prev = s;
+/// A master file's partial in its encoded form, checked: what the cache stores and what the
+/// merge reads, a section at a time, without ever decoding it whole ([`Encoded::keys`],
+/// [`Encoded::cells`], [`Encoded::visitors`]). About 3 bytes per (key, cell) and 5 per
+/// (key, cell, visitor): a run holds every file's partial this way, not as decoded vectors.
+pub(crate) struct Encoded {
+    bytes: Vec<u8>,
+    pub(crate) nkeys: usize,
+    pub(crate) ncells: usize,
+    pub(crate) nvisitors: usize,
+    pub(crate) events: u64,
+    keys_at: usize,
+    cells_at: usize,
+    visitors_at: usize,
+    /// Scan statistics of the row groups it was made of (zero when loaded from the cache).
+    pub(crate) rows: u64,
+    pub(crate) dictionaries: u64,
+    pub(crate) decode_ns: u64,
+    pub(crate) agg_ns: u64,
+}
+
+impl Encoded {
+    /// Encodes a canonical partial (one dictionary, keys ascending and distinct, entries sorted
+    /// and distinct: [`crate::kernel`]'s `merge_file`).
+    pub(crate) fn new(part: &Partial, keying: Keying, visitors: bool) -> Encoded {
+        let mut keys = Vec::with_capacity(part.urls.len() * 16);
+        let mut prev: &[u8] = &[];
+        for lid in 0..part.urls.len() {
+            let s = part.url(lid).as_bytes();
+            let shared = prev.iter().zip(s).take_while(|(a, b)| a == b).count();
+            put_varint(&mut keys, shared as u64);
+            put_varint(&mut keys, (s.len() - shared) as u64);
+            keys.extend_from_slice(&s[shared..]);
+            prev = s;
+        }
+        let mut cells = Vec::with_capacity(part.cells.len() * 3);
+        let mut prev = 0u64;
+        for &(k, c) in &part.cells {
+            put_varint(&mut cells, k - prev);
+            put_varint(&mut cells, u64::from(c));
+            prev = k;
+        }
+        let mut vis = Vec::with_capacity(part.visitors.len() * 5);
+        prev = 0;
+        for &(k, h) in &part.visitors {
+            put_varint(&mut vis, k - prev);
+            vis.extend_from_slice(&h.to_le_bytes());
+            prev = k;
+        }
+        let mut out = Vec::with_capacity(80 + keys.len() + cells.len() + vis.len());
+        out.extend_from_slice(MAGIC);
+        out.push(keying_byte(keying));
+        out.push(u8::from(visitors));
+        for v in [
+            part.events,
+            part.urls.len() as u64,
+            keys.len() as u64,
+            part.cells.len() as u64,
+            cells.len() as u64,
+            part.visitors.len() as u64,
+        ] {
+            put_varint(&mut out, v);
+        }
+        let keys_at = out.len();
+        out.extend_from_slice(&keys);
+        let cells_at = out.len();
+        out.extend_from_slice(&cells);
+        let visitors_at = out.len();
+        out.extend_from_slice(&vis);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        Encoded {
+            bytes: out,
+            nkeys: part.urls.len(),
+            ncells: part.cells.len(),
+            nvisitors: part.visitors.len(),
+            events: part.events,
+            keys_at,
+            cells_at,
+            visitors_at,
+            rows: part.rows,
+            dictionaries: part.dictionaries,
+            decode_ns: part.decode_ns,
+            agg_ns: part.agg_ns,
+        }
     }
-    put_varint(&mut out, part.cells.len() as u64);
-    let mut prev = 0u64;
-    for &(k, c) in &part.cells {
-        put_varint(&mut out, k - prev);
-        put_varint(&mut out, u64::from(c));
-        prev = k;
+
+    /// Checks `bytes` (checksum, header, and every entry: keys ascending, distinct and UTF-8,
+    /// cells distinct and adding up to the events, every entry of a known key) and keeps them.
+    pub(crate) fn parse(
+        bytes: Vec<u8>,
+        keying: Keying,
+        visitors: bool,
+    ) -> std::result::Result<Encoded, String> {
+        if bytes.len() < MAGIC.len() + 32 {
+            return Err("too short".into());
+        }
+        let body_len = bytes.len() - 32;
+        let (body, sum) = bytes.split_at(body_len);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err("checksum mismatch".into());
+        }
+        let mut r = Reader { buf: body, pos: 0 };
+        if r.bytes(MAGIC.len())? != MAGIC {
+            return Err("bad magic".into());
+        }
+        if r.bytes(2)? != [keying_byte(keying), u8::from(visitors)] {
+            return Err("made for another keying".into());
+        }
+        let events = r.varint()?;
+        let nkeys = r.count(2)?;
+        let keys_len = r.count(1)?;
+        let ncells = r.count(2)?;
+        let cells_len = r.count(1)?;
+        let nvisitors = r.count(5)?;
+        let keys_at = r.pos;
+        let cells_at = keys_at
+            .checked_add(keys_len)
+            .filter(|&e| e <= body_len)
+            .ok_or("key section exceeds the file")?;
+        let visitors_at = cells_at
+            .checked_add(cells_len)
+            .filter(|&e| e <= body_len)
+            .ok_or("cell section exceeds the file")?;
+        let enc = Encoded {
+            bytes,
+            nkeys,
+            ncells,
+            nvisitors,
+            events,
+            keys_at,
+            cells_at,
+            visitors_at,
+            rows: 0,
+            dictionaries: 0,
+            decode_ns: 0,
+            agg_ns: 0,
+        };
+        enc.check()?;
+        Ok(enc)
     }
-    put_varint(&mut out, part.visitors.len() as u64);
-    prev = 0;
-    for &(k, h) in &part.visitors {
-        put_varint(&mut out, k - prev);
-        out.extend_from_slice(&h.to_le_bytes());
-        prev = k;
+
+    /// Walks every section once (see [`Encoded::parse`]).
+    fn check(&self) -> std::result::Result<(), String> {
+        let mut keys = self.keys();
+        let mut prev: Vec<u8> = Vec::new();
+        for i in 0..self.nkeys {
+            let key = keys.next_key()?;
+            if i > 0 && key <= prev.as_slice() {
+                return Err("keys not in ascending order".into());
+            }
+            std::str::from_utf8(key).map_err(|_| "a key is not UTF-8")?;
+            prev.clear();
+            prev.extend_from_slice(key);
+        }
+        if keys.r.pos != self.cells_at {
+            return Err("key section of the wrong length".into());
+        }
+        let known = |k: u64| -> std::result::Result<(), String> {
+            match (k >> 32) < self.nkeys as u64 {
+                true => Ok(()),
+                false => Err("entry of an unknown key".into()),
+            }
+        };
+        let mut cells = self.cells();
+        let mut counted = 0u64;
+        let mut last = None;
+        for _ in 0..self.ncells {
+            let (k, c) = cells.next_entry()?;
+            if last == Some(k) {
+                return Err("cells not distinct".into());
+            }
+            known(k)?;
+            counted += u64::from(c);
+            last = Some(k);
+        }
+        if cells.r.pos != self.visitors_at {
+            return Err("cell section of the wrong length".into());
+        }
+        if counted != self.events {
+            return Err(format!(
+                "cells add up to {counted} events, not {}",
+                self.events
+            ));
+        }
+        let mut vis = self.visitors();
+        for _ in 0..self.nvisitors {
+            known(vis.next_entry()?.0)?;
+        }
+        if vis.r.pos != self.bytes.len() - 32 {
+            return Err("trailing bytes".into());
+        }
+        Ok(())
     }
-    let sum = blake3::hash(&out);
-    out.extend_from_slice(sum.as_bytes());
-    out
+
+    /// The whole encoded form, checksum included (what the cache writes).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The keys, in ascending order.
+    pub(crate) fn keys(&self) -> Keys<'_> {
+        Keys {
+            r: Reader {
+                buf: &self.bytes[..self.cells_at],
+                pos: self.keys_at,
+            },
+            key: Vec::new(),
+        }
+    }
+
+    /// `(key id << 32 | biased cell, count)`, ascending.
+    pub(crate) fn cells(&self) -> Entries<'_> {
+        Entries {
+            r: Reader {
+                buf: &self.bytes[..self.visitors_at],
+                pos: self.cells_at,
+            },
+            prev: 0,
+            hash: false,
+        }
+    }
+
+    /// `(key id << 32 | biased cell, visitor hash)`, ascending.
+    pub(crate) fn visitors(&self) -> Entries<'_> {
+        Entries {
+            r: Reader {
+                buf: &self.bytes[..self.bytes.len() - 32],
+                pos: self.visitors_at,
+            },
+            prev: 0,
+            hash: true,
+        }
+    }
+}
+
+/// The keys of an [`Encoded`] partial, front-coded.
+pub(crate) struct Keys<'a> {
+    r: Reader<'a>,
+    key: Vec<u8>,
+}
+
+impl Keys<'_> {
+    /// The next key's bytes (valid UTF-8 once [`Encoded::parse`] or [`Encoded::new`] made it).
+    pub(crate) fn next_key(&mut self) -> std::result::Result<&[u8], String> {
+        let shared = usize::try_from(self.r.varint()?).map_err(|_| "prefix too long")?;
+        let len = self.r.count(1)?;
+        if shared > self.key.len() {
+            return Err("prefix longer than the previous key".into());
+        }
+        self.key.truncate(shared);
+        self.key.extend_from_slice(self.r.bytes(len)?);
+        Ok(&self.key)
+    }
+}
+
+/// The cells or the visitors of an [`Encoded`] partial, in order.
+pub(crate) struct Entries<'a> {
+    r: Reader<'a>,
+    prev: u64,
+    hash: bool,
+}
+
+impl Entries<'_> {
+    pub(crate) fn next_entry(&mut self) -> std::result::Result<(u64, u32), String> {
+        self.prev = self
+            .prev
+            .checked_add(self.r.varint()?)
+            .ok_or("entry key overflows")?;
+        let v = match self.hash {
+            true => u32::from_le_bytes(self.r.bytes(4)?.try_into().expect("4 bytes")),
+            false => u32::try_from(self.r.varint()?).map_err(|_| "count overflows")?,
+        };
+        Ok((self.prev, v))
+    }
 }
 
 struct Reader<'a> {
@@ -284,110 +526,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn decode(bytes: &[u8], keying: Keying, visitors: bool) -> std::result::Result<Partial, String> {
-    if bytes.len() < MAGIC.len() + 32 {
-        return Err("too short".into());
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if blake3::hash(body).as_bytes() != sum {
-        return Err("checksum mismatch".into());
-    }
-    let mut r = Reader { buf: body, pos: 0 };
-    if r.bytes(MAGIC.len())? != MAGIC {
-        return Err("bad magic".into());
-    }
-    if r.bytes(2)? != [keying_byte(keying), u8::from(visitors)] {
-        return Err("made for another keying".into());
-    }
-    let events = r.varint()?;
-    let nkeys = r.count(2)?;
-    let mut values: Vec<u8> = Vec::new();
-    let mut offsets: Vec<i32> = Vec::with_capacity(nkeys + 1);
-    offsets.push(0);
-    let mut start = 0usize;
-    for _ in 0..nkeys {
-        let shared = usize::try_from(r.varint()?).map_err(|_| "prefix too long")?;
-        let len = r.count(1)?;
-        if shared > values.len() - start {
-            return Err("prefix longer than the previous key".into());
-        }
-        let suffix = r.bytes(len)?;
-        let next = values.len();
-        values.extend_from_within(start..start + shared);
-        values.extend_from_slice(suffix);
-        // Ascending and distinct: the first differing byte is greater, or the previous key is a
-        // strict prefix of this one.
-        if offsets.len() > 1 {
-            let (a, b) = values.split_at(next);
-            if &a[start..] >= b {
-                return Err("keys not in ascending order".into());
-            }
-        }
-        start = next;
-        offsets.push(i32::try_from(values.len()).map_err(|_| "keys too long")?);
-    }
-    let values = String::from_utf8(values).map_err(|_| "a key is not UTF-8")?;
-    // Each key must be valid UTF-8 on its own, not just their concatenation.
-    if offsets
-        .iter()
-        .any(|&o| !values.is_char_boundary(o as usize))
-    {
-        return Err("a key is not UTF-8".into());
-    }
-    let dict = StringArray::try_new(
-        arrow::buffer::OffsetBuffer::new(offsets.into()),
-        arrow::buffer::Buffer::from_vec(values.into_bytes()),
-        None,
-    )
-    .map_err(|e| e.to_string())?;
-    let mut part = Partial {
-        dicts: vec![dict],
-        urls: (0..nkeys as u32).map(|i| (0, i)).collect(),
-        events,
-        ..Default::default()
-    };
-    let check = |k: u64| -> std::result::Result<u64, String> {
-        if (k >> 32) as usize >= nkeys {
-            return Err("entry of an unknown key".into());
-        }
-        Ok(k)
-    };
-    let ncells = r.count(2)?;
-    part.cells.reserve_exact(ncells);
-    let mut prev = 0u64;
-    for i in 0..ncells {
-        let d = r.varint()?;
-        if i > 0 && d == 0 {
-            return Err("cells not distinct".into());
-        }
-        prev = check(prev.checked_add(d).ok_or("cell key overflows")?)?;
-        let c = u32::try_from(r.varint()?).map_err(|_| "count overflows")?;
-        part.cells.push((prev, c));
-    }
-    let nvis = r.count(5)?;
-    part.visitors.reserve_exact(nvis);
-    prev = 0;
-    for _ in 0..nvis {
-        prev = check(
-            prev.checked_add(r.varint()?)
-                .ok_or("visitor key overflows")?,
-        )?;
-        let h = u32::from_le_bytes(r.bytes(4)?.try_into().expect("4 bytes"));
-        part.visitors.push((prev, h));
-    }
-    if r.pos != body.len() {
-        return Err("trailing bytes".into());
-    }
-    let counted: u64 = part.cells.iter().map(|c| u64::from(c.1)).sum();
-    if counted != events {
-        return Err(format!("cells add up to {counted} events, not {events}"));
-    }
-    Ok(part)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::StringArray;
 
     fn sample() -> Partial {
         Partial {
@@ -400,15 +542,37 @@ mod tests {
         }
     }
 
+    type Decoded = (Vec<String>, Vec<(u64, u32)>, Vec<(u64, u32)>);
+
+    fn decode(e: &Encoded) -> Decoded {
+        let mut keys = e.keys();
+        let names = (0..e.nkeys)
+            .map(|_| String::from_utf8(keys.next_key().unwrap().to_vec()).unwrap())
+            .collect();
+        let mut cells = e.cells();
+        let mut vis = e.visitors();
+        (
+            names,
+            (0..e.ncells).map(|_| cells.next_entry().unwrap()).collect(),
+            (0..e.nvisitors)
+                .map(|_| vis.next_entry().unwrap())
+                .collect(),
+        )
+    }
+
+    fn encode(p: &Partial, keying: Keying, visitors: bool) -> Vec<u8> {
+        Encoded::new(p, keying, visitors).bytes().to_vec()
+    }
+
     #[test]
     fn a_partial_reads_back_as_written() {
         let p = sample();
-        let bytes = encode(&p, Keying::Url, true);
-        let q = decode(&bytes, Keying::Url, true).unwrap();
+        let q = Encoded::parse(encode(&p, Keying::Url, true), Keying::Url, true).unwrap();
         assert_eq!(q.events, 7);
-        assert_eq!(q.cells, p.cells);
-        assert_eq!(q.visitors, p.visitors);
-        assert_eq!((q.url(0), q.url(1)), ("a.com/", "b.com/x"));
+        let (names, cells, visitors) = decode(&q);
+        assert_eq!(names, ["a.com/", "b.com/x"]);
+        assert_eq!(cells, p.cells);
+        assert_eq!(visitors, p.visitors);
     }
 
     #[test]
@@ -421,21 +585,48 @@ mod tests {
             events: keys.len() as u64,
             ..Default::default()
         };
-        let q = decode(&encode(&p, Keying::Source, false), Keying::Source, false).unwrap();
-        let back: Vec<&str> = (0..keys.len()).map(|i| q.url(i)).collect();
-        assert_eq!(back, keys);
+        let q = Encoded::parse(encode(&p, Keying::Source, false), Keying::Source, false).unwrap();
+        assert_eq!(decode(&q).0, keys);
     }
 
     #[test]
     fn any_flipped_byte_or_other_keying_is_refused() {
         let bytes = encode(&sample(), Keying::Url, true);
-        assert!(decode(&bytes, Keying::Source, true).is_err());
-        assert!(decode(&bytes, Keying::Url, false).is_err());
+        assert!(Encoded::parse(bytes.clone(), Keying::Source, true).is_err());
+        assert!(Encoded::parse(bytes.clone(), Keying::Url, false).is_err());
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x10;
-            assert!(decode(&b, Keying::Url, true).is_err(), "byte {i} flipped");
+            assert!(
+                Encoded::parse(b, Keying::Url, true).is_err(),
+                "byte {i} flipped"
+            );
         }
-        assert!(decode(&bytes[..bytes.len() - 1], Keying::Url, true).is_err());
+        assert!(Encoded::parse(bytes[..bytes.len() - 1].to_vec(), Keying::Url, true).is_err());
+    }
+
+    /// A partial whose checksum matches but whose content breaks a rule the merge relies on
+    /// (written by a bug, or by hand) is refused too.
+    #[test]
+    fn a_well_summed_partial_that_breaks_a_rule_is_refused() {
+        let reseal = |mut body: Vec<u8>| {
+            let sum = blake3::hash(&body);
+            body.extend_from_slice(sum.as_bytes());
+            body
+        };
+        let body = |p: &Partial| {
+            let b = encode(p, Keying::Url, true);
+            b[..b.len() - 32].to_vec()
+        };
+        assert!(Encoded::parse(reseal(body(&sample())), Keying::Url, true).is_ok());
+        let mut unsorted = sample();
+        unsorted.dicts = vec![StringArray::from_iter_values(["b.com/", "a.com/x"])];
+        assert!(Encoded::parse(reseal(body(&unsorted)), Keying::Url, true).is_err());
+        let mut miscounted = sample();
+        miscounted.events = 8;
+        assert!(Encoded::parse(reseal(body(&miscounted)), Keying::Url, true).is_err());
+        let mut unknown = sample();
+        unknown.visitors.push((2 << 32, 9));
+        assert!(Encoded::parse(reseal(body(&unknown)), Keying::Url, true).is_err());
     }
 }
