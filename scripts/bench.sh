@@ -653,7 +653,8 @@ SECTIONS+=(batch)
 # Then, per pass of a batch run (per URL, per source key; visitors at precision 14): a scan of
 # every file, a first cached run, a run where one file (1 %) is new, a run where nothing is; and
 # DuckDB's per (url, cell) counts with uniques per (url, day) on the same files. Peak RSS of
-# each process from /usr/bin/time -v.
+# each process from /usr/bin/time -v. Then a whole view (both passes) written and loaded in a
+# fresh process: the serving memory per (key, cell).
 # ================================================================================================
 
 section_scale() {
@@ -668,6 +669,8 @@ section_scale() {
     /usr/bin/time -v "$bb" "${args[@]}" --generate-only 2>"$dir/generate.time" | tee "$dir/generate.json" >&2
     log "tally: $cmd --incremental"
     /usr/bin/time -v "$bb" "${args[@]}" --incremental 2>"$dir/incremental.time" | tee "$dir/incremental.json" >&2
+    log "tally: $cmd --serving (a whole view as the runner makes it, written, then loaded in a fresh process)"
+    /usr/bin/time -v "$bb" "${args[@]}" --serving 2>"$dir/serving.time" | tee "$dir/serving.json" >&2
     log "duckdb: the same files"
     root="$root" /usr/bin/time -v bash -c "$(declare -f batch_duckdb); batch_duckdb '$dir/master' '$dir/duckdb-out' '$events' 1" \
         2>"$dir/duckdb.time" | tee "$dir/duckdb.json" >&2
@@ -704,8 +707,26 @@ PY
         "visitors: \`$cmd --incremental\` (times in seconds; every cached run's view asserted equal to the scan's)." ""
     md "| pass | scan every file s | first cached run s | one new file ($((100 / files)) % of the events) s | nothing new s | partials on disk | one new ÷ scan |" \
         "|---|---:|---:|---:|---:|---:|---:|" "$rows" ""
+    local serving
+    serving=$(python3 - "$dir/serving.json" "$dir/serving.time" <<'PY'
+import json, re, sys
+rows = {}
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        r = json.loads(line)
+        rows[r["stage"]] = r
+w, l = rows["serving-write"], rows["serving-load"]
+peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(sys.argv[2]).read()).group(1)) * 1024
+cells = w["url_cells"] + w["source_cells"]
+rss = l["rss_after_load"] - l["rss_before_load"]
+print("Serving: both passes computed and written as the runner does (%.1f s compute, %.1f s write, %.2f GB on disk, peak RSS %.1f GB with both views alive);"
+      " then loaded in a fresh process as `tally serve` loads it: %.1f s, RSS %.2f GB for %d (key, 15-minute cell) entries (%d per URL, %d per source key) and %d per-cell visitor hashes —"
+      " %.0f bytes per (key, cell) all told. Of those, the counts take 20 bytes per entry (cell number 8, prefix sum 8, visitor-list offset 4) and the visitor hashes 4 bytes each; the rest is day and week sketches, site unions and the key indexes."
+      % (w["compute_ms"] / 1e3, w["write_ms"] / 1e3, w["view_bytes"] / 1e9, peak / 1e9, l["load_ms"] / 1e3, rss / 1e9, cells, w["url_cells"], w["source_cells"], w["cell_visitor_hashes"], rss / cells))
+PY
+)
     md "Peak RSS: tally's example (all of the above, one process) $((rss_tally / 1024)) MiB; DuckDB (\`SET threads=2\`, counts and counts + uniques, one rep each) $((rss_duck / 1024)) MiB." \
-        "DuckDB end to end: $duck (per (url, 15-minute cell) counts; with \`approx_count_distinct(visitor)\` per (url, day)). tally's full scan of the per-URL pass is the comparable number." ""
+        "DuckDB end to end: $duck (per (url, 15-minute cell) counts; with \`approx_count_distinct(visitor)\` per (url, day)). tally's full scan of the per-URL pass is the comparable number." "" "$serving" ""
 }
 
 # ================================================================================================

@@ -13,6 +13,9 @@
 //! `--incremental` instead times, with sketches, the counts and the sources passes of a run:
 //! scanning every file without a cache, a first cached run (which writes the partials), a run
 //! with one new file (its partials deleted), and a run with nothing new — the same view each time.
+//!
+//! `--serving` computes both passes as the runner does, writes the view and loads it in a fresh
+//! process (`--load-view`), printing the resident set before and after the load.
 
 /// The allocator of the `tally` binary, so that the kernel is timed as it runs there.
 #[global_allocator]
@@ -42,6 +45,8 @@ struct Args {
     modes: Vec<&'static str>,
     url_dict_limit: usize,
     incremental: bool,
+    serving: bool,
+    load_view: bool,
 }
 
 fn parse() -> Args {
@@ -58,6 +63,8 @@ fn parse() -> Args {
         modes: vec!["counts", "counts+sketches"],
         url_dict_limit: 256 << 20,
         incremental: false,
+        serving: false,
+        load_view: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -77,6 +84,8 @@ fn parse() -> Args {
             "--only-sketches" => a.modes = vec!["counts+sketches"],
             // The breakdown data (per (referrer host, URL)) beside the per-URL counts.
             "--incremental" => a.incremental = true,
+            "--serving" => a.serving = true,
+            "--load-view" => a.load_view = true,
             "--sources" => {
                 a.modes = vec!["counts", "sources", "counts+sketches", "sources+sketches"]
             }
@@ -183,6 +192,10 @@ fn existing(a: &Args) -> Vec<MasterFile> {
 
 fn main() {
     let a = parse();
+    if a.load_view {
+        load_view(&a);
+        return;
+    }
     let mut files = existing(&a);
     if a.generate_only || files.is_empty() {
         files = generate(&a);
@@ -193,6 +206,10 @@ fn main() {
     let cutoff = files.iter().map(|f| f.last).max().unwrap_or(Seq::ZERO);
     if a.incremental {
         incremental(&a, &files, cutoff);
+        return;
+    }
+    if a.serving {
+        serving(&a, &files, cutoff);
         return;
     }
     for label in a.modes.clone() {
@@ -310,6 +327,75 @@ fn incremental(a: &Args, files: &[MasterFile], cutoff: Seq) {
             s0.merge_wall_ms,
         );
     }
+}
+
+/// The resident set of this process, in bytes (Linux; 0 elsewhere).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A whole view as the runner makes it (both passes, with sketches), written, then loaded
+/// the way `tally serve` loads it: the serving memory per (key, cell).
+fn serving(a: &Args, files: &[MasterFile], cutoff: Seq) {
+    let p = Some(a.precision);
+    let t = Instant::now();
+    let mut data = compute(files, cutoff, p, &Progress::new()).expect("compute");
+    let sources = compute_sources(files, cutoff, p, &Progress::new()).expect("compute sources");
+    data.sources = Some(Box::new(sources));
+    let compute_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let root = a.dir.join("views-bench-serving");
+    let _ = std::fs::remove_dir_all(&root);
+    let store = ViewStore::open(&root).expect("store");
+    let t = Instant::now();
+    let info = store
+        .write(&data, cutoff, tally_core::now_ms())
+        .expect("write");
+    let write_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let url_cells = data.cells();
+    let source_cells = data.sources.as_ref().map_or(0, |s| s.cells());
+    let cell_hashes = data.sketches.as_ref().map_or(0, |s| s.cell_hashes.len())
+        + data
+            .sources
+            .as_ref()
+            .and_then(|s| s.sketches.as_ref())
+            .map_or(0, |s| s.cell_hashes.len());
+    drop(data);
+    println!(
+        "{{\"stage\":\"serving-write\",\"events\":{},\"compute_ms\":{compute_ms:.1},\"write_ms\":{write_ms:.1},\"view_bytes\":{},\"url_cells\":{url_cells},\"source_cells\":{source_cells},\"cell_visitor_hashes\":{cell_hashes}}}",
+        info.events, info.size_bytes,
+    );
+    // Loaded in a process of its own, as `tally serve` starts: this one's freed pages would
+    // blur the measurement.
+    let status = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg("--dir")
+        .arg(&a.dir)
+        .arg("--load-view")
+        .status()
+        .expect("run --load-view");
+    assert!(status.success(), "--load-view failed");
+}
+
+/// Loads the newest view `--serving` wrote and prints the resident set before and after.
+fn load_view(a: &Args) {
+    let store = ViewStore::open(a.dir.join("views-bench-serving")).expect("store");
+    let version = store.newest_good().expect("list").expect("a view to load");
+    let before = rss_bytes();
+    let t = Instant::now();
+    let view = store.load(&version).expect("load");
+    let load_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let after = rss_bytes();
+    println!(
+        "{{\"stage\":\"serving-load\",\"events\":{},\"load_ms\":{load_ms:.1},\"url_cells\":{},\"rss_before_load\":{before},\"rss_after_load\":{after}}}",
+        view.events,
+        view.cells(),
+    );
 }
 
 /// BLAKE3 over everything a view holds.

@@ -9,8 +9,12 @@
 //! - `url` is read as `Dictionary(Int32, Utf8)` and aggregated on dictionary keys: a URL string
 //!   is looked at once per dictionary, never per row; rows are sorted by (url, ts) in master
 //!   files, so a row group becomes a short run-length list of (url, cell, count) cells;
-//! - partial results are merged by a counting sort on the global URL rank (no string work per
-//!   cell), then each URL's few runs are sorted by cell in parallel.
+//! - each file's row groups become one canonical partial, kept encoded (the form
+//!   [`crate::partials`] caches, ~5 bytes per entry); files are scanned a window at a time, so a
+//!   run never holds every file's decoded partial;
+//! - the partials are merged a range of key ranks at a time by a counting sort on the global
+//!   key rank (no string work per cell), then each key's few runs are sorted by cell in
+//!   parallel: the merge holds one range's entries decoded, besides the view it builds.
 
 use std::collections::HashMap;
 use std::fs::File;
