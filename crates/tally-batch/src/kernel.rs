@@ -201,7 +201,8 @@ pub(crate) struct Partial {
     /// Local URL id -> (dictionary number, index in it).
     pub(crate) urls: Vec<(u32, u32)>,
     /// `(local id << 32 | biased cell, count)`, sorted by key, distinct keys.
-    pub(crate) cells: Vec<(u64, u32)>,
+    /// Counts in u64: a (key, cell) summed over row groups or files may pass 2^32.
+    pub(crate) cells: Vec<(u64, u64)>,
     /// `(local id << 32 | biased cell, visitor hash)`.
     pub(crate) visitors: Vec<(u64, u32)>,
     pub(crate) rows: u64,
@@ -642,7 +643,7 @@ fn scan_row_group(
     // Key -> local id for the current (last) dictionary (u32::MAX = not yet seen).
     let mut map: Vec<u32> = Vec::new();
     let mut prev_key = u64::MAX;
-    let mut prev_cnt = 0u32;
+    let mut prev_cnt = 0u64;
     let mut sources = (plan.keying == Keying::Source).then(SourceKeys::new);
     let mut ref_valid: Option<arrow::buffer::NullBuffer> = None;
 
@@ -921,7 +922,7 @@ const CHECKED: &str = "a partial's entries were checked when it was made or load
 struct Stream<'a> {
     entries: Entries<'a>,
     left: usize,
-    peeked: Option<(u64, u32)>,
+    peeked: Option<(u64, u64)>,
 }
 
 impl<'a> Stream<'a> {
@@ -933,7 +934,7 @@ impl<'a> Stream<'a> {
         }
     }
 
-    fn peek(&mut self) -> Option<(u64, u32)> {
+    fn peek(&mut self) -> Option<(u64, u64)> {
         if self.peeked.is_none() && self.left > 0 {
             self.left -= 1;
             self.peeked = Some(self.entries.next_entry().expect(CHECKED));
@@ -944,7 +945,7 @@ impl<'a> Stream<'a> {
     /// Appends the entries of keys ranked below `r1` (and at or above `r0`: those below were
     /// taken by earlier steps) as `(rank - r0, biased cell, value)`. A partial's keys are
     /// ascending, so its ranks are too, and its entries are sorted by key.
-    fn take_below(&mut self, l2r: &[u32], r0: u32, r1: u32, out: &mut Vec<(u32, u32, u32)>) {
+    fn take_below(&mut self, l2r: &[u32], r0: u32, r1: u32, out: &mut Vec<(u32, u32, u64)>) {
         while let Some((k, v)) = self.peek() {
             let r = l2r[(k >> 32) as usize];
             if r >= r1 {
@@ -958,8 +959,13 @@ impl<'a> Stream<'a> {
 
 /// The entries of one merge step, sorted by rank: segment `i` of the result holds rank
 /// `r0 + i`'s `(biased cell, value)` pairs, one sorted run per partial that has the key.
-fn gather(streams: &mut [(Stream<'_>, &[u32])], r0: u32, r1: u32) -> (Vec<usize>, Vec<(u32, u32)>) {
-    let runs: Vec<Vec<(u32, u32, u32)>> = streams
+fn gather<V: Copy + Default + Send>(
+    streams: &mut [(Stream<'_>, &[u32])],
+    r0: u32,
+    r1: u32,
+    value: fn(u64) -> V,
+) -> (Vec<usize>, Vec<(u32, V)>) {
+    let runs: Vec<Vec<(u32, u32, u64)>> = streams
         .par_iter_mut()
         .map(|(s, l2r)| {
             let mut run = Vec::new();
@@ -977,11 +983,11 @@ fn gather(streams: &mut [(Stream<'_>, &[u32])], r0: u32, r1: u32) -> (Vec<usize>
     for i in 0..n {
         offsets[i + 1] += offsets[i];
     }
-    let mut buf: Vec<(u32, u32)> = vec![(0, 0); offsets[n]];
+    let mut buf: Vec<(u32, V)> = vec![(0, V::default()); offsets[n]];
     let mut pos = offsets.clone();
     for run in runs {
         for (r, c, v) in run {
-            buf[pos[r as usize]] = (c, v);
+            buf[pos[r as usize]] = (c, value(v));
             pos[r as usize] += 1;
         }
     }
@@ -1167,7 +1173,7 @@ fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize)
     while r0 < nurls {
         let r1 = (r0 + per_step).min(nurls);
         // Cells: per key, its runs sorted by cell (a stable sort merges them) and added.
-        let (offsets, mut buf) = gather(&mut cells, r0 as u32, r1 as u32);
+        let (offsets, mut buf) = gather(&mut cells, r0 as u32, r1 as u32, |c| c);
         let lens: Vec<usize> = split_segments(&mut buf, &offsets)
             .into_par_iter()
             .map(|seg| {
@@ -1191,7 +1197,7 @@ fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize)
         for (u, &len) in lens.iter().enumerate() {
             for &(h, c) in &buf[offsets[u]..offsets[u] + len] {
                 cell.push(unbias(h));
-                views.push(u64::from(c));
+                views.push(c);
             }
             out_offsets.push(cell.len());
         }
@@ -1200,7 +1206,8 @@ fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize)
         // each day (the union of its cells) as a sketch.
         if let Some(sd) = sketches.as_mut() {
             let precision = sd.precision;
-            let (soff, mut sbuf) = gather(&mut visitors, r0 as u32, r1 as u32);
+            // A visitor entry's value is its 32-bit hash.
+            let (soff, mut sbuf) = gather(&mut visitors, r0 as u32, r1 as u32, |h| h as u32);
             let per_url: Vec<UrlVisitors> = split_segments(&mut sbuf, &soff)
                 .into_par_iter()
                 .map(|seg| UrlVisitors::of(seg, precision))
@@ -1269,7 +1276,7 @@ fn merge_file(parts: Vec<Partial>) -> Partial {
     }
     let re =
         |pi: usize, k: u64| (u64::from(remap[pi][(k >> 32) as usize]) << 32) | (k & 0xffff_ffff);
-    let mut cells: Vec<(u64, u32)> = Vec::with_capacity(parts.iter().map(|p| p.cells.len()).sum());
+    let mut cells: Vec<(u64, u64)> = Vec::with_capacity(parts.iter().map(|p| p.cells.len()).sum());
     let mut visitors: Vec<(u64, u32)> =
         Vec::with_capacity(parts.iter().map(|p| p.visitors.len()).sum());
     for (pi, p) in parts.iter().enumerate() {
@@ -1309,6 +1316,28 @@ fn merge_file(parts: Vec<Partial>) -> Partial {
 mod tests {
     use super::*;
     use crate::testing::{write_master_file, MasterRow, Rng};
+
+    /// A (key, cell) whose views pass 2^32 across files keeps every one of them.
+    #[test]
+    fn counts_past_two_to_the_32_add_up_across_partials() {
+        let big = u64::from(u32::MAX);
+        let part = |n: u64| Partial {
+            dicts: vec![StringArray::from_iter_values(["a.com/"])],
+            urls: vec![(0, 0)],
+            cells: vec![(u64::from(bias(7).unwrap()), n)],
+            events: n,
+            ..Default::default()
+        };
+        let a = Encoded::new(&part(big), Keying::Url, false);
+        let b = Encoded::new(&part(big + 5), Keying::Url, false);
+        let b = Encoded::parse(b.bytes().to_vec(), Keying::Url, false).unwrap();
+        let v = merge(vec![a, b], None, MERGE_STEP_ENTRIES);
+        assert_eq!(
+            (v.cell.as_slice(), v.views.as_slice()),
+            (&[7][..], &[2 * big + 5][..])
+        );
+        assert_eq!(v.events, 2 * big + 5);
+    }
 
     /// The merge a key range at a time gives the view a one-step merge gives, whatever the step
     /// (down to one key per step), with cached partials and fresh ones.

@@ -248,7 +248,7 @@ impl Encoded {
         let mut prev = 0u64;
         for &(k, c) in &part.cells {
             put_varint(&mut cells, k - prev);
-            put_varint(&mut cells, u64::from(c));
+            put_varint(&mut cells, c);
             prev = k;
         }
         let mut vis = Vec::with_capacity(part.visitors.len() * 5);
@@ -382,7 +382,7 @@ impl Encoded {
                 return Err("cells not distinct".into());
             }
             known(k)?;
-            counted += u64::from(c);
+            counted = counted.checked_add(c).ok_or("counts overflow")?;
             last = Some(k);
         }
         if cells.r.pos != self.visitors_at {
@@ -473,14 +473,17 @@ pub(crate) struct Entries<'a> {
 }
 
 impl Entries<'_> {
-    pub(crate) fn next_entry(&mut self) -> std::result::Result<(u64, u32), String> {
+    /// `(key << 32 | biased cell, value)`: a count, or a visitor hash (below 2^32).
+    pub(crate) fn next_entry(&mut self) -> std::result::Result<(u64, u64), String> {
         self.prev = self
             .prev
             .checked_add(self.r.varint()?)
             .ok_or("entry key overflows")?;
         let v = match self.hash {
-            true => u32::from_le_bytes(self.r.bytes(4)?.try_into().expect("4 bytes")),
-            false => u32::try_from(self.r.varint()?).map_err(|_| "count overflows")?,
+            true => u64::from(u32::from_le_bytes(
+                self.r.bytes(4)?.try_into().expect("4 bytes"),
+            )),
+            false => self.r.varint()?,
         };
         Ok((self.prev, v))
     }
@@ -542,7 +545,7 @@ mod tests {
         }
     }
 
-    type Decoded = (Vec<String>, Vec<(u64, u32)>, Vec<(u64, u32)>);
+    type Decoded = (Vec<String>, Vec<(u64, u64)>, Vec<(u64, u32)>);
 
     fn decode(e: &Encoded) -> Decoded {
         let mut keys = e.keys();
@@ -555,7 +558,7 @@ mod tests {
             names,
             (0..e.ncells).map(|_| cells.next_entry().unwrap()).collect(),
             (0..e.nvisitors)
-                .map(|_| vis.next_entry().unwrap())
+                .map(|_| vis.next_entry().map(|(k, h)| (k, h as u32)).unwrap())
                 .collect(),
         )
     }
