@@ -233,15 +233,7 @@ pub fn compute(
     sketch_precision: Option<u8>,
     progress: &Progress,
 ) -> Result<ViewData> {
-    compute_keyed(
-        files,
-        cutoff,
-        sketch_precision,
-        progress,
-        Keying::Url,
-        None,
-        MERGE_STEP_ENTRIES,
-    )
+    compute_cached(files, cutoff, sketch_precision, progress, None)
 }
 
 /// [`compute`], reusing the cached partial aggregate of every master file wholly at or below
@@ -274,15 +266,7 @@ pub fn compute_sources(
     sketch_precision: Option<u8>,
     progress: &Progress,
 ) -> Result<ViewData> {
-    compute_keyed(
-        files,
-        cutoff,
-        sketch_precision,
-        progress,
-        Keying::Source,
-        None,
-        MERGE_STEP_ENTRIES,
-    )
+    compute_sources_cached(files, cutoff, sketch_precision, progress, None)
 }
 
 /// [`compute_sources`] with cached partials, as [`compute_cached`].
@@ -1085,6 +1069,8 @@ fn rank_keys(parts: &[Encoded]) -> (Vec<String>, Vec<Vec<u32>>) {
             }
         }
     }
+    // Each shard's ids are 0..its length: one rank slot per id.
+    let mut rank_of: Vec<Vec<u32>> = shards.iter().map(|t| vec![0; t.len()]).collect();
     let mut distinct: Vec<(Box<str>, u64)> =
         Vec::with_capacity(shards.iter().map(|t| t.len()).sum());
     for (s, table) in shards.into_iter().enumerate() {
@@ -1095,16 +1081,6 @@ fn rank_keys(parts: &[Encoded]) -> (Vec<String>, Vec<Vec<u32>>) {
         );
     }
     distinct.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let mut rank_of: Vec<Vec<u32>> = vec![Vec::new(); nshards];
-    for (s, r) in rank_of.iter_mut().enumerate() {
-        *r = vec![
-            0;
-            distinct
-                .iter()
-                .filter(|d| (d.1 >> 32) as usize == s)
-                .count()
-        ];
-    }
     for (r, (_, id)) in distinct.iter().enumerate() {
         rank_of[(id >> 32) as usize][*id as u32 as usize] = r as u32;
     }
