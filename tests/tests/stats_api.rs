@@ -171,6 +171,17 @@ fn check_table(server: &TestServer) {
     for (q, want) in table {
         assert_eq!(results(server, q.clone()), want, "{q}");
     }
+    // `total_rows` counts every row, not the page's.
+    let (code, resp) = query(
+        server,
+        None,
+        json!({"site_id": SITE, "metrics": ["pageviews"], "date_range": "7d",
+               "dimensions": ["event:page"], "pagination": {"limit": 1},
+               "include": {"total_rows": true}}),
+    );
+    assert_eq!(code, 200, "{resp}");
+    assert_eq!(resp["results"].as_array().map(Vec::len), Some(1), "{resp}");
+    assert_eq!(resp["meta"]["total_rows"], json!(3), "{resp}");
     // Every bucket of the range is labelled, also those without views.
     let (code, resp) = query(
         server,

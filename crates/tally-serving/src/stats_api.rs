@@ -22,7 +22,7 @@ use axum::Json;
 use chrono::{Datelike, NaiveDate};
 use serde_json::{json, Map, Value};
 use tally_core::dims::{Dimension, Input};
-use tally_core::{Granularity, Zone, CELL_MS, DAY_MS};
+use tally_core::{Granularity, Zone, CELL_MS, DAY_MS, HOUR_MS};
 
 use crate::breakdown::{speed_sources, Grouping};
 use crate::error::ApiError;
@@ -297,12 +297,15 @@ impl Query {
     }
 
     /// Every bucket's label from `from` (the range's start, or for `"all"` the first bucket
-    /// with data) to the range's end (at most 10 000).
+    /// with data) to the range's end (at most 10 000), each once.
     fn all_labels(&self, g: Granularity, from: i64) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out: Vec<String> = Vec::new();
         let mut t = self.zone.bucket_start(from.max(self.range.0), g);
         while t < self.range.1 && out.len() < 10_000 {
-            out.push(self.label(t, g));
+            let label = self.label(t, g);
+            if out.last() != Some(&label) {
+                out.push(label);
+            }
             t = match g {
                 Granularity::Hour | Granularity::Total => self.zone.next_hour_start(t),
                 Granularity::Day => self.zone.next_day_start(t),
@@ -311,6 +314,23 @@ impl Query {
         }
         out
     }
+}
+
+/// The first instant of the local hour *label* containing `ms`: Plausible groups hours by their
+/// local wall-clock label, so the two 02:00 hours of a fall-back night (or Lord Howe's two
+/// 01:30–02:00 halves) are one row, `2026-10-25 02:00:00`, not two rows with the same label.
+fn local_hour_start(zone: Zone, ms: i64) -> i64 {
+    let wall_hour = |t: i64| (t + zone.offset_ms(t)).div_euclid(HOUR_MS);
+    let mut start = zone.hour_start(ms);
+    // A repeated label is at most a few buckets long (one transition per night).
+    for _ in 0..4 {
+        let before = zone.hour_start(start - 1);
+        if wall_hour(before) != wall_hour(start) {
+            break;
+        }
+        start = before;
+    }
+    start
 }
 
 fn field<'a>(body: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -400,11 +420,22 @@ fn parse_range(v: &Value, zone: Zone, now: i64) -> Result<(i64, i64), ApiError> 
                 if from >= to {
                     return Err(bad("Invalid date_range: the end is not after the start."));
                 }
-                // Whole cells, as every layer counts.
-                Ok((
-                    from.div_euclid(CELL_MS) * CELL_MS,
-                    (to + 1).div_euclid(CELL_MS) * CELL_MS,
-                ))
+                // Every layer counts in whole cells: a range that does not start and end on
+                // a cell boundary cannot be answered exactly, and is refused, not rounded. The
+                // end is inclusive, as Plausible's: `10:59:59` (or `.999`) ends before 11:00.
+                let end = [to + 1, to + 1000]
+                    .into_iter()
+                    .find(|e| e.rem_euclid(CELL_MS) == 0);
+                match (from.rem_euclid(CELL_MS), end) {
+                    (0, Some(end)) => Ok((from, end)),
+                    _ => Err(bad(format!(
+                        "Invalid date_range: tally counts views in 15-minute cells, so a range of \
+                         times must start on a quarter hour and end one second before one \
+                         (e.g. [\"{}\", \"{}\"]).",
+                        zone.format(from.div_euclid(CELL_MS) * CELL_MS),
+                        zone.format((to + 1000).div_euclid(CELL_MS) * CELL_MS + CELL_MS - 1000),
+                    ))),
+                }
             }
         }
         _ => Err(invalid()),
@@ -636,7 +667,10 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let precision = precision_of(state, view.as_ref());
     let granularity = q.granularity();
     let zone = q.zone;
-    let bucket_of = move |ms: i64| zone.bucket_start(ms, granularity.unwrap_or(Granularity::Day));
+    let bucket_of = move |ms: i64| match granularity {
+        Some(Granularity::Hour) => local_hour_start(zone, ms),
+        g => zone.bucket_start(ms, g.unwrap_or(Granularity::Day)),
+    };
     let bucket = granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64);
     let speed = speed_sources(state, view.as_ref(), &q.host, None, cells, bucket.is_some())?;
     // What the rows' values are a function of: each is computed once per distinct input.
@@ -768,7 +802,6 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
             (r.dims, metrics)
         })
         .collect();
-    let total = rows.len();
     let results: Vec<Value> = rows
         .into_iter()
         .map(|(d, m)| json!({"metrics": m, "dimensions": d}))
@@ -856,6 +889,76 @@ mod tests {
         ] {
             assert!(parse_range(&bad, utc, now).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ranges_of_times_are_whole_cells_or_refused_never_rounded() {
+        let now = ms("2026-11-28T15:00:00Z");
+        let r = |f: &str, t: &str| parse_range(&json!([f, t]), Zone::UTC, now);
+        // The end is inclusive, to the second or the millisecond.
+        assert_eq!(
+            r("2026-11-28T10:00:00Z", "2026-11-28T10:59:59Z").unwrap(),
+            (ms("2026-11-28T10:00:00Z"), ms("2026-11-28T11:00:00Z"))
+        );
+        assert_eq!(
+            r("2026-11-28T10:15:00+05:30", "2026-11-28T10:44:59.999+05:30").unwrap(),
+            (ms("2026-11-28T04:45:00Z"), ms("2026-11-28T05:15:00Z"))
+        );
+        // Rounding either end would count minutes outside the range or drop some inside it.
+        for (f, t) in [
+            ("2026-11-28T10:07:00Z", "2026-11-28T10:59:59Z"),
+            ("2026-11-28T10:00:00Z", "2026-11-28T10:52:00Z"),
+            ("2026-11-28T10:01:00Z", "2026-11-28T10:05:00Z"),
+            ("2026-11-28T10:00:00Z", "2026-11-28T11:00:00Z"),
+        ] {
+            let e = r(f, t).expect_err(&format!("{f}..{t}"));
+            assert!(format!("{e:?}").contains("15-minute"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn hours_are_grouped_by_their_local_label() {
+        let berlin = Zone::parse("Europe/Berlin").unwrap();
+        // 2026-10-25: 02:00-03:00 local twice, at +02:00 (00:00Z) and at +01:00 (01:00Z).
+        let first = ms("2026-10-25T00:00:00Z");
+        assert_eq!(local_hour_start(berlin, first + 5 * 60_000), first);
+        assert_eq!(local_hour_start(berlin, ms("2026-10-25T01:30:00Z")), first);
+        assert_eq!(
+            local_hour_start(berlin, ms("2026-10-25T02:10:00Z")),
+            ms("2026-10-25T02:00:00Z")
+        );
+        // Lord Howe falls back half an hour (2026-04-05, 02:00 +11:00 → 01:30 +10:30): the
+        // hour labelled 01:00 is 01:00-02:00 at +11:00 and 01:30-02:00 at +10:30.
+        let lord_howe = Zone::parse("Australia/Lord_Howe").unwrap();
+        let one = ms("2026-04-05T01:00:00+11:00");
+        assert_eq!(
+            local_hour_start(lord_howe, ms("2026-04-05T01:45:00+10:30")),
+            one
+        );
+        assert_eq!(
+            local_hour_start(lord_howe, ms("2026-04-05T01:15:00+11:00")),
+            one
+        );
+        let q = Query {
+            host: String::new(),
+            metrics: vec![Metric::Pageviews],
+            dims: Vec::new(),
+            filters: Vec::new(),
+            order: Vec::new(),
+            limit: 10,
+            offset: 0,
+            zone: berlin,
+            range: (ms("2026-10-24T22:00:00Z"), ms("2026-10-25T04:00:00Z")),
+            total_rows: false,
+            time_labels: true,
+            all_time: false,
+            time_at: None,
+        };
+        let labels = q.all_labels(Granularity::Hour, q.range.0);
+        assert_eq!(
+            labels,
+            ["00", "01", "02", "03", "04"].map(|h| format!("2026-10-25 {h}:00:00"))
+        );
     }
 
     #[test]
