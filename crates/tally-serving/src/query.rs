@@ -238,22 +238,29 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
         .as_ref()
         .map_or(0, |v| v.range_views(&url, range.from_cell, range.to_cell));
     let speed = &state.speed;
-    let speed_views = speed_read(speed.views(&url, cutoff, range.from_cell, range.to_cell))?;
+    // One read of the speed layer per answer: with a series, its total is the series' sum, so
+    // an apply (or Redis going away) between two reads cannot make them disagree.
+    let speed_cells = match granularity {
+        Granularity::Total => None,
+        _ => Some(speed_read(speed.cell_counts(
+            &url,
+            cutoff,
+            range.from_cell,
+            range.to_cell,
+        ))?),
+    };
+    let speed_views = match &speed_cells {
+        None => speed_read(speed.views(&url, cutoff, range.from_cell, range.to_cell))?,
+        Some(cells) => (cells.as_ref()).map(|c| c.iter().map(|(_, v)| *v).sum()),
+    };
     let speed_available = speed_views.is_some();
     let speed_views = speed_views.unwrap_or(0);
-    let series = if granularity == Granularity::Total {
-        None
-    } else {
+    let series = if let Some(speed_cells) = speed_cells {
         let batch_cells = view
             .as_ref()
             .map(|v| v.cell_counts(&url, range.from_cell, range.to_cell))
             .unwrap_or_default();
-        let speed_cells = if speed_available {
-            speed_read(speed.cell_counts(&url, cutoff, range.from_cell, range.to_cell))?
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let speed_cells = speed_cells.unwrap_or_default();
         // Each layer bucketed on its own, then the two merged by bucket start.
         let mut buckets: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
         for (start, views) in bucket_series(batch_cells, granularity, range.zone) {
@@ -273,6 +280,8 @@ pub(crate) async fn get_views(State(state): State<AppState>, q: Params) -> ApiRe
                 })
                 .collect(),
         )
+    } else {
+        None
     };
     let body = ViewsAnswer {
         url: &url,

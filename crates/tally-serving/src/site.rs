@@ -194,7 +194,7 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
             .speed
             .site_totals(cutoff, range.from_cell, range.to_cell),
     )?;
-    let speed_available = speed.is_some();
+    let mut speed_available = speed.is_some();
     let mut totals: HashMap<String, u64> = speed.unwrap_or_default();
     if let Some(v) = view.as_ref() {
         for (host, n) in v.site_totals(range.from_cell, range.to_cell) {
@@ -209,7 +209,10 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
         true => {
             let hosts: Vec<&str> = ranked.iter().map(|(h, _)| h.as_str()).collect();
             let none = (range.from_cell, range.from_cell);
-            speed_sites(&state, &hosts, cutoff, none, ucells, precision)?.unwrap_or_default()
+            let read = speed_sites(&state, &hosts, cutoff, none, ucells, precision)?;
+            // A second read: the speed layer may have gone since the first; say so.
+            speed_available &= read.is_some();
+            read.unwrap_or_default()
         }
         false => HashMap::new(),
     };

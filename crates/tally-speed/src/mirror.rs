@@ -347,6 +347,11 @@ pub(crate) struct UrlDict {
     newest: Vec<Seq>,
     /// Ids below this may be taken.
     next: u32,
+    /// Ids below `next` that no live epoch holds any more (freed by [`UrlDict::retain`]),
+    /// taken from the end before new ones: the ids, and `newest`, stay as many as the live
+    /// keys at their peak, not as every URL ever seen (a site whose URLs carry click ids sees
+    /// millions of new ones a day, and a `u32` would run out).
+    free: Vec<u32>,
 }
 
 /// The ids of one host's keys ([`UrlDict::hosts`]), in order of first sight: vectors, not sets,
@@ -437,9 +442,19 @@ impl UrlDict {
         self.newest.get(id as usize).is_none_or(|&n| n > cutoff)
     }
 
-    /// Keeps only the ids in `keep`.
+    /// Keeps only the ids in `keep`; the others are free to be taken again.
     fn retain(&mut self, keep: &HashSet<u32>) {
-        self.names.retain(|id, _| keep.contains(id));
+        let mut freed = Vec::new();
+        self.names.retain(|id, _| {
+            let kept = keep.contains(id);
+            if !kept {
+                freed.push(*id);
+            }
+            kept
+        });
+        // Highest last, so the lowest are taken first and the ids stay dense.
+        freed.sort_unstable_by(|a, b| b.cmp(a));
+        self.free.extend(freed);
         self.ids.retain(|_, id| keep.contains(id));
         self.hosts.retain(|_, ids| {
             ids.urls.retain(|id| keep.contains(id));
@@ -525,15 +540,20 @@ impl Mirror {
     /// a lock ([`UrlUpdate::complete`]) and adds them in parts ([`Mirror::apply_urls`]).
     pub(crate) fn prepare<'a>(&self, d: &'a EpochDelta) -> Vec<UrlUpdate<'a>> {
         let mut next = self.dict.next;
+        // Freed ids first, from the end: `apply_urls` gives back as many as it took.
+        let mut free = self.dict.free.iter().rev();
         let mut id_of = |url: &str| match self.dict.id(url) {
             Some(id) => match self.dict.name(id) {
                 Some(name) => (id, name.clone(), false),
                 None => (id, Arc::from(url), true),
             },
-            None => {
-                next += 1;
-                (next - 1, Arc::from(url), true)
-            }
+            None => match free.next() {
+                Some(id) => (*id, Arc::from(url), true),
+                None => {
+                    next += 1;
+                    (next - 1, Arc::from(url), true)
+                }
+            },
         };
         d.urls
             .iter()
@@ -582,12 +602,19 @@ impl Mirror {
         urls: Vec<UrlUpdate<'_>>,
         base: Option<&Arc<dyn BaseTotals>>,
     ) -> Result<Applied, String> {
+        let mut taken = 0;
         for u in urls.iter().filter(|u| u.new) {
             self.dict.insert_name(u.id, &u.name)?;
+            taken += 1;
         }
-        for (id, name, _) in urls.iter().filter_map(|u| u.direct_key.as_ref()) {
+        for (id, name, new) in urls.iter().filter_map(|u| u.direct_key.as_ref()) {
             self.dict.insert_name(*id, name)?;
+            taken += usize::from(*new);
         }
+        // `prepare` handed out the freed ids from the end, in this part's order, before new
+        // ones: they are taken now.
+        let left = self.dict.free.len().saturating_sub(taken);
+        self.dict.free.truncate(left);
         let now_cell = tally_core::cell_of(tally_core::now_ms());
         let e = self.epochs.entry(epoch).or_default();
         if e.ahead
@@ -734,6 +761,12 @@ impl Mirror {
             return Ok(Some(Vec::new()));
         };
         if limit > set.cap() {
+            return Ok(None);
+        }
+        // An apply records the cells after its clock's as ahead; if the clock has reached
+        // `to_cell` since the caller chose it, an event in that cell may have been applied
+        // without being recorded, and only a scan is exact.
+        if to_cell <= tally_core::cell_of(tally_core::now_ms()) {
             return Ok(None);
         }
         // URLs with views at or after `to_cell`: their all-time totals overstate the range.
@@ -1259,6 +1292,50 @@ mod tests {
         assert_eq!(m.floor, Seq(3));
     }
 
+    /// Ids freed by a collection are taken again, so the ids (and the per-id tables) stay as
+    /// many as the live keys, while names and counts stay exact.
+    #[test]
+    fn collected_ids_are_taken_again_by_new_urls() {
+        let mut m = Mirror::default();
+        let mut seq = 0u64;
+        let mut epoch = Seq(1);
+        let events = |seq: &mut u64, urls: std::ops::Range<u64>, referred: bool| -> Vec<_> {
+            urls.map(|i| {
+                *seq += 1;
+                let mut e = ev(*seq, &format!("http://a.com/{i}"), 0);
+                if referred {
+                    e.event.referrer = Some("http://r.test/".into());
+                }
+                e
+            })
+            .collect()
+        };
+        let mut peak = 0;
+        for round in 0..5u64 {
+            // 100 URLs (half of them referred: three keys each) new to this epoch, then the
+            // previous epochs collected.
+            let mut batch = events(&mut seq, round * 100..round * 100 + 50, false);
+            batch.extend(events(&mut seq, round * 100 + 50..round * 100 + 100, true));
+            for d in aggregate(&batch, &[epoch]) {
+                m.apply(&d).unwrap();
+            }
+            for i in round * 100..round * 100 + 100 {
+                let url = format!("http://a.com/{i}");
+                assert_eq!(m.views(&url, Seq(epoch.0 - 1), 0, 1), Ok(1), "{url}");
+            }
+            peak = peak.max(m.dict.next);
+            epoch = Seq(seq + 1);
+            m.collect_before(epoch);
+            assert_eq!(m.dict.len(), 0);
+        }
+        // 200 keys live at a time (50 URLs + 50 × (URL, referred key, direct key)), never more ids.
+        assert_eq!(peak, 200, "ids are reused, not grown per URL ever seen");
+        assert!(m.dict.newest.len() <= 200);
+        // Everything collected: every id is free again.
+        let ids: HashSet<u32> = (0..200).collect();
+        assert_eq!(m.dict.free.iter().copied().collect::<HashSet<u32>>(), ids);
+    }
+
     #[test]
     fn two_urls_never_share_an_id() {
         let mut d = UrlDict::default();
@@ -1500,6 +1577,10 @@ mod tests {
                 m.top_all_time("v", cutoff, 101, Some("h0.test"), to_cell),
                 Ok(None)
             );
+            // An end the clock has reached: events of its cell applied since may not be
+            // recorded as ahead of the clock, so only a scan is exact.
+            let reached = tally_core::cell_of(tally_core::now_ms());
+            assert_eq!(m.top_all_time("v", cutoff, 10, None, reached), Ok(None));
         };
         check(&m, &all);
         let mut seq = 301u64;
