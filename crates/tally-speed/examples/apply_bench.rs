@@ -13,6 +13,10 @@
 //! Prints one JSON object: events, the append rate, and the time until the mirror and until
 //! Redis had every event (events/s each), with the applier's counters.
 
+/// The allocator of the `tally` binary, so that the applier is timed as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
