@@ -55,6 +55,19 @@ struct CellVisitors {
     registers: Option<Box<[u8]>>,
 }
 
+impl CellVisitors {
+    /// Builds the registers of precision `p` if the cell is past the sparse limit without them.
+    fn densify(&mut self, p: u8) {
+        if self.registers.is_none() && self.hashes.len() > tally_core::sketch::sparse_limit(p) {
+            let mut regs = vec![0u8; 1 << p].into_boxed_slice();
+            for h in &self.hashes {
+                tally_core::sketch::set_register(&mut regs, p, *h);
+            }
+            self.registers = Some(regs);
+        }
+    }
+}
+
 impl Visitors {
     /// Adds visitor members; with `dense_at = Some(p)`, keeps the registers of precision `p`
     /// of every cell past its sparse limit.
@@ -86,27 +99,21 @@ impl Visitors {
             };
             let d = &mut self.cells[i];
             if d.hashes.insert(h) {
-                if let (Some(regs), Some(p)) = (d.registers.as_mut(), dense_at) {
-                    tally_core::sketch::set_register(regs, p, h);
+                if let Some(p) = dense_at {
+                    match d.registers.as_mut() {
+                        Some(regs) => tally_core::sketch::set_register(regs, p, h),
+                        // Only a cell that just grew can have passed the limit.
+                        None => d.densify(p),
+                    }
                 }
             }
-        }
-        if let Some(p) = dense_at {
-            self.densify(p);
         }
     }
 
     /// Builds the registers of precision `p` of the cells past the sparse limit that have none.
     pub(crate) fn densify(&mut self, p: u8) {
-        let limit = tally_core::sketch::sparse_limit(p);
         for d in &mut self.cells {
-            if d.registers.is_none() && d.hashes.len() > limit {
-                let mut regs = vec![0u8; 1 << p].into_boxed_slice();
-                for h in &d.hashes {
-                    tally_core::sketch::set_register(&mut regs, p, *h);
-                }
-                d.registers = Some(regs);
-            }
+            d.densify(p);
         }
     }
 
