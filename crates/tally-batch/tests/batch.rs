@@ -1,5 +1,8 @@
 //! Integration tests of the batch layer on real files in a temporary directory.
 
+// Test helpers fail by panicking, as the tests do.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 

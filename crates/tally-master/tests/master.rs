@@ -1,5 +1,8 @@
 //! Integration tests of the master dataset: WAL replay, group commit, sealing, epochs.
 
+// Test helpers fail by panicking, as the tests do.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};

@@ -2,6 +2,9 @@
 //! every documented path + method is routed (neither the 404 fallback nor 405), every other
 //! method on a documented path is 405, and every path the router declares is documented.
 
+// Test helpers fail by panicking, as the tests do.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 

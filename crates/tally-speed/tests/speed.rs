@@ -1,6 +1,9 @@
 //! Integration tests of the speed layer against a real master dataset (in a tempdir) and a real
 //! `redis-server` per test (`tally_e2e::TestRedis`: private unix socket, killed on drop).
 
+// Test helpers fail by panicking, as the tests do.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
