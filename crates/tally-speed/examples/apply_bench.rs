@@ -64,6 +64,66 @@ async fn wait_for(what: impl Fn() -> bool) -> Duration {
     t.elapsed()
 }
 
+/// Redis's `used_memory`, its keys, and per kind of key (the third `:`-separated part of
+/// `e:{start}:{kind}:{id}`, or the name after the epoch) their count and `MEMORY USAGE` bytes,
+/// as a JSON object.
+async fn redis_memory(url: &str) -> String {
+    use std::collections::BTreeMap;
+    let client = redis::Client::open(url).expect("redis url");
+    // MEMORY USAGE of a hash of every live URL takes a while.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut c = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect to redis");
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut c)
+        .await
+        .expect("INFO");
+    let used = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap_or("0")
+        .trim()
+        .to_string();
+    let mut kinds: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(&mut c)
+            .await
+            .expect("SCAN");
+        let mut p = redis::pipe();
+        for k in &keys {
+            p.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+        }
+        let sizes: Vec<Option<u64>> = p.query_async(&mut c).await.expect("MEMORY USAGE");
+        for (k, n) in keys.iter().zip(sizes) {
+            let parts: Vec<&str> = k.split(':').collect();
+            let kind = match parts.as_slice() {
+                [_, "e", _, kind, ..] => kind.to_string(),
+                _ => "other".to_string(),
+            };
+            let e = kinds.entry(kind).or_default();
+            e.0 += 1;
+            e.1 += n.unwrap_or(0);
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let kinds: Vec<String> = kinds
+        .iter()
+        .map(|(k, (n, b))| format!("\"{k}\":{{\"keys\":{n},\"bytes\":{b}}}"))
+        .collect();
+    format!("{{\"used_memory\":{used},{}}}", kinds.join(","))
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -111,13 +171,14 @@ async fn main() {
     let mirror_total = t.elapsed();
     wait_for(|| speed.redis_applied_seq() >= last).await;
     let redis_total = t.elapsed();
+    let memory = redis_memory(&redis.url()).await;
     let s = speed.stats();
     let rate = |d: Duration| (n as f64 / d.as_secs_f64()).round();
     println!(
         "{{\"events\":{n},\"urls\":{n_urls},\"append_events_per_s\":{},\
          \"mirror_s\":{:.3},\"mirror_after_append_s\":{:.3},\"mirror_events_per_s\":{},\
          \"redis_s\":{:.3},\"redis_events_per_s\":{},\"live_urls\":{},\
-         \"redis_writes\":{},\"redis_rewrites\":{}}}",
+         \"redis_writes\":{},\"redis_rewrites\":{},\"redis_memory\":{}}}",
         rate(append),
         mirror_total.as_secs_f64(),
         mirror.as_secs_f64(),
@@ -127,6 +188,7 @@ async fn main() {
         speed.epochs().iter().map(|e| e.urls).sum::<usize>(),
         s.applies,
         s.resyncs,
+        memory,
     );
     speed.shutdown().await;
 }
