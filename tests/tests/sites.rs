@@ -9,7 +9,7 @@ use chrono::{DateTime, Datelike, TimeZone};
 use chrono_tz::Tz;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tally_e2e::{
     batch_run, enc, now_ms, parse_ms, post_visits, rfc3339, seed, ServerOpts, TestServer, DAY_MS,
 };
@@ -189,6 +189,14 @@ fn check_sites(server: &TestServer, model: &Model) {
         let h = i["host"].as_str().unwrap();
         assert_uniques(&i["uniques"], model.uniques(h, i64::MIN, i64::MAX), h);
     }
+    // A site picker's list: the same sites and views, without the uniques it does not need.
+    let (code, names) = server.get("/v1/sites?limit=2&uniques=false");
+    assert_eq!(code, 200, "{names}");
+    let without: Vec<Value> = items
+        .iter()
+        .map(|i| json!({"host": i["host"], "views": i["views"]}))
+        .collect();
+    assert_eq!(names["items"], json!(without), "{names}");
 }
 
 fn probe(server: &TestServer, model: &Model) {
@@ -234,6 +242,7 @@ fn bad_site_queries_are_refused() {
         "/v1/site?host=x.test&tz=Nowhere%2FLand",
         "/v1/sites?limit=0",
         "/v1/sites?limit=1001",
+        "/v1/sites?uniques=maybe",
     ] {
         let (code, body) = server.get(q);
         assert_eq!(code, 400, "GET {q}: {body}");

@@ -11,23 +11,12 @@ use tally_core::format_rfc3339;
 use tally_master::Forget;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{params, Params};
+use crate::extract::{flag, params, Params};
 use crate::state::AppState;
 use crate::views::DiscardError;
 
-/// A boolean query parameter (`name`, `name=true|1`, `name=false|0`; absent is false).
-fn flag(q: &std::collections::HashMap<String, String>, name: &str) -> ApiResult<bool> {
-    match q.get(name).map(String::as_str) {
-        None | Some("false") | Some("0") => Ok(false),
-        Some("true") | Some("1") | Some("") => Ok(true),
-        Some(other) => Err(ApiError::bad(format!(
-            "{name} must be true or false, not {other:?}."
-        ))),
-    }
-}
-
 fn wants_wait(q: &std::collections::HashMap<String, String>) -> ApiResult<bool> {
-    flag(q, "wait")
+    flag(q, "wait", false)
 }
 
 fn outcome_json(o: &RunOutcome) -> Value {
@@ -89,7 +78,7 @@ async fn start(state: &AppState, trigger: Trigger, full: bool, wait: bool) -> Ap
 pub(crate) async fn post_batch(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let wait = wants_wait(&q)?;
-    let full = flag(&q, "full")?;
+    let full = flag(&q, "full", false)?;
     start(&state, Trigger::Admin, full, wait).await
 }
 

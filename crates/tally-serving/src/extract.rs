@@ -27,3 +27,15 @@ pub(crate) fn body_rejection(rejection: BytesRejection, max_body_bytes: usize) -
         ApiError::bad(format!("Request body could not be read: {rejection}."))
     }
 }
+
+/// A boolean query parameter: `name`, `name=true|1` or `name=false|0`; absent is `default`.
+pub(crate) fn flag(q: &HashMap<String, String>, name: &str, default: bool) -> ApiResult<bool> {
+    match q.get(name).map(String::as_str) {
+        None => Ok(default),
+        Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(other) => Err(ApiError::bad(format!(
+            "{name} must be true or false, not {other:?}."
+        ))),
+    }
+}

@@ -15,7 +15,7 @@ use tally_core::{Granularity, Seq, CELL_MS, DAY_MS};
 use tally_speed::{SiteSpeed, SpeedVisitors};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{params, Params};
+use crate::extract::{flag, params, Params};
 use crate::merge::bucket_series;
 use crate::query::{
     granularity_param, limit_param, precision_of, provenance, query_range, respond, speed_read,
@@ -179,11 +179,14 @@ fn series_with_uniques(
         .collect()
 }
 
-/// `GET /v1/sites[?from&to&tz&limit]`: hosts with views in the range, most viewed first (then
-/// by host), each with its uniques.
+/// `GET /v1/sites[?from&to&tz&limit&uniques]`: hosts with views in the range, most viewed first
+/// (then by host), each with its uniques — unless `uniques=false`, for a caller that needs the
+/// names and views only (a site picker): a union of every listed site's sketches is most of the
+/// work.
 pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiResult<Response> {
     let q = params(q)?;
     let limit = limit_param(&q)?;
+    let with_uniques = flag(&q, "uniques", true)?;
     let range = query_range(&q)?;
     let ucells = uniques_cells(&range);
     let view = state.views.current();
@@ -205,7 +208,7 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     ranked.truncate(limit);
     // The listed sites' visitors in the speed layer, in one scan (no views: an empty cell range).
-    let mut visitors = match speed_available {
+    let mut visitors = match speed_available && with_uniques {
         true => {
             let hosts: Vec<&str> = ranked.iter().map(|(h, _)| h.as_str()).collect();
             let none = (range.from_cell, range.from_cell);
@@ -218,6 +221,10 @@ pub(crate) async fn get_sites(State(state): State<AppState>, q: Params) -> ApiRe
     };
     let mut items = Vec::with_capacity(ranked.len());
     for (host, views) in ranked {
+        if !with_uniques {
+            items.push(json!({ "host": host, "views": views }));
+            continue;
+        }
         let sp = visitors.remove(&host).unwrap_or_default();
         let uniques = site_uniques(view.as_ref(), &host, &sp.visitors, ucells, precision)?
             .estimate()
