@@ -433,7 +433,7 @@ fn parse_range(v: &Value, zone: Zone, now: i64) -> Result<(i64, i64), ApiError> 
                          times must start on a quarter hour and end one second before one \
                          (e.g. [\"{}\", \"{}\"]).",
                         zone.format(from.div_euclid(CELL_MS) * CELL_MS),
-                        zone.format((to + 1000).div_euclid(CELL_MS) * CELL_MS + CELL_MS - 1000),
+                        zone.format((to + CELL_MS).div_euclid(CELL_MS) * CELL_MS - 1000),
                     ))),
                 }
             }
@@ -914,6 +914,12 @@ mod tests {
             let e = r(f, t).expect_err(&format!("{f}..{t}"));
             assert!(format!("{e:?}").contains("15-minute"), "{e:?}");
         }
+        // The range it suggests is the smallest exact one around the one asked for.
+        let e = r("2026-11-28T10:07:00Z", "2026-11-28T10:59:59Z").unwrap_err();
+        assert!(
+            format!("{e:?}").contains(r#"[\"2026-11-28T10:00:00Z\", \"2026-11-28T10:59:59Z\"]"#),
+            "{e:?}"
+        );
     }
 
     #[test]
