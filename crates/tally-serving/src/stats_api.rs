@@ -322,8 +322,9 @@ impl Query {
 fn local_hour_start(zone: Zone, ms: i64) -> i64 {
     let wall_hour = |t: i64| (t + zone.offset_ms(t)).div_euclid(HOUR_MS);
     let mut start = zone.hour_start(ms);
-    // A repeated label is at most a few buckets long (one transition per night).
-    for _ in 0..4 {
+    // Only a bucket that starts where the offset drops (a fall-back) can repeat the label of the
+    // one before: every other hour costs two offset lookups, not another bucket search.
+    while zone.offset_ms(start - 1) > zone.offset_ms(start) {
         let before = zone.hour_start(start - 1);
         if wall_hour(before) != wall_hour(start) {
             break;
