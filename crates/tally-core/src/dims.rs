@@ -209,6 +209,45 @@ pub fn write_source_key(out: &mut String, referrer_host: &str, url: &str) {
     out.push_str(url);
 }
 
+/// The UTM parameters of the campaign dimensions, in the order a [`campaign_key`] lists them.
+const UTM_PARAMS: [&str; 3] = ["utm_source", "utm_medium", "utm_campaign"];
+
+/// Whether a dimension's value is a function of a view's campaign — its referrer host, its
+/// URL's site and UTM parameters — so that it is the same for a [`source_key`] and its
+/// [`campaign_key`]. Only `page` and `url` read more of the URL.
+pub fn is_campaign_dimension(d: Dimension) -> bool {
+    !matches!(d, Dimension::Page | Dimension::Url)
+}
+
+/// [`source_key`] of a view's campaign into `out` (cleared first): the referrer host with the
+/// URL reduced to its origin, `/` and the UTM parameters it has (decoded values, encoded
+/// again). Every dimension [`is_campaign_dimension`] has the same value for a source key and
+/// its campaign key, so a site's views grouped by campaign key — a few entries per referrer,
+/// not one per page — give every such breakdown exactly.
+pub fn write_campaign_key(out: &mut String, referrer_host: &str, url: &str) {
+    let origin_end = url.split_once("://").map_or(url.len(), |(scheme, rest)| {
+        scheme.len() + 3 + rest.find(['/', '?', '#']).unwrap_or(rest.len())
+    });
+    out.clear();
+    out.push(SOURCE_KEY_MARK);
+    out.push_str(referrer_host);
+    out.push(SOURCE_KEY_MARK);
+    out.push_str(&url[..origin_end]);
+    out.push('/');
+    let values = UTM_PARAMS.map(|name| utm(url, name));
+    if values.iter().any(Option::is_some) {
+        out.push('?');
+        let start = out.len();
+        let mut query = url::form_urlencoded::Serializer::for_suffix(&mut *out, start);
+        for (name, v) in UTM_PARAMS.iter().zip(&values) {
+            if let Some(v) = v {
+                query.append_pair(name, v);
+            }
+        }
+        query.finish();
+    }
+}
+
 /// Whether `key` is a [`source_key`] (and not a URL).
 pub fn is_source_key(key: &str) -> bool {
     key.starts_with(SOURCE_KEY_MARK)
@@ -289,6 +328,39 @@ mod tests {
         assert_eq!(Dimension::Source.value(plain, ""), DIRECT);
         assert_eq!(Dimension::Referrer.value(plain, ""), DIRECT);
         assert_eq!(Dimension::UtmSource.value(plain, "google.com"), NONE);
+    }
+
+    #[test]
+    fn a_campaign_key_has_the_campaign_dimensions_of_its_source_key() {
+        let urls = [
+            "https://x.test/a/b?c=1",
+            "https://x.test",
+            "https://x.test:8443/p#/hash?utm_source=no",
+            "https://x.test/p?utm_source=%20News%20Letter%20&utm_medium=e%26mail&x=1",
+            "https://x.test/p?utm_source=&utm_source=second&utm_campaign=%C3%A9t%C3%A9#/r",
+            "https://x.test/?utm_campaign=a+b&utm_medium=cpc",
+        ];
+        let mut k = String::new();
+        for url in urls {
+            for referrer in ["", "google.com"] {
+                write_campaign_key(&mut k, referrer, url);
+                let (r, u) = parse_source_key(&k).expect("a source key");
+                assert_eq!(r, referrer);
+                assert_eq!(crate::url::host_of(u), crate::url::host_of(url), "{u}");
+                for d in Dimension::ALL
+                    .into_iter()
+                    .filter(|d| is_campaign_dimension(*d))
+                {
+                    assert_eq!(
+                        d.value(u, r),
+                        d.value(url, referrer),
+                        "{d:?} of {url} as {u}"
+                    );
+                }
+            }
+        }
+        write_campaign_key(&mut k, "", "https://x.test/a?b=1");
+        assert_eq!(parse_source_key(&k), Some(("", "https://x.test/")));
     }
 
     #[test]

@@ -104,7 +104,9 @@ enum BatchKeys {
 
 /// The speed layer's source keys of site `host` (of `url` alone when given) after the cutoff of
 /// `view` with views in `cells` (and per cell, for a grouping by time bucket: `per_cell`);
-/// `None` while it cannot be read.
+/// `None` while it cannot be read. For a grouping of the whole site by campaign dimensions
+/// alone (`by_campaign`: `tally_core::dims::is_campaign_dimension`), its campaign keys
+/// instead: the same sums, from a few keys per referrer rather than one per page.
 pub(crate) fn speed_sources(
     state: &AppState,
     view: Option<&Arc<BatchView>>,
@@ -112,9 +114,13 @@ pub(crate) fn speed_sources(
     url: Option<&str>,
     cells: (i64, i64),
     per_cell: bool,
+    by_campaign: bool,
 ) -> ApiResult<Option<Vec<SourceSpeed>>> {
     let cutoff = ViewManager::cutoff(view);
-    speed_read(state.speed.sources(host, url, cutoff, cells, per_cell))
+    speed_read(match (url, by_campaign) {
+        (None, true) => state.speed.campaigns(host, cutoff, cells, per_cell),
+        _ => state.speed.sources(host, url, cutoff, cells, per_cell),
+    })
 }
 
 impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
@@ -287,10 +293,10 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
             .iter()
             .flatten()
             .filter(|(g, _)| want_group[*g as usize])
-            .map(|(g, s)| (*g, s.key))
+            .map(|(g, s)| (*g, s.key.clone()))
             .collect();
         if !keys.is_empty() {
-            let ids: Vec<SourceId> = keys.iter().map(|k| k.1).collect();
+            let ids: Vec<SourceId> = keys.iter().map(|k| k.1.clone()).collect();
             let read = state
                 .speed
                 .source_visitors(&ids, self.cutoff, visitor_cells, precision);
@@ -359,10 +365,19 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
     // the range is not whole days, an item's visitors come from the keys with views on those
     // days — also those without views in the range itself.
     let day_cells = uniques_cells(&range);
-    let speed = speed_sources(state, view.as_ref(), &host, url, cells, false)?;
+    let by_campaign = tally_core::dims::is_campaign_dimension(by);
+    let speed = speed_sources(state, view.as_ref(), &host, url, cells, false, by_campaign)?;
     let speed_days = match day_cells == cells {
         true => None,
-        false => speed_sources(state, view.as_ref(), &host, url, day_cells, false)?,
+        false => speed_sources(
+            state,
+            view.as_ref(),
+            &host,
+            url,
+            day_cells,
+            false,
+            by_campaign,
+        )?,
     };
     let group = (by.input(), |u, referrer| Some(by.value(u, referrer)));
     let items = Grouping::new(

@@ -111,6 +111,15 @@ impl Dim {
         }
     }
 
+    /// Whether [`Dim::value`] is a function of the campaign alone
+    /// (`tally_core::dims::is_campaign_dimension`; the hostname is the site's).
+    fn by_campaign(self) -> bool {
+        match self {
+            Dim::Of(d) => tally_core::dims::is_campaign_dimension(d),
+            Dim::Hostname | Dim::Name | Dim::Time(_) => true,
+        }
+    }
+
     fn value<'a>(self, url: &'a str, referrer: &'a str) -> Cow<'a, str> {
         match self {
             Dim::Of(d) => d.value(url, referrer),
@@ -145,6 +154,15 @@ enum Filter {
 
 impl Filter {
     /// What [`Filter::matches`] reads; `None` when it reads neither input.
+    /// Whether [`Filter::matches`] reads the campaign alone ([`Dim::by_campaign`]).
+    fn by_campaign(&self) -> bool {
+        match self {
+            Filter::Match { dim, .. } => dim.by_campaign(),
+            Filter::And(fs) | Filter::Or(fs) => fs.iter().all(Filter::by_campaign),
+            Filter::Not(f) => f.by_campaign(),
+        }
+    }
+
     fn input(&self) -> Option<Input> {
         let all = |fs: &[Filter]| fs.iter().filter_map(Filter::input).reduce(Input::and);
         match self {
@@ -673,7 +691,17 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         g => zone.bucket_start(ms, g.unwrap_or(Granularity::Day)),
     };
     let bucket = granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64);
-    let speed = speed_sources(state, view.as_ref(), &q.host, None, cells, bucket.is_some())?;
+    let by_campaign =
+        q.dims.iter().all(|d| d.by_campaign()) && q.filters.iter().all(Filter::by_campaign);
+    let speed = speed_sources(
+        state,
+        view.as_ref(),
+        &q.host,
+        None,
+        cells,
+        bucket.is_some(),
+        by_campaign,
+    )?;
     // What the rows' values are a function of: each is computed once per distinct input.
     let input = (q.dims.iter().filter_map(|d| d.input()))
         .chain(q.filters.iter().filter_map(Filter::input))

@@ -1086,16 +1086,6 @@ fn mirror_from(
             for (h, _) in counts.cells.iter().filter(|(h, _)| *h > now_cell) {
                 e.ahead.entry(*h).or_default().insert(id);
             }
-            if let Some(host) = tally_core::url::host_of(&url) {
-                match e.sites.get_mut(host) {
-                    Some(site) => site.merge(&counts, precision),
-                    None => {
-                        let mut site = crate::mirror::UrlCounts::default();
-                        site.merge(&counts, precision);
-                        e.sites.insert(Arc::from(host), site);
-                    }
-                }
-            }
             e.urls.insert(id, counts);
         }
         for (url, id, counts) in direct {
@@ -1110,6 +1100,7 @@ fn mirror_from(
                 }
             }
         }
+        m.derive_sites(start);
     }
     Ok(m)
 }
@@ -1128,7 +1119,7 @@ mod tests {
         let mut out = Sources::new();
         let all = (i64::MIN, i64::MAX);
         let keys = m.sources(host, None, Seq(0), all, true).unwrap();
-        let ids: Vec<_> = keys.iter().map(|s| s.key).collect();
+        let ids: Vec<_> = keys.iter().map(|s| s.key.clone()).collect();
         let visitors = m.source_visitors(&ids, Seq(0), all, 14).unwrap();
         for (s, v) in keys.iter().zip(visitors) {
             let item = out

@@ -378,7 +378,23 @@ impl SpeedLayer {
         self.read(|m| m.sources(host, url, after_cutoff, cells, per_cell))
     }
 
-    /// The visitors of each of `keys` (from [`sources`](Self::sources) with the same
+    /// The campaign keys of site `host` — its views grouped by referrer host and UTM parameters
+    /// (`tally_core::dims::write_campaign_key`) — over the live epochs after `after_cutoff`,
+    /// with their views in `cells` (and per cell, with `per_cell`): for a grouping whose value
+    /// is a function of the campaign alone (`tally_core::dims::is_campaign_dimension`), the
+    /// same sums as [`sources`](Self::sources) over far fewer keys.
+    pub fn campaigns(
+        &self,
+        host: &str,
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        per_cell: bool,
+    ) -> Read<Vec<SourceSpeed>> {
+        self.read(|m| m.campaigns(host, after_cutoff, cells, per_cell))
+    }
+
+    /// The visitors of each of `keys` (from [`sources`](Self::sources) or
+    /// [`campaigns`](Self::campaigns) with the same
     /// `after_cutoff`) per cell in `visitor_cells` = `[from, to)`, each cell as
     /// [`visitors`](Self::visitors) answers for a URL. Fails with [`NotCovered`] when an epoch
     /// the keys were read from has been collected since.
