@@ -618,7 +618,10 @@ async function pageView(s: State, sites: string[], _live: () => boolean): Promis
   const q = rangeQuery(s, r);
   const url = encodeURIComponent(s.url);
   const hash = s.url.includes("#") ? "&hash=1" : "";
-  const breakdown = (by: string) => api(`/v1/breakdown?host=${encodeURIComponent(s.site)}&by=${by}&limit=10&url=${url}&${q}`);
+  // A hash-routed page keeps its fragment in every request, or each would answer for the
+  // page without it.
+  const breakdown = (by: string) =>
+    api(`/v1/breakdown?host=${encodeURIComponent(s.site)}&by=${by}&limit=10&url=${url}${hash}&${q}`);
   // The page's uniques as its site's breakdown gives them (0 when the page has no views).
   const [views, own, sources] = await Promise.all([
     api(`/v1/views?url=${url}${hash}&granularity=${r.granularity}&${q}`),

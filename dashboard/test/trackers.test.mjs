@@ -151,6 +151,21 @@ try {
   assert.deepEqual(await breakdown("hash.test", "page"), { "/app#/settings": 1, "/app#/billing": 1 });
   const hashView = await api(`/v1/views?url=${encodeURIComponent("http://hash.test/app#/billing")}&hash=1`);
   assert.equal(hashView.views, 1, "a hash route is a page of its own");
+  // The dashboard's page of a hash route: its uniques and sources are the route's, not the
+  // page's without its fragment (which has no views).
+  const dash = await context();
+  const route = "http://hash.test/app#/billing";
+  await dash.goto(`${base}/?view=page&site=hash.test&range=today&tz=UTC&url=${encodeURIComponent(route)}`);
+  await dash.waitForFunction(() => document.querySelector("main")?.dataset.rendered === location.search);
+  await dash.waitForSelector("[data-kpi] .value");
+  const kpi = await dash.$$eval("[data-kpi]", (els) =>
+    Object.fromEntries(els.map((e) => [e.getAttribute("data-kpi"), e.querySelector(".value").getAttribute("data-value")])),
+  );
+  assert.equal(kpi.views, "1", `views of ${route} on the dashboard`);
+  assert.equal(kpi.uniques, "1", `uniques of ${route} on the dashboard`);
+  const routeSources = await dash.$$eval('table[data-breakdown="source"] tbody tr[data-item]', (rows) => rows.map((r) => r.getAttribute("data-item")));
+  assert.deepEqual(routeSources, ["(direct)"], `sources of ${route} on the dashboard`);
+  await dash.context().close();
   const botView = await api(`/v1/views?url=${encodeURIComponent("http://new.test/bot-page")}`);
   assert.equal(botView.views, 0, "bots are not counted");
 

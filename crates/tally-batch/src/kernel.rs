@@ -94,6 +94,9 @@ pub struct ComputeStats {
     pub files_reused: usize,
     /// Files read (all of them without a cache, or on a full run).
     pub files_computed: usize,
+    /// The first seq of each file read: a run of two keyings read a file when either did.
+    #[serde(skip)]
+    pub computed_files: Vec<tally_core::Seq>,
     pub row_groups: usize,
     /// Rows decoded (including rows after the cutoff in straddling files).
     pub rows_read: u64,
@@ -426,6 +429,7 @@ fn compute_keyed(
     data.stats.files = files_computed + files_reused;
     data.stats.files_reused = files_reused;
     data.stats.files_computed = files_computed;
+    data.stats.computed_files = plans.iter().map(|p| p.file.first).collect();
     data.stats.row_groups = row_groups;
     data.stats.open_wall_ms = open_ms;
     data.stats.scan_wall_ms = scan_ms;

@@ -456,10 +456,11 @@ impl BatchRunner {
         let publish_ms = t3.elapsed().as_secs_f64() * 1000.0;
 
         // A file is read when either keying had no partial for it.
-        let files_computed = data
-            .stats
-            .files_computed
-            .max(data.sources.as_ref().map_or(0, |s| s.stats.files_computed));
+        let read: std::collections::BTreeSet<Seq> = (data.stats.computed_files.iter())
+            .chain(data.sources.iter().flat_map(|s| &s.stats.computed_files))
+            .copied()
+            .collect();
+        let files_computed = read.len();
         Ok(RunOutcome {
             run_id: info.run_id.clone(),
             files_reused: nfiles - files_computed.min(nfiles),

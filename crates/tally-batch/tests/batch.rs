@@ -808,7 +808,24 @@ mod runner {
                 .count()
                 >= 4
         );
-        runner.run(Trigger::Schedule).await.unwrap();
+        // A file is read when either keying lacks its partial: the first file's URL partial
+        // and the second's source partial gone, both files are read.
+        let partials = dir.path().join("views/partials");
+        for prefix in ["url-00000000000000000001-", "src-00000000000000000501-"] {
+            for e in partials.read_dir().unwrap() {
+                let path = e.unwrap().path();
+                if path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(prefix)
+                {
+                    std::fs::remove_file(path).unwrap();
+                }
+            }
+        }
+        let o3 = runner.run(Trigger::Schedule).await.unwrap();
+        assert_eq!((o3.files_reused, o3.files_computed), (0, 2));
         let o4 = runner.run(Trigger::Schedule).await.unwrap();
         assert_eq!(store.list().unwrap().len(), 2);
         assert_eq!(

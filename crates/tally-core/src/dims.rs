@@ -116,8 +116,9 @@ impl Dimension {
 }
 
 /// The page of a normalised URL: its path, and its fragment when it kept one (a hash-routed
-/// page), without the query. `https://x.test/a?b=1` → `/a`; `https://x.test/app#/s` → `/app#/s`;
-/// `https://x.test/app?u=1#/s` → `/app#/s` (Plausible's pathname plus hash).
+/// page), without the query, percent-decoded (Plausible's pathname plus hash, which it decodes).
+/// `https://x.test/a?b=1` → `/a`; `https://x.test/app#/s` → `/app#/s`;
+/// `https://x.test/app?u=1#/s` → `/app#/s`; `https://x.test/caf%C3%A9` → `/café`.
 pub fn page_of(url: &str) -> Cow<'_, str> {
     let Some((_, rest)) = url.split_once("://") else {
         return Cow::Borrowed(url);
@@ -130,7 +131,7 @@ pub fn page_of(url: &str) -> Cow<'_, str> {
         Some(h) => (&tail[..h], &tail[h..]),
         None => (tail, ""),
     };
-    match before_hash.find('?') {
+    let page = match before_hash.find('?') {
         None => Cow::Borrowed(tail),
         Some(q) => {
             let path = if q == 0 { "/" } else { &before_hash[..q] };
@@ -140,13 +141,21 @@ pub fn page_of(url: &str) -> Cow<'_, str> {
                 Cow::Owned(format!("{path}{fragment}"))
             }
         }
+    };
+    if !page.contains('%') {
+        return page;
+    }
+    match percent_encoding::percent_decode_str(&page).decode_utf8_lossy() {
+        Cow::Borrowed(_) => page,
+        Cow::Owned(decoded) => Cow::Owned(decoded),
     }
 }
 
-/// The first non-empty value of query parameter `name` of a normalised URL, decoded.
+/// The first non-empty value of query parameter `name` of a normalised URL, decoded. Only the
+/// query counts, not a `?` in the fragment (a hash route's), as in Plausible.
 fn utm(url: &str, name: &str) -> Option<String> {
-    let after = url.split_once('?')?.1;
-    let query = after.split_once('#').map_or(after, |(q, _)| q);
+    let before_hash = url.split_once('#').map_or(url, |(u, _)| u);
+    let query = before_hash.split_once('?')?.1;
     if !query.contains(name) {
         return None;
     }
@@ -270,6 +279,9 @@ mod tests {
         assert_eq!(page_of("https://x.test/app#/settings"), "/app#/settings");
         assert_eq!(page_of("https://x.test/app#/s?x=1"), "/app#/s?x=1");
         assert_eq!(page_of("https://x.test/app?u=1#/s"), "/app#/s");
+        assert_eq!(page_of("https://x.test/caf%C3%A9?x=%20"), "/café");
+        assert_eq!(page_of("https://x.test/a%20b#/r%C3%A9f"), "/a b#/réf");
+        assert_eq!(page_of("https://x.test/bad%FF"), "/bad\u{FFFD}");
     }
 
     #[test]
@@ -328,6 +340,12 @@ mod tests {
         assert_eq!(Dimension::Source.value(plain, ""), DIRECT);
         assert_eq!(Dimension::Referrer.value(plain, ""), DIRECT);
         assert_eq!(Dimension::UtmSource.value(plain, "google.com"), NONE);
+        // A `?` in a hash route's fragment is not the URL's query (Plausible reads the query).
+        let route = "https://x.test/app#/p?utm_source=news";
+        assert_eq!(Dimension::UtmSource.value(route, ""), NONE);
+        assert_eq!(Dimension::Source.value(route, "google.com"), "google.com");
+        let both = "https://x.test/app?utm_source=ads#/p?utm_source=news";
+        assert_eq!(Dimension::UtmSource.value(both, ""), "ads");
     }
 
     #[test]

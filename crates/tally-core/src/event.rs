@@ -224,17 +224,18 @@ pub fn parse_body(
 ) -> Result<Vec<Event>, BodyError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| BodyError::Malformed(format!("body is not UTF-8 ({e})")))?;
-    let items: Vec<&str> = match format {
+    // Each item with its index: its position in an array, or its line (blank ones count).
+    let items: Vec<(usize, &str)> = match format {
         BodyFormat::Json => {
             let trimmed = text.trim_start();
             if trimmed.starts_with('[') {
                 let raws: Vec<&RawValue> =
                     serde_json::from_str(text).map_err(|e| BodyError::Malformed(e.to_string()))?;
-                raws.into_iter().map(RawValue::get).collect()
+                raws.into_iter().map(RawValue::get).enumerate().collect()
             } else if trimmed.starts_with('{') {
                 let raw: &RawValue =
                     serde_json::from_str(text).map_err(|e| BodyError::Malformed(e.to_string()))?;
-                vec![raw.get()]
+                vec![(0, raw.get())]
             } else {
                 return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
                     Ok(_) => Err(BodyError::NotEvents),
@@ -242,14 +243,18 @@ pub fn parse_body(
                 };
             }
         }
-        BodyFormat::Ndjson => text.lines().filter(|l| !l.trim().is_empty()).collect(),
+        BodyFormat::Ndjson => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .collect(),
     };
     if items.len() > limits.max_batch_events {
         return Err(BodyError::TooManyEvents(limits.max_batch_events));
     }
     let mut events = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
-    for (i, item) in items.iter().enumerate() {
+    for (i, item) in items {
         match parse_event(item, now_ms, limits) {
             Ok(e) => events.push(e),
             Err(e) => errors.push((i, e)),
@@ -377,6 +382,19 @@ mod tests {
             &lim()
         )
         .is_ok());
+    }
+
+    /// The index of an invalid NDJSON event is its line, blank lines included.
+    #[test]
+    fn an_invalid_ndjson_event_is_named_by_its_line() {
+        let body = b"{\"url\":\"http://a.test/\"}\n\n{\"url\":\"nope\"}\n";
+        match parse_body(body, BodyFormat::Ndjson, NOW, &lim()) {
+            Err(BodyError::Invalid(errors)) => {
+                let lines: Vec<usize> = errors.iter().map(|(i, _)| *i).collect();
+                assert_eq!(lines, [2]);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
