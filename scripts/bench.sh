@@ -253,8 +253,8 @@ section_ingest() {
 }
 
 # ================================================================================================
-# Section: queries (owned by the speed-layer/serving work, issue 4; appended, the ingest section
-# above is another engineer's). `scripts/bench.sh queries`.
+# Section: queries: `/v1/views` and `/v1/top` against a bare axum handler, and
+# ingest-to-visible latency. `scripts/bench.sh queries`.
 #
 # 1M events over 10 000 URLs (ts spread over 30 days): 90% ingested, then a batch run, then 10%
 # (so queries merge the batch view and the speed layer). wrk at 32 connections on
@@ -443,7 +443,7 @@ EOF
 SECTIONS+=(queries)
 
 # ================================================================================================
-# Section: batch (issue 3, and issue 5's sketch goal): the batch layer vs DuckDB on the same
+# Section: batch (with the sketch goal): the batch layer vs DuckDB on the same
 # master files, in the same run. `scripts/bench.sh batch`.
 #
 # Generates a master dataset (BENCH_BATCH_EVENTS, default 5 000 000 events over BENCH_BATCH_URLS,
@@ -613,7 +613,7 @@ section_batch() {
         "| end to end, \`COPY (query) TO\` (reps $dreps / $sdreps) | $dt | $sdt |" ""
     md "Same answer: tally $ccells (url, cell) entries over $cev events; DuckDB $dcells cells over $dev events." ""
 
-    # Incremental runs (issue 13): the same events in 100 files, so that one new file is 1 % of
+    # Incremental runs: the same events in 100 files, so that one new file is 1 % of
     # the data; every cached run's view is asserted equal to the scan's by the example.
     local idir="$BENCH_DIR/batch-incremental"
     mkdir -p "$idir"
@@ -638,7 +638,7 @@ PY
         "\`$inc_cmd\` — the same $events events in 100 master files (in time order, as the sealer writes" \
         "them: each holds about $((days / 100 + 1)) day of events over most of the URLs). Per pass of a run, with sketches: scanning every file" \
         "without a cache, the first cached run (which writes the partials), a run where one file of 100" \
-        "(1 % of the events) is new, and a run where nothing is. Goal (issue 13): a run with 1 % new" \
+        "(1 % of the events) is new, and a run where nothing is. Goal: a run with 1 % new" \
         "data ≤ 5 % of the full run." "" \
         "| pass | scan every file ms | first cached run ms | one new file ms | … of which merge ms | nothing new ms | partials on disk | one new ÷ scan |" \
         "|---|---:|---:|---:|---:|---:|---:|---:|" "$rows" ""
@@ -646,7 +646,7 @@ PY
 SECTIONS+=(batch)
 
 # ================================================================================================
-# Section: scale (issue 13). `scripts/bench.sh scale` (not part of a plain `scripts/bench.sh`).
+# Section: scale. `scripts/bench.sh scale` (not part of a plain `scripts/bench.sh`).
 # BENCH_SCALE_EVENTS (default 100 000 000) events over BENCH_SCALE_URLS (1 000 000) URLs and
 # BENCH_SCALE_DAYS (365) days, generated straight into BENCH_SCALE_FILES (100) time-ordered
 # Parquet files by the batch_bench example (not through HTTP; kept under BENCH_DIR, out of git).
@@ -730,7 +730,7 @@ PY
 }
 
 # ================================================================================================
-# Section: uniques (issue 5's goal): `GET /v1/uniques` over a 30-day range for one busy URL at 32
+# Section: uniques: `GET /v1/uniques` over a 30-day range for one busy URL at 32
 # connections. `scripts/bench.sh uniques`. Reuses the queries section's loader with one URL:
 # BENCH_UNIQUES_EVENTS (default 300 000) events on https://q0.bench/page/0, visitors drawn from
 # 100 000, ts spread over 30 days; 90% then a batch run, then 10% in the speed layer, so every
@@ -781,7 +781,7 @@ LUA
 SECTIONS+=(uniques)
 
 # ================================================================================================
-# Section: mixed (issue 11): queries while ingesting, on a long tail of URLs, caches disabled.
+# Section: mixed: queries while ingesting, on a long tail of URLs, caches disabled.
 # `scripts/bench.sh mixed`.
 #
 # tally (release, `query.result_cache = false`) is loaded by `tests/examples/mixed.rs` with
@@ -989,7 +989,7 @@ PY
 SECTIONS+=(mixed)
 
 # ================================================================================================
-# Section: analytics (issue 14): the site-analytics endpoints on the mixed section's data (1M
+# Section: analytics: the site-analytics endpoints on the mixed section's data (1M
 # URLs over 1 000 hosts, 10M events, referrers from a Zipf list of sites), while the same steady
 # ingest runs, caches off: /v1/site over 30 days by day, /v1/breakdown?by=source (30 days) and
 # POST /api/v2/query (pageviews + visitors by event:page, 30d), each on random hosts, with the

@@ -108,7 +108,7 @@ else
     run_logged cargo test --workspace --no-fail-fast
 fi
 # ----- schemathesis: the OpenAPI document against a live server (no 5xx) ----------------------
-# Owned by the OpenAPI/operations work (docs/openapi.json). Starts target/debug/tally on a free
+# The OpenAPI check (docs/openapi.json). Starts target/debug/tally on a free
 # port with its own data dir and a private redis-server on a unix socket (never the machine's
 # Redis), seeds a few events and a batch view, then lets schemathesis generate requests for
 # every documented operation. `not_a_server_error` fails on any 5xx. Excluded: the discard

@@ -1,4 +1,7 @@
-//! `GET /v1/views` and `GET /v1/top`: the batch view plus the speed epochs after its cutoff.
+//! `GET /v1/views`, `GET /v1/top` and `GET /v1/uniques` — the batch view plus the speed epochs
+//! after its cutoff — and what every query route shares: its parameters (range, zone, URL,
+//! limit), the provenance and `speed_available` of an answer, and running a query off the async
+//! workers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -19,7 +19,9 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use crate::config::Config;
 use crate::lock::DataDirLock;
 
-/// How long in-flight requests get to finish after the first signal.
+/// How long sealing the WAL into the master dataset may take at shutdown (the WAL keeps what
+/// it could not seal); the process exits 5 s after this deadline, counted from the first
+/// signal, whatever is still running (in-flight requests included).
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 pub(crate) fn master_config(cfg: &Config) -> MasterConfig {
