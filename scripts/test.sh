@@ -87,6 +87,12 @@ current="cargo doc (warnings are errors: broken intra-doc links)"
 step "$current"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
+current="cargo machete (unused dependencies)"
+step "$current"
+# Installed from crates.io the first time (about two minutes of building on two cores).
+command -v cargo-machete >/dev/null 2>&1 || cargo install --locked cargo-machete
+cargo machete
+
 current="cargo build --bins"
 step "$current"
 # The end-to-end tests run target/debug/tally: build it first so it is never stale.
