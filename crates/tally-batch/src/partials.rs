@@ -98,10 +98,7 @@ impl PartialCache {
             file.last.get(),
             &tag.as_str()[..16]
         );
-        self.used
-            .lock()
-            .expect("partials lock")
-            .insert(name.clone());
+        tally_core::sync::lock(&self.used).insert(name.clone());
         Ok(Slot { name })
     }
 
@@ -147,7 +144,7 @@ impl PartialCache {
     /// Deletes every partial this run did not use (of master files that are gone or changed,
     /// or of an older format) and stray temporary files. Returns how many were deleted.
     pub fn retain_used(&self) -> Result<usize> {
-        let used = self.used.lock().expect("partials lock");
+        let used = tally_core::sync::lock(&self.used);
         let mut deleted = 0;
         let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         for entry in rd {

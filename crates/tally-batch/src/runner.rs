@@ -202,7 +202,7 @@ struct SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let mut r = self.inner.running.lock().expect("running lock");
+        let mut r = tally_core::sync::lock(&self.inner.running);
         if r.as_ref().is_some_and(|i| i.run_id == self.run_id) {
             *r = None;
         }
@@ -244,16 +244,16 @@ impl BatchRunner {
 
     /// The run going now, if any.
     pub fn running(&self) -> Option<RunningInfo> {
-        self.inner.running.lock().expect("running lock").clone()
+        tally_core::sync::lock(&self.inner.running).clone()
     }
 
     /// Run history, newest first.
     pub fn history(&self) -> Vec<HistoryEntry> {
-        self.inner.history.lock().expect("history lock").clone()
+        tally_core::sync::lock(&self.inner.history).clone()
     }
 
     fn claim(&self, trigger: Trigger, full: bool) -> Result<(SlotGuard, RunningInfo), RunError> {
-        let mut r = self.inner.running.lock().expect("running lock");
+        let mut r = tally_core::sync::lock(&self.inner.running);
         if let Some(cur) = r.as_ref() {
             return Err(RunError::AlreadyRunning {
                 run_id: cur.run_id.clone(),
@@ -526,7 +526,7 @@ impl BatchRunner {
 
     async fn record(&self, entry: HistoryEntry) {
         let snapshot = {
-            let mut h = self.inner.history.lock().expect("history lock");
+            let mut h = tally_core::sync::lock(&self.inner.history);
             h.insert(0, entry);
             h.truncate(self.inner.cfg.history_cap.max(1));
             h.clone()

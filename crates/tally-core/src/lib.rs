@@ -7,6 +7,7 @@ pub mod hash;
 pub mod metrics;
 pub mod seq;
 pub mod sketch;
+pub mod sync;
 pub mod time;
 pub mod url;
 pub mod zone;

@@ -50,15 +50,12 @@ impl Epochs {
     }
 
     pub(crate) fn get(&self) -> Vec<Seq> {
-        self.list.lock().expect("epochs lock").clone()
+        tally_core::sync::lock(&self.list).clone()
     }
 
     /// The start of the open (last) epoch.
     pub(crate) fn last_start(&self) -> Seq {
-        *self
-            .list
-            .lock()
-            .expect("epochs lock")
+        *tally_core::sync::lock(&self.list)
             .last()
             .expect("never empty")
     }
@@ -66,7 +63,7 @@ impl Epochs {
     /// Records a new epoch starting at `c + 1`, durably, unless the open epoch already starts
     /// there. Returns `c`.
     pub(crate) fn cut(&self, c: Seq) -> Result<Seq> {
-        let mut list = self.list.lock().expect("epochs lock");
+        let mut list = tally_core::sync::lock(&self.list);
         let start = c.next();
         if list.last().is_some_and(|&s| s >= start) {
             return Ok(c);
@@ -80,7 +77,7 @@ impl Epochs {
 
     /// Forgets the epochs that end at or before `start`, keeping the one containing it.
     pub(crate) fn forget_before(&self, start: Seq) -> Result<()> {
-        let mut list = self.list.lock().expect("epochs lock");
+        let mut list = tally_core::sync::lock(&self.list);
         // Index of the epoch containing `start`: the last one starting at or before it.
         let keep_from = match list.iter().rposition(|&s| s <= start) {
             Some(i) => i,

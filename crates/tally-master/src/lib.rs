@@ -432,10 +432,7 @@ impl Master {
         if self.inner.shared.closed.load(Ordering::SeqCst) {
             return Vec::new();
         }
-        self.inner
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        tally_core::sync::lock(&self.inner.threads)
             .iter()
             .filter(|(_, h)| h.is_finished())
             .map(|(name, _)| *name)
@@ -502,7 +499,7 @@ impl Master {
 
     /// Recent events after `after`, from memory.
     pub fn tail_after(&self, after: Seq, max: usize) -> Tail {
-        let tail = self.inner.shared.tail.lock().expect("tail lock");
+        let tail = tally_core::sync::lock(&self.inner.shared.tail);
         let acked = self.inner.shared.acked.load(Ordering::SeqCst);
         if after.0 >= acked {
             return Tail::Events(Vec::new());
@@ -754,8 +751,7 @@ impl Master {
 
     /// Waits for the store's threads to end (after they were told to stop).
     async fn join_threads(&self) {
-        let handles =
-            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let handles = std::mem::take(&mut *tally_core::sync::lock(&self.inner.threads));
         if !handles.is_empty() {
             let _ = tokio::task::spawn_blocking(move || {
                 for (_, h) in handles {

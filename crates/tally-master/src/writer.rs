@@ -354,7 +354,7 @@ impl Writer {
         let cap = self.shared.tail_capacity;
         let mut replies = Vec::with_capacity(pending.len());
         {
-            let mut tail = self.shared.tail.lock().expect("tail lock");
+            let mut tail = tally_core::sync::lock(&self.shared.tail);
             let total = (self.next_seq - start) as usize;
             // Only the last `cap` events of a huge group fit the tail.
             let mut skip = total.saturating_sub(cap);

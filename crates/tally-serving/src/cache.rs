@@ -77,18 +77,14 @@ impl<K: AtApplied, V> ResultCache<K, V> {
         if !self.enabled {
             return None;
         }
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+        tally_core::sync::lock(&self.map).get(key).cloned()
     }
 
     pub(crate) fn put(&self, key: K, value: Arc<V>) {
         if !self.enabled {
             return;
         }
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = tally_core::sync::lock(&self.map);
         if map.len() >= RESULT_CACHE_ENTRIES {
             let applied = key.applied();
             map.retain(|k, _| k.applied() == applied);

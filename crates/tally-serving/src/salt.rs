@@ -23,7 +23,7 @@ impl DailySalt {
     /// The salt for `day` (days since the epoch), creating and persisting a new one when the
     /// day changed.
     pub fn for_day(&self, day: i64) -> [u8; 32] {
-        let mut guard = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = tally_core::sync::lock(&self.current);
         if let Some((d, salt)) = *guard {
             if d == day {
                 return salt;

@@ -102,10 +102,7 @@ impl ViewManager {
 
     /// Whether a recovery rerun is going (a view was discarded or the serving one is not exact).
     pub fn recovering(&self) -> bool {
-        self.recovering
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        tally_core::sync::lock(&self.recovering).is_some()
     }
 
     /// Serves the version `CURRENT` names (or the newest good one), loading and verifying it
@@ -119,7 +116,7 @@ impl ViewManager {
     /// Warns once each time `CURRENT` becomes stuck on a version that is not good while no good
     /// version exists (until a run publishes one), instead of at every refresh.
     fn warn_stuck(&self, stuck: Option<String>) {
-        let mut last = self.stuck_current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = tally_core::sync::lock(&self.stuck_current);
         if *last != stuck {
             if let Some(bad) = &stuck {
                 tracing::warn!(named = %bad, "views/batch/CURRENT names a version that is not good and no good version exists");
@@ -284,7 +281,7 @@ impl ViewManager {
 
     /// Reruns the batch layer until a view newer than `version` serves exactly.
     fn start_recovery(self: &Arc<Self>, version: &str) {
-        let mut r = self.recovering.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = tally_core::sync::lock(&self.recovering);
         let start = r.is_none();
         if r.as_deref().is_none_or(|cur| cur < version) {
             *r = Some(version.to_string());
@@ -296,7 +293,7 @@ impl ViewManager {
 
     /// Done once a view newer than every version recovery was started for serves exactly.
     fn recovered(&self) -> bool {
-        let mut r = self.recovering.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = tally_core::sync::lock(&self.recovering);
         let done = match (r.as_deref(), self.current()) {
             (None, _) => true,
             (Some(target), Some(v)) => {

@@ -314,14 +314,11 @@ impl Applier {
     }
 
     fn mirror_write(&self) -> std::sync::RwLockWriteGuard<'_, Mirror> {
-        self.shared
-            .mirror
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        tally_core::sync::write(&self.shared.mirror)
     }
 
     fn mirror_read(&self) -> std::sync::RwLockReadGuard<'_, Mirror> {
-        self.shared.mirror.read().unwrap_or_else(|p| p.into_inner())
+        tally_core::sync::read(&self.shared.mirror)
     }
 
     /// Writes what is queued for Redis, for at most `limit` (at shutdown).
@@ -967,11 +964,7 @@ impl Applier {
 
 /// Files events into the realtime window ([`crate::recent`]).
 fn file_recent<'a>(shared: &Shared, events: impl IntoIterator<Item = &'a SeqEvent>) {
-    shared
-        .recent
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .file(events, tally_core::now_ms());
+    tally_core::sync::lock(&shared.recent).file(events, tally_core::now_ms());
 }
 
 /// Adds `deltas` to the mirror, each in parts of [`APPLY_PART_URLS`] URLs under its own short
@@ -985,14 +978,10 @@ fn apply_to_mirror(
     let mut queued = Pending::new();
     // The rankings' base, for reading the URLs' batch totals before taking the lock (the
     // mirror reads them itself if the base changed meanwhile).
-    let base = shared
-        .base
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let base = tally_core::sync::lock(&shared.base).clone();
     for (d, &q) in deltas.iter().zip(queue) {
         let (urls, precision) = {
-            let m = shared.mirror.read().unwrap_or_else(|p| p.into_inner());
+            let m = tally_core::sync::read(&shared.mirror);
             (m.prepare(d), m.precision)
         };
         let mut pe = PendingEpoch::default();
@@ -1007,7 +996,7 @@ fn apply_to_mirror(
             }
             let deltas: Vec<(u32, &UrlDelta)> = part.iter().map(|u| (u.id, u.delta)).collect();
             let (names, direct) = {
-                let mut m = shared.mirror.write().unwrap_or_else(|p| p.into_inner());
+                let mut m = tally_core::sync::write(&shared.mirror);
                 let held = std::time::Instant::now();
                 let names = m.apply_urls(d.epoch, part, base.as_ref());
                 drop(m);
@@ -1027,11 +1016,7 @@ fn apply_to_mirror(
         if shared.panic_next_apply.swap(false, Ordering::AcqRel) {
             panic!("injected: a batch half-added to the mirror");
         }
-        shared
-            .mirror
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_applied(d.epoch, d.last);
+        tally_core::sync::write(&shared.mirror).set_applied(d.epoch, d.last);
         if q {
             pe.last = d.last;
             replica::merge(&mut queued, Pending::from([(d.epoch, pe)]));

@@ -173,10 +173,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Rebuilds the mirror's rankings for the current base (after the mirror was replaced).
     pub(crate) fn rank(&self, m: &mut Mirror) {
-        let base = self
-            .base
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let base = tally_core::sync::lock(&self.base)
             .clone()
             .unwrap_or_else(|| Arc::new(rank::NoView));
         m.set_base(base);
@@ -248,18 +245,14 @@ impl SpeedLayer {
     /// Stops the applier and waits for it. Reads keep answering from the mirror as it was.
     pub async fn shutdown(&self) {
         self.inner.cancel.cancel();
-        let task = self.inner.task.lock().expect("task lock").take();
+        let task = tally_core::sync::lock(&self.inner.task).take();
         if let Some(task) = task {
             let _ = task.await;
         }
     }
 
     fn mirror(&self) -> std::sync::RwLockReadGuard<'_, Mirror> {
-        self.inner
-            .shared
-            .mirror
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        tally_core::sync::read(&self.inner.shared.mirror)
     }
 
     /// Runs `f` on the mirror when reads can be trusted (see [`Read`]).
@@ -426,12 +419,7 @@ impl SpeedLayer {
         if !self.available() {
             return None;
         }
-        let recent = self
-            .inner
-            .shared
-            .recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let recent = tally_core::sync::lock(&self.inner.shared.recent);
         Some(recent.site(host, tally_core::now_ms()))
     }
 
@@ -468,8 +456,8 @@ impl SpeedLayer {
     /// (blocking: call it off the async runtime).
     pub fn set_base(&self, base: Option<Arc<dyn BaseTotals>>) {
         let shared = &self.inner.shared;
-        *shared.base.lock().unwrap_or_else(|p| p.into_inner()) = base;
-        let mut m = shared.mirror.write().unwrap_or_else(|p| p.into_inner());
+        *tally_core::sync::lock(&shared.base) = base;
+        let mut m = tally_core::sync::write(&shared.mirror);
         shared.rank(&mut m);
     }
 
