@@ -30,8 +30,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::bench::{arg, Zipf};
-
-const DAY_MS: i64 = 86_400_000;
+use tally_e2e::{now_ms, DAY_MS};
 
 /// The URL universe: URL `r` (popularity rank) lives on a host drawn by Zipf, fixed by a seed so
 /// that every run and both subcommands agree.
@@ -64,13 +63,6 @@ impl Universe {
     fn url(&self, rng: &mut StdRng) -> &str {
         &self.urls[self.popularity.sample(rng)]
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as i64
 }
 
 fn ndjson(universe: &Universe, rng: &mut StdRng, n: usize, past_share: f64) -> String {

@@ -15,6 +15,8 @@ use crate::TestServer;
 
 /// `Content-Type` of a JSON event body.
 pub const JSON: &str = "application/json";
+/// `Content-Type` of an NDJSON event body.
+pub const NDJSON: &str = "application/x-ndjson";
 /// One hour in ms.
 pub const HOUR_MS: i64 = 3_600_000;
 /// One day in ms.
@@ -30,6 +32,13 @@ pub fn rfc3339(ms: i64) -> String {
     DateTime::from_timestamp_millis(ms)
         .expect("valid timestamp")
         .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Epoch ms as RFC 3339 UTC with milliseconds (`2026-01-02T03:04:05.678Z`).
+pub fn rfc3339_ms(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .expect("valid timestamp")
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// An RFC 3339 time string in a JSON answer, as epoch ms.

@@ -8,26 +8,13 @@ use std::thread;
 use std::time::Duration;
 
 use arrow::datatypes::{DataType, TimeUnit};
-use chrono::{DateTime, SecondsFormat};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::{
-    count_by_url, master_schemas, poll_until, read_master, Row, ServerOpts, TestServer, DEADLINE,
+    count_by_url, master_schemas, now_ms, poll_until, read_master, rfc3339_ms as rfc3339, Row,
+    ServerOpts, TestServer, DEADLINE, JSON, NDJSON,
 };
-
-const JSON: &str = "application/json";
-const NDJSON: &str = "application/x-ndjson";
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn rfc3339(ms: i64) -> String {
-    DateTime::from_timestamp_millis(ms)
-        .expect("valid timestamp")
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
-}
 
 fn ndjson(events: &[Value]) -> String {
     let mut body = String::new();

@@ -18,10 +18,8 @@ use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
 use tally_e2e::{
-    enc, now_ms, poll_until, read_master, tally_bin, ServerOpts, TestServer, DEADLINE,
+    enc, now_ms, poll_until, read_master, tally_bin, ServerOpts, TestServer, DEADLINE, JSON,
 };
-
-const JSON: &str = "application/json";
 
 fn events_body(ids: &[String]) -> String {
     let events: Vec<Value> = ids

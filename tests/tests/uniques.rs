@@ -13,11 +13,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tally_e2e::{enc, now_ms, rfc3339, ServerOpts, TestServer};
-
-const NDJSON: &str = "application/x-ndjson";
-const DAY_MS: i64 = 86_400_000;
-const HOUR_MS: i64 = 3_600_000;
+use tally_e2e::{enc, now_ms, rfc3339, ServerOpts, TestServer, DAY_MS, HOUR_MS, NDJSON};
 const CHUNK: usize = 10_000;
 
 /// One page view the test sends (and remembers).
