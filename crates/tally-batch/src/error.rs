@@ -14,8 +14,11 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A master file or view file could not be read or written as Parquet.
-    #[error("parquet error on {path}: {message}")]
-    Parquet { path: PathBuf, message: String },
+    #[error("parquet error on {path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A master file lacks a column or has an unexpected type.
     #[error("unexpected schema in {path}: {reason}")]
     Schema { path: PathBuf, reason: String },
@@ -37,19 +40,9 @@ pub enum Error {
     Internal(String),
 }
 
-/// What a failure means for the view it concerns (STYLE.md, "errors that classify themselves").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The data is bad (checksum mismatch, undecodable or inconsistent file, invalid
-    /// manifest): discard it and recompute. Retrying cannot help.
-    Corrupt,
-    /// The data may be fine but could not be read or written now (I/O errors such as `EIO`,
-    /// `EMFILE`, `ENOSPC`; a failed task): keep what serves and retry later. Never discard.
-    Transient,
-    /// The request names something that does not exist or cannot be done (an unknown or
-    /// discarded version).
-    Invalid,
-}
+/// What a failure means for the view it concerns: a corrupt view is discarded and recomputed,
+/// a transient failure keeps what serves and retries.
+pub use tally_core::error::ErrorKind;
 
 impl Error {
     /// Whether this failure is corruption, transient, or a request that cannot be done.
@@ -61,9 +54,8 @@ impl Error {
                 ErrorKind::Corrupt
             }
             Error::NoSuchVersion(_) | Error::Invalid(_) => ErrorKind::Invalid,
-            Error::Io { .. } | Error::Snapshot(_) | Error::Master(_) | Error::Internal(_) => {
-                ErrorKind::Transient
-            }
+            Error::Master(e) => e.kind(),
+            Error::Io { .. } | Error::Snapshot(_) | Error::Internal(_) => ErrorKind::Transient,
         }
     }
 
@@ -74,10 +66,13 @@ impl Error {
         }
     }
 
-    pub(crate) fn parquet(path: impl AsRef<Path>, e: impl std::fmt::Display) -> Error {
+    pub(crate) fn parquet(
+        path: impl AsRef<Path>,
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
         Error::Parquet {
             path: path.as_ref().to_path_buf(),
-            message: e.to_string(),
+            source: e.into(),
         }
     }
 

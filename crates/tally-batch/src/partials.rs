@@ -173,10 +173,7 @@ fn keying_byte(k: Keying) -> u8 {
 
 /// The Parquet footer of a file of `size` bytes: `[metadata][u32 length]["PAR1"]`.
 fn read_footer(path: &Path, size: u64) -> Result<Vec<u8>> {
-    let bad = |reason: &str| Error::Parquet {
-        path: path.to_path_buf(),
-        message: reason.to_string(),
-    };
+    let bad = |reason: &str| Error::parquet(path, reason);
     if size < 12 {
         return Err(bad("file too short for a Parquet footer"));
     }

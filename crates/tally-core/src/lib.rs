@@ -2,6 +2,7 @@
 //! time buckets. No I/O of any kind lives here.
 
 pub mod dims;
+pub mod error;
 pub mod event;
 pub mod hash;
 pub mod metrics;

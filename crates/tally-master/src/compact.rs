@@ -207,7 +207,7 @@ pub(crate) fn min_ts(path: &Path) -> Result<Option<i64>> {
     let reader = parquet::file::serialized_reader::SerializedFileReader::new(f).map_err(|e| {
         crate::Error::Parquet {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source: Box::new(e),
         }
     })?;
     let meta = reader.metadata();

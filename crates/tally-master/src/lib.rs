@@ -89,8 +89,30 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parquet error on {path}: {message}")]
-    Parquet { path: PathBuf, message: String },
+    /// A file could not be read or written as Parquet (the source says why).
+    #[error("parquet error on {path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A master file lacks a column or has one of the wrong type, or would be empty.
+    #[error("unexpected master file {path}: {reason}")]
+    Schema { path: PathBuf, reason: String },
+}
+
+impl Error {
+    /// Whether this failure is corruption, transient, or the caller's mistake.
+    pub fn kind(&self) -> tally_core::error::ErrorKind {
+        use tally_core::error::ErrorKind;
+        match self {
+            Error::CorruptWal { .. } | Error::Parquet { .. } | Error::Schema { .. } => {
+                ErrorKind::Corrupt
+            }
+            Error::Unavailable(_) | Error::Closed | Error::ThreadStopped(_) | Error::Io { .. } => {
+                ErrorKind::Transient
+            }
+        }
+    }
 }
 
 /// How the master dataset is run (from the `storage` and `ingest` config sections).

@@ -76,14 +76,14 @@ fn writer_props() -> WriterProperties {
 fn pq_err(path: &Path) -> impl FnOnce(parquet::errors::ParquetError) -> Error + '_ {
     move |e| Error::Parquet {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: Box::new(e),
     }
 }
 
 fn arrow_err(path: &Path) -> impl FnOnce(arrow::error::ArrowError) -> Error + '_ {
     move |e| Error::Parquet {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: Box::new(e),
     }
 }
 
@@ -207,9 +207,9 @@ pub fn write_master_file(master_dir: &Path, events: &[SeqEvent]) -> Result<Maste
     let first = events.iter().map(|e| e.seq).min().unwrap_or(Seq::ZERO);
     let last = events.iter().map(|e| e.seq).max().unwrap_or(Seq::ZERO);
     if events.is_empty() {
-        return Err(Error::Parquet {
+        return Err(Error::Schema {
             path: master_dir.to_path_buf(),
-            message: "a master file cannot be empty".into(),
+            reason: "a master file cannot be empty".into(),
         });
     }
     fs::create_dir_all(master_dir).map_err(io_err(master_dir))?;
@@ -224,9 +224,9 @@ pub fn write_master_file(master_dir: &Path, events: &[SeqEvent]) -> Result<Maste
 }
 
 fn utf8_column(batch: &RecordBatch, name: &str, path: &Path) -> Result<StringArray> {
-    let col = batch.column_by_name(name).ok_or_else(|| Error::Parquet {
+    let col = batch.column_by_name(name).ok_or_else(|| Error::Schema {
         path: path.to_path_buf(),
-        message: format!("column {name} is missing"),
+        reason: format!("column {name} is missing"),
     })?;
     let col = if col.data_type() == &DataType::Utf8 {
         col.clone()
@@ -248,9 +248,9 @@ fn typed_column<'a, T: Array + 'static>(
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| Error::Parquet {
+        .ok_or_else(|| Error::Schema {
             path: path.to_path_buf(),
-            message: format!("column {name} is missing or has the wrong type"),
+            reason: format!("column {name} is missing or has the wrong type"),
         })
 }
 
@@ -297,4 +297,30 @@ pub fn read_master_file_range(path: &Path, after: Seq, through: Seq) -> Result<V
 /// Reads every event of a master file, in file order (sorted by url, ts).
 pub fn read_master_file(path: &Path) -> Result<Vec<SeqEvent>> {
     read_master_file_range(path, Seq::ZERO, Seq(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_core::error::ErrorKind;
+
+    /// A file that is not Parquet, and an empty write, are corruption or a bad request of their
+    /// own kind, and the Parquet error keeps its cause.
+    #[test]
+    fn unreadable_master_files_are_corruption_that_keeps_its_cause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("not-parquet.parquet");
+        std::fs::write(&path, b"this is not a parquet file").expect("write");
+        let e = read_master_file(&path).expect_err("not parquet");
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(matches!(e, Error::Parquet { .. }), "{e:?}");
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the cause is kept: {e:?}"
+        );
+        let empty = write_master_file(dir.path(), &[]).expect_err("empty");
+        assert!(matches!(empty, Error::Schema { .. }), "{empty:?}");
+        let gone = read_master_file(&dir.path().join("missing.parquet")).expect_err("missing");
+        assert_eq!(gone.kind(), ErrorKind::Transient, "{gone}");
+    }
 }

@@ -95,16 +95,13 @@ enum Done {
 async fn finished(inflight: &mut Option<Inflight>) -> Done {
     let done = match inflight {
         None => std::future::pending().await,
-        Some(Inflight::Write(h)) => Done::Write(h.await.unwrap_or_else(|e| {
-            (
-                Pending::new(),
-                BTreeSet::new(),
-                Err(Error::Task(e.to_string())),
-            )
-        })),
+        Some(Inflight::Write(h)) => Done::Write(
+            h.await
+                .unwrap_or_else(|e| (Pending::new(), BTreeSet::new(), Err(Error::Task(e)))),
+        ),
         Some(Inflight::Resync(h)) => Done::Resync(
             h.await
-                .unwrap_or_else(|e| (BTreeMap::new(), Err(Error::Task(e.to_string())))),
+                .unwrap_or_else(|e| (BTreeMap::new(), Err(Error::Task(e)))),
         ),
     };
     *inflight = None;
@@ -592,7 +589,7 @@ impl Applier {
                 // image of `pos`, and retrying from `pos` would add its first half twice.
                 self.loaded = false;
                 self.shared.ready.store(false, Ordering::Release);
-                return Err(Error::Task(e.to_string()));
+                return Err(Error::Task(e));
             }
         };
         match applied {
@@ -894,7 +891,7 @@ impl Applier {
                             aggregate(v.iter().map(|e| &**e), &epochs)
                         })
                         .await
-                        .map_err(|e| Error::Task(e.to_string()))?
+                        .map_err(Error::Task)?
                     };
                     return Ok((through, deltas));
                 }
@@ -912,7 +909,7 @@ impl Applier {
             Ok(aggregate(&events, &epochs))
         })
         .await
-        .map_err(|e| Error::Task(e.to_string()))??;
+        .map_err(Error::Task)??;
         debug!(
             after = after.0,
             through = through.0,
@@ -942,7 +939,7 @@ impl Applier {
         let master = self.master.clone();
         tokio::task::spawn_blocking(move || master.forget_epochs_before(floor))
             .await
-            .map_err(|e| Error::Task(e.to_string()))??;
+            .map_err(Error::Task)??;
         self.floor = self.floor.max(floor);
         self.mirror_write().collect_before(floor);
         self.pending.retain(|e, _| *e >= floor);

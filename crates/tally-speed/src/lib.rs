@@ -75,8 +75,21 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("master dataset error: {0}")]
     Master(#[from] tally_master::Error),
+    /// A background task panicked or was cancelled (a bug, logged where it happened).
     #[error("background task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl Error {
+    /// Whether this failure is corruption, transient, or the caller's mistake. Nothing the
+    /// speed layer holds is precious: every failure is retried, from Redis or the master
+    /// dataset, except what the master dataset itself reports.
+    pub fn kind(&self) -> tally_core::error::ErrorKind {
+        match self {
+            Error::Master(e) => e.kind(),
+            Error::Redis(_) | Error::Task(_) => tally_core::error::ErrorKind::Transient,
+        }
+    }
 }
 
 /// How the speed layer is run (the `redis` and `speed` config sections).
