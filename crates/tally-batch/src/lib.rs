@@ -31,7 +31,7 @@ pub use runner::{
     StageTimings, StartedRun, Trigger,
 };
 pub use sketch::{relative_error, visitor_hash, VisitorSketch};
-pub use sources::SourceCount;
+pub use sources::{CampaignCount, SourceCount};
 pub use store::{Manifest, ManifestFile, ViewInfo, ViewStatus, ViewStore};
 pub use view::{BatchView, UrlCount};
 pub use visitors::{KeyVisitors, Piece, Pieces};

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::kernel::{SketchData, ViewData};
 use crate::site::{Sites, UrlPart};
 use crate::sketch::VisitorSketch;
-use crate::sources::{SourceCount, Sources};
+use crate::sources::{CampaignCount, SourceCount, Sources};
 use crate::visitors::{KeyVisitors, Pieces, CELLS_PER_DAY};
 
 /// A loaded batch view: per URL, views per 15-minute cell with prefix sums, totals in top-N order,
@@ -379,6 +379,20 @@ impl BatchView {
         cells: (i64, i64),
     ) -> impl Iterator<Item = SourceCount<'a>> + 'a {
         self.sources.of_host(host, url, cells)
+    }
+
+    /// The campaign keys of site `host` — its source keys added up by referrer host and UTM
+    /// parameters (`tally_core::dims::write_campaign_key`) — with views in the cells
+    /// `[from_cell, to_cell)`, with those views and the source keys each adds up (visitors:
+    /// [`BatchView::source_visitors`] of those). A grouping by campaign dimensions alone reads
+    /// these instead of [`BatchView::sources_of`]: the same numbers, from a few entries per
+    /// referrer and campaign instead of one per page. Built per site at its first read.
+    pub fn campaigns_of<'a>(
+        &'a self,
+        host: &str,
+        cells: (i64, i64),
+    ) -> impl Iterator<Item = CampaignCount<'a>> + 'a {
+        self.sources.campaigns_of(host, cells)
     }
 
     /// The URLs of site `host` (only `url`, when given) with views in the cells

@@ -154,8 +154,12 @@ pub fn page_of(url: &str) -> Cow<'_, str> {
 /// The first non-empty value of query parameter `name` of a normalised URL, decoded. Only the
 /// query counts, not a `?` in the fragment (a hash route's), as in Plausible.
 fn utm(url: &str, name: &str) -> Option<String> {
-    let before_hash = url.split_once('#').map_or(url, |(u, _)| u);
-    let query = before_hash.split_once('?')?.1;
+    // One scan for the common URL without a query; a `?` after a `#` is the fragment's.
+    let (before, after) = url.split_once('?')?;
+    if before.contains('#') {
+        return None;
+    }
+    let query = after.split_once('#').map_or(after, |(q, _)| q);
     if !query.contains(name) {
         return None;
     }

@@ -130,7 +130,10 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
     /// instant → its time bucket's start), by time bucket too (else bucket 0). `group_of` is
     /// a function of `input` alone: called once per distinct URL (or referrer host) of each
     /// layer, not once per key. A grouping by the URL alone reads the batch view's URLs
-    /// rather than their source keys (fewer entries, the same numbers).
+    /// rather than their source keys (fewer entries, the same numbers); a grouping of the whole
+    /// site by campaign dimensions alone (`by_campaign`:
+    /// `tally_core::dims::is_campaign_dimension`) reads the view's campaign keys, whose URLs are
+    /// their campaign's (`speed` must then come from [`speed_sources`] with `by_campaign` too).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         view: Option<&'a Arc<BatchView>>,
@@ -138,7 +141,7 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
         host: &str,
         url: Option<&'a str>,
         cells: (i64, i64),
-        (input, group_of): (Input, impl Fn(&'a str, &'a str) -> Option<K>),
+        (input, by_campaign, group_of): (Input, bool, impl Fn(&'a str, &'a str) -> Option<K>),
         bucket_of: Option<&'a dyn Fn(i64) -> i64>,
     ) -> Grouping<'a, K> {
         let mut g = Grouping {
@@ -153,7 +156,20 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
             bucket_of,
             cutoff: ViewManager::cutoff(view),
         };
-        if let (Some(v), Input::Url) = (view, input) {
+        if let (Some(v), None, true) = (view, url, by_campaign) {
+            // Each campaign once; phase two unions the visitors of the source keys it adds up.
+            for c in v.campaigns_of(host, cells) {
+                let Some(i) = group_of(c.url, c.referrer).map(|k| g.group(k)) else {
+                    continue;
+                };
+                g.add_views(
+                    i,
+                    c.views,
+                    c.cells.iter().copied().zip(c.cell_views.iter().copied()),
+                );
+                g.batch.extend(c.keys.iter().map(|&k| (i, k)));
+            }
+        } else if let (Some(v), Input::Url) = (view, input) {
             g.kind = BatchKeys::Urls;
             for c in v.urls_of(host, url, cells) {
                 let Some(i) = group_of(c.url, "").map(|k| g.group(k)) else {
@@ -379,7 +395,9 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
             by_campaign,
         )?,
     };
-    let group = (by.input(), |u, referrer| Some(by.value(u, referrer)));
+    let group = (by.input(), by_campaign, |u, referrer| {
+        Some(by.value(u, referrer))
+    });
     let items = Grouping::new(
         view.as_ref(),
         speed.as_deref(),

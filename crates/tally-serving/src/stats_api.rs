@@ -713,7 +713,7 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         &q.host,
         None,
         cells,
-        (input, |url, referrer| {
+        (input, by_campaign, |url, referrer| {
             q.filters.iter().all(|f| f.matches(url, referrer)).then(|| {
                 q.dims
                     .iter()
@@ -733,7 +733,7 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
                 &q.host,
                 None,
                 cells,
-                (Input::Url, |_, _| Some(())),
+                (Input::Url, by_campaign, |_, _| Some(())),
                 bucket,
             );
             site.groups().map(|(_, b, _)| b).min()
