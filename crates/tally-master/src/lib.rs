@@ -38,6 +38,7 @@ mod epochs;
 pub mod metrics;
 mod parquet_io;
 mod paths;
+mod recovery;
 mod seal;
 mod wal;
 mod writer;
@@ -52,9 +53,10 @@ pub use paths::{
 };
 
 use epochs::Epochs;
-use paths::{io_err, DataPaths, SegmentPath};
+use paths::DataPaths;
+use recovery::recover;
 use seal::{Sealer, SealerCmd};
-use writer::{OpenSegment, Writer, WriterCmd};
+use writer::{Writer, WriterCmd};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -226,115 +228,6 @@ impl std::fmt::Debug for Master {
             .field("acked_seq", &self.acked_seq())
             .finish()
     }
-}
-
-/// What replaying the WAL at start-up found.
-struct Recovered {
-    next_seq: u64,
-    open: Option<OpenSegment>,
-    closed_segments: usize,
-    oldest_unsealed: Option<Seq>,
-    wal_bytes: u64,
-    tail: VecDeque<Arc<SeqEvent>>,
-}
-
-fn recover(paths: &DataPaths, cfg: &MasterConfig, epochs: &Epochs) -> Result<Recovered> {
-    let all_files = paths::list_all_master_files(&paths.master)?;
-    let max_sealed = all_files.iter().map(|f| f.last.0).max().unwrap_or(0);
-    let fully_sealed =
-        |first: Seq, last: Seq| all_files.iter().any(|f| f.first <= first && f.last >= last);
-    let segments = paths::list_segments(&paths.wal)?;
-    let last_name = segments.last().map(|s| s.first);
-    let mut kept: Vec<(SegmentPath, wal::SegmentScan, Vec<SeqEvent>)> = Vec::new();
-    let mut prev_last = 0u64;
-    let mut removed = false;
-    for seg in segments {
-        let is_last = Some(seg.first) == last_name;
-        let (scan, events) = wal::recover_segment(&seg, is_last && cfg.tail_capacity > 0)?;
-        match scan.last_seq() {
-            Some(last) if fully_sealed(seg.first, last) => {
-                tracing::info!(file = %seg.path.display(), "removing wal segment already sealed");
-                std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
-                removed = true;
-                prev_last = prev_last.max(last.0);
-            }
-            Some(last) => {
-                if seg.first.0 <= prev_last {
-                    return Err(Error::CorruptWal {
-                        file: seg.path.clone(),
-                        offset: 0,
-                        reason: format!(
-                            "segment starts at seq {} but seq {prev_last} came before",
-                            seg.first
-                        ),
-                    });
-                }
-                prev_last = last.0;
-                kept.push((seg, scan, events));
-            }
-            None if !is_last => {
-                std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
-                removed = true;
-            }
-            None => kept.push((seg, scan, events)),
-        }
-    }
-    if removed {
-        paths::fsync_dir(&paths.wal)?;
-    }
-    let name_hwm = last_name.map_or(0, |s| s.0);
-    let next_seq = 1u64
-        .max(max_sealed + 1)
-        .max(prev_last + 1)
-        .max(epochs.last_start().0)
-        .max(name_hwm);
-
-    let mut open = None;
-    let mut tail = VecDeque::new();
-    if let Some((seg, scan, _)) = kept.last() {
-        if scan.next_seq.0 == next_seq {
-            let (seg, scan, events) = kept.pop().expect("last exists");
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&seg.path)
-                .map_err(io_err(&seg.path))?;
-            let skip = events.len().saturating_sub(cfg.tail_capacity);
-            tail.extend(events.into_iter().skip(skip).map(Arc::new));
-            let since = (scan.events > 0).then(std::time::Instant::now);
-            open = Some((
-                OpenSegment {
-                    file,
-                    seg,
-                    len: scan.good_len,
-                    events: scan.events,
-                    since,
-                },
-                scan,
-            ));
-        } else if scan.events == 0 {
-            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
-            kept.pop();
-        }
-    }
-    let mut wal_bytes: u64 = kept.iter().map(|(_, s, _)| s.file_len).sum();
-    let mut oldest_unsealed = kept.first().map(|(s, _, _)| s.first);
-    let closed_segments = kept.len();
-    let open = open.map(|(o, scan)| {
-        wal_bytes += scan.file_len;
-        if scan.events > 0 {
-            oldest_unsealed.get_or_insert(o.seg.first);
-        }
-        o
-    });
-    Ok(Recovered {
-        next_seq,
-        open,
-        closed_segments,
-        oldest_unsealed,
-        wal_bytes,
-        tail,
-    })
 }
 
 impl Master {

@@ -320,20 +320,14 @@ impl Writer {
         if let Err(e) = self.write_group() {
             metrics::counter!(crate::metrics::WAL_WRITE_ERRORS).increment(1);
             self.next_seq = start;
-            let s = self.seg.as_mut().expect("segment ensured");
+            let s = self.seg.as_ref().expect("segment ensured");
             let msg = format!("writing {}: {e}", s.seg.path.display());
             tracing::warn!(error = %e, file = %s.seg.path.display(), "wal write failed");
-            // Cut the partial record away so nothing of it can ever be replayed.
-            let repaired = s.file.set_len(s.len).and_then(|()| {
-                if self.shared.fsync {
-                    s.file.sync_all()
-                } else {
-                    Ok(())
-                }
-            });
-            if let Err(e) = repaired {
+            // Cut the partial record away so nothing of it can ever be replayed; if that fails
+            // too, the next write repairs first.
+            self.needs_repair = true;
+            if let Err(e) = self.repair() {
                 tracing::warn!(error = %e, "could not truncate the wal segment; will retry");
-                self.needs_repair = true;
             }
             for (_, reply) in pending.drain(..) {
                 let _ = reply.send(Err(Error::Unavailable(msg.clone())));
