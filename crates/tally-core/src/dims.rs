@@ -222,12 +222,12 @@ pub fn write_source_key(out: &mut String, referrer_host: &str, url: &str) {
     out.push_str(url);
 }
 
-/// The UTM parameters of the campaign dimensions, in the order a [`campaign_key`] lists them.
+/// The UTM parameters of the campaign dimensions, in the order a [`write_campaign_key`] lists them.
 const UTM_PARAMS: [&str; 3] = ["utm_source", "utm_medium", "utm_campaign"];
 
 /// Whether a dimension's value is a function of a view's campaign — its referrer host, its
 /// URL's site and UTM parameters — so that it is the same for a [`source_key`] and its
-/// [`campaign_key`]. Only `page` and `url` read more of the URL.
+/// [`write_campaign_key`]. Only `page` and `url` read more of the URL.
 pub fn is_campaign_dimension(d: Dimension) -> bool {
     !matches!(d, Dimension::Page | Dimension::Url)
 }
