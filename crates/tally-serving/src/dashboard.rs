@@ -49,7 +49,7 @@ pub(crate) fn routes(state: &AppState) -> Router<AppState> {
         })
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::admin::require_read_page,
+            crate::auth::require_read_page,
         ))
 }
 

@@ -1,6 +1,8 @@
 //! The serving layer: the merge of the batch view and the speed layer, and the HTTP API.
 
 pub mod admin;
+mod answer;
+mod auth;
 pub mod batch;
 mod breakdown;
 pub mod cache;
@@ -8,9 +10,11 @@ pub mod client_ip;
 mod dashboard;
 pub mod error;
 mod extract;
+mod grouping;
 pub mod ingest;
 pub mod merge;
 pub mod metrics;
+mod params;
 pub mod plausible;
 pub mod query;
 pub mod salt;
@@ -44,7 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/status", get(admin::status))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            admin::require_admin,
+            auth::require_admin,
         ));
     // Query endpoints: closed by `auth.read_token` when it is set.
     let queries = Router::new()
@@ -57,7 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/realtime", get(site::get_realtime))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            admin::require_read,
+            auth::require_read,
         ));
     // Public routes answer within `http.request_timeout`; admin routes may wait for a batch run.
     let public = Router::new()

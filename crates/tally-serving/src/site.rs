@@ -14,23 +14,15 @@ use tally_batch::{relative_error, BatchView, Pieces, VisitorSketch};
 use tally_core::{Granularity, Seq, CELL_MS, DAY_MS};
 use tally_speed::{SiteSpeed, SpeedVisitors};
 
+use crate::answer::{precision_of, provenance, respond, speed_read};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{flag, params, Params};
 use crate::merge::bucket_series;
-use crate::query::{
-    granularity_param, limit_param, precision_of, provenance, query_range, respond, speed_read,
-    uniques_cells, CellRange,
+use crate::params::{
+    granularity_param, host_param, limit_param, query_range, uniques_cells, CellRange,
 };
 use crate::state::AppState;
 use crate::views::ViewManager;
-
-pub(crate) fn host_param(q: &HashMap<String, String>) -> ApiResult<String> {
-    let raw = q
-        .get("host")
-        .ok_or_else(|| ApiError::bad("The host parameter is required."))?;
-    tally_core::url::normalize_host(raw)
-        .map_err(|e| ApiError::bad(format!("The host parameter is invalid: {e}.")))
-}
 
 /// The distinct visitors of site `host` in the cells `[from_cell, to_cell)`: the batch view's
 /// site-day sketches and site-cell visitor lists and the speed layer's visitors of those cells,

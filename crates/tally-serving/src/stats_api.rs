@@ -24,9 +24,9 @@ use serde_json::{json, Map, Value};
 use tally_core::dims::{Dimension, Input};
 use tally_core::{Granularity, Zone, CELL_MS, DAY_MS, HOUR_MS};
 
-use crate::breakdown::{speed_sources, Grouping};
+use crate::answer::{off_runtime, precision_of, respond};
 use crate::error::ApiError;
-use crate::query::{off_runtime, precision_of, respond};
+use crate::grouping::{speed_sources, Grouping};
 use crate::state::AppState;
 
 /// A Plausible-style `400`: `{"error": "..."}`.
@@ -642,7 +642,7 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "));
     let is = |token: &str| {
-        given.is_some_and(|g| crate::admin::constant_time_eq(g.as_bytes(), token.as_bytes()))
+        given.is_some_and(|g| crate::auth::constant_time_eq(g.as_bytes(), token.as_bytes()))
     };
     if state.api_keys.is_empty() && state.read_token.is_none() {
         return state.api_open;
