@@ -7,6 +7,7 @@
 //! - [`partials`]: cached per-master-file aggregates, so a run computes only new files;
 //! - [`runner`]: one run at a time, retries, progress and history.
 
+mod codec;
 pub mod error;
 pub mod kernel;
 pub mod partials;
