@@ -24,13 +24,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tally_batch::testing::{write_master_file_with, MasterRow, Rng};
 use tally_batch::{
     compute, compute_cached, compute_sources, compute_sources_cached, PartialCache, Progress,
     ViewStore,
 };
 use tally_core::{Seq, DAY_MS};
 use tally_master::MasterFile;
+use tally_testing::{write_master_file_with, MasterRow, Rng};
 
 struct Args {
     events: u64,

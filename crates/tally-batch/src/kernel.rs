@@ -1295,7 +1295,7 @@ fn merge_file(parts: Vec<Partial>) -> Partial {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{write_master_file, MasterRow, Rng};
+    use tally_testing::{write_master_file, MasterRow, Rng};
 
     /// A (key, cell) whose views pass 2^32 across files keeps every one of them.
     #[test]

@@ -16,8 +16,6 @@ mod site;
 pub mod sketch;
 mod sources;
 pub mod store;
-#[doc(hidden)]
-pub mod testing;
 pub mod view;
 pub mod visitors;
 

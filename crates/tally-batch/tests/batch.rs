@@ -7,13 +7,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use tally_batch::store::{ViewStatus, COUNTS_FILE, MANIFEST_FILE};
-use tally_batch::testing::{write_master_file, MasterRow, Rng};
 use tally_batch::{
     compute, compute_cached, compute_sources, compute_sources_cached, BatchView, Error,
     PartialCache, Progress, ViewStore,
 };
 use tally_core::{Seq, CELL_MS, DAY_MS, HOUR_MS};
 use tally_master::MasterFile;
+use tally_testing::{write_master_file, MasterRow, Rng};
 
 const BASE_MS: i64 = 1_763_700_000_000; // 2025-11-21
 
@@ -921,7 +921,7 @@ mod runner {
                 min_files: 2,
                 retention: None,
             };
-            let mut rng = tally_batch::testing::Rng::new(seed);
+            let mut rng = tally_testing::Rng::new(seed);
             let (mut runs, mut reused) = (0, 0);
             for step in 0..40usize {
                 match rng.below(6) {
@@ -1016,7 +1016,7 @@ fn plain_fallback_for_url_dictionary_is_exact() {
             referrer: None,
         })
         .collect();
-    let f = tally_batch::testing::write_master_file_with(
+    let f = tally_testing::write_master_file_with(
         &dir.path().join("master"),
         rows.clone(),
         1 << 20,

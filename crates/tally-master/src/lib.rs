@@ -679,7 +679,7 @@ impl Master {
 
     /// Stops the writer and the sealer WITHOUT sealing, as a crash right after the last
     /// acknowledgement would (everything acknowledged is in the WAL). For tests of replay.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub async fn close_unsealed(&self) {
         if !self.inner.shared.closed.swap(true, Ordering::SeqCst) {
             self.stop_writer().await;
@@ -689,13 +689,13 @@ impl Master {
     }
 
     /// Test hook: the WAL writer thread panics at its next commit, as a bug would.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn inject_writer_panic(&self) {
         self.inner.shared.panic_writer.store(true, Ordering::SeqCst);
     }
 
     /// Test hook: the next `n` group writes fail half-way, as on a full disk.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn inject_write_failures(&self, n: usize) {
         self.inner.shared.fail_writes.store(n, Ordering::SeqCst);
     }

@@ -1,6 +1,7 @@
-//! Helpers for tests and benchmarks: write master files the way tally-master does
-//! (`master/{first:020}-{last:020}.parquet`, rows sorted by (url, ts), `url` dictionary-encoded,
-//! zstd, row groups up to ~1M rows). Not part of the stable API.
+//! Test and benchmark support, kept out of the production crates: write master files the way
+//! tally-master does (`master/{first:020}-{last:020}.parquet`, rows sorted by (url, ts), `url`
+//! dictionary-encoded, zstd, row groups up to ~1M rows) with any row-group size and dictionary
+//! limit, and a small seeded generator. A dev-dependency only.
 
 use std::fs::File;
 use std::path::Path;
@@ -14,7 +15,7 @@ use parquet::schema::types::ColumnPath;
 use tally_core::Seq;
 use tally_master::MasterFile;
 
-use crate::error::{Error, Result};
+use tally_master::{Error, Result};
 
 /// One master row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +48,7 @@ pub fn write_master_file_with(
     row_group_rows: usize,
     url_dictionary_limit: usize,
 ) -> Result<MasterFile> {
-    std::fs::create_dir_all(master_dir).map_err(|e| Error::io(master_dir, e))?;
+    std::fs::create_dir_all(master_dir).map_err(|e| io(master_dir, e))?;
     let first = rows.iter().map(|r| r.seq).min().unwrap_or(0);
     let last = rows.iter().map(|r| r.seq).max().unwrap_or(0);
     rows.sort_by(|a, b| a.url.cmp(&b.url).then(a.ts.cmp(&b.ts)));
@@ -65,9 +66,9 @@ pub fn write_master_file_with(
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .build();
     let schema = master_schema();
-    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))
-        .map_err(|e| Error::parquet(&path, e))?;
+    let file = File::create(&path).map_err(|e| io(&path, e))?;
+    let mut w =
+        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| parquet(&path, e))?;
     for chunk in rows.chunks(256 * 1024) {
         let cols: Vec<ArrayRef> = vec![
             Arc::new(UInt64Array::from_iter_values(chunk.iter().map(|r| r.seq))),
@@ -90,14 +91,11 @@ pub fn write_master_file_with(
                     .with_timezone("UTC"),
             ),
         ];
-        let b = RecordBatch::try_new(schema.clone(), cols)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        w.write(&b).map_err(|e| Error::parquet(&path, e))?;
+        let b = RecordBatch::try_new(schema.clone(), cols).map_err(|e| parquet(&path, e))?;
+        w.write(&b).map_err(|e| parquet(&path, e))?;
     }
-    w.close().map_err(|e| Error::parquet(&path, e))?;
-    let size = std::fs::metadata(&path)
-        .map_err(|e| Error::io(&path, e))?
-        .len();
+    w.close().map_err(|e| parquet(&path, e))?;
+    let size = std::fs::metadata(&path).map_err(|e| io(&path, e))?.len();
     Ok(MasterFile {
         path,
         first: Seq(first),
@@ -129,5 +127,19 @@ impl Rng {
     /// Uniform in `[0, 1)`.
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn io(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn parquet(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Parquet {
+        path: path.to_path_buf(),
+        source: Box::new(e),
     }
 }
