@@ -14,6 +14,7 @@ mod grouping;
 pub mod ingest;
 pub mod merge;
 pub mod metrics;
+mod observe;
 mod params;
 pub mod plausible;
 pub mod query;
@@ -73,7 +74,7 @@ pub fn router(state: AppState) -> Router {
         )
         // Its own keys (`auth.api_keys`), as Plausible's Stats API has.
         .route("/api/v2/query", post(stats_api::post_query))
-        .route("/metrics", get(metrics::render))
+        .route("/metrics", get(observe::render))
         .route("/healthz", get(admin::healthz))
         .route("/readyz", get(admin::readyz))
         .route("/openapi.json", get(openapi))
@@ -91,7 +92,7 @@ pub fn router(state: AppState) -> Router {
         .merge(dashboard::routes(&state))
         .fallback(|| async { ApiError::NotFound("There is no such endpoint; see API.md.".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(axum::middleware::from_fn(observe::track))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(
             ServiceBuilder::new()
