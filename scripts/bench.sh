@@ -84,19 +84,12 @@ free_port() {
 # Starts a private redis-server on a free TCP port and a unix socket; sets REDIS_PORT, REDIS_SOCK.
 start_redis() {
     local dir="$BENCH_DIR/redis"
-    rm -rf "$dir" && mkdir -p "$dir"
+    rm -rf "$dir"
     REDIS_PORT=$(free_port)
     REDIS_SOCK="$dir/redis.sock"
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --unixsocket "$REDIS_SOCK" --unixsocketperm 700 \
-        --save "" --appendonly no --dir "$dir" --logfile "$dir/redis.log" &
-    PIDS+=($!)
-    local _
-    for _ in $(seq 1 100); do
-        [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && return
-        sleep 0.1
-    done
-    echo "private redis-server did not start; see $dir/redis.log" >&2
-    exit 1
+    # TCP too (redis-benchmark uses it); a later --port overrides the helper's --port 0.
+    start_private_redis "$dir" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no || exit 1
+    PIDS+=("$REDIS_PID")
 }
 
 # Runs "$@" in the background, its stdout to $1.out; waits for "listening on http://ADDR" and

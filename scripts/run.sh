@@ -15,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 export DEBIAN_FRONTEND=noninteractive
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 echo "==> cargo build --release --bin tally" >&2
 cargo build --release --bin tally
@@ -44,29 +46,16 @@ redis_ping() { # URL
     esac
 }
 
-install_redis() {
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "redis-server is missing and this is not root: apt-get install -y redis-server" >&2
-        exit 1
-    fi
-    echo "==> installing Debian's redis-server" >&2
-    apt-get update -qq
-    # policy-rc.d keeps Debian from starting the system redis-server on install.
-    local policy=/usr/sbin/policy-rc.d created_policy=""
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1
-    fi
-    apt-get install -y -qq --no-install-recommends redis-server </dev/null
-    if [ -n "$created_policy" ]; then rm -f "$policy"; fi
-}
-
 if [ -n "${TALLY_REDIS_URL:-}" ] && redis_ping "$TALLY_REDIS_URL"; then
     echo "==> using Redis at $TALLY_REDIS_URL" >&2
 else
     if [ -n "${TALLY_REDIS_URL:-}" ]; then
         echo "==> TALLY_REDIS_URL=$TALLY_REDIS_URL does not answer: starting a private redis-server" >&2
     fi
-    command -v redis-server >/dev/null 2>&1 || install_redis
+    if ! command -v redis-server >/dev/null 2>&1; then
+        echo "==> installing Debian's redis-server" >&2
+        apt_install redis-server || exit 1
+    fi
     redis_dir="$root/data/redis"
     socket="$redis_dir/redis.sock"
     mkdir -p "$redis_dir"
@@ -74,18 +63,7 @@ else
         echo "==> private redis-server already running on $socket" >&2
     else
         echo "==> starting a private redis-server on $socket" >&2
-        rm -f "$socket"
-        redis-server --port 0 --unixsocket "$socket" --unixsocketperm 700 \
-            --dir "$redis_dir" --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log" \
-            --daemonize yes
-        for _ in $(seq 1 100); do
-            redis_ping "unix://$socket" && break
-            sleep 0.1
-        done
-        redis_ping "unix://$socket" || {
-            echo "redis-server did not come up; see $redis_dir/redis.log" >&2
-            exit 1
-        }
+        start_private_redis "$redis_dir" --daemonize yes || exit 1
     fi
     export TALLY_REDIS_URL="unix://$socket"
 fi

@@ -149,10 +149,8 @@ step "$current"
         rm -rf "$work"
     }
     trap cleanup EXIT
-    redis-server --port 0 --unixsocket "$work/redis.sock" --unixsocketperm 700 --save '' \
-        --appendonly no --dir "$work" >"$work/redis.log" 2>&1 &
-    redis_pid=$!
-    for _ in $(seq 100); do [ -S "$work/redis.sock" ] && break; sleep 0.1; done
+    start_private_redis "$work" --save '' --appendonly no
+    redis_pid=$REDIS_PID
     TALLY_HTTP_ADDR=127.0.0.1:0 TALLY_STORAGE_DATA_DIR="$work/data" \
         TALLY_REDIS_URL="unix://$work/redis.sock" TALLY_BATCH_SCHEDULE="0 0 0 1 1 *" \
         target/debug/tally serve >"$work/tally.out" 2>"$work/tally.log" &
