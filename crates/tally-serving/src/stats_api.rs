@@ -153,7 +153,6 @@ enum Filter {
 }
 
 impl Filter {
-    /// What [`Filter::matches`] reads; `None` when it reads neither input.
     /// Whether [`Filter::matches`] reads the campaign alone ([`Dim::by_campaign`]).
     fn by_campaign(&self) -> bool {
         match self {
@@ -163,6 +162,7 @@ impl Filter {
         }
     }
 
+    /// What [`Filter::matches`] reads; `None` when it reads neither input.
     fn input(&self) -> Option<Input> {
         let all = |fs: &[Filter]| fs.iter().filter_map(Filter::input).reduce(Input::and);
         match self {
