@@ -21,7 +21,7 @@ use tally_core::hash::FastMap;
 use tally_core::Seq;
 
 use crate::aggregate::UrlDelta;
-use crate::keys::Keys;
+use crate::keys::{bucket, bucket_member, cell_field, slot, visitor_bucket, Keys};
 use crate::mirror::UrlCounts;
 use crate::Result;
 
@@ -156,37 +156,65 @@ pub(crate) enum WriteOutcome {
 /// Commands per transaction when rewriting whole epochs.
 const RESYNC_CHUNK_URLS: usize = 20_000;
 
-/// Appends the commands that add `u` (URL id `id`) to the epoch `epoch`. A fresh URL's
+/// Appends the commands that add `urls` (ascending by id) to the epoch `epoch`. A fresh URL's
 /// `HSETNX` reply (1: the id was new) is kept when `check` is set; every other reply is ignored.
-fn push_url(
+/// The visitor members of the ids of one bucket go in one `SADD`, and the buckets of fresh
+/// URLs in one.
+fn push_urls(
     p: &mut redis::Pipeline,
     keys: &Keys,
     epoch: Seq,
-    id: u32,
-    u: &PendingUrl,
+    urls: &[(&u32, &PendingUrl)],
     check: bool,
 ) {
-    let ids = id.to_string();
-    if u.fresh {
-        p.cmd("HSETNX").arg(keys.urls(epoch)).arg(&ids).arg(&*u.url);
-        if !check {
-            p.ignore();
+    let mut members: Vec<i64> = Vec::new();
+    let mut open = None;
+    let flush = |p: &mut redis::Pipeline, b: Option<u32>, members: &mut Vec<i64>| {
+        if let Some(b) = b.filter(|_| !members.is_empty()) {
+            members.sort_unstable();
+            members.dedup();
+            for chunk in members.chunks(10_000) {
+                p.cmd("SADD")
+                    .arg(keys.visitors(epoch, b))
+                    .arg(chunk)
+                    .ignore();
+            }
         }
-    }
-    let hk = keys.cells(epoch, &ids);
-    for (h, n) in &u.cells {
-        p.cmd("HINCRBY").arg(&hk).arg(*h).arg(*n).ignore();
-    }
-    if !u.visitors.is_empty() {
-        let mut v = u.visitors.clone();
-        v.sort_unstable();
-        v.dedup();
-        for chunk in v.chunks(10_000) {
-            p.cmd("SADD")
-                .arg(keys.visitors(epoch, &ids))
-                .arg(chunk)
+        members.clear();
+    };
+    let mut named: Vec<u32> = Vec::new();
+    for (id, u) in urls {
+        let id = **id;
+        if u.fresh {
+            p.cmd("HSETNX")
+                .arg(keys.names(epoch, bucket(id)))
+                .arg(slot(id))
+                .arg(&*u.url);
+            if !check {
+                p.ignore();
+            }
+            if named.last() != Some(&bucket(id)) {
+                named.push(bucket(id));
+            }
+        }
+        let hk = keys.cells(epoch, bucket(id));
+        for (h, n) in &u.cells {
+            p.cmd("HINCRBY")
+                .arg(&hk)
+                .arg(cell_field(id, *h))
+                .arg(*n)
                 .ignore();
         }
+        let b = visitor_bucket(id);
+        if open != Some(b) {
+            flush(p, open, &mut members);
+            open = Some(b);
+        }
+        members.extend(u.visitors.iter().map(|m| bucket_member(id, *m)));
+    }
+    flush(p, open, &mut members);
+    if !named.is_empty() {
+        p.cmd("SADD").arg(keys.buckets(epoch)).arg(named).ignore();
     }
 }
 
@@ -198,9 +226,7 @@ pub(crate) fn transaction(keys: &Keys, pending: &Pending) -> redis::Pipeline {
     for (e, pe) in pending {
         let mut ids: Vec<(&u32, &PendingUrl)> = pe.urls.iter().collect();
         ids.sort_unstable_by_key(|(id, _)| **id);
-        for (id, u) in ids {
-            push_url(&mut p, keys, *e, *id, u, true);
-        }
+        push_urls(&mut p, keys, *e, &ids, true);
         p.cmd("SADD").arg(keys.epochs()).arg(e.0).ignore();
         p.cmd("SET").arg(keys.applied(*e)).arg(pe.last.0).ignore();
     }
@@ -344,9 +370,7 @@ pub(crate) fn rewrite_transactions<'a>(
             if first_of_epoch {
                 p.cmd("SADD").arg(keys.epochs()).arg(e.0).ignore();
             }
-            for (id, u) in chunk {
-                push_url(&mut p, keys, e, *id, u, false);
-            }
+            push_urls(&mut p, keys, e, &chunk, false);
             if last_of_epoch {
                 p.cmd("SET").arg(keys.applied(e)).arg(pe.last.0).ignore();
             }

@@ -2,12 +2,11 @@
 //! an epoch into the mirror, deleting one. The applier is the only user; its writes (a
 //! compare-and-set transaction per coalesced batch) are in `replica.rs`.
 
-use std::collections::HashMap;
-
 use redis::aio::ConnectionManager;
+use tally_core::hash::FastMap;
 use tally_core::Seq;
 
-use crate::keys::Keys;
+use crate::keys::{id_of, split_bucket_member, split_cell_field, visitor_buckets_of, Keys};
 use crate::mirror::UrlCounts;
 use crate::Result;
 
@@ -100,12 +99,12 @@ impl Store {
     }
 
     async fn load_epoch_once(&mut self, epoch: Seq) -> Result<Option<LoadedEpoch>> {
-        let (applied, urls): (Option<u64>, HashMap<String, String>) = redis::pipe()
+        let (applied, buckets): (Option<u64>, Vec<u32>) = redis::pipe()
             .atomic()
             .cmd("GET")
             .arg(self.keys.applied(epoch))
-            .cmd("HGETALL")
-            .arg(self.keys.urls(epoch))
+            .cmd("SMEMBERS")
+            .arg(self.keys.buckets(epoch))
             .query_async(&mut self.conn)
             .await?;
         let Some(applied) = applied else {
@@ -113,38 +112,28 @@ impl Store {
         };
         let mut state = LoadedEpoch {
             applied: Seq(applied),
-            urls: Vec::with_capacity(urls.len()),
+            urls: Vec::new(),
         };
-        let urls: Vec<(String, String)> = urls.into_iter().collect();
-        for chunk in urls.chunks(512) {
+        for chunk in buckets.chunks(64) {
             let mut p = redis::pipe();
-            for (id, _) in chunk {
-                p.cmd("HGETALL").arg(self.keys.cells(epoch, id));
-                p.cmd("SMEMBERS").arg(self.keys.visitors(epoch, id));
+            for b in chunk {
+                p.cmd("HGETALL").arg(self.keys.names(epoch, *b));
+                p.cmd("HGETALL").arg(self.keys.cells(epoch, *b));
+                for v in visitor_buckets_of(*b) {
+                    p.cmd("SMEMBERS").arg(self.keys.visitors(epoch, v));
+                }
             }
             let replies: Vec<redis::Value> = p.query_async(&mut self.conn).await?;
             let mut replies = replies.into_iter();
-            for (id, url) in chunk {
-                let (Some(cells), Some(visitors)) = (replies.next(), replies.next()) else {
-                    break;
-                };
-                let cells: HashMap<i64, u64> =
-                    redis::from_redis_value(cells).map_err(redis::RedisError::from)?;
-                let visitors: Vec<i64> =
-                    redis::from_redis_value(visitors).map_err(redis::RedisError::from)?;
-                let Ok(id) = id.parse::<u32>() else {
-                    // Not an id of this layout: the caller rebuilds on the missing URL.
-                    continue;
-                };
-                let mut c = UrlCounts::default();
-                let mut cells: Vec<(i64, u64)> = cells.into_iter().collect();
-                cells.sort_unstable();
-                for (h, n) in cells {
-                    c.add(h, n);
+            let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+            for b in chunk {
+                let names: Vec<(String, String)> = decode(next())?;
+                let fields: Vec<(i64, u64)> = decode(next())?;
+                let mut members = Vec::new();
+                for v in visitor_buckets_of(*b) {
+                    members.push((v, decode::<Vec<i64>>(next())?));
                 }
-                // Registers are the mirror's business (`mirror_from`).
-                c.visitors.extend(visitors, None);
-                state.urls.push((id, url.clone(), c));
+                state.urls.extend(bucket_state(*b, names, fields, members));
             }
         }
         Ok(Some(state))
@@ -187,20 +176,27 @@ impl Store {
         Ok(p)
     }
 
-    /// Every key Redis holds for `epoch`: those of the ids its `urls` hash lists, and the
-    /// previous layout's visitor sets.
+    /// Every key Redis holds for `epoch`: those of the buckets it lists, and the keys of
+    /// earlier layouts (state of those is rebuilt, and deleted first).
     async fn epoch_keys_in_redis(&mut self, epoch: Seq) -> Result<Vec<String>> {
-        let ids: Vec<String> = redis::cmd("HKEYS")
-            .arg(self.keys.urls(epoch))
-            .query_async(&mut self.conn)
-            .await?;
-        // The previous layout kept the names of its visitor sets in `vkeys`.
-        let legacy: Vec<String> = redis::cmd("SMEMBERS")
+        // `v1` kept the names of its visitor sets in `vkeys`; `v6` named its ids (and so its
+        // keys, one cell hash and one visitor set per id) in `urls`.
+        let (buckets, legacy, ids): (Vec<u32>, Vec<String>, Vec<String>) = redis::pipe()
+            .cmd("SMEMBERS")
+            .arg(self.keys.buckets(epoch))
+            .cmd("SMEMBERS")
             .arg(&self.keys.legacy(epoch)[1])
+            .cmd("HKEYS")
+            .arg(self.keys.legacy_urls(epoch))
             .query_async(&mut self.conn)
             .await?;
-        let mut keys = self.keys.epoch_keys(epoch, ids.iter().map(String::as_str));
+        let mut keys = self.keys.epoch_keys(epoch, buckets);
+        keys.extend(self.keys.legacy(epoch));
         keys.extend(legacy);
+        keys.push(self.keys.legacy_urls(epoch));
+        for id in ids.iter().filter_map(|id| id.parse().ok()) {
+            keys.extend(self.keys.per_id(epoch, id));
+        }
         Ok(keys)
     }
 
@@ -242,6 +238,60 @@ impl Store {
         p.exec_async(&mut self.conn).await?;
         Ok(())
     }
+}
+
+fn decode<T: redis::FromRedisValue>(v: redis::Value) -> Result<T> {
+    Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
+}
+
+/// The URLs of bucket `b` from its names, its cell fields and its visitor sets
+/// (`(visitor bucket, members)`). A name whose field is no slot names no id (the caller
+/// rebuilds on the URL it then misses); entries of ids the bucket does not name are no state a
+/// write leaves (the name is written with the first counts), and are skipped.
+fn bucket_state(
+    b: u32,
+    names: Vec<(String, String)>,
+    fields: Vec<(i64, u64)>,
+    visitors: Vec<(u32, Vec<i64>)>,
+) -> Vec<(u32, String, UrlCounts)> {
+    #[derive(Default)]
+    struct Read {
+        cells: Vec<(i64, u64)>,
+        members: Vec<i64>,
+    }
+    let mut urls: FastMap<u32, (String, Read)> = names
+        .into_iter()
+        .filter_map(|(slot, url)| Some((id_of(b, slot.parse().ok()?)?, (url, Read::default()))))
+        .collect();
+    for (f, n) in fields {
+        if let Some((id, cell)) = split_cell_field(b, f) {
+            if let Some((_, r)) = urls.get_mut(&id) {
+                r.cells.push((cell, n));
+            }
+        }
+    }
+    for (v, members) in visitors {
+        for m in members {
+            if let Some((id, m)) = split_bucket_member(v, m) {
+                if let Some((_, r)) = urls.get_mut(&id) {
+                    r.members.push(m);
+                }
+            }
+        }
+    }
+    urls.into_iter()
+        .map(|(id, (url, mut r))| {
+            let mut c = UrlCounts::default();
+            r.cells.sort_unstable();
+            for (h, n) in r.cells {
+                c.add(h, n);
+            }
+            // Registers are the mirror's business (`mirror_from`).
+            r.members.sort_unstable();
+            c.visitors.extend(r.members, None);
+            (id, url, c)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -390,13 +440,17 @@ mod tests {
         let mut c = s.conn.clone();
         let _: () = redis::pipe()
             .cmd("HSET")
-            .arg(s.keys.urls(Seq(5)))
-            .arg("0")
+            .arg(s.keys.names(Seq(5), 0))
+            .arg(0)
             .arg("http://a/x")
             .ignore()
-            .cmd("HINCRBY")
-            .arg(s.keys.cells(Seq(5), "0"))
+            .cmd("SADD")
+            .arg(s.keys.buckets(Seq(5)))
             .arg(0)
+            .ignore()
+            .cmd("HINCRBY")
+            .arg(s.keys.cells(Seq(5), 0))
+            .arg(crate::keys::cell_field(0, 0))
             .arg(3)
             .ignore()
             .cmd("SADD")
@@ -411,6 +465,87 @@ mod tests {
         let left = keys_like(&mut c, "t:e:5:*").await;
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(s.listed_epochs().await.unwrap(), vec![Seq(1)]);
+    }
+
+    /// URLs whose ids share buckets and URLs alone in theirs load back with their own cells
+    /// and visitors, none of another id's; deleting the epoch leaves no bucket behind.
+    #[tokio::test]
+    async fn ids_sharing_a_bucket_load_back_apart() {
+        let redis = TestRedis::start();
+        let mut s = store(&redis).await;
+        s.set_instance("i1").await.unwrap();
+        let ids = [0u32, 7, 8, 63, 64, 65, 1000, 4_000_000_000];
+        let mut events = Vec::new();
+        for (i, _) in ids.iter().enumerate() {
+            // URL i: i + 1 views in cell i, from visitors "i/0" … "i/i".
+            for k in 0..=i {
+                let mut e = ev(
+                    events.len() as u64 + 1,
+                    &format!("http://a/{i:02}"),
+                    i as i64 * tally_core::CELL_MS,
+                );
+                e.event.visitor = Some(format!("{i}/{k}"));
+                events.push(e);
+            }
+        }
+        let p = pending(&events, &ids, true);
+        let none = BTreeMap::new();
+        assert_eq!(write(&mut s, "i1", &none, &p).await, WriteOutcome::Written);
+        let loaded = s.load_epoch(Seq(1)).await.unwrap().unwrap();
+        assert_eq!(loaded.urls.len(), ids.len());
+        for (id, url, c) in &loaded.urls {
+            let i = ids.iter().position(|x| x == id).unwrap();
+            assert_eq!(url, &format!("http://a/{i:02}"));
+            assert_eq!(c.cells, vec![(i as i64, i as u64 + 1)], "id {id}");
+            let want: Vec<i64> = {
+                let mut v: Vec<i64> = (0..=i)
+                    .map(|k| {
+                        let h = tally_core::sketch::visitor_hash32(format!("{i}/{k}").as_bytes());
+                        visitor_member(i as i64, h)
+                    })
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            let mut got: Vec<i64> = c.visitors.members().collect();
+            got.sort_unstable();
+            assert_eq!(got, want, "id {id}");
+        }
+        // 8 ids in 4 buckets (0–63, 64–127, 960–1023, the last) and 6 visitor sets (0–7,
+        // 8–15, 56–63, 64–71, 1000–1007, the last).
+        assert_eq!(keys_like(&mut s.conn, "t:e:1:nb:*").await.len(), 4);
+        assert_eq!(keys_like(&mut s.conn, "t:e:1:hb:*").await.len(), 4);
+        assert_eq!(keys_like(&mut s.conn, "t:e:1:vb:*").await.len(), 6);
+        s.delete_epoch(Seq(1)).await.unwrap();
+        let left = keys_like(&mut s.conn, "t:e:*").await;
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// State of the layout before buckets (a cell hash and a visitor set per id) is deleted
+    /// whole with its epoch, so a rebuild after an upgrade leaves nothing behind.
+    #[tokio::test]
+    async fn an_epoch_of_the_layout_before_buckets_is_deleted_whole() {
+        let redis = TestRedis::start();
+        let mut s = store(&redis).await;
+        let mut c = s.conn.clone();
+        let mut p = redis::pipe();
+        p.cmd("SADD").arg(s.keys.epochs()).arg(3).ignore();
+        p.cmd("SET").arg(s.keys.applied(Seq(3))).arg(9).ignore();
+        for id in [5u32, 70, 900] {
+            let [h, v] = s.keys.per_id(Seq(3), id);
+            p.cmd("HSET")
+                .arg(s.keys.legacy_urls(Seq(3)))
+                .arg(id)
+                .arg(format!("http://a/{id}"))
+                .ignore();
+            p.cmd("HINCRBY").arg(h).arg(0).arg(2).ignore();
+            p.cmd("SADD").arg(v).arg(visitor_member(0, 7)).ignore();
+        }
+        let _: () = p.query_async(&mut c).await.unwrap();
+        s.delete_epoch(Seq(3)).await.unwrap();
+        let left = keys_like(&mut c, "t:e:*").await;
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(s.listed_epochs().await.unwrap(), Vec::<Seq>::new());
     }
 
     /// A rewrite stopped after any of its transactions (a restart, a newer claim) leaves keys

@@ -49,19 +49,34 @@ async fn redis_keys(c: &mut MultiplexedConnection, pattern: &str) -> Vec<String>
 async fn assert_redis_epoch_1_exact(c: &mut MultiplexedConnection, master: &Master, model: &Model) {
     let applied: u64 = get(c, "tally:e:1:applied").await;
     assert_eq!(Seq(applied), master.acked_seq());
-    let ids: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("tally:e:1:urls")
+    // Buckets of 64 ids: `nb:{b}` names them by slot, `hb:{b}` holds a field per (id, cell)
+    // with the slot above 32 bits.
+    let buckets: Vec<u64> = redis::cmd("SMEMBERS")
+        .arg("tally:e:1:buckets")
         .query_async(c)
         .await
         .unwrap();
+    assert!(!buckets.is_empty());
     let mut totals = HashMap::new();
-    for (id, url) in ids {
-        let cells: HashMap<i64, u64> = redis::cmd("HGETALL")
-            .arg(format!("tally:e:1:h:{id}"))
+    for b in buckets {
+        let names: HashMap<u64, String> = redis::cmd("HGETALL")
+            .arg(format!("tally:e:1:nb:{b}"))
             .query_async(c)
             .await
             .unwrap();
-        assert!(totals.insert(url, cells.values().sum::<u64>()).is_none());
+        let cells: HashMap<u64, u64> = redis::cmd("HGETALL")
+            .arg(format!("tally:e:1:hb:{b}"))
+            .query_async(c)
+            .await
+            .unwrap();
+        for (slot, url) in names {
+            let views = cells
+                .iter()
+                .filter(|(f, _)| **f >> 32 == slot)
+                .map(|(_, n)| n)
+                .sum::<u64>();
+            assert!(totals.insert(url, views).is_none());
+        }
     }
     // These events have no referrer: all their views are direct, counted under the URL only
     // (no source key: direct views are kept apart only for URLs with referred ones).
@@ -564,6 +579,40 @@ async fn state_of_another_dataset_or_layout_is_rebuilt_not_merged() {
         left.iter()
             .all(|k| !k.contains(":top") && !k.contains("vkeys") && !k.contains("4250")),
         "keys of the old layout left: {left:?}"
+    );
+    speed.shutdown().await;
+    drop(speed);
+
+    // State of this dataset in the layout before buckets (`v6`: a cell hash and a visitor set
+    // per URL id, named `h:{id}` and `v:{id}`): rebuilt, and its per-id keys deleted.
+    let mut p = redis::pipe();
+    p.cmd("SET")
+        .arg("tally:instance")
+        .arg(format!("v6/{}/old", new.dataset_id()));
+    for id in 0..5 {
+        p.cmd("HSET")
+            .arg("tally:e:1:urls")
+            .arg(id)
+            .arg(format!("http://old.example/{id}"));
+        p.cmd("HINCRBY")
+            .arg(format!("tally:e:1:h:{id}"))
+            .arg(0)
+            .arg(1000);
+        p.cmd("SADD").arg(format!("tally:e:1:v:{id}")).arg(5);
+    }
+    let _: () = p.query_async(&mut c).await.unwrap();
+    let speed = SpeedLayer::start(speed_config(&redis), new.clone()).await;
+    caught_up(&speed, &new).await;
+    assert_eq!(speed.stats().rebuilds, 1);
+    assert_exact(&speed, &model, Seq(0), &mut rng);
+    redis_caught_up(&speed, &new).await;
+    assert_redis_epoch_1_exact(&mut c, &new, &model).await;
+    let mut left = redis_keys(&mut c, "tally:e:1:h:*").await;
+    left.extend(redis_keys(&mut c, "tally:e:1:v:*").await);
+    left.extend(redis_keys(&mut c, "tally:e:1:urls").await);
+    assert!(
+        left.is_empty(),
+        "per-id keys of the v6 layout left: {left:?}"
     );
     speed.shutdown().await;
 }
