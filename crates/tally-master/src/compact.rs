@@ -112,9 +112,7 @@ pub(crate) fn covered(master_dir: &Path) -> Result<Vec<MasterFile>> {
 }
 
 /// Step 1 for one run: writes the merged file, durably. Returns it and its event count.
-/// Public for tests that stop a pass between its steps, as `kill -9` would.
-#[doc(hidden)]
-pub fn write_merged(
+pub(crate) fn write_merged(
     master_dir: &Path,
     run: &[MasterFile],
     fsync: bool,

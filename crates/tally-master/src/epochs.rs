@@ -110,10 +110,10 @@ impl Epochs {
         })();
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
-            return Err(Error::Unavailable(format!(
-                "writing {}: {e}",
-                self.path.display()
-            )));
+            return Err(Error::Unavailable {
+                what: format!("writing {}", self.path.display()),
+                source: std::sync::Arc::new(e),
+            });
         }
         if let Some(dir) = self.path.parent() {
             fsync_dir(dir)?;

@@ -69,8 +69,14 @@ pub const SEALER: &str = "sealer";
 pub enum Error {
     /// The events could not be made durable (disk full, I/O error). Nothing of that append is
     /// acknowledged; the caller answers 503. The store recovers by itself when writes succeed again.
-    #[error("events could not be made durable: {0}")]
-    Unavailable(String),
+    #[error("events could not be made durable: {what}")]
+    Unavailable {
+        /// What failed, and on which file.
+        what: String,
+        /// Shared: a failed group write answers every append of the group with it.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     /// The store is shutting down or closed.
     #[error("the store is closed")]
     Closed,
@@ -110,9 +116,10 @@ impl Error {
             Error::CorruptWal { .. } | Error::Parquet { .. } | Error::Schema { .. } => {
                 ErrorKind::Corrupt
             }
-            Error::Unavailable(_) | Error::Closed | Error::ThreadStopped(_) | Error::Io { .. } => {
-                ErrorKind::Transient
-            }
+            Error::Unavailable { .. }
+            | Error::Closed
+            | Error::ThreadStopped(_)
+            | Error::Io { .. } => ErrorKind::Transient,
         }
     }
 }
@@ -692,6 +699,14 @@ impl Master {
     #[cfg(feature = "test-hooks")]
     pub fn inject_writer_panic(&self) {
         self.inner.shared.panic_writer.store(true, Ordering::SeqCst);
+    }
+
+    /// Test hook: the first step of a compaction of `run` alone (the merged file written,
+    /// durably; its inputs still there), as `kill -9` between the steps of a pass leaves it.
+    #[cfg(feature = "test-hooks")]
+    pub fn compact_write_merged_only(&self, run: &[MasterFile]) -> Result<(MasterFile, u64)> {
+        let shared = &self.inner.shared;
+        compact::write_merged(&shared.paths.master, run, shared.fsync)
     }
 
     /// Test hook: the next `n` group writes fail half-way, as on a full disk.

@@ -287,10 +287,14 @@ impl Writer {
             panic!("injected WAL writer panic (test hook)");
         }
         if let Err(e) = self.ensure_segment() {
-            let msg = format!("wal segment in {}: {e}", self.shared.paths.wal.display());
             tracing::warn!(error = %e, "wal unavailable");
+            let what = format!("wal segment in {}", self.shared.paths.wal.display());
+            let source = std::sync::Arc::new(e);
             for (_, reply) in pending.drain(..) {
-                let _ = reply.send(Err(Error::Unavailable(msg.clone())));
+                let _ = reply.send(Err(Error::Unavailable {
+                    what: what.clone(),
+                    source: source.clone(),
+                }));
             }
             return;
         }
@@ -321,8 +325,9 @@ impl Writer {
             metrics::counter!(crate::metrics::WAL_WRITE_ERRORS).increment(1);
             self.next_seq = start;
             let s = self.seg.as_ref().expect("segment ensured");
-            let msg = format!("writing {}: {e}", s.seg.path.display());
+            let what = format!("writing {}", s.seg.path.display());
             tracing::warn!(error = %e, file = %s.seg.path.display(), "wal write failed");
+            let source = std::sync::Arc::new(e);
             // Cut the partial record away so nothing of it can ever be replayed; if that fails
             // too, the next write repairs first.
             self.needs_repair = true;
@@ -330,7 +335,10 @@ impl Writer {
                 tracing::warn!(error = %e, "could not truncate the wal segment; will retry");
             }
             for (_, reply) in pending.drain(..) {
-                let _ = reply.send(Err(Error::Unavailable(msg.clone())));
+                let _ = reply.send(Err(Error::Unavailable {
+                    what: what.clone(),
+                    source: source.clone(),
+                }));
             }
             return;
         }

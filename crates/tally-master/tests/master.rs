@@ -701,11 +701,11 @@ async fn write_failure_is_unavailable_then_recovers_without_losing_anything() {
     m.inject_write_failures(2);
     assert!(matches!(
         m.append(evs(100..110)).await,
-        Err(Error::Unavailable(_))
+        Err(Error::Unavailable { .. })
     ));
     assert!(matches!(
         m.append(evs(100..110)).await,
-        Err(Error::Unavailable(_))
+        Err(Error::Unavailable { .. })
     ));
     assert_eq!(m.acked_seq(), Seq(4));
     // Nothing of the failed records is left in the segment.
@@ -961,7 +961,7 @@ async fn compaction_merges_small_files_and_every_reader_sees_each_event_once() {
     // leave the covered inputs out; after a restart the next pass deletes them, and `seq` goes on
     // after the largest name.
     let tail: Vec<_> = m.snapshot().unwrap()[2..].to_vec();
-    tally_master::compact::write_merged(&dir.path().join("master"), &tail, true).unwrap();
+    m.compact_write_merged_only(&tail).unwrap();
     assert_eq!(parquet_files(dir.path()).len(), 6);
     assert_eq!(snapshot_seqs(&m), all);
     assert_eq!(seqs(&m.read_range(Seq(0), Seq(3115)).unwrap()).len(), 3115);

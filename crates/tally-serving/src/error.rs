@@ -101,8 +101,8 @@ impl IntoResponse for ApiError {
 impl From<tally_master::Error> for ApiError {
     fn from(e: tally_master::Error) -> Self {
         match e {
-            tally_master::Error::Unavailable(m) => ApiError::Unavailable(format!(
-                "Events could not be made durable right now ({m}); retry later."
+            tally_master::Error::Unavailable { what, source } => ApiError::Unavailable(format!(
+                "Events could not be made durable right now ({what}: {source}); retry later."
             )),
             tally_master::Error::Closed => {
                 ApiError::Unavailable("The server is shutting down; retry later.".to_string())
