@@ -120,7 +120,13 @@ impl Dimension {
 /// `https://x.test/a?b=1` → `/a`; `https://x.test/app#/s` → `/app#/s`;
 /// `https://x.test/app?u=1#/s` → `/app#/s`; `https://x.test/caf%C3%A9` → `/café`.
 pub fn page_of(url: &str) -> Cow<'_, str> {
-    let Some((_, rest)) = url.split_once("://") else {
+    // What follows the first "://" (searched as a char, then checked: a grouping by page asks
+    // this of every page of a site, and a string pattern's searcher set-up cost more than the
+    // rest of the function).
+    let Some(rest) = url
+        .match_indices(':')
+        .find_map(|(i, _)| url[i + 1..].strip_prefix("//"))
+    else {
         return Cow::Borrowed(url);
     };
     let Some(start) = rest.find(['/', '?', '#']) else {
@@ -279,6 +285,10 @@ mod tests {
     #[test]
     fn pages_drop_the_query_and_keep_a_hash_route() {
         assert_eq!(page_of("https://x.test/a/b?c=1"), "/a/b");
+        // The path begins after the first "://", whatever colons come before or after it.
+        assert_eq!(page_of("https://x.test/a:b//c"), "/a:b//c");
+        assert_eq!(page_of("x:y://h.test/p"), "/p");
+        assert_eq!(page_of("mailto:a@b.test"), "mailto:a@b.test");
         assert_eq!(page_of("https://x.test/"), "/");
         assert_eq!(page_of("https://x.test/app#/settings"), "/app#/settings");
         assert_eq!(page_of("https://x.test/app#/s?x=1"), "/app#/s?x=1");

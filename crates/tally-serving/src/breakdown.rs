@@ -66,18 +66,11 @@ fn breakdown(state: &AppState, q: Params) -> ApiResult<Response> {
     // days — also those without views in the range itself.
     let day_cells = uniques_cells(&range);
     let by_campaign = tally_core::dims::is_campaign_dimension(by);
-    let speed = speed_sources(state, view.as_ref(), &host, url, cells, false, by_campaign)?;
+    let keys = (by.input(), by_campaign);
+    let speed = speed_sources(state, view.as_ref(), &host, url, cells, false, keys)?;
     let speed_days = match day_cells == cells {
         true => None,
-        false => speed_sources(
-            state,
-            view.as_ref(),
-            &host,
-            url,
-            day_cells,
-            false,
-            by_campaign,
-        )?,
+        false => speed_sources(state, view.as_ref(), &host, url, day_cells, false, keys)?,
     };
     let group = (by.input(), by_campaign, |u, referrer| {
         Some(by.value(u, referrer))

@@ -86,11 +86,13 @@ enum BatchKeys {
     Urls,
 }
 
-/// The speed layer's source keys of site `host` (of `url` alone when given) after the cutoff of
-/// `view` with views in `cells` (and per cell, for a grouping by time bucket: `per_cell`);
-/// `None` while it cannot be read. For a grouping of the whole site by campaign dimensions
-/// alone (`by_campaign`: `tally_core::dims::is_campaign_dimension`), its campaign keys
-/// instead: the same sums, from a few keys per referrer rather than one per page.
+/// The speed layer's keys of site `host` (of `url` alone when given) after the cutoff of
+/// `view` with views in `cells` (and per cell, for a grouping by time bucket: `per_cell`), for
+/// a grouping whose value is a function of `input` — the fewest that give its groups, as
+/// [`Grouping::new`] reads the batch view: for the whole site by campaign dimensions alone
+/// (`by_campaign`: `tally_core::dims::is_campaign_dimension`) its campaign keys, for a function
+/// of the URL alone its pages, else its source keys (referrer host, URL). The sums are the same
+/// from any of them. `None` while the speed layer cannot be read.
 pub(crate) fn speed_sources(
     state: &AppState,
     view: Option<&Arc<BatchView>>,
@@ -98,11 +100,12 @@ pub(crate) fn speed_sources(
     url: Option<&str>,
     cells: (i64, i64),
     per_cell: bool,
-    by_campaign: bool,
+    (input, by_campaign): (Input, bool),
 ) -> ApiResult<Option<Vec<SourceSpeed>>> {
     let cutoff = ViewManager::cutoff(view);
-    speed_read(match (url, by_campaign) {
-        (None, true) => state.speed.campaigns(host, cutoff, cells, per_cell),
+    speed_read(match (url, by_campaign, input) {
+        (None, true, _) => state.speed.campaigns(host, cutoff, cells, per_cell),
+        (_, _, Input::Url) => state.speed.pages(host, url, cutoff, cells, per_cell),
         _ => state.speed.sources(host, url, cutoff, cells, per_cell),
     })
 }
@@ -117,7 +120,8 @@ impl<'a, K: std::hash::Hash + Eq + Clone> Grouping<'a, K> {
     /// rather than their source keys (fewer entries, the same numbers); a grouping of the whole
     /// site by campaign dimensions alone (`by_campaign`:
     /// `tally_core::dims::is_campaign_dimension`) reads the view's campaign keys, whose URLs are
-    /// their campaign's (`speed` must then come from [`speed_sources`] with `by_campaign` too).
+    /// their campaign's (`speed` must then come from [`speed_sources`] with the same `input`
+    /// and `by_campaign`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         view: Option<&'a Arc<BatchView>>,

@@ -693,6 +693,11 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
     let bucket = granularity.map(|_| &bucket_of as &dyn Fn(i64) -> i64);
     let by_campaign =
         q.dims.iter().all(|d| d.by_campaign()) && q.filters.iter().all(Filter::by_campaign);
+    // What the rows' values are a function of: each is computed once per distinct input.
+    let input = (q.dims.iter().filter_map(|d| d.input()))
+        .chain(q.filters.iter().filter_map(Filter::input))
+        .reduce(Input::and)
+        .unwrap_or(Input::Url);
     let speed = speed_sources(
         state,
         view.as_ref(),
@@ -700,13 +705,8 @@ fn run(state: &AppState, body: &[u8]) -> Result<Response, ApiError> {
         None,
         cells,
         bucket.is_some(),
-        by_campaign,
+        (input, by_campaign),
     )?;
-    // What the rows' values are a function of: each is computed once per distinct input.
-    let input = (q.dims.iter().filter_map(|d| d.input()))
-        .chain(q.filters.iter().filter_map(Filter::input))
-        .reduce(Input::and)
-        .unwrap_or(Input::Url);
     let groups = Grouping::new(
         view.as_ref(),
         speed.as_deref(),

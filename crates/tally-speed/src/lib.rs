@@ -384,6 +384,21 @@ impl SpeedLayer {
         self.read(|m| m.sources(host, url, after_cutoff, cells, per_cell))
     }
 
+    /// The pages of site `host` (`url` alone when given) over the live epochs after
+    /// `after_cutoff`, each with all its views in `cells` (and per cell, with `per_cell`): for
+    /// a grouping whose value is a function of the URL alone, the same sums as
+    /// [`sources`](Self::sources) over one key per page instead of one per (referrer, page).
+    pub fn pages(
+        &self,
+        host: &str,
+        url: Option<&str>,
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        per_cell: bool,
+    ) -> Read<Vec<SourceSpeed>> {
+        self.read(|m| m.pages(host, url, after_cutoff, cells, per_cell))
+    }
+
     /// The campaign keys of site `host` — its views grouped by referrer host and UTM parameters
     /// (`tally_core::dims::write_campaign_key`) — over the live epochs after `after_cutoff`,
     /// with their views in `cells` (and per cell, with `per_cell`): for a grouping whose value
@@ -399,8 +414,8 @@ impl SpeedLayer {
         self.read(|m| m.campaigns(host, after_cutoff, cells, per_cell))
     }
 
-    /// The visitors of each of `keys` (from [`sources`](Self::sources) or
-    /// [`campaigns`](Self::campaigns) with the same
+    /// The visitors of each of `keys` (from [`sources`](Self::sources),
+    /// [`pages`](Self::pages) or [`campaigns`](Self::campaigns) with the same
     /// `after_cutoff`) per cell in `visitor_cells` = `[from, to)`, each cell as
     /// [`visitors`](Self::visitors) answers for a URL. Fails with [`NotCovered`] when an epoch
     /// the keys were read from has been collected since.

@@ -157,6 +157,42 @@ pub struct SourceSpeed {
 }
 
 impl SourceSpeed {
+    /// Key `key` named `name` over the epochs `live`, with its views in `cells` (and per cell,
+    /// with `per_cell`); `None` without views there.
+    fn read(
+        key: SourceId,
+        name: &Arc<str>,
+        live: &[&EpochState],
+        cells: (i64, i64),
+        per_cell: bool,
+    ) -> Option<SourceSpeed> {
+        let mut s = SourceSpeed {
+            key,
+            name: name.clone(),
+            views: 0,
+            cells: Vec::new(),
+        };
+        let mut runs = 0;
+        for e in live {
+            let Some(c) = s.key.0.counts(e) else { continue };
+            let a = c.cells.partition_point(|x| x.0 < cells.0);
+            let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
+            if a == b {
+                continue;
+            }
+            s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
+            if per_cell {
+                s.cells.extend_from_slice(&c.cells[a..b]);
+            }
+            runs += 1;
+        }
+        // A key live in two epochs has two runs of cells: one ascending list.
+        if runs > 1 && per_cell {
+            s.merge_runs();
+        }
+        (s.views > 0).then_some(s)
+    }
+
     /// Makes `cells`, runs read from several epochs, one ascending list.
     fn merge_runs(&mut self) {
         self.cells.sort_unstable();
@@ -172,16 +208,28 @@ impl SourceSpeed {
 
     /// The referrer's host, empty for a direct visit.
     pub fn referrer(&self) -> &str {
-        tally_core::dims::parse_source_key(&self.name).map_or("", |(r, _)| r)
+        self.source_key().map_or("", |(r, _)| r)
     }
 
     pub fn url(&self) -> &str {
-        tally_core::dims::parse_source_key(&self.name).map_or(&self.name, |(_, u)| u)
+        self.source_key().map_or(&self.name, |(_, u)| u)
+    }
+
+    /// `(referrer host, URL)` of a key named by a source key; `None` for a URL's own key,
+    /// which is named by the URL (read without searching it for a separator: a grouping by
+    /// page asks this of every page of the site).
+    fn source_key(&self) -> Option<(&str, &str)> {
+        match self.key.0 {
+            Key::Url { .. } | Key::Id { direct: true, .. } => None,
+            Key::Id { direct: false, .. } | Key::Campaign { .. } => {
+                tally_core::dims::parse_source_key(&self.name)
+            }
+        }
     }
 }
 
-/// A key of [`crate::SpeedLayer::sources`] or [`crate::SpeedLayer::campaigns`]. Valid while
-/// the epochs it was read from are live.
+/// A key of [`crate::SpeedLayer::sources`], [`crate::SpeedLayer::pages`] or
+/// [`crate::SpeedLayer::campaigns`]. Valid while the epochs it was read from are live.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SourceId(Key);
 
@@ -190,8 +238,27 @@ enum Key {
     /// A source key's id in the dictionary, and whether it is the direct partition of the URL
     /// of that id.
     Id { id: u32, direct: bool },
+    /// A URL's id in the dictionary: all its views, whatever their source.
+    Url { id: u32 },
     /// A campaign key of a site ([`SiteCounts::campaigns`]).
     Campaign { host: Arc<str>, name: Arc<str> },
+}
+
+impl Key {
+    /// The counts of this key in epoch `e`.
+    fn counts<'e>(&self, e: &'e EpochState) -> Option<&'e UrlCounts> {
+        match self {
+            Key::Id { id, direct: false } => e.sources.get(id),
+            Key::Id { id, direct: true } => e
+                .urls
+                .get(id)
+                .map(|c| e.direct.get(id).map_or(c, |d| &d.counts)),
+            Key::Url { id } => e.urls.get(id),
+            Key::Campaign { host, name } => {
+                e.sites.get(&**host).and_then(|s| s.campaigns.get(&**name))
+            }
+        }
+    }
 }
 
 /// A site's share of the speed layer ([`crate::SpeedLayer::sites`]).
@@ -1111,39 +1178,38 @@ impl Mirror {
                     continue;
                 }
             }
-            // Each id comes once: its epochs are summed here.
-            let mut s = SourceSpeed {
-                key: SourceId(Key::Id { id, direct }),
-                name: name.clone(),
-                views: 0,
-                cells: Vec::new(),
-            };
-            let mut runs = 0;
-            for e in &live {
-                let counts = match direct {
-                    false => e.sources.get(&id),
-                    true => (e.urls.get(&id)).map(|c| e.direct.get(&id).map_or(c, |d| &d.counts)),
-                };
-                let Some(c) = counts else { continue };
-                let a = c.cells.partition_point(|x| x.0 < cells.0);
-                let b = a + c.cells[a..].partition_point(|x| x.0 < cells.1);
-                if a == b {
-                    continue;
-                }
-                s.views += c.cells[a..b].iter().map(|x| x.1).sum::<u64>();
-                if per_cell {
-                    s.cells.extend_from_slice(&c.cells[a..b]);
-                }
-                runs += 1;
-            }
-            if s.views == 0 {
+            let key = SourceId(Key::Id { id, direct });
+            out.extend(SourceSpeed::read(key, name, &live, cells, per_cell));
+        }
+        Ok(out)
+    }
+
+    /// The pages of site `host` (`url` alone when given) with views in the cells `cells` over
+    /// the live epochs after `after_cutoff`, each with all its views there (and per cell, with
+    /// `per_cell`): what [`Mirror::sources`] gives, for a grouping by the URL alone, in one
+    /// entry per page instead of one per (referrer, page).
+    pub(crate) fn pages(
+        &self,
+        host: &str,
+        url: Option<&str>,
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        per_cell: bool,
+    ) -> Result<Vec<SourceSpeed>, NotCovered> {
+        let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
+        let mut out = Vec::new();
+        for &id in self.dict.urls_of_host(host) {
+            if !self.dict.may_be_after(id, after_cutoff) {
                 continue;
             }
-            // A key live in two epochs has two runs of cells: one ascending list.
-            if runs > 1 && per_cell {
-                s.merge_runs();
+            let Some(name) = self.dict.name(id) else {
+                continue;
+            };
+            if url.is_some_and(|f| f != &**name) {
+                continue;
             }
-            out.push(s);
+            let key = SourceId(Key::Url { id });
+            out.extend(SourceSpeed::read(key, name, &live, cells, per_cell));
         }
         Ok(out)
     }
@@ -1207,8 +1273,9 @@ impl Mirror {
         Ok(out)
     }
 
-    /// The visitors of each of `keys` (from [`Mirror::sources`] or [`Mirror::campaigns`]) per cell in `visitor_cells`,
-    /// over the live epochs after `after_cutoff` (not yet [`SpeedVisitors::finish`]ed).
+    /// The visitors of each of `keys` (from [`Mirror::sources`], [`Mirror::pages`] or
+    /// [`Mirror::campaigns`]) per cell in `visitor_cells`, over the live epochs after
+    /// `after_cutoff` (not yet [`SpeedVisitors::finish`]ed).
     pub(crate) fn source_visitors(
         &self,
         keys: &[SourceId],
@@ -1221,17 +1288,7 @@ impl Mirror {
         for SourceId(key) in keys {
             let mut visitors: BTreeMap<i64, SpeedVisitors> = BTreeMap::new();
             for e in &live {
-                let counts = match key {
-                    Key::Id { id, direct: false } => e.sources.get(id),
-                    Key::Id { id, direct: true } => e
-                        .urls
-                        .get(id)
-                        .map(|c| e.direct.get(id).map_or(c, |d| &d.counts)),
-                    Key::Campaign { host, name } => {
-                        e.sites.get(&**host).and_then(|s| s.campaigns.get(&**name))
-                    }
-                };
-                let Some(c) = counts else { continue };
+                let Some(c) = key.counts(e) else { continue };
                 if visitor_cells.0 < visitor_cells.1 {
                     for d in c.visitors.range(visitor_cells.0, visitor_cells.1) {
                         self.collect_cell(visitors.entry(d.cell).or_default(), d, precision);
@@ -1348,13 +1405,14 @@ mod tests {
         assert_eq!(views(Seq(5)), want(&[]));
     }
 
-    /// Grouping a site's campaign keys by a campaign dimension gives what grouping its source
-    /// keys gives — views, views per cell and the union of visitors per group — for every
-    /// cutoff; and a mirror loaded from Redis derives the sites an apply kept.
+    /// Grouping a site's campaign keys by a campaign dimension, or its pages by a dimension of
+    /// the URL alone, gives what grouping its source keys gives — views, views per cell and the
+    /// union of visitors per group — for every cutoff; and a mirror loaded from Redis derives
+    /// the sites an apply kept.
     #[test]
-    fn campaign_keys_group_as_the_source_keys_they_sum() {
+    fn campaign_keys_and_pages_group_as_the_source_keys_they_sum() {
         use rand::{Rng, SeedableRng};
-        use tally_core::dims::{is_campaign_dimension, Dimension};
+        use tally_core::dims::{is_campaign_dimension, Dimension, Input};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let pages = [
             "/",
@@ -1409,10 +1467,18 @@ mod tests {
                     campaigns.len(),
                     sources.len()
                 );
-                for d in Dimension::ALL
-                    .into_iter()
-                    .filter(|d| is_campaign_dimension(*d))
-                {
+                let pages = m.pages(host, None, cutoff, cells, true).unwrap();
+                assert!(pages.len() < sources.len() / 2);
+                // One page alone, as `url=` asks.
+                let one = &pages[0];
+                let alone = m.pages(host, Some(one.url()), cutoff, cells, true).unwrap();
+                assert_eq!((alone.len(), alone[0].views), (1, one.views));
+                for d in Dimension::ALL {
+                    let fewer = match (is_campaign_dimension(d), d.input()) {
+                        (true, _) => &campaigns,
+                        (false, Input::Url) => &pages,
+                        _ => continue,
+                    };
                     type Groups =
                         BTreeMap<String, (u64, BTreeMap<i64, u64>, BTreeMap<i64, Vec<u32>>)>;
                     let group = |keys: &[SourceSpeed]| -> Groups {
@@ -1438,10 +1504,13 @@ mod tests {
                         out
                     };
                     assert_eq!(
-                        group(&campaigns),
+                        group(fewer),
                         group(&sources),
                         "{d:?} of {host} after {cutoff}"
                     );
+                    if d.input() == Input::Url && is_campaign_dimension(d) {
+                        assert_eq!(group(&pages), group(&sources), "{d:?} by pages");
+                    }
                 }
             }
         }
