@@ -18,16 +18,19 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, AsArray, DictionaryArray, StringArray};
+use arrow::array::{Array, AsArray, DictionaryArray, RecordBatch, StringArray};
+use arrow::buffer::NullBuffer;
 use arrow::datatypes::{
     DataType, Field, Int32Type, Int64Type, Schema, TimeUnit, TimestampMillisecondType, UInt64Type,
 };
 use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
@@ -603,6 +606,17 @@ fn same_strings(a: &StringArray, b: &StringArray) -> bool {
         && a.value_offsets().as_ptr() == b.value_offsets().as_ptr()
 }
 
+/// A schema error of the master file at `path`: the file does not hold what the scan reads.
+fn schema_err(path: &Path, reason: &str) -> Error {
+    Error::Schema {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Aggregates row group `rg` of `plan`'s file into a partial of (key, cell) counts (and visitor
+/// pairs when `visitors`), counting only rows with `seq <= cutoff`: the read a batch at a time,
+/// its decode and aggregation timed apart.
 fn scan_row_group(
     plan: &FilePlan,
     rg: usize,
@@ -611,219 +625,337 @@ fn scan_row_group(
     progress: &Progress,
 ) -> Result<Partial> {
     let path = &plan.file.path;
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = ParquetRecordBatchReaderBuilder::new_with_metadata(f, plan.meta.clone())
-        .with_projection(plan.mask.clone())
-        .with_row_groups(vec![rg])
-        .with_batch_size(BATCH_ROWS)
-        .build()
-        .map_err(|e| Error::parquet(path, e))?;
-    let schema_err = |reason: &str| Error::Schema {
-        path: path.clone(),
-        reason: reason.to_string(),
-    };
-    let cutoff = cutoff.get();
-
-    let mut part = Partial::default();
-    // URL -> local id, only built if the row group has more than one dictionary (a writer
-    // that fell back to plain pages); with one dictionary, distinct keys are distinct URLs.
-    let mut index: Option<HashMap<Box<str>, u32>> = None;
-    // Key -> local id for the current (last) dictionary (u32::MAX = not yet seen).
-    let mut map: Vec<u32> = Vec::new();
-    let mut prev_key = u64::MAX;
-    let mut prev_cnt = 0u64;
-    let mut sources = (plan.keying == Keying::Source).then(SourceKeys::new);
-    let mut ref_valid: Option<arrow::buffer::NullBuffer> = None;
-
+    let mut reader = open_row_group(plan, rg)?;
+    let mut scan = RowGroupScan::new(plan, cutoff, visitors);
     loop {
         let td = Instant::now();
         let batch = match reader.next() {
             None => break,
             Some(b) => b.map_err(|e| Error::parquet(path, e))?,
         };
-        part.decode_ns += td.elapsed().as_nanos() as u64;
+        scan.part.decode_ns += td.elapsed().as_nanos() as u64;
         let ta = Instant::now();
-        let n = batch.num_rows();
-        part.rows += n as u64;
+        scan.part.rows += batch.num_rows() as u64;
+        let columns = scan.columns(&batch)?;
+        let events = scan.add_rows(&columns)?;
+        scan.part.events += events;
+        progress.events_done.fetch_add(events, Ordering::Relaxed);
+        scan.part.agg_ns += ta.elapsed().as_nanos() as u64;
+    }
+    Ok(scan.finish())
+}
 
-        let url = batch
-            .column_by_name("url")
-            .ok_or_else(|| schema_err("missing url"))?;
-        if url.null_count() > 0 {
-            return Err(schema_err("url has nulls"));
-        }
-        let keys: &[i32] = match url.as_any().downcast_ref::<DictionaryArray<Int32Type>>() {
-            Some(d) => {
-                let values = d
-                    .values()
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .ok_or_else(|| schema_err("url dictionary values are not Utf8"))?;
-                if !part
-                    .dicts
-                    .last()
-                    .is_some_and(|old| same_strings(old, values))
-                {
-                    part.dictionaries += 1;
-                    map.clear();
-                    map.resize(values.len(), u32::MAX);
-                    if !part.dicts.is_empty() && index.is_none() {
-                        let idx = (0..part.urls.len())
-                            .map(|l| (Box::from(part.url(l)), l as u32))
-                            .collect();
-                        index = Some(idx);
-                    }
-                    part.dicts.push(values.clone());
-                }
-                d.keys().values()
-            }
-            None => return Err(schema_err("url is not a string column")),
-        };
-        let dict_no = (part.dicts.len() - 1) as u32;
+/// A reader of row group `rg` of `plan`'s file, decoding only the planned columns. Each task
+/// opens the file itself: row groups of one file are read by several threads at once.
+fn open_row_group(plan: &FilePlan, rg: usize) -> Result<ParquetRecordBatchReader> {
+    let path = &plan.file.path;
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    ParquetRecordBatchReaderBuilder::new_with_metadata(f, plan.meta.clone())
+        .with_projection(plan.mask.clone())
+        .with_row_groups(vec![rg])
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| Error::parquet(path, e))
+}
 
-        let ts_col = batch
-            .column_by_name("ts")
-            .ok_or_else(|| schema_err("missing ts"))?;
-        if ts_col.null_count() > 0 {
-            return Err(schema_err("ts has nulls"));
+/// The columns of one decoded batch that a scan reads, borrowed from the batch.
+struct Columns<'b> {
+    rows: usize,
+    /// `url` dictionary keys, into the row group's current (last) dictionary.
+    keys: &'b [i32],
+    /// The number of that dictionary in [`Partial::dicts`].
+    dict_no: u32,
+    ts: &'b [i64],
+    /// Only for files that straddle the cutoff ([`FilePlan::need_seq`]).
+    seq: Option<&'b [u64]>,
+    /// Only with sketches.
+    visitor: Option<&'b StringArray>,
+    /// `referrer` dictionary keys and their validity, only under [`Keying::Source`].
+    referrer: Option<&'b [i32]>,
+    ref_valid: Option<&'b NullBuffer>,
+}
+
+/// One row group's scan: the partial it builds and what it carries from batch to batch.
+struct RowGroupScan<'a> {
+    path: &'a Path,
+    need_seq: bool,
+    visitors: bool,
+    cutoff: u64,
+    part: Partial,
+    /// URL -> local id, only built if the row group has more than one dictionary (a writer
+    /// that fell back to plain pages); with one dictionary, distinct keys are distinct URLs.
+    index: Option<HashMap<Box<str>, u32>>,
+    /// Key -> local id for the current (last) dictionary (u32::MAX = not yet seen).
+    map: Vec<u32>,
+    /// The (key, cell) run being counted: rows come sorted by (url, ts), so equal keys are
+    /// mostly adjacent and a run becomes one entry.
+    prev_key: u64,
+    prev_cnt: u64,
+    sources: Option<SourceKeys>,
+}
+
+impl<'a> RowGroupScan<'a> {
+    fn new(plan: &'a FilePlan, cutoff: Seq, visitors: bool) -> RowGroupScan<'a> {
+        RowGroupScan {
+            path: &plan.file.path,
+            need_seq: plan.need_seq,
+            visitors,
+            cutoff: cutoff.get(),
+            part: Partial::default(),
+            index: None,
+            map: Vec::new(),
+            prev_key: u64::MAX,
+            prev_cnt: 0,
+            sources: (plan.keying == Keying::Source).then(SourceKeys::new),
         }
-        let ts: &[i64] = match ts_col.data_type() {
-            DataType::Timestamp(TimeUnit::Millisecond, _) => {
-                ts_col.as_primitive::<TimestampMillisecondType>().values()
-            }
-            DataType::Int64 => ts_col.as_primitive::<Int64Type>().values(),
-            _ => return Err(schema_err("ts is not Timestamp(ms)")),
-        };
-        let seq: Option<&[u64]> = if plan.need_seq {
+    }
+
+    /// Checks and borrows the columns of `batch`, in the order the scan reads them. Its `url`
+    /// and `referrer` dictionaries become the current ones.
+    fn columns<'b>(&mut self, batch: &'b RecordBatch) -> Result<Columns<'b>> {
+        let path = self.path;
+        let keys = self.url_keys(batch)?;
+        let dict_no = (self.part.dicts.len() - 1) as u32;
+        let ts = ts_values(batch, path)?;
+        let seq: Option<&[u64]> = if self.need_seq {
             let c = batch
                 .column_by_name("seq")
-                .ok_or_else(|| schema_err("missing seq"))?;
+                .ok_or_else(|| schema_err(path, "missing seq"))?;
             match c.data_type() {
                 DataType::UInt64 => Some(c.as_primitive::<UInt64Type>().values()),
-                _ => return Err(schema_err("seq is not UInt64")),
+                _ => return Err(schema_err(path, "seq is not UInt64")),
             }
         } else {
             None
         };
-        let visitor: Option<&StringArray> = if visitors {
+        let visitor: Option<&StringArray> = if self.visitors {
             let c = batch
                 .column_by_name("visitor")
-                .ok_or_else(|| schema_err("missing visitor"))?;
+                .ok_or_else(|| schema_err(path, "missing visitor"))?;
             Some(
                 c.as_any()
                     .downcast_ref::<StringArray>()
-                    .ok_or_else(|| schema_err("visitor is not Utf8"))?,
+                    .ok_or_else(|| schema_err(path, "visitor is not Utf8"))?,
             )
         } else {
             None
         };
-        let referrer: Option<&[i32]> = match sources.as_mut() {
-            None => None,
+        let (referrer, ref_valid) = match self.sources.as_mut() {
+            None => (None, None),
             Some(src) => {
-                let c = batch
-                    .column_by_name("referrer")
-                    .ok_or_else(|| schema_err("missing referrer"))?;
-                let d = c
-                    .as_any()
-                    .downcast_ref::<DictionaryArray<Int32Type>>()
-                    .ok_or_else(|| schema_err("referrer is not a string column"))?;
-                let values = d
-                    .values()
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .ok_or_else(|| schema_err("referrer dictionary values are not Utf8"))?;
-                src.set_dict(values);
-                ref_valid = d.keys().nulls().cloned();
-                Some(d.keys().values())
+                let (keys, valid) = referrer_keys(batch, src, path)?;
+                (Some(keys), valid)
             }
         };
+        Ok(Columns {
+            rows: batch.num_rows(),
+            keys,
+            dict_no,
+            ts,
+            seq,
+            visitor,
+            referrer,
+            ref_valid,
+        })
+    }
 
+    /// The `url` dictionary keys of `batch`. A dictionary not seen before (the reader hands
+    /// the same one to every batch of a row group, unless the writer fell back to plain pages)
+    /// is added to the partial and resets the key map; from the second one on, URLs are also
+    /// indexed by string, so that one URL keeps one local id across dictionaries.
+    fn url_keys<'b>(&mut self, batch: &'b RecordBatch) -> Result<&'b [i32]> {
+        let path = self.path;
+        let url = batch
+            .column_by_name("url")
+            .ok_or_else(|| schema_err(path, "missing url"))?;
+        if url.null_count() > 0 {
+            return Err(schema_err(path, "url has nulls"));
+        }
+        let Some(d) = url.as_any().downcast_ref::<DictionaryArray<Int32Type>>() else {
+            return Err(schema_err(path, "url is not a string column"));
+        };
+        let values = d
+            .values()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| schema_err(path, "url dictionary values are not Utf8"))?;
+        let part = &mut self.part;
+        if !part
+            .dicts
+            .last()
+            .is_some_and(|old| same_strings(old, values))
+        {
+            part.dictionaries += 1;
+            self.map.clear();
+            self.map.resize(values.len(), u32::MAX);
+            if !part.dicts.is_empty() && self.index.is_none() {
+                let idx = (0..part.urls.len())
+                    .map(|l| (Box::from(part.url(l)), l as u32))
+                    .collect();
+                self.index = Some(idx);
+            }
+            part.dicts.push(values.clone());
+        }
+        Ok(d.keys().values())
+    }
+
+    /// Counts the rows of `c` at or below the cutoff into the partial, returning how many
+    /// there were: per row its key's local id, its cell, and its visitor when there is one.
+    fn add_rows(&mut self, c: &Columns<'_>) -> Result<u64> {
+        let (path, cutoff) = (self.path, self.cutoff);
         let mut events = 0u64;
-        for i in 0..n {
-            if let Some(seq) = seq {
+        for i in 0..c.rows {
+            if let Some(seq) = c.seq {
                 if seq[i] > cutoff {
                     continue;
                 }
             }
             events += 1;
-            let k = keys[i] as usize;
-            let mut lid = *map
-                .get(k)
-                .ok_or_else(|| schema_err("url dictionary key out of range"))?;
-            if lid == u32::MAX {
-                lid = match &mut index {
-                    None => {
-                        part.urls.push((dict_no, k as u32));
-                        (part.urls.len() - 1) as u32
-                    }
-                    Some(index) => {
-                        let s = part.dicts[dict_no as usize].value(k);
-                        match index.get(s) {
-                            Some(&id) => id,
-                            None => {
-                                part.urls.push((dict_no, k as u32));
-                                let id = (part.urls.len() - 1) as u32;
-                                index.insert(Box::from(s), id);
-                                id
-                            }
-                        }
-                    }
-                };
-                map[k] = lid;
-            }
-            if let (Some(src), Some(refs)) = (sources.as_mut(), referrer) {
-                let sid = if ref_valid.as_ref().is_none_or(|v| v.is_valid(i)) {
+            let mut lid = self.local_id(c.keys[i] as usize, c.dict_no)?;
+            if let (Some(src), Some(refs)) = (self.sources.as_mut(), c.referrer) {
+                let sid = if c.ref_valid.is_none_or(|v| v.is_valid(i)) {
                     src.site(refs[i] as usize)
-                        .ok_or_else(|| schema_err("referrer dictionary key out of range"))?
+                        .ok_or_else(|| schema_err(path, "referrer dictionary key out of range"))?
                 } else {
                     0
                 };
-                lid = src.key(lid, sid, part.url(lid as usize));
+                lid = src.key(lid, sid, self.part.url(lid as usize));
             }
-            let t = ts[i];
-            let cell = bias(t.div_euclid(CELL_MS)).ok_or_else(|| schema_err("ts out of range"))?;
+            let t = c.ts[i];
+            let cell =
+                bias(t.div_euclid(CELL_MS)).ok_or_else(|| schema_err(path, "ts out of range"))?;
             let key = (u64::from(lid) << 32) | u64::from(cell);
-            if key == prev_key {
-                prev_cnt += 1;
-            } else {
-                if prev_cnt > 0 {
-                    part.cells.push((prev_key, prev_cnt));
-                }
-                prev_key = key;
-                prev_cnt = 1;
-            }
-            if let Some(v) = visitor {
+            self.count(key);
+            if let Some(v) = c.visitor {
                 if v.is_valid(i) {
-                    part.visitors.push((key, sketch::visitor_hash(v.value(i))));
+                    self.part
+                        .visitors
+                        .push((key, sketch::visitor_hash(v.value(i))));
                 }
             }
         }
-        part.events += events;
-        progress.events_done.fetch_add(events, Ordering::Relaxed);
-        part.agg_ns += ta.elapsed().as_nanos() as u64;
+        Ok(events)
     }
-    let ta = Instant::now();
-    if prev_cnt > 0 {
-        part.cells.push((prev_key, prev_cnt));
-    }
-    if let Some(src) = sources {
-        // From here on the local ids are key ids: name them.
-        let n = src.names.len() as u32;
-        part.dicts = vec![StringArray::from_iter_values(src.names.iter())];
-        part.urls = (0..n).map(|i| (0, i)).collect();
-    }
-    // Sorted input (the master's (url, ts) order) makes this a linear check.
-    part.cells.sort_unstable_by_key(|c| c.0);
-    part.cells.dedup_by(|b, a| {
-        if a.0 == b.0 {
-            a.1 += b.1;
-            true
-        } else {
-            false
+
+    /// The local id of the URL under key `k` of the current dictionary (number `dict_no`),
+    /// given on first sight: a new id, or with several dictionaries the id its string already
+    /// has.
+    #[inline]
+    fn local_id(&mut self, k: usize, dict_no: u32) -> Result<u32> {
+        let lid = *self
+            .map
+            .get(k)
+            .ok_or_else(|| schema_err(self.path, "url dictionary key out of range"))?;
+        if lid != u32::MAX {
+            return Ok(lid);
         }
-    });
-    part.agg_ns += ta.elapsed().as_nanos() as u64;
-    Ok(part)
+        let part = &mut self.part;
+        let lid = match &mut self.index {
+            None => {
+                part.urls.push((dict_no, k as u32));
+                (part.urls.len() - 1) as u32
+            }
+            Some(index) => {
+                let s = part.dicts[dict_no as usize].value(k);
+                match index.get(s) {
+                    Some(&id) => id,
+                    None => {
+                        part.urls.push((dict_no, k as u32));
+                        let id = (part.urls.len() - 1) as u32;
+                        index.insert(Box::from(s), id);
+                        id
+                    }
+                }
+            }
+        };
+        self.map[k] = lid;
+        Ok(lid)
+    }
+
+    /// Counts one row of `key`: extends the current run if it is the same key, else closes
+    /// that run into the partial's cells and starts one.
+    #[inline]
+    fn count(&mut self, key: u64) {
+        if key == self.prev_key {
+            self.prev_cnt += 1;
+        } else {
+            if self.prev_cnt > 0 {
+                self.part.cells.push((self.prev_key, self.prev_cnt));
+            }
+            self.prev_key = key;
+            self.prev_cnt = 1;
+        }
+    }
+
+    /// The finished partial: the last run closed, source keys named, and cells sorted with
+    /// the counts of equal keys added (a key split over batches or dictionaries, or a source
+    /// key met in several runs).
+    fn finish(mut self) -> Partial {
+        let ta = Instant::now();
+        let part = &mut self.part;
+        if self.prev_cnt > 0 {
+            part.cells.push((self.prev_key, self.prev_cnt));
+        }
+        if let Some(src) = self.sources {
+            // From here on the local ids are key ids: name them.
+            let n = src.names.len() as u32;
+            part.dicts = vec![StringArray::from_iter_values(src.names.iter())];
+            part.urls = (0..n).map(|i| (0, i)).collect();
+        }
+        // Sorted input (the master's (url, ts) order) makes this a linear check.
+        part.cells.sort_unstable_by_key(|c| c.0);
+        part.cells.dedup_by(|b, a| {
+            if a.0 == b.0 {
+                a.1 += b.1;
+                true
+            } else {
+                false
+            }
+        });
+        part.agg_ns += ta.elapsed().as_nanos() as u64;
+        self.part
+    }
+}
+
+/// The `ts` values of `batch` in milliseconds: a `Timestamp(ms)` column, or a plain `Int64`
+/// one, without nulls.
+fn ts_values<'b>(batch: &'b RecordBatch, path: &Path) -> Result<&'b [i64]> {
+    let ts_col = batch
+        .column_by_name("ts")
+        .ok_or_else(|| schema_err(path, "missing ts"))?;
+    if ts_col.null_count() > 0 {
+        return Err(schema_err(path, "ts has nulls"));
+    }
+    match ts_col.data_type() {
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            Ok(ts_col.as_primitive::<TimestampMillisecondType>().values())
+        }
+        DataType::Int64 => Ok(ts_col.as_primitive::<Int64Type>().values()),
+        _ => Err(schema_err(path, "ts is not Timestamp(ms)")),
+    }
+}
+
+/// The `referrer` dictionary keys of `batch` and their validity (a null is "no referrer"); its
+/// dictionary becomes `src`'s current one.
+fn referrer_keys<'b>(
+    batch: &'b RecordBatch,
+    src: &mut SourceKeys,
+    path: &Path,
+) -> Result<(&'b [i32], Option<&'b NullBuffer>)> {
+    let c = batch
+        .column_by_name("referrer")
+        .ok_or_else(|| schema_err(path, "missing referrer"))?;
+    let d = c
+        .as_any()
+        .downcast_ref::<DictionaryArray<Int32Type>>()
+        .ok_or_else(|| schema_err(path, "referrer is not a string column"))?;
+    let values = d
+        .values()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| schema_err(path, "referrer dictionary values are not Utf8"))?;
+    src.set_dict(values);
+    Ok((d.keys().values(), d.keys().nulls()))
 }
 
 /// Splits `buf` into consecutive mutable slices of the given lengths.
@@ -1105,15 +1237,7 @@ fn rank_keys(parts: &[Encoded]) -> (Vec<String>, Vec<Vec<u32>>) {
 /// of ranks at a time, each range by a counting sort on the rank (no string work per entry)
 /// and a sort per key of its few runs, in parallel.
 fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize) -> ViewData {
-    let mut stats = ComputeStats::default();
-    let mut events = 0u64;
-    for p in &parts {
-        stats.rows_read += p.rows;
-        stats.url_dictionaries += p.dictionaries;
-        stats.read_decode_cpu_ms += p.decode_ns as f64 / 1e6;
-        stats.aggregate_cpu_ms += p.agg_ns as f64 / 1e6;
-        events += p.events;
-    }
+    let (stats, events) = merge_stats(&parts);
     // 1. Global key ranks: every partial's keys into one table of the distinct keys, then
     //    those sorted once ([`rank_keys`]).
     let t_ranks = Instant::now();
@@ -1127,9 +1251,7 @@ fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize)
 
     // 2. A range of ranks at a time, sized so that a step decodes about `step_entries` entries:
     //    each partial's entries of the range are one contiguous run of it.
-    let entries: usize = parts.iter().map(|p| p.ncells + p.nvisitors).sum();
-    let steps = entries.div_ceil(step_entries.max(1)).max(1);
-    let per_step = nurls.div_ceil(steps).max(1);
+    let per_step = ranks_per_step(&parts, nurls, step_entries);
     let mut cells: Vec<(Stream, &[u32])> = parts
         .iter()
         .zip(&l2r)
@@ -1140,83 +1262,13 @@ fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize)
         .zip(&l2r)
         .map(|(p, l)| (Stream::new(p.visitors(), p.nvisitors), l.as_slice()))
         .collect();
-    let mut cell: Vec<i64> = Vec::new();
-    let mut views: Vec<u64> = Vec::new();
-    let mut out_offsets = Vec::with_capacity(nurls + 1);
-    out_offsets.push(0);
-    let mut sketches = sketch_precision.map(|p| {
-        let mut sd = SketchData::empty(p, 0, 0);
-        sd.offsets.reserve_exact(nurls);
-        sd
-    });
+    let mut out = MergedView::new(nurls, sketch_precision);
     let mut r0 = 0;
     while r0 < nurls {
         let r1 = (r0 + per_step).min(nurls);
-        // Cells: per key, its runs sorted by cell (a stable sort merges them) and added.
-        let (offsets, mut buf) = gather(&mut cells, r0 as u32, r1 as u32, |c| c);
-        let lens: Vec<usize> = split_segments(&mut buf, &offsets)
-            .into_par_iter()
-            .map(|seg| {
-                seg.sort_by_key(|c| c.0);
-                let mut w = 0;
-                for r in 0..seg.len() {
-                    if w > 0 && seg[w - 1].0 == seg[r].0 {
-                        seg[w - 1].1 += seg[r].1;
-                    } else {
-                        seg[w] = seg[r];
-                        w += 1;
-                    }
-                }
-                w
-            })
-            .collect();
-        let first = cell.len();
-        let added: usize = lens.iter().sum();
-        cell.reserve(added);
-        views.reserve(added);
-        for (u, &len) in lens.iter().enumerate() {
-            for &(h, c) in &buf[offsets[u]..offsets[u] + len] {
-                cell.push(unbias(h));
-                views.push(c);
-            }
-            out_offsets.push(cell.len());
-        }
-        drop(buf);
-        // Visitors: per key sorted by (cell, hash): the distinct visitors of each cell, and of
-        // each day (the union of its cells) as a sketch.
-        if let Some(sd) = sketches.as_mut() {
-            let precision = sd.precision;
-            // A visitor entry's value is its 32-bit hash.
-            let (soff, mut sbuf) = gather(&mut visitors, r0 as u32, r1 as u32, |h| h as u32);
-            let per_url: Vec<UrlVisitors> = split_segments(&mut sbuf, &soff)
-                .into_par_iter()
-                .map(|seg| UrlVisitors::of(seg, precision))
-                .collect();
-            drop(sbuf);
-            let days: usize = per_url.iter().map(|v| v.days.len()).sum();
-            sd.days.reserve(days);
-            sd.sketches.reserve(days);
-            sd.cell_hashes
-                .reserve(per_url.iter().map(|v| v.hashes.len()).sum());
-            sd.cell_offsets.reserve(cell.len() - first);
-            for (i, mut v) in per_url.into_iter().enumerate() {
-                for (d, s) in std::mem::take(&mut v.days) {
-                    sd.days.push(d);
-                    sd.sketches.push(s);
-                }
-                sd.offsets.push(sd.days.len());
-                // A key's visitor cells are among its counted cells (the same events): align.
-                let u = r0 + i;
-                let mut j = 0;
-                for &c in &cell[out_offsets[u]..out_offsets[u + 1]] {
-                    if v.cells.get(j) == Some(&c) {
-                        sd.cell_hashes.extend_from_slice(v.cell(j));
-                        j += 1;
-                    }
-                    sd.cell_offsets.push(sd.cell_hashes.len() as u32);
-                }
-            }
-        }
+        // 3. The range's cells, then 4. its visitors (aligned on those cells).
+        out.add_cells(&mut cells, r0, r1);
+        out.add_visitors(&mut visitors, r0, r1);
         r0 = r1;
     }
     drop(cells);
@@ -1225,13 +1277,145 @@ fn merge(parts: Vec<Encoded>, sketch_precision: Option<u8>, step_entries: usize)
 
     ViewData {
         urls,
-        offsets: out_offsets,
-        cell,
-        views,
-        sketches,
+        offsets: out.offsets,
+        cell: out.cell,
+        views: out.views,
+        sketches: out.sketches,
         sources: None,
         events,
         stats,
+    }
+}
+
+/// The stats the partials carry from their scans (summed), and their events.
+fn merge_stats(parts: &[Encoded]) -> (ComputeStats, u64) {
+    let mut stats = ComputeStats::default();
+    let mut events = 0u64;
+    for p in parts {
+        stats.rows_read += p.rows;
+        stats.url_dictionaries += p.dictionaries;
+        stats.read_decode_cpu_ms += p.decode_ns as f64 / 1e6;
+        stats.aggregate_cpu_ms += p.agg_ns as f64 / 1e6;
+        events += p.events;
+    }
+    (stats, events)
+}
+
+/// Key ranks per merge step, so that a step decodes about `step_entries` (key, cell) and
+/// (key, cell, visitor) entries of `parts` (`nurls` distinct keys); at least one.
+fn ranks_per_step(parts: &[Encoded], nurls: usize, step_entries: usize) -> usize {
+    let entries: usize = parts.iter().map(|p| p.ncells + p.nvisitors).sum();
+    let steps = entries.div_ceil(step_entries.max(1)).max(1);
+    nurls.div_ceil(steps).max(1)
+}
+
+/// The view a merge builds, a range of ranks at a time: the columns of [`ViewData`], with the
+/// keys of ranks below the next range done. `offsets` has one entry per done key and one more.
+struct MergedView {
+    cell: Vec<i64>,
+    views: Vec<u64>,
+    offsets: Vec<usize>,
+    sketches: Option<SketchData>,
+}
+
+impl MergedView {
+    fn new(nurls: usize, sketch_precision: Option<u8>) -> MergedView {
+        let mut offsets = Vec::with_capacity(nurls + 1);
+        offsets.push(0);
+        let sketches = sketch_precision.map(|p| {
+            let mut sd = SketchData::empty(p, 0, 0);
+            sd.offsets.reserve_exact(nurls);
+            sd
+        });
+        MergedView {
+            cell: Vec::new(),
+            views: Vec::new(),
+            offsets,
+            sketches,
+        }
+    }
+
+    /// Adds the cells of the keys ranked `r0..r1` (the next ones): per key, its runs sorted by
+    /// cell (a stable sort merges them) and the counts of a cell added.
+    fn add_cells(&mut self, streams: &mut [(Stream<'_>, &[u32])], r0: usize, r1: usize) {
+        let (offsets, mut buf) = gather(streams, r0 as u32, r1 as u32, |c| c);
+        let lens: Vec<usize> = split_segments(&mut buf, &offsets)
+            .into_par_iter()
+            .map(add_up_cells)
+            .collect();
+        let added: usize = lens.iter().sum();
+        self.cell.reserve(added);
+        self.views.reserve(added);
+        for (u, &len) in lens.iter().enumerate() {
+            for &(h, c) in &buf[offsets[u]..offsets[u] + len] {
+                self.cell.push(unbias(h));
+                self.views.push(c);
+            }
+            self.offsets.push(self.cell.len());
+        }
+    }
+
+    /// Adds the visitors of the keys ranked `r0..r1`, whose cells [`MergedView::add_cells`]
+    /// has just added (nothing without sketches): per key sorted by (cell, hash), the distinct
+    /// visitors of each cell, and of each day (the union of its cells) as a sketch.
+    fn add_visitors(&mut self, streams: &mut [(Stream<'_>, &[u32])], r0: usize, r1: usize) {
+        let Some(sd) = self.sketches.as_mut() else {
+            return;
+        };
+        let precision = sd.precision;
+        // A visitor entry's value is its 32-bit hash.
+        let (soff, mut sbuf) = gather(streams, r0 as u32, r1 as u32, |h| h as u32);
+        let per_url: Vec<UrlVisitors> = split_segments(&mut sbuf, &soff)
+            .into_par_iter()
+            .map(|seg| UrlVisitors::of(seg, precision))
+            .collect();
+        drop(sbuf);
+        let days: usize = per_url.iter().map(|v| v.days.len()).sum();
+        sd.days.reserve(days);
+        sd.sketches.reserve(days);
+        sd.cell_hashes
+            .reserve(per_url.iter().map(|v| v.hashes.len()).sum());
+        // The range's cells start where the done keys' cells ended.
+        sd.cell_offsets.reserve(self.cell.len() - self.offsets[r0]);
+        for (i, v) in per_url.into_iter().enumerate() {
+            let u = r0 + i;
+            add_key_visitors(sd, v, &self.cell[self.offsets[u]..self.offsets[u + 1]]);
+        }
+    }
+}
+
+/// Sorts one key's cell runs by cell (stable: a merge of the sorted runs) and adds up the counts
+/// of equal cells in place, the distinct cells first: returns how many there are.
+fn add_up_cells(seg: &mut [(u32, u64)]) -> usize {
+    seg.sort_by_key(|c| c.0);
+    let mut w = 0;
+    for r in 0..seg.len() {
+        if w > 0 && seg[w - 1].0 == seg[r].0 {
+            seg[w - 1].1 += seg[r].1;
+        } else {
+            seg[w] = seg[r];
+            w += 1;
+        }
+    }
+    w
+}
+
+/// Appends one key's visitors to `sd`: its day sketches, and per cell of `cells` (the key's
+/// counted cells) its distinct visitors, none for a cell without any.
+fn add_key_visitors(sd: &mut SketchData, mut v: UrlVisitors, cells: &[i64]) {
+    for (d, s) in std::mem::take(&mut v.days) {
+        sd.days.push(d);
+        sd.sketches.push(s);
+    }
+    sd.offsets.push(sd.days.len());
+    // A key's visitor cells are among its counted cells (the same events): align.
+    let mut j = 0;
+    for &c in cells {
+        if v.cells.get(j) == Some(&c) {
+            sd.cell_hashes.extend_from_slice(v.cell(j));
+            j += 1;
+        }
+        sd.cell_offsets.push(sd.cell_hashes.len() as u32);
     }
 }
 
