@@ -14,7 +14,10 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: every request and every ingested event allocates
 /// (parsed strings, JSON answers, mirror entries), and glibc's malloc/free were a fifth of the
-/// CPU of a query profile (`malloc_consolidate`, `_int_malloc`, `_int_free`).
+/// CPU of a query profile (`malloc_consolidate`, `_int_malloc`, `_int_free`). Built without
+/// transparent huge pages (the workspace's `no_thp` feature): mimalloc 3 asks for them by
+/// default, and under the mixed benchmark's ingest the kernel then spent 12 % of tally's CPU
+/// zeroing fresh 2 MiB pages (`clear_page_erms`); 1 % without (BENCHMARKS.md, "Mixed").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
