@@ -208,23 +208,11 @@ impl SourceSpeed {
 
     /// The referrer's host, empty for a direct visit.
     pub fn referrer(&self) -> &str {
-        self.source_key().map_or("", |(r, _)| r)
+        self.key.0.source_key(&self.name).map_or("", |(r, _)| r)
     }
 
     pub fn url(&self) -> &str {
-        self.source_key().map_or(&self.name, |(_, u)| u)
-    }
-
-    /// `(referrer host, URL)` of a key named by a source key; `None` for a URL's own key,
-    /// which is named by the URL (read without searching it for a separator: a grouping by
-    /// page asks this of every page of the site).
-    fn source_key(&self) -> Option<(&str, &str)> {
-        match self.key.0 {
-            Key::Url { .. } | Key::Id { direct: true, .. } => None,
-            Key::Id { direct: false, .. } | Key::Campaign { .. } => {
-                tally_core::dims::parse_source_key(&self.name)
-            }
-        }
+        self.key.0.url_of(&self.name)
     }
 }
 
@@ -245,6 +233,23 @@ enum Key {
 }
 
 impl Key {
+    /// `(referrer host, URL)` of this key named `name` when a source key names it; `None` for a
+    /// URL's own keys, named by the URL (read without searching it for a separator: a grouping
+    /// by page asks this of every page of the site).
+    fn source_key<'n>(&self, name: &'n str) -> Option<(&'n str, &'n str)> {
+        match self {
+            Key::Url { .. } | Key::Id { direct: true, .. } => None,
+            Key::Id { direct: false, .. } | Key::Campaign { .. } => {
+                tally_core::dims::parse_source_key(name)
+            }
+        }
+    }
+
+    /// The URL of this key named `name` (a campaign's: its origin and UTM parameters).
+    fn url_of<'n>(&self, name: &'n str) -> &'n str {
+        self.source_key(name).map_or(name, |(_, u)| u)
+    }
+
     /// The counts of this key in epoch `e`.
     fn counts<'e>(&self, e: &'e EpochState) -> Option<&'e UrlCounts> {
         match self {
@@ -1156,32 +1161,13 @@ impl Mirror {
         cells: (i64, i64),
         per_cell: bool,
     ) -> Result<Vec<SourceSpeed>, NotCovered> {
-        let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
-        let mut out = Vec::new();
         // Direct views (kept apart for URLs with referred ones, else all the URL's) under the
         // URL's id, referred views under their source keys.
-        let urls = self.dict.urls_of_host(host).iter().map(|&id| (id, true));
+        let urls = self.dict.urls_of_host(host).iter();
         let referred = self.dict.referred_of_host(host).iter();
-        for (id, direct) in urls.chain(referred.map(|&id| (id, false))) {
-            if !self.dict.may_be_after(id, after_cutoff) {
-                continue;
-            }
-            let Some(name) = self.dict.name(id) else {
-                continue;
-            };
-            if let Some(f) = url {
-                let u = match direct {
-                    true => &**name,
-                    false => tally_core::dims::parse_source_key(name).map_or("", |k| k.1),
-                };
-                if u != f {
-                    continue;
-                }
-            }
-            let key = SourceId(Key::Id { id, direct });
-            out.extend(SourceSpeed::read(key, name, &live, cells, per_cell));
-        }
-        Ok(out)
+        let keys = (urls.map(|&id| Key::Id { id, direct: true }))
+            .chain(referred.map(|&id| Key::Id { id, direct: false }));
+        self.read_keys(keys, url, after_cutoff, cells, per_cell)
     }
 
     /// The pages of site `host` (`url` alone when given) with views in the cells `cells` over
@@ -1196,20 +1182,48 @@ impl Mirror {
         cells: (i64, i64),
         per_cell: bool,
     ) -> Result<Vec<SourceSpeed>, NotCovered> {
+        let keys = self
+            .dict
+            .urls_of_host(host)
+            .iter()
+            .map(|&id| Key::Url { id });
+        self.read_keys(keys, url, after_cutoff, cells, per_cell)
+    }
+
+    /// `keys` (of the dictionary: [`Key::Id`] or [`Key::Url`]) whose URL is `url` when given,
+    /// with their views in `cells` over the live epochs after `after_cutoff` (and per cell,
+    /// with `per_cell`); keys without views there, or that only earlier epochs hold, are left
+    /// out.
+    fn read_keys(
+        &self,
+        keys: impl Iterator<Item = Key>,
+        url: Option<&str>,
+        after_cutoff: Seq,
+        cells: (i64, i64),
+        per_cell: bool,
+    ) -> Result<Vec<SourceSpeed>, NotCovered> {
         let live: Vec<&EpochState> = self.live_after(after_cutoff)?.collect();
         let mut out = Vec::new();
-        for &id in self.dict.urls_of_host(host) {
+        for key in keys {
+            let (Key::Id { id, .. } | Key::Url { id }) = key else {
+                continue;
+            };
             if !self.dict.may_be_after(id, after_cutoff) {
                 continue;
             }
             let Some(name) = self.dict.name(id) else {
                 continue;
             };
-            if url.is_some_and(|f| f != &**name) {
+            if url.is_some_and(|f| key.url_of(name) != f) {
                 continue;
             }
-            let key = SourceId(Key::Url { id });
-            out.extend(SourceSpeed::read(key, name, &live, cells, per_cell));
+            out.extend(SourceSpeed::read(
+                SourceId(key),
+                name,
+                &live,
+                cells,
+                per_cell,
+            ));
         }
         Ok(out)
     }
