@@ -1001,11 +1001,11 @@ fn apply_to_mirror(
                 names?
             };
             if q {
-                for ((id, ud), (fresh, name)) in deltas.into_iter().zip(names) {
-                    pe.add(id, &name, fresh, ud);
+                for ((id, ud), (fresh, name, now)) in deltas.into_iter().zip(names) {
+                    pe.add(id, &name, fresh, ud, &now);
                 }
                 for (id, name, fresh, ud) in &direct {
-                    pe.add(*id, name, *fresh, ud);
+                    pe.add(*id, name, *fresh, ud, &ud.cells);
                 }
             }
         }
@@ -1258,11 +1258,11 @@ mod tests {
                         last: d.last,
                         ..Default::default()
                     };
-                    for ((id, ud), (fresh, name)) in deltas.iter().zip(names) {
-                        pe.add(*id, &name, fresh, ud);
+                    for ((id, ud), (fresh, name, now)) in deltas.iter().zip(names) {
+                        pe.add(*id, &name, fresh, ud, &now);
                     }
                     for (id, name, fresh, ud) in &direct {
-                        pe.add(*id, name, *fresh, ud);
+                        pe.add(*id, name, *fresh, ud, &ud.cells);
                     }
                     replica::merge(&mut redis, Pending::from([(d.epoch, pe)]));
                 }

@@ -22,6 +22,7 @@
 
 mod aggregate;
 mod applier;
+mod hashes;
 mod keys;
 pub mod metrics;
 mod mirror;

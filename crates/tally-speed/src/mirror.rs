@@ -1,6 +1,7 @@
-//! The in-process mirror of the speed state in Redis. The applier changes it only after the
-//! corresponding Redis script committed (or after loading it from Redis), so it always equals
-//! what Redis holds; queries read it without a Redis round trip.
+//! The in-process speed state that queries read: the applier adds each batch here first and
+//! queues it for Redis, which follows a little behind (`crate::replica`); at start it is
+//! loaded from Redis (or rebuilt from the master dataset). Redis therefore holds what the
+//! mirror held at some earlier applied seq, and a rewrite from the mirror repairs it.
 //!
 //! Exactness: a query that uses a batch view with cutoff `C` sums exactly the epochs whose start
 //! is `> C`. Epoch starts are always `cutoff + 1` of some batch run, so the epochs summed hold
@@ -13,10 +14,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use tally_core::hash::{FastMap, FastSet};
+use tally_core::hash::FastMap;
 use tally_core::Seq;
 
 use crate::aggregate::{EpochDelta, UrlDelta};
+use crate::hashes::Hashes;
 use crate::keys::{split_visitor_member, visitor_member};
 use crate::rank::{BaseTotals, Ranking};
 use crate::shard::Sharded;
@@ -50,7 +52,7 @@ pub(crate) struct Visitors {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct CellVisitors {
     cell: i64,
-    hashes: FastSet<u32>,
+    hashes: Hashes,
     /// `2^p` registers of `hashes`, once `hashes` is past the sparse limit of precision `p`.
     registers: Option<Box<[u8]>>,
 }
@@ -60,8 +62,8 @@ impl CellVisitors {
     fn densify(&mut self, p: u8) {
         if self.registers.is_none() && self.hashes.len() > tally_core::sketch::sparse_limit(p) {
             let mut regs = vec![0u8; 1 << p].into_boxed_slice();
-            for h in &self.hashes {
-                tally_core::sketch::set_register(&mut regs, p, *h);
+            for h in self.hashes.iter() {
+                tally_core::sketch::set_register(&mut regs, p, h);
             }
             self.registers = Some(regs);
         }
@@ -86,7 +88,7 @@ impl Visitors {
                                 i,
                                 CellVisitors {
                                     cell,
-                                    hashes: FastSet::default(),
+                                    hashes: Hashes::default(),
                                     registers: None,
                                 },
                             );
@@ -121,7 +123,7 @@ impl Visitors {
     pub(crate) fn members(&self) -> impl Iterator<Item = i64> + '_ {
         self.cells
             .iter()
-            .flat_map(|d| d.hashes.iter().map(|h| visitor_member(d.cell, *h)))
+            .flat_map(|d| d.hashes.iter().map(|h| visitor_member(d.cell, h)))
     }
 
     /// The cells in `[from_cell, to_cell)`.
@@ -356,6 +358,25 @@ impl UrlCounts {
             .extend(other.visitors.members(), Some(precision));
     }
 
+    /// The views now in each cell of `cells` (ascending by cell, as a delta's): what Redis is
+    /// set to for them ([`crate::replica`] writes values, not increments).
+    pub(crate) fn now_in(&self, cells: &[(i64, u64)]) -> Vec<(i64, u64)> {
+        let mut at = 0;
+        cells
+            .iter()
+            .map(|(cell, _)| {
+                at += self.cells[at..].partition_point(|c| c.0 < *cell);
+                (
+                    *cell,
+                    self.cells
+                        .get(at)
+                        .filter(|c| c.0 == *cell)
+                        .map_or(0, |c| c.1),
+                )
+            })
+            .collect()
+    }
+
     /// Adds `n` views in `cell`.
     pub(crate) fn add(&mut self, cell: i64, n: u64) {
         if n == 0 {
@@ -458,12 +479,16 @@ pub(crate) struct Direct {
 
 /// What [`Mirror::apply_urls`] added to direct views, for Redis: the source key's id, its
 /// name, whether it is new to the epoch, and the increments (on the first referred view, a
-/// copy of every view before).
+/// copy of every view before) with, in `cells`, the views now in each cell they touched.
 pub(crate) type DirectWrite = (u32, Arc<str>, bool, UrlDelta);
 
-/// What [`Mirror::apply_urls`] did, for Redis: per URL of the part (in order), whether it is
-/// new to the epoch and its name; and the direct views it added.
-pub(crate) type Applied = (Vec<(bool, Arc<str>)>, Vec<DirectWrite>);
+/// What [`Mirror::apply_urls`] did to one URL, for Redis: whether it is new to the epoch, its
+/// name, and the views now in each cell of its delta ([`UrlCounts::now_in`]).
+pub(crate) type UrlWrite = (bool, Arc<str>, Vec<(i64, u64)>);
+
+/// What [`Mirror::apply_urls`] did, for Redis: per URL of the part (in order), a [`UrlWrite`];
+/// and the direct views it added.
+pub(crate) type Applied = (Vec<UrlWrite>, Vec<DirectWrite>);
 
 /// The URL ids of the live epochs ([`crate::keys`]: ids, not hashes, name Redis keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -606,10 +631,12 @@ impl UrlDict {
     }
 }
 
-/// Speed views of URL `id` in the epochs after `cutoff`.
-fn speed_total(epochs: &BTreeMap<Seq, EpochState>, id: u32, cutoff: Seq) -> u64 {
+/// Speed views of URL `id` in the epochs after `cutoff` other than `except` (the epoch being
+/// applied, whose total the caller has in hand: one lookup less per URL, usually the only one).
+fn speed_total(epochs: &BTreeMap<Seq, EpochState>, id: u32, cutoff: Seq, except: Seq) -> u64 {
     epochs
         .range(cutoff.next()..)
+        .filter(|(start, _)| **start != except)
         .filter_map(|(_, e)| e.urls.get(&id))
         .map(|c| c.total)
         .sum()
@@ -765,7 +792,6 @@ impl Mirror {
                 for (h, _) in u.delta.cells.iter().filter(|(h, _)| *h > now_cell) {
                     e.ahead.entry(*h).or_default().insert(u.id);
                 }
-                offers.push((u.id, u.base_total));
                 // Direct views, before the URL's own counts change (a first referred view
                 // copies the views before this delta).
                 match (e.direct.get_mut(&u.id), &u.delta.direct, &u.direct_key) {
@@ -773,7 +799,13 @@ impl Mirror {
                         let part = u.delta.direct_part();
                         d.counts.add_delta(part, self.precision);
                         if let Some(name) = self.dict.name(d.id) {
-                            direct_writes.push((d.id, name.clone(), false, part.clone()));
+                            let write = UrlDelta {
+                                cells: d.counts.now_in(&part.cells),
+                                total: part.total,
+                                visitors: part.visitors.clone(),
+                                direct: None,
+                            };
+                            direct_writes.push((d.id, name.clone(), false, write));
                         }
                     }
                     (None, Some(part), Some((id, name, _))) => {
@@ -814,34 +846,39 @@ impl Mirror {
                 }
             }
             let map = if source { &mut e.sources } else { &mut e.urls };
-            match map.get_mut(&u.id) {
+            let total = match map.get_mut(&u.id) {
                 Some(c) => {
-                    done.push((false, u.name.clone()));
                     c.add_delta(u.delta, self.precision);
+                    done.push((false, u.name.clone(), c.now_in(&u.delta.cells)));
+                    c.total
                 }
                 None => {
-                    done.push((true, u.name.clone()));
+                    // New to the epoch: its views are the delta's.
+                    done.push((true, u.name.clone(), u.delta.cells.clone()));
                     let c = match u.counts {
                         Some(c) => c,
                         None => UrlCounts::of(u.delta, self.precision),
                     };
+                    let total = c.total;
                     map.insert(u.id, c);
+                    total
                 }
+            };
+            if !source {
+                offers.push((u.id, u.base_total, total, u.name));
             }
         }
         if let Some(r) = self.ranking.as_mut() {
             let cutoff = r.base.cutoff();
             if epoch > cutoff {
                 let same_base = base.is_some_and(|b| same_view(b, &r.base));
-                let url_names = done
-                    .iter()
-                    .filter(|(_, n)| !tally_core::dims::is_source_key(n));
-                for ((id, base_total), (_, name)) in offers.into_iter().zip(url_names) {
+                for (id, base_total, in_epoch, name) in offers {
                     let base_total = match base_total {
                         Some(t) if same_base => t,
-                        _ => r.base.total(name),
+                        _ => r.base.total(&name),
                     };
-                    r.offer(name, base_total, speed_total(&self.epochs, id, cutoff));
+                    let speed = in_epoch + speed_total(&self.epochs, id, cutoff, epoch);
+                    r.offer(&name, base_total, speed);
                 }
             }
         }
@@ -1092,7 +1129,7 @@ impl Mirror {
                     *x = (*x).max(*y);
                 }
             }
-            _ => out.hashes.extend(d.hashes.iter().copied()),
+            _ => out.hashes.extend(d.hashes.iter()),
         }
     }
 

@@ -7,8 +7,14 @@
 //! applied seq (`WATCH` + `MULTI`/`EXEC`), so Redis's `applied` says exactly which events it
 //! holds and no write lands twice. Plain pipelined commands cost Redis a fraction of what a Lua
 //! script spends interpreting its arguments (measured: a script spent ~9 µs per event, mostly
-//! outside the commands it ran), and coalescing turns a hot URL's many events into one
-//! `HINCRBY` per hour.
+//! outside the commands it ran).
+//!
+//! Cell counts are written as values, not increments: the mirror hands over, with each delta,
+//! the views now in each cell it touched, the queue keeps the latest value per (URL, cell), and
+//! a write sets the fields of each bucket's hash in one `HSET`. A hot URL's many events become
+//! one field per cell, and a bucket's URLs one command (an `HINCRBY` per field was most of
+//! what Redis spent on a write). The values of a queue through seq `S` are the counts as of
+//! `S`: any later event of that (URL, cell) would have replaced its value in the queue.
 //!
 //! Anything that says Redis no longer matches what we wrote — the instance marker gone or
 //! another one's, an applied seq we did not write, a URL id Redis already maps — is repaired by
@@ -31,36 +37,50 @@ pub(crate) struct PendingUrl {
     pub(crate) url: Arc<str>,
     /// The URL is new to the epoch (Redis learns its id with this write).
     pub(crate) fresh: bool,
-    /// `(cell, views)` ascending by cell: a small vector, not a map — most queued URLs have
-    /// one or two cells, and a `BTreeMap` allocated a node for each (a tenth of the applier's
-    /// time in `PendingEpoch::add`, measured with `examples/apply_bench.rs`).
+    /// `(cell, views now in it)` ascending by cell, for the cells changed since the last
+    /// write: a small vector, not a map — most queued URLs have one or two cells, and a
+    /// `BTreeMap` allocated a node for each (a tenth of the applier's time in
+    /// `PendingEpoch::add`, measured with `examples/apply_bench.rs`).
     pub(crate) cells: Vec<(i64, u64)>,
     /// Visitor members ([`crate::keys::visitor_member`]), possibly with repeats.
     pub(crate) visitors: Vec<i64>,
 }
 
-/// What is queued for Redis of one epoch: the increments of the events up to `last`.
+/// What is queued for Redis of one epoch: what the events up to `last` changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct PendingEpoch {
     pub(crate) last: Seq,
     pub(crate) urls: FastMap<u32, PendingUrl>,
+    /// Events queued (for the queue's bound and metrics; each counts once, not again under
+    /// its source key).
+    pub(crate) events: u64,
 }
 
 /// epoch start → what is queued for it.
 pub(crate) type Pending = BTreeMap<Seq, PendingEpoch>;
 
 impl PendingEpoch {
-    /// Adds one URL's delta.
-    pub(crate) fn add(&mut self, id: u32, url: &Arc<str>, fresh: bool, d: &UrlDelta) {
+    /// Adds one URL's delta `d`, after which its cells hold the views in `now`.
+    pub(crate) fn add(
+        &mut self,
+        id: u32,
+        url: &Arc<str>,
+        fresh: bool,
+        d: &UrlDelta,
+        now: &[(i64, u64)],
+    ) {
         let p = self.urls.entry(id).or_insert_with(|| PendingUrl {
             url: url.clone(),
             ..PendingUrl::default()
         });
         p.fresh |= fresh;
-        for (h, n) in &d.cells {
-            add_cell(&mut p.cells, *h, *n);
+        for (h, n) in now {
+            set_cell(&mut p.cells, *h, *n);
         }
         p.visitors.extend(d.visitors.iter().copied());
+        if !tally_core::dims::is_source_key(url) {
+            self.events += d.total;
+        }
     }
 
     /// The whole state of an epoch of the mirror, as a write that recreates it.
@@ -68,30 +88,31 @@ impl PendingEpoch {
         applied: Seq,
         urls: impl Iterator<Item = (u32, Arc<str>, UrlCounts)>,
     ) -> PendingEpoch {
+        let mut events = 0;
+        let urls = urls
+            .map(|(id, url, c)| {
+                if !tally_core::dims::is_source_key(&url) {
+                    events += c.total;
+                }
+                let p = PendingUrl {
+                    url,
+                    fresh: true,
+                    cells: c.cells,
+                    visitors: c.visitors.members().collect(),
+                };
+                (id, p)
+            })
+            .collect();
         PendingEpoch {
             last: applied,
-            urls: urls
-                .map(|(id, url, c)| {
-                    let p = PendingUrl {
-                        url,
-                        fresh: true,
-                        cells: c.cells.into_iter().collect(),
-                        visitors: c.visitors.members().collect(),
-                    };
-                    (id, p)
-                })
-                .collect(),
+            urls,
+            events,
         }
     }
 
-    /// Events of the queued deltas (each is also counted under its source key; this counts
-    /// it once).
+    /// Events queued.
     pub(crate) fn events(&self) -> u64 {
-        self.urls
-            .values()
-            .filter(|u| !tally_core::dims::is_source_key(&u.url))
-            .flat_map(|u| u.cells.iter().map(|(_, n)| n))
-            .sum()
+        self.events
     }
 }
 
@@ -100,6 +121,7 @@ pub(crate) fn merge(older: &mut Pending, newer: Pending) {
     for (epoch, n) in newer {
         let o = older.entry(epoch).or_default();
         o.last = o.last.max(n.last);
+        o.events += n.events;
         for (id, u) in n.urls {
             match o.urls.get_mut(&id) {
                 None => {
@@ -108,7 +130,7 @@ pub(crate) fn merge(older: &mut Pending, newer: Pending) {
                 Some(p) => {
                     p.fresh |= u.fresh;
                     for (h, c) in u.cells {
-                        add_cell(&mut p.cells, h, c);
+                        set_cell(&mut p.cells, h, c);
                     }
                     let before = p.visitors.len();
                     p.visitors.extend(u.visitors);
@@ -119,10 +141,10 @@ pub(crate) fn merge(older: &mut Pending, newer: Pending) {
     }
 }
 
-/// Adds `n` views in `cell` to `cells` (ascending by cell).
-fn add_cell(cells: &mut Vec<(i64, u64)>, cell: i64, n: u64) {
+/// Sets `cell` of `cells` (ascending by cell) to `n` views.
+fn set_cell(cells: &mut Vec<(i64, u64)>, cell: i64, n: u64) {
     match cells.binary_search_by_key(&cell, |(h, _)| *h) {
-        Ok(i) => cells[i].1 += n,
+        Ok(i) => cells[i].1 = n,
         Err(i) => cells.insert(i, (cell, n)),
     }
 }
@@ -183,6 +205,18 @@ fn push_urls(
         members.clear();
     };
     let mut named: Vec<u32> = Vec::new();
+    // The cell fields of the bucket being written, set in one `HSET` when the bucket changes.
+    let mut fields: Vec<(i64, u64)> = Vec::new();
+    let mut cells_of = None;
+    let set_cells = |p: &mut redis::Pipeline, b: Option<u32>, fields: &mut Vec<(i64, u64)>| {
+        if let Some(b) = b.filter(|_| !fields.is_empty()) {
+            p.cmd("HSET")
+                .arg(keys.cells(epoch, b))
+                .arg(&fields[..])
+                .ignore();
+        }
+        fields.clear();
+    };
     for (id, u) in urls {
         let id = **id;
         if u.fresh {
@@ -197,14 +231,11 @@ fn push_urls(
                 named.push(bucket(id));
             }
         }
-        let hk = keys.cells(epoch, bucket(id));
-        for (h, n) in &u.cells {
-            p.cmd("HINCRBY")
-                .arg(&hk)
-                .arg(cell_field(id, *h))
-                .arg(*n)
-                .ignore();
+        if cells_of != Some(bucket(id)) {
+            set_cells(p, cells_of, &mut fields);
+            cells_of = Some(bucket(id));
         }
+        fields.extend(u.cells.iter().map(|(h, n)| (cell_field(id, *h), *n)));
         let b = visitor_bucket(id);
         if open != Some(b) {
             flush(p, open, &mut members);
@@ -213,6 +244,7 @@ fn push_urls(
         members.extend(u.visitors.iter().map(|m| bucket_member(id, *m)));
     }
     flush(p, open, &mut members);
+    set_cells(p, cells_of, &mut fields);
     if !named.is_empty() {
         p.cmd("SADD").arg(keys.buckets(epoch)).arg(named).ignore();
     }
@@ -386,11 +418,12 @@ pub(crate) fn rewrite_transactions<'a>(
 mod tests {
     use super::*;
 
+    /// The queue of one event of URL 7 in cell 0, its `last`-th: the cell now holds `last`.
     fn batch(last: u64, members: impl Iterator<Item = i64>) -> Pending {
         let url = PendingUrl {
             url: Arc::from("http://a/x"),
             fresh: false,
-            cells: vec![(0, 1)],
+            cells: vec![(0, last)],
             visitors: members.collect(),
         };
         Pending::from([(
@@ -398,8 +431,41 @@ mod tests {
             PendingEpoch {
                 last: Seq(last),
                 urls: FastMap::from_iter([(7, url)]),
+                events: 1,
             },
         )])
+    }
+
+    /// Cells are queued as values: a newer value replaces an older one, whichever order the
+    /// queues were built in, and a write sets each bucket's fields in one `HSET`.
+    #[test]
+    fn newer_cell_values_replace_older_ones_and_a_bucket_is_one_hset() {
+        let mut q = batch(1, std::iter::empty());
+        merge(&mut q, batch(5, std::iter::empty()));
+        let pe = &q[&Seq(1)];
+        assert_eq!(pe.urls[&7].cells, vec![(0, 5)]);
+        assert_eq!(pe.events(), 2);
+        let mut pe = PendingEpoch::default();
+        let url: Arc<str> = Arc::from("http://a/x");
+        let d = UrlDelta {
+            cells: vec![(3, 1), (4, 2)],
+            total: 3,
+            ..UrlDelta::default()
+        };
+        pe.add(1, &url, true, &d, &[(3, 10), (4, 2)]);
+        pe.add(2, &url, true, &d, &[(3, 1), (4, 2)]);
+        pe.add(1, &url, false, &d, &[(3, 11), (4, 4)]);
+        assert_eq!(pe.urls[&1].cells, vec![(3, 11), (4, 4)]);
+        assert_eq!(pe.events(), 9);
+        let keys = Keys::new("t:");
+        let tx = transaction(&keys, &Pending::from([(Seq(1), pe)]));
+        let hsets: Vec<&redis::Cmd> = tx
+            .cmd_iter()
+            .filter(|c| c.args_iter().next() == Some(redis::Arg::Simple(&b"HSET"[..])))
+            .collect();
+        // Ids 1 and 2 share a bucket: one command, four fields.
+        assert_eq!(hsets.len(), 1);
+        assert_eq!(hsets[0].args_iter().count(), 2 + 2 * 4);
     }
 
     /// A queue that waits long holds each of a URL's (cell, visitor) members about once, not
