@@ -178,16 +178,17 @@ pub(crate) enum WriteOutcome {
 /// Commands per transaction when rewriting whole epochs.
 const RESYNC_CHUNK_URLS: usize = 20_000;
 
-/// Appends the commands that add `urls` (ascending by id) to the epoch `epoch`. A fresh URL's
-/// `HSETNX` reply (1: the id was new) is kept when `check` is set; every other reply is ignored.
-/// The visitor members of the ids of one bucket go in one `SADD`, and the buckets of fresh
-/// URLs in one.
+/// Appends the commands that add `urls` (ascending by id) to the epoch `epoch`, a few per
+/// bucket of ids: the names of its fresh URLs in one `HSET` (with `expect`, its reply — the
+/// fields it added — must be their number: a smaller one means Redis already mapped an id),
+/// its cell values in one `HSET`, and the visitor members of each visitor bucket in one
+/// `SADD`; the buckets of fresh URLs in one. Every other reply is ignored.
 fn push_urls(
     p: &mut redis::Pipeline,
     keys: &Keys,
     epoch: Seq,
     urls: &[(&u32, &PendingUrl)],
-    check: bool,
+    mut expect: Option<&mut Vec<i64>>,
 ) {
     let mut members: Vec<i64> = Vec::new();
     let mut open = None;
@@ -205,35 +206,42 @@ fn push_urls(
         members.clear();
     };
     let mut named: Vec<u32> = Vec::new();
-    // The cell fields of the bucket being written, set in one `HSET` when the bucket changes.
+    // What the bucket being written gets, sent when the bucket changes.
+    let mut names: Vec<(u32, &str)> = Vec::new();
     let mut fields: Vec<(i64, u64)> = Vec::new();
-    let mut cells_of = None;
-    let set_cells = |p: &mut redis::Pipeline, b: Option<u32>, fields: &mut Vec<(i64, u64)>| {
-        if let Some(b) = b.filter(|_| !fields.is_empty()) {
+    let mut current = None;
+    let mut send = |p: &mut redis::Pipeline,
+                    b: Option<u32>,
+                    names: &mut Vec<(u32, &str)>,
+                    fields: &mut Vec<(i64, u64)>| {
+        let Some(b) = b else { return };
+        if !names.is_empty() {
+            p.cmd("HSET").arg(keys.names(epoch, b)).arg(&names[..]);
+            match expect.as_deref_mut() {
+                Some(e) => e.push(names.len() as i64),
+                None => {
+                    p.ignore();
+                }
+            }
+            named.push(b);
+        }
+        if !fields.is_empty() {
             p.cmd("HSET")
                 .arg(keys.cells(epoch, b))
                 .arg(&fields[..])
                 .ignore();
         }
+        names.clear();
         fields.clear();
     };
     for (id, u) in urls {
         let id = **id;
-        if u.fresh {
-            p.cmd("HSETNX")
-                .arg(keys.names(epoch, bucket(id)))
-                .arg(slot(id))
-                .arg(&*u.url);
-            if !check {
-                p.ignore();
-            }
-            if named.last() != Some(&bucket(id)) {
-                named.push(bucket(id));
-            }
+        if current != Some(bucket(id)) {
+            send(p, current, &mut names, &mut fields);
+            current = Some(bucket(id));
         }
-        if cells_of != Some(bucket(id)) {
-            set_cells(p, cells_of, &mut fields);
-            cells_of = Some(bucket(id));
+        if u.fresh {
+            names.push((slot(id), &*u.url));
         }
         fields.extend(u.cells.iter().map(|(h, n)| (cell_field(id, *h), *n)));
         let b = visitor_bucket(id);
@@ -244,7 +252,7 @@ fn push_urls(
         members.extend(u.visitors.iter().map(|m| bucket_member(id, *m)));
     }
     flush(p, open, &mut members);
-    set_cells(p, cells_of, &mut fields);
+    send(p, current, &mut names, &mut fields);
     if !named.is_empty() {
         p.cmd("SADD").arg(keys.buckets(epoch)).arg(named).ignore();
     }
@@ -252,17 +260,24 @@ fn push_urls(
 
 /// The `MULTI`/`EXEC` pipeline that adds `pending` and sets each epoch's applied seq (built
 /// off the async runtime for large batches: see the applier).
-pub(crate) fn transaction(keys: &Keys, pending: &Pending) -> redis::Pipeline {
+pub(crate) fn transaction(keys: &Keys, pending: &Pending) -> Transaction {
     let mut p = redis::pipe();
     p.atomic();
+    let mut expect = Vec::new();
     for (e, pe) in pending {
         let mut ids: Vec<(&u32, &PendingUrl)> = pe.urls.iter().collect();
         ids.sort_unstable_by_key(|(id, _)| **id);
-        push_urls(&mut p, keys, *e, &ids, true);
+        push_urls(&mut p, keys, *e, &ids, Some(&mut expect));
         p.cmd("SADD").arg(keys.epochs()).arg(e.0).ignore();
         p.cmd("SET").arg(keys.applied(*e)).arg(pe.last.0).ignore();
     }
-    p
+    Transaction { pipe: p, expect }
+}
+
+/// A write's `MULTI`/`EXEC` pipeline and the replies it must get ([`push_urls`]).
+pub(crate) struct Transaction {
+    pub(crate) pipe: redis::Pipeline,
+    expect: Vec<i64>,
 }
 
 /// Writes `tx` (the [`transaction`] of `pending`) if Redis still holds `marker` and, for every
@@ -273,7 +288,7 @@ pub(crate) async fn write(
     marker: &str,
     expected: &BTreeMap<Seq, Seq>,
     pending: &Pending,
-    tx: &redis::Pipeline,
+    tx: &Transaction,
 ) -> Result<WriteOutcome> {
     let mut watch = redis::cmd("WATCH");
     watch.arg(keys.instance());
@@ -310,10 +325,10 @@ pub(crate) async fn write(
             return Ok(WriteOutcome::Mismatch(*e, Seq(cur.unwrap_or(0))));
         }
     }
-    let replies: Option<Vec<i64>> = tx.query_async(conn).await?;
+    let replies: Option<Vec<i64>> = tx.pipe.query_async(conn).await?;
     match replies {
         None => Ok(WriteOutcome::Raced),
-        Some(r) if r.iter().any(|x| *x != 1) => Ok(WriteOutcome::Diverged),
+        Some(r) if r != tx.expect => Ok(WriteOutcome::Diverged),
         Some(_) => Ok(WriteOutcome::Written),
     }
 }
@@ -402,7 +417,7 @@ pub(crate) fn rewrite_transactions<'a>(
             if first_of_epoch {
                 p.cmd("SADD").arg(keys.epochs()).arg(e.0).ignore();
             }
-            push_urls(&mut p, keys, e, &chunk, false);
+            push_urls(&mut p, keys, e, &chunk, None);
             if last_of_epoch {
                 p.cmd("SET").arg(keys.applied(e)).arg(pe.last.0).ignore();
             }
@@ -460,12 +475,16 @@ mod tests {
         let keys = Keys::new("t:");
         let tx = transaction(&keys, &Pending::from([(Seq(1), pe)]));
         let hsets: Vec<&redis::Cmd> = tx
+            .pipe
             .cmd_iter()
             .filter(|c| c.args_iter().next() == Some(redis::Arg::Simple(&b"HSET"[..])))
             .collect();
-        // Ids 1 and 2 share a bucket: one command, four fields.
-        assert_eq!(hsets.len(), 1);
-        assert_eq!(hsets[0].args_iter().count(), 2 + 2 * 4);
+        // Ids 1 and 2 share a bucket: one command for their names (whose reply must say
+        // both were new), one for their four cells.
+        assert_eq!(hsets.len(), 2);
+        assert_eq!(hsets[0].args_iter().count(), 2 + 2 * 2);
+        assert_eq!(hsets[1].args_iter().count(), 2 + 2 * 4);
+        assert_eq!(tx.expect, vec![2]);
     }
 
     /// A queue that waits long holds each of a URL's (cell, visitor) members about once, not

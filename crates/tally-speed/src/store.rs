@@ -395,9 +395,10 @@ mod tests {
             .map(|(i, u, c)| (*i, u.as_str(), c.total))
             .collect();
         urls.sort_unstable();
-        // The diverged write landed all the same (it sets values: y's cell now says 1); what
-        // matters is that the applier learned it and rewrites Redis from the mirror.
-        assert_eq!(urls, vec![(0, "http://a/x", 2), (1, "http://a/y", 1)]);
+        // The diverged write landed all the same (it sets names and values: id 1 now says z,
+        // with one view); what matters is that the applier learned it and rewrites Redis from
+        // the mirror.
+        assert_eq!(urls, vec![(0, "http://a/x", 2), (1, "http://a/z", 1)]);
         let x = &loaded.urls.iter().find(|u| u.0 == 0).unwrap().2;
         let h = tally_core::sketch::visitor_hash32(b"v");
         assert_eq!(
