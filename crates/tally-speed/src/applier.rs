@@ -144,6 +144,8 @@ struct Applier {
     /// before the last flush: a mirror changed behind the applier's back could otherwise be
     /// snapshotted half-applied.
     applying: Option<Applying>,
+    /// The next batch, read and aggregated while the one before it is added to the mirror.
+    read_ahead: Option<ReadAhead>,
     /// The applier is stopping: it writes what is queued but never rewrites Redis from its
     /// mirror (the next applier decides, from what Redis then holds).
     stopping: bool,
@@ -155,6 +157,15 @@ struct Applying {
     events: u64,
     started: Instant,
     task: JoinHandle<std::result::Result<Pending, String>>,
+}
+
+/// A batch being read from the in-memory tail and aggregated off the runtime, while the batch
+/// before it (every event up to `after`) is added to the mirror: the applier's two halves run
+/// on two threads, so that reading the next events never waits for the mirror, nor the mirror
+/// for them. `None` when the tail no longer held the events (they are read from storage then).
+struct ReadAhead {
+    after: Seq,
+    task: JoinHandle<Option<(Seq, Vec<EpochDelta>)>>,
 }
 
 pub(crate) async fn run(
@@ -203,6 +214,7 @@ pub(crate) async fn run(
         redis_backoff: BACKOFF_MIN,
         redis_seen: Instant::now(),
         applying: None,
+        read_ahead: None,
         stopping: false,
     };
     if let Some(policy) = a.store.eviction_policy().await {
@@ -542,7 +554,10 @@ impl Applier {
             return Ok(Phase::Run);
         }
         let started = Instant::now();
-        let (through, deltas) = self.read_batch(acked).await?;
+        let (through, deltas) = match self.take_read_ahead().await {
+            Some(batch) => batch,
+            None => self.read_batch(acked).await?,
+        };
         let events: u64 = deltas.iter().map(EpochDelta::events).sum();
         debug!(
             after = self.pos.0,
@@ -563,6 +578,7 @@ impl Applier {
             started,
             task: tokio::task::spawn_blocking(move || apply_to_mirror(&shared, &deltas, &queue)),
         });
+        self.read_ahead(through);
         if !self.finish_apply().await? {
             self.loaded = false;
             return Ok(Phase::Sync);
@@ -867,6 +883,42 @@ impl Applier {
 
     fn file_recent<'a>(&self, events: impl IntoIterator<Item = &'a SeqEvent>) {
         file_recent(&self.shared, events);
+    }
+
+    /// Starts reading the batch after `after` (the batch being applied) from the tail, when
+    /// more events are acknowledged and the applier is not rebuilding.
+    fn read_ahead(&mut self, after: Seq) {
+        if self.rebuild_target.is_some() || *self.acked.borrow() <= after {
+            return;
+        }
+        let (master, shared) = (self.master.clone(), self.shared.clone());
+        let (max, floor) = (self.cfg.apply_batch_max.max(1), self.floor);
+        self.read_ahead = Some(ReadAhead {
+            after,
+            task: tokio::task::spawn_blocking(move || {
+                let Tail::Events(v) = master.tail_after(after, max) else {
+                    return None;
+                };
+                let through = v.last()?.seq;
+                file_recent(&shared, v.iter().map(|e| &**e));
+                // Read after the events, so the list holds the epoch of each of them.
+                let epochs = live_epochs(&master, floor);
+                Some((through, aggregate(v.iter().map(|e| &**e), &epochs)))
+            }),
+        });
+    }
+
+    /// The batch read ahead, if it starts where the mirror is now (a batch that failed to
+    /// apply, a reload or a rebuild since make it useless) — without the deltas of epochs
+    /// collected meanwhile, as a read now would leave them out.
+    async fn take_read_ahead(&mut self) -> Option<(Seq, Vec<EpochDelta>)> {
+        let r = self.read_ahead.take()?;
+        if r.after != self.pos || self.rebuild_target.is_some() {
+            return None;
+        }
+        let (through, mut deltas) = r.task.await.ok()??;
+        deltas.retain(|d| d.epoch >= self.floor);
+        Some((through, deltas))
     }
 
     /// The next events after `pos`, aggregated: `(through, deltas)` where every event with
