@@ -70,6 +70,25 @@ impl CellVisitors {
     }
 }
 
+/// `binary_search_by_key` for cells ascending, looking at the last few first: live traffic is
+/// mostly in the newest cells, while a site's or campaign's cells span every day of the
+/// epoch's late events (thousands), where a binary search was a string of cache misses — a
+/// third of the applier's time once 10 % of events came from the last 30 days.
+#[inline]
+fn search_recent<T>(cells: &[T], cell: i64, key: impl Fn(&T) -> i64) -> Result<usize, usize> {
+    const TAIL: usize = 4;
+    for (back, c) in cells.iter().rev().take(TAIL).enumerate() {
+        let i = cells.len() - back;
+        match key(c).cmp(&cell) {
+            std::cmp::Ordering::Equal => return Ok(i - 1),
+            std::cmp::Ordering::Less => return Err(i),
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+    let end = cells.len().saturating_sub(TAIL);
+    cells[..end].binary_search_by_key(&cell, key)
+}
+
 impl Visitors {
     /// Adds visitor members; with `dense_at = Some(p)`, keeps the registers of precision `p`
     /// of every cell past its sparse limit.
@@ -81,7 +100,7 @@ impl Visitors {
             let i = match at {
                 Some(i) if self.cells[i].cell == cell => i,
                 _ => {
-                    let i = match self.cells.binary_search_by_key(&cell, |d| d.cell) {
+                    let i = match search_recent(&self.cells, cell, |d| d.cell) {
                         Ok(i) => i,
                         Err(i) => {
                             self.cells.insert(
@@ -382,7 +401,7 @@ impl UrlCounts {
         if n == 0 {
             return;
         }
-        match self.cells.binary_search_by_key(&cell, |c| c.0) {
+        match search_recent(&self.cells, cell, |c| c.0) {
             Ok(i) => self.cells[i].1 += n,
             Err(i) => self.cells.insert(i, (cell, n)),
         }
@@ -1580,6 +1599,20 @@ mod tests {
     }
 
     #[test]
+    fn searching_from_the_newest_cells_finds_what_a_binary_search_finds() {
+        for n in 0..12i64 {
+            let cells: Vec<i64> = (0..n).map(|i| 2 * i).collect();
+            for cell in -1..2 * n + 1 {
+                assert_eq!(
+                    search_recent(&cells, cell, |c| *c),
+                    cells.binary_search(&cell),
+                    "{cell} in {cells:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn range_is_half_open_and_uses_total_for_full_cover() {
         let mut c = UrlCounts::default();
         c.add(3, 5);
@@ -2099,7 +2132,13 @@ mod bench {
             let mut events = Vec::with_capacity(2000);
             for _ in 0..2000 {
                 seq += 1;
-                let mut e = ev(seq, &url(rnd()), now - (rnd() % 3_600_000) as i64);
+                // As `scripts/bench.sh mixed` sends them: 90 % in the last hour, 10 % over
+                // the last 30 days (so sites and campaigns span thousands of cells).
+                let back = match rnd() % 10 {
+                    0 => rnd() % (30 * 86_400_000),
+                    _ => rnd() % 3_600_000,
+                };
+                let mut e = ev(seq, &url(rnd()), now - back as i64);
                 e.event.visitor = Some(format!("v{}", rnd() % 200_000));
                 // A quarter of the views referred by one of 20 sites.
                 if rnd() % 4 == 0 {
