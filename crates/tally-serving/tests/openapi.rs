@@ -38,6 +38,7 @@ async fn state(dir: &std::path::Path) -> AppState {
             gc_grace: Duration::from_secs(60),
             apply_batch_max: 1000,
             sketch_precision: 14,
+            applier_nice: 0,
         },
         master.clone(),
     )

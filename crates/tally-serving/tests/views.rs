@@ -43,6 +43,7 @@ async fn discard_takes_the_serving_version_not_the_one_current_names() {
             gc_grace: Duration::from_secs(60),
             apply_batch_max: 1000,
             sketch_precision: 14,
+            applier_nice: 0,
         },
         master.clone(),
     )

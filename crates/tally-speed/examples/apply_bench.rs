@@ -150,6 +150,7 @@ async fn main() {
             gc_grace: Duration::from_secs(60),
             apply_batch_max: 20_000,
             sketch_precision: 14,
+            applier_nice: -10,
         },
         master.clone(),
     )

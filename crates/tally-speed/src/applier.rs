@@ -40,6 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::aggregate::{aggregate, epoch_of, EpochDelta, UrlDelta};
 use crate::keys::{instance_marker, marker_is_ours, rewriting_marker, Keys};
 use crate::mirror::{Mirror, UrlUpdate};
+use crate::priority::Priority;
 use crate::replica::{self, Pending, PendingEpoch, WriteOutcome};
 use crate::store::{LoadedEpoch, Store};
 use crate::{Counters, Error, Result, Shared, SpeedConfig};
@@ -572,11 +573,15 @@ impl Applier {
             .map(|d| !self.resync && self.redis_applied_ok(d.epoch))
             .collect();
         let shared = self.shared.clone();
+        let nice = self.cfg.applier_nice;
         self.applying = Some(Applying {
             through,
             events,
             started,
-            task: tokio::task::spawn_blocking(move || apply_to_mirror(&shared, &deltas, &queue)),
+            task: tokio::task::spawn_blocking(move || {
+                let _priority = Priority::adjust(nice);
+                apply_to_mirror(&shared, &deltas, &queue)
+            }),
         });
         self.read_ahead(through);
         if !self.finish_apply().await? {
@@ -893,9 +898,11 @@ impl Applier {
         }
         let (master, shared) = (self.master.clone(), self.shared.clone());
         let (max, floor) = (self.cfg.apply_batch_max.max(1), self.floor);
+        let nice = self.cfg.applier_nice;
         self.read_ahead = Some(ReadAhead {
             after,
             task: tokio::task::spawn_blocking(move || {
+                let _priority = Priority::adjust(nice);
                 let Tail::Events(v) = master.tail_after(after, max) else {
                     return None;
                 };
@@ -954,7 +961,9 @@ impl Applier {
         let through = Seq(acked.0.min(after.0.saturating_add(chunk as u64)));
         let master = self.master.clone();
         let shared = self.shared.clone();
+        let nice = self.cfg.applier_nice;
         let deltas = tokio::task::spawn_blocking(move || -> Result<Vec<EpochDelta>> {
+            let _priority = Priority::adjust(nice);
             let events = master.read_range(after, through)?;
             file_recent(&shared, &events);
             let epochs = live_epochs(&master, floor);
@@ -1189,6 +1198,7 @@ mod tests {
                 key_prefix: "tally:".into(),
                 gc_grace: Duration::from_millis(50),
                 apply_batch_max: 64,
+                applier_nice: 0,
                 sketch_precision: 14,
             },
             master.clone(),

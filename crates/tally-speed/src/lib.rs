@@ -26,6 +26,7 @@ mod hashes;
 mod keys;
 pub mod metrics;
 mod mirror;
+mod priority;
 pub mod rank;
 mod recent;
 mod replica;
@@ -108,6 +109,9 @@ pub struct SpeedConfig {
     /// Precision of the visitor sketches (`uniques.precision`): busy URL-cells keep their
     /// registers at it, so uniques over them merge registers instead of sorting hashes.
     pub sketch_precision: u8,
+    /// Added to the process's nice value for the applier's threads while they apply
+    /// (`speed.applier_nice`; negative: they win contended cores; see `priority.rs`).
+    pub applier_nice: i32,
 }
 
 /// One live epoch, for `/v1/admin/status`.

@@ -110,6 +110,7 @@ fn speed_config(redis: &TestRedis) -> SpeedConfig {
         gc_grace: Duration::from_millis(50),
         apply_batch_max: 64,
         sketch_precision: PRECISION,
+        applier_nice: 0,
     }
 }
 

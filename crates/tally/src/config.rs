@@ -107,6 +107,7 @@ pub(crate) struct SpeedConfig {
     pub(crate) apply_batch_max: usize,
     pub(crate) tail_capacity: usize,
     pub(crate) fallback_views: usize,
+    pub(crate) applier_nice: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

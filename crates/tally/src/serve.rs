@@ -112,6 +112,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
             gc_grace: cfg.speed.gc_grace,
             apply_batch_max: cfg.speed.apply_batch_max,
             sketch_precision: cfg.uniques.precision,
+            applier_nice: cfg.speed.applier_nice,
         },
         master.clone(),
     )
