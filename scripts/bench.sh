@@ -908,7 +908,7 @@ section_mixed() {
     local redis_idle=$MIXED_REDIS_IDLE run1=$MIXED_RUN1 run2=$MIXED_RUN2
     mixed_ingest 5
     local ingest_pid=$INGEST_PID
-    if [ -n "${BENCH_PERF:-}" ]; then
+    if [ "${BENCH_PERF:-0}" = 1 ]; then
         perf record -F 499 -g -p "$tally_pid" -o "$dir/perf.data" -- sleep $((DURATION * 5)) >/dev/null 2>&1 &
         PIDS+=("$!")
     fi
