@@ -9,7 +9,7 @@
 //! storage, which is slower still. So the applier's threads run at a higher priority
 //! (`speed.applier_nice`, default −10 relative to the process) for as long as they apply,
 //! and queries take what is left: measured on that benchmark, the applier kept up (lag p99
-//! 62 000 events, ingest-to-visible p99 0.55 s) while query throughput fell by about a third.
+//! 78 000 events, ingest-to-visible p99 0.69 s) while query throughput fell by a third to a half.
 //!
 //! Raising a priority needs `CAP_SYS_NICE` (or root, or `RLIMIT_NICE`); without it the applier
 //! runs at the process's priority and a warning says so once. Linux only (the nice value is
