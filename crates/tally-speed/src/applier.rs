@@ -886,10 +886,6 @@ impl Applier {
         }
     }
 
-    fn file_recent<'a>(&self, events: impl IntoIterator<Item = &'a SeqEvent>) {
-        file_recent(&self.shared, events);
-    }
-
     /// Starts reading the batch after `after` (the batch being applied) from the tail, when
     /// more events are acknowledged and the applier is not rebuilding.
     fn read_ahead(&mut self, after: Seq) {
@@ -903,14 +899,10 @@ impl Applier {
             after,
             task: tokio::task::spawn_blocking(move || {
                 let _priority = Priority::adjust(nice);
-                let Tail::Events(v) = master.tail_after(after, max) else {
-                    return None;
-                };
-                let through = v.last()?.seq;
-                file_recent(&shared, v.iter().map(|e| &**e));
-                // Read after the events, so the list holds the epoch of each of them.
-                let epochs = live_epochs(&master, floor);
-                Some((through, aggregate(v.iter().map(|e| &**e), &epochs)))
+                match master.tail_after(after, max) {
+                    Tail::Events(v) => take_events(&master, &shared, &v, floor),
+                    _ => None,
+                }
             }),
         });
     }
@@ -938,21 +930,16 @@ impl Applier {
         let floor = self.floor;
         if self.rebuild_target.is_none() {
             if let Tail::Events(v) = self.master.tail_after(self.pos, max) {
-                if let Some(last) = v.last() {
-                    let through = last.seq;
-                    self.file_recent(v.iter().map(|e| &**e));
-                    // Read after the events, so the list holds the epoch of each of them.
-                    let epochs = live_epochs(&self.master, floor);
-                    let deltas = if v.len() <= INLINE_AGGREGATE_MAX {
-                        aggregate(v.iter().map(|e| &**e), &epochs)
-                    } else {
-                        tokio::task::spawn_blocking(move || {
-                            aggregate(v.iter().map(|e| &**e), &epochs)
-                        })
+                let taken = if v.len() <= INLINE_AGGREGATE_MAX {
+                    take_events(&self.master, &self.shared, &v, floor)
+                } else {
+                    let (master, shared) = (self.master.clone(), self.shared.clone());
+                    tokio::task::spawn_blocking(move || take_events(&master, &shared, &v, floor))
                         .await
                         .map_err(Error::Task)?
-                    };
-                    return Ok((through, deltas));
+                };
+                if let Some(batch) = taken {
+                    return Ok(batch);
                 }
             }
         }
@@ -1018,6 +1005,22 @@ impl Applier {
         self.start_redis();
         Ok(())
     }
+}
+
+/// Takes events read from the tail (ascending seq): files them into the realtime window and
+/// aggregates them by the live epochs from `floor` on — `(through, deltas)`, `None` when
+/// there are none.
+fn take_events(
+    master: &Master,
+    shared: &Shared,
+    events: &[Arc<SeqEvent>],
+    floor: Seq,
+) -> Option<(Seq, Vec<EpochDelta>)> {
+    let through = events.last()?.seq;
+    file_recent(shared, events.iter().map(|e| &**e));
+    // Read after the events, so the list holds the epoch of each of them.
+    let epochs = live_epochs(master, floor);
+    Some((through, aggregate(events.iter().map(|e| &**e), &epochs)))
 }
 
 /// Files events into the realtime window ([`crate::recent`]).
