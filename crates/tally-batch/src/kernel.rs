@@ -904,14 +904,7 @@ impl<'a> RowGroupScan<'a> {
         }
         // Sorted input (the master's (url, ts) order) makes this a linear check.
         part.cells.sort_unstable_by_key(|c| c.0);
-        part.cells.dedup_by(|b, a| {
-            if a.0 == b.0 {
-                a.1 += b.1;
-                true
-            } else {
-                false
-            }
-        });
+        tally_core::sum_runs(&mut part.cells);
         part.agg_ns += ta.elapsed().as_nanos() as u64;
         self.part
     }
@@ -1448,14 +1441,7 @@ fn merge_file(parts: Vec<Partial>) -> Partial {
         visitors.extend(p.visitors.iter().map(|&(k, h)| (re(pi, k), h)));
     }
     cells.sort_unstable_by_key(|c| c.0);
-    cells.dedup_by(|b, a| {
-        if a.0 == b.0 {
-            a.1 += b.1;
-            true
-        } else {
-            false
-        }
-    });
+    tally_core::sum_runs(&mut cells);
     visitors.sort_unstable();
     visitors.dedup();
     let nkeys = keys.len() as u32;

@@ -217,14 +217,7 @@ impl SourceSpeed {
     /// Makes `cells`, runs read from several epochs, one ascending list.
     fn merge_runs(&mut self) {
         self.cells.sort_unstable();
-        self.cells.dedup_by(|b, a| {
-            if a.0 == b.0 {
-                a.1 += b.1;
-                true
-            } else {
-                false
-            }
-        });
+        tally_core::sum_runs(&mut self.cells);
     }
 
     /// The referrer's host, empty for a direct visit.
