@@ -43,7 +43,7 @@ summary() {
     local took=$(($(date +%s) - started))
     echo
     if [ "$rc" -eq 0 ]; then
-        echo "test.sh: OK: fmt, clippy, build and all tests passed in ${took}s"
+        echo "test.sh: OK: fmt, clippy, doc, machete, build and all tests passed in ${took}s"
     else
         echo "test.sh: FAILED (exit $rc) during: ${current:-setup}, after ${took}s" >&2
     fi
@@ -60,20 +60,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
 fi
 redis-server --version
-# The dashboard's tests: Node.js with its packages (from the lockfile) and Debian's Chromium,
-# which playwright-core drives (it never downloads a browser of its own).
-missing=()
-command -v node >/dev/null 2>&1 || missing+=(nodejs)
-command -v npm >/dev/null 2>&1 || missing+=(npm)
-[ -x /usr/bin/chromium ] || missing+=(chromium)
-if [ "${#missing[@]}" -gt 0 ]; then
-    apt_install "${missing[@]}"
-fi
+install_dashboard_deps
 node --version
 /usr/bin/chromium --version
-if [ ! -d dashboard/node_modules ] || [ dashboard/package-lock.json -nt dashboard/node_modules/.package-lock.json ]; then
-    (cd dashboard && npm ci --no-audit --no-fund)
-fi
 
 current="cargo fmt --check"
 step "$current"
@@ -92,6 +81,10 @@ step "$current"
 # Installed from crates.io the first time (about two minutes of building on two cores).
 command -v cargo-machete >/dev/null 2>&1 || cargo install --locked cargo-machete
 cargo machete
+
+current="scripts/bench.py (its report merge and rendering, no servers)"
+step "$current"
+PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s scripts -p 'test_bench.py'
 
 current="cargo build --bins"
 step "$current"
@@ -151,18 +144,9 @@ step "$current"
     trap cleanup EXIT
     start_private_redis "$work" --save '' --appendonly no
     redis_pid=$REDIS_PID
-    TALLY_HTTP_ADDR=127.0.0.1:0 TALLY_STORAGE_DATA_DIR="$work/data" \
-        TALLY_REDIS_URL="unix://$work/redis.sock" TALLY_BATCH_SCHEDULE="0 0 0 1 1 *" \
-        target/debug/tally serve >"$work/tally.out" 2>"$work/tally.log" &
-    tally_pid=$!
-    base=""
-    for _ in $(seq 300); do
-        base=$(sed -n '1s#^listening on \(http://[0-9.:]*\)$#\1#p' "$work/tally.out" 2>/dev/null || true)
-        [ -n "$base" ] && break
-        kill -0 "$tally_pid" 2>/dev/null || { cat "$work/tally.log" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$base" ] || { echo "tally did not start" >&2; cat "$work/tally.log" >&2; exit 1; }
+    TALLY_BIN=target/debug/tally start_private_tally tally "$work" "unix://$work/redis.sock" || exit 1
+    tally_pid=$TALLY_PID
+    base=$TALLY_URL
     curl -fsS -X POST "$base/v1/events" -H 'Content-Type: application/json' \
         -d '[{"url":"https://example.com/","visitor":"a"},{"url":"https://example.com/b","visitor":"b"}]' >/dev/null
     curl -fsS -X POST "$base/v1/admin/batch?wait=true" >/dev/null
