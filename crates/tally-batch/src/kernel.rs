@@ -302,6 +302,9 @@ pub(crate) enum Keying {
     Source,
 }
 
+/// [`compute_cached`] or [`compute_sources_cached`], as `keying` says, merging about
+/// `step_entries` entries a step ([`merge`]): the files to count chosen, the partials the
+/// cache holds loaded, the other files planned and scanned, then every partial merged.
 fn compute_keyed(
     files: &[MasterFile],
     cutoff: Seq,
@@ -312,113 +315,241 @@ fn compute_keyed(
     step_entries: usize,
 ) -> Result<ViewData> {
     let t0 = Instant::now();
-    let with_visitors = sketch_precision.is_some();
-    if let Some(p) = sketch_precision {
-        VisitorSketch::new(p)?;
-    }
-    let mut files: Vec<MasterFile> = files
-        .iter()
-        .filter(|f| f.first <= cutoff)
-        .cloned()
-        .collect();
-    files.sort_by_key(|f| f.first);
-    for w in files.windows(2) {
-        if w[1].first <= w[0].last {
-            return Err(Error::Snapshot(format!(
-                "master files {} and {} overlap",
-                w[0].path.display(),
-                w[1].path.display()
-            )));
-        }
-    }
-    progress
-        .files_total
-        .store(files.len() as u64, Ordering::Relaxed);
-
-    // Files wholly at or below the cutoff have a cacheable partial: load what the cache holds.
-    let looked_up: Vec<(MasterFile, Option<Slot>, Option<Encoded>)> = files
-        .into_par_iter()
-        .map(|f| {
-            let Some(cache) = cache.filter(|_| f.last <= cutoff) else {
-                return Ok((f, None, None));
-            };
-            let slot = cache.slot(&f, keying, with_visitors)?;
-            let hit = cache.load(&slot, keying, with_visitors);
-            Ok((f, Some(slot), hit))
-        })
-        .collect::<Result<_>>()?;
-    let mut parts: Vec<Encoded> = Vec::new();
-    let mut to_scan: Vec<(MasterFile, Option<Slot>)> = Vec::new();
-    for (f, slot, hit) in looked_up {
-        match hit {
-            Some(p) => {
-                progress.files_reused.fetch_add(1, Ordering::Relaxed);
-                progress.files_done.fetch_add(1, Ordering::Relaxed);
-                progress.events_done.fetch_add(p.events, Ordering::Relaxed);
-                parts.push(p);
-            }
-            None => to_scan.push((f, slot)),
-        }
-    }
+    let run = KeyedRun::new(cutoff, sketch_precision, keying, cache, progress)?;
+    let files = run.select_files(files)?;
+    let CacheLookup {
+        mut parts,
+        files,
+        slots,
+    } = run.load_cached(files)?;
     let files_reused = parts.len();
-    let (files, slots): (Vec<MasterFile>, Vec<Option<Slot>>) = to_scan.into_iter().unzip();
-
-    let plans: Vec<FilePlan> = files
-        .into_par_iter()
-        .map(|f| plan_file(f, cutoff, with_visitors, keying))
-        .collect::<Result<_>>()?;
+    let plans = run.plan_files(files)?;
     let open_ms = ms(t0);
-    let empty_files = plans.iter().filter(|p| p.row_groups == 0).count();
-    progress
-        .files_done
-        .fetch_add(empty_files as u64, Ordering::Relaxed);
 
-    // A few files at a time: their row groups scanned in parallel, then each file's row groups
-    // made one canonical partial, encoded (and cached for the next run). A run holds the
-    // row-group partials of one window of files and the encoded partials of all, never every
-    // file's decoded partial.
     let t_scan = Instant::now();
-    let window = (rayon::current_num_threads() * 2).max(2);
-    let mut row_groups = 0;
-    for (plans, slots) in plans.chunks(window).zip(slots.chunks(window)) {
+    let row_groups = run.scan_files(&plans, &slots, &mut parts)?;
+    let scan_ms = ms(t_scan);
+
+    check_visitor_entries(&parts)?;
+    let t_merge = Instant::now();
+    let mut data = merge(parts, sketch_precision, step_entries);
+    let merge_ms = ms(t_merge);
+    // The merge's stats (what the partials carry from their scans), and this run's.
+    data.stats = ComputeStats {
+        files: plans.len() + files_reused,
+        files_reused,
+        files_computed: plans.len(),
+        computed_files: plans.iter().map(|p| p.file.first).collect(),
+        row_groups,
+        open_wall_ms: open_ms,
+        scan_wall_ms: scan_ms,
+        merge_wall_ms: merge_ms,
+        total_wall_ms: ms(t0),
+        ..data.stats
+    };
+    log_done(&data);
+    Ok(data)
+}
+
+/// What the steps of one computation ([`compute_keyed`]) share: its settings, and the progress
+/// they report to.
+struct KeyedRun<'a> {
+    cutoff: Seq,
+    /// Visitor pairs are counted too (with sketches).
+    visitors: bool,
+    keying: Keying,
+    cache: Option<&'a PartialCache>,
+    progress: &'a Progress,
+}
+
+impl<'a> KeyedRun<'a> {
+    /// A run's settings; an error if `sketch_precision` is out of range ([`VisitorSketch::new`]).
+    fn new(
+        cutoff: Seq,
+        sketch_precision: Option<u8>,
+        keying: Keying,
+        cache: Option<&'a PartialCache>,
+        progress: &'a Progress,
+    ) -> Result<KeyedRun<'a>> {
+        if let Some(p) = sketch_precision {
+            VisitorSketch::new(p)?;
+        }
+        Ok(KeyedRun {
+            cutoff,
+            visitors: sketch_precision.is_some(),
+            keying,
+            cache,
+            progress,
+        })
+    }
+
+    /// The files holding events at or below the cutoff, by first seq (their number is the
+    /// progress's total); an error if two of them overlap.
+    fn select_files(&self, files: &[MasterFile]) -> Result<Vec<MasterFile>> {
+        let mut files: Vec<MasterFile> = files
+            .iter()
+            .filter(|f| f.first <= self.cutoff)
+            .cloned()
+            .collect();
+        files.sort_by_key(|f| f.first);
+        for w in files.windows(2) {
+            if w[1].first <= w[0].last {
+                return Err(Error::Snapshot(format!(
+                    "master files {} and {} overlap",
+                    w[0].path.display(),
+                    w[1].path.display()
+                )));
+            }
+        }
+        self.progress
+            .files_total
+            .store(files.len() as u64, Ordering::Relaxed);
+        Ok(files)
+    }
+
+    /// Looks `files` up in the cache, in parallel: the files it holds the partial of are
+    /// counted done and reused, the others left to scan.
+    fn load_cached(&self, files: Vec<MasterFile>) -> Result<CacheLookup> {
+        let looked_up: Vec<(MasterFile, Option<Slot>, Option<Encoded>)> = files
+            .into_par_iter()
+            .map(|f| self.look_up(f))
+            .collect::<Result<_>>()?;
+        let mut parts: Vec<Encoded> = Vec::new();
+        let mut to_scan: Vec<(MasterFile, Option<Slot>)> = Vec::new();
+        for (f, slot, hit) in looked_up {
+            match hit {
+                Some(p) => {
+                    self.reused(&p);
+                    parts.push(p);
+                }
+                None => to_scan.push((f, slot)),
+            }
+        }
+        let (files, slots) = to_scan.into_iter().unzip();
+        Ok(CacheLookup {
+            parts,
+            files,
+            slots,
+        })
+    }
+
+    /// `f`'s cache slot and the partial cached in it, if any: both `None` without a cache or
+    /// for a file that straddles the cutoff.
+    fn look_up(&self, f: MasterFile) -> Result<(MasterFile, Option<Slot>, Option<Encoded>)> {
+        // Files wholly at or below the cutoff have a cacheable partial: load what the cache
+        // holds.
+        let Some(cache) = self.cache.filter(|_| f.last <= self.cutoff) else {
+            return Ok((f, None, None));
+        };
+        let slot = cache.slot(&f, self.keying, self.visitors)?;
+        let hit = cache.load(&slot, self.keying, self.visitors);
+        Ok((f, Some(slot), hit))
+    }
+
+    /// Counts a file done and reused, with the events of its cached partial `p`.
+    fn reused(&self, p: &Encoded) {
+        let progress = self.progress;
+        progress.files_reused.fetch_add(1, Ordering::Relaxed);
+        progress.files_done.fetch_add(1, Ordering::Relaxed);
+        progress.events_done.fetch_add(p.events, Ordering::Relaxed);
+    }
+
+    /// Plans the scan of each of `files` ([`plan_file`]), in parallel; files without row
+    /// groups are counted done.
+    fn plan_files(&self, files: Vec<MasterFile>) -> Result<Vec<FilePlan>> {
+        let plans: Vec<FilePlan> = files
+            .into_par_iter()
+            .map(|f| plan_file(f, self.cutoff, self.visitors, self.keying))
+            .collect::<Result<_>>()?;
+        let empty_files = plans.iter().filter(|p| p.row_groups == 0).count();
+        self.progress
+            .files_done
+            .fetch_add(empty_files as u64, Ordering::Relaxed);
+        Ok(plans)
+    }
+
+    /// Scans the planned files, appending each one's partial to `parts` and storing it in the
+    /// file's cache slot (`slots[i]` is `plans[i]`'s): returns the number of row groups read.
+    ///
+    /// A few files at a time: their row groups scanned in parallel, then each file's row groups
+    /// made one canonical partial, encoded (and cached for the next run). A run holds the
+    /// row-group partials of one window of files and the encoded partials of all, never every
+    /// file's decoded partial.
+    fn scan_files(
+        &self,
+        plans: &[FilePlan],
+        slots: &[Option<Slot>],
+        parts: &mut Vec<Encoded>,
+    ) -> Result<usize> {
+        let window = (rayon::current_num_threads() * 2).max(2);
+        let mut row_groups = 0;
+        for (plans, slots) in plans.chunks(window).zip(slots.chunks(window)) {
+            row_groups += plans.iter().map(|p| p.row_groups).sum::<usize>();
+            let scanned = self.scan_row_groups(plans)?;
+            parts.extend(self.encode_files(scanned, slots));
+        }
+        Ok(row_groups)
+    }
+
+    /// The partials of every row group of `plans`' files, scanned in parallel, one list per
+    /// file in the order of its row groups.
+    fn scan_row_groups(&self, plans: &[FilePlan]) -> Result<Vec<Vec<Partial>>> {
         let tasks: Vec<(usize, usize)> = plans
             .iter()
             .enumerate()
             .flat_map(|(i, p)| (0..p.row_groups).map(move |rg| (i, rg)))
             .collect();
-        row_groups += tasks.len();
         let scanned: Vec<Partial> = tasks
             .par_iter()
             .with_max_len(1)
-            .map(|&(fi, rg)| {
-                let plan = &plans[fi];
-                let part = scan_row_group(plan, rg, cutoff, with_visitors, progress)?;
-                if plan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    progress.files_done.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(part)
-            })
+            .map(|&(fi, rg)| self.scan_task(&plans[fi], rg))
             .collect::<Result<_>>()?;
-        let mut groups: Vec<(Vec<Partial>, Option<&Slot>)> = Vec::with_capacity(plans.len());
         let mut it = scanned.into_iter();
-        for (plan, slot) in plans.iter().zip(slots) {
-            groups.push((it.by_ref().take(plan.row_groups).collect(), slot.as_ref()));
+        Ok(plans
+            .iter()
+            .map(|plan| it.by_ref().take(plan.row_groups).collect())
+            .collect())
+    }
+
+    /// Scans row group `rg` of `plan`'s file ([`scan_row_group`]); the file's last row group
+    /// to finish counts the file done.
+    fn scan_task(&self, plan: &FilePlan, rg: usize) -> Result<Partial> {
+        let part = scan_row_group(plan, rg, self.cutoff, self.visitors, self.progress)?;
+        if plan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.progress.files_done.fetch_add(1, Ordering::Relaxed);
         }
-        let encoded: Vec<Encoded> = groups
+        Ok(part)
+    }
+
+    /// Makes each file's row-group partials one canonical partial ([`merge_file`]), encoded,
+    /// in parallel; stored in the cache when the file has a slot (`slots[i]` is file `i`'s).
+    fn encode_files(&self, scanned: Vec<Vec<Partial>>, slots: &[Option<Slot>]) -> Vec<Encoded> {
+        scanned
             .into_par_iter()
-            .map(|(scanned, slot)| {
-                let part = Encoded::new(&merge_file(scanned), keying, with_visitors);
-                if let (Some(cache), Some(slot)) = (cache, slot) {
+            .zip(slots)
+            .map(|(row_groups, slot)| {
+                let part = Encoded::new(&merge_file(row_groups), self.keying, self.visitors);
+                if let (Some(cache), Some(slot)) = (self.cache, slot) {
                     cache.store(slot, &part);
                 }
                 part
             })
-            .collect();
-        parts.extend(encoded);
+            .collect()
     }
-    let files_computed = plans.len();
-    let scan_ms = ms(t_scan);
+}
 
+/// A computation's files after the cache lookup ([`KeyedRun::load_cached`]).
+struct CacheLookup {
+    /// The partials the cache held, in file order.
+    parts: Vec<Encoded>,
+    /// The files left to scan, in order, and the cache slot of each (`None`: no cache, or a
+    /// file that straddles the cutoff).
+    files: Vec<MasterFile>,
+    slots: Vec<Option<Slot>>,
+}
+
+/// Checks that the (key, cell, visitor) entries of `parts` fit one view.
+fn check_visitor_entries(parts: &[Encoded]) -> Result<()> {
     // Per-cell visitor lists are indexed by `u32` (4 bytes per cell): at most 2^32 - 1 of them.
     let pairs: usize = parts.iter().map(|p| p.nvisitors).sum();
     if u32::try_from(pairs).is_err() {
@@ -426,29 +557,21 @@ fn compute_keyed(
             "{pairs} (key, cell, visitor) entries are more than one batch view holds (2^32 - 1)"
         )));
     }
-    let t_merge = Instant::now();
-    let mut data = merge(parts, sketch_precision, step_entries);
-    let merge_ms = ms(t_merge);
-    data.stats.files = files_computed + files_reused;
-    data.stats.files_reused = files_reused;
-    data.stats.files_computed = files_computed;
-    data.stats.computed_files = plans.iter().map(|p| p.file.first).collect();
-    data.stats.row_groups = row_groups;
-    data.stats.open_wall_ms = open_ms;
-    data.stats.scan_wall_ms = scan_ms;
-    data.stats.merge_wall_ms = merge_ms;
-    data.stats.total_wall_ms = ms(t0);
+    Ok(())
+}
+
+/// Logs (at debug level) what a computation counted and where its time went.
+fn log_done(data: &ViewData) {
     tracing::debug!(
         files = data.stats.files,
         row_groups = data.stats.row_groups,
         events = data.events,
         urls = data.urls.len(),
         cells = data.cells(),
-        scan_ms,
-        merge_ms,
+        scan_ms = data.stats.scan_wall_ms,
+        merge_ms = data.stats.merge_wall_ms,
         "batch kernel done"
     );
-    Ok(data)
 }
 
 fn ms(t: Instant) -> f64 {
