@@ -132,25 +132,13 @@ pub(crate) fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile>
         ));
     }
     let schema = Arc::new(Schema::new(fields));
-    let values: ArrayRef = Arc::new(StringArray::from_iter_values(data.urls.iter()));
-    // Row -> URL index.
-    let mut keys: Vec<i32> = Vec::with_capacity(data.cell.len());
-    for u in 0..data.urls.len() {
-        keys.extend(std::iter::repeat_n(
-            u as i32,
-            data.offsets[u + 1] - data.offsets[u],
-        ));
-    }
+    let urls = UrlColumn::new(data.urls.iter(), &data.offsets);
     write_parquet(path, schema.clone(), |sink| {
         let n = data.cell.len();
         let mut start = 0;
         while start < n {
             let end = (start + ROWS_PER_BATCH).min(n);
-            let url = DictionaryArray::<Int32Type>::try_new(
-                Int32Array::from(keys[start..end].to_vec()),
-                values.clone(),
-            )
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            let url = urls.rows(start, end)?;
             let mut columns: Vec<ArrayRef> = vec![
                 Arc::new(url),
                 Arc::new(Int64Array::from(data.cell[start..end].to_vec())),
@@ -166,6 +154,33 @@ pub(crate) fn write_counts(path: &Path, data: &ViewData) -> Result<ManifestFile>
         }
         Ok(())
     })
+}
+
+/// The `url` column of a view file: each URL once in the dictionary, and per row the index of
+/// its URL (the rows of URL `u` are `offsets[u]..offsets[u + 1]`).
+struct UrlColumn {
+    values: ArrayRef,
+    keys: Vec<i32>,
+}
+
+impl UrlColumn {
+    fn new<S: AsRef<str>>(urls: impl Iterator<Item = S>, offsets: &[usize]) -> UrlColumn {
+        let values: ArrayRef = Arc::new(StringArray::from_iter_values(urls));
+        let mut keys = Vec::with_capacity(offsets.last().copied().unwrap_or(0));
+        for (u, w) in offsets.windows(2).enumerate() {
+            keys.extend(std::iter::repeat_n(u as i32, w[1] - w[0]));
+        }
+        UrlColumn { values, keys }
+    }
+
+    /// The column of rows `[start, end)`.
+    fn rows(&self, start: usize, end: usize) -> Result<DictionaryArray<Int32Type>> {
+        DictionaryArray::<Int32Type>::try_new(
+            Int32Array::from(self.keys[start..end].to_vec()),
+            self.values.clone(),
+        )
+        .map_err(|e| Error::Internal(e.to_string()))
+    }
 }
 
 /// The `visitors` lists of the cells `[start, end)`.
@@ -192,24 +207,13 @@ pub(crate) fn write_sketches(path: &Path, urls: &[String], s: &SketchData) -> Re
         Field::new("day", DataType::Int64, false),
         Field::new("sketch", DataType::Binary, false),
     ]));
-    let values: ArrayRef = Arc::new(StringArray::from_iter_values(urls.iter()));
-    let mut keys: Vec<i32> = Vec::with_capacity(s.days.len());
-    for u in 0..urls.len() {
-        keys.extend(std::iter::repeat_n(
-            u as i32,
-            s.offsets[u + 1] - s.offsets[u],
-        ));
-    }
+    let urls = UrlColumn::new(urls.iter(), &s.offsets);
     write_parquet(path, schema.clone(), |sink| {
         let n = s.days.len();
         let mut start = 0;
         while start < n {
             let end = (start + ROWS_PER_BATCH / 4).min(n);
-            let url = DictionaryArray::<Int32Type>::try_new(
-                Int32Array::from(keys[start..end].to_vec()),
-                values.clone(),
-            )
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            let url = urls.rows(start, end)?;
             let bytes: Vec<Vec<u8>> = s.sketches[start..end]
                 .iter()
                 .map(|k| k.to_bytes())

@@ -905,7 +905,7 @@ mod runner {
         }
     }
 
-    /// Issue 13's property: for random sequences of ingest, seals, compactions, deletion
+    /// Incremental == full: for random sequences of ingest, seals, compactions, deletion
     /// requests and runs, every incremental run publishes exactly the view a full recompute
     /// publishes at the same cutoff (same files, byte for byte).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,7 +54,7 @@ pub const CATALOGUE: &[MetricDef] = &[
     MetricDef::counter(REDIS_ERRORS, "Failed speed-layer attempts (Redis unreachable, timeouts), each followed by a backoff."),
     MetricDef::counter(SPEED_APPLIES, "Speed-layer applies committed."),
     MetricDef::counter(SPEED_EVENTS_APPLIED, "Events the speed layer applied (each once)."),
-    MetricDef::counter(SPEED_REBUILDS, "Speed-layer rebuilds from the master dataset (Redis had lost its state)."),
+    MetricDef::counter(SPEED_REBUILDS, "Speed-layer rebuilds from the master dataset (Redis held no usable state: a first start, a lost Redis, another dataset or layout)."),
     MetricDef::counter(SPEED_COLLECTIONS, "Speed-layer epoch collections considered."),
     MetricDef::counter(SPEED_RESYNCS, "Times Redis was rewritten from the mirror (it had lost or changed what tally wrote)."),
     MetricDef::gauge(REDIS_LAG_EVENTS, "Events in the mirror not yet written to Redis."),
