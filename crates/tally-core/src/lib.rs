@@ -6,6 +6,7 @@ pub mod error;
 pub mod event;
 pub mod hash;
 pub mod metrics;
+pub mod priority;
 pub mod seq;
 pub mod sketch;
 pub mod sync;

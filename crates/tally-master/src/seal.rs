@@ -35,29 +35,12 @@ pub(crate) enum SealerCmd {
     Stop,
 }
 
-/// The sealer's nice value. Sealing is background work with slack (a closed segment is durable
+/// How far the sealer's nice value is above the process's. Sealing is background work with slack (a closed segment is durable
 /// in the WAL until its Parquet file is), while ingestion, the speed applier and queries are
 /// what clients wait for: on saturated cores, a million-event file took a core for ~2.4 s and
 /// the applier fell ~100 000 events behind for that long. At nice 10 the kernel's scheduler gives
 /// the sealer about a tenth of a contended core's time and all of an idle one.
 const SEALER_NICE: i32 = 10;
-
-/// Lowers the calling thread's scheduling priority to `nice` (Linux, where the nice value is
-/// per thread; elsewhere nothing). A failure only costs latency, so it is logged, not returned.
-fn lower_thread_priority(nice: i32) {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: `setpriority` reads its three integer arguments and touches no memory of
-        // ours; `who = 0` names the calling thread on Linux.
-        #[allow(unsafe_code)]
-        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-        if r != 0 {
-            tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower the sealer thread's priority");
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = nice;
-}
 
 pub(crate) struct Sealer {
     pub(crate) shared: Arc<Shared>,
@@ -69,7 +52,12 @@ pub(crate) struct Sealer {
 
 impl Sealer {
     pub(crate) fn run(mut self, rx: Receiver<SealerCmd>) {
-        lower_thread_priority(SEALER_NICE);
+        // Held for the thread's life. A failure only costs latency: logged, not returned.
+        let _priority = tally_core::priority::Priority::adjust(SEALER_NICE)
+            .inspect_err(|error| {
+                tracing::warn!(nice = SEALER_NICE, %error, "could not lower the sealer thread's priority");
+            })
+            .ok();
         let mut failing = false;
         loop {
             let timeout = if failing {

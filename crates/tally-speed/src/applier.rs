@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::aggregate::{aggregate, epoch_of, EpochDelta, UrlDelta};
 use crate::keys::{instance_marker, marker_is_ours, rewriting_marker, Keys};
 use crate::mirror::{Mirror, UrlUpdate};
-use crate::priority::Priority;
+use crate::priority::applier_priority;
 use crate::replica::{self, Pending, PendingEpoch, WriteOutcome};
 use crate::store::{LoadedEpoch, Store};
 use crate::{Counters, Error, Result, Shared, SpeedConfig};
@@ -579,7 +579,7 @@ impl Applier {
             events,
             started,
             task: tokio::task::spawn_blocking(move || {
-                let _priority = Priority::adjust(nice);
+                let _priority = applier_priority(nice);
                 apply_to_mirror(&shared, &deltas, &queue)
             }),
         });
@@ -898,7 +898,7 @@ impl Applier {
         self.read_ahead = Some(ReadAhead {
             after,
             task: tokio::task::spawn_blocking(move || {
-                let _priority = Priority::adjust(nice);
+                let _priority = applier_priority(nice);
                 match master.tail_after(after, max) {
                     Tail::Events(v) => take_events(&master, &shared, &v, floor),
                     _ => None,
@@ -950,7 +950,7 @@ impl Applier {
         let shared = self.shared.clone();
         let nice = self.cfg.applier_nice;
         let deltas = tokio::task::spawn_blocking(move || -> Result<Vec<EpochDelta>> {
-            let _priority = Priority::adjust(nice);
+            let _priority = applier_priority(nice);
             let events = master.read_range(after, through)?;
             file_recent(&shared, &events);
             let epochs = live_epochs(&master, floor);
