@@ -233,7 +233,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_logged(cmd, out_path, time_path=None, env=None):
+def run_logged(cmd, out_path, time_path=None):
     """Runs cmd (a list), its stdout to out_path and stderr; with time_path under
     `/usr/bin/time -v` (peak RSS) whose report goes there. Returns the stdout lines as JSON
     objects (lines that are not JSON are skipped)."""
@@ -241,7 +241,7 @@ def run_logged(cmd, out_path, time_path=None, env=None):
     if time_path:
         cmd = ["/usr/bin/time", "-v", "-o", str(time_path), *cmd]
     with open(out_path, "w") as out:
-        p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, text=True, env=env)
+        p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, text=True)
         for line in p.stdout:
             out.write(line)
             sys.stderr.write(line)
