@@ -48,10 +48,44 @@ impl UrlDelta {
         }
     }
 
+    /// Appends `other`'s views and visitors (not its direct part): a sum of deltas, in no
+    /// order until [`UrlDelta::settle`].
+    fn gather(&mut self, other: &UrlDelta) {
+        self.cells.extend_from_slice(&other.cells);
+        self.total += other.total;
+        self.visitors.extend_from_slice(&other.visitors);
+    }
+
+    /// Puts what [`UrlDelta::gather`] appended in order: cells ascending, one entry each;
+    /// visitors ascending and distinct.
+    fn settle(&mut self) {
+        self.cells.sort_unstable_by_key(|c| c.0);
+        self.cells.dedup_by(|next, kept| {
+            let same = next.0 == kept.0;
+            if same {
+                kept.1 += next.1;
+            }
+            same
+        });
+        self.visitors.sort_unstable();
+        self.visitors.dedup();
+    }
+
     /// The direct views of this URL delta: `direct` when some views were referred, else all.
     pub(crate) fn direct_part(&self) -> &UrlDelta {
         self.direct.as_deref().unwrap_or(self)
     }
+}
+
+/// The increments of one site in one epoch: what `crate::mirror::SiteCounts` adds up, summed
+/// here over the batch's URLs and source keys of the site (see [`site_deltas`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SiteDelta {
+    /// Its URLs' views and visitors.
+    pub(crate) all: UrlDelta,
+    /// Campaign key (`tally_core::dims::write_campaign_key`) → the views of that campaign:
+    /// the direct views of its URLs, and the views of its source keys.
+    pub(crate) campaigns: FastMap<String, UrlDelta>,
 }
 
 /// The increments of one apply batch that fall into one epoch.
@@ -63,6 +97,56 @@ pub(crate) struct EpochDelta {
     pub(crate) first: Seq,
     pub(crate) last: Seq,
     pub(crate) urls: FastMap<String, UrlDelta>,
+    /// Host → the increments of its site: `urls` summed per site ([`site_deltas`]).
+    pub(crate) sites: FastMap<String, SiteDelta>,
+}
+
+/// The site of a URL or source key (by name) and the key's `(referrer host, url)`: the empty
+/// referrer for a URL (its direct views go to its campaign).
+pub(crate) fn site_key(name: &str) -> Option<(&str, &str, &str)> {
+    let (referrer, url) = dims::parse_source_key(name).unwrap_or(("", name));
+    Some((tally_core::url::host_of(url)?, referrer, url))
+}
+
+/// `urls` (finished) summed per site: a URL's views are its site's; its direct views, and a
+/// source key's, are a campaign's. Built with the batch, off the mirror's lock, so that the
+/// mirror adds one delta per site and campaign instead of one per URL (a site's counts span
+/// thousands of cells and visitors, and one after the other its adds stay in cache).
+pub(crate) fn site_deltas(urls: &FastMap<String, UrlDelta>) -> FastMap<String, SiteDelta> {
+    let mut sites: FastMap<String, SiteDelta> = FastMap::default();
+    let mut key = String::new();
+    for (name, u) in urls {
+        let Some((host, referrer, url)) = site_key(name) else {
+            continue;
+        };
+        let site = match sites.get_mut(host) {
+            Some(site) => site,
+            None => sites.entry(host.to_string()).or_default(),
+        };
+        let campaign = match dims::is_source_key(name) {
+            true => u,
+            false => {
+                site.all.gather(u);
+                u.direct_part()
+            }
+        };
+        if campaign.total > 0 {
+            dims::write_campaign_key(&mut key, referrer, url);
+            match site.campaigns.get_mut(key.as_str()) {
+                Some(c) => c.gather(campaign),
+                None => {
+                    let mut c = UrlDelta::default();
+                    c.gather(campaign);
+                    site.campaigns.insert(key.clone(), c);
+                }
+            }
+        }
+    }
+    for site in sites.values_mut() {
+        site.all.settle();
+        site.campaigns.values_mut().for_each(UrlDelta::settle);
+    }
+    sites
 }
 
 impl EpochDelta {
@@ -110,6 +194,7 @@ where
                 first: ev.seq,
                 last: ev.seq,
                 urls: FastMap::default(),
+                sites: FastMap::default(),
             }),
         }
         let d = out.last_mut().expect("pushed above");
@@ -160,6 +245,7 @@ where
     }
     for d in &mut out {
         d.urls.values_mut().for_each(UrlDelta::finish);
+        d.sites = site_deltas(&d.urls);
     }
     out
 }
@@ -254,6 +340,56 @@ pub(crate) mod tests {
         assert_eq!(d.urls["https://a.test/y"].direct, None);
         assert_eq!(d.urls.len(), 3);
         assert_eq!(d.events(), 6);
+    }
+
+    /// A site's delta sums its URLs' (cells coalesced, visitors distinct); its campaigns split
+    /// the same views by referrer, direct ones under the empty referrer.
+    #[test]
+    fn sites_sum_their_urls_and_split_views_by_campaign() {
+        let h = 100 * CELL_MS;
+        let mut events = vec![
+            ev(1, "https://a.test/x", h),
+            ev(2, "https://a.test/y", h),
+            ev(3, "https://a.test/y", h + CELL_MS),
+            ev(4, "https://a.test/x?utm_source=n", h),
+            ev(5, "https://b.test/", h),
+        ];
+        for e in &mut events[..3] {
+            e.event.visitor = Some("v".into());
+        }
+        events[1].event.referrer = Some("https://search.test/".into());
+        let d = &aggregate(&events, &[Seq(1)])[0];
+        assert_eq!(d.sites.len(), 2);
+        let a = &d.sites["a.test"];
+        assert_eq!(
+            (a.all.total, a.all.cells.clone()),
+            (4, vec![(100, 3), (101, 1)])
+        );
+        let v = tally_core::sketch::visitor_hash32(b"v");
+        assert_eq!(
+            a.all.visitors,
+            vec![visitor_member(100, v), visitor_member(101, v)]
+        );
+        let campaign = |referrer: &str, url: &str| {
+            let mut key = String::new();
+            dims::write_campaign_key(&mut key, referrer, url);
+            let c = &a.campaigns[&key];
+            (c.total, c.cells.clone())
+        };
+        assert_eq!(a.campaigns.len(), 3);
+        assert_eq!(
+            campaign("", "https://a.test/x"),
+            (2, vec![(100, 1), (101, 1)])
+        );
+        assert_eq!(
+            campaign("search.test", "https://a.test/y"),
+            (1, vec![(100, 1)])
+        );
+        assert_eq!(
+            campaign("", "https://a.test/x?utm_source=n"),
+            (1, vec![(100, 1)])
+        );
+        assert_eq!(d.sites["b.test"].all.total, 1);
     }
 
     #[test]

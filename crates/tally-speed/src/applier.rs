@@ -1073,6 +1073,14 @@ fn apply_to_mirror(
                 }
             }
         }
+        let sites: Vec<_> = d.sites.iter().collect();
+        for part in sites.chunks(APPLY_PART_URLS) {
+            let mut m = tally_core::sync::write(&shared.mirror);
+            let held = std::time::Instant::now();
+            m.apply_sites(d.epoch, part.iter().copied());
+            drop(m);
+            metrics::histogram!(MIRROR_WRITE_SECONDS).record(held.elapsed().as_secs_f64());
+        }
         #[cfg(test)]
         if shared.panic_next_apply.swap(false, Ordering::AcqRel) {
             panic!("injected: a batch half-added to the mirror");
@@ -1318,6 +1326,7 @@ mod tests {
                     let deltas: Vec<(u32, UrlDelta)> =
                         urls.iter().map(|u| (u.id, u.delta.clone())).collect();
                     let (names, direct) = m.apply_urls(d.epoch, urls, None).unwrap();
+                    m.apply_sites(d.epoch, &d.sites);
                     m.set_applied(d.epoch, d.last);
                     let mut pe = PendingEpoch {
                         last: d.last,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tally_core::hash::FastMap;
 use tally_core::Seq;
 
-use crate::aggregate::{EpochDelta, UrlDelta};
+use crate::aggregate::{site_key, EpochDelta, SiteDelta, UrlDelta};
 use crate::hashes::Hashes;
 use crate::keys::{split_visitor_member, visitor_member};
 use crate::rank::{BaseTotals, Ranking};
@@ -464,21 +464,16 @@ impl SiteCounts {
     /// scratch space for its name.
     fn campaign(&mut self, buf: &mut String, referrer: &str, url: &str) -> &mut UrlCounts {
         tally_core::dims::write_campaign_key(buf, referrer, url);
-        if !self.campaigns.contains_key(buf.as_str()) {
-            self.campaigns
-                .insert(Arc::from(buf.as_str()), UrlCounts::default());
-        }
-        self.campaigns
-            .get_mut(buf.as_str())
-            .expect("inserted above")
+        self.campaign_named(buf)
     }
-}
 
-/// The site of a URL or source key (by name) and the key's `(referrer host, url)`: the empty
-/// referrer for a URL (its direct views go to its campaign).
-fn site_key(name: &str) -> Option<(&str, &str, &str)> {
-    let (referrer, url) = tally_core::dims::parse_source_key(name).unwrap_or(("", name));
-    Some((tally_core::url::host_of(url)?, referrer, url))
+    /// The counts of campaign key `key`, created empty.
+    fn campaign_named(&mut self, key: &str) -> &mut UrlCounts {
+        if !self.campaigns.contains_key(key) {
+            self.campaigns.insert(Arc::from(key), UrlCounts::default());
+        }
+        self.campaigns.get_mut(key).expect("inserted above")
+    }
 }
 
 /// The direct views of a URL with referred ones ([`EpochState::direct`]).
@@ -756,6 +751,7 @@ impl Mirror {
             u.complete(self.precision, base.as_ref());
         }
         let fresh = self.apply_urls(d.epoch, urls, base.as_ref())?;
+        self.apply_sites(d.epoch, &d.sites);
         self.set_applied(d.epoch, d.last);
         Ok(fresh)
     }
@@ -763,10 +759,10 @@ impl Mirror {
     /// Adds the increments of some URLs of a delta into `epoch`; returns, per URL, whether it
     /// is new to the epoch, and its name. The applier adds a large delta in parts, each under
     /// its own short write lock, so that queries never wait long; each URL's counts change in
-    /// one step. What
-    /// needs no lock was done before ([`Mirror::prepare`], [`UrlUpdate::complete`], with
-    /// `base` the rankings' base the totals were read from): here the new names are recorded,
-    /// counts added or linked in, and the rankings offered the new totals.
+    /// one step. What needs no lock was done before ([`Mirror::prepare`],
+    /// [`UrlUpdate::complete`], with `base` the rankings' base the totals were read from): here
+    /// the new names are recorded, counts added or linked in, and the rankings offered the new
+    /// totals. The sites' counts are added apart ([`Mirror::apply_sites`]).
     pub(crate) fn apply_urls(
         &mut self,
         epoch: Seq,
@@ -795,7 +791,6 @@ impl Mirror {
             e.ahead = e.ahead.split_off(&(now_cell + 1));
         }
         let mut done = Vec::with_capacity(urls.len());
-        let mut buf = String::new();
         let mut offers = Vec::with_capacity(urls.len());
         let mut direct_writes = Vec::new();
         for u in urls {
@@ -838,25 +833,6 @@ impl Mirror {
                 }
             }
             self.dict.seen_in(u.id, epoch);
-            if let Some((host, referrer, url)) = site_key(&u.name) {
-                let site = match e.sites.get_mut(host) {
-                    Some(site) => site,
-                    None => e.sites.entry(Arc::from(host)).or_default(),
-                };
-                // A URL's views are its site's; its direct ones, and a source key's, are a
-                // campaign's.
-                let campaign = match source {
-                    true => u.delta,
-                    false => {
-                        site.all.add_delta(u.delta, self.precision);
-                        u.delta.direct_part()
-                    }
-                };
-                if campaign.total > 0 {
-                    site.campaign(&mut buf, referrer, url)
-                        .add_delta(campaign, self.precision);
-                }
-            }
             let map = if source { &mut e.sources } else { &mut e.urls };
             let total = match map.get_mut(&u.id) {
                 Some(c) => {
@@ -895,6 +871,29 @@ impl Mirror {
             }
         }
         Ok((done, direct_writes))
+    }
+
+    /// Adds the increments of some sites of a delta ([`EpochDelta::sites`]) into `epoch`: what
+    /// [`Mirror::derive_sites`] would build from the URLs that [`Mirror::apply_urls`] added.
+    pub(crate) fn apply_sites<'d>(
+        &mut self,
+        epoch: Seq,
+        sites: impl IntoIterator<Item = (&'d String, &'d SiteDelta)>,
+    ) {
+        let precision = self.precision;
+        let e = self.epochs.entry(epoch).or_default();
+        for (host, d) in sites {
+            let site = match e.sites.get_mut(host.as_str()) {
+                Some(site) => site,
+                None => e.sites.entry(Arc::from(host.as_str())).or_default(),
+            };
+            if d.all.total > 0 {
+                site.all.add_delta(&d.all, precision);
+            }
+            for (key, c) in &d.campaigns {
+                site.campaign_named(key).add_delta(c, precision);
+            }
+        }
     }
 
     /// Records that the epoch holds every event up to `last`.
@@ -2059,8 +2058,8 @@ mod tests {
 }
 
 /// How fast the applier's work on the mirror is, on traffic like the mixed benchmark's: a
-/// batch view of 700 000 URLs, Zipf traffic over 1M URLs on 1 000 hosts, batches of 2 000
-/// events. Not a test (no assertion; run it to measure):
+/// batch view of 700 000 URLs, Zipf traffic over 1M URLs on 1 000 hosts, batches of 20 000
+/// events (the default `speed.apply_batch_max`). Not a test (no assertion; run it to measure):
 /// `cargo test --release -p tally-speed --lib apply_throughput -- --ignored --nocapture`.
 #[cfg(test)]
 mod bench {
@@ -2121,9 +2120,10 @@ mod bench {
         let now = tally_core::now_ms();
         let mut seq = 0u64;
         let mut batches = Vec::new();
-        for _ in 0..3000 {
-            let mut events = Vec::with_capacity(2000);
-            for _ in 0..2000 {
+        // Batches of the default `speed.apply_batch_max`.
+        for _ in 0..300 {
+            let mut events = Vec::with_capacity(20_000);
+            for _ in 0..20_000 {
                 seq += 1;
                 // As `scripts/bench.sh mixed` sends them: 90 % in the last hour, 10 % over
                 // the last 30 days (so sites and campaigns span thousands of cells).

@@ -75,6 +75,9 @@ pub(crate) struct TopSet {
     /// `(Reverse(views), url)`: iteration order is the ranking order.
     order: BTreeSet<(Reverse<u64>, Arc<str>)>,
     views: FastMap<Arc<str>, u64>,
+    /// The views of the last member while the set is full, else 0: an offer of fewer views
+    /// is turned away without a walk down the tree or a comparison of names.
+    floor: u64,
 }
 
 impl TopSet {
@@ -84,6 +87,7 @@ impl TopSet {
             cap,
             order: BTreeSet::new(),
             views: FastMap::default(),
+            floor: 0,
         };
         for (u, v) in candidates {
             t.offer(&u, v);
@@ -93,9 +97,19 @@ impl TopSet {
 
     /// `url` now has `views` (never fewer than before).
     pub(crate) fn offer(&mut self, url: &Arc<str>, views: u64) {
-        if views == 0 {
+        // The applier offers every URL it updates; on a long tail nearly all end here.
+        if views == 0 || views < self.floor {
             return;
         }
+        self.offer_slow(url, views);
+        self.floor = match self.order.len() >= self.cap {
+            true => self.order.last().map_or(0, |(Reverse(w), _)| *w),
+            false => 0,
+        };
+    }
+
+    /// [`TopSet::offer`] of views at or above the floor.
+    fn offer_slow(&mut self, url: &Arc<str>, views: u64) {
         // Below the last member of a full set: not a member either (a member's views never
         // fall below the last one's), so no lookup. Most offers of a long tail end here.
         if self.order.len() >= self.cap
