@@ -2,14 +2,14 @@
 //! queries read) and Redis behind it, without HTTP, JSON or other load on the machine.
 //!
 //! ```text
-//! cargo run --release -p tally-speed --example apply_bench -- [--events 2000000] [--urls 1000000] [--hosts 1000]
+//! cargo run --release -p tally-speed --example apply_bench -- [--events 2000000] [--urls 1000000] [--hosts 1000] [--batch 100000]
 //! ```
 //!
 //! Events as `tests/examples/mixed.rs ingest` sends them: URLs by Zipf(1) popularity over
 //! `--urls`, spread over `--hosts`; 90% stamped now, 10% over the last 30 days; a random visitor
 //! of 1 000 000; six in ten with a referrer (one of 200 sites, by Zipf). They are appended to a
 //! master dataset in a temp dir (no fsync) in bodies of 1 000 while a private `redis-server`
-//! (`tally_e2e::TestRedis`) backs a `SpeedLayer` with the default `speed.apply_batch_max`.
+//! (`tally_e2e::TestRedis`) backs a `SpeedLayer` with `speed.apply_batch_max` = `--batch` (default: the default).
 //! Prints one JSON object: events, the append rate, and the time until the mirror and until
 //! Redis had every event (events/s each), with the applier's counters.
 
@@ -130,6 +130,7 @@ async fn main() {
     let n = arg(&args, "--events", 2_000_000) as usize;
     let n_urls = arg(&args, "--urls", 1_000_000) as usize;
     let n_hosts = arg(&args, "--hosts", 1000) as usize;
+    let batch = arg(&args, "--batch", 100_000) as usize;
     let now = tally_core::now_ms();
     let all = events(n, n_urls, n_hosts, now);
 
@@ -148,7 +149,7 @@ async fn main() {
             redis_url: redis.url(),
             key_prefix: "tally:".into(),
             gc_grace: Duration::from_secs(60),
-            apply_batch_max: 20_000,
+            apply_batch_max: batch,
             sketch_precision: 14,
             applier_nice: -10,
         },

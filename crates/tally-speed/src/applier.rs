@@ -923,9 +923,9 @@ impl Applier {
     /// The next events after `pos`, aggregated: `(through, deltas)` where every event with
     /// `pos < seq <= through` is in `deltas` (or in a forgotten epoch).
     async fn read_batch(&mut self, acked: Seq) -> Result<(Seq, Vec<EpochDelta>)> {
-        // Batches stay at `apply_batch_max` even with a backlog: adding a batch to the mirror has
-        // no per-batch round trip (Redis is written behind), and a smaller batch is visible
-        // sooner. Rebuilds read storage in larger chunks.
+        // `apply_batch_max` binds only with a backlog, where a larger batch catches up faster
+        // (a site's counts are added once per batch) and no per-batch round trip is saved by
+        // going smaller (Redis is written behind). Rebuilds read storage in larger chunks.
         let max = self.cfg.apply_batch_max.max(1);
         let floor = self.floor;
         if self.rebuild_target.is_none() {

@@ -2059,7 +2059,7 @@ mod tests {
 
 /// How fast the applier's work on the mirror is, on traffic like the mixed benchmark's: a
 /// batch view of 700 000 URLs, Zipf traffic over 1M URLs on 1 000 hosts, batches of 20 000
-/// events (the default `speed.apply_batch_max`). Not a test (no assertion; run it to measure):
+/// events. Not a test (no assertion; run it to measure):
 /// `cargo test --release -p tally-speed --lib apply_throughput -- --ignored --nocapture`.
 #[cfg(test)]
 mod bench {
@@ -2120,7 +2120,6 @@ mod bench {
         let now = tally_core::now_ms();
         let mut seq = 0u64;
         let mut batches = Vec::new();
-        // Batches of the default `speed.apply_batch_max`.
         for _ in 0..300 {
             let mut events = Vec::with_capacity(20_000);
             for _ in 0..20_000 {
