@@ -1,4 +1,4 @@
-//! Generates a master dataset and times the batch kernel per stage.
+//! Generates a master dataset and times the batch kernel per stage (`--help` for the usage).
 //!
 //! ```text
 //! cargo run --release -p tally-batch --example batch_bench -- \
@@ -49,13 +49,24 @@ struct Args {
     load_view: bool,
 }
 
+const USAGE: &str = "usage: batch_bench --dir DIR [--events N] [--urls N] [--days N] [--files N] \
+[--generate-only] [--url-dict-limit BYTES] [--reps N] [--sketch-precision P] [--no-write] \
+[--no-sketches|--only-sketches|--sources] [--incremental] [--serving]";
+
+/// Stops with `why` and the usage (exit 2): a mistyped argument is the user's, not a crash.
+fn usage_error(why: &str) -> ! {
+    eprintln!("{why}\n{USAGE}");
+    std::process::exit(2)
+}
+
 fn parse() -> Args {
+    let mut dir = None;
     let mut a = Args {
         events: 5_000_000,
         urls: 100_000,
         days: 90,
         files: 5,
-        dir: PathBuf::from("bench-data"),
+        dir: PathBuf::new(),
         generate_only: false,
         reps: 3,
         precision: 14,
@@ -74,7 +85,7 @@ fn parse() -> Args {
             "--urls" => a.urls = val().parse().expect("--urls"),
             "--days" => a.days = val().parse().expect("--days"),
             "--files" => a.files = val().parse().expect("--files"),
-            "--dir" => a.dir = PathBuf::from(val()),
+            "--dir" => dir = Some(PathBuf::from(val())),
             "--reps" => a.reps = val().parse().expect("--reps"),
             "--sketch-precision" => a.precision = val().parse().expect("--sketch-precision"),
             "--generate-only" => a.generate_only = true,
@@ -89,9 +100,15 @@ fn parse() -> Args {
             "--sources" => {
                 a.modes = vec!["counts", "sources", "counts+sketches", "sources+sketches"]
             }
-            other => panic!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            other => usage_error(&format!("unknown argument {other}")),
         }
     }
+    // No default: the run deletes and rewrites `DIR/master`.
+    a.dir = dir.unwrap_or_else(|| usage_error("--dir is required"));
     a
 }
 
