@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::{
     count_by_url, master_schemas, now_ms, poll_until, read_master, rfc3339_ms as rfc3339, Row,
-    ServerOpts, TestServer, DEADLINE, JSON, NDJSON,
+    ServerOpts, TestServer, DAY_MS, DEADLINE, JSON, NDJSON,
 };
 
 fn ndjson(events: &[Value]) -> String {
@@ -164,7 +164,7 @@ fn sixty_thousand_events_in_three_formats_land_in_parquet_exactly() {
         let mut e = json!({"url": spelling, "id": id});
         let ts = match n % 3 {
             0 => None,
-            _ => Some(start_ms - rng.random_range(0..30 * 86_400_000i64)),
+            _ => Some(start_ms - rng.random_range(0..30 * DAY_MS)),
         };
         match (n % 3, ts) {
             (1, Some(ts)) => e["ts"] = json!(rfc3339(ts)),
@@ -406,7 +406,7 @@ fn a_bad_request_is_refused_whole_and_stores_nothing() {
         NDJSON,
     );
     expect_index(code, &resp, 123, "missing url in NDJSON");
-    let future = rfc3339(now_ms() + 86_400_000);
+    let future = rfc3339(now_ms() + DAY_MS);
     let (code, resp) = server.post_events(
         Value::Array(batch(42, json!({"url": "http://a.com/", "ts": future}))).to_string(),
         JSON,

@@ -1623,7 +1623,7 @@ mod tests {
             let rows = (0..500u64)
                 .map(|i| MasterRow {
                     seq: f * 500 + i + 1,
-                    ts: 1_760_000_000_000 + rng.below(5 * 86_400_000) as i64,
+                    ts: 1_760_000_000_000 + rng.below(5 * tally_core::DAY_MS as u64) as i64,
                     url: format!("https://s{}.example/p{}", rng.below(3), rng.below(60)),
                     visitor: (rng.below(4) != 0).then(|| format!("v{}", rng.below(300))),
                     referrer: (rng.below(2) == 0)

@@ -53,7 +53,7 @@ impl Default for IngestLimits {
     fn default() -> Self {
         IngestLimits {
             max_future_ms: 5 * 60 * 1000,
-            max_age_ms: 3650 * 86_400_000,
+            max_age_ms: 3650 * crate::time::DAY_MS,
             max_batch_events: 100_000,
         }
     }
@@ -182,7 +182,9 @@ fn parse_ts(raw: Option<&RawValue>, now_ms: i64, limits: &IngestLimits) -> Resul
         return Err(EventError::TsFuture(limits.max_future_ms / 1000));
     }
     if ts < now_ms.saturating_sub(limits.max_age_ms) {
-        return Err(EventError::TsTooOld(limits.max_age_ms / 86_400_000));
+        return Err(EventError::TsTooOld(
+            limits.max_age_ms / crate::time::DAY_MS,
+        ));
     }
     Ok(ts)
 }

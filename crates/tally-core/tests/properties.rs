@@ -56,7 +56,7 @@ proptest! {
     #[test]
     fn generated_events_are_accepted_exactly(
         urls in proptest::collection::vec(url_strategy(), 1..20),
-        offsets in proptest::collection::vec(0i64..86_400_000, 1..20),
+        offsets in proptest::collection::vec(0..tally_core::DAY_MS, 1..20),
     ) {
         let items: Vec<String> = urls
             .iter()

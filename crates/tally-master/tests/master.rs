@@ -982,7 +982,7 @@ async fn forget_and_retention_rewrite_files_without_the_events_and_keep_their_na
     let dir = tempfile::tempdir().unwrap();
     let m = Master::open(cfg(dir.path())).unwrap();
     let now = tally_core::now_ms();
-    let day = 86_400_000;
+    let day = tally_core::DAY_MS;
     // Files of old events, of new ones, and of both; one visitor everywhere.
     let event = |i: u64, ts: i64| Event {
         ts,

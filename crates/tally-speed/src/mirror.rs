@@ -2127,7 +2127,7 @@ mod bench {
                 // As `scripts/bench.sh mixed` sends them: 90 % in the last hour, 10 % over
                 // the last 30 days (so sites and campaigns span thousands of cells).
                 let back = match rnd() % 10 {
-                    0 => rnd() % (30 * 86_400_000),
+                    0 => rnd() % (30 * tally_core::DAY_MS as u64),
                     _ => rnd() % 3_600_000,
                 };
                 let mut e = ev(seq, &url(rnd()), now - back as i64);
