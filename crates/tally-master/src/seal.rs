@@ -35,8 +35,8 @@ pub(crate) enum SealerCmd {
     Stop,
 }
 
-/// How far the sealer's nice value is above the process's. Sealing is background work with slack (a closed segment is durable
-/// in the WAL until its Parquet file is), while ingestion, the speed applier and queries are
+/// How far the sealer's nice value is above the process's. Sealing is background work with
+/// slack (a closed segment is durable in the WAL until its Parquet file is), while ingestion, the speed applier and queries are
 /// what clients wait for: on saturated cores, a million-event file took a core for ~2.4 s and
 /// the applier fell ~100 000 events behind for that long. At nice 10 the kernel's scheduler gives
 /// the sealer about a tenth of a contended core's time and all of an idle one.

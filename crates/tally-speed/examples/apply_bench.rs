@@ -9,7 +9,7 @@
 //! `--urls`, spread over `--hosts`; 90% stamped now, 10% over the last 30 days; a random visitor
 //! of 1 000 000; six in ten with a referrer (one of 200 sites, by Zipf). They are appended to a
 //! master dataset in a temp dir (no fsync) in bodies of 1 000 while a private `redis-server`
-//! (`tally_e2e::TestRedis`) backs a `SpeedLayer` with `speed.apply_batch_max` = `--batch` (default: the default).
+//! (`tally_e2e::TestRedis`) backs a `SpeedLayer` with `speed.apply_batch_max` = `--batch` (the config's default).
 //! Prints one JSON object: events, the append rate, and the time until the mirror and until
 //! Redis had every event (events/s each), with the applier's counters.
 

@@ -40,9 +40,7 @@ impl UrlDelta {
 
     /// Sorts what `add` and the visitor pushes left in arrival order.
     fn finish(&mut self) {
-        self.cells.sort_unstable();
-        self.visitors.sort_unstable();
-        self.visitors.dedup();
+        self.settle();
         if let Some(d) = self.direct.as_mut() {
             d.finish();
         }
@@ -56,7 +54,7 @@ impl UrlDelta {
         self.visitors.extend_from_slice(&other.visitors);
     }
 
-    /// Puts what [`UrlDelta::gather`] appended in order: cells ascending, one entry each;
+    /// Puts what `add` or [`UrlDelta::gather`] appended in order: cells ascending, one each;
     /// visitors ascending and distinct.
     fn settle(&mut self) {
         self.cells.sort_unstable_by_key(|c| c.0);

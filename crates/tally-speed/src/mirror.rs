@@ -887,9 +887,7 @@ impl Mirror {
                 Some(site) => site,
                 None => e.sites.entry(Arc::from(host.as_str())).or_default(),
             };
-            if d.all.total > 0 {
-                site.all.add_delta(&d.all, precision);
-            }
+            site.all.add_delta(&d.all, precision);
             for (key, c) in &d.campaigns {
                 site.campaign_named(key).add_delta(c, precision);
             }
