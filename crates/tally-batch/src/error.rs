@@ -33,6 +33,9 @@ pub enum Error {
     Snapshot(String),
     #[error("master dataset: {0}")]
     Master(#[from] tally_master::Error),
+    /// The cluster log could not cut the epoch (unreachable, or timed out).
+    #[error("cluster log: {0}")]
+    Log(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
     /// A bug: a blocking task panicked or was cancelled.
@@ -55,7 +58,9 @@ impl Error {
             }
             Error::NoSuchVersion(_) | Error::Invalid(_) => ErrorKind::Invalid,
             Error::Master(e) => e.kind(),
-            Error::Io { .. } | Error::Snapshot(_) | Error::Internal(_) => ErrorKind::Transient,
+            Error::Io { .. } | Error::Snapshot(_) | Error::Log(_) | Error::Internal(_) => {
+                ErrorKind::Transient
+            }
         }
     }
 

@@ -26,8 +26,8 @@ pub use kernel::{
 };
 pub use partials::PartialCache;
 pub use runner::{
-    BatchRunner, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig, RunningInfo,
-    StageTimings, StartedRun, Trigger,
+    BatchRunner, EpochCut, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig,
+    RunningInfo, StageTimings, StartedRun, Trigger,
 };
 pub use sketch::{relative_error, visitor_hash, VisitorSketch};
 pub use sources::{CampaignCount, SourceCount};

@@ -179,9 +179,34 @@ pub struct StartedRun {
     pub handle: tokio::task::JoinHandle<Result<RunOutcome, RunError>>,
 }
 
+/// Where a run's cutoff comes from. One node: the WAL writer cuts at the last `seq` it gave
+/// ([`Master::cut_epoch`]). Cluster mode: a cut marker published to the log, whose position is
+/// the cutoff every node sees (tally-log).
+pub trait EpochCut: Send + Sync {
+    /// Cuts the open epoch and returns the cutoff `C`: every event at or below it is in the
+    /// master dataset's WAL or files when this returns, and none above it ever will be.
+    fn cut<'a>(
+        &'a self,
+        master: &'a Master,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::Result<Seq>> + Send + 'a>>;
+}
+
+/// The single node's cut: the WAL writer's.
+struct WalCut;
+
+impl EpochCut for WalCut {
+    fn cut<'a>(
+        &'a self,
+        master: &'a Master,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::Result<Seq>> + Send + 'a>> {
+        Box::pin(async move { Ok(master.cut_epoch().await?) })
+    }
+}
+
 struct Inner {
     store: ViewStore,
     master: Master,
+    cut: Box<dyn EpochCut>,
     cfg: RunnerConfig,
     running: Mutex<Option<RunningInfo>>,
     history: Mutex<Vec<HistoryEntry>>,
@@ -213,11 +238,22 @@ impl BatchRunner {
     /// A runner over `store` and `master`. Loads the persisted history (an unreadable history
     /// is logged and started afresh).
     pub fn new(store: ViewStore, master: Master, cfg: RunnerConfig) -> BatchRunner {
+        Self::with_cut(store, master, cfg, Box::new(WalCut))
+    }
+
+    /// A runner whose runs take their cutoff from `cut` (cluster mode: a marker in the log).
+    pub fn with_cut(
+        store: ViewStore,
+        master: Master,
+        cfg: RunnerConfig,
+        cut: Box<dyn EpochCut>,
+    ) -> BatchRunner {
         let history = load_history(&store.root().join(HISTORY_FILE));
         BatchRunner {
             inner: Arc::new(Inner {
                 store,
                 master,
+                cut,
                 cfg,
                 running: Mutex::new(None),
                 history: Mutex::new(history),
@@ -380,7 +416,7 @@ impl BatchRunner {
     async fn stages(&self, info: &RunningInfo) -> Result<RunOutcome, Error> {
         let t0 = Instant::now();
         let master = &self.inner.master;
-        let cutoff = master.cut_epoch().await?;
+        let cutoff = self.inner.cut.cut(master).await?;
         let sealed = master.seal().await?;
         if sealed < cutoff {
             return Err(Error::Snapshot(format!(

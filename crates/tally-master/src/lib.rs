@@ -51,6 +51,7 @@ pub use parquet_io::{
 pub use paths::{
     list_master_files, master_file_name, parse_master_file_name, EPOCHS_FILE, MASTER_DIR, WAL_DIR,
 };
+pub use wal::{decode_events, encode_events};
 
 use epochs::Epochs;
 use paths::DataPaths;
@@ -85,6 +86,10 @@ pub enum Error {
     /// process restarts (which replays the WAL: nothing acknowledged is lost).
     #[error("the {0} thread stopped; restart tally")]
     ThreadStopped(&'static str),
+    /// The log delivered a cut marker behind events already appended: a bug or a log that
+    /// lost order; nothing is changed.
+    #[error("out of order: {0}")]
+    OutOfOrder(String),
     /// A WAL record with a bad checksum that is not the torn tail.
     #[error("corrupt WAL record in {file} at offset {offset}: {reason}")]
     CorruptWal {
@@ -113,9 +118,10 @@ impl Error {
     pub fn kind(&self) -> tally_core::error::ErrorKind {
         use tally_core::error::ErrorKind;
         match self {
-            Error::CorruptWal { .. } | Error::Parquet { .. } | Error::Schema { .. } => {
-                ErrorKind::Corrupt
-            }
+            Error::CorruptWal { .. }
+            | Error::Parquet { .. }
+            | Error::Schema { .. }
+            | Error::OutOfOrder(_) => ErrorKind::Corrupt,
             Error::Unavailable { .. }
             | Error::Closed
             | Error::ThreadStopped(_)
@@ -195,7 +201,7 @@ pub(crate) struct Shared {
     /// First seq of the open segment: every segment named below it is closed.
     pub(crate) open_first: AtomicU64,
     /// Recent acknowledged events; `acked` is stored under this lock too.
-    pub(crate) tail: Mutex<VecDeque<Arc<SeqEvent>>>,
+    pub(crate) tail: Mutex<TailBuf>,
     pub(crate) tail_capacity: usize,
     pub(crate) epochs: Epochs,
     pub(crate) watch: watch::Sender<Seq>,
@@ -209,6 +215,15 @@ pub(crate) struct Shared {
     /// Held for reading by whoever reads a snapshot's files ([`Master::pin_files`]), for
     /// writing by compaction while it deletes files.
     pub(crate) files_lock: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// The in-memory tail: every acknowledged event after `complete_after`, in `seq` order. (With
+/// `seq`s given by the cluster log, `seq`s have gaps, so the tail's first event alone does not
+/// say whether an event before it is missing.)
+#[derive(Default)]
+pub(crate) struct TailBuf {
+    pub(crate) events: VecDeque<Arc<SeqEvent>>,
+    pub(crate) complete_after: Seq,
 }
 
 /// While held, no master file is deleted (see [`Master::pin_files`]).
@@ -328,23 +343,11 @@ impl Master {
         })
     }
 
-    async fn ask_writer<T>(
+    async fn ask_writer<T: Send + 'static>(
         &self,
         cmd: impl FnOnce(oneshot::Sender<Result<T>>) -> WriterCmd,
     ) -> Result<T> {
-        if self.inner.shared.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        let (tx, rx) = oneshot::channel();
-        let gone = || {
-            if self.inner.shared.closed.load(Ordering::SeqCst) {
-                Error::Closed
-            } else {
-                Error::ThreadStopped(WAL_WRITER)
-            }
-        };
-        self.inner.writer.send(cmd(tx)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.queue_to_writer(cmd).await
     }
 
     /// The store's threads that stopped while it is open (by a panic): `"WAL writer"` (then
@@ -373,14 +376,73 @@ impl Master {
     /// Appends the events as one all-or-nothing record. Resolves after the fsync that covers
     /// them (group commit: concurrent appends share one fsync).
     pub async fn append(&self, events: Vec<Event>) -> Result<SeqRange> {
-        self.ask_writer(|reply| WriterCmd::Append { events, reply })
-            .await
+        self.ask_writer(|reply| WriterCmd::Append {
+            events,
+            at: None,
+            reply,
+        })
+        .await
+    }
+
+    /// Appends events whose `seq`s the cluster log gave: `first..first + len`. `first` must be
+    /// above every `seq` appended so far, or the append is one delivered again, which is
+    /// acknowledged without writing anything (the log redelivers after a reconnect).
+    ///
+    /// Queued to the writer when called, not when the future is first polled: calls made one
+    /// after another are written in that order, so a follower of the log can keep many in
+    /// flight (and share fsyncs) without awaiting each.
+    pub fn append_at(
+        &self,
+        first: Seq,
+        events: Vec<Event>,
+    ) -> impl std::future::Future<Output = Result<SeqRange>> + Send + 'static {
+        self.queue_to_writer(move |reply| WriterCmd::Append {
+            events,
+            at: Some(first),
+            reply,
+        })
+    }
+
+    /// Closes the open epoch at `c`, a cut marker's position in the cluster log: every event
+    /// appended so far must be at or below it. A cut already made (the marker delivered again)
+    /// returns `c` and changes nothing. Queued when called, like [`Master::append_at`].
+    pub fn cut_epoch_at(
+        &self,
+        c: Seq,
+    ) -> impl std::future::Future<Output = Result<Seq>> + Send + 'static {
+        self.queue_to_writer(move |reply| WriterCmd::CutEpoch { at: Some(c), reply })
+    }
+
+    /// Sends `cmd` to the writer now; the future resolves with its answer.
+    fn queue_to_writer<T: Send + 'static>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<T>>) -> WriterCmd,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static {
+        let shared = self.inner.shared.clone();
+        let gone = move || {
+            if shared.closed.load(Ordering::SeqCst) {
+                Error::Closed
+            } else {
+                Error::ThreadStopped(WAL_WRITER)
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let sent = if self.inner.shared.closed.load(Ordering::SeqCst) {
+            Err(Error::Closed)
+        } else {
+            self.inner.writer.send(cmd(tx)).map_err(|_| gone())
+        };
+        async move {
+            sent?;
+            rx.await.map_err(|_| gone())?
+        }
     }
 
     /// Closes the open speed-layer epoch: returns `C`, the last `seq` appended so far, and
     /// durably records that a new epoch starts at `C + 1`. Atomic with respect to appends.
     pub async fn cut_epoch(&self) -> Result<Seq> {
-        self.ask_writer(|reply| WriterCmd::CutEpoch { reply }).await
+        self.ask_writer(|reply| WriterCmd::CutEpoch { at: None, reply })
+            .await
     }
 
     /// The random id of this master dataset's history, created with it (`data_dir/dataset_id`).
@@ -426,15 +488,27 @@ impl Master {
         if after.0 >= acked {
             return Tail::Events(Vec::new());
         }
-        let want = after.0 + 1;
-        match tail.front() {
-            Some(front) if front.seq.0 <= want => {
-                let start = (want - front.seq.0) as usize;
-                let end = tail.len().min(start.saturating_add(max));
-                Tail::Events(tail.range(start..end).cloned().collect())
-            }
-            _ => Tail::Gone,
+        if after < tail.complete_after {
+            return Tail::Gone;
         }
+        let events = &tail.events;
+        // Dense `seq`s (one node): the index is the offset from the front.
+        let start = match events.front() {
+            Some(front) if after >= front.seq => {
+                let guess = (after.0 + 1 - front.seq.0) as usize;
+                if events
+                    .get(guess.wrapping_sub(1))
+                    .is_some_and(|e| e.seq == after)
+                {
+                    guess
+                } else {
+                    events.partition_point(|e| e.seq <= after)
+                }
+            }
+            _ => 0,
+        };
+        let end = events.len().min(start.saturating_add(max));
+        Tail::Events(events.range(start..end).cloned().collect())
     }
 
     /// The events with `after < seq <= through`, in `seq` order, read from the sealed files and

@@ -10,7 +10,7 @@ use tally_core::Seq;
 use crate::epochs::Epochs;
 use crate::paths::{self, io_err, DataPaths, SegmentPath};
 use crate::writer::OpenSegment;
-use crate::{wal, Error, MasterConfig, Result, SeqEvent};
+use crate::{wal, Error, MasterConfig, Result, SeqEvent, TailBuf};
 
 /// What replaying the WAL at start-up found.
 pub(crate) struct Recovered {
@@ -19,7 +19,7 @@ pub(crate) struct Recovered {
     pub(crate) closed_segments: usize,
     pub(crate) oldest_unsealed: Option<Seq>,
     pub(crate) wal_bytes: u64,
-    pub(crate) tail: VecDeque<Arc<SeqEvent>>,
+    pub(crate) tail: TailBuf,
 }
 
 pub(crate) fn recover(paths: &DataPaths, cfg: &MasterConfig, epochs: &Epochs) -> Result<Recovered> {
@@ -111,12 +111,19 @@ pub(crate) fn recover(paths: &DataPaths, cfg: &MasterConfig, epochs: &Epochs) ->
         }
         o
     });
+    // What came before the tail's first event is in files and closed segments.
+    let complete_after = tail
+        .front()
+        .map_or(Seq(next_seq - 1), |e: &Arc<SeqEvent>| Seq(e.seq.0 - 1));
     Ok(Recovered {
         next_seq,
         open,
         closed_segments,
         oldest_unsealed,
         wal_bytes,
-        tail,
+        tail: TailBuf {
+            events: tail,
+            complete_after,
+        },
     })
 }

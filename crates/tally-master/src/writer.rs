@@ -31,9 +31,13 @@ pub(crate) struct RotateInfo {
 pub(crate) enum WriterCmd {
     Append {
         events: Vec<Event>,
+        /// The `seq` of the first event when the log gave it (cluster mode); `None`: the next.
+        at: Option<Seq>,
         reply: oneshot::Sender<Result<SeqRange>>,
     },
     CutEpoch {
+        /// The cutoff when the log gave it (a cut marker's position); `None`: the last `seq`.
+        at: Option<Seq>,
         reply: oneshot::Sender<Result<Seq>>,
     },
     Rotate {
@@ -75,7 +79,7 @@ pub(crate) struct Writer {
 /// their files instead (bounds the memory a slow disk can pin).
 const MAX_HANDED_OVER: usize = 4 << 20;
 
-type Pending = Vec<(Vec<Event>, oneshot::Sender<Result<SeqRange>>)>;
+type Pending = Vec<(Vec<Event>, Option<Seq>, oneshot::Sender<Result<SeqRange>>)>;
 
 impl Writer {
     pub(crate) fn run(mut self, rx: Receiver<WriterCmd>) {
@@ -94,9 +98,9 @@ impl Writer {
             let mut stop = false;
             while let Some(cmd) = next.take() {
                 match cmd {
-                    WriterCmd::Append { events, reply } => {
+                    WriterCmd::Append { events, at, reply } => {
                         group_events += events.len();
-                        pending.push((events, reply));
+                        pending.push((events, at, reply));
                         if group_events >= MAX_GROUP_EVENTS {
                             self.commit(&mut pending);
                             group_events = 0;
@@ -141,9 +145,20 @@ impl Writer {
     fn control(&mut self, cmd: WriterCmd) -> bool {
         match cmd {
             WriterCmd::Append { .. } => unreachable!("appends are grouped"),
-            WriterCmd::CutEpoch { reply } => {
-                let c = Seq(self.next_seq - 1);
-                let _ = reply.send(self.shared.epochs.cut(c));
+            WriterCmd::CutEpoch { at, reply } => {
+                let last = Seq(self.next_seq - 1);
+                let result = match at {
+                    None => self.shared.epochs.cut(last),
+                    // A marker the log delivers again is a cut already made.
+                    Some(c) if c < last && self.shared.epochs.last_start() > c => Ok(c),
+                    Some(c) if c < last => Err(Error::OutOfOrder(format!(
+                        "a cut at seq {c} arrived after seq {last} was appended"
+                    ))),
+                    Some(c) => self.shared.epochs.cut(c).inspect(|_| {
+                        self.next_seq = c.0 + 1;
+                    }),
+                };
+                let _ = reply.send(result);
                 false
             }
             WriterCmd::Rotate { reply } => {
@@ -290,7 +305,7 @@ impl Writer {
             tracing::warn!(error = %e, "wal unavailable");
             let what = format!("wal segment in {}", self.shared.paths.wal.display());
             let source = std::sync::Arc::new(e);
-            for (_, reply) in pending.drain(..) {
+            for (_, _, reply) in pending.drain(..) {
                 let _ = reply.send(Err(Error::Unavailable {
                     what: what.clone(),
                     source: source.clone(),
@@ -301,25 +316,39 @@ impl Writer {
         let start = self.next_seq;
         self.buf.clear();
         let mut ranges = Vec::with_capacity(pending.len());
-        for (events, _) in pending.iter() {
-            let first = self.next_seq;
+        let mut written = 0u64;
+        for (events, at, _) in pending.iter_mut() {
+            let first = match *at {
+                // Delivered again by the log: already written, acknowledged as it was.
+                Some(at) if at.0 < self.next_seq => {
+                    ranges.push(Some(SeqRange {
+                        first: at,
+                        last: Seq(at.0 + (events.len() as u64).max(1) - 1),
+                    }));
+                    events.clear();
+                    continue;
+                }
+                Some(at) => at.0,
+                None => self.next_seq,
+            };
             if !events.is_empty() {
                 wal::encode_record(&mut self.buf, Seq(first), events);
-                self.next_seq += events.len() as u64;
+                self.next_seq = first + events.len() as u64;
+                written += events.len() as u64;
             }
-            ranges.push(SeqRange {
+            ranges.push(Some(SeqRange {
                 first: Seq(first),
-                last: Seq(self.next_seq - 1),
-            });
+                last: Seq(first.max(self.next_seq) - 1),
+            }));
         }
+        let ranges: Vec<SeqRange> = ranges.into_iter().flatten().collect();
         if self.buf.is_empty() {
-            for ((_, reply), r) in pending.drain(..).zip(ranges) {
+            for ((_, _, reply), r) in pending.drain(..).zip(ranges) {
                 let _ = reply.send(Ok(r));
             }
             return;
         }
-        metrics::histogram!(crate::metrics::WAL_GROUP_EVENTS)
-            .record((self.next_seq - start) as f64);
+        metrics::histogram!(crate::metrics::WAL_GROUP_EVENTS).record(written as f64);
         metrics::histogram!(crate::metrics::WAL_GROUP_REQUESTS).record(pending.len() as f64);
         if let Err(e) = self.write_group() {
             metrics::counter!(crate::metrics::WAL_WRITE_ERRORS).increment(1);
@@ -334,7 +363,7 @@ impl Writer {
             if let Err(e) = self.repair() {
                 tracing::warn!(error = %e, "could not truncate the wal segment; will retry");
             }
-            for (_, reply) in pending.drain(..) {
+            for (_, _, reply) in pending.drain(..) {
                 let _ = reply.send(Err(Error::Unavailable {
                     what: what.clone(),
                     source: source.clone(),
@@ -344,7 +373,7 @@ impl Writer {
         }
         let s = self.seg.as_mut().expect("segment ensured");
         s.len += self.buf.len() as u64;
-        s.events += self.next_seq - start;
+        s.events += written;
         s.since.get_or_insert_with(Instant::now);
         self.shared
             .wal_bytes
@@ -357,10 +386,9 @@ impl Writer {
         let mut replies = Vec::with_capacity(pending.len());
         {
             let mut tail = tally_core::sync::lock(&self.shared.tail);
-            let total = (self.next_seq - start) as usize;
             // Only the last `cap` events of a huge group fit the tail.
-            let mut skip = total.saturating_sub(cap);
-            for ((events, reply), r) in pending.drain(..).zip(ranges) {
+            let mut skip = (written as usize).saturating_sub(cap);
+            for ((events, _, reply), r) in pending.drain(..).zip(ranges) {
                 for (i, event) in events.into_iter().enumerate() {
                     let seq = Seq(r.first.0 + i as u64);
                     let e = Arc::new(SeqEvent { seq, event });
@@ -369,14 +397,17 @@ impl Writer {
                     }
                     if skip > 0 {
                         skip -= 1;
+                        tail.complete_after = seq;
                     } else {
-                        tail.push_back(e);
+                        tail.events.push_back(e);
                     }
                 }
                 replies.push((reply, r));
             }
-            while tail.len() > cap {
-                tail.pop_front();
+            while tail.events.len() > cap {
+                if let Some(e) = tail.events.pop_front() {
+                    tail.complete_after = e.seq;
+                }
             }
             self.shared.acked.store(acked.0, Ordering::SeqCst);
         }
@@ -397,7 +428,7 @@ impl Writer {
 fn reject(cmd: WriterCmd) {
     match cmd {
         WriterCmd::Append { reply, .. } => drop(reply.send(Err(Error::Closed))),
-        WriterCmd::CutEpoch { reply } => drop(reply.send(Err(Error::Closed))),
+        WriterCmd::CutEpoch { reply, .. } => drop(reply.send(Err(Error::Closed))),
         WriterCmd::Rotate { reply } => drop(reply.send(Err(Error::Closed))),
         WriterCmd::Shutdown { reply } => drop(reply.send(Ok(()))),
     }

@@ -1059,3 +1059,114 @@ async fn forget_and_retention_rewrite_files_without_the_events_and_keep_their_na
     assert_eq!(m.append(evs(0..1)).await.unwrap().first, Seq(301));
     m.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// seqs given by the cluster log: gaps, redelivery, cuts at markers
+
+fn tail_seqs(m: &Master, after: u64, max: usize) -> Option<Vec<u64>> {
+    match m.tail_after(Seq(after), max) {
+        Tail::Events(e) => Some(e.iter().map(|e| e.seq.0).collect()),
+        Tail::Gone => None,
+    }
+}
+
+#[tokio::test]
+async fn log_given_seqs_with_gaps_are_kept_across_redelivery_cuts_sealing_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    // Queued one after another without awaiting: written in that order.
+    let a = m.append_at(Seq(100), evs(0..3));
+    let b = m.append_at(Seq(200), evs(3..5));
+    let again = m.append_at(Seq(100), evs(0..3));
+    let cut = m.cut_epoch_at(Seq(300));
+    assert_eq!(
+        a.await.unwrap(),
+        SeqRange {
+            first: Seq(100),
+            last: Seq(102)
+        }
+    );
+    assert_eq!(b.await.unwrap().last, Seq(201));
+    // Delivered again: acknowledged, nothing written.
+    assert_eq!(again.await.unwrap().first, Seq(100));
+    assert_eq!(cut.await.unwrap(), Seq(300));
+    assert_eq!(m.epochs(), vec![Seq(1), Seq(301)]);
+    // The marker delivered again changes nothing.
+    assert_eq!(m.cut_epoch_at(Seq(300)).await.unwrap(), Seq(300));
+    assert_eq!(m.epochs(), vec![Seq(1), Seq(301)]);
+    m.append_at(Seq(400), evs(5..6)).await.unwrap();
+    // A cut behind what was appended is refused, as corruption of the log's order.
+    let late = m.cut_epoch_at(Seq(350)).await.unwrap_err();
+    assert!(matches!(late, Error::OutOfOrder(_)), "{late}");
+    assert_eq!(m.acked_seq(), Seq(400));
+
+    // The tail finds the event after any seq, across the gaps.
+    assert_eq!(
+        tail_seqs(&m, 0, 10).unwrap(),
+        vec![100, 101, 102, 200, 201, 400]
+    );
+    assert_eq!(tail_seqs(&m, 102, 10).unwrap(), vec![200, 201, 400]);
+    assert_eq!(tail_seqs(&m, 150, 2).unwrap(), vec![200, 201]);
+    assert_eq!(tail_seqs(&m, 201, 10).unwrap(), vec![400]);
+    assert_eq!(tail_seqs(&m, 400, 10).unwrap(), Vec::<u64>::new());
+
+    // Sealed through the cut, then the rest replayed from the WAL after a restart.
+    assert!(m.seal().await.unwrap() >= Seq(300));
+    m.append_at(Seq(500), evs(6..8)).await.unwrap();
+    m.close_unsealed().await;
+    let m = Master::open(cfg(dir.path())).unwrap();
+    assert_eq!(m.acked_seq(), Seq(501));
+    assert_eq!(m.epochs(), vec![Seq(1), Seq(301)]);
+    let all = m.read_range(Seq(0), Seq(1000)).unwrap();
+    assert_eq!(seqs(&all), vec![100, 101, 102, 200, 201, 400, 500, 501]);
+    assert_eq!(all[5].event, ev(5));
+    // Before the replayed tail's first event the tail cannot say what is missing: storage does.
+    assert_eq!(tail_seqs(&m, 0, 10), None);
+    assert_eq!(tail_seqs(&m, 499, 10).unwrap(), vec![500, 501]);
+    // Redelivered after the restart: still nothing written twice.
+    m.append_at(Seq(400), evs(5..6)).await.unwrap();
+    m.append_at(Seq(600), evs(8..9)).await.unwrap();
+    let all = m.read_range(Seq(0), Seq(1000)).unwrap();
+    assert_eq!(
+        seqs(&all),
+        vec![100, 101, 102, 200, 201, 400, 500, 501, 600]
+    );
+    m.seal().await.unwrap();
+    let files = m.snapshot().unwrap();
+    let held: u64 = files
+        .iter()
+        .map(|f| read_master_seqs(&f.path).len() as u64)
+        .sum();
+    assert_eq!(held, 9);
+    m.shutdown().await.unwrap();
+}
+
+fn read_master_seqs(path: &Path) -> Vec<u64> {
+    let file = fs::File::open(path).unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let col = batch.column_by_name("seq").unwrap();
+        let col = col.as_any().downcast_ref::<UInt64Array>().unwrap();
+        out.extend(col.values().iter().copied());
+    }
+    out
+}
+
+#[test]
+fn events_encoded_for_the_log_decode_to_themselves_and_damage_is_refused() {
+    let events = evs(0..20);
+    let bytes = tally_master::encode_events(&events);
+    assert_eq!(tally_master::decode_events(&bytes).unwrap(), events);
+    for i in [0, 5, 9, bytes.len() / 2, bytes.len() - 1] {
+        let mut bad = bytes.clone();
+        bad[i] ^= 0x40;
+        assert_eq!(tally_master::decode_events(&bad), None, "flipped byte {i}");
+    }
+    assert_eq!(tally_master::decode_events(&bytes[..bytes.len() - 1]), None);
+    assert_eq!(tally_master::decode_events(b""), None);
+}
