@@ -60,6 +60,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
 fi
 redis-server --version
+# Cluster mode's tests start a private nats-server with JetStream (Debian's package).
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    apt_install nats-server
+fi
+"$(command -v nats-server || echo /usr/sbin/nats-server)" --version
 install_dashboard_deps
 node --version
 /usr/bin/chromium --version

@@ -6,6 +6,8 @@
 //!   told otherwise) its own [`TestRedis`], reads the address from the first line of stdout, keeps
 //!   the process output in a log file and prints it when the test fails, kills the process on
 //!   `Drop`.
+//! - [`TestNats`] starts a `nats-server -js` on a free loopback port with its store in its own
+//!   temporary directory (never the machine's NATS on 4222), for cluster mode's log.
 //! - [`read_master`] reads every row of `master/**/*.parquet` with the parquet crate.
 //! - [`Model`] (module `model`) is the reference model of acknowledged events the query tests
 //!   compare the server against, with the helpers that send events and assert the answers.
@@ -22,10 +24,12 @@ pub mod bench;
 pub mod browser;
 mod files;
 mod model;
+mod nats;
 mod redis;
 mod server;
 pub use files::*;
 pub use model::*;
+pub use nats::*;
 pub use redis::*;
 pub use server::*;
 

@@ -17,6 +17,26 @@ pub(crate) async fn flush(State(state): State<AppState>) -> ApiResult<Json<Value
 
 pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
     let m = state.master.status();
+    let cluster = match &state.log {
+        None => Value::Null,
+        Some(log) => {
+            let last = log.last_seq().await.ok();
+            if let Some(last) = last {
+                metrics::gauge!(tally_log::metrics::LOG_LAST_SEQ).set(last as f64);
+            }
+            json!({
+                "node_id": log.node_id(),
+                "leases": [],
+                "log": {
+                    "connected": log.connected(),
+                    "last_seq": last,
+                    "followed_seq": log.followed(),
+                    "archived_seq": tally_log::stream_seq_of(m.sealed_seq),
+                    "failure": log.failure(),
+                },
+            })
+        }
+    };
     let view = state.views.current();
     let epochs: Vec<Value> = state
         .speed
@@ -39,6 +59,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
         "master_files": m.master_files,
         "stopped_threads": state.master.stopped_threads(),
         "uptime_s": state.started.elapsed().as_secs(),
+        "cluster": cluster,
     }))
 }
 
@@ -60,6 +81,13 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
         reasons.push("redis is unreachable".into());
     } else if !state.speed.available() {
         reasons.push("the speed layer is rebuilding".into());
+    }
+    if let Some(log) = &state.log {
+        if let Some(why) = log.failure() {
+            reasons.push(format!("this node stopped following the log: {why}"));
+        } else if !log.connected() {
+            reasons.push("NATS (the log) is unreachable".into());
+        }
     }
     for t in state.master.stopped_threads() {
         reasons.push(format!("the {t} thread stopped; restart tally"));

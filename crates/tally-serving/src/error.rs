@@ -115,4 +115,15 @@ impl From<tally_master::Error> for ApiError {
     }
 }
 
+impl From<tally_log::Error> for ApiError {
+    fn from(e: tally_log::Error) -> Self {
+        match e.kind() {
+            tally_core::error::ErrorKind::Transient => ApiError::Unavailable(format!(
+                "Events could not be stored in the log right now ({e}); retry later."
+            )),
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -41,7 +41,7 @@ pub(crate) async fn post_events(
     };
     let accepted = events.len();
     if accepted > 0 {
-        state.master.append(events).await?;
+        state.append(events).await?;
         metrics::counter!(crate::metrics::EVENTS_ACCEPTED).increment(accepted as u64);
     }
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))))

@@ -179,7 +179,7 @@ async fn accept(
         id: None,
         received_at: now,
     };
-    state.master.append(vec![event]).await?;
+    state.append(vec![event]).await?;
     Ok(Outcome::Stored)
 }
 

@@ -30,6 +30,8 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub master: Master,
+    /// Cluster mode's log; `None`: one node, events go to the WAL.
+    pub log: Option<tally_log::Log>,
     pub speed: SpeedLayer,
     pub views: Arc<ViewManager>,
     pub runner: BatchRunner,
@@ -80,6 +82,8 @@ pub struct ServingConfig {
     pub salt_path: PathBuf,
     /// `query.result_cache`.
     pub result_cache: bool,
+    /// Cluster mode's log (`queue.url`): events are published there, not appended to the WAL.
+    pub log: Option<tally_log::Log>,
 }
 
 impl std::ops::Deref for AppState {
@@ -90,6 +94,20 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// Makes a request's events durable, all or nothing: in the local WAL, or (cluster mode) as
+    /// one message in the log. Resolves once they are; then the request is answered `202`.
+    pub async fn append(&self, events: Vec<tally_core::Event>) -> crate::error::ApiResult<()> {
+        match &self.log {
+            None => {
+                self.master.append(events).await?;
+            }
+            Some(log) => {
+                log.publish(&events).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The one way to build the state, for the server and the tests alike. Call
     /// [`ViewManager::refresh`] (`state.views.refresh()`) before serving, to load the view.
     pub fn new(
@@ -106,6 +124,7 @@ impl AppState {
         ));
         AppState(Arc::new(Inner {
             master,
+            log: cfg.log,
             speed,
             views,
             runner,

@@ -66,6 +66,7 @@ async fn state(dir: &std::path::Path) -> AppState {
             trusted_proxies: Default::default(),
             salt_path: dir.join("salt.json"),
             result_cache: true,
+            log: None,
         },
         Box::new(String::new),
     )

@@ -14,7 +14,8 @@ use serde::{Deserialize, Deserializer};
 pub(crate) const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
 
 const SECTIONS: &[&str] = &[
-    "http", "storage", "ingest", "redis", "speed", "batch", "uniques", "query", "auth", "log",
+    "http", "storage", "ingest", "queue", "cluster", "redis", "speed", "batch", "uniques", "query",
+    "auth", "log",
 ];
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -23,6 +24,8 @@ pub(crate) struct Config {
     pub(crate) http: HttpConfig,
     pub(crate) storage: StorageConfig,
     pub(crate) ingest: IngestConfig,
+    pub(crate) queue: QueueConfig,
+    pub(crate) cluster: ClusterConfig,
     pub(crate) redis: RedisConfig,
     pub(crate) speed: SpeedConfig,
     pub(crate) batch: BatchConfig,
@@ -88,6 +91,44 @@ pub(crate) struct IngestConfig {
     pub(crate) seal_interval: Duration,
     pub(crate) seal_max_events: usize,
     pub(crate) fsync: bool,
+}
+
+/// Cluster mode's log (`queue.url` empty: the local WAL).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueueConfig {
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) url: String,
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) stream: String,
+    pub(crate) replicas: usize,
+    #[serde(with = "humantime_serde")]
+    pub(crate) max_age: Duration,
+    pub(crate) max_bytes: i64,
+    #[serde(with = "humantime_serde")]
+    pub(crate) publish_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClusterConfig {
+    #[serde(deserialize_with = "string_or_number")]
+    pub(crate) node_id: String,
+}
+
+impl QueueConfig {
+    /// The log's settings when cluster mode is on (`node_id` filled in by the caller).
+    pub(crate) fn log(&self) -> Option<tally_log::LogConfig> {
+        (!self.url.trim().is_empty()).then(|| tally_log::LogConfig {
+            url: self.url.trim().to_string(),
+            stream: self.stream.clone(),
+            replicas: self.replicas,
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+            publish_timeout: self.publish_timeout,
+            node_id: String::new(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -248,6 +289,39 @@ impl Config {
         }
         if self.batch.keep_versions == 0 {
             bail!("batch.keep_versions must be at least 1");
+        }
+        if self.queue.log().is_some() {
+            let q = &self.queue;
+            if !q.url.split(',').all(|u| u.trim().starts_with("nats://")) {
+                bail!(
+                    "queue.url must be nats://host:port[,nats://host:port…], not {:?}",
+                    q.url
+                );
+            }
+            let name_ok = !q.stream.is_empty()
+                && q.stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !name_ok {
+                bail!(
+                    "queue.stream must be letters, digits, '_' or '-', not {:?}",
+                    q.stream
+                );
+            }
+            if !(1..=5).contains(&q.replicas) {
+                bail!("queue.replicas must be between 1 and 5, not {}", q.replicas);
+            }
+            if self.ingest.max_batch_events > tally_log::MAX_MESSAGE_EVENTS {
+                bail!(
+                    "with queue.url set, ingest.max_batch_events must be at most {} (one request \
+                     is one log message), not {}",
+                    tally_log::MAX_MESSAGE_EVENTS,
+                    self.ingest.max_batch_events
+                );
+            }
+            if q.publish_timeout.is_zero() {
+                bail!("queue.publish_timeout must be positive");
+            }
         }
         self.storage.retention()?;
         if self.storage.compact_min_files < 2 {

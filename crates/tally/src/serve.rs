@@ -57,6 +57,7 @@ pub(crate) fn catalogue() -> impl Iterator<Item = &'static MetricDef> {
         .iter()
         .chain(tally_speed::metrics::CATALOGUE)
         .chain(tally_serving::metrics::CATALOGUE)
+        .chain(tally_log::metrics::CATALOGUE)
 }
 
 /// Installs the Prometheus recorder and describes every metric of the catalogue. Histograms
@@ -105,10 +106,33 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     let prometheus = install_metrics()?;
     let mut lock = DataDirLock::acquire(&cfg.storage.data_dir)?;
     let master = Master::open(master_config(&cfg)).context("cannot open the master dataset")?;
+    let log = match cfg.queue.log() {
+        None => None,
+        Some(mut log_cfg) => {
+            log_cfg.node_id = match cfg.cluster.node_id.trim() {
+                "" => master.dataset_id().to_string(),
+                id => id.to_string(),
+            };
+            let log = tally_log::Log::connect(log_cfg)
+                .await
+                .context("cannot set up the NATS client of queue.url")?;
+            tokio::spawn(
+                tally_log::Follower::new(log.clone(), master.clone(), cfg.storage.data_dir.clone())
+                    .run(),
+            );
+            Some(log)
+        }
+    };
+    // Each node keeps its own speed state (it follows the log into its own master dataset), so
+    // nodes sharing one Redis keep it under their own prefix.
+    let key_prefix = match &log {
+        None => cfg.redis.key_prefix.clone(),
+        Some(log) => format!("{}{}:", cfg.redis.key_prefix, log.node_id()),
+    };
     let speed = SpeedLayer::start(
         tally_speed::SpeedConfig {
             redis_url: cfg.redis.url.clone(),
-            key_prefix: cfg.redis.key_prefix.clone(),
+            key_prefix,
             gc_grace: cfg.speed.gc_grace,
             apply_batch_max: cfg.speed.apply_batch_max,
             sketch_precision: cfg.uniques.precision,
@@ -118,7 +142,15 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     )
     .await;
     let store = view_store(&cfg)?;
-    let runner = BatchRunner::new(store, master.clone(), runner_config(&cfg));
+    let runner = match &log {
+        None => BatchRunner::new(store, master.clone(), runner_config(&cfg)),
+        Some(log) => BatchRunner::with_cut(
+            store,
+            master.clone(),
+            runner_config(&cfg),
+            Box::new(tally_log::LogCut::new(log.clone())),
+        ),
+    };
     let state = AppState::new(
         master.clone(),
         speed.clone(),
@@ -144,6 +176,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
             trusted_proxies: cfg.trusted_proxies()?,
             salt_path: cfg.storage.data_dir.join("plausible_salt.json"),
             result_cache: cfg.query.result_cache,
+            log,
         },
         Box::new(move || prometheus.render()),
     );

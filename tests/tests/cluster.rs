@@ -1,0 +1,257 @@
+//! Cluster mode's log (API.md "Cluster mode", DESIGN.md "Cluster mode"): several `tally serve`
+//! nodes on one private `nats-server -js`, each following the log into its own data_dir and its
+//! own Redis. Every node answers like the model of what any node acknowledged, through batch
+//! runs started on different nodes, a node killed with `kill -9` mid-ingest, and NATS going away.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tally_e2e::{
+    assert_exact, batch_run, ingest_random, make_urls, now_ms, poll_until, read_master, seed,
+    Model, ServerOpts, TestNats, TestServer, DAY_MS, DEADLINE, JSON,
+};
+
+fn node(nats: &TestNats) -> TestServer {
+    TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_QUEUE_URL", nats.url())
+            .env("TALLY_QUEUE_PUBLISH_TIMEOUT", "2s")
+            .env("TALLY_BATCH_RETRY_BACKOFF", "100ms"),
+    )
+}
+
+fn cluster_of(node: &TestServer) -> Value {
+    let s = node.status();
+    assert!(s["cluster"].is_object(), "no cluster section: {s}");
+    s["cluster"].clone()
+}
+
+/// The stream's last sequence, as a node reports it.
+fn last_seq(node: &TestServer) -> u64 {
+    poll_until("the log's last sequence", DEADLINE, || {
+        cluster_of(node)["log"]["last_seq"].as_u64()
+    })
+}
+
+/// Waits until every node has followed the log through `last` and applied all it holds.
+fn catch_up(nodes: &[&TestServer], last: u64) {
+    for n in nodes {
+        poll_until("the node to follow the log", DEADLINE, || {
+            let c = cluster_of(n);
+            (c["log"]["followed_seq"].as_u64() >= Some(last)).then_some(())
+        });
+        n.wait_caught_up();
+    }
+}
+
+#[test]
+fn three_nodes_fed_round_robin_answer_every_query_like_the_model() {
+    let Some(nats) = TestNats::start("three_nodes_fed_round_robin") else {
+        return;
+    };
+    let nodes: Vec<TestServer> = (0..3).map(|_| node(&nats)).collect();
+    let mut rng = StdRng::seed_from_u64(seed());
+    let urls = make_urls(30, 3);
+    let mut model = Model::default();
+    for round in 0..6 {
+        for n in &nodes {
+            let k = rng.random_range(50..400);
+            ingest_random(n, &mut model, &mut rng, &urls, k);
+        }
+        // Batch runs started on different nodes: each cuts at its own marker in the log, which
+        // every node sees at the same place.
+        if round % 2 == 1 {
+            let run = batch_run(&nodes[round % 3]);
+            assert!(run["cutoff_seq"].as_u64().is_some(), "{run}");
+        }
+    }
+    let last = last_seq(&nodes[0]);
+    let all: Vec<&TestServer> = nodes.iter().collect();
+    catch_up(&all, last);
+    for (i, n) in nodes.iter().enumerate() {
+        eprintln!("node {i}");
+        assert_exact(n, &model, &mut rng, &urls);
+    }
+    // Node ids differ, and the log section says where each node is.
+    let ids: HashSet<String> = nodes
+        .iter()
+        .map(|n| cluster_of(n)["node_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+}
+
+type Sent = Vec<(String, i64, String)>;
+
+/// Posts batches of events with ids to `node` until told to stop or the node dies; returns the
+/// `(url, ts, id)` of every event that was acknowledged (`202`), and of those whose request got
+/// no answer (the node died under it: stored or not, nobody was told).
+fn post_until_stopped(
+    node_url: String,
+    stop: Arc<Mutex<bool>>,
+    tag: &'static str,
+) -> thread::JoinHandle<(Sent, Sent)> {
+    thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let mut acked = Vec::new();
+        let mut unanswered = Vec::new();
+        let now = now_ms();
+        for batch in 0u64.. {
+            if *stop.lock().unwrap() {
+                break;
+            }
+            let events: Vec<(String, i64, String)> = (0..50u64)
+                .map(|i| {
+                    let url = format!("https://k.test/p{}", (batch * 7 + i) % 13);
+                    let ts = now - ((batch * 50 + i) as i64 * 60_000) % (20 * DAY_MS);
+                    (url, ts, format!("{tag}-{batch}-{i}"))
+                })
+                .collect();
+            let body: Vec<Value> = events
+                .iter()
+                .map(|(u, ts, id)| json!({"url": u, "ts": ts, "id": id}))
+                .collect();
+            let resp = client
+                .post(format!("{node_url}/v1/events"))
+                .header("content-type", JSON)
+                .body(Value::Array(body).to_string())
+                .send();
+            match resp {
+                Ok(r) if r.status().as_u16() == 202 => acked.extend(events),
+                Ok(_) => {}
+                Err(_) => {
+                    // The node is gone.
+                    unanswered.extend(events);
+                    break;
+                }
+            }
+        }
+        (acked, unanswered)
+    })
+}
+
+#[test]
+fn a_node_killed_mid_ingest_loses_no_acknowledged_event_and_catches_up_exactly() {
+    let Some(nats) = TestNats::start("a_node_killed_mid_ingest") else {
+        return;
+    };
+    let a = node(&nats);
+    let mut b = node(&nats);
+    let stop = Arc::new(Mutex::new(false));
+    let to_a = post_until_stopped(a.base_url(), stop.clone(), "a");
+    let to_b = post_until_stopped(b.base_url(), stop.clone(), "b");
+    // Let both take some traffic, run a batch on b, then kill b while it is being written to.
+    poll_until("events acknowledged on b", DEADLINE, || {
+        (b.acked_seq() > 0).then_some(())
+    });
+    batch_run(&b);
+    b.kill9();
+    let (on_b, unanswered) = to_b.join().unwrap();
+    *stop.lock().unwrap() = true;
+    let (on_a, _) = to_a.join().unwrap();
+    assert!(!on_b.is_empty() && !on_a.is_empty());
+    let acked: HashSet<&str> = on_a.iter().chain(&on_b).map(|e| e.2.as_str()).collect();
+
+    // The survivor's master dataset holds every event either node acknowledged, once; beyond
+    // them at most the request b died under (in the log, but never answered).
+    let last = last_seq(&a);
+    catch_up(&[&a], last);
+    a.flush();
+    let rows = read_master(a.data_dir());
+    let stored: Vec<String> = rows.iter().filter_map(|r| r.id.clone()).collect();
+    let unique: HashSet<&str> = stored.iter().map(String::as_str).collect();
+    assert_eq!(
+        stored.len(),
+        unique.len(),
+        "an event is in the master twice"
+    );
+    let missing = acked.difference(&unique).count();
+    assert_eq!(
+        missing, 0,
+        "{missing} acknowledged events are missing from the master dataset"
+    );
+    let maybe: HashSet<&str> = unanswered.iter().map(|e| e.2.as_str()).collect();
+    assert!(
+        unique
+            .iter()
+            .all(|id| acked.contains(id) || maybe.contains(id)),
+        "events stored that nobody sent"
+    );
+
+    // Every count equals what is stored: the acknowledged events and whichever of the
+    // unanswered request's made it into the log (all or none of them: one message).
+    let mut model = Model::default();
+    for (url, ts, id) in on_a.iter().chain(&on_b).chain(&unanswered) {
+        if unique.contains(id.as_str()) {
+            model.events.push((url.clone(), *ts));
+        }
+    }
+    let stored_unanswered = unanswered
+        .iter()
+        .filter(|e| unique.contains(e.2.as_str()))
+        .count();
+    assert!(stored_unanswered == 0 || stored_unanswered == unanswered.len());
+    let urls: Vec<String> = (0..13).map(|i| format!("https://k.test/p{i}")).collect();
+    let mut rng = StdRng::seed_from_u64(seed());
+    assert_exact(&a, &model, &mut rng, &urls);
+
+    // The killed node comes back on its own data_dir, reads the rest of the log, and agrees.
+    b.restart();
+    catch_up(&[&b], last);
+    assert_exact(&b, &model, &mut rng, &urls);
+}
+
+#[test]
+fn with_nats_gone_ingest_answers_503_with_retry_after_and_resumes_without_loss() {
+    let Some(mut nats) = TestNats::start("with_nats_gone") else {
+        return;
+    };
+    let n = node(&nats);
+    let urls = make_urls(10, 2);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut model = Model::default();
+    ingest_random(&n, &mut model, &mut rng, &urls, 500);
+
+    nats.kill();
+    poll_until("/readyz to name NATS", DEADLINE, || {
+        let (code, body) = n.get("/readyz");
+        (code == 503 && body.to_string().contains("NATS")).then_some(())
+    });
+    let body = json!([{"url": urls[0], "ts": now_ms()}]).to_string();
+    let resp = n
+        .client()
+        .post(format!("{}/v1/events", n.base_url()))
+        .header("content-type", JSON)
+        .body(body.clone())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(
+        resp.headers().get("retry-after").is_some(),
+        "503 without Retry-After"
+    );
+    let text: Value = resp.json().unwrap();
+    assert!(text["error"].as_str().unwrap().contains("log"), "{text}");
+
+    nats.restart();
+    poll_until("ingest to be accepted again", DEADLINE, || {
+        let (code, _) = n.post_events(body.clone(), JSON);
+        (code == 202).then_some(())
+    });
+    let ts = serde_json::from_str::<Value>(&body).unwrap()[0]["ts"]
+        .as_i64()
+        .unwrap();
+    model.events.push((urls[0].clone(), ts));
+    ingest_random(&n, &mut model, &mut rng, &urls, 500);
+    let last = last_seq(&n);
+    catch_up(&[&n], last);
+    batch_run(&n);
+    assert_exact(&n, &model, &mut rng, &urls);
+}
