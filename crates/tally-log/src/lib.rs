@@ -18,6 +18,7 @@
 //! WAL holds; a message delivered again is acknowledged without being written twice.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,6 +112,9 @@ pub struct Log {
     followed_tx: Arc<watch::Sender<u64>>,
     /// Why the follower stopped for good, if it did.
     failure: Arc<Mutex<Option<String>>>,
+    /// Times the client (re)connected: the follower starts over after a reconnect instead of
+    /// waiting for its consumer's missed heartbeats (30 s).
+    connects: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Log {
@@ -123,16 +127,38 @@ impl std::fmt::Debug for Log {
 }
 
 impl Log {
-    /// Connects to NATS. When NATS cannot be reached yet, the client keeps trying in the
-    /// background: publishing fails (503) until it connects, and nothing else waits for it.
+    /// Connects to NATS, waiting up to `publish_timeout` for the first connection. When NATS
+    /// cannot be reached yet, the client keeps trying in the background: publishing fails
+    /// (503) until it connects, and nothing else waits for it.
     pub async fn connect(cfg: LogConfig) -> Result<Log> {
+        let connects = Arc::new(AtomicU64::new(0));
+        let counter = connects.clone();
         let client = async_nats::ConnectOptions::new()
             .name("tally")
+            .event_callback(move |event| {
+                let counter = counter.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
             .connect(cfg.url.as_str())
             .await
             .map_err(unavailable)?;
+        // Start-up waits a little for the first connection, so that a node which says it
+        // listens also takes events; NATS down at start is not fatal (it connects later).
+        let waited = tokio::time::timeout(cfg.publish_timeout, async {
+            while client.connection_state() != async_nats::connection::State::Connected {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(url = %cfg.url, "NATS is not reachable yet; ingest answers 503 until it is");
+        }
         let mut js = jetstream::new(client.clone());
         js.set_timeout(cfg.publish_timeout);
         let (tx, rx) = watch::channel(0);
@@ -143,6 +169,7 @@ impl Log {
             followed: rx,
             followed_tx: Arc::new(tx),
             failure: Arc::new(Mutex::new(None)),
+            connects,
         })
     }
 
@@ -182,6 +209,8 @@ impl Log {
     }
 
     async fn publish_message(&self, subject: String, payload: Vec<u8>) -> Result<u64> {
+        // Cheap to clone for a retry.
+        let payload = bytes::Bytes::from(payload);
         // Disconnected, the client would queue the message and send it after reconnecting,
         // long after this request was answered 503: send nothing instead.
         if !self.connected() {
@@ -203,7 +232,7 @@ impl Log {
                     .send_publish(
                         subject.clone(),
                         PublishMessage::build()
-                            .payload(payload.clone().into())
+                            .payload(payload.clone())
                             .headers(headers.clone())
                             .message_id(&id),
                     )
@@ -235,9 +264,8 @@ impl Log {
         // Acknowledged after the deadline: stored in time or void, as the stored time says
         // (the rule every follower applies to it).
         if tally_core::now_ms() > deadline {
-            let mut stream = self.ensure_stream().await?;
+            let stream = self.ensure_stream().await?;
             let msg = stream.get_raw_message(stored).await.map_err(unavailable)?;
-            let _ = stream.info().await;
             if is_void(Some(deadline), msg.time) {
                 ::metrics::counter!(metrics::LOG_PUBLISH_ERRORS).increment(1);
                 return Err(Error::Unavailable(
@@ -268,10 +296,22 @@ impl Log {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The stream's last sequence, as JetStream says now.
+    /// The stream's last sequence, as JetStream says now (within a second, else unavailable).
     pub async fn last_seq(&self) -> Result<u64> {
-        let mut s = self.ensure_stream().await?;
-        Ok(s.info().await.map_err(unavailable)?.state.last_sequence)
+        if !self.connected() {
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
+        let ask = async {
+            let mut s = self
+                .js
+                .get_stream(&self.cfg.stream)
+                .await
+                .map_err(unavailable)?;
+            Ok(s.info().await.map_err(unavailable)?.state.last_sequence)
+        };
+        tokio::time::timeout(Duration::from_secs(1), ask)
+            .await
+            .unwrap_or_else(|_| Err(unavailable("no answer within 1 s")))
     }
 
     /// Waits until this node's follower has written everything up to stream sequence `n`.
@@ -414,7 +454,7 @@ impl Follower {
             ))),
             None if self.master.acked_seq() > Seq::ZERO => Err(Error::Mismatch(format!(
                 "{} holds events of a single-node tally; cluster mode needs a fresh data_dir \
-                 (upload the master dataset to the log's nodes instead)",
+                 (post its events to a cluster node instead)",
                 self.data_dir.display()
             ))),
             None => here.store(&self.data_dir),
@@ -443,6 +483,7 @@ impl Follower {
 
     /// One connection's worth of following; returns on any error (or when the messages end).
     async fn follow(&self) -> Result<()> {
+        let connects = self.log.connects.load(Ordering::SeqCst);
         let mut stream = self.log.ensure_stream().await?;
         self.check_mark(&mut stream).await?;
         let mut next = self.position() + 1;
@@ -461,9 +502,17 @@ impl Follower {
             Box<dyn std::future::Future<Output = (u64, tally_master::Result<()>)> + Send>,
         >;
         let mut in_flight: FuturesOrdered<Op> = FuturesOrdered::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 biased;
+                _ = tick.tick() => {
+                    if self.log.connects.load(Ordering::SeqCst) != connects {
+                        // Appends still in flight are queued to the writer and land; the next
+                        // consumer may deliver them again, which the writer then ignores.
+                        return Err(Error::Unavailable("reconnected to NATS".into()));
+                    }
+                }
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     let (n, result) = done;
                     result.map_err(|e| match e.kind() {
