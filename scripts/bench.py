@@ -15,6 +15,8 @@ Sections (`run` with none runs DEFAULT; `scale` only when named):
     mixed      queries while ingesting 100 000 events/s, 1 M URLs, result caches off
     analytics  site, breakdown and Stats API queries on the mixed data, while ingesting
     scale      100 M events, 1 M URLs, a year: full and incremental runs, DuckDB, serving memory
+    cluster    3 nodes on a private nats-server -js: ingest vs one node and raw JetStream publish,
+               ingest-to-visible on another node, /v1/views on a node that did not ingest
 
 Each section is two functions: `measure_<name>(lab)` returns a dict of what it measured (plain
 JSON: numbers, the commands it ran, the status tally answered), and `render_<name>(result)`
@@ -47,6 +49,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -156,6 +159,22 @@ class Redis(Service):
         return int(re.search(r"^used_memory:(\d+)", self.cli("info", "memory"), re.M).group(1))
 
 
+class Nats:
+    """A private nats-server (started by Lab.nats)."""
+
+    def __init__(self, proc, url):
+        self.proc, self.url, self.pid = proc, url, proc.pid
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Lab:
     """The scratch directory of a section and every process it started (stopped at the end)."""
 
@@ -215,6 +234,22 @@ class Lab:
         s = Service(shell, pid, url)
         self.services.append(s)
         return s
+
+    def nats(self):
+        """A private `nats-server -js` on a free loopback port, its store under DIR/nats."""
+        ndir = self.dir / "nats"
+        subprocess.run(["rm", "-rf", str(ndir)], check=True)
+        ndir.mkdir(parents=True)
+        port = free_port()
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        logf = open(ndir / "nats.log", "w")
+        proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
+                                 str(ndir / "store")], stdout=logf, stderr=logf)
+        n = Nats(proc, f"nats://127.0.0.1:{port}")
+        self.services.append(n)
+        wait_until("nats-server to be ready",
+                   lambda: "Server is ready" in (ndir / "nats.log").read_text(), seconds=30)
+        return n
 
     def stop(self, service):
         service.stop()
@@ -342,9 +377,10 @@ def load_events(url, phase, total, nurls):
     return sent
 
 
-def visible_latency(url, n):
-    """POSTs one event on a new URL and polls /v1/views until it counts, n times: ms p50/p99/max."""
-    post, get = Client(url), Client(url)
+def visible_latency(url, n, query_url=None):
+    """POSTs one event on a new URL and polls /v1/views (on `query_url`, another node, when
+    given) until it counts, n times: ms p50/p99/max."""
+    post, get = Client(url), Client(query_url or url)
     tag = int(time.time())
     lat = []
     for k in range(n):
@@ -410,6 +446,12 @@ def lua(lab, name, text):
     path = lab.dir / name
     path.write_text(text)
     return path
+
+
+def bare_events_lua(lab):
+    """The load of the bare axum handler that query rates are compared with: one small POST."""
+    return lua(lab, "bare.lua", 'request = function() return wrk.format("POST", "/v1/events", '
+               '{["Content-Type"] = "application/json"}, \'{"url":"https://q1.bench/page/1"}\') end\n')
 
 
 def ingest_lua(events):
@@ -530,8 +572,7 @@ end
 """)
     top_lua = lua(lab, "top.lua",
                   'request = function() return wrk.format("GET", "/v1/top?limit=10") end\n')
-    bare_lua = lua(lab, "bare.lua", 'request = function() return wrk.format("POST", "/v1/events", '
-                   '{["Content-Type"] = "application/json"}, \'{"url":"https://q1.bench/page/1"}\') end\n')
+    bare_lua = bare_events_lua(lab)
     views = wrk(lab, "tally-views", 32, views_lua, tally.url)
     top = wrk(lab, "tally-top", 32, top_lua, tally.url)
     log("ingest-to-visible latency")
@@ -1125,8 +1166,123 @@ tally status at the end: `{json.dumps(r['status'], separators=(',', ':'))}`
 # Main: run sections, keep their JSON, render BENCHMARKS.md
 # ------------------------------------------------------------------------------------------------
 
-SECTIONS = ["ingest", "queries", "batch", "uniques", "mixed", "analytics", "scale"]
-DEFAULT = [s for s in SECTIONS if s != "scale"]
+# ------------------------------------------------------------------------------------------------
+# Section: cluster. One tally alone, then three on a private nats-server -js (each follows the
+# log into its own data_dir; one shared Redis): batched ingest through all three at once vs the
+# single node and vs raw JetStream publishes of the same message size (tests/examples/
+# nats_publish.rs); ingest-to-visible from one node to another; /v1/views on a node that took no
+# ingest vs the bare axum handler.
+# ------------------------------------------------------------------------------------------------
+
+
+def cluster_caught_up(urls):
+    def check():
+        for u in urls:
+            s = status_of(u)
+            log_ = (s.get("cluster") or {}).get("log") or {}
+            if log_.get("last_seq") is None or log_.get("followed_seq") != log_.get("last_seq"):
+                return False
+            if s.get("acked_seq") != s.get("speed_applied_seq"):
+                return False
+        return True
+    wait_until("every node to follow the log and apply it", check)
+
+
+def measure_cluster(lab):
+    from concurrent.futures import ThreadPoolExecutor
+    redis = lab.redis()
+    batch_lua = lua(lab, "batch1000.lua", ingest_lua(1000))
+    # One node alone, the same load as the ingest section's batched line.
+    subprocess.run(["rm", "-rf", str(lab.dir / "single")], check=True)
+    single = lab.tally("single", redis)
+    one = wrk(lab, "single-batch1000", 8, batch_lua, single.url)
+    lab.stop(single)
+    redis.cli("flushall")
+
+    nats = lab.nats()
+    pub_cmd = [str(RELEASE / "examples" / "nats_publish"), "--url", nats.url, "--size", "85000",
+               "--concurrency", "24", "--seconds", str(DURATION)]
+    raw = run_logged(pub_cmd, lab.dir / "nats_publish.out")[-1]
+    raw["cmd"] = "nats_publish --size 85000 --concurrency 24 --seconds " + str(DURATION)
+    nodes = []
+    for i in range(3):
+        subprocess.run(["rm", "-rf", str(lab.dir / f"node{i + 1}")], check=True)
+        nodes.append(lab.tally(f"node{i + 1}", redis, TALLY_QUEUE_URL=nats.url,
+                               TALLY_CLUSTER_NODE_ID=f"node{i + 1}"))
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda ni: wrk(lab, f"cluster-batch1000-node{ni[0] + 1}", 8,
+                                            batch_lua, ni[1].url), enumerate(nodes)))
+    t0 = time.monotonic()
+    cluster_caught_up([n.url for n in nodes])
+    catch_up_s = time.monotonic() - t0
+    log("ingest-to-visible, node1 -> node2")
+    visible = visible_latency(nodes[0].url, 300, query_url=nodes[1].url)
+    views_lua = lua(lab, "views.lua", """math.randomseed(7)
+request = function()
+  local i = math.random(1, 1000)
+  return wrk.format("GET", string.format("/v1/views?url=https%%3A%%2F%%2Fbench.example%%2Fpage%%2F%d", i))
+end
+""")
+    # node2 took no ingest from clients since the load; it answers from what it followed.
+    views = wrk(lab, "cluster-views-node2", 32, views_lua, nodes[1].url)
+    statuses = [status_of(n.url) for n in nodes]
+    for n in nodes:
+        lab.stop(n)
+    bare = lab.bare_axum()
+    bare_lua = bare_events_lua(lab)
+    bare_r = wrk(lab, "bare-queries", 32, bare_lua, bare.url)
+    return {"single": one, "raw": raw, "cluster": runs, "catch_up_s": catch_up_s,
+            "visible_ms": visible, "views": views, "bare": bare_r,
+            "cluster_status": [s.get("cluster") for s in statuses],
+            "nats_version": sh("$(command -v nats-server || echo /usr/sbin/nats-server) --version")}
+
+
+def render_cluster(r):
+    one, raw, runs, vis, views, bare = (r["single"], r["raw"], r["cluster"], r["visible_ms"],
+                                        r["views"], r["bare"])
+    one_eps = one["rps"] * 1000
+    cluster_eps = sum(x["rps"] for x in runs) * 1000
+    raw_eps = raw["msgs_per_s"] * 1000
+    rows = "\n".join(
+        f"| tally node{i + 1}, NDJSON bodies of 1000 events, 8 connections (all three at once) | "
+        f"`{x['cmd']}` | {x['rps']:.2f} | {x['rps'] * 1000:.0f} | {x['p50']} | {x['p99']} | {x['non2xx']} |"
+        for i, x in enumerate(runs))
+    return f"""## Cluster: three nodes on NATS JetStream vs one node and raw JetStream publishes
+
+One run of `scripts/bench.sh cluster` ({r['machine']['date']}, commit {r['machine']['commit']}), everything on this one machine
+({r['machine']['cores']} cores shared by the load generators, NATS, Redis and the nodes): a private `{r['nats_version']}` with
+JetStream (file storage, one replica), three `tally serve` nodes with `queue.url` set, each
+following the log into its own data directory, one shared private Redis. The single-node line is
+the same tally with the local WAL, measured first in the same run. The raw line is
+`tests/examples/nats_publish.rs`: 85 000-byte messages (one 1000-event request as the log
+carries it), 24 publishers each waiting for its acknowledgement, to a fresh stream — JetStream
+alone, with no HTTP, parsing or WAL.
+
+| what | command | requests/s | events/s | p50 | p99 | non-2xx |
+|---|---|---:|---:|---:|---:|---:|
+| tally, one node, NDJSON bodies of 1000 events, 8 connections | `{one['cmd']}` | {one['rps']:.2f} | {one_eps:.0f} | {one['p50']} | {one['p99']} | {one['non2xx']} |
+{rows}
+| raw JetStream publish, 85 000-byte messages | `{raw['cmd']}` | {raw['msgs_per_s']:.1f} msgs/s | {raw_eps:.0f} | – | – | – |
+| tally node2 `/v1/views` (random URL of the load), 32 connections | `{views['cmd']}` | {views['rps']:.2f} | – | {views['p50']} | {views['p99']} | {views['non2xx']} |
+| bare axum handler, 32 connections | `{bare['cmd']}` | {bare['rps']:.2f} | – | {bare['p50']} | {bare['p99']} | – |
+
+| ratio | value | goal |
+|---|---:|---|
+| cluster events/s (three nodes at once) ÷ one node's | {ratio(cluster_eps, one_eps)} | ≥ 0.5 |
+| cluster events/s ÷ raw JetStream publish (events in the same message size) | {ratio(cluster_eps, raw_eps)} | – |
+| `/v1/views` on a node that took no ingest ÷ bare axum | {ratio(views['rps'], bare['rps'])} | ≥ 0.3 |
+
+Ingest-to-visible across nodes (POST one event to node1, poll `/v1/views` on node2 until it
+counts, {vis['samples']} times, after the load): p50 {vis['p50']:.1f} ms, p99 {vis['p99']:.1f} ms, max {vis['max']:.1f} ms
+(goal: p99 ≤ 50 ms). After the load the three nodes took {r['catch_up_s']:.1f} s to follow and apply
+everything.
+
+Each node's place in the log after the run: `{json.dumps([c and c.get('log') for c in r['cluster_status']], separators=(',', ':'))}`
+"""
+
+
+SECTIONS = ["ingest", "queries", "batch", "uniques", "mixed", "analytics", "scale", "cluster"]
+DEFAULT = [s for s in SECTIONS if s not in ("scale", "cluster")]
 
 
 def measure(name):

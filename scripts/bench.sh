@@ -11,6 +11,7 @@
 #   scripts/bench.sh mixed           # queries while ingesting 100 000 events/s, 1M URLs, caches off
 #   scripts/bench.sh analytics       # site, breakdown and Stats API queries on the mixed data
 #   scripts/bench.sh scale           # 100 M events, 1 M URLs, a year (~15 min, ~10 GB of files)
+#   scripts/bench.sh cluster         # 3 nodes on a private nats-server -js vs one node and raw JetStream
 #
 # Knobs (environment): BENCH_DURATION, BENCH_THREADS, BENCH_DIR, BENCH_OUT, BENCH_PERF=1,
 # BENCH_REPLACE=1 and per-section sizes: see scripts/bench.py.
@@ -32,7 +33,7 @@ if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 mapfile -t known < <(python3 scripts/bench.py list)
 sections=("$@")
-[ "${#sections[@]}" -gt 0 ] || mapfile -t sections < <(printf '%s\n' "${known[@]}" | grep -vx scale)
+[ "${#sections[@]}" -gt 0 ] || mapfile -t sections < <(printf '%s\n' "${known[@]}" | grep -vx -e scale -e cluster)
 for s in "${sections[@]}"; do
     printf '%s\n' "${known[@]}" | grep -qx -- "$s" || {
         echo "unknown section $s (have: ${known[*]})" >&2
@@ -49,10 +50,13 @@ if wants batch || wants scale; then
     fi
 fi
 if wants analytics; then install_dashboard_deps; fi
+if wants cluster && ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    apt_install nats-server
+fi
 
 echo "==> building release binaries" >&2
 cargo build --release --bin tally
-cargo build --release -p tally-e2e --example bare_axum --example mixed
+cargo build --release -p tally-e2e --example bare_axum --example mixed --example nats_publish
 cargo build --release -p tally-batch --example batch_bench
 
 exec python3 scripts/bench.py run "${sections[@]}"

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::{
     assert_exact, batch_run, ingest_random, make_urls, now_ms, poll_until, read_master, seed,
-    Model, ServerOpts, TestNats, TestServer, DAY_MS, DEADLINE, JSON,
+    tally_bin, Model, ServerOpts, TestNats, TestServer, DAY_MS, DEADLINE, JSON,
 };
 
 fn node(nats: &TestNats) -> TestServer {
@@ -218,6 +218,15 @@ fn with_nats_gone_ingest_answers_503_with_retry_after_and_resumes_without_loss()
     let mut rng = StdRng::seed_from_u64(seed());
     let mut model = Model::default();
     ingest_random(&n, &mut model, &mut rng, &urls, 500);
+    // A request larger than one NATS message (max_payload, 1 MiB by default) is the client's
+    // to split: 413 with a sentence, nothing stored (the counts below say so).
+    let now = now_ms();
+    let big: Vec<Value> = (0..20_000)
+        .map(|i| json!({"url": format!("{}?padding-to-make-it-large-{i}", urls[1]), "ts": now}))
+        .collect();
+    let (code, body) = n.post_events(Value::Array(big).to_string(), JSON);
+    assert_eq!(code, 413, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("split"), "{body}");
 
     nats.kill();
     poll_until("/readyz to name NATS", DEADLINE, || {
@@ -254,4 +263,70 @@ fn with_nats_gone_ingest_answers_503_with_retry_after_and_resumes_without_loss()
     catch_up(&[&n], last);
     batch_run(&n);
     assert_exact(&n, &model, &mut rng, &urls);
+}
+
+/// `tally master upload` with this server's data_dir and the log: its exit code and output.
+fn upload(data_dir: &std::path::Path, nats: &TestNats) -> (bool, String) {
+    let out = std::process::Command::new(tally_bin())
+        .args(["master", "upload", "--to", &nats.url()])
+        .env("TALLY_STORAGE_DATA_DIR", data_dir)
+        .output()
+        .expect("run tally master upload");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_single_node_data_dir_uploaded_to_the_log_is_counted_once_by_every_cluster_node() {
+    let Some(nats) = TestNats::start("a_single_node_data_dir_uploaded") else {
+        return;
+    };
+    let mut single = TestServer::start(ServerOpts::default());
+    let urls = make_urls(20, 3);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut model = Model::default();
+    ingest_random(&single, &mut model, &mut rng, &urls, 3000);
+    batch_run(&single);
+    ingest_random(&single, &mut model, &mut rng, &urls, 1500);
+    // Not while the server holds the data_dir.
+    let (ok, text) = upload(single.data_dir(), &nats);
+    assert!(!ok, "{text}");
+    assert!(single.stop(), "{}", single.log());
+
+    let (ok, text) = upload(single.data_dir(), &nats);
+    assert!(ok, "{text}");
+    assert!(text.contains("uploaded 4500 events"), "{text}");
+    // Again: nothing twice.
+    let (ok, text) = upload(single.data_dir(), &nats);
+    assert!(ok, "{text}");
+    assert!(text.contains("nothing left to upload"), "{text}");
+
+    // A cluster node refuses the single node's data_dir rather than skip its events ...
+    let on_old = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_QUEUE_URL", nats.url())
+            .env("TALLY_STORAGE_DATA_DIR", single.data_dir().display()),
+    );
+    poll_until(
+        "/readyz to say the node stopped following",
+        DEADLINE,
+        || {
+            let (code, body) = on_old.get("/readyz");
+            (code == 503 && body.to_string().contains("single-node")).then_some(())
+        },
+    );
+    drop(on_old);
+    // ... and fresh nodes count every uploaded event once, beside events posted to the cluster.
+    let a = node(&nats);
+    let b = node(&nats);
+    ingest_random(&b, &mut model, &mut rng, &urls, 500);
+    let last = last_seq(&a);
+    catch_up(&[&a, &b], last);
+    batch_run(&a);
+    assert_exact(&a, &model, &mut rng, &urls);
+    assert_exact(&b, &model, &mut rng, &urls);
 }

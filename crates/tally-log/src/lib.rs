@@ -47,8 +47,8 @@ pub fn stream_seq_of(seq: Seq) -> u64 {
     seq.0 >> SEQ_SHIFT
 }
 
-/// What marks a data directory as a copy of one stream (`data_dir/log.json`).
-const LOG_MARK_FILE: &str = "log.json";
+/// What marks a data directory as a copy of one stream (`data_dir/log_stream`).
+const LOG_MARK_FILE: &str = "log_stream";
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -59,6 +59,10 @@ pub enum Error {
     /// node has not read: a person must decide (start with a fresh data_dir).
     #[error("{0}")]
     Mismatch(String),
+    /// One request's events are more than one NATS message may hold (the server's
+    /// `max_payload`, 1 MiB unless configured): the client must split them.
+    #[error("{bytes} bytes of events are more than the log's largest message ({max} bytes)")]
+    TooLarge { bytes: usize, max: usize },
     #[error("i/o error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -72,6 +76,7 @@ impl Error {
         match self {
             Error::Unavailable(_) | Error::Io { .. } => ErrorKind::Transient,
             Error::Mismatch(_) => ErrorKind::Corrupt,
+            Error::TooLarge { .. } => ErrorKind::Invalid,
         }
     }
 }
@@ -199,16 +204,49 @@ impl Log {
     /// Publishes a request's events as one message; resolves with its stream sequence once
     /// JetStream has stored it. `events` must not be empty.
     pub async fn publish(&self, events: &[Event]) -> Result<u64> {
+        self.publish_events_with_id(events, message_id()).await
+    }
+
+    /// [`Log::publish`] with a `Nats-Msg-Id` of the caller's: a second publish with the same
+    /// id within the stream's duplicate window (2 min) is stored once.
+    pub async fn publish_events_with_id(&self, events: &[Event], id: String) -> Result<u64> {
         let payload = tally_master::encode_events(events);
-        self.publish_message(self.subject("events"), payload).await
+        let max = self.max_message_bytes();
+        if payload.len() > max {
+            return Err(Error::TooLarge {
+                bytes: payload.len(),
+                max,
+            });
+        }
+        self.publish_message(self.subject("events"), payload, id)
+            .await
+    }
+
+    /// The largest encoded batch of events one message may carry: the server's `max_payload`
+    /// less room for the headers.
+    pub fn max_message_bytes(&self) -> usize {
+        self.client.server_info().max_payload.saturating_sub(1024)
     }
 
     /// Publishes a cut marker; resolves with its stream sequence.
     pub async fn publish_cut(&self) -> Result<u64> {
-        self.publish_message(self.subject("cut"), Vec::new()).await
+        self.publish_message(self.subject("cut"), Vec::new(), message_id())
+            .await
     }
 
-    async fn publish_message(&self, subject: String, payload: Vec<u8>) -> Result<u64> {
+    /// `stream@created`: names the stream, and tells it from one deleted and created again
+    /// under the same name (whose sequence starts over).
+    pub async fn stream_identity(&self) -> Result<String> {
+        let mut stream = self.ensure_stream().await?;
+        let info = stream.info().await.map_err(unavailable)?;
+        Ok(format!(
+            "{}@{}",
+            info.config.name,
+            info.created.unix_timestamp_nanos()
+        ))
+    }
+
+    async fn publish_message(&self, subject: String, payload: Vec<u8>, id: String) -> Result<u64> {
         // Cheap to clone for a retry.
         let payload = bytes::Bytes::from(payload);
         // Disconnected, the client would queue the message and send it after reconnecting,
@@ -220,7 +258,6 @@ impl Log {
         let t = std::time::Instant::now();
         let deadline = tally_core::now_ms() + self.cfg.publish_timeout.as_millis() as i64;
         let give_up = t + self.cfg.publish_timeout + 2 * CLOCK_SKEW;
-        let id = message_id();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(DEADLINE_HEADER, deadline.to_string().as_str());
         let stored = loop {
@@ -351,55 +388,39 @@ fn message_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// The data directory's mark: which stream it copies.
-#[derive(Debug, PartialEq, Eq)]
-struct Mark {
-    stream: String,
-    created: String,
+/// The data directory's mark: which stream it copies (`data_dir/log_stream`, one line:
+/// [`Log::stream_identity`]).
+fn load_mark(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(LOG_MARK_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.lines().next() {
+            Some(line) if line.contains('@') => Ok(Some(line.to_string())),
+            _ => Err(Error::Mismatch(format!(
+                "{} is not a log mark; move it away to follow the log from the start",
+                path.display()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io { path, source }),
+    }
 }
 
-impl Mark {
-    fn path(dir: &Path) -> PathBuf {
-        dir.join(LOG_MARK_FILE)
-    }
-
-    fn load(dir: &Path) -> Result<Option<Mark>> {
-        let path = Self::path(dir);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let mut lines = text.lines();
-                match (lines.next(), lines.next()) {
-                    (Some(stream), Some(created)) => Ok(Some(Mark {
-                        stream: stream.to_string(),
-                        created: created.to_string(),
-                    })),
-                    _ => Err(Error::Mismatch(format!(
-                        "{} is not a log mark; move it away to follow the log from the start",
-                        path.display()
-                    ))),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(Error::Io { path, source }),
-        }
-    }
-
-    fn store(&self, dir: &Path) -> Result<()> {
-        let path = Self::path(dir);
-        let tmp = dir.join(format!("{LOG_MARK_FILE}.tmp"));
-        let io = |source| Error::Io {
-            path: path.clone(),
-            source,
-        };
-        std::fs::write(&tmp, format!("{}\n{}\n", self.stream, self.created)).map_err(io)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(dir)
-            .and_then(|f| f.sync_all())
-            .map_err(io)
-    }
+/// Writes `text` to `dir/name` durably: a temporary file, fsync, rename, fsync of the directory.
+pub fn write_durably(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let io = |source| Error::Io {
+        path: path.clone(),
+        source,
+    };
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io)
 }
 
 /// Follows the log into this node's master dataset: every message, in log order, appended with
@@ -435,29 +456,21 @@ impl Follower {
     }
 
     /// Checks that the data directory copies this stream (marks a fresh one).
-    async fn check_mark(&self, stream: &mut stream::Stream) -> Result<()> {
-        let info = stream.info().await.map_err(unavailable)?;
-        let here = Mark {
-            stream: info.config.name.clone(),
-            created: info.created.unix_timestamp_nanos().to_string(),
-        };
-        match Mark::load(&self.data_dir)? {
+    async fn check_mark(&self) -> Result<()> {
+        let here = self.log.stream_identity().await?;
+        match load_mark(&self.data_dir)? {
             Some(mark) if mark == here => Ok(()),
             Some(mark) => Err(Error::Mismatch(format!(
-                "{} follows the stream {:?} created at {} but the log now has {:?} created at {}: \
-                 the stream was deleted or replaced; start this node with a fresh data_dir",
+                "{} follows the stream {mark} but the log now is {here}: the stream was deleted \
+                 or replaced; start this node with a fresh data_dir",
                 self.data_dir.display(),
-                mark.stream,
-                mark.created,
-                here.stream,
-                here.created
             ))),
             None if self.master.acked_seq() > Seq::ZERO => Err(Error::Mismatch(format!(
                 "{} holds events of a single-node tally; cluster mode needs a fresh data_dir \
-                 (post its events to a cluster node instead)",
+                 (upload them with `tally master upload` instead)",
                 self.data_dir.display()
             ))),
-            None => here.store(&self.data_dir),
+            None => write_durably(&self.data_dir, LOG_MARK_FILE, &format!("{here}\n")),
         }
     }
 
@@ -484,8 +497,8 @@ impl Follower {
     /// One connection's worth of following; returns on any error (or when the messages end).
     async fn follow(&self) -> Result<()> {
         let connects = self.log.connects.load(Ordering::SeqCst);
-        let mut stream = self.log.ensure_stream().await?;
-        self.check_mark(&mut stream).await?;
+        self.check_mark().await?;
+        let stream = self.log.ensure_stream().await?;
         let mut next = self.position() + 1;
         self.log.followed_tx.send_replace(next - 1);
         let consumer = stream
@@ -620,14 +633,10 @@ mod tests {
     #[test]
     fn a_mark_round_trips_and_a_garbled_one_is_a_mismatch() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Mark::load(dir.path()).unwrap(), None);
-        let m = Mark {
-            stream: "s".into(),
-            created: "123".into(),
-        };
-        m.store(dir.path()).unwrap();
-        assert_eq!(Mark::load(dir.path()).unwrap(), Some(m));
+        assert_eq!(load_mark(dir.path()).unwrap(), None);
+        write_durably(dir.path(), LOG_MARK_FILE, "s@123\n").unwrap();
+        assert_eq!(load_mark(dir.path()).unwrap().as_deref(), Some("s@123"));
         std::fs::write(dir.path().join(LOG_MARK_FILE), "x").unwrap();
-        assert!(matches!(Mark::load(dir.path()), Err(Error::Mismatch(_))));
+        assert!(matches!(load_mark(dir.path()), Err(Error::Mismatch(_))));
     }
 }

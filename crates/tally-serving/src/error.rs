@@ -117,6 +117,11 @@ impl From<tally_master::Error> for ApiError {
 
 impl From<tally_log::Error> for ApiError {
     fn from(e: tally_log::Error) -> Self {
+        if let tally_log::Error::TooLarge { bytes, max } = e {
+            return ApiError::PayloadTooLarge(format!(
+                "The request's events take {bytes} bytes and the log's largest message is {max} bytes; split them into smaller requests."
+            ));
+        }
         match e.kind() {
             tally_core::error::ErrorKind::Transient => ApiError::Unavailable(format!(
                 "Events could not be stored in the log right now ({e}); retry later."

@@ -67,6 +67,29 @@ pub(crate) enum MasterCommand {
         #[arg(long)]
         visitor: Option<String>,
     },
+    /// Publish this data_dir's master dataset (sealed files and WAL) to a cluster's log (NATS
+    /// JetStream), once: how a single node moves into cluster mode. Every cluster node then
+    /// counts these events as if they had been posted to it. The server must be stopped.
+    /// Resumable: what is published is recorded in data_dir/upload_progress, and a rerun goes on
+    /// after it (a message interrupted half-way is sent again with the same id, which the log
+    /// stores once within its 2-minute duplicate window).
+    Upload {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The log, nats://host:port[,…] (default: queue.url of the configuration).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+impl MasterCommand {
+    fn config(&self) -> Option<&PathBuf> {
+        match self {
+            MasterCommand::Forget { config, .. } | MasterCommand::Upload { config, .. } => {
+                config.as_ref()
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -115,13 +138,11 @@ fn main() -> ExitCode {
             telemetry::init(&cfg.log, false);
             serve::run(cfg)
         }),
-        Command::Master { command } => {
-            let MasterCommand::Forget { config, .. } = &command;
-            config::Config::load(config.as_deref()).and_then(|cfg| {
+        Command::Master { command } => config::Config::load(command.config().map(PathBuf::as_path))
+            .and_then(|cfg| {
                 telemetry::init(&cfg.log, true);
                 master_cli::run(cfg, command)
-            })
-        }
+            }),
         Command::Batch { command } => config::Config::load(command.config().map(PathBuf::as_path))
             .and_then(|cfg| {
                 telemetry::init(&cfg.log, true);
