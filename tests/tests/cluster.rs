@@ -76,6 +76,9 @@ fn three_nodes_fed_round_robin_answer_every_query_like_the_model() {
     for (i, n) in nodes.iter().enumerate() {
         eprintln!("node {i}");
         assert_exact(n, &model, &mut rng, &urls);
+        // The log lag an operator watches: none once caught up.
+        assert_eq!(n.metric("tally_log_followed_seq"), last as f64);
+        assert_eq!(n.metric("tally_log_last_seq"), last as f64);
     }
     // Node ids differ, and the log section says where each node is.
     let ids: HashSet<String> = nodes

@@ -538,7 +538,10 @@ impl Follower {
                 msg = messages.next(), if in_flight.len() < IN_FLIGHT => {
                     let Some(msg) = msg else { return Ok(()) };
                     let msg = msg.map_err(unavailable)?;
-                    let n = msg.info().map_err(unavailable)?.stream_sequence;
+                    let info = msg.info().map_err(unavailable)?;
+                    let (n, stored_at) = (info.stream_sequence, info.published);
+                    // The log's end as this consumer sees it: the lag gauge needs no status read.
+                    ::metrics::gauge!(metrics::LOG_LAST_SEQ).set((n + info.pending) as f64);
                     if n < next {
                         continue;
                     }
@@ -551,7 +554,6 @@ impl Follower {
                         )));
                     }
                     next = n + 1;
-                    let stored_at = msg.info().map_err(unavailable)?.published;
                     if is_void(deadline_of(msg.headers.as_ref()), stored_at) {
                         tracing::warn!(stream_seq = n, "skipping a message stored after its deadline (its publisher answered 503)");
                         ::metrics::counter!(metrics::LOG_VOID_MESSAGES).increment(1);

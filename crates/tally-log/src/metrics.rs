@@ -24,7 +24,7 @@ pub const CATALOGUE: &[MetricDef] = &[
     ),
     MetricDef::gauge(
         LOG_LAST_SEQ,
-        "The stream's last sequence (log lag: this minus tally_log_followed_seq).",
+        "The stream's last sequence as this node's follower last saw it (log lag: this minus tally_log_followed_seq).",
     ),
     MetricDef::counter(
         LOG_VOID_MESSAGES,
