@@ -150,11 +150,14 @@ fn a_node_killed_mid_ingest_loses_no_acknowledged_event_and_catches_up_exactly()
     let stop = Arc::new(Mutex::new(false));
     let to_a = post_until_stopped(a.base_url(), stop.clone(), "a");
     let to_b = post_until_stopped(b.base_url(), stop.clone(), "b");
-    // Let both take some traffic, run a batch on b, then kill b while it is being written to.
+    // Let both take some traffic, run a batch on b, start another and kill b while it runs
+    // (its cut marker may be in the log already) and while it is being written to.
     poll_until("events acknowledged on b", DEADLINE, || {
         (b.acked_seq() > 0).then_some(())
     });
     batch_run(&b);
+    let (code, started) = b.post("/v1/admin/batch");
+    assert!(code == 202 || code == 200, "{code} {started}");
     b.kill9();
     let (on_b, unanswered) = to_b.join().unwrap();
     *stop.lock().unwrap() = true;
@@ -205,10 +208,15 @@ fn a_node_killed_mid_ingest_loses_no_acknowledged_event_and_catches_up_exactly()
     let mut rng = StdRng::seed_from_u64(seed());
     assert_exact(&a, &model, &mut rng, &urls);
 
-    // The killed node comes back on its own data_dir, reads the rest of the log, and agrees.
+    // The killed node comes back on its own data_dir, reads the rest of the log, and agrees,
+    // before and after its next batch run.
     b.restart();
     catch_up(&[&b], last);
     assert_exact(&b, &model, &mut rng, &urls);
+    batch_run(&b);
+    assert_exact(&b, &model, &mut rng, &urls);
+    batch_run(&a);
+    assert_exact(&a, &model, &mut rng, &urls);
 }
 
 #[test]

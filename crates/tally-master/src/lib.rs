@@ -511,6 +511,23 @@ impl Master {
         Tail::Events(events.range(start..end).cloned().collect())
     }
 
+    /// How many acknowledged events have a `seq` in `after..=through`: counted in the tail
+    /// while it holds them (the usual case), else the `seq` difference — exact for one node,
+    /// whose `seq`s are dense; an upper bound with the cluster log's gaps.
+    pub fn events_between(&self, after: Seq, through: Seq) -> u64 {
+        let tail = tally_core::sync::lock(&self.inner.shared.tail);
+        let through = through.min(Seq(self.inner.shared.acked.load(Ordering::SeqCst)));
+        if through <= after {
+            return 0;
+        }
+        if after < tail.complete_after {
+            return through.0 - after.0;
+        }
+        let from = tail.events.partition_point(|e| e.seq <= after);
+        let to = tail.events.partition_point(|e| e.seq <= through);
+        (to - from) as u64
+    }
+
     /// The events with `after < seq <= through`, in `seq` order, read from the sealed files and
     /// the WAL. Blocking: call from `spawn_blocking`. `through` is capped at the acknowledged
     /// `seq`.

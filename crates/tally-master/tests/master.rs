@@ -1109,6 +1109,11 @@ async fn log_given_seqs_with_gaps_are_kept_across_redelivery_cuts_sealing_and_re
     assert_eq!(tail_seqs(&m, 150, 2).unwrap(), vec![200, 201]);
     assert_eq!(tail_seqs(&m, 201, 10).unwrap(), vec![400]);
     assert_eq!(tail_seqs(&m, 400, 10).unwrap(), Vec::<u64>::new());
+    // Lag in events, counted across the gaps.
+    assert_eq!(m.events_between(Seq(0), Seq(400)), 6);
+    assert_eq!(m.events_between(Seq(101), Seq(300)), 3);
+    assert_eq!(m.events_between(Seq(201), Seq(9999)), 1);
+    assert_eq!(m.events_between(Seq(400), Seq(400)), 0);
 
     // Sealed through the cut, then the rest replayed from the WAL after a restart.
     assert!(m.seal().await.unwrap() >= Seq(300));
@@ -1120,8 +1125,11 @@ async fn log_given_seqs_with_gaps_are_kept_across_redelivery_cuts_sealing_and_re
     let all = m.read_range(Seq(0), Seq(1000)).unwrap();
     assert_eq!(seqs(&all), vec![100, 101, 102, 200, 201, 400, 500, 501]);
     assert_eq!(all[5].event, ev(5));
-    // Before the replayed tail's first event the tail cannot say what is missing: storage does.
+    // Before the replayed tail's first event the tail cannot say what is missing: storage does
+    // (and the lag is the seq difference, an upper bound).
     assert_eq!(tail_seqs(&m, 0, 10), None);
+    assert_eq!(m.events_between(Seq(0), Seq(501)), 501);
+    assert_eq!(m.events_between(Seq(499), Seq(501)), 2);
     assert_eq!(tail_seqs(&m, 499, 10).unwrap(), vec![500, 501]);
     // Redelivered after the restart: still nothing written twice.
     m.append_at(Seq(400), evs(5..6)).await.unwrap();
