@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use crate::{poll_until, DEADLINE};
+use crate::{poll_until, send_signal, DEADLINE};
 
 /// A private `nats-server` with JetStream, its store in its own temporary directory (kept across
 /// [`TestNats::restart`]), on a free loopback port that stays the same across restarts. Killed
@@ -104,6 +104,20 @@ impl TestNats {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            send_signal(c.id(), "STOP");
+        }
+    }
+
+    /// Lets a paused server go on (`SIGCONT`).
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            send_signal(c.id(), "CONT");
         }
     }
 

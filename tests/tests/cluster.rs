@@ -341,3 +341,35 @@ fn a_single_node_data_dir_uploaded_to_the_log_is_counted_once_by_every_cluster_n
     assert_exact(&a, &model, &mut rng, &urls);
     assert_exact(&b, &model, &mut rng, &urls);
 }
+
+#[test]
+fn a_request_nats_stores_only_after_its_deadline_is_answered_503_and_never_counted() {
+    let Some(nats) = TestNats::start("a_request_nats_stores_only_after_its_deadline") else {
+        return;
+    };
+    let n = TestServer::start(
+        ServerOpts::default()
+            .env("TALLY_QUEUE_URL", nats.url())
+            .env("TALLY_QUEUE_PUBLISH_TIMEOUT", "1s"),
+    );
+    let urls = make_urls(5, 1);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut model = Model::default();
+    ingest_random(&n, &mut model, &mut rng, &urls, 200);
+    // NATS frozen: the connection stays up, the publish (and the copy sent to settle it after
+    // the deadline) wait in the client's buffer; the request is answered 503 ...
+    nats.pause();
+    let (code, body) = n.post_events(json!([{"url": urls[0], "ts": now_ms()}]).to_string(), JSON);
+    nats.resume();
+    assert_eq!(code, 503, "{body}");
+    // ... and when NATS takes the buffered copy, later than the deadline, no node counts it.
+    poll_until(
+        "the late copy to reach the log and be skipped",
+        DEADLINE,
+        || (n.metric("tally_log_void_messages_total") >= 1.0).then_some(()),
+    );
+    ingest_random(&n, &mut model, &mut rng, &urls, 200);
+    let last = last_seq(&n);
+    catch_up(&[&n], last);
+    assert_exact(&n, &model, &mut rng, &urls);
+}

@@ -210,6 +210,11 @@ impl Log {
     /// [`Log::publish`] with a `Nats-Msg-Id` of the caller's: a second publish with the same
     /// id within the stream's duplicate window (2 min) is stored once.
     pub async fn publish_events_with_id(&self, events: &[Event], id: String) -> Result<u64> {
+        // Before the first connection the server's max_payload is not known (0).
+        if !self.connected() || self.max_message_bytes() == 0 {
+            ::metrics::counter!(metrics::LOG_PUBLISH_ERRORS).increment(1);
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
         let payload = tally_master::encode_events(events);
         let max = self.max_message_bytes();
         if payload.len() > max {
@@ -247,8 +252,6 @@ impl Log {
     }
 
     async fn publish_message(&self, subject: String, payload: Vec<u8>, id: String) -> Result<u64> {
-        // Cheap to clone for a retry.
-        let payload = bytes::Bytes::from(payload);
         // Disconnected, the client would queue the message and send it after reconnecting,
         // long after this request was answered 503: send nothing instead.
         if !self.connected() {
@@ -260,33 +263,45 @@ impl Log {
         let give_up = t + self.cfg.publish_timeout + 2 * CLOCK_SKEW;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(DEADLINE_HEADER, deadline.to_string().as_str());
-        let stored = loop {
+        // Cheap to clone for a retry.
+        let payload = bytes::Bytes::from(payload);
+        // Every attempt sends the same id: JetStream stores the message once and acknowledges a
+        // copy sent again with the first one's sequence (`duplicate`).
+        let send = |wait: Duration| {
+            let message = PublishMessage::build()
+                .payload(payload.clone())
+                .headers(headers.clone())
+                .message_id(&id);
+            let subject = subject.clone();
+            async move {
+                tokio::time::timeout(wait, async {
+                    self.js
+                        .send_publish(subject, message)
+                        .await
+                        .map_err(unavailable)?
+                        .await
+                        .map_err(unavailable)
+                })
+                .await
+                .unwrap_or_else(|_| Err(unavailable("no acknowledgement in time")))
+            }
+        };
+        let ack = loop {
             let left = give_up.saturating_duration_since(std::time::Instant::now());
-            // The same id each time: JetStream stores the message once and acknowledges a copy
-            // sent again with the first one's sequence.
-            let sent = tokio::time::timeout(left, async {
-                self.js
-                    .send_publish(
-                        subject.clone(),
-                        PublishMessage::build()
-                            .payload(payload.clone())
-                            .headers(headers.clone())
-                            .message_id(&id),
-                    )
-                    .await
-                    .map_err(unavailable)?
-                    .await
-                    .map_err(unavailable)
-            })
-            .await
-            .unwrap_or_else(|_| Err(unavailable("no acknowledgement in time")));
-            match sent {
-                Ok(ack) => break ack.sequence,
+            match send(left).await {
+                Ok(ack) => break ack,
                 Err(e) if std::time::Instant::now() >= give_up || !self.connected() => {
-                    // Answered 503 no earlier than `deadline + 2 × CLOCK_SKEW`: a copy the
-                    // client still sends later is stored after `deadline + CLOCK_SKEW`, which
-                    // makes it void.
+                    // Past `deadline + 2 × CLOCK_SKEW`, a copy sent now is stored void unless
+                    // the first one was stored: then JetStream answers with the first one's
+                    // sequence, whose stored time decides below. Either way the answer is
+                    // exact; only with NATS out of reach does it stay 503 (a copy the client
+                    // still holds lands void).
                     tokio::time::sleep_until(give_up.into()).await;
+                    if self.connected() {
+                        if let Ok(ack) = send(Duration::from_secs(1)).await {
+                            break ack;
+                        }
+                    }
                     ::metrics::counter!(metrics::LOG_PUBLISH_ERRORS).increment(1);
                     return Err(e);
                 }
@@ -298,20 +313,25 @@ impl Log {
                 }
             }
         };
-        // Acknowledged after the deadline: stored in time or void, as the stored time says
-        // (the rule every follower applies to it).
-        if tally_core::now_ms() > deadline {
+        // Acknowledged late, or as a copy of an earlier message with this id: the stored
+        // message's own deadline and stored time decide, as every follower decides.
+        if ack.duplicate || tally_core::now_ms() > deadline {
             let stream = self.ensure_stream().await?;
-            let msg = stream.get_raw_message(stored).await.map_err(unavailable)?;
-            if is_void(Some(deadline), msg.time) {
+            let msg = stream
+                .get_raw_message(ack.sequence)
+                .await
+                .map_err(unavailable)?;
+            if is_void(deadline_of(Some(&msg.headers)), msg.time) {
                 ::metrics::counter!(metrics::LOG_PUBLISH_ERRORS).increment(1);
-                return Err(Error::Unavailable(
-                    "NATS stored the events after their deadline (they will not be counted)".into(),
-                ));
+                return Err(Error::Unavailable(format!(
+                    "NATS stored message {} after its deadline, so no node counts it (a copy \
+                     with the same id is refused for the stream's 2-minute duplicate window)",
+                    ack.sequence
+                )));
             }
         }
         ::metrics::histogram!(metrics::LOG_PUBLISH_SECONDS).record(t.elapsed().as_secs_f64());
-        Ok(stored)
+        Ok(ack.sequence)
     }
 
     pub fn node_id(&self) -> &str {
@@ -497,6 +517,9 @@ impl Follower {
     /// One connection's worth of following; returns on any error (or when the messages end).
     async fn follow(&self) -> Result<()> {
         let connects = self.log.connects.load(Ordering::SeqCst);
+        // Whatever the last attempt left in flight is written (or refused) before this one asks
+        // where to resume; a failed write left the writer refusing log appends until now.
+        self.master.resume_log().await.map_err(unavailable)?;
         self.check_mark().await?;
         let stream = self.log.ensure_stream().await?;
         let mut next = self.position() + 1;
@@ -548,8 +571,9 @@ impl Follower {
                     if n > next {
                         return Err(Error::Mismatch(format!(
                             "the log no longer holds messages {next}..{}, which this node has \
-                             not read (retention by age or size dropped them); start this \
-                             node with a fresh data_dir",
+                             not read (retention by age or size dropped them): copy the \
+                             data_dir of a stopped node that has them, give the copy its own \
+                             cluster.node_id, and raise queue.max_age or max_bytes",
                             n - 1
                         )));
                     }
@@ -564,11 +588,14 @@ impl Follower {
                             let f = self.master.cut_epoch_at(seq_of(n, 0));
                             Box::pin(async move { (n, f.await.map(drop)) })
                         } else {
-                            let events = tally_master::decode_events(&msg.payload).ok_or_else(|| {
-                                Error::Mismatch(format!(
-                                    "log message {n} is not a batch of events tally wrote"
-                                ))
-                            })?;
+                            let events = tally_master::decode_events(&msg.payload)
+                                .filter(|e| e.len() <= MAX_MESSAGE_EVENTS)
+                                .ok_or_else(|| {
+                                    Error::Mismatch(format!(
+                                        "log message {n} is not a batch of at most \
+                                         {MAX_MESSAGE_EVENTS} events tally wrote"
+                                    ))
+                                })?;
                             let f = self.master.append_at(seq_of(n, 0), events);
                             Box::pin(async move { (n, f.await.map(drop)) })
                         };

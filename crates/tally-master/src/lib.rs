@@ -313,6 +313,7 @@ impl Master {
             seg: rec.open,
             next_seq: rec.next_seq,
             needs_repair: false,
+            log_failed: false,
             sealer: sealer_tx.clone(),
             buf: Vec::with_capacity(1 << 20),
             // The recovered open segment's events are only partly in memory: read it back.
@@ -411,6 +412,15 @@ impl Master {
         c: Seq,
     ) -> impl std::future::Future<Output = Result<Seq>> + Send + 'static {
         self.queue_to_writer(move |reply| WriterCmd::CutEpoch { at: Some(c), reply })
+    }
+
+    /// Takes appends and cuts with log seqs again after one failed (until then the writer
+    /// refuses them, so that none lands after the gap the failure left). The log's follower
+    /// calls it when it starts over, before it asks where to resume; queued behind whatever it
+    /// had in flight.
+    pub async fn resume_log(&self) -> Result<()> {
+        self.ask_writer(|reply| WriterCmd::ResumeLog { reply })
+            .await
     }
 
     /// Sends `cmd` to the writer now; the future resolves with its answer.

@@ -43,6 +43,10 @@ pub(crate) enum WriterCmd {
     Rotate {
         reply: oneshot::Sender<Result<RotateInfo>>,
     },
+    /// The log's follower starts over: appends and cuts with log seqs are taken again.
+    ResumeLog {
+        reply: oneshot::Sender<Result<()>>,
+    },
     Shutdown {
         reply: oneshot::Sender<Result<()>>,
     },
@@ -67,6 +71,9 @@ pub(crate) struct Writer {
     pub(crate) next_seq: u64,
     /// The open segment holds bytes past `len` that must be cut before the next write.
     pub(crate) needs_repair: bool,
+    /// An append or cut with a log seq failed: later ones are refused until the follower
+    /// starts over ([`WriterCmd::ResumeLog`]), so none lands after a gap it left.
+    pub(crate) log_failed: bool,
     pub(crate) sealer: Sender<SealerCmd>,
     pub(crate) buf: Vec<u8>,
     /// Every acknowledged event of the open segment, handed to the sealer when the segment
@@ -145,10 +152,16 @@ impl Writer {
     fn control(&mut self, cmd: WriterCmd) -> bool {
         match cmd {
             WriterCmd::Append { .. } => unreachable!("appends are grouped"),
+            WriterCmd::ResumeLog { reply } => {
+                self.log_failed = false;
+                let _ = reply.send(Ok(()));
+                false
+            }
             WriterCmd::CutEpoch { at, reply } => {
                 let last = Seq(self.next_seq - 1);
                 let result = match at {
                     None => self.shared.epochs.cut(last),
+                    Some(_) if self.log_failed => Err(log_failed()),
                     // A marker the log delivers again is a cut already made.
                     Some(c) if c < last && self.shared.epochs.last_start() > c => Ok(c),
                     Some(c) if c < last => Err(Error::OutOfOrder(format!(
@@ -158,6 +171,9 @@ impl Writer {
                         self.next_seq = c.0 + 1;
                     }),
                 };
+                if at.is_some() && result.is_err() {
+                    self.log_failed = true;
+                }
                 let _ = reply.send(result);
                 false
             }
@@ -301,8 +317,21 @@ impl Writer {
         if self.shared.panic_writer.swap(false, Ordering::SeqCst) {
             panic!("injected WAL writer panic (test hook)");
         }
+        if self.log_failed {
+            // Refused until the follower starts over; appends of one node go on.
+            let (refused, kept): (Pending, Pending) =
+                pending.drain(..).partition(|(_, at, _)| at.is_some());
+            for (_, _, reply) in refused {
+                let _ = reply.send(Err(log_failed()));
+            }
+            *pending = kept;
+            if pending.is_empty() {
+                return;
+            }
+        }
         if let Err(e) = self.ensure_segment() {
             tracing::warn!(error = %e, "wal unavailable");
+            self.log_failed |= pending.iter().any(|(_, at, _)| at.is_some());
             let what = format!("wal segment in {}", self.shared.paths.wal.display());
             let source = std::sync::Arc::new(e);
             for (_, _, reply) in pending.drain(..) {
@@ -360,6 +389,7 @@ impl Writer {
             // Cut the partial record away so nothing of it can ever be replayed; if that fails
             // too, the next write repairs first.
             self.needs_repair = true;
+            self.log_failed |= pending.iter().any(|(_, at, _)| at.is_some());
             if let Err(e) = self.repair() {
                 tracing::warn!(error = %e, "could not truncate the wal segment; will retry");
             }
@@ -425,11 +455,19 @@ impl Writer {
     }
 }
 
+fn log_failed() -> Error {
+    Error::Unavailable {
+        what: "an earlier write of the log's events failed; the follower starts over".into(),
+        source: Arc::new(std::io::Error::other("log write refused after a failure")),
+    }
+}
+
 fn reject(cmd: WriterCmd) {
     match cmd {
         WriterCmd::Append { reply, .. } => drop(reply.send(Err(Error::Closed))),
         WriterCmd::CutEpoch { reply, .. } => drop(reply.send(Err(Error::Closed))),
         WriterCmd::Rotate { reply } => drop(reply.send(Err(Error::Closed))),
+        WriterCmd::ResumeLog { reply } => drop(reply.send(Err(Error::Closed))),
         WriterCmd::Shutdown { reply } => drop(reply.send(Ok(()))),
     }
 }

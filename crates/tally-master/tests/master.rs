@@ -1098,6 +1098,9 @@ async fn log_given_seqs_with_gaps_are_kept_across_redelivery_cuts_sealing_and_re
     // A cut behind what was appended is refused, as corruption of the log's order.
     let late = m.cut_epoch_at(Seq(350)).await.unwrap_err();
     assert!(matches!(late, Error::OutOfOrder(_)), "{late}");
+    // After a refused cut, log appends wait until the follower starts over.
+    assert!(m.append_at(Seq(450), evs(9..10)).await.is_err());
+    m.resume_log().await.unwrap();
     assert_eq!(m.acked_seq(), Seq(400));
 
     // The tail finds the event after any seq, across the gaps.
@@ -1177,4 +1180,30 @@ fn events_encoded_for_the_log_decode_to_themselves_and_damage_is_refused() {
     }
     assert_eq!(tally_master::decode_events(&bytes[..bytes.len() - 1]), None);
     assert_eq!(tally_master::decode_events(b""), None);
+}
+
+#[tokio::test]
+async fn after_a_failed_log_append_later_ones_wait_for_the_follower_to_start_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Master::open(cfg(dir.path())).unwrap();
+    m.inject_write_failures(1);
+    let first = m.append_at(Seq(100), evs(0..2));
+    let second = m.append_at(Seq(200), evs(2..3));
+    let cut = m.cut_epoch_at(Seq(300));
+    assert!(matches!(first.await, Err(Error::Unavailable { .. })));
+    // Written after the gap, the next message would hide it from a follower resuming after
+    // the last seq written: refused instead, the cut too.
+    assert!(matches!(second.await, Err(Error::Unavailable { .. })));
+    assert!(matches!(cut.await, Err(Error::Unavailable { .. })));
+    assert_eq!(m.acked_seq(), Seq(0));
+    assert_eq!(m.epochs(), vec![Seq(1)]);
+    // The follower starts over from where the WAL ends.
+    m.resume_log().await.unwrap();
+    m.append_at(Seq(100), evs(0..2)).await.unwrap();
+    m.append_at(Seq(200), evs(2..3)).await.unwrap();
+    m.cut_epoch_at(Seq(300)).await.unwrap();
+    let all = m.read_range(Seq(0), Seq(1000)).unwrap();
+    assert_eq!(seqs(&all), vec![100, 101, 200]);
+    assert_eq!(m.epochs(), vec![Seq(1), Seq(301)]);
+    m.shutdown().await.unwrap();
 }

@@ -319,8 +319,12 @@ impl Config {
                     self.ingest.max_batch_events
                 );
             }
-            if q.publish_timeout.is_zero() {
-                bail!("queue.publish_timeout must be positive");
+            // A retry inside a request must stay within JetStream's 2-minute duplicate window.
+            if q.publish_timeout.is_zero() || q.publish_timeout > Duration::from_secs(60) {
+                bail!(
+                    "queue.publish_timeout must be between 1ms and 60s, not {:?}",
+                    q.publish_timeout
+                );
             }
         }
         self.storage.retention()?;

@@ -46,7 +46,8 @@ pub(crate) fn run(cfg: Config, cmd: MasterCommand) -> anyhow::Result<ExitCode> {
 /// Where `tally master upload` records how far it got: `<stream identity> <last seq published>`.
 const UPLOAD_FILE: &str = "upload_progress";
 
-/// Events read from the master dataset at a time.
+/// The `seq` windows the master dataset is read in (one node's `seq`s are dense: as many
+/// events at most).
 const UPLOAD_READ: u64 = 50_000;
 
 fn upload(cfg: Config, to: Option<String>) -> anyhow::Result<ExitCode> {
@@ -102,7 +103,12 @@ fn upload(cfg: Config, to: Option<String>) -> anyhow::Result<ExitCode> {
         let (mut events_sent, mut messages) = (0u64, 0u64);
         let max_bytes = log.max_message_bytes();
         while after < acked {
-            let through = Seq(after.0.saturating_add(UPLOAD_READ).min(acked.0));
+            // Windows aligned to multiples of UPLOAD_READ, and messages cut greedily from their
+            // first event: a message is a function of its first seq and the data alone, so a
+            // rerun after an interruption builds the same messages under the same ids, and
+            // JetStream keeps one copy of each.
+            let window_end = (after.0 / UPLOAD_READ + 1) * UPLOAD_READ;
+            let through = Seq(window_end.min(acked.0));
             let m = master.clone();
             let read = tokio::task::spawn_blocking(move || m.read_range(after, through))
                 .await
