@@ -20,10 +20,8 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
     let cluster = match &state.log {
         None => Value::Null,
         Some(log) => {
+            // The follower owns the tally_log_last_seq gauge; this asks the stream now.
             let last = log.last_seq().await.ok();
-            if let Some(last) = last {
-                metrics::gauge!(tally_log::metrics::LOG_LAST_SEQ).set(last as f64);
-            }
             json!({
                 "node_id": log.node_id(),
                 "leases": [],
