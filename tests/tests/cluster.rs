@@ -12,8 +12,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::{
-    assert_exact, batch_run, ingest_random, make_urls, now_ms, poll_until, read_master, seed,
-    tally_bin, Model, ServerOpts, TestNats, TestServer, DAY_MS, DEADLINE, JSON,
+    assert_exact, ingest_random, make_urls, now_ms, poll_until, read_master, seed, tally_bin,
+    Model, ServerOpts, TestNats, TestServer, DAY_MS, DEADLINE, JSON,
 };
 
 fn node(nats: &TestNats) -> TestServer {
@@ -21,8 +21,22 @@ fn node(nats: &TestNats) -> TestServer {
         ServerOpts::default()
             .env("TALLY_QUEUE_URL", nats.url())
             .env("TALLY_QUEUE_PUBLISH_TIMEOUT", "2s")
-            .env("TALLY_BATCH_RETRY_BACKOFF", "100ms"),
+            .env("TALLY_BATCH_RETRY_BACKOFF", "100ms")
+            .env("TALLY_CLUSTER_LEASE_TTL", "2s"),
     )
+}
+
+/// A batch run on `node`, waited for. A node answers `409` while it computes its own view to
+/// another node's cut, or while another node's run holds the batch lease: it is asked again.
+fn cluster_batch_run(node: &TestServer) -> Value {
+    poll_until("a batch run to be admitted", DEADLINE, || {
+        let (code, body) = node.post("/v1/admin/batch?wait=true");
+        match code {
+            200 => Some(body),
+            409 => None,
+            _ => panic!("POST /v1/admin/batch?wait=true: {code} {body}"),
+        }
+    })
 }
 
 fn cluster_of(node: &TestServer) -> Value {
@@ -66,7 +80,7 @@ fn three_nodes_fed_round_robin_answer_every_query_like_the_model() {
         // Batch runs started on different nodes: each cuts at its own marker in the log, which
         // every node sees at the same place.
         if round % 2 == 1 {
-            let run = batch_run(&nodes[round % 3]);
+            let run = cluster_batch_run(&nodes[round % 3]);
             assert!(run["cutoff_seq"].as_u64().is_some(), "{run}");
         }
     }
@@ -155,7 +169,7 @@ fn a_node_killed_mid_ingest_loses_no_acknowledged_event_and_catches_up_exactly()
     poll_until("events acknowledged on b", DEADLINE, || {
         (b.acked_seq() > 0).then_some(())
     });
-    batch_run(&b);
+    cluster_batch_run(&b);
     let (code, started) = b.post("/v1/admin/batch");
     assert!(code == 202 || code == 200, "{code} {started}");
     b.kill9();
@@ -213,9 +227,9 @@ fn a_node_killed_mid_ingest_loses_no_acknowledged_event_and_catches_up_exactly()
     b.restart();
     catch_up(&[&b], last);
     assert_exact(&b, &model, &mut rng, &urls);
-    batch_run(&b);
+    cluster_batch_run(&b);
     assert_exact(&b, &model, &mut rng, &urls);
-    batch_run(&a);
+    cluster_batch_run(&a);
     assert_exact(&a, &model, &mut rng, &urls);
 }
 
@@ -272,7 +286,7 @@ fn with_nats_gone_ingest_answers_503_with_retry_after_and_resumes_without_loss()
     ingest_random(&n, &mut model, &mut rng, &urls, 500);
     let last = last_seq(&n);
     catch_up(&[&n], last);
-    batch_run(&n);
+    cluster_batch_run(&n);
     assert_exact(&n, &model, &mut rng, &urls);
 }
 
@@ -301,7 +315,7 @@ fn a_single_node_data_dir_uploaded_to_the_log_is_counted_once_by_every_cluster_n
     let mut rng = StdRng::seed_from_u64(seed());
     let mut model = Model::default();
     ingest_random(&single, &mut model, &mut rng, &urls, 3000);
-    batch_run(&single);
+    cluster_batch_run(&single);
     ingest_random(&single, &mut model, &mut rng, &urls, 1500);
     // Not while the server holds the data_dir.
     let (ok, text) = upload(single.data_dir(), &nats);
@@ -337,7 +351,7 @@ fn a_single_node_data_dir_uploaded_to_the_log_is_counted_once_by_every_cluster_n
     ingest_random(&b, &mut model, &mut rng, &urls, 500);
     let last = last_seq(&a);
     catch_up(&[&a, &b], last);
-    batch_run(&a);
+    cluster_batch_run(&a);
     assert_exact(&a, &model, &mut rng, &urls);
     assert_exact(&b, &model, &mut rng, &urls);
 }
@@ -372,4 +386,111 @@ fn a_request_nats_stores_only_after_its_deadline_is_answered_503_and_never_count
     let last = last_seq(&n);
     catch_up(&[&n], last);
     assert_exact(&n, &model, &mut rng, &urls);
+}
+
+/// Holds the cluster's batch lease from outside tally, as another node would: the key `batch`
+/// in the JetStream key-value bucket `<stream>_leases`, renewed every 300 ms until `stop`.
+fn hold_batch_lease(nats: &TestNats, holder: &str, run_id: &str, stop: Arc<Mutex<bool>>) {
+    let (url, value) = (nats.url(), format!("{holder}\n{run_id}"));
+    let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let kv = js.get_key_value("tally_events_leases").await.unwrap();
+            let mut revision = kv.create("batch", value.clone().into()).await.unwrap();
+            taken_tx.send(()).unwrap();
+            while !*stop.lock().unwrap() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                revision = kv
+                    .update("batch", value.clone().into(), revision)
+                    .await
+                    .unwrap();
+            }
+            // Then it dies: no release, the key expires after the bucket's max_age.
+        });
+    });
+    taken_rx.recv_timeout(DEADLINE).expect("the lease taken");
+}
+
+#[test]
+fn one_batch_run_at_a_time_in_the_cluster_and_every_node_computes_its_view_to_every_cut() {
+    let Some(nats) = TestNats::start("one_batch_run_at_a_time") else {
+        return;
+    };
+    let nodes: Vec<TestServer> = (0..3).map(|_| node(&nats)).collect();
+    let mut rng = StdRng::seed_from_u64(seed());
+    let urls = make_urls(20, 2);
+    let mut model = Model::default();
+    for n in &nodes {
+        ingest_random(n, &mut model, &mut rng, &urls, 300);
+    }
+    // Asking for the leases opens the bucket (each node creates it when missing).
+    poll_until("the leases bucket", DEADLINE, || {
+        let c = cluster_of(&nodes[0]);
+        (c["leases"].as_array().is_some_and(Vec::is_empty) && c["leases_error"].is_null())
+            .then_some(())
+    });
+
+    // While another node's run holds the lease, every node refuses to start one and names it.
+    let stop = Arc::new(Mutex::new(false));
+    hold_batch_lease(&nats, "elsewhere", "run-elsewhere-1", stop.clone());
+    for n in &nodes {
+        let (code, body) = n.post("/v1/admin/batch?wait=true");
+        assert_eq!(code, 409, "{body}");
+        assert_eq!(body["run_id"], "run-elsewhere-1", "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("elsewhere"),
+            "{body}"
+        );
+        let leases = cluster_of(n)["leases"].clone();
+        assert_eq!(leases[0]["name"], "batch", "{leases}");
+        assert_eq!(leases[0]["holder"], "elsewhere", "{leases}");
+        assert_eq!(leases[0]["purpose"], "run-elsewhere-1", "{leases}");
+        assert_eq!(n.metric("tally_batch_runs_total{status=\"failed\"}"), 0.0);
+    }
+    assert!(nodes[0].status()["batch_version"].is_null());
+
+    // The holder dies (stops renewing): its lease expires and a node's run goes ahead.
+    *stop.lock().unwrap() = true;
+    let run = cluster_batch_run(&nodes[1]);
+    let cutoff = run["cutoff_seq"].as_u64().unwrap();
+    assert!(cutoff > 0, "{run}");
+    // It let the lease go when it finished.
+    poll_until("the lease let go", DEADLINE, || {
+        cluster_of(&nodes[0])["leases"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(())
+    });
+    // Every other node computed its own view to the same cut, from the log, unasked.
+    for (i, n) in nodes.iter().enumerate() {
+        poll_until("the node to serve a view to the cut", DEADLINE, || {
+            (n.status()["batch_cutoff_seq"].as_u64() == Some(cutoff)).then_some(())
+        });
+        let (_, batch) = n.get("/v1/admin/batch");
+        let trigger = &batch["history"][0]["trigger"];
+        assert_eq!(trigger, if i == 1 { "admin" } else { "log" }, "{batch}");
+    }
+    // More events, and a run on another node: all exact, all on the same cut again.
+    for n in &nodes {
+        ingest_random(n, &mut model, &mut rng, &urls, 200);
+    }
+    let second = cluster_batch_run(&nodes[2])["cutoff_seq"].as_u64().unwrap();
+    assert!(second > cutoff);
+    let last = last_seq(&nodes[0]);
+    let all: Vec<&TestServer> = nodes.iter().collect();
+    catch_up(&all, last);
+    for n in &nodes {
+        poll_until(
+            "the node to serve a view to the second cut",
+            DEADLINE,
+            || (n.status()["batch_cutoff_seq"].as_u64() == Some(second)).then_some(()),
+        );
+        assert_exact(n, &model, &mut rng, &urls);
+    }
 }

@@ -26,7 +26,7 @@ pub use kernel::{
 };
 pub use partials::PartialCache;
 pub use runner::{
-    BatchRunner, EpochCut, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig,
+    Admission, BatchRunner, EpochCut, HistoryEntry, RunError, RunOutcome, RunStatus, RunnerConfig,
     RunningInfo, StageTimings, StartedRun, Trigger,
 };
 pub use sketch::{relative_error, visitor_hash, VisitorSketch};

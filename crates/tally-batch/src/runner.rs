@@ -71,6 +71,9 @@ pub enum Trigger {
     Discard,
     Startup,
     Recovery,
+    /// Cluster mode: a cut marker another node's run published; this node computes its own view
+    /// to that cut (`BatchRunner::run_at`).
+    Log,
 }
 
 impl Trigger {
@@ -119,6 +122,12 @@ pub enum RunError {
     /// Another run is going (HTTP 409 with its `run_id`).
     #[error("a batch run is already going: {run_id}")]
     AlreadyRunning { run_id: String },
+    /// Cluster mode: another node holds the batch lease for its run (HTTP 409).
+    #[error("node {node} is running batch run {run_id} (it holds the batch lease)")]
+    HeldElsewhere { node: String, run_id: String },
+    /// Cluster mode: whether another node is running cannot be known now (HTTP 503).
+    #[error("cannot take the batch lease now: {0}")]
+    Unavailable(String),
     #[error("batch run {run_id} failed: {source}")]
     Failed {
         run_id: String,
@@ -136,6 +145,9 @@ pub struct RunningInfo {
     pub full: bool,
     pub started_at_ms: i64,
     pub progress: Arc<Progress>,
+    /// The cutoff this run computes to when it was given one ([`BatchRunner::run_at`]) instead
+    /// of cutting the epoch itself.
+    pub given_cut: Option<Seq>,
 }
 
 impl RunningInfo {
@@ -172,7 +184,7 @@ pub struct HistoryEntry {
     pub full: bool,
 }
 
-/// A run started in the background by [`BatchRunner::try_start`].
+/// A run started in the background by [`BatchRunner::start`].
 #[derive(Debug)]
 pub struct StartedRun {
     pub run_id: String,
@@ -189,7 +201,22 @@ pub trait EpochCut: Send + Sync {
         &'a self,
         master: &'a Master,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::Result<Seq>> + Send + 'a>>;
+
+    /// Admits run `run_id`, which will cut, before it starts: one node admits every run; in
+    /// cluster mode, the node that takes the batch lease ([`RunError::HeldElsewhere`]
+    /// elsewhere). The run holds what this returns until it ends.
+    fn admit<'a>(
+        &'a self,
+        run_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Admission, RunError>> + Send + 'a>>
+    {
+        let _ = run_id;
+        Box::pin(async { Ok(Box::new(()) as Admission) })
+    }
 }
+
+/// What admits a run (a lease in cluster mode), held until the run ends.
+pub type Admission = Box<dyn std::any::Any + Send + Sync>;
 
 /// The single node's cut: the WAL writer's.
 struct WalCut;
@@ -211,6 +238,8 @@ struct Inner {
     running: Mutex<Option<RunningInfo>>,
     history: Mutex<Vec<HistoryEntry>>,
     counter: AtomicU64,
+    /// The cutoff of the last view a run of this process made `CURRENT`.
+    published: AtomicU64,
 }
 
 /// Runs the batch layer, one run at a time. Cheap to clone.
@@ -258,6 +287,7 @@ impl BatchRunner {
                 running: Mutex::new(None),
                 history: Mutex::new(history),
                 counter: AtomicU64::new(0),
+                published: AtomicU64::new(0),
             }),
         }
     }
@@ -283,12 +313,23 @@ impl BatchRunner {
         tally_core::sync::lock(&self.inner.running).clone()
     }
 
+    /// The cutoff of the last view a run of this process made `CURRENT` (`Seq(0)` before the
+    /// first): known as soon as the run ends, before anyone swaps the view in.
+    pub fn published_cutoff(&self) -> Seq {
+        Seq(self.inner.published.load(Ordering::SeqCst))
+    }
+
     /// Run history, newest first.
     pub fn history(&self) -> Vec<HistoryEntry> {
         tally_core::sync::lock(&self.inner.history).clone()
     }
 
-    fn claim(&self, trigger: Trigger, full: bool) -> Result<(SlotGuard, RunningInfo), RunError> {
+    fn claim(
+        &self,
+        trigger: Trigger,
+        full: bool,
+        given_cut: Option<Seq>,
+    ) -> Result<(SlotGuard, RunningInfo), RunError> {
         let mut r = tally_core::sync::lock(&self.inner.running);
         if let Some(cur) = r.as_ref() {
             return Err(RunError::AlreadyRunning {
@@ -303,6 +344,7 @@ impl BatchRunner {
             full: full || trigger.forces_full() || !self.inner.cfg.reuse_partials,
             started_at_ms: now,
             progress: Arc::new(Progress::new()),
+            given_cut,
         };
         *r = Some(info.clone());
         Ok((
@@ -324,25 +366,40 @@ impl BatchRunner {
     /// [`run`](Self::run); `full`: ignore every cached partial and read every master file
     /// (`tally batch run --full`). Same result, the cure for a damaged cache.
     pub async fn run_with(&self, trigger: Trigger, full: bool) -> Result<RunOutcome, RunError> {
-        let (guard, info) = self.claim(trigger, full)?;
+        let (guard, info) = self.claim(trigger, full, None)?;
+        let admission = self.inner.cut.admit(&info.run_id).await?;
+        let r = self.execute(&info).await;
+        drop(admission);
+        drop(guard);
+        r
+    }
+
+    /// Computes a view to `cutoff`, an epoch cut this node's master dataset already has (cluster
+    /// mode: a marker another node's run published, which this node has followed), without
+    /// cutting or asking for admission.
+    pub async fn run_at(&self, trigger: Trigger, cutoff: Seq) -> Result<RunOutcome, RunError> {
+        let (guard, info) = self.claim(trigger, false, Some(cutoff))?;
         let r = self.execute(&info).await;
         drop(guard);
         r
     }
 
-    /// Starts a run in the background and returns its id at once (`POST /v1/admin/batch`);
-    /// `Err(AlreadyRunning)` if a run is going. Await `handle` for the outcome.
-    pub fn try_start(&self, trigger: Trigger) -> Result<StartedRun, RunError> {
-        self.try_start_with(trigger, false)
+    /// Starts a run in the background and returns its id once it is admitted
+    /// (`POST /v1/admin/batch`); `Err(AlreadyRunning)` if a run is going here,
+    /// `Err(HeldElsewhere)` if on another node. Await `handle` for the outcome.
+    pub async fn start(&self, trigger: Trigger) -> Result<StartedRun, RunError> {
+        self.start_with(trigger, false).await
     }
 
-    /// [`try_start`](Self::try_start); `full` as in [`run_with`](Self::run_with).
-    pub fn try_start_with(&self, trigger: Trigger, full: bool) -> Result<StartedRun, RunError> {
-        let (guard, info) = self.claim(trigger, full)?;
+    /// [`start`](Self::start); `full` as in [`run_with`](Self::run_with).
+    pub async fn start_with(&self, trigger: Trigger, full: bool) -> Result<StartedRun, RunError> {
+        let (guard, info) = self.claim(trigger, full, None)?;
+        let admission = self.inner.cut.admit(&info.run_id).await?;
         let this = self.clone();
         let run_id = info.run_id.clone();
         let handle = tokio::spawn(async move {
             let r = this.execute(&info).await;
+            drop(admission);
             drop(guard);
             r
         });
@@ -358,7 +415,9 @@ impl BatchRunner {
         loop {
             match self.run(trigger).await {
                 Ok(o) => return Ok(o),
-                Err(e @ RunError::AlreadyRunning { .. }) => return Err(e),
+                Err(e @ (RunError::AlreadyRunning { .. } | RunError::HeldElsewhere { .. })) => {
+                    return Err(e)
+                }
                 Err(e) if attempt >= self.inner.cfg.max_retries => return Err(e),
                 Err(e) => {
                     attempt += 1;
@@ -416,7 +475,10 @@ impl BatchRunner {
     async fn stages(&self, info: &RunningInfo) -> Result<RunOutcome, Error> {
         let t0 = Instant::now();
         let master = &self.inner.master;
-        let cutoff = self.inner.cut.cut(master).await?;
+        let cutoff = match info.given_cut {
+            Some(c) => c,
+            None => self.inner.cut.cut(master).await?,
+        };
         let sealed = master.seal().await?;
         if sealed < cutoff {
             return Err(Error::Snapshot(format!(
@@ -490,6 +552,9 @@ impl BatchRunner {
         })
         .await?;
         let publish_ms = t3.elapsed().as_secs_f64() * 1000.0;
+        self.inner
+            .published
+            .fetch_max(cutoff.get(), Ordering::SeqCst);
 
         // A file is read when either keying had no partial for it.
         let read: std::collections::BTreeSet<Seq> = (data.stats.computed_files.iter())

@@ -834,8 +834,8 @@ mod runner {
         );
 
         // One run at a time.
-        let started = runner.try_start(Trigger::Admin).unwrap();
-        match runner.try_start(Trigger::Admin) {
+        let started = runner.start(Trigger::Admin).await.unwrap();
+        match runner.start(Trigger::Admin).await {
             Err(RunError::AlreadyRunning { run_id }) => assert_eq!(run_id, started.run_id),
             Ok(_) => {
                 // The first run may already be over on a fast machine; then this one got the slot.

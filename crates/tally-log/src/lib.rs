@@ -29,7 +29,10 @@ use tally_master::Master;
 use thiserror::Error;
 use tokio::sync::watch;
 
+mod lease;
 pub mod metrics;
+
+pub use lease::{Lease, LeaseInfo, Refused, BATCH, LEASES};
 
 /// Bits of a `seq` that number the events within one message: a message holds at most
 /// `2^SEQ_SHIFT` events (`ingest.max_batch_events` is checked against it at start-up).
@@ -104,6 +107,8 @@ pub struct LogConfig {
     pub publish_timeout: Duration,
     /// This node's name in `/v1/admin/status` (`cluster.node_id`, or its data_dir's id).
     pub node_id: String,
+    /// A lease not renewed for this long expires (`cluster.lease_ttl`).
+    pub lease_ttl: Duration,
 }
 
 /// A connection to the log. Cheap to clone.
@@ -115,6 +120,10 @@ pub struct Log {
     /// The last stream sequence this node's follower has written to its master dataset.
     followed: watch::Receiver<u64>,
     followed_tx: Arc<watch::Sender<u64>>,
+    /// The last epoch cut this node's follower has written (a marker's cutoff).
+    cuts_tx: Arc<watch::Sender<Seq>>,
+    /// The leases bucket, once opened.
+    leases: Arc<Mutex<Option<async_nats::jetstream::kv::Store>>>,
     /// Why the follower stopped for good, if it did.
     failure: Arc<Mutex<Option<String>>>,
     /// Times the client (re)connected: the follower starts over after a reconnect instead of
@@ -173,6 +182,8 @@ impl Log {
             cfg: Arc::new(cfg),
             followed: rx,
             followed_tx: Arc::new(tx),
+            cuts_tx: Arc::new(watch::channel(Seq::ZERO).0),
+            leases: Arc::new(Mutex::new(None)),
             failure: Arc::new(Mutex::new(None)),
             connects,
         })
@@ -341,6 +352,12 @@ impl Log {
     /// The last stream sequence this node's follower has written to its master dataset.
     pub fn followed(&self) -> u64 {
         *self.followed.borrow()
+    }
+
+    /// The last epoch cut this node's follower has written (durably), as it moves: a node
+    /// computes its own view to every cut another node's run published.
+    pub fn cuts(&self) -> watch::Receiver<Seq> {
+        self.cuts_tx.subscribe()
     }
 
     /// Why this node stopped following the log, when it did (then `/readyz` fails).
@@ -524,6 +541,12 @@ impl Follower {
         let stream = self.log.ensure_stream().await?;
         let mut next = self.position() + 1;
         self.log.followed_tx.send_replace(next - 1);
+        if let Some(&start) = self.master.epochs().last() {
+            let cut = Seq(start.0.saturating_sub(1));
+            self.log
+                .cuts_tx
+                .send_if_modified(|c| std::mem::replace(c, cut) != cut);
+        }
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -535,7 +558,10 @@ impl Follower {
             .map_err(unavailable)?;
         let mut messages = consumer.messages().await.map_err(unavailable)?;
         type Op = std::pin::Pin<
-            Box<dyn std::future::Future<Output = (u64, tally_master::Result<()>)> + Send>,
+            Box<
+                dyn std::future::Future<Output = (u64, Option<Seq>, tally_master::Result<()>)>
+                    + Send,
+            >,
         >;
         let mut in_flight: FuturesOrdered<Op> = FuturesOrdered::new();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -550,12 +576,15 @@ impl Follower {
                     }
                 }
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    let (n, result) = done;
+                    let (n, cut, result) = done;
                     result.map_err(|e| match e.kind() {
                         tally_core::error::ErrorKind::Corrupt => Error::Mismatch(e.to_string()),
                         _ => unavailable(e),
                     })?;
                     self.log.followed_tx.send_replace(n);
+                    if let Some(cut) = cut {
+                        self.log.cuts_tx.send_replace(cut);
+                    }
                     ::metrics::gauge!(metrics::LOG_FOLLOWED_SEQ).set(n as f64);
                 }
                 msg = messages.next(), if in_flight.len() < IN_FLIGHT => {
@@ -581,12 +610,13 @@ impl Follower {
                     if is_void(deadline_of(msg.headers.as_ref()), stored_at) {
                         tracing::warn!(stream_seq = n, "skipping a message stored after its deadline (its publisher answered 503)");
                         ::metrics::counter!(metrics::LOG_VOID_MESSAGES).increment(1);
-                        in_flight.push_back(Box::pin(std::future::ready((n, Ok(())))));
+                        in_flight.push_back(Box::pin(std::future::ready((n, None, Ok(())))));
                         continue;
                     }
                     let fut: Op = if msg.subject.as_str().ends_with(".cut") {
-                            let f = self.master.cut_epoch_at(seq_of(n, 0));
-                            Box::pin(async move { (n, f.await.map(drop)) })
+                            let cut = seq_of(n, 0);
+                            let f = self.master.cut_epoch_at(cut);
+                            Box::pin(async move { (n, Some(cut), f.await.map(drop)) })
                         } else {
                             let events = tally_master::decode_events(&msg.payload)
                                 .filter(|e| e.len() <= MAX_MESSAGE_EVENTS)
@@ -597,7 +627,7 @@ impl Follower {
                                     ))
                                 })?;
                             let f = self.master.append_at(seq_of(n, 0), events);
-                            Box::pin(async move { (n, f.await.map(drop)) })
+                            Box::pin(async move { (n, None, f.await.map(drop)) })
                         };
                     in_flight.push_back(fut);
                 }
@@ -638,6 +668,31 @@ impl tally_batch::EpochCut for LogCut {
                 .await
                 .map_err(log_err)?;
             Ok(seq_of(n, 0))
+        })
+    }
+
+    /// One run at a time in the cluster: the run holds the batch lease until it ends.
+    fn admit<'a>(
+        &'a self,
+        run_id: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<tally_batch::Admission, tally_batch::RunError>>
+                + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            match self.log.try_lease(BATCH, run_id).await {
+                Ok(lease) => Ok(Box::new(lease) as tally_batch::Admission),
+                Err(Refused::Held(info)) => Err(tally_batch::RunError::HeldElsewhere {
+                    node: info.holder,
+                    run_id: info.purpose,
+                }),
+                Err(Refused::Unavailable(e)) => {
+                    Err(tally_batch::RunError::Unavailable(e.to_string()))
+                }
+            }
         })
     }
 }

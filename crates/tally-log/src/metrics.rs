@@ -7,6 +7,7 @@ pub const LOG_PUBLISH_ERRORS: &str = "tally_log_publish_errors_total";
 pub const LOG_FOLLOWED_SEQ: &str = "tally_log_followed_seq";
 pub const LOG_LAST_SEQ: &str = "tally_log_last_seq";
 pub const LOG_VOID_MESSAGES: &str = "tally_log_void_messages_total";
+pub const LEASE_HELD: &str = "tally_lease_held";
 
 /// Every metric the log emits (only in cluster mode).
 pub const CATALOGUE: &[MetricDef] = &[
@@ -25,6 +26,10 @@ pub const CATALOGUE: &[MetricDef] = &[
     MetricDef::gauge(
         LOG_LAST_SEQ,
         "The stream's last sequence as this node's follower last saw it (log lag: this minus tally_log_followed_seq).",
+    ),
+    MetricDef::gauge(
+        LEASE_HELD,
+        "1 while this node holds the lease named by the `lease` label (`batch`: it runs the cluster's batch run), else 0.",
     ),
     MetricDef::counter(
         LOG_VOID_MESSAGES,

@@ -21,13 +21,18 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Value> {
         None => Value::Null,
         Some(log) => {
             // The follower owns the tally_log_last_seq gauge; this asks the stream now.
-            let last = log.last_seq().await.ok();
+            let (last, leases) = tokio::join!(log.last_seq(), log.lease_holders());
+            let (leases, leases_error) = match leases {
+                Ok(l) => (l, None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            };
             json!({
                 "node_id": log.node_id(),
-                "leases": [],
+                "leases": leases,
+                "leases_error": leases_error,
                 "log": {
                     "connected": log.connected(),
-                    "last_seq": last,
+                    "last_seq": last.ok(),
                     "followed_seq": log.followed(),
                     "archived_seq": tally_log::stream_seq_of(m.sealed_seq),
                     "failure": log.failure(),

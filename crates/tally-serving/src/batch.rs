@@ -41,6 +41,15 @@ fn run_error(e: RunError) -> ApiError {
             message: "A batch run is already going; wait for it to finish.".into(),
             run_id,
         },
+        RunError::HeldElsewhere { node, run_id } => ApiError::Conflict {
+            message: format!(
+                "Node {node} is running a batch run (it holds the cluster's batch lease); wait for it to finish."
+            ),
+            run_id,
+        },
+        RunError::Unavailable(why) => ApiError::Unavailable(format!(
+            "Cannot start a batch run: whether another node is running one cannot be known now ({why})."
+        )),
         RunError::Failed { run_id, source } => {
             ApiError::Internal(format!("batch run {run_id} failed: {source}"))
         }
@@ -59,7 +68,8 @@ async fn finish(state: &AppState, started: tally_batch::StartedRun) -> ApiResult
 async fn start(state: &AppState, trigger: Trigger, full: bool, wait: bool) -> ApiResult<Response> {
     let started = state
         .runner
-        .try_start_with(trigger, full)
+        .start_with(trigger, full)
+        .await
         .map_err(run_error)?;
     if wait {
         let outcome = finish(state, started).await?;
@@ -151,7 +161,7 @@ pub(crate) async fn post_forget(State(state): State<AppState>, q: Params) -> Api
     let wait = wants_wait(&q)?;
     let forget = forget_of(&q)?;
     let (files, events) = state.master.forget(&forget).await?;
-    let started = state.runner.try_start_with(Trigger::Admin, false);
+    let started = state.runner.start_with(Trigger::Admin, false).await;
     let mut body = json!({ "files_rewritten": files, "events_dropped": events });
     match started {
         Ok(started) if wait => {
@@ -211,6 +221,50 @@ pub(crate) async fn get_batch(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
+/// Cluster mode: computes this node's own view to every epoch cut it follows in the log
+/// (`cuts`: the last cut written, from `tally_log::Log::cuts`), so that every node serves a view
+/// with the same cutoff whichever node's run published it. A cut that arrives while a run is
+/// going waits for it (the run may already cover it); cuts that arrive together are one run, to
+/// the last. Runs until the process ends.
+pub async fn follow_cuts(state: AppState, mut cuts: tokio::sync::watch::Receiver<tally_core::Seq>) {
+    let cfg = state.runner.config().clone();
+    let mut delay = cfg.retry_backoff;
+    loop {
+        let cut = *cuts.borrow_and_update();
+        // A run that just ended has published its view before anyone swapped it in.
+        let serving = state
+            .views
+            .current()
+            .map_or(tally_core::Seq::ZERO, |v| v.cutoff_seq);
+        let covered = serving.max(state.runner.published_cutoff());
+        if cut <= covered {
+            if cuts.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if state.runner.running().is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        }
+        let result = state.runner.run_at(Trigger::Log, cut).await;
+        crate::metrics::record_run(&result);
+        match result {
+            Ok(_) => {
+                delay = cfg.retry_backoff;
+                state.views.refresh().await;
+            }
+            Err(RunError::AlreadyRunning { .. }) => {}
+            Err(e) => {
+                tracing::error!(error = %e, cutoff_seq = cut.get(), retry_in_ms = delay.as_millis() as u64,
+                    "batch run to a cut from the log failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(cfg.max_backoff);
+            }
+        }
+    }
+}
+
 /// A scheduled run: retried with backoff; a run already going is left alone.
 pub async fn scheduled_run(state: AppState) {
     run_in_background(state, Trigger::Schedule).await;
@@ -223,6 +277,9 @@ async fn run_in_background(state: AppState, trigger: Trigger) {
         Ok(_) => state.views.refresh().await,
         Err(RunError::AlreadyRunning { run_id }) => {
             tracing::info!(%run_id, ?trigger, "batch run skipped: another run is going");
+        }
+        Err(RunError::HeldElsewhere { node, run_id }) => {
+            tracing::info!(%node, %run_id, ?trigger, "batch run skipped: another node is running one");
         }
         Err(e) => {
             tracing::error!(error = %e, ?trigger, "batch run failed after retries; the old view keeps serving");

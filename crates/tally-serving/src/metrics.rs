@@ -73,7 +73,12 @@ pub(crate) fn record_run(result: &Result<tally_batch::RunOutcome, tally_batch::R
             metrics::counter!(BATCH_FILES_REUSED).increment(outcome.files_reused as u64);
             metrics::counter!(BATCH_FILES_COMPUTED).increment(outcome.files_computed as u64);
         }
-        Err(tally_batch::RunError::AlreadyRunning { .. }) => {}
+        // Runs that did not start are not failed runs.
+        Err(
+            tally_batch::RunError::AlreadyRunning { .. }
+            | tally_batch::RunError::HeldElsewhere { .. }
+            | tally_batch::RunError::Unavailable(_),
+        ) => {}
         Err(_) => metrics::counter!(BATCH_RUNS, "status" => "failed").increment(1),
     }
 }

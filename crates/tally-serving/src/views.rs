@@ -208,7 +208,7 @@ impl ViewManager {
         let _one_at_a_time = self.lifecycle.lock().await;
         let serving = self.current().map(|v| v.version.clone());
         let Some(version) = version.or(serving) else {
-            let rerun = self.runner.try_start(Trigger::Discard);
+            let rerun = self.runner.start(Trigger::Discard).await;
             self.start_recovery("");
             return Ok(Discarded {
                 version: None,
@@ -237,7 +237,7 @@ impl ViewManager {
         self.runner.discard_version(&version, reason).await?;
         self.refresh_locked().await;
         // Claimed before the recovery loop starts, which first waits for it.
-        let rerun = self.runner.try_start(Trigger::Discard);
+        let rerun = self.runner.start(Trigger::Discard).await;
         self.start_recovery(&version);
         Ok(Discarded {
             version: Some(version),
@@ -337,6 +337,10 @@ impl ViewManager {
                     self.refresh().await;
                 }
                 Err(RunError::AlreadyRunning { .. }) => continue,
+                // Its cut reaches this node through the log, which then computes to it.
+                Err(e @ RunError::HeldElsewhere { .. }) => {
+                    tracing::info!(reason = %e, "recovery waits for another node's batch run");
+                }
                 Err(e) => {
                     tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "recovery run failed");
                 }

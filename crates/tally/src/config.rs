@@ -114,11 +114,13 @@ pub(crate) struct QueueConfig {
 pub(crate) struct ClusterConfig {
     #[serde(deserialize_with = "string_or_number")]
     pub(crate) node_id: String,
+    #[serde(with = "humantime_serde")]
+    pub(crate) lease_ttl: Duration,
 }
 
 impl QueueConfig {
     /// The log's settings when cluster mode is on (`node_id` filled in by the caller).
-    pub(crate) fn log(&self) -> Option<tally_log::LogConfig> {
+    pub(crate) fn log(&self, cluster: &ClusterConfig) -> Option<tally_log::LogConfig> {
         (!self.url.trim().is_empty()).then(|| tally_log::LogConfig {
             url: self.url.trim().to_string(),
             stream: self.stream.clone(),
@@ -127,6 +129,7 @@ impl QueueConfig {
             max_bytes: self.max_bytes,
             publish_timeout: self.publish_timeout,
             node_id: String::new(),
+            lease_ttl: cluster.lease_ttl,
         })
     }
 }
@@ -290,7 +293,7 @@ impl Config {
         if self.batch.keep_versions == 0 {
             bail!("batch.keep_versions must be at least 1");
         }
-        if self.queue.log().is_some() {
+        if self.queue.log(&self.cluster).is_some() {
             let q = &self.queue;
             if !q.url.split(',').all(|u| u.trim().starts_with("nats://")) {
                 bail!(
@@ -317,6 +320,15 @@ impl Config {
                      is one log message), not {}",
                     tally_log::MAX_MESSAGE_EVENTS,
                     self.ingest.max_batch_events
+                );
+            }
+            // The bucket's max_age: JetStream expires entries with a resolution of about a second.
+            if self.cluster.lease_ttl < Duration::from_secs(1)
+                || self.cluster.lease_ttl > Duration::from_secs(3600)
+            {
+                bail!(
+                    "cluster.lease_ttl must be between 1s and 1h, not {:?}",
+                    self.cluster.lease_ttl
                 );
             }
             // A retry inside a request must stay within JetStream's 2-minute duplicate window.

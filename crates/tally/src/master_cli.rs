@@ -55,7 +55,7 @@ fn upload(cfg: Config, to: Option<String>) -> anyhow::Result<ExitCode> {
     if let Some(url) = to {
         queue.url = url;
     }
-    let Some(mut log_cfg) = queue.log() else {
+    let Some(mut log_cfg) = queue.log(&cfg.cluster) else {
         bail!("name the cluster's log: --to nats://host:port, or queue.url in the configuration");
     };
     if !log_cfg

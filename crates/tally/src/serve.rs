@@ -106,7 +106,7 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     let prometheus = install_metrics()?;
     let mut lock = DataDirLock::acquire(&cfg.storage.data_dir)?;
     let master = Master::open(master_config(&cfg)).context("cannot open the master dataset")?;
-    let log = match cfg.queue.log() {
+    let log = match cfg.queue.log(&cfg.cluster) {
         None => None,
         Some(mut log_cfg) => {
             log_cfg.node_id = match cfg.cluster.node_id.trim() {
@@ -182,6 +182,10 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
     );
     let views = state.views.clone();
     views.refresh().await;
+    if let Some(log) = &state.log {
+        // Every node computes its own view to every cut the log carries, whoever published it.
+        tokio::spawn(tally_serving::batch::follow_cuts(state.clone(), log.cuts()));
+    }
 
     // The signal handlers are in place before `listening on` tells anyone to send one: a
     // SIGTERM right after it used to find the default action and kill the process.
