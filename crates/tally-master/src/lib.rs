@@ -538,6 +538,41 @@ impl Master {
         (to - from) as u64
     }
 
+    /// The end of the next window to read from storage after `after` so that
+    /// [`read_range`](Self::read_range) brings about `events` events (never more than one
+    /// master file's, or the rest of the WAL): `seq`s are dense on a single node but not in
+    /// cluster mode, where 250 000 `seq`s may hold two events or 250 000. A master file's row
+    /// count (its Parquet footer) and `seq` range give the density within it; the WAL is read to
+    /// the end of the segment holding the next `seq` (a segment is bounded by the seal
+    /// threshold). Blocking.
+    pub fn storage_window(&self, after: Seq, events: usize) -> Result<Seq> {
+        let acked = self.acked_seq();
+        let files = list_master_files(&self.inner.shared.paths.root)?;
+        if let Some(f) = files.iter().find(|f| f.last > after) {
+            if f.first > after.next() {
+                // A gap before the next file: events there (if any) are in the WAL.
+                return Ok(Seq(f.first.0 - 1));
+            }
+            let rows = parquet_io::row_count(&f.path)?.max(1);
+            let seqs_per_event = (f.last.0 - f.first.0 + 1) as f64 / rows as f64;
+            let span = (events.max(1) as f64 * seqs_per_event).ceil() as u64;
+            return Ok(Seq(after.0.saturating_add(span.max(1)).min(f.last.0)));
+        }
+        let segments = paths::list_segments(&self.inner.shared.paths.wal)?;
+        let end = segments
+            .iter()
+            .enumerate()
+            .map(|(i, seg)| {
+                segments
+                    .get(i + 1)
+                    .map_or(acked, |s| Seq(s.first.0 - 1))
+                    .max(seg.first)
+            })
+            .find(|&end| end > after)
+            .unwrap_or(acked);
+        Ok(end.min(acked).max(after))
+    }
+
     /// The events with `after < seq <= through`, in `seq` order, read from the sealed files and
     /// the WAL. Blocking: call from `spawn_blocking`. `through` is capped at the acknowledged
     /// `seq`.

@@ -254,6 +254,13 @@ fn typed_column<'a, T: Array + 'static>(
         })
 }
 
+/// The number of events in a master file, from its footer alone.
+pub(crate) fn row_count(path: &Path) -> Result<u64> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq_err(path))?;
+    Ok(builder.metadata().file_metadata().num_rows().max(0) as u64)
+}
+
 /// Reads the events of a master file with `after < seq <= through`, in file order.
 pub fn read_master_file_range(path: &Path, after: Seq, through: Seq) -> Result<Vec<SeqEvent>> {
     let file = File::open(path).map_err(io_err(path))?;

@@ -53,7 +53,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// is further behind than the in-memory tail holds. A master file is sorted by URL, not by seq,
 /// so every call decodes each file it touches whole: 20 000-event chunks (`apply_batch_max`)
 /// decoded a 1M-event file 50 times, which kept an applier that had fallen past the tail from
-/// ever catching up (the mixed benchmark's lag stuck around 1–3 M events).
+/// ever catching up (the mixed benchmark's lag stuck around 1–3 M events). The window is
+/// counted in events, not `seq`s (`Master::storage_window`): in cluster mode 250 000 `seq`s
+/// may hold two messages.
 const STORAGE_CHUNK: usize = 250_000;
 /// Batches larger than this are aggregated off the runtime.
 const INLINE_AGGREGATE_MAX: usize = 1024;
@@ -945,16 +947,16 @@ impl Applier {
         }
         let chunk = max.max(STORAGE_CHUNK);
         let after = self.pos;
-        let through = Seq(acked.0.min(after.0.saturating_add(chunk as u64)));
         let master = self.master.clone();
         let shared = self.shared.clone();
         let nice = self.cfg.applier_nice;
-        let deltas = tokio::task::spawn_blocking(move || -> Result<Vec<EpochDelta>> {
+        let (through, deltas) = tokio::task::spawn_blocking(move || -> Result<_> {
             let _priority = applier_priority(nice);
+            let through = master.storage_window(after, chunk)?.min(acked);
             let events = master.read_range(after, through)?;
             file_recent(&shared, &events);
             let epochs = live_epochs(&master, floor);
-            Ok(aggregate(&events, &epochs))
+            Ok((through, aggregate(&events, &epochs)))
         })
         .await
         .map_err(Error::Task)??;
