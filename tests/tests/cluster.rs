@@ -494,3 +494,62 @@ fn one_batch_run_at_a_time_in_the_cluster_and_every_node_computes_its_view_to_ev
         assert_exact(n, &model, &mut rng, &urls);
     }
 }
+
+/// Master events of `node` whose URL starts with `prefix` (sealed first).
+fn stored_with_prefix(node: &TestServer, prefix: &str) -> usize {
+    node.flush();
+    read_master(node.data_dir())
+        .iter()
+        .filter(|r| r.url.starts_with(prefix))
+        .count()
+}
+
+#[test]
+fn a_deletion_request_to_one_node_is_applied_by_every_node_at_its_place_in_the_log() {
+    let Some(nats) = TestNats::start("a_deletion_request") else {
+        return;
+    };
+    let a = node(&nats);
+    let b = node(&nats);
+    let mut rng = StdRng::seed_from_u64(seed());
+    let urls = make_urls(20, 2);
+    let mut model = Model::default();
+    ingest_random(&a, &mut model, &mut rng, &urls, 300);
+    ingest_random(&b, &mut model, &mut rng, &urls, 300);
+    cluster_batch_run(&a);
+    ingest_random(&b, &mut model, &mut rng, &urls, 100);
+
+    let prefix = "https://site0.test/p/1";
+    let (code, body) = a.post(&format!("/v1/admin/forget?url_prefix={prefix}&wait=true"));
+    assert_eq!(code, 200, "{body}");
+    let before = model.events.len();
+    model.events.retain(|(u, _)| !u.starts_with(prefix));
+    assert!(model.events.len() < before);
+    assert_eq!(
+        body["events_dropped"].as_u64(),
+        Some((before - model.events.len()) as u64),
+        "{body}"
+    );
+    // Events sent after the request count again: it applies to what came before it.
+    ingest_random(&b, &mut model, &mut rng, &urls, 200);
+    let after = model
+        .events
+        .iter()
+        .filter(|(u, _)| u.starts_with(prefix))
+        .count();
+    assert!(after > 0);
+    let cutoff = cluster_batch_run(&b)["cutoff_seq"].as_u64().unwrap();
+
+    // A node that joins later reads the whole log, the request at its place included.
+    let c = node(&nats);
+    let last = last_seq(&a);
+    let all = [&a, &b, &c];
+    catch_up(&all, last);
+    for n in all {
+        poll_until("the node to serve a view to the last cut", DEADLINE, || {
+            (n.status()["batch_cutoff_seq"].as_u64() == Some(cutoff)).then_some(())
+        });
+        assert_eq!(stored_with_prefix(n, prefix), after);
+        assert_exact(n, &model, &mut rng, &urls);
+    }
+}

@@ -122,6 +122,9 @@ pub struct Log {
     followed_tx: Arc<watch::Sender<u64>>,
     /// The last epoch cut this node's follower has written (a marker's cutoff).
     cuts_tx: Arc<watch::Sender<Seq>>,
+    /// The last deletion requests this node's follower applied: (stream sequence, files
+    /// rewritten, events dropped).
+    forgotten: Arc<Mutex<std::collections::VecDeque<(u64, usize, u64)>>>,
     /// The leases bucket, once opened.
     leases: Arc<Mutex<Option<async_nats::jetstream::kv::Store>>>,
     /// Why the follower stopped for good, if it did.
@@ -184,6 +187,7 @@ impl Log {
             followed_tx: Arc::new(tx),
             cuts_tx: Arc::new(watch::channel(Seq::ZERO).0),
             leases: Arc::new(Mutex::new(None)),
+            forgotten: Arc::new(Mutex::new(std::collections::VecDeque::new())),
             failure: Arc::new(Mutex::new(None)),
             connects,
         })
@@ -198,7 +202,7 @@ impl Log {
     async fn ensure_stream(&self) -> Result<stream::Stream> {
         let config = stream::Config {
             name: self.cfg.stream.clone(),
-            subjects: vec![self.subject("events"), self.subject("cut")],
+            subjects: self.subjects(),
             num_replicas: self.cfg.replicas.max(1),
             max_age: self.cfg.max_age,
             max_bytes: self.cfg.max_bytes,
@@ -206,10 +210,53 @@ impl Log {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        self.js
+        let mut stream = self
+            .js
             .get_or_create_stream(config)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        // A stream created by an earlier tally lacks the subjects added since.
+        let mut have = stream.cached_info().config.clone();
+        let missing: Vec<String> = (self.subjects().into_iter())
+            .filter(|s| !have.subjects.contains(s))
+            .collect();
+        if !missing.is_empty() {
+            have.subjects.extend(missing);
+            self.js.update_stream(have).await.map_err(unavailable)?;
+            stream = self
+                .js
+                .get_stream(&self.cfg.stream)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(stream)
+    }
+
+    /// The stream's subjects: events, cut markers, deletion requests.
+    fn subjects(&self) -> Vec<String> {
+        ["events", "cut", "forget"]
+            .iter()
+            .map(|k| self.subject(k))
+            .collect()
+    }
+
+    /// Publishes a deletion request (`POST /v1/admin/forget`) for every node to apply at its
+    /// place in the log; resolves with its stream sequence.
+    pub async fn publish_forget(&self, forget: &tally_master::Forget) -> Result<u64> {
+        let Some(line) = forget.encode() else {
+            return Err(Error::Mismatch(format!(
+                "{forget:?} is not sent through the log"
+            )));
+        };
+        self.publish_message(self.subject("forget"), line.into_bytes(), message_id())
+            .await
+    }
+
+    /// What this node's follower dropped for the deletion request at stream sequence `n`
+    /// (master files rewritten, events dropped), once it has applied it (of the last few).
+    pub fn forgotten(&self, n: u64) -> Option<(usize, u64)> {
+        let done = tally_core::sync::lock(&self.forgotten);
+        done.iter().find(|d| d.0 == n).map(|d| (d.1, d.2))
     }
 
     /// Publishes a request's events as one message; resolves with its stream sequence once
@@ -575,18 +622,7 @@ impl Follower {
                         return Err(Error::Unavailable("reconnected to NATS".into()));
                     }
                 }
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    let (n, cut, result) = done;
-                    result.map_err(|e| match e.kind() {
-                        tally_core::error::ErrorKind::Corrupt => Error::Mismatch(e.to_string()),
-                        _ => unavailable(e),
-                    })?;
-                    self.log.followed_tx.send_replace(n);
-                    if let Some(cut) = cut {
-                        self.log.cuts_tx.send_replace(cut);
-                    }
-                    ::metrics::gauge!(metrics::LOG_FOLLOWED_SEQ).set(n as f64);
-                }
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => self.done(done)?,
                 msg = messages.next(), if in_flight.len() < IN_FLIGHT => {
                     let Some(msg) = msg else { return Ok(()) };
                     let msg = msg.map_err(unavailable)?;
@@ -613,6 +649,15 @@ impl Follower {
                         in_flight.push_back(Box::pin(std::future::ready((n, None, Ok(())))));
                         continue;
                     }
+                    if msg.subject.as_str().ends_with(".forget") {
+                        // Applied to the events before it, all of which must be written first.
+                        while let Some(done) = in_flight.next().await {
+                            self.done(done)?;
+                        }
+                        self.forget(n, &msg.payload).await?;
+                        self.done((n, None, Ok(())))?;
+                        continue;
+                    }
                     let fut: Op = if msg.subject.as_str().ends_with(".cut") {
                             let cut = seq_of(n, 0);
                             let f = self.master.cut_epoch_at(cut);
@@ -633,6 +678,46 @@ impl Follower {
                 }
             }
         }
+    }
+}
+
+impl Follower {
+    /// Records that message `n` (a cut at `cut`, if it is a marker) is written, or fails.
+    fn done(&self, (n, cut, result): (u64, Option<Seq>, tally_master::Result<()>)) -> Result<()> {
+        result.map_err(|e| match e.kind() {
+            tally_core::error::ErrorKind::Corrupt => Error::Mismatch(e.to_string()),
+            _ => unavailable(e),
+        })?;
+        self.log.followed_tx.send_replace(n);
+        if let Some(cut) = cut {
+            self.log.cuts_tx.send_replace(cut);
+        }
+        ::metrics::gauge!(metrics::LOG_FOLLOWED_SEQ).set(n as f64);
+        Ok(())
+    }
+
+    /// Applies the deletion request of message `n` to the events before it. Applied again
+    /// after a restart (the message is read again), it drops nothing more.
+    async fn forget(&self, n: u64, payload: &[u8]) -> Result<()> {
+        let forget = std::str::from_utf8(payload)
+            .ok()
+            .and_then(tally_master::Forget::decode)
+            .ok_or_else(|| {
+                Error::Mismatch(format!(
+                    "log message {n} is not a deletion request tally wrote"
+                ))
+            })?;
+        let (files, events) = self
+            .master
+            .forget_through(&forget, seq_of(n, 0))
+            .await
+            .map_err(unavailable)?;
+        let mut done = tally_core::sync::lock(&self.log.forgotten);
+        if done.len() >= 16 {
+            done.pop_front();
+        }
+        done.push_back((n, files, events));
+        Ok(())
     }
 }
 

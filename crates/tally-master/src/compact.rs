@@ -187,6 +187,25 @@ impl Forget {
         }
     }
 
+    /// One line a log message carries (cluster mode: a deletion request every node applies);
+    /// [`Forget::decode`] reads it back. Retention is each node's own, never sent.
+    pub fn encode(&self) -> Option<String> {
+        match self {
+            Forget::UrlPrefix(p) => Some(format!("url_prefix\n{p}")),
+            Forget::Visitor(v) => Some(format!("visitor\n{v}")),
+            Forget::Before(_) => None,
+        }
+    }
+
+    /// [`Forget::encode`]'s line back, checked as a request is.
+    pub fn decode(text: &str) -> Option<Forget> {
+        match text.split_once('\n')? {
+            ("url_prefix", p) => Forget::url_prefix(p).ok(),
+            ("visitor", v) => Forget::visitor(v).ok(),
+            _ => None,
+        }
+    }
+
     pub fn matches(&self, e: &SeqEvent) -> bool {
         match self {
             Forget::UrlPrefix(p) => e.event.url.starts_with(p.as_str()),
@@ -235,10 +254,18 @@ pub(crate) fn min_ts(path: &Path) -> Result<Option<i64>> {
 /// still bounds what it holds; a file left empty stays, so that the largest name is kept):
 /// temporary file, fsync, rename over the old one, fsync of the directory. Call with the files
 /// lock held for writing. Returns the events dropped (0: the file was left untouched).
-pub(crate) fn rewrite_without(file: &MasterFile, forget: &Forget, fsync: bool) -> Result<u64> {
+pub(crate) fn rewrite_without(
+    file: &MasterFile,
+    forget: &Forget,
+    through: Seq,
+    fsync: bool,
+) -> Result<u64> {
     let events = parquet_io::read_master_file(&file.path)?;
     let before = events.len();
-    let kept: Vec<SeqEvent> = events.into_iter().filter(|e| !forget.matches(e)).collect();
+    let kept: Vec<SeqEvent> = events
+        .into_iter()
+        .filter(|e| e.seq > through || !forget.matches(e))
+        .collect();
     let dropped = (before - kept.len()) as u64;
     if dropped > 0 {
         parquet_io::write_parquet_atomic(&file.path, &kept, fsync)?;

@@ -651,13 +651,14 @@ impl Master {
         &self,
         file: &MasterFile,
         forget: &Forget,
+        through: Seq,
         reason: &'static str,
     ) -> Result<u64> {
         let shared = &self.inner.shared;
         let _w = shared.files_lock.clone().write_owned().await;
         let (f, what, fsync) = (file.clone(), forget.clone(), shared.fsync);
         let dropped = blocking(&file.path, move || {
-            compact::rewrite_without(&f, &what, fsync)
+            compact::rewrite_without(&f, &what, through, fsync)
         })
         .await?;
         if dropped > 0 {
@@ -678,13 +679,20 @@ impl Master {
     /// views still count them until the next batch run (which reads only the rewritten files
     /// again: their partials no longer match).
     pub async fn forget(&self, forget: &Forget) -> Result<(usize, u64)> {
+        self.forget_through(forget, Seq(u64::MAX)).await
+    }
+
+    /// [`forget`](Self::forget) of the events with `seq <= through` only: cluster mode applies
+    /// a deletion request at its place in the log, so every node drops the same events whatever
+    /// it has read beyond. Every event up to `through` must be acknowledged here already.
+    pub async fn forget_through(&self, forget: &Forget, through: Seq) -> Result<(usize, u64)> {
         self.seal().await?;
         let dir = self.inner.shared.paths.master.clone();
         let root = self.inner.shared.paths.root.clone();
         let files = blocking(&dir, move || list_master_files(&root)).await?;
         let (mut rewritten, mut dropped) = (0, 0);
-        for f in &files {
-            let n = self.rewrite(f, forget, "forget").await?;
+        for f in files.iter().filter(|f| f.first <= through) {
+            let n = self.rewrite(f, forget, through, "forget").await?;
             if n > 0 {
                 rewritten += 1;
                 dropped += n;
@@ -730,7 +738,7 @@ impl Master {
                 if oldest.is_some_and(|t| t >= horizon) {
                     continue;
                 }
-                out.expired += self.rewrite(f, &forget, "retention").await?;
+                out.expired += self.rewrite(f, &forget, Seq(u64::MAX), "retention").await?;
             }
         }
         let root = shared.paths.root.clone();

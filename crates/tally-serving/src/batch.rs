@@ -160,7 +160,21 @@ pub(crate) async fn post_forget(State(state): State<AppState>, q: Params) -> Api
     let q = params(q)?;
     let wait = wants_wait(&q)?;
     let forget = forget_of(&q)?;
-    let (files, events) = state.master.forget(&forget).await?;
+    let (files, events) = match &state.log {
+        None => state.master.forget(&forget).await?,
+        // Cluster mode: through the log, so every node drops the same events (this node's
+        // counts are answered).
+        Some(log) => {
+            let n = log.publish_forget(&forget).await?;
+            log.wait_followed(n, std::time::Duration::from_secs(60))
+                .await?;
+            log.forgotten(n).ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "The deletion request is log message {n}, which this node has not applied; ask again."
+                ))
+            })?
+        }
+    };
     let started = state.runner.start_with(Trigger::Admin, false).await;
     let mut body = json!({ "files_rewritten": files, "events_dropped": events });
     match started {
@@ -182,7 +196,7 @@ pub(crate) async fn post_forget(State(state): State<AppState>, q: Params) -> Api
         }
         // A run going now may have read the files before they were rewritten: the next run
         // counts without the forgotten events.
-        Err(RunError::AlreadyRunning { run_id }) => {
+        Err(RunError::AlreadyRunning { run_id } | RunError::HeldElsewhere { run_id, .. }) => {
             body["note"] = json!(format!(
                 "Batch run {run_id} was going and may still count the forgotten events; run the batch layer again once it is done."
             ));
