@@ -81,6 +81,12 @@ fn metrics_after_traffic_and_readiness_follows_redis() {
     server.wait_caught_up();
     let (code, _) = server.get("/v1/views?url=https%3A%2F%2Fops.example%2Fp1");
     assert_eq!(code, 200);
+    // Acknowledged, not yet sealed (seal_interval is a minute): sealing is behind by their age.
+    let unsealed = sample(&metrics_text(&server), "tally_seal_lag_seconds");
+    assert!(
+        unsealed.is_some_and(|s| s > 0.0 && s < 60.0),
+        "{unsealed:?}"
+    );
     let (code, _) = server.post("/v1/admin/batch?wait=true");
     assert_eq!(code, 200);
 
@@ -131,6 +137,11 @@ fn metrics_after_traffic_and_readiness_follows_redis() {
     assert_eq!(sample(&text, "tally_redis_up"), Some(1.0));
     assert_eq!(sample(&text, "tally_batch_view_cutoff_seq"), Some(acked));
     assert_eq!(sample(&text, "tally_speed_apply_lag_events"), Some(0.0));
+    assert_eq!(
+        sample(&text, "tally_seal_lag_seconds"),
+        Some(0.0),
+        "all sealed by the run"
+    );
     assert_eq!(
         sample(&text, "tally_speed_events_applied_total"),
         Some(acked),

@@ -521,6 +521,19 @@ impl Master {
         Tail::Events(events.range(start..end).cloned().collect())
     }
 
+    /// When the oldest acknowledged event not yet in a master file was received (ms since the
+    /// epoch): how far sealing — cluster mode's archiving — is behind, in time. `None` when
+    /// every event is sealed, or the oldest unsealed one is older than the in-memory tail.
+    pub fn oldest_unsealed_received_at(&self) -> Option<i64> {
+        let sealed = Seq(self.inner.shared.sealed.load(Ordering::SeqCst));
+        let tail = tally_core::sync::lock(&self.inner.shared.tail);
+        if sealed < tail.complete_after {
+            return None;
+        }
+        let i = tail.events.partition_point(|e| e.seq <= sealed);
+        tail.events.get(i).map(|e| e.event.received_at)
+    }
+
     /// How many acknowledged events have a `seq` in `after..=through`: counted in the tail
     /// while it holds them (the usual case), else the `seq` difference — exact for one node,
     /// whose `seq`s are dense; an upper bound with the cluster log's gaps.

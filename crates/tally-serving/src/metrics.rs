@@ -10,6 +10,7 @@ pub const EVENTS_ACCEPTED: &str = "tally_events_accepted_total";
 pub const EVENTS_REJECTED: &str = "tally_events_rejected_total";
 pub const ACKED_SEQ: &str = "tally_acked_seq";
 pub const SEALED_SEQ: &str = "tally_sealed_seq";
+pub const SEAL_LAG_SECONDS: &str = "tally_seal_lag_seconds";
 pub const WAL_BYTES: &str = "tally_wal_bytes";
 pub const SPEED_APPLIED_SEQ: &str = "tally_speed_applied_seq";
 pub const SPEED_LAG_EVENTS: &str = "tally_speed_apply_lag_events";
@@ -40,6 +41,10 @@ pub const CATALOGUE: &[MetricDef] = &[
     MetricDef::counter(EVENTS_REJECTED, "Ingest requests refused as invalid (nothing stored)."),
     MetricDef::gauge(ACKED_SEQ, "Highest seq acknowledged to a client."),
     MetricDef::gauge(SEALED_SEQ, "Highest seq sealed into the Parquet master dataset."),
+    MetricDef::gauge(
+        SEAL_LAG_SECONDS,
+        "Age of the oldest acknowledged event not yet in a master file (0 when all are): sealing's lag in time, cluster mode's archiver lag.",
+    ),
     MetricDef::gauge(WAL_BYTES, "Bytes in WAL segments not yet sealed."),
     MetricDef::gauge(SPEED_APPLIED_SEQ, "Highest seq the speed layer answers queries with."),
     MetricDef::gauge(SPEED_LAG_EVENTS, "Acknowledged events the speed layer has not applied yet."),

@@ -68,6 +68,9 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
     let m = state.master.status();
     metrics::gauge!(ACKED_SEQ).set(m.acked_seq.get() as f64);
     metrics::gauge!(SEALED_SEQ).set(m.sealed_seq.get() as f64);
+    let unsealed_since = state.master.oldest_unsealed_received_at();
+    let seal_lag_ms = unsealed_since.map_or(0, |t| (tally_core::now_ms() - t).max(0));
+    metrics::gauge!(SEAL_LAG_SECONDS).set(seal_lag_ms as f64 / 1000.0);
     metrics::gauge!(WAL_BYTES).set(m.wal_bytes as f64);
     let applied = state.speed.applied_seq();
     metrics::gauge!(SPEED_APPLIED_SEQ).set(applied.get() as f64);
