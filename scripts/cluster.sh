@@ -2,15 +2,16 @@
 # A tally cluster on one machine, for trying cluster mode (docs/OPERATIONS.md, "Cluster mode").
 #
 #   scripts/cluster.sh start [N]   # build, then start a private nats-server -js, a private
-#                                  # redis-server and N tally nodes (default 3) on loopback
+#                                  # 3-master Redis Cluster and N tally nodes (default 3) on
+#                                  # loopback
 #   scripts/cluster.sh status      # what runs, and each node's view of the log
 #   scripts/cluster.sh stop        # stop what `start` started
 #
 # Everything lives under ./cluster (override with TALLY_CLUSTER_DIR): the NATS store, the Redis
-# socket, each node's data_dir and log. NATS listens on a free loopback port, never the
-# machine's 4222; Redis on a unix socket only, never 6379. The nodes share the Redis (each keeps
-# its speed state under its own key prefix) and the stream `tally_events`. Debian's
-# nats-server and redis-server are installed when missing (as root).
+# nodes' directories, each node's data_dir and log. NATS and the three Redis masters listen on
+# free loopback ports, never the machine's 4222 or 6379. The nodes share the Redis Cluster (each
+# keeps its speed state in one hash slot of its own, `tally:{nodeN}:…`) and the stream
+# `tally_events`. Debian's nats-server and redis-server are installed when missing (as root).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,6 +25,46 @@ nats_bin() { command -v nats-server || echo /usr/sbin/nats-server; }
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# A port whose cluster bus port (port + 10000) is valid too.
+redis_port() {
+    local p
+    while :; do
+        p=$(free_port)
+        [ "$p" -lt 55000 ] && { echo "$p"; return; }
+    done
+}
+
+# Three masters, no replicas, no persistence; prints the redis+cluster:// URL.
+start_redis_cluster() {
+    local i p nodes=() ports=()
+    for i in 1 2 3; do
+        p=$(redis_port)
+        mkdir -p "$dir/redis$i"
+        redis-server --bind 127.0.0.1 --port "$p" --cluster-enabled yes \
+            --cluster-config-file nodes.conf --save "" --appendonly no --dir "$dir/redis$i" \
+            --daemonize yes --pidfile "$dir/redis$i/redis.pid" --logfile "$dir/redis$i/redis.log"
+        echo "$p" >"$dir/redis$i/port"
+        for _ in $(seq 1 100); do
+            [ "$(redis-cli -p "$p" ping 2>/dev/null)" = PONG ] && break
+            sleep 0.1
+        done
+        nodes+=("127.0.0.1:$p")
+        ports+=("$p")
+    done
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$dir/redis-create.log" 2>&1 || {
+        echo "redis-cli --cluster create failed; see $dir/redis-create.log" >&2
+        exit 1
+    }
+    for p in "${ports[@]}"; do
+        for _ in $(seq 1 100); do
+            redis-cli -p "$p" cluster info 2>/dev/null | grep -q cluster_state:ok && break
+            sleep 0.1
+        done
+    done
+    local IFS=,
+    echo "redis+cluster://${nodes[*]}"
 }
 
 start() {
@@ -54,14 +95,16 @@ start() {
     }
     echo "==> nats-server -js on nats://127.0.0.1:$port (pid $(cat "$dir/nats.pid"))" >&2
 
-    start_private_redis "$dir/redis" --save "" --appendonly no --daemonize yes
-    echo "==> redis-server on $dir/redis/redis.sock" >&2
+    local redis_url
+    redis_url=$(start_redis_cluster)
+    echo "$redis_url" >"$dir/redis.url"
+    echo "==> Redis Cluster of three masters: $redis_url" >&2
 
     : >"$dir/nodes"
     local i
     for i in $(seq 1 "$n"); do
         TALLY_BIN="$root/target/release/tally" start_private_tally "node$i" "$dir/node$i" \
-            "unix://$dir/redis/redis.sock" TALLY_QUEUE_URL="nats://127.0.0.1:$port" \
+            "$redis_url" TALLY_QUEUE_URL="nats://127.0.0.1:$port" \
             TALLY_CLUSTER_NODE_ID="node$i"
         echo "$TALLY_PID $TALLY_URL" >>"$dir/nodes"
         echo "==> node$i: $TALLY_URL (pid $TALLY_PID, data in $dir/node$i/data)" >&2
@@ -72,6 +115,11 @@ start() {
 status() {
     [ -f "$dir/nodes" ] || { echo "no cluster under $dir" >&2; exit 1; }
     echo "nats: $(cat "$dir/nats.url") $(kill -0 "$(cat "$dir/nats.pid")" 2>/dev/null && echo up || echo down)"
+    local i
+    for i in 1 2 3; do
+        [ -f "$dir/redis$i/port" ] || continue
+        echo "redis$i: 127.0.0.1:$(cat "$dir/redis$i/port") $(redis-cli -p "$(cat "$dir/redis$i/port")" cluster info 2>/dev/null | grep cluster_state | tr -d '\r' || echo down)"
+    done
     local pid url
     while read -r pid url; do
         if kill -0 "$pid" 2>/dev/null; then
@@ -91,9 +139,13 @@ stop() {
         done <"$dir/nodes"
         rm -f "$dir/nodes"
     fi
-    if [ -S "$dir/redis/redis.sock" ]; then
-        redis-cli -s "$dir/redis/redis.sock" shutdown nosave >/dev/null 2>&1 || true
-    fi
+    local i
+    for i in 1 2 3; do
+        if [ -f "$dir/redis$i/port" ]; then
+            redis-cli -p "$(cat "$dir/redis$i/port")" shutdown nosave >/dev/null 2>&1 || true
+            rm -f "$dir/redis$i/port"
+        fi
+    done
     if [ -f "$dir/nats.pid" ]; then
         kill "$(cat "$dir/nats.pid")" 2>/dev/null || true
         rm -f "$dir/nats.pid"

@@ -26,11 +26,13 @@ mod files;
 mod model;
 mod nats;
 mod redis;
+mod redis_cluster;
 mod server;
 pub use files::*;
 pub use model::*;
 pub use nats::*;
 pub use redis::*;
+pub use redis_cluster::*;
 pub use server::*;
 
 /// A test that cannot run here says so: it prints `SKIPPED <test>: <reason>` and returns —

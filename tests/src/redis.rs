@@ -9,6 +9,17 @@ use std::time::Duration;
 
 use crate::{poll_until, DEADLINE};
 
+/// Starts `redis-server` as `cmd` says, its output in `log`.
+pub(crate) fn spawn_logged(mut cmd: Command, log: File) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start redis-server ({e}); install it: apt-get install -y redis-server")
+        })
+}
+
 /// A private `redis-server` listening on a unix socket in its own temporary directory, without
 /// persistence unless started with [`TestRedis::start_persistent`]. Killed on `Drop`.
 pub struct TestRedis {
@@ -57,7 +68,8 @@ impl TestRedis {
         assert!(self.child.is_none(), "redis-server is already running");
         let _ = fs::remove_file(&self.socket);
         let log = File::create(self.dir.path().join("redis.log")).expect("create redis.log");
-        let child = Command::new("redis-server")
+        let mut child = Command::new("redis-server");
+        child
             .args(["--port", "0", "--unixsocket"])
             .arg(&self.socket)
             .args(["--unixsocketperm", "700", "--save", ""])
@@ -67,16 +79,8 @@ impl TestRedis {
                 ["--appendonly", "no", "--appendfsync", "everysec"]
             })
             .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}); install it: apt-get install -y redis-server"
-                )
-            });
+            .arg(self.dir.path());
+        let child = spawn_logged(child, log);
         self.child = Some(child);
         let socket = self.socket.clone();
         poll_until("redis-server to answer PING", DEADLINE, || {

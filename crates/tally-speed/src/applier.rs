@@ -29,7 +29,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tally_core::Seq;
 use tally_master::{Master, SeqEvent, Tail};
 use tokio::sync::watch;
@@ -177,23 +176,10 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let client = match redis::Client::open(cfg.redis_url.as_str()) {
+    let conn = match crate::conn::SpeedConn::open(&cfg.redis_url) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "speed layer disabled: invalid redis url");
-            return;
-        }
-    };
-    let mgr_cfg = ConnectionManagerConfig::new()
-        .set_number_of_retries(1)
-        .set_min_delay(BACKOFF_MIN)
-        .set_max_delay(BACKOFF_MAX)
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(30)));
-    let conn = match ConnectionManager::new_lazy_with_config(client, mgr_cfg) {
-        Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "speed layer disabled: cannot create the redis connection manager");
             return;
         }
     };

@@ -22,6 +22,7 @@
 
 mod aggregate;
 mod applier;
+pub mod conn;
 mod hashes;
 mod keys;
 pub mod metrics;

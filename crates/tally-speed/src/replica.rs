@@ -283,7 +283,7 @@ pub(crate) struct Transaction {
 /// Writes `tx` (the [`transaction`] of `pending`) if Redis still holds `marker` and, for every
 /// epoch of `pending`, the applied seq in `expected` (absent: none).
 pub(crate) async fn write(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::conn::SpeedConn,
     keys: &Keys,
     marker: &str,
     expected: &BTreeMap<Seq, Seq>,
@@ -310,7 +310,7 @@ pub(crate) async fn write(
             .collect::<std::result::Result<Vec<Option<u64>>, _>>()?;
         (inst, applied)
     };
-    let unwatch = |conn: &mut redis::aio::ConnectionManager| {
+    let unwatch = |conn: &mut crate::conn::SpeedConn| {
         let mut c = conn.clone();
         async move { redis::cmd("UNWATCH").exec_async(&mut c).await }
     };

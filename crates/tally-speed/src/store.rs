@@ -2,7 +2,7 @@
 //! an epoch into the mirror, deleting one. The applier is the only user; its writes (a
 //! compare-and-set transaction per coalesced batch) are in `replica.rs`.
 
-use redis::aio::ConnectionManager;
+use crate::conn::SpeedConn;
 use tally_core::hash::FastMap;
 use tally_core::Seq;
 
@@ -21,12 +21,12 @@ pub(crate) struct LoadedEpoch {
 /// Reads and maintenance of the speed state in Redis (writes are in `replica.rs`).
 #[derive(Clone)]
 pub(crate) struct Store {
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: SpeedConn,
     pub(crate) keys: Keys,
 }
 
 impl Store {
-    pub(crate) fn new(conn: ConnectionManager, keys: Keys) -> Store {
+    pub(crate) fn new(conn: SpeedConn, keys: Keys) -> Store {
         Store { conn, keys }
     }
 
@@ -306,7 +306,7 @@ mod tests {
     use tally_e2e::TestRedis;
 
     /// `KEYS pattern`.
-    async fn keys_like(c: &mut ConnectionManager, pattern: &str) -> Vec<String> {
+    async fn keys_like(c: &mut SpeedConn, pattern: &str) -> Vec<String> {
         redis::cmd("KEYS")
             .arg(pattern)
             .query_async(c)
@@ -315,9 +315,7 @@ mod tests {
     }
 
     async fn store(redis: &TestRedis) -> Store {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let conn = ConnectionManager::new(client).await.unwrap();
-        Store::new(conn, Keys::new("t:"))
+        Store::new(SpeedConn::open(&redis.url()).unwrap(), Keys::new("t:"))
     }
 
     fn pending(events: &[tally_master::SeqEvent], ids: &[u32], fresh: bool) -> Pending {

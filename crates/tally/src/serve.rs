@@ -124,10 +124,17 @@ async fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
         }
     };
     // Each node keeps its own speed state (it follows the log into its own master dataset), so
-    // nodes sharing one Redis keep it under their own prefix.
-    let key_prefix = match &log {
-        None => cfg.redis.key_prefix.clone(),
-        Some(log) => format!("{}{}:", cfg.redis.key_prefix, log.node_id()),
+    // nodes sharing one Redis keep it under their own prefix. On a Redis Cluster that name is a
+    // hash tag: one speed state is one slot, so its compare-and-set writes stay on one master
+    // (tally_speed::conn).
+    let owner = log.as_ref().map(|l| l.node_id().to_string());
+    let key_prefix = match (owner, tally_speed::conn::cluster_nodes(&cfg.redis.url)) {
+        (None, None) => cfg.redis.key_prefix.clone(),
+        (Some(node), None) => format!("{}{node}:", cfg.redis.key_prefix),
+        (owner, Some(_)) => {
+            let tag = owner.unwrap_or_else(|| master.dataset_id().to_string());
+            format!("{}{{{tag}}}:", cfg.redis.key_prefix)
+        }
     };
     let speed = SpeedLayer::start(
         tally_speed::SpeedConfig {
