@@ -493,6 +493,25 @@ fn one_batch_run_at_a_time_in_the_cluster_and_every_node_computes_its_view_to_ev
         );
         assert_exact(n, &model, &mut rng, &urls);
     }
+
+    // A discard while another node's run holds the lease takes effect (202, not 409), and the
+    // view that replaces it, once the lease is free, is a full run.
+    let stop = Arc::new(Mutex::new(false));
+    hold_batch_lease(&nats, "elsewhere", "run-elsewhere-2", stop.clone());
+    let discarded = nodes[0].status()["batch_version"].clone();
+    let (code, body) = nodes[0].post("/v1/admin/batch/discard");
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["discarded"], discarded, "{body}");
+    assert!(body["note"].as_str().is_some(), "{body}");
+    *stop.lock().unwrap() = true;
+    poll_until("a view to replace the discarded one", DEADLINE, || {
+        let s = nodes[0].status();
+        let newer = s["batch_version"].as_str() > discarded.as_str();
+        (newer && s["recovering"] == false).then_some(())
+    });
+    let (_, batch) = nodes[0].get("/v1/admin/batch");
+    assert_eq!(batch["history"][0]["full"], true, "{batch}");
+    assert_exact(&nodes[0], &model, &mut rng, &urls);
 }
 
 /// Master events of `node` whose URL starts with `prefix` (sealed first).

@@ -240,6 +240,9 @@ struct Inner {
     counter: AtomicU64,
     /// The cutoff of the last view a run of this process made `CURRENT`.
     published: AtomicU64,
+    /// A view was discarded since the last full run: the next run is full, whatever started
+    /// it (in cluster mode the replacement may come from a run to another node's cut).
+    full_due: std::sync::atomic::AtomicBool,
 }
 
 /// Runs the batch layer, one run at a time. Cheap to clone.
@@ -288,6 +291,7 @@ impl BatchRunner {
                 history: Mutex::new(history),
                 counter: AtomicU64::new(0),
                 published: AtomicU64::new(0),
+                full_due: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -341,7 +345,10 @@ impl BatchRunner {
         let info = RunningInfo {
             run_id: format!("run-{now:013}-{n}"),
             trigger,
-            full: full || trigger.forces_full() || !self.inner.cfg.reuse_partials,
+            full: full
+                || trigger.forces_full()
+                || !self.inner.cfg.reuse_partials
+                || self.inner.full_due.load(Ordering::SeqCst),
             started_at_ms: now,
             progress: Arc::new(Progress::new()),
             given_cut,
@@ -555,6 +562,9 @@ impl BatchRunner {
         self.inner
             .published
             .fetch_max(cutoff.get(), Ordering::SeqCst);
+        if info.full {
+            self.inner.full_due.store(false, Ordering::SeqCst);
+        }
 
         // A file is read when either keying had no partial for it.
         let read: std::collections::BTreeSet<Seq> = (data.stats.computed_files.iter())
@@ -594,6 +604,8 @@ impl BatchRunner {
         let store = self.inner.store.clone();
         let (v, why) = (version.to_string(), reason.to_string());
         let now_current = blocking(move || store.discard(&v, &why)).await?;
+        // Whatever run replaces it must not reuse what the bad view may have been built from.
+        self.inner.full_due.store(true, Ordering::SeqCst);
         let now = tally_core::format_rfc3339(tally_core::now_ms());
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
         self.record(HistoryEntry {

@@ -852,6 +852,12 @@ mod runner {
         assert_eq!(h[0].status, RunStatus::Discarded);
         assert_eq!(h[0].version.as_deref(), Some(o5.version.as_str()));
         assert!(h[1..].iter().all(|e| e.status == RunStatus::Ok));
+        // Whatever run replaces a discarded view reads every file (in cluster mode it may be a
+        // run to another node's cut, not the discard's own rerun); the one after reuses again.
+        let replacement = runner.run_at(Trigger::Log, o5.cutoff_seq).await.unwrap();
+        assert_eq!((replacement.full, replacement.files_reused), (true, 0));
+        let next = runner.run(Trigger::Schedule).await.unwrap();
+        assert!(!next.full && next.files_reused > 0, "{next:?}");
 
         // A corrupted view fails to load as corruption (the serving layer's ViewManager then
         // discards it); a missing one is not corruption.

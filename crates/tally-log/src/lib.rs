@@ -681,13 +681,19 @@ impl Follower {
     }
 }
 
+/// A failed write of the log into this node's master dataset: corruption (or the log's order
+/// broken) stops following for a person to decide; anything else is retried.
+fn write_error(e: tally_master::Error) -> Error {
+    match e.kind() {
+        tally_core::error::ErrorKind::Corrupt => Error::Mismatch(e.to_string()),
+        _ => unavailable(e),
+    }
+}
+
 impl Follower {
     /// Records that message `n` (a cut at `cut`, if it is a marker) is written, or fails.
     fn done(&self, (n, cut, result): (u64, Option<Seq>, tally_master::Result<()>)) -> Result<()> {
-        result.map_err(|e| match e.kind() {
-            tally_core::error::ErrorKind::Corrupt => Error::Mismatch(e.to_string()),
-            _ => unavailable(e),
-        })?;
+        result.map_err(write_error)?;
         self.log.followed_tx.send_replace(n);
         if let Some(cut) = cut {
             self.log.cuts_tx.send_replace(cut);
@@ -711,7 +717,7 @@ impl Follower {
             .master
             .forget_through(&forget, seq_of(n, 0))
             .await
-            .map_err(unavailable)?;
+            .map_err(write_error)?;
         let mut done = tally_core::sync::lock(&self.log.forgotten);
         if done.len() >= 16 {
             done.pop_front();

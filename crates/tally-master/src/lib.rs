@@ -523,13 +523,15 @@ impl Master {
 
     /// When the oldest acknowledged event not yet in a master file was received (ms since the
     /// epoch): how far sealing — cluster mode's archiving — is behind, in time. `None` when
-    /// every event is sealed, or the oldest unsealed one is older than the in-memory tail.
+    /// every event is sealed. When unsealed events reach back beyond the in-memory tail, the
+    /// tail's oldest: a lower bound of the lag, never a zero.
     pub fn oldest_unsealed_received_at(&self) -> Option<i64> {
         let sealed = Seq(self.inner.shared.sealed.load(Ordering::SeqCst));
-        let tail = tally_core::sync::lock(&self.inner.shared.tail);
-        if sealed < tail.complete_after {
+        let acked = Seq(self.inner.shared.acked.load(Ordering::SeqCst));
+        if sealed >= acked {
             return None;
         }
+        let tail = tally_core::sync::lock(&self.inner.shared.tail);
         let i = tail.events.partition_point(|e| e.seq <= sealed);
         tail.events.get(i).map(|e| e.event.received_at)
     }
@@ -560,13 +562,27 @@ impl Master {
     /// threshold). Blocking.
     pub fn storage_window(&self, after: Seq, events: usize) -> Result<Seq> {
         let acked = self.acked_seq();
-        let files = list_master_files(&self.inner.shared.paths.root)?;
+        let mut attempt = 0;
+        let (files, rows) = loop {
+            attempt += 1;
+            let files = list_master_files(&self.inner.shared.paths.root)?;
+            let Some(f) = files.iter().find(|f| f.last > after) else {
+                break (files, 0);
+            };
+            match parquet_io::row_count(&f.path) {
+                // Compaction merged it into a file the next listing finds.
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && attempt < 10 => {}
+                Err(e) => return Err(e),
+                Ok(rows) => break (files, rows),
+            }
+        };
         if let Some(f) = files.iter().find(|f| f.last > after) {
             if f.first > after.next() {
                 // A gap before the next file: events there (if any) are in the WAL.
                 return Ok(Seq(f.first.0 - 1));
             }
-            let rows = parquet_io::row_count(&f.path)?.max(1);
+            let rows = rows.max(1);
             let seqs_per_event = (f.last.0 - f.first.0 + 1) as f64 / rows as f64;
             let span = (events.max(1) as f64 * seqs_per_event).ceil() as u64;
             return Ok(Seq(after.0.saturating_add(span.max(1)).min(f.last.0)));

@@ -133,9 +133,21 @@ pub(crate) async fn post_discard(State(state): State<AppState>, q: Params) -> Ap
         }
         // The run going now publishes the new view (the view manager checks that it does).
         Err(RunError::AlreadyRunning { run_id }) => body["run_id"] = json!(run_id),
-        Err(e) => return Err(run_error(e)),
+        // The discard has taken effect: the view manager reruns until a newer view serves
+        // (cluster mode: this node computes to the next cut it follows).
+        Err(e) => body["note"] = json!(rerun_note(&e)),
     }
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Why no run started right after a discard or a deletion request that took effect anyway.
+fn rerun_note(e: &RunError) -> String {
+    match e {
+        RunError::AlreadyRunning { run_id } | RunError::HeldElsewhere { run_id, .. } => format!(
+            "Batch run {run_id} was going and may still count what was removed; run the batch layer again once it is done."
+        ),
+        e => format!("No batch run started now ({e}); run the batch layer again."),
+    }
 }
 
 /// What a deletion request names: `url_prefix` (a normalised URL's start, with its scheme and
@@ -166,13 +178,26 @@ pub(crate) async fn post_forget(State(state): State<AppState>, q: Params) -> Api
         // counts are answered).
         Some(log) => {
             let n = log.publish_forget(&forget).await?;
-            log.wait_followed(n, std::time::Duration::from_secs(60))
-                .await?;
-            log.forgotten(n).ok_or_else(|| {
-                ApiError::Unavailable(format!(
-                    "The deletion request is log message {n}, which this node has not applied; ask again."
-                ))
-            })?
+            // In the log, it will be applied everywhere: from here on the answer is a 202.
+            let applied = match log
+                .wait_followed(n, std::time::Duration::from_secs(60))
+                .await
+            {
+                Ok(()) => log.forgotten(n),
+                Err(_) => None,
+            };
+            match applied {
+                Some(counts) => counts,
+                None => {
+                    let body = json!({
+                        "log_seq": n,
+                        "note": format!(
+                            "The deletion request is log message {n}: every node applies it as it reads the log, this one has not yet (see /v1/admin/status); run the batch layer once it has."
+                        ),
+                    });
+                    return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+                }
+            }
         }
     };
     let started = state.runner.start_with(Trigger::Admin, false).await;
@@ -195,13 +220,8 @@ pub(crate) async fn post_forget(State(state): State<AppState>, q: Params) -> Api
             });
         }
         // A run going now may have read the files before they were rewritten: the next run
-        // counts without the forgotten events.
-        Err(RunError::AlreadyRunning { run_id } | RunError::HeldElsewhere { run_id, .. }) => {
-            body["note"] = json!(format!(
-                "Batch run {run_id} was going and may still count the forgotten events; run the batch layer again once it is done."
-            ));
-        }
-        Err(e) => return Err(run_error(e)),
+        // counts without the forgotten events. Either way the events are gone from the files.
+        Err(e) => body["note"] = json!(rerun_note(&e)),
     }
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
