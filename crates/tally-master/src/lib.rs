@@ -215,6 +215,11 @@ pub(crate) struct Shared {
     /// Held for reading by whoever reads a snapshot's files ([`Master::pin_files`]), for
     /// writing by compaction while it deletes files.
     pub(crate) files_lock: Arc<tokio::sync::RwLock<()>>,
+    /// One rewrite of the master files at a time: a deletion request (its listing and every
+    /// file it rewrites) and a compaction merge (reading its inputs until they are deleted).
+    /// Otherwise a merge that read a file before a deletion rewrote it would bring the deleted
+    /// events back in the merged file.
+    pub(crate) rewrites: tokio::sync::Mutex<()>,
 }
 
 /// The in-memory tail: every acknowledged event after `complete_after`, in `seq` order. (With
@@ -298,6 +303,7 @@ impl Master {
             panic_writer: AtomicBool::new(false),
             handed_over: AtomicUsize::new(0),
             files_lock: Arc::new(tokio::sync::RwLock::new(())),
+            rewrites: tokio::sync::Mutex::new(()),
         });
         let (sealer_tx, sealer_rx) = mpsc::channel();
         let (writer_tx, writer_rx) = mpsc::channel();
@@ -716,6 +722,7 @@ impl Master {
     /// it has read beyond. Every event up to `through` must be acknowledged here already.
     pub async fn forget_through(&self, forget: &Forget, through: Seq) -> Result<(usize, u64)> {
         self.seal().await?;
+        let _one = self.inner.shared.rewrites.lock().await;
         let dir = self.inner.shared.paths.master.clone();
         let root = self.inner.shared.paths.root.clone();
         let files = blocking(&dir, move || list_master_files(&root)).await?;
@@ -777,6 +784,16 @@ impl Master {
                 break;
             }
             let t = std::time::Instant::now();
+            let _one = shared.rewrites.lock().await;
+            // A deletion request may have rewritten or merged-away an input since the plan.
+            let root = shared.paths.root.clone();
+            let now = blocking(&dir, move || list_master_files(&root)).await?;
+            if !run
+                .iter()
+                .all(|f| now.iter().any(|n| n.path == f.path && n.size == f.size))
+            {
+                continue;
+            }
             let (d, r) = (dir.clone(), run.clone());
             let (merged, events) =
                 blocking(&dir, move || compact::write_merged(&d, &r, fsync)).await?;
