@@ -390,6 +390,23 @@ pub fn seed() -> u64 {
     seed
 }
 
+/// `POST /v1/admin/forget?url_prefix=P&wait=true` on `server`, asserting `200` and that it
+/// dropped exactly the model's events under `prefix`, which leave the model; returns the
+/// response.
+pub fn forget_prefix(server: &TestServer, model: &mut Model, prefix: &str) -> Value {
+    let (code, body) = server.post(&format!("/v1/admin/forget?url_prefix={prefix}&wait=true"));
+    assert_eq!(code, 200, "{body}");
+    let before = model.events.len();
+    model.events.retain(|(u, _)| !u.starts_with(prefix));
+    assert!(model.events.len() < before);
+    assert_eq!(
+        body["events_dropped"].as_u64(),
+        Some((before - model.events.len()) as u64),
+        "{body}"
+    );
+    body
+}
+
 /// `POST /v1/admin/batch?wait=true`, asserting `200`; returns the response.
 pub fn batch_run(server: &TestServer) -> Value {
     let (code, body) = server.post("/v1/admin/batch?wait=true");

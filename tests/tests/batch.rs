@@ -16,9 +16,10 @@ use rand::seq::IndexedRandom;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 use tally_e2e::{
-    assert_exact, assert_top, assert_views, batch_run, flip_bytes, get_views, ingest_exact,
-    ingest_random, largest_file, make_urls, master_files, now_ms, poll_until, read_master, seed,
-    tally_bin, views_query, Model, Range, ServerOpts, TestServer, DAY_MS, DEADLINE, HOUR_MS,
+    assert_exact, assert_top, assert_views, batch_run, flip_bytes, forget_prefix, get_views,
+    ingest_exact, ingest_random, largest_file, make_urls, master_files, now_ms, poll_until,
+    read_master, seed, tally_bin, views_query, Model, Range, ServerOpts, TestServer, DAY_MS,
+    DEADLINE, HOUR_MS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -454,16 +455,7 @@ fn forget_removes_a_url_prefix_from_the_master_dataset_and_every_answer() {
     // Running server: every event of site0.test/p/1… goes (the batch view's and the speed
     // layer's), the rest stays exact.
     let prefix = "https://site0.test/p/1";
-    let (code, body) = server.post(&format!("/v1/admin/forget?url_prefix={prefix}&wait=true"));
-    assert_eq!(code, 200, "{body}");
-    let before = model.events.len();
-    model.events.retain(|(u, _)| !u.starts_with(prefix));
-    assert!(model.events.len() < before);
-    assert_eq!(
-        body["events_dropped"].as_u64(),
-        Some((before - model.events.len()) as u64),
-        "{body}"
-    );
+    let body = forget_prefix(&server, &mut model, prefix);
     assert!(body["version"].is_string(), "{body}");
     assert!(read_master(&data_dir)
         .iter()

@@ -12,8 +12,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tally_e2e::{
-    assert_exact, ingest_random, make_urls, now_ms, poll_until, read_master, seed, tally_bin,
-    Model, ServerOpts, TestNats, TestServer, DAY_MS, DEADLINE, JSON,
+    assert_exact, forget_prefix, ingest_random, make_urls, now_ms, poll_until, read_master, seed,
+    tally_bin, Model, ServerOpts, TestNats, TestServer, DAY_MS, DEADLINE, JSON,
 };
 
 fn node(nats: &TestNats) -> TestServer {
@@ -539,16 +539,7 @@ fn a_deletion_request_to_one_node_is_applied_by_every_node_at_its_place_in_the_l
     ingest_random(&b, &mut model, &mut rng, &urls, 100);
 
     let prefix = "https://site0.test/p/1";
-    let (code, body) = a.post(&format!("/v1/admin/forget?url_prefix={prefix}&wait=true"));
-    assert_eq!(code, 200, "{body}");
-    let before = model.events.len();
-    model.events.retain(|(u, _)| !u.starts_with(prefix));
-    assert!(model.events.len() < before);
-    assert_eq!(
-        body["events_dropped"].as_u64(),
-        Some((before - model.events.len()) as u64),
-        "{body}"
-    );
+    forget_prefix(&a, &mut model, prefix);
     // Events sent after the request count again: it applies to what came before it.
     ingest_random(&b, &mut model, &mut rng, &urls, 200);
     let after = model

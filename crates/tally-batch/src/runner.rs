@@ -323,6 +323,16 @@ impl BatchRunner {
         Seq(self.inner.published.load(Ordering::SeqCst))
     }
 
+    /// Waits while a run is going (whoever started it); whether it waited.
+    pub async fn wait_idle(&self) -> bool {
+        let mut waited = false;
+        while self.running().is_some() {
+            waited = true;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        waited
+    }
+
     /// Run history, newest first.
     pub fn history(&self) -> Vec<HistoryEntry> {
         tally_core::sync::lock(&self.inner.history).clone()

@@ -10,7 +10,8 @@
 //! deletes it, expecting that revision. A holder that dies stops renewing, the key expires, and
 //! another node's create succeeds: within one TTL, with no clock compared across machines.
 //! A holder that cannot renew for a whole TTL, or finds another revision, counts the lease as
-//! lost ([`Lease::lost`]).
+//! lost and does not delete it when done. A run whose lease was lost goes on: each cut is a
+//! marker every node applies in log order, so two runs at once cost work, not exactness.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,8 +68,9 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     /// Whether this node may have lost the lease: it found another revision, or could not
-    /// renew it for a whole TTL (another node may hold it now).
-    pub fn lost(&self) -> bool {
+    /// renew it for a whole TTL (another node may hold it now). Then dropping it deletes
+    /// nothing.
+    fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }
 }

@@ -507,6 +507,15 @@ pub fn write_durably(dir: &Path, name: &str, text: &str) -> Result<()> {
         .map_err(io)
 }
 
+/// A failed write of the log into this node's master dataset: corruption (or the log's order
+/// broken) stops following for a person to decide; anything else is retried.
+fn write_error(e: tally_master::Error) -> Error {
+    match e.kind() {
+        tally_core::error::ErrorKind::Corrupt => Error::Mismatch(e.to_string()),
+        _ => unavailable(e),
+    }
+}
+
 /// Follows the log into this node's master dataset: every message, in log order, appended with
 /// the `seq`s the log gives, every marker a cut. Runs until the process ends; reconnects by
 /// itself.
@@ -520,6 +529,41 @@ pub struct Follower {
 const IN_FLIGHT: usize = 4096;
 
 impl Follower {
+    /// Records that message `n` (a cut at `cut`, if it is a marker) is written, or fails.
+    fn done(&self, (n, cut, result): (u64, Option<Seq>, tally_master::Result<()>)) -> Result<()> {
+        result.map_err(write_error)?;
+        self.log.followed_tx.send_replace(n);
+        if let Some(cut) = cut {
+            self.log.cuts_tx.send_replace(cut);
+        }
+        ::metrics::gauge!(metrics::LOG_FOLLOWED_SEQ).set(n as f64);
+        Ok(())
+    }
+
+    /// Applies the deletion request of message `n` to the events before it. Applied again
+    /// after a restart (the message is read again), it drops nothing more.
+    async fn forget(&self, n: u64, payload: &[u8]) -> Result<()> {
+        let forget = std::str::from_utf8(payload)
+            .ok()
+            .and_then(tally_master::Forget::decode)
+            .ok_or_else(|| {
+                Error::Mismatch(format!(
+                    "log message {n} is not a deletion request tally wrote"
+                ))
+            })?;
+        let (files, events) = self
+            .master
+            .forget_through(&forget, seq_of(n, 0))
+            .await
+            .map_err(write_error)?;
+        let mut done = tally_core::sync::lock(&self.log.forgotten);
+        if done.len() >= 16 {
+            done.pop_front();
+        }
+        done.push_back((n, files, events));
+        Ok(())
+    }
+
     pub fn new(log: Log, master: Master, data_dir: PathBuf) -> Follower {
         Follower {
             log,
@@ -678,52 +722,6 @@ impl Follower {
                 }
             }
         }
-    }
-}
-
-/// A failed write of the log into this node's master dataset: corruption (or the log's order
-/// broken) stops following for a person to decide; anything else is retried.
-fn write_error(e: tally_master::Error) -> Error {
-    match e.kind() {
-        tally_core::error::ErrorKind::Corrupt => Error::Mismatch(e.to_string()),
-        _ => unavailable(e),
-    }
-}
-
-impl Follower {
-    /// Records that message `n` (a cut at `cut`, if it is a marker) is written, or fails.
-    fn done(&self, (n, cut, result): (u64, Option<Seq>, tally_master::Result<()>)) -> Result<()> {
-        result.map_err(write_error)?;
-        self.log.followed_tx.send_replace(n);
-        if let Some(cut) = cut {
-            self.log.cuts_tx.send_replace(cut);
-        }
-        ::metrics::gauge!(metrics::LOG_FOLLOWED_SEQ).set(n as f64);
-        Ok(())
-    }
-
-    /// Applies the deletion request of message `n` to the events before it. Applied again
-    /// after a restart (the message is read again), it drops nothing more.
-    async fn forget(&self, n: u64, payload: &[u8]) -> Result<()> {
-        let forget = std::str::from_utf8(payload)
-            .ok()
-            .and_then(tally_master::Forget::decode)
-            .ok_or_else(|| {
-                Error::Mismatch(format!(
-                    "log message {n} is not a deletion request tally wrote"
-                ))
-            })?;
-        let (files, events) = self
-            .master
-            .forget_through(&forget, seq_of(n, 0))
-            .await
-            .map_err(write_error)?;
-        let mut done = tally_core::sync::lock(&self.log.forgotten);
-        if done.len() >= 16 {
-            done.pop_front();
-        }
-        done.push_back((n, files, events));
-        Ok(())
     }
 }
 

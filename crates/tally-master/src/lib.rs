@@ -569,25 +569,25 @@ impl Master {
     pub fn storage_window(&self, after: Seq, events: usize) -> Result<Seq> {
         let acked = self.acked_seq();
         let mut attempt = 0;
-        let (files, rows) = loop {
+        let next_file = loop {
             attempt += 1;
             let files = list_master_files(&self.inner.shared.paths.root)?;
-            let Some(f) = files.iter().find(|f| f.last > after) else {
-                break (files, 0);
+            let Some(f) = files.into_iter().find(|f| f.last > after) else {
+                break None;
             };
+            if f.first > after.next() {
+                // A gap before the next file: events there (if any) are in the WAL.
+                return Ok(Seq(f.first.0 - 1));
+            }
             match parquet_io::row_count(&f.path) {
                 // Compaction merged it into a file the next listing finds.
                 Err(Error::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound && attempt < 10 => {}
                 Err(e) => return Err(e),
-                Ok(rows) => break (files, rows),
+                Ok(rows) => break Some((f, rows)),
             }
         };
-        if let Some(f) = files.iter().find(|f| f.last > after) {
-            if f.first > after.next() {
-                // A gap before the next file: events there (if any) are in the WAL.
-                return Ok(Seq(f.first.0 - 1));
-            }
+        if let Some((f, rows)) = next_file {
             let rows = rows.max(1);
             let seqs_per_event = (f.last.0 - f.first.0 + 1) as f64 / rows as f64;
             let span = (events.max(1) as f64 * seqs_per_event).ceil() as u64;

@@ -277,8 +277,7 @@ pub async fn follow_cuts(state: AppState, mut cuts: tokio::sync::watch::Receiver
             }
             continue;
         }
-        if state.runner.running().is_some() {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if state.runner.wait_idle().await {
             continue;
         }
         let result = state.runner.run_at(Trigger::Log, cut).await;

@@ -23,7 +23,6 @@
 //!   going, retrying failures with backoff — until a newer view serves exactly.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use tally_batch::store::parse_version;
@@ -307,23 +306,13 @@ impl ViewManager {
         done
     }
 
-    /// Waits while a run is going (whoever started it); whether it waited.
-    async fn wait_idle(&self) -> bool {
-        let mut waited = false;
-        while self.runner.running().is_some() {
-            waited = true;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        waited
-    }
-
     async fn recover(self: Arc<Self>) {
         let cfg = self.runner.config();
         let mut delay = cfg.retry_backoff;
         loop {
             // A run already going (the discard's own rerun, a scheduled one) may publish the
             // view recovery waits for.
-            if self.wait_idle().await {
+            if self.runner.wait_idle().await {
                 self.refresh().await;
             }
             if self.recovered() {
